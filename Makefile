@@ -1,0 +1,45 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+# Every step is idempotent: a second run only redoes what changed.
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+SITE     = $(shell $(VPY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+NATIVE  := ramp_cpp/lib/libramp_native.so
+# CMAKE_ARGS is read by llama-cpp-python's build: e.g. CMAKE_ARGS="-DGGML_CUDA=on" make install
+export CMAKE_ARGS
+
+.PHONY: install native demo-model demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel on disk; any looser spec would pull GBs of CUDA packages.
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed native
+
+$(NATIVE): native/ramp_native.cpp CMakeLists.txt $(VENV)/.installed
+	cmake -S . -B build -DCMAKE_PREFIX_PATH=$(SITE) -DCMAKE_BUILD_TYPE=Release > build.log 2>&1 || (cat build.log; exit 1)
+	cmake --build build -j2 >> build.log 2>&1 || (cat build.log; exit 1)
+	cmake --install build --prefix ramp_cpp/lib >> build.log 2>&1 || (cat build.log; exit 1)
+
+native: $(NATIVE)
+
+demo-model: install
+	$(VENV)/bin/ramp-cpp demo-model
+
+# The main job on the demo model (grows into `ramp-cpp search` as the search lands).
+demo: demo-model
+	$(VENV)/bin/ramp-cpp demo
+
+test: install
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check ramp_cpp tests bench
+	$(VENV)/bin/mypy ramp_cpp
+
+clean:
+	rm -rf build ramp_cpp/lib build.log

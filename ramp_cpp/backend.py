@@ -1,0 +1,159 @@
+"""The one module that talks to llama.cpp through llama-cpp-python's ctypes API (in process).
+
+Everything measured here runs the kernels a deployed GGUF runs: the same libllama.so the native helper
+links, with its CPU, CUDA or Metal backend as llama-cpp-python was built.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from .errors import RampError
+
+_BACKEND_READY = False
+
+
+def _llama():  # type: ignore[no-untyped-def]
+    """Import llama_cpp lazily (it loads libllama.so) and initialise the backend once."""
+    global _BACKEND_READY
+    try:
+        import llama_cpp
+        from llama_cpp import _logger
+    except Exception as e:  # ImportError, or OSError from a broken libllama.so
+        raise RampError(f"llama-cpp-python is not usable: {e}") from None
+    if not _BACKEND_READY:
+        _logger.set_verbose(os.environ.get("RAMP_VERBOSE", "") not in ("", "0"))
+        llama_cpp.llama_backend_init()
+        _BACKEND_READY = True
+    return llama_cpp
+
+
+def llama_lib_dir() -> Path:
+    """Directory holding the libllama.so that llama_cpp loads (the native helper links the same one)."""
+    llama_cpp = _llama()
+    return Path(llama_cpp.__file__).parent / "lib"
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How llama.cpp runs: context per chunk, CPU threads, layers offloaded to a GPU build."""
+
+    n_ctx: int = 512  # llama-perplexity's default chunk length
+    n_threads: int | None = None  # None: all cores
+    n_gpu_layers: int = 0  # >0 needs a CUDA/Metal build of llama-cpp-python
+
+
+class LlamaModel:
+    """A GGUF loaded for scoring: tokenize text, run one chunk, read its logits."""
+
+    def __init__(self, path: str | os.PathLike[str], opts: RuntimeOptions = RuntimeOptions()) -> None:
+        lc = _llama()
+        self._lc = lc
+        self.path = str(path)
+        self.opts = opts
+        if not Path(path).is_file():
+            raise RampError(f"{path}: no such file")
+        mparams = lc.llama_model_default_params()
+        mparams.n_gpu_layers = opts.n_gpu_layers
+        self._model = lc.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self._model:
+            raise RampError(f"{path}: llama.cpp could not load this model (run with RAMP_VERBOSE=1 for its log)")
+        self._vocab = lc.llama_model_get_vocab(self._model)
+        self.n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = opts.n_ctx
+        cparams.n_batch = opts.n_ctx
+        cparams.n_ubatch = min(opts.n_ctx, 512)
+        cparams.n_seq_max = 1
+        threads = opts.n_threads or os.cpu_count() or 1
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        self._ctx = lc.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            lc.llama_model_free(self._model)
+            raise RampError(f"{path}: llama.cpp could not create a context of {opts.n_ctx} tokens")
+        self._batch = lc.llama_batch_init(opts.n_ctx, 0, 1)
+        n = opts.n_ctx
+        self._tok = np.ctypeslib.as_array(self._batch.token, shape=(n,))
+        self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(n,))
+        self._nseq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(n,))
+        self._want = np.ctypeslib.as_array(self._batch.logits, shape=(n,))
+        for i in range(n):
+            self._batch.seq_id[i][0] = 0
+        self._nseq[:] = 1
+        self._pos[:] = np.arange(n, dtype=self._pos.dtype)
+
+    # -- tokens -------------------------------------------------------------------------------------
+    @property
+    def bos(self) -> int:
+        return int(self._lc.llama_vocab_bos(self._vocab))
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(self._lc.llama_vocab_get_add_bos(self._vocab))
+
+    def tokenize(self, text: str, add_special: bool = True) -> np.ndarray:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (ctypes.c_int32 * cap)()
+        n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, False)
+        if n < 0:
+            cap = -n
+            buf = (ctypes.c_int32 * cap)()
+            n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, False)
+        if n < 0:
+            raise RampError("llama.cpp failed to tokenize the text")
+        return np.frombuffer(buf, dtype=np.int32, count=n).copy()
+
+    # -- forward ------------------------------------------------------------------------------------
+    def logits(self, tokens: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Run `tokens` as a fresh sequence; return the logits of positions start..stop-1 (a view that the
+        next call overwrites), shape (stop - start, n_vocab), float32."""
+        n = len(tokens)
+        if n > self.opts.n_ctx:
+            raise RampError(f"chunk of {n} tokens exceeds the context of {self.opts.n_ctx}")
+        lc = self._lc
+        lc.llama_memory_clear(lc.llama_get_memory(self._ctx), True)
+        self._tok[:n] = tokens
+        self._want[:n] = 0
+        self._want[start:stop] = 1
+        self._batch.n_tokens = n
+        rc = lc.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            raise RampError(f"llama_decode failed with code {rc}")
+        ptr = lc.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(stop - start, self.n_vocab))
+
+    # -- lifetime -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        lc = self._lc
+        if getattr(self, "_batch", None) is not None:
+            lc.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            lc.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            lc.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> LlamaModel:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,320 @@
+"""Evaluate stage: perplexity and KL divergence with llama.cpp's `llama-perplexity` protocol, in process.
+
+Protocol (tools/perplexity/perplexity.cpp): the whole text is tokenized once (with BOS when the vocabulary
+asks for it); chunk j is tokens[j*n_ctx:(j+1)*n_ctx] with its first token replaced by BOS; only the second
+half is scored: the logits at positions first..n_ctx-2 (first = n_ctx/2) predict tokens first+1..n_ctx-1.
+
+KLD against a base model uses the base's log-probabilities, computed once and cached on disk. To keep the
+cache small it keeps, per scored token, the base's top-k log-probs and folds the remaining mass into one
+"rest" bucket:  KLD_k = sum_{i in top-k} p_i (log p_i - log q_i) + p_rest (log p_rest - log q_rest).
+By the data-processing inequality KLD_k <= KLD and KLD - KLD_k = p_rest * KL(p|rest || q|rest), so the
+error is zero when the base puts all its mass in its top k; `rest_mass_mean` reports that mass, and
+bench/kld_topk_error.py measures the gap against the exact value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_path
+from .backend import LlamaModel, RuntimeOptions
+from .errors import RampError
+from .ggufio import file_sha256
+
+Progress = Callable[[int, int], None]  # (chunks done, chunks total)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    n_ctx: int = 512  # llama-perplexity's default
+    first_chunk: int = 0
+    n_chunks: int | None = None  # None: every whole chunk of the text
+    top_k: int = 64  # base log-probs kept per scored token for KLD
+
+
+@dataclass(frozen=True)
+class PPLResult:
+    ppl: float
+    ppl_stderr: float
+    nll_mean: float
+    n_tokens: int
+    n_chunks: int
+    seconds: float
+    tokens_per_second: float  # tokens decoded (n_chunks * n_ctx) per second
+
+
+@dataclass(frozen=True)
+class KLDResult:
+    ppl: float
+    base_ppl: float
+    ppl_ratio: float
+    ln_ppl_ratio: float
+    kld_mean: float
+    kld_stderr: float
+    kld_median: float
+    kld_p99: float
+    kld_max: float
+    same_top_pct: float
+    delta_p_mean: float  # mean of p_q(token) - p_base(token), in percentage points
+    delta_p_rms: float
+    rest_mass_mean: float  # base probability outside the cached top-k (the KLD approximation's scope)
+    top_k: int
+    n_tokens: int
+    n_chunks: int
+    seconds: float
+
+
+def chunks(tokens: np.ndarray, cfg: EvalConfig, bos: int | None) -> list[np.ndarray]:
+    """The evaluated chunks of `tokens`, each of n_ctx tokens with BOS first when the model uses one."""
+    n_avail = len(tokens) // cfg.n_ctx
+    if n_avail < 1:
+        raise RampError(f"text too short: {len(tokens)} tokens, one chunk needs {cfg.n_ctx} (lower --ctx)")
+    n = n_avail - cfg.first_chunk if cfg.n_chunks is None else cfg.n_chunks
+    if cfg.first_chunk < 0 or n < 1 or cfg.first_chunk + n > n_avail:
+        raise RampError(
+            f"text has {n_avail} chunks of {cfg.n_ctx} tokens; asked for {n} from chunk {cfg.first_chunk}"
+        )
+    out = []
+    for j in range(cfg.first_chunk, cfg.first_chunk + n):
+        c = tokens[j * cfg.n_ctx : (j + 1) * cfg.n_ctx].copy()
+        if bos is not None:
+            c[0] = bos
+        out.append(c)
+    return out
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float32 with a float64 normaliser (as llama-perplexity's double sum)."""
+    x = np.asarray(logits, dtype=np.float32)
+    m = x.max(axis=1, keepdims=True)
+    e = np.exp(x - m)
+    lse = m + np.log(e.sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
+    return x - lse
+
+
+def _scored(model: LlamaModel, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(log-probs at positions first..n-2, the tokens they predict)."""
+    first = len(chunk) // 2
+    logits = model.logits(chunk, first, len(chunk) - 1)
+    return log_softmax(logits), chunk[first + 1 :]
+
+
+def _tokens(model: LlamaModel, text: str, cfg: EvalConfig) -> list[np.ndarray]:
+    return chunks(model.tokenize(text), cfg, model.bos if model.add_bos else None)
+
+
+def perplexity(
+    model_path: str | os.PathLike[str],
+    text: str,
+    cfg: EvalConfig = EvalConfig(),
+    opts: RuntimeOptions = RuntimeOptions(),
+    progress: Progress | None = None,
+) -> PPLResult:
+    """PPL = exp(mean NLL) over the second halves of the chunks."""
+    with LlamaModel(model_path, _runtime(opts, cfg)) as model:
+        cs = _tokens(model, text, cfg)
+        nll = []
+        t0 = time.perf_counter()
+        for i, c in enumerate(cs):
+            lp, tgt = _scored(model, c)
+            nll.append(-lp[np.arange(len(tgt)), tgt].astype(np.float64))
+            if progress:
+                progress(i + 1, len(cs))
+        dt = time.perf_counter() - t0
+    v = np.concatenate(nll)
+    mean = float(v.mean())
+    stderr = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+    return PPLResult(
+        ppl=float(np.exp(mean)),
+        ppl_stderr=float(np.exp(mean) * stderr),
+        nll_mean=mean,
+        n_tokens=len(v),
+        n_chunks=len(cs),
+        seconds=dt,
+        tokens_per_second=len(cs) * cfg.n_ctx / dt if dt > 0 else 0.0,
+    )
+
+
+def _runtime(opts: RuntimeOptions, cfg: EvalConfig) -> RuntimeOptions:
+    return RuntimeOptions(n_ctx=cfg.n_ctx, n_threads=opts.n_threads, n_gpu_layers=opts.n_gpu_layers)
+
+
+# -- base log-probabilities -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BaseLogprobs:
+    """The base model's view of the scored tokens: top-k log-probs and the target token's log-prob."""
+
+    tokens_sha: str
+    top_idx: np.ndarray  # (N, k) int32, sorted by decreasing probability
+    top_lp: np.ndarray  # (N, k) float32
+    target_lp: np.ndarray  # (N,) float32
+
+
+def cache_dir() -> Path:
+    d = os.environ.get("RAMP_CACHE_DIR")
+    return Path(d) if d else Path.home() / ".cache" / "ramp-cpp"
+
+
+def _tokens_sha(cs: list[np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for c in cs:
+        h.update(np.ascontiguousarray(c, dtype=np.int32).tobytes())
+    return h.hexdigest()
+
+
+def _top_k(lp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.argpartition(lp, -k, axis=1)[:, -k:]
+    vals = np.take_along_axis(lp, idx, axis=1)
+    order = np.argsort(-vals, axis=1)
+    return np.take_along_axis(idx, order, axis=1).astype(np.int32), np.take_along_axis(vals, order, axis=1)
+
+
+def base_logprobs(
+    base_path: str | os.PathLike[str],
+    text: str,
+    cfg: EvalConfig = EvalConfig(),
+    opts: RuntimeOptions = RuntimeOptions(),
+    progress: Progress | None = None,
+) -> BaseLogprobs:
+    """Base log-probs for the scored tokens, from the on-disk cache when this exact (file, text, chunks,
+    n_ctx, k) was computed before."""
+    key_src = json.dumps(
+        {
+            "base": file_sha256_cached(base_path),
+            "text": hashlib.sha256(text.encode()).hexdigest(),
+            "cfg": asdict(cfg),
+        },
+        sort_keys=True,
+    )
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
+    path = cache_dir() / "base-logprobs" / f"{key}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return BaseLogprobs(str(z["tokens_sha"]), z["top_idx"], z["top_lp"], z["target_lp"])
+    with LlamaModel(base_path, _runtime(opts, cfg)) as model:
+        cs = _tokens(model, text, cfg)
+        k = min(cfg.top_k, model.n_vocab)
+        idx, lps, tlp = [], [], []
+        for i, c in enumerate(cs):
+            lp, tgt = _scored(model, c)
+            a, b = _top_k(lp, k)
+            idx.append(a)
+            lps.append(b)
+            tlp.append(lp[np.arange(len(tgt)), tgt])
+            if progress:
+                progress(i + 1, len(cs))
+    out = BaseLogprobs(_tokens_sha(cs), np.concatenate(idx), np.concatenate(lps), np.concatenate(tlp))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, force=True) as tmp, open(tmp, "wb") as f:
+        np.savez(f, tokens_sha=out.tokens_sha, top_idx=out.top_idx, top_lp=out.top_lp, target_lp=out.target_lp)
+    return out
+
+
+def file_sha256_cached(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) so a 13 GB base is hashed once."""
+    p = Path(path).resolve()
+    st = p.stat()
+    idx = cache_dir() / "sha256.json"
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    table: dict[str, str] = {}
+    if idx.is_file():
+        try:
+            table = json.loads(idx.read_text())
+        except ValueError:
+            table = {}
+    if key not in table:
+        table[key] = file_sha256(p)
+        idx.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(idx, force=True) as tmp:
+            tmp.write_text(json.dumps(table))
+    return table[key]
+
+
+# -- KLD --------------------------------------------------------------------------------------------
+
+
+def kld_terms(base: BaseLogprobs, rows: slice, lq: np.ndarray, tgt: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-token statistics of quantized log-probs `lq` against the cached base rows `rows`."""
+    idx, blp = base.top_idx[rows], base.top_lp[rows]
+    p = np.exp(blp.astype(np.float64))
+    q_at = np.take_along_axis(lq, idx, axis=1).astype(np.float64)
+    p_rest = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)
+    q_rest = np.clip(1.0 - np.exp(q_at).sum(axis=1), 1e-30, 1.0)
+    kl = (p * (blp - q_at)).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rest = np.where(p_rest > 1e-12, p_rest * (np.log(np.maximum(p_rest, 1e-300)) - np.log(q_rest)), 0.0)
+    n = len(tgt)
+    qt = lq[np.arange(n), tgt].astype(np.float64)
+    return {
+        "kld": np.maximum(kl + rest, 0.0),
+        "nll_q": -qt,
+        "nll_b": -base.target_lp[rows].astype(np.float64),
+        "same_top": (lq.argmax(axis=1) == idx[:, 0]),
+        "dp": np.exp(qt) - np.exp(base.target_lp[rows].astype(np.float64)),
+        "rest": p_rest,
+    }
+
+
+def kld(
+    model_path: str | os.PathLike[str],
+    base_path: str | os.PathLike[str],
+    text: str,
+    cfg: EvalConfig = EvalConfig(),
+    opts: RuntimeOptions = RuntimeOptions(),
+    progress: Progress | None = None,
+    base_progress: Progress | None = None,
+) -> KLDResult:
+    """llama-perplexity --kl-divergence statistics of `model_path` against `base_path`."""
+    base = base_logprobs(base_path, text, cfg, opts, base_progress)
+    parts: dict[str, list[np.ndarray]] = {}
+    with LlamaModel(model_path, _runtime(opts, cfg)) as model:
+        cs = _tokens(model, text, cfg)
+        if _tokens_sha(cs) != base.tokens_sha:
+            raise RampError(f"{model_path} tokenizes the text differently from the base {base_path}")
+        t0 = time.perf_counter()
+        row = 0
+        for i, c in enumerate(cs):
+            lq, tgt = _scored(model, c)
+            for k, v in kld_terms(base, slice(row, row + len(tgt)), lq, tgt).items():
+                parts.setdefault(k, []).append(v)
+            row += len(tgt)
+            if progress:
+                progress(i + 1, len(cs))
+        dt = time.perf_counter() - t0
+    return summarize({k: np.concatenate(v) for k, v in parts.items()}, base.top_idx.shape[1], len(cs), dt)
+
+
+def summarize(t: dict[str, np.ndarray], top_k: int, n_chunks: int, seconds: float) -> KLDResult:
+    kl = t["kld"]
+    n = len(kl)
+    ppl_q = float(np.exp(t["nll_q"].mean()))
+    ppl_b = float(np.exp(t["nll_b"].mean()))
+    return KLDResult(
+        ppl=ppl_q,
+        base_ppl=ppl_b,
+        ppl_ratio=ppl_q / ppl_b,
+        ln_ppl_ratio=float(t["nll_q"].mean() - t["nll_b"].mean()),
+        kld_mean=float(kl.mean()),
+        kld_stderr=float(kl.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
+        kld_median=float(np.median(kl)),
+        kld_p99=float(np.percentile(kl, 99)),
+        kld_max=float(kl.max()),
+        same_top_pct=float(100.0 * t["same_top"].mean()),
+        delta_p_mean=float(100.0 * t["dp"].mean()),
+        delta_p_rms=float(100.0 * np.sqrt((t["dp"] ** 2).mean())),
+        rest_mass_mean=float(t["rest"].mean()),
+        top_k=top_k,
+        n_tokens=n,
+        n_chunks=n_chunks,
+        seconds=seconds,
+    )

@@ -1,0 +1,198 @@
+"""Quantize stage: an exact per-tensor type map (or a llama.cpp preset) -> a GGUF written by llama.cpp.
+
+The map is completed over every quantizable tensor before the call, so llama.cpp's mixture rules never
+touch a tensor we did not name; the written file is then read back and checked against the prediction
+of `ladder.written_type`, which makes byte accounting a tested fact rather than an estimate.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from . import native
+from .arch import quantizable
+from .atomic import atomic_path
+from .errors import RampError
+from .ggufio import ModelInfo, read_inventory, tensor_types
+from .ladder import tensor_nbytes, type_from_name, written_type
+
+T = GGMLQuantizationType
+FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
+
+Progress = Callable[[str], None]
+
+
+def _ftypes() -> dict[str, int]:
+    """llama.cpp's file types by name (Q4_K_M, Q8_0, F16, ...), read from llama_cpp's constants."""
+    from .backend import _llama
+
+    lc = _llama()
+    prefix = "LLAMA_FTYPE_MOSTLY_"
+    out = {k[len(prefix):]: int(getattr(lc, k)) for k in dir(lc) if k.startswith(prefix)}
+    out["F32"] = int(lc.LLAMA_FTYPE_ALL_F32)
+    return out
+
+
+def presets() -> list[str]:
+    return sorted(_ftypes())
+
+
+#: The llama.cpp file type whose default tensor type is each ggml type (llama_ftype_get_default_type):
+#: used only to label a mixed file by its dominant type.
+_FTYPE_OF_TYPE: dict[GGMLQuantizationType, str] = {
+    T.Q4_0: "Q4_0", T.Q4_1: "Q4_1", T.Q5_0: "Q5_0", T.Q5_1: "Q5_1", T.Q8_0: "Q8_0",
+    T.Q2_K: "Q2_K", T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M", T.Q6_K: "Q6_K",
+}
+
+
+@dataclass(frozen=True)
+class TensorResult:
+    name: str
+    ggml_type: str
+    nbytes: int
+    n_params: int
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    path: str
+    tensors: tuple[TensorResult, ...]  # every tensor of the written file
+    file_size: int
+    bpw_searched: float  # bits per weight over the searched (blk.N linear) tensors
+    bpw_file: float  # file bytes * 8 / all parameters
+    n_fallback: int  # tensors whose requested type llama.cpp replaced for the row length
+
+
+def complete_map(
+    info: ModelInfo, requested: Mapping[str, str | GGMLQuantizationType], base: GGMLQuantizationType
+) -> dict[str, GGMLQuantizationType]:
+    """Every quantizable tensor -> the type asked for (requested, else `base`). Unknown names are refused."""
+    names = {t.name for t in info.tensors}
+    out: dict[str, GGMLQuantizationType] = {}
+    for name, t in requested.items():
+        if name not in names:
+            raise RampError(f"type map names {name!r}, which is not a 2-D tensor of {info.path}")
+        if not quantizable(name, 2):
+            raise RampError(f"type map names {name!r}, which llama.cpp never quantizes")
+        out[name] = t if isinstance(t, GGMLQuantizationType) else type_from_name(t)
+    for t in info.tensors:
+        if quantizable(t.name, 2) and t.name not in out:
+            out[t.name] = base
+    return out
+
+
+def predict(info: ModelInfo, full_map: Mapping[str, GGMLQuantizationType]) -> dict[str, tuple[str, int]]:
+    """name -> (type llama.cpp will write, bytes) for every 2-D tensor, with row-length fallbacks."""
+    out = {}
+    for t in info.tensors:
+        wt = written_type(full_map[t.name], t.n_per_row) if t.name in full_map else T[t.ggml_type]
+        out[t.name] = (wt.name, tensor_nbytes(wt, t.n_params))
+    return out
+
+
+def predicted_data_bytes(info: ModelInfo, full_map: Mapping[str, GGMLQuantizationType]) -> int:
+    """Bytes of all tensor data the written file will hold (alignment padding and header excluded)."""
+    return sum(nbytes for _, nbytes in predict(info, full_map).values()) + info.other_bytes
+
+
+def _check_source(info: ModelInfo, allow_requantize: bool) -> None:
+    if allow_requantize:
+        return
+    quantized = [t.name for t in info.tensors if T[t.ggml_type] not in FLOAT_TYPES]
+    if quantized:
+        raise RampError(
+            f"{info.path} is already quantized ({len(quantized)} tensors, e.g. {quantized[0]} is "
+            f"{info.tensor(quantized[0]).ggml_type}): quantize from F16/F32, or pass --allow-requantize"
+        )
+
+
+def _result(info: ModelInfo, path: Path, n_fallback: int) -> QuantizeResult:
+    searched = {t.name for t in info.searched}
+    rows = [TensorResult(name, *row) for name, row in tensor_types(path).items()]
+    s_bytes = sum(r.nbytes for r in rows if r.name in searched)
+    s_params = sum(r.n_params for r in rows if r.name in searched)
+    size = path.stat().st_size
+    return QuantizeResult(
+        path=str(path),
+        tensors=tuple(rows),
+        file_size=size,
+        bpw_searched=8.0 * s_bytes / max(1, s_params),
+        bpw_file=8.0 * size / max(1, info.n_params_total),
+        n_fallback=n_fallback,
+    )
+
+
+def quantize_map(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    types: Mapping[str, str | GGMLQuantizationType],
+    base: GGMLQuantizationType | str = T.Q8_0,
+    imatrix: Mapping[str, np.ndarray] | None = None,
+    n_threads: int | None = None,
+    force: bool = False,
+    allow_requantize: bool = False,
+    progress: Progress | None = None,
+) -> QuantizeResult:
+    """Quantize `src` so every tensor named in `types` gets exactly that type (after llama.cpp's
+    row-length fallback) and every other quantizable tensor gets `base`."""
+    info = read_inventory(src)
+    _check_source(info, allow_requantize)
+    full = complete_map(info, types, base if isinstance(base, GGMLQuantizationType) else type_from_name(base))
+    expected = predict(info, full)
+    quantized_types = Counter(t for t in full.values() if t not in FLOAT_TYPES)
+    label = _FTYPE_OF_TYPE.get(quantized_types.most_common(1)[0][0], "Q8_0") if quantized_types else "Q8_0"
+    ftype = _ftypes()[label]
+    with atomic_path(dst, force) as tmp:
+        if progress:
+            progress(f"llama.cpp quantizing {len(full)} tensors")
+        native.quantize_model(
+            str(src), str(tmp), ftype, True, {k: int(v) for k, v in full.items()}, imatrix,
+            n_threads or os.cpu_count() or 1, allow_requantize,
+        )
+        written = tensor_types(tmp)
+        wrong = [(n, written[n][0], expected[n][0]) for n in expected if written[n][0] != expected[n][0]]
+        if wrong:
+            n, got, want = wrong[0]
+            raise RampError(f"llama.cpp wrote {n} as {got}, predicted {want} ({len(wrong)} mismatches)")
+        n_fallback = sum(1 for n, t in full.items() if expected[n][0] != t.name)
+        result = _result(info, tmp, n_fallback)
+    return _renamed(result, dst)
+
+
+def quantize_preset(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    preset: str,
+    imatrix: Mapping[str, np.ndarray] | None = None,
+    n_threads: int | None = None,
+    force: bool = False,
+    allow_requantize: bool = False,
+    progress: Progress | None = None,
+) -> QuantizeResult:
+    """Quantize with llama.cpp's own rules for a file type (Q4_K_M, Q8_0, F16, ...)."""
+    ftypes = _ftypes()
+    key = preset.strip().upper()
+    if key not in ftypes:
+        raise RampError(f"unknown preset {preset!r} (known: {', '.join(sorted(ftypes))})")
+    info = read_inventory(src)
+    _check_source(info, allow_requantize)
+    with atomic_path(dst, force) as tmp:
+        if progress:
+            progress(f"llama.cpp quantizing to {key}")
+        native.quantize_model(
+            str(src), str(tmp), ftypes[key], False, {}, imatrix, n_threads or os.cpu_count() or 1,
+            allow_requantize,
+        )
+        result = _result(info, tmp, 0)
+    return _renamed(result, dst)
+
+
+def _renamed(r: QuantizeResult, dst: str | os.PathLike[str]) -> QuantizeResult:
+    return QuantizeResult(str(dst), r.tensors, r.file_size, r.bpw_searched, r.bpw_file, r.n_fallback)

@@ -1,0 +1,127 @@
+"""Tiny GGUF models written with gguf-py's writer, for tests: random weights, a real SentencePiece-style
+vocabulary in the metadata (so llama.cpp tokenizes and runs them), and row lengths chosen so that both the
+K-quants and llama.cpp's row-length fallbacks are exercised."""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFWriter, TokenType
+
+WORDS = (
+    "the of and to in is was for on as with by he at from his an were are which this be has or had it "
+    "first one their its new after but who not they have her she two been other when there all during "
+    "into school time may years more most only over city some world would where later up such used many "
+    "can state about national out known university united then made"
+).split()
+
+
+def vocab() -> tuple[list[str], list[float], list[int]]:
+    """<unk> <s> </s>, 256 byte tokens, printable characters, then whole words with SentencePiece's
+    word-start marker; higher score = merged first."""
+    toks = ["<unk>", "<s>", "</s>"]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL]
+    toks += [f"<0x{b:02X}>" for b in range(256)]
+    types += [TokenType.BYTE] * 256
+    chars = ["\u2581"] + [c for c in string.ascii_letters + string.digits + string.punctuation]
+    toks += chars
+    types += [TokenType.NORMAL] * len(chars)
+    pieces: list[str] = []
+    for w in WORDS:
+        full = "\u2581" + w
+        pieces += [full[:i] for i in range(2, len(full) + 1)]
+    seen = set(toks)
+    for p in pieces:
+        if p not in seen:
+            seen.add(p)
+            toks.append(p)
+            types.append(TokenType.NORMAL)
+    n_fixed = 3 + 256 + len(chars)
+    scores = [0.0] * 3 + [-1000.0] * 256 + [-100.0] * len(chars)
+    scores += [10.0 * len(t) for t in toks[n_fixed:]]  # longer words merge first
+    return toks, scores, [int(t) for t in types]
+
+
+def text(n_words: int = 4000, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    words = rng.choice(WORDS, size=n_words)
+    lines = [" ".join(words[i : i + 12]) + " ." for i in range(0, n_words, 12)]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Spec:
+    arch: str = "llama"
+    n_layer: int = 2
+    n_embd: int = 256  # a multiple of 256: K-quants apply to q, k, v, o, gate, up
+    n_ff: int = 384  # not a multiple of 256: ffn_down falls back (Q4_K -> Q5_0, ...)
+    n_head: int = 4
+    n_head_kv: int = 2
+    n_ctx: int = 256
+    tied: bool = False
+    seed: int = 0
+    extra_block_tensors: tuple[str, ...] = field(default=())  # e.g. gemma3's attn_q_norm
+
+
+def write(path: Path, spec: Spec = Spec()) -> Path:
+    rng = np.random.default_rng(spec.seed)
+    toks, scores, types = vocab()
+    n_vocab = len(toks)
+    hd = spec.n_embd // spec.n_head
+    a = spec.arch
+    w = GGUFWriter(str(path), a)
+    w.add_name(f"synthetic-{a}-{spec.n_layer}x{spec.n_embd}")
+    w.add_block_count(spec.n_layer)
+    w.add_context_length(spec.n_ctx)
+    w.add_embedding_length(spec.n_embd)
+    w.add_feed_forward_length(spec.n_ff)
+    w.add_head_count(spec.n_head)
+    w.add_head_count_kv(spec.n_head_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(hd)
+    w.add_rope_freq_base(10000.0)
+    w.add_file_type(1)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(toks)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+    def mat(n_out: int, n_in: int, scale: float = 1.0) -> np.ndarray:
+        m = rng.standard_normal((n_out, n_in)).astype(np.float32) * (scale / np.sqrt(n_in))
+        # a few outlier input channels, as real activations/weights have
+        m[:, rng.choice(n_in, size=max(1, n_in // 64), replace=False)] *= 4.0
+        return m.astype(np.float16)
+
+    def norm(n: int) -> np.ndarray:
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", (rng.standard_normal((n_vocab, spec.n_embd)) * 0.5).astype(np.float16))
+    for i in range(spec.n_layer):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", norm(spec.n_embd))
+        w.add_tensor(p + "attn_q.weight", mat(spec.n_embd, spec.n_embd))
+        w.add_tensor(p + "attn_k.weight", mat(spec.n_head_kv * hd, spec.n_embd))
+        w.add_tensor(p + "attn_v.weight", mat(spec.n_head_kv * hd, spec.n_embd))
+        w.add_tensor(p + "attn_output.weight", mat(spec.n_embd, spec.n_embd, 0.5))
+        w.add_tensor(p + "ffn_norm.weight", norm(spec.n_embd))
+        w.add_tensor(p + "ffn_gate.weight", mat(spec.n_ff, spec.n_embd))
+        w.add_tensor(p + "ffn_up.weight", mat(spec.n_ff, spec.n_embd))
+        w.add_tensor(p + "ffn_down.weight", mat(spec.n_embd, spec.n_ff, 0.5))
+        for extra in spec.extra_block_tensors:
+            w.add_tensor(p + extra, norm(hd))
+    w.add_tensor("output_norm.weight", norm(spec.n_embd))
+    if not spec.tied:
+        w.add_tensor("output.weight", mat(n_vocab, spec.n_embd))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

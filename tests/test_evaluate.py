@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ramp_cpp.backend import LlamaModel, RuntimeOptions
+from ramp_cpp.errors import RampError
+from ramp_cpp.evaluate import EvalConfig, base_logprobs, cache_dir, kld, perplexity
+from ramp_cpp.quantize import quantize_map
+
+CFG = EvalConfig(n_ctx=128, n_chunks=4, top_k=32)
+
+
+def _reference_nll(model: Path, text: str, n_ctx: int, n_chunks: int) -> np.ndarray:
+    """llama-perplexity's protocol written out independently with llama-cpp-python's high-level API."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(model), n_ctx=n_ctx, logits_all=True, verbose=False, n_batch=n_ctx)
+    toks = llm.tokenize(text.encode(), add_bos=True)
+    out = []
+    for j in range(n_chunks):
+        c = toks[j * n_ctx : (j + 1) * n_ctx]
+        c[0] = llm.token_bos()
+        llm.reset()
+        llm.eval(c)
+        first = n_ctx // 2
+        for pos in range(first, n_ctx - 1):
+            x = np.asarray(llm.scores[pos], dtype=np.float64)
+            lse = x.max() + np.log(np.exp(x - x.max()).sum())
+            out.append(lse - x[c[pos + 1]])
+    return np.asarray(out)
+
+
+def test_ppl_matches_independent_loop(tiny_model: Path, tiny_text: str) -> None:
+    r = perplexity(tiny_model, tiny_text, CFG)
+    ref = _reference_nll(tiny_model, tiny_text, CFG.n_ctx, 4)
+    assert r.n_tokens == 4 * (128 - 1 - 64) == len(ref)
+    assert r.ppl == pytest.approx(float(np.exp(ref.mean())), rel=1e-4)
+
+
+def test_kld_of_base_against_itself_is_zero(tiny_model: Path, tiny_text: str) -> None:
+    r = kld(tiny_model, tiny_model, tiny_text, CFG)
+    assert r.kld_mean == pytest.approx(0.0, abs=1e-6)
+    assert r.same_top_pct == 100.0 and r.ppl == pytest.approx(r.base_ppl)
+
+
+def test_kld_topk_is_a_close_lower_bound(tiny_model: Path, tiny_text: str, tmp_path: Path) -> None:
+    q = tmp_path / "q3.gguf"
+    quantize_map(tiny_model, q, {}, base="Q3_K")
+    r = kld(q, tiny_model, tiny_text, CFG)
+    wide = kld(q, tiny_model, tiny_text, EvalConfig(n_ctx=128, n_chunks=4, top_k=500))
+    # exact KLD from full distributions of both models
+    exact = []
+    with LlamaModel(tiny_model, RuntimeOptions(n_ctx=128)) as b, LlamaModel(q, RuntimeOptions(n_ctx=128)) as m:
+        toks = b.tokenize(tiny_text)
+        for j in range(4):
+            c = toks[j * 128 : (j + 1) * 128].copy()
+            c[0] = b.bos
+            lb = b.logits(c, 64, 127).astype(np.float64).copy()
+            lq = m.logits(c, 64, 127).astype(np.float64)
+            lb -= np.logaddexp.reduce(lb, axis=1, keepdims=True)
+            lq = lq - np.logaddexp.reduce(lq, axis=1, keepdims=True)
+            exact.append((np.exp(lb) * (lb - lq)).sum(axis=1))
+    exact_mean = float(np.concatenate(exact).mean())
+    # the random tiny model is nearly flat, so top-32 holds little of its mass: a loose lower bound;
+    # with top-500 of its ~620 tokens the rest bucket is small and the bound tight
+    assert 0 < r.kld_mean < wide.kld_mean <= exact_mean + 1e-6
+    assert r.rest_mass_mean > wide.rest_mass_mean
+    assert wide.kld_mean == pytest.approx(exact_mean, rel=0.05)
+    assert r.ppl > r.base_ppl * 0.9 and r.n_tokens == 4 * 63
+
+
+def test_base_logprobs_are_cached(tiny_model: Path, tiny_text: str) -> None:
+    cfg = EvalConfig(n_ctx=128, n_chunks=2, first_chunk=1, top_k=8)
+    a = base_logprobs(tiny_model, tiny_text, cfg)
+    files = list((cache_dir() / "base-logprobs").glob("*.npz"))
+    assert files
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    b = base_logprobs(tiny_model, tiny_text, cfg)
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+    assert np.array_equal(a.top_idx, b.top_idx) and a.top_idx.shape == (2 * 63, 8)
+    assert np.all(np.diff(a.top_lp, axis=1) <= 0)
+
+
+def test_text_too_short(tiny_model: Path) -> None:
+    with pytest.raises(RampError, match="text too short: .* one chunk needs 128"):
+        perplexity(tiny_model, "the city", CFG)
+    with pytest.raises(RampError, match="asked for 99"):
+        perplexity(tiny_model, "the city " * 300, EvalConfig(n_ctx=128, n_chunks=99))
+
+
+def test_chunk_subset(tiny_model: Path, tiny_text: str) -> None:
+    a = perplexity(tiny_model, tiny_text, EvalConfig(n_ctx=128, n_chunks=1, first_chunk=2))
+    b = perplexity(tiny_model, tiny_text, EvalConfig(n_ctx=128, n_chunks=1, first_chunk=3))
+    assert a.n_tokens == b.n_tokens == 63 and a.ppl != b.ppl
