@@ -34,7 +34,7 @@ demo-model: install
 demo: demo-model
 	$(VENV)/bin/ramp-cpp demo
 
-test: install
+test: install demo-model
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install

@@ -6,11 +6,13 @@ links, with its CPU, CUDA or Metal backend as llama-cpp-python was built.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +21,7 @@ from .errors import RampError
 _BACKEND_READY = False
 
 
-def _llama():  # type: ignore[no-untyped-def]
+def _llama() -> Any:
     """Import llama_cpp lazily (it loads libllama.so) and initialise the backend once."""
     global _BACKEND_READY
     try:
@@ -63,7 +65,9 @@ class LlamaModel:
         mparams.n_gpu_layers = opts.n_gpu_layers
         self._model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not self._model:
-            raise RampError(f"{path}: llama.cpp could not load this model (run with RAMP_VERBOSE=1 for its log)")
+            raise RampError(
+                f"{path}: llama.cpp could not load this model (run with RAMP_VERBOSE=1 for its log)"
+            )
         self._vocab = lc.llama_model_get_vocab(self._model)
         self.n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
         cparams = lc.llama_context_default_params()
@@ -110,7 +114,7 @@ class LlamaModel:
             n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, False)
         if n < 0:
             raise RampError("llama.cpp failed to tokenize the text")
-        return np.frombuffer(buf, dtype=np.int32, count=n).copy()
+        return np.ctypeslib.as_array(buf)[:n].astype(np.int32)
 
     # -- forward ------------------------------------------------------------------------------------
     def logits(self, tokens: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -153,7 +157,5 @@ class LlamaModel:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass

@@ -18,12 +18,16 @@ from rich.table import Table
 from . import __version__
 from .errors import RampError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="RAMP mixed-precision quantization for llama.cpp.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="RAMP mixed-precision quantization for llama.cpp."
+)
 out = Console()
 err = Console(stderr=True)
 
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads (default: all cores).")]
-GpuOpt = Annotated[int, typer.Option("--gpu-layers", "-ngl", help="Layers offloaded to the GPU (CUDA/Metal build).")]
+GpuOpt = Annotated[
+    int, typer.Option("--gpu-layers", "-ngl", help="Layers offloaded to the GPU (CUDA/Metal build).")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
 
@@ -54,12 +58,16 @@ def _emit(obj: Any) -> None:
 
 def _bar(desc: str) -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err, transient=True,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
     )
 
 
-def _chunk_progress(p: Progress, desc: str):  # type: ignore[no-untyped-def]
+def _chunk_progress(p: Progress, desc: str) -> Callable[[int, int], None]:
     task = p.add_task(desc, total=None)
 
     def cb(done: int, total: int) -> None:
@@ -100,15 +108,22 @@ def inspect(
         _emit(info.to_json())
         return
     out.print(
-        f"[bold]{model}[/]: arch [cyan]{info.arch}[/], {info.n_blocks} blocks, context {info.context_length}, "
+        f"[bold]{model}[/]: arch [cyan]{info.arch}[/], {info.n_blocks} blocks, "
+        f"context {info.context_length}, "
         f"{info.n_params_total / 1e6:.1f}M params, output head "
         f"{'tied to token_embd' if info.tied_output else 'separate'}"
     )
     t = Table("tensor", "role", "block", "shape (out x in)", "params", "type", "MiB", "searched")
     for x in info.tensors:
         t.add_row(
-            x.name, x.role, "" if x.block is None else str(x.block), f"{x.n_rows} x {x.n_per_row}",
-            f"{x.n_params:,}", x.ggml_type, f"{x.nbytes / 2**20:.2f}", "yes" if x.searched else "",
+            x.name,
+            x.role,
+            "" if x.block is None else str(x.block),
+            f"{x.n_rows} x {x.n_per_row}",
+            f"{x.n_params:,}",
+            x.ggml_type,
+            f"{x.nbytes / 2**20:.2f}",
+            "yes" if x.searched else "",
         )
     out.print(t)
     s = info.searched
@@ -136,8 +151,12 @@ def quantize(
     types: Annotated[Path | None, typer.Option("--types", help="JSON map: tensor name -> ggml type.")] = None,
     preset: Annotated[str | None, typer.Option("--preset", help="llama.cpp file type, e.g. Q4_K_M.")] = None,
     base: Annotated[str, typer.Option("--base", help="Type of quantizable tensors not in --types.")] = "Q8_0",
-    imatrix: Annotated[Path | None, typer.Option("--imatrix", help="llama.cpp importance matrix (GGUF).")] = None,
-    allow_requantize: Annotated[bool, typer.Option("--allow-requantize", help="Accept a quantized input.")] = False,
+    imatrix: Annotated[
+        Path | None, typer.Option("--imatrix", help="llama.cpp importance matrix (GGUF).")
+    ] = None,
+    allow_requantize: Annotated[
+        bool, typer.Option("--allow-requantize", help="Accept a quantized input.")
+    ] = False,
     force: ForceOpt = False,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
@@ -190,9 +209,8 @@ def eval_(
     """Perplexity (llama-perplexity protocol) or KLD against a base, measured in process by llama.cpp."""
     from .backend import RuntimeOptions
     from .corpora import load_text
-    from .evaluate import EvalConfig
+    from .evaluate import EvalConfig, perplexity
     from .evaluate import kld as run_kld
-    from .evaluate import perplexity
 
     if kld and base is None:
         raise RampError("--kld needs --base BASE.gguf")
@@ -206,8 +224,13 @@ def eval_(
         if kld:
             assert base is not None
             r = run_kld(
-                model, base, body, cfg, opts,
-                progress=_chunk_progress(p, "KLD"), base_progress=_chunk_progress(p, "base log-probs"),
+                model,
+                base,
+                body,
+                cfg,
+                opts,
+                progress=_chunk_progress(p, "KLD"),
+                base_progress=_chunk_progress(p, "base log-probs"),
             )
             result["kld"] = asdict(r)
         if ppl or not kld:
@@ -217,13 +240,20 @@ def eval_(
         return
     if "kld" in result:
         k = result["kld"]
-        t = Table("statistic", "value", title=f"{model.name} vs {Path(str(base)).name} ({k['n_chunks']} chunks)")
+        t = Table(
+            "statistic", "value", title=f"{model.name} vs {Path(str(base)).name} ({k['n_chunks']} chunks)"
+        )
         rows = [
-            ("PPL(Q)", f"{k['ppl']:.4f}"), ("PPL(base)", f"{k['base_ppl']:.4f}"),
-            ("PPL ratio", f"{k['ppl_ratio']:.4f}"), ("mean ln(PPL(Q)/PPL(base))", f"{k['ln_ppl_ratio']:.5f}"),
-            ("mean KLD", f"{k['kld_mean']:.5f} ± {k['kld_stderr']:.5f}"), ("median KLD", f"{k['kld_median']:.5f}"),
-            ("99th pct KLD", f"{k['kld_p99']:.5f}"), ("max KLD", f"{k['kld_max']:.5f}"),
-            ("same top token", f"{k['same_top_pct']:.2f} %"), ("mean Δp", f"{k['delta_p_mean']:.3f} %"),
+            ("PPL(Q)", f"{k['ppl']:.4f}"),
+            ("PPL(base)", f"{k['base_ppl']:.4f}"),
+            ("PPL ratio", f"{k['ppl_ratio']:.4f}"),
+            ("mean ln(PPL(Q)/PPL(base))", f"{k['ln_ppl_ratio']:.5f}"),
+            ("mean KLD", f"{k['kld_mean']:.5f} ± {k['kld_stderr']:.5f}"),
+            ("median KLD", f"{k['kld_median']:.5f}"),
+            ("99th pct KLD", f"{k['kld_p99']:.5f}"),
+            ("max KLD", f"{k['kld_max']:.5f}"),
+            ("same top token", f"{k['same_top_pct']:.2f} %"),
+            ("mean Δp", f"{k['delta_p_mean']:.3f} %"),
             ("RMS Δp", f"{k['delta_p_rms']:.3f} %"),
             (f"base mass outside top-{k['top_k']}", f"{k['rest_mass_mean']:.2e}"),
         ]
@@ -261,12 +291,27 @@ def demo(threads: ThreadsOpt = None, chunks: int = 4) -> None:
     hi = {t.name: NOMINAL_TYPES[5] for t in info.searched if t.role == "ffn_down" or t.block in (0, last)}
     lo = {t.name: NOMINAL_TYPES[4] for t in info.searched if t.name not in hi}
     mixed = quantize_map(base, work / "demo.map.gguf", {**hi, **lo}, n_threads=threads, force=True)
-    t = Table("file", "MiB", "bpw (searched)", "PPL", "PPL(base)", "mean KLD", "same top %",
-              title=f"demo: {base.name}, wikitext2-test, {chunks} chunks of 512")
+    t = Table(
+        "file",
+        "MiB",
+        "bpw (searched)",
+        "PPL",
+        "PPL(base)",
+        "mean KLD",
+        "same top %",
+        title=f"demo: {base.name}, wikitext2-test, {chunks} chunks of 512",
+    )
     for r in (q4, mixed):
         k = kld(r.path, base, body, cfg, opts)
-        t.add_row(Path(r.path).name, f"{r.file_size / 2**20:.1f}", f"{r.bpw_searched:.3f}", f"{k.ppl:.3f}",
-                  f"{k.base_ppl:.3f}", f"{k.kld_mean:.4f}", f"{k.same_top_pct:.1f}")
+        t.add_row(
+            Path(r.path).name,
+            f"{r.file_size / 2**20:.1f}",
+            f"{r.bpw_searched:.3f}",
+            f"{k.ppl:.3f}",
+            f"{k.base_ppl:.3f}",
+            f"{k.kld_mean:.4f}",
+            f"{k.same_top_pct:.1f}",
+        )
     out.print(t)
 
 

@@ -21,7 +21,9 @@ class Corpus:
 CORPORA: dict[str, Corpus] = {
     c.name: c
     for c in (
-        Corpus("wikitext2-test", "wikitext-2-raw/wiki.test.raw", ("wikitext", "wikitext-2-raw-v1", "test"), True),
+        Corpus(
+            "wikitext2-test", "wikitext-2-raw/wiki.test.raw", ("wikitext", "wikitext-2-raw-v1", "test"), True
+        ),
         Corpus("wikitext2-valid", "wikitext-2/valid.txt", ("wikitext", "wikitext-2-v1", "validation"), False),
     )
 }
@@ -33,7 +35,11 @@ def data_dirs() -> list[Path]:
     if os.environ.get("RAMP_DATA_DIR"):
         dirs.append(Path(os.environ["RAMP_DATA_DIR"]))
     repo = Path(__file__).resolve().parent.parent
-    dirs += [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"]
+    dirs += [
+        repo.parent / "shared" / "data",
+        Path.cwd().parent / "shared" / "data",
+        Path.cwd() / "shared" / "data",
+    ]
     seen: list[Path] = []
     for d in dirs:
         if d not in seen:
@@ -43,7 +49,7 @@ def data_dirs() -> list[Path]:
 
 def _from_datasets(c: Corpus) -> str | None:
     try:
-        import datasets  # type: ignore[import-not-found]
+        import datasets
     except ImportError:
         return None
     try:
@@ -54,7 +60,7 @@ def _from_datasets(c: Corpus) -> str | None:
 
 
 def _read(path: Path) -> str:
-    # newline="" keeps CRLF as in the file: llama-perplexity reads raw bytes, and so must we to get its tokens.
+    # newline="" keeps CRLF: llama-perplexity reads raw bytes, and so must we to get its tokens.
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
         return f.read()
 
@@ -77,4 +83,6 @@ def load_text(spec: str) -> tuple[str, str]:
     if text is not None:
         return text, f"datasets:{'/'.join(c.hf_dataset)}"
     looked = ", ".join(str(d / c.relpath) for d in data_dirs())
-    raise RampError(f"text {spec!r} not found (looked in {looked}; the `datasets` library is not installed or offline)")
+    raise RampError(
+        f"text {spec!r} not found (looked in {looked}; the `datasets` library is not installed or offline)"
+    )

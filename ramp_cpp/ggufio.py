@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFReader, GGMLQuantizationType
+from gguf import GGMLQuantizationType, GGUFReader
 
 from .arch import classify
 from .errors import RampError
@@ -101,7 +101,9 @@ def read_inventory(path: str | os.PathLike[str]) -> ModelInfo:
         raise RampError(f"{path}: no general.architecture in the GGUF metadata: not a model file")
     n_blocks = field_value(reader, f"{arch}.block_count")
     if n_blocks is None:
-        raise RampError(f"{path}: architecture {arch!r} has no {arch}.block_count: not a transformer llama.cpp runs")
+        raise RampError(
+            f"{path}: architecture {arch!r} has no {arch}.block_count: not a transformer llama.cpp runs"
+        )
     ctx = int(field_value(reader, f"{arch}.context_length", 0) or 0)
     names = {t.name for t in reader.tensors}
     tensors = []
@@ -126,7 +128,9 @@ def read_inventory(path: str | os.PathLike[str]) -> ModelInfo:
             )
         )
     if not any(t.searched for t in tensors):
-        raise RampError(f"{path}: no blk.N.* linear weights found (architecture {arch!r}): nothing ramp-cpp can search")
+        raise RampError(
+            f"{path}: no blk.N.* linear weights found (architecture {arch!r}): nothing ramp-cpp can search"
+        )
     data_offset = min((int(t.data_offset) for t in reader.tensors), default=0)
     meta = {
         k: _plain(f.contents())

@@ -37,24 +37,32 @@ FALLBACK: dict[GGMLQuantizationType, GGMLQuantizationType] = {
 #: Types a user may name in a type map: those llama.cpp's quantizer can write without an imatrix.
 STORABLE: frozenset[GGMLQuantizationType] = frozenset(
     {
-        T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
-        T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
+        T.F32,
+        T.F16,
+        T.BF16,
+        T.Q4_0,
+        T.Q4_1,
+        T.Q5_0,
+        T.Q5_1,
+        T.Q8_0,
+        T.Q2_K,
+        T.Q3_K,
+        T.Q4_K,
+        T.Q5_K,
+        T.Q6_K,
     }
 )
 
 
 def type_from_name(name: str) -> GGMLQuantizationType:
     """'Q4_K' -> GGMLQuantizationType.Q4_K; one clear error for anything else."""
+    known = ", ".join(sorted(x.name for x in STORABLE))
     try:
-        t = T[name.strip().upper()]
+        t = GGMLQuantizationType.__members__[name.strip().upper()]
     except KeyError:
-        raise RampError(
-            f"unknown ggml type {name!r} (known: {', '.join(sorted(x.name for x in STORABLE))})"
-        ) from None
+        raise RampError(f"unknown ggml type {name!r} (known: {known})") from None
     if t not in STORABLE:
-        raise RampError(
-            f"type {t.name} cannot be written by this tool (known: {', '.join(sorted(x.name for x in STORABLE))})"
-        )
+        raise RampError(f"type {t.name} cannot be written by this tool (known: {known})")
     return t
 
 

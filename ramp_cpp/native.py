@@ -25,7 +25,11 @@ class _TypeEntry(ctypes.Structure):
 
 
 class _ImatrixEntry(ctypes.Structure):
-    _fields_ = [("name", ctypes.c_char_p), ("data", ctypes.POINTER(ctypes.c_float)), ("size", ctypes.c_size_t)]
+    _fields_ = [
+        ("name", ctypes.c_char_p),
+        ("data", ctypes.POINTER(ctypes.c_float)),
+        ("size", ctypes.c_size_t),
+    ]
 
 
 def library_path() -> Path:
@@ -42,23 +46,41 @@ def lib() -> ctypes.CDLL:
     _llama()
     path = library_path()
     if not path.is_file():
-        raise RampError(f"native helper not built ({path} missing): run `make native` in the ramp-cpp checkout")
+        raise RampError(
+            f"native helper not built ({path} missing): run `make native` in the ramp-cpp checkout"
+        )
     try:
         h = ctypes.CDLL(str(path))
     except OSError as e:
         raise RampError(f"cannot load the native helper {path}: {e} (rebuild with `make native`)") from None
     h.ramp_abi_version.restype = ctypes.c_int32
     if h.ramp_abi_version() != ABI_VERSION:
-        raise RampError(f"native helper {path} is stale (ABI {h.ramp_abi_version()} != {ABI_VERSION}): `make native`")
+        raise RampError(
+            f"native helper {path} is stale (ABI {h.ramp_abi_version()} != {ABI_VERSION}): `make native`"
+        )
     h.ramp_quantize_model.restype = ctypes.c_int
     h.ramp_quantize_model.argtypes = [
-        ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int32, ctypes.c_int32,
-        ctypes.POINTER(_TypeEntry), ctypes.c_int32, ctypes.POINTER(_ImatrixEntry), ctypes.c_int32,
-        ctypes.c_int32, ctypes.c_int32, ctypes.c_char_p, ctypes.c_size_t,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_int32,
+        ctypes.c_int32,
+        ctypes.POINTER(_TypeEntry),
+        ctypes.c_int32,
+        ctypes.POINTER(_ImatrixEntry),
+        ctypes.c_int32,
+        ctypes.c_int32,
+        ctypes.c_int32,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
     ]
     h.ramp_quantize_rows.restype = ctypes.c_size_t
     h.ramp_quantize_rows.argtypes = [
-        ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_int32,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
     ]
     h.ramp_row_size.restype = ctypes.c_size_t
     h.ramp_row_size.argtypes = [ctypes.c_int32, ctypes.c_int64]
@@ -92,8 +114,18 @@ def quantize_model(
         im[i].size = v.size
     err = ctypes.create_string_buffer(4096)
     rc = h.ramp_quantize_model(
-        src.encode(), dst.encode(), ftype, int(pure), entries, len(names), im, len(keep),
-        n_threads, int(allow_requantize), err, len(err),
+        src.encode(),
+        dst.encode(),
+        ftype,
+        int(pure),
+        entries,
+        len(names),
+        im,
+        len(keep),
+        n_threads,
+        int(allow_requantize),
+        err,
+        len(err),
     )
     if rc != 0:
         msg = " ".join(err.value.decode(errors="replace").split()) or "see RAMP_VERBOSE=1"

@@ -29,13 +29,17 @@ FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
 Progress = Callable[[str], None]
 
 
+def _qtype(name: str) -> GGMLQuantizationType:
+    return GGMLQuantizationType.__members__[name]
+
+
 def _ftypes() -> dict[str, int]:
     """llama.cpp's file types by name (Q4_K_M, Q8_0, F16, ...), read from llama_cpp's constants."""
     from .backend import _llama
 
     lc = _llama()
     prefix = "LLAMA_FTYPE_MOSTLY_"
-    out = {k[len(prefix):]: int(getattr(lc, k)) for k in dir(lc) if k.startswith(prefix)}
+    out = {k[len(prefix) :]: int(getattr(lc, k)) for k in dir(lc) if k.startswith(prefix)}
     out["F32"] = int(lc.LLAMA_FTYPE_ALL_F32)
     return out
 
@@ -47,8 +51,16 @@ def presets() -> list[str]:
 #: The llama.cpp file type whose default tensor type is each ggml type (llama_ftype_get_default_type):
 #: used only to label a mixed file by its dominant type.
 _FTYPE_OF_TYPE: dict[GGMLQuantizationType, str] = {
-    T.Q4_0: "Q4_0", T.Q4_1: "Q4_1", T.Q5_0: "Q5_0", T.Q5_1: "Q5_1", T.Q8_0: "Q8_0",
-    T.Q2_K: "Q2_K", T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M", T.Q6_K: "Q6_K",
+    T.Q4_0: "Q4_0",
+    T.Q4_1: "Q4_1",
+    T.Q5_0: "Q5_0",
+    T.Q5_1: "Q5_1",
+    T.Q8_0: "Q8_0",
+    T.Q2_K: "Q2_K",
+    T.Q3_K: "Q3_K_M",
+    T.Q4_K: "Q4_K_M",
+    T.Q5_K: "Q5_K_M",
+    T.Q6_K: "Q6_K",
 }
 
 
@@ -82,9 +94,9 @@ def complete_map(
         if not quantizable(name, 2):
             raise RampError(f"type map names {name!r}, which llama.cpp never quantizes")
         out[name] = t if isinstance(t, GGMLQuantizationType) else type_from_name(t)
-    for t in info.tensors:
-        if quantizable(t.name, 2) and t.name not in out:
-            out[t.name] = base
+    for ti in info.tensors:
+        if quantizable(ti.name, 2) and ti.name not in out:
+            out[ti.name] = base
     return out
 
 
@@ -92,7 +104,7 @@ def predict(info: ModelInfo, full_map: Mapping[str, GGMLQuantizationType]) -> di
     """name -> (type llama.cpp will write, bytes) for every 2-D tensor, with row-length fallbacks."""
     out = {}
     for t in info.tensors:
-        wt = written_type(full_map[t.name], t.n_per_row) if t.name in full_map else T[t.ggml_type]
+        wt = written_type(full_map[t.name], t.n_per_row) if t.name in full_map else _qtype(t.ggml_type)
         out[t.name] = (wt.name, tensor_nbytes(wt, t.n_params))
     return out
 
@@ -105,7 +117,7 @@ def predicted_data_bytes(info: ModelInfo, full_map: Mapping[str, GGMLQuantizatio
 def _check_source(info: ModelInfo, allow_requantize: bool) -> None:
     if allow_requantize:
         return
-    quantized = [t.name for t in info.tensors if T[t.ggml_type] not in FLOAT_TYPES]
+    quantized = [t.name for t in info.tensors if _qtype(t.ggml_type) not in FLOAT_TYPES]
     if quantized:
         raise RampError(
             f"{info.path} is already quantized ({len(quantized)} tensors, e.g. {quantized[0]} is "
@@ -153,8 +165,14 @@ def quantize_map(
         if progress:
             progress(f"llama.cpp quantizing {len(full)} tensors")
         native.quantize_model(
-            str(src), str(tmp), ftype, True, {k: int(v) for k, v in full.items()}, imatrix,
-            n_threads or os.cpu_count() or 1, allow_requantize,
+            str(src),
+            str(tmp),
+            ftype,
+            True,
+            {k: int(v) for k, v in full.items()},
+            imatrix,
+            n_threads or os.cpu_count() or 1,
+            allow_requantize,
         )
         written = tensor_types(tmp)
         wrong = [(n, written[n][0], expected[n][0]) for n in expected if written[n][0] != expected[n][0]]
@@ -187,7 +205,13 @@ def quantize_preset(
         if progress:
             progress(f"llama.cpp quantizing to {key}")
         native.quantize_model(
-            str(src), str(tmp), ftypes[key], False, {}, imatrix, n_threads or os.cpu_count() or 1,
+            str(src),
+            str(tmp),
+            ftypes[key],
+            False,
+            {},
+            imatrix,
+            n_threads or os.cpu_count() or 1,
             allow_requantize,
         )
         result = _result(info, tmp, 0)

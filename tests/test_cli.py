@@ -37,14 +37,33 @@ def test_quantize_map_and_eval(tiny_model: Path, tmp_path: Path) -> None:
     m = tmp_path / "map.json"
     m.write_text(json.dumps({"blk.0.attn_q.weight": "Q6_K", "blk.1.ffn_down.weight": "Q3_K"}))
     out = tmp_path / "q.gguf"
-    d = json.loads(_ok(["quantize", str(tiny_model), "-o", str(out), "--types", str(m), "--base", "Q4_0", "--json"]))
+    d = json.loads(
+        _ok(["quantize", str(tiny_model), "-o", str(out), "--types", str(m), "--base", "Q4_0", "--json"])
+    )
     types = {t["name"]: t["ggml_type"] for t in d["tensors"]}
     assert types["blk.0.attn_q.weight"] == "Q6_K" and types["blk.1.ffn_down.weight"] == "Q4_0"
     assert d["n_fallback"] >= 1
     text = tmp_path / "t.txt"
     text.write_text(synthetic.text())
-    e = json.loads(_ok(["eval", str(out), "--text", str(text), "--kld", "--base", str(tiny_model), "--ppl",
-                        "--ctx", "128", "--chunks", "2", "--json"]))
+    e = json.loads(
+        _ok(
+            [
+                "eval",
+                str(out),
+                "--text",
+                str(text),
+                "--kld",
+                "--base",
+                str(tiny_model),
+                "--ppl",
+                "--ctx",
+                "128",
+                "--chunks",
+                "2",
+                "--json",
+            ]
+        )
+    )
     assert e["kld"]["kld_mean"] > 0 and e["ppl"]["n_chunks"] == 2
     assert e["kld"]["ppl"] == pytest.approx(e["ppl"]["ppl"], rel=1e-5)
 
@@ -63,9 +82,13 @@ def test_bad_inputs(tiny_model: Path, tmp_path: Path) -> None:
     _fails(["quantize", str(tiny_model), "-o", str(q8), "--preset", "Q8_0"], "exists")
     m = tmp_path / "m.json"
     m.write_text(json.dumps({"blk.0.attn_q.weight": "Q9_K"}))
-    _fails(["quantize", str(tiny_model), "-o", str(tmp_path / "x.gguf"), "--types", str(m)], "unknown ggml type")
+    _fails(
+        ["quantize", str(tiny_model), "-o", str(tmp_path / "x.gguf"), "--types", str(m)], "unknown ggml type"
+    )
     m.write_text(json.dumps({"blk.7.attn_q.weight": "Q4_K"}))
-    _fails(["quantize", str(tiny_model), "-o", str(tmp_path / "x.gguf"), "--types", str(m)], "not a 2-D tensor")
+    _fails(
+        ["quantize", str(tiny_model), "-o", str(tmp_path / "x.gguf"), "--types", str(m)], "not a 2-D tensor"
+    )
     m.write_text("{not json")
     _fails(["quantize", str(tiny_model), "-o", str(tmp_path / "x.gguf"), "--types", str(m)], "not valid JSON")
     short = tmp_path / "short.txt"

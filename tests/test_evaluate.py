@@ -46,14 +46,16 @@ def test_kld_of_base_against_itself_is_zero(tiny_model: Path, tiny_text: str) ->
     assert r.same_top_pct == 100.0 and r.ppl == pytest.approx(r.base_ppl)
 
 
-def test_kld_topk_is_a_close_lower_bound(tiny_model: Path, tiny_text: str, tmp_path: Path) -> None:
+def test_kld_estimate_matches_exact(tiny_model: Path, tiny_text: str, tmp_path: Path) -> None:
     q = tmp_path / "q3.gguf"
     quantize_map(tiny_model, q, {}, base="Q3_K")
     r = kld(q, tiny_model, tiny_text, CFG)
-    wide = kld(q, tiny_model, tiny_text, EvalConfig(n_ctx=128, n_chunks=4, top_k=500))
     # exact KLD from full distributions of both models
     exact = []
-    with LlamaModel(tiny_model, RuntimeOptions(n_ctx=128)) as b, LlamaModel(q, RuntimeOptions(n_ctx=128)) as m:
+    with (
+        LlamaModel(tiny_model, RuntimeOptions(n_ctx=128)) as b,
+        LlamaModel(q, RuntimeOptions(n_ctx=128)) as m,
+    ):
         toks = b.tokenize(tiny_text)
         for j in range(4):
             c = toks[j * 128 : (j + 1) * 128].copy()
@@ -64,11 +66,10 @@ def test_kld_topk_is_a_close_lower_bound(tiny_model: Path, tiny_text: str, tmp_p
             lq = lq - np.logaddexp.reduce(lq, axis=1, keepdims=True)
             exact.append((np.exp(lb) * (lb - lq)).sum(axis=1))
     exact_mean = float(np.concatenate(exact).mean())
-    # the random tiny model is nearly flat, so top-32 holds little of its mass: a loose lower bound;
-    # with top-500 of its ~620 tokens the rest bucket is small and the bound tight
-    assert 0 < r.kld_mean < wide.kld_mean <= exact_mean + 1e-6
-    assert r.rest_mass_mean > wide.rest_mass_mean
-    assert wide.kld_mean == pytest.approx(exact_mean, rel=0.05)
+    # the random tiny model is nearly flat: most of its mass is outside the top-32, so this checks the
+    # sampled tail estimate, not just the exact top-k part
+    assert r.rest_mass_mean > 0.5
+    assert r.kld_mean == pytest.approx(exact_mean, rel=0.03)
     assert r.ppl > r.base_ppl * 0.9 and r.n_tokens == 4 * 63
 
 

@@ -13,7 +13,14 @@ def test_tiny_llama_inventory(tiny_model: Path) -> None:
     info = read_inventory(tiny_model)
     assert (info.arch, info.n_blocks, info.context_length, info.tied_output) == ("llama", 2, 256, False)
     q = info.tensor("blk.1.attn_q.weight")
-    assert (q.role, q.block, q.n_rows, q.n_per_row, q.n_params, q.ggml_type) == ("attn_q", 1, 256, 256, 65536, "F16")
+    assert (q.role, q.block, q.n_rows, q.n_per_row, q.n_params, q.ggml_type) == (
+        "attn_q",
+        1,
+        256,
+        256,
+        65536,
+        "F16",
+    )
     down = info.tensor("blk.0.ffn_down.weight")
     assert (down.n_rows, down.n_per_row) == (256, 384)
     assert info.tensor("output.weight").role == "output"

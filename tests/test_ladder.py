@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import pytest
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 
 from ramp_cpp import native
 from ramp_cpp.errors import RampError
@@ -11,14 +12,25 @@ from ramp_cpp.ladder import NOMINAL_TYPES, tensor_nbytes, type_for_bits, type_fr
 @pytest.mark.parametrize(
     "bits, n_per_row, expected",
     [
-        (2, 256, T.Q2_K), (3, 256, T.Q3_K), (4, 256, T.Q4_K), (5, 256, T.Q5_K), (6, 256, T.Q6_K),
+        (2, 256, T.Q2_K),
+        (3, 256, T.Q3_K),
+        (4, 256, T.Q4_K),
+        (5, 256, T.Q5_K),
+        (6, 256, T.Q6_K),
         (8, 256, T.Q8_0),
         # rows not a multiple of 256: llama.cpp's tensor_type_fallback
-        (2, 576, T.Q4_0), (3, 576, T.Q4_0), (4, 576, T.Q5_0), (5, 576, T.Q5_1), (6, 576, T.Q8_0),
+        (2, 576, T.Q4_0),
+        (3, 576, T.Q4_0),
+        (4, 576, T.Q5_0),
+        (5, 576, T.Q5_1),
+        (6, 576, T.Q8_0),
         (8, 576, T.Q8_0),
-        (4, 1536, T.Q4_K), (4, 896, T.Q5_0), (4, 640, T.Q5_0),
+        (4, 1536, T.Q4_K),
+        (4, 896, T.Q5_0),
+        (4, 640, T.Q5_0),
         # not even a multiple of 32: F16
-        (4, 100, T.F16), (8, 100, T.F16),
+        (4, 100, T.F16),
+        (8, 100, T.F16),
     ],
 )
 def test_type_for_bits(bits: int, n_per_row: int, expected: T) -> None:

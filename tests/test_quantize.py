@@ -31,9 +31,19 @@ def test_exact_map_types_and_bytes(tiny_model: Path, tmp_path: Path) -> None:
         assert (name, got_type, got_bytes) == (name, want_type, want_bytes)
     # rows of 256 keep the K-quant, rows of 384 (ffn_down) take llama.cpp's fallback
     assert written["blk.0.attn_q.weight"][0] == "Q3_K"
-    assert written["blk.0.ffn_down.weight"][0] == {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
-                                                 "Q8_0": "Q8_0", "Q2_K": "Q4_0", "Q4_0": "Q4_0", "F16": "F16"}[
-        asked["blk.0.ffn_down.weight"].name]
+    assert (
+        written["blk.0.ffn_down.weight"][0]
+        == {
+            "Q3_K": "Q4_0",
+            "Q4_K": "Q5_0",
+            "Q5_K": "Q5_1",
+            "Q6_K": "Q8_0",
+            "Q8_0": "Q8_0",
+            "Q2_K": "Q4_0",
+            "Q4_0": "Q4_0",
+            "F16": "F16",
+        }[asked["blk.0.ffn_down.weight"].name]
+    )
     assert written["output.weight"][0] == "Q8_0"  # not in the map: the base type
     assert r.n_fallback > 0
     # whole file: predicted data bytes + header + per-tensor alignment padding
@@ -56,7 +66,9 @@ def test_names_are_anchored(tmp_path: Path) -> None:
 
 def test_file_bytes_equal_row_quantizer(tiny_model: Path, tmp_path: Path) -> None:
     """What llama_model_quantize writes for a tensor equals ggml_quantize_chunk on its f32 values."""
-    quantize_map(tiny_model, tmp_path / "q.gguf", {"blk.0.attn_q.weight": "Q4_K", "blk.1.ffn_down.weight": "Q5_0"})
+    quantize_map(
+        tiny_model, tmp_path / "q.gguf", {"blk.0.attn_q.weight": "Q4_K", "blk.1.ffn_down.weight": "Q5_0"}
+    )
     src = {t.name: t for t in GGUFReader(tiny_model).tensors}
     out = {t.name: t for t in GGUFReader(tmp_path / "q.gguf").tensors}
     for name, t in (("blk.0.attn_q.weight", T.Q4_K), ("blk.1.ffn_down.weight", T.Q5_0)):
@@ -75,8 +87,9 @@ def test_imatrix_changes_the_quantization(tiny_model: Path, tmp_path: Path) -> N
     b = {t.name: t.data.tobytes() for t in GGUFReader(tmp_path / "b.gguf").tensors}
     assert a[q.name] != b[q.name]
     assert a["blk.1.attn_q.weight"] == b["blk.1.attn_q.weight"]  # no imatrix entry: unchanged
-    f32 = np.asarray(GGUFReader(tiny_model).tensors[[t.name for t in GGUFReader(tiny_model).tensors].index(q.name)].data,
-                     dtype=np.float32)
+    f32 = next(
+        np.asarray(t.data, dtype=np.float32) for t in GGUFReader(tiny_model).tensors if t.name == q.name
+    )
     assert native.quantize_rows(int(T.Q3_K), f32, im[q.name]) == b[q.name]
 
 
