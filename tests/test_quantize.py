@@ -122,3 +122,30 @@ def test_failed_quantization_leaves_nothing(tiny_model: Path, tmp_path: Path) ->
     with pytest.raises(RampError, match="llama.cpp"):
         quantize_preset(tiny_model, tmp_path / "iq.gguf", "IQ2_XXS")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_imatrix_file_is_read_as_llama_quantize_does(tiny_model: Path, tmp_path: Path) -> None:
+    """An importance-matrix GGUF (`<name>.in_sum2`, `<name>.counts`) is normalised to sum/count."""
+    from gguf import GGUFWriter
+
+    from ramp_cpp.ggufio import read_imatrix
+
+    rng = np.random.default_rng(2)
+    sums = (rng.random(256) * 50).astype(np.float32)
+    w = GGUFWriter(str(tmp_path / "im.gguf"), "imatrix")
+    w.add_tensor("blk.0.attn_q.weight.in_sum2", sums.reshape(1, 256))
+    w.add_tensor("blk.0.attn_q.weight.counts", np.array([[10.0]], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    im = read_imatrix(tmp_path / "im.gguf")
+    assert list(im) == ["blk.0.attn_q.weight"]
+    np.testing.assert_allclose(im["blk.0.attn_q.weight"], sums / 10.0, rtol=1e-6)
+    quantize_map(tiny_model, tmp_path / "a.gguf", {"blk.0.attn_q.weight": "Q3_K"}, imatrix=im)
+    quantize_map(tiny_model, tmp_path / "b.gguf", {"blk.0.attn_q.weight": "Q3_K"})
+    a = {t.name: t.data.tobytes() for t in GGUFReader(tmp_path / "a.gguf").tensors}
+    b = {t.name: t.data.tobytes() for t in GGUFReader(tmp_path / "b.gguf").tensors}
+    assert a["blk.0.attn_q.weight"] != b["blk.0.attn_q.weight"]
+    with pytest.raises(RampError, match="no imatrix entries"):
+        read_imatrix(tiny_model)
