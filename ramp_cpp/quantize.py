@@ -141,57 +141,73 @@ def _result(info: ModelInfo, path: Path, n_fallback: int) -> QuantizeResult:
     )
 
 
+@dataclass(frozen=True)
+class QuantizeOptions:
+    imatrix: Mapping[str, np.ndarray] | None = None  # tensor name -> mean x^2 per input column
+    n_threads: int | None = None  # None: all cores
+    force: bool = False  # overwrite an existing output
+    allow_requantize: bool = False  # accept an already-quantized input
+
+
+def _run(
+    info: ModelInfo,
+    dst: str | os.PathLike[str],
+    ftype: int,
+    full_map: Mapping[str, GGMLQuantizationType],
+    opts: QuantizeOptions,
+    progress: Progress | None,
+    what: str,
+) -> QuantizeResult:
+    """One llama_model_quantize call into a temp file; the checks on it; rename on success."""
+    _check_source(info, opts.allow_requantize)
+    expected = predict(info, full_map) if full_map else {}
+    with atomic_path(dst, opts.force) as tmp:
+        if progress:
+            progress(f"llama.cpp quantizing: {what}")
+        native.quantize_model(
+            info.path,
+            str(tmp),
+            ftype,
+            bool(full_map),
+            {k: int(v) for k, v in full_map.items()},
+            opts.imatrix,
+            opts.n_threads or os.cpu_count() or 1,
+            opts.allow_requantize,
+        )
+        written = tensor_types(tmp)
+        wrong = [(n, written[n][0], want) for n, (want, _) in expected.items() if written[n][0] != want]
+        if wrong:
+            n, got, want = wrong[0]
+            raise RampError(f"llama.cpp wrote {n} as {got}, predicted {want} ({len(wrong)} mismatches)")
+        n_fallback = sum(1 for n, t in full_map.items() if expected[n][0] != t.name)
+        result = _result(info, tmp, n_fallback)
+    return _renamed(result, dst)
+
+
 def quantize_map(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     types: Mapping[str, str | GGMLQuantizationType],
     base: GGMLQuantizationType | str = T.Q8_0,
-    imatrix: Mapping[str, np.ndarray] | None = None,
-    n_threads: int | None = None,
-    force: bool = False,
-    allow_requantize: bool = False,
+    opts: QuantizeOptions = QuantizeOptions(),
     progress: Progress | None = None,
 ) -> QuantizeResult:
     """Quantize `src` so every tensor named in `types` gets exactly that type (after llama.cpp's
     row-length fallback) and every other quantizable tensor gets `base`."""
     info = read_inventory(src)
-    _check_source(info, allow_requantize)
     full = complete_map(info, types, base if isinstance(base, GGMLQuantizationType) else type_from_name(base))
-    expected = predict(info, full)
+    # every tensor is matched by the map, so ftype only labels the file (and must be a quantized one for
+    # llama.cpp to consult the overrides at all)
     quantized_types = Counter(t for t in full.values() if t not in FLOAT_TYPES)
     label = _FTYPE_OF_TYPE.get(quantized_types.most_common(1)[0][0], "Q8_0") if quantized_types else "Q8_0"
-    ftype = _ftypes()[label]
-    with atomic_path(dst, force) as tmp:
-        if progress:
-            progress(f"llama.cpp quantizing {len(full)} tensors")
-        native.quantize_model(
-            str(src),
-            str(tmp),
-            ftype,
-            True,
-            {k: int(v) for k, v in full.items()},
-            imatrix,
-            n_threads or os.cpu_count() or 1,
-            allow_requantize,
-        )
-        written = tensor_types(tmp)
-        wrong = [(n, written[n][0], expected[n][0]) for n in expected if written[n][0] != expected[n][0]]
-        if wrong:
-            n, got, want = wrong[0]
-            raise RampError(f"llama.cpp wrote {n} as {got}, predicted {want} ({len(wrong)} mismatches)")
-        n_fallback = sum(1 for n, t in full.items() if expected[n][0] != t.name)
-        result = _result(info, tmp, n_fallback)
-    return _renamed(result, dst)
+    return _run(info, dst, _ftypes()[label], full, opts, progress, f"{len(full)} tensors by map")
 
 
 def quantize_preset(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     preset: str,
-    imatrix: Mapping[str, np.ndarray] | None = None,
-    n_threads: int | None = None,
-    force: bool = False,
-    allow_requantize: bool = False,
+    opts: QuantizeOptions = QuantizeOptions(),
     progress: Progress | None = None,
 ) -> QuantizeResult:
     """Quantize with llama.cpp's own rules for a file type (Q4_K_M, Q8_0, F16, ...)."""
@@ -199,23 +215,7 @@ def quantize_preset(
     key = preset.strip().upper()
     if key not in ftypes:
         raise RampError(f"unknown preset {preset!r} (known: {', '.join(sorted(ftypes))})")
-    info = read_inventory(src)
-    _check_source(info, allow_requantize)
-    with atomic_path(dst, force) as tmp:
-        if progress:
-            progress(f"llama.cpp quantizing to {key}")
-        native.quantize_model(
-            str(src),
-            str(tmp),
-            ftypes[key],
-            False,
-            {},
-            imatrix,
-            n_threads or os.cpu_count() or 1,
-            allow_requantize,
-        )
-        result = _result(info, tmp, 0)
-    return _renamed(result, dst)
+    return _run(read_inventory(src), dst, ftypes[key], {}, opts, progress, key)
 
 
 def _renamed(r: QuantizeResult, dst: str | os.PathLike[str]) -> QuantizeResult:

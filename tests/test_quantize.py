@@ -11,7 +11,14 @@ from gguf import GGUFReader
 from ramp_cpp import native
 from ramp_cpp.errors import RampError
 from ramp_cpp.ggufio import read_inventory, tensor_types
-from ramp_cpp.quantize import complete_map, predict, predicted_data_bytes, quantize_map, quantize_preset
+from ramp_cpp.quantize import (
+    QuantizeOptions,
+    complete_map,
+    predict,
+    predicted_data_bytes,
+    quantize_map,
+    quantize_preset,
+)
 
 
 def _mixed_map(info) -> dict[str, T]:  # type: ignore[no-untyped-def]
@@ -82,7 +89,7 @@ def test_imatrix_changes_the_quantization(tiny_model: Path, tmp_path: Path) -> N
     rng = np.random.default_rng(1)
     im = {q.name: (rng.random(q.n_per_row) ** 4 * 100).astype(np.float32)}
     quantize_map(tiny_model, tmp_path / "a.gguf", {q.name: "Q3_K"})
-    quantize_map(tiny_model, tmp_path / "b.gguf", {q.name: "Q3_K"}, imatrix=im)
+    quantize_map(tiny_model, tmp_path / "b.gguf", {q.name: "Q3_K"}, opts=QuantizeOptions(imatrix=im))
     a = {t.name: t.data.tobytes() for t in GGUFReader(tmp_path / "a.gguf").tensors}
     b = {t.name: t.data.tobytes() for t in GGUFReader(tmp_path / "b.gguf").tensors}
     assert a[q.name] != b[q.name]
@@ -104,7 +111,7 @@ def test_refuses_requantize_unknowns_and_existing_output(tiny_model: Path, tmp_p
     quantize_preset(tiny_model, q, "Q8_0")
     with pytest.raises(RampError, match="already quantized"):
         quantize_preset(q, tmp_path / "qq.gguf", "Q4_0")
-    quantize_preset(q, tmp_path / "qq.gguf", "Q4_0", allow_requantize=True)
+    quantize_preset(q, tmp_path / "qq.gguf", "Q4_0", QuantizeOptions(allow_requantize=True))
     with pytest.raises(RampError, match="exists"):
         quantize_preset(tiny_model, q, "Q8_0")
     with pytest.raises(RampError, match="unknown ggml type"):
@@ -142,7 +149,9 @@ def test_imatrix_file_is_read_as_llama_quantize_does(tiny_model: Path, tmp_path:
     im = read_imatrix(tmp_path / "im.gguf")
     assert list(im) == ["blk.0.attn_q.weight"]
     np.testing.assert_allclose(im["blk.0.attn_q.weight"], sums / 10.0, rtol=1e-6)
-    quantize_map(tiny_model, tmp_path / "a.gguf", {"blk.0.attn_q.weight": "Q3_K"}, imatrix=im)
+    quantize_map(
+        tiny_model, tmp_path / "a.gguf", {"blk.0.attn_q.weight": "Q3_K"}, opts=QuantizeOptions(imatrix=im)
+    )
     quantize_map(tiny_model, tmp_path / "b.gguf", {"blk.0.attn_q.weight": "Q3_K"})
     a = {t.name: t.data.tobytes() for t in GGUFReader(tmp_path / "a.gguf").tensors}
     b = {t.name: t.data.tobytes() for t in GGUFReader(tmp_path / "b.gguf").tensors}
