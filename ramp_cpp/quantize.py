@@ -125,9 +125,11 @@ def _check_source(info: ModelInfo, allow_requantize: bool) -> None:
         )
 
 
-def _result(info: ModelInfo, path: Path, n_fallback: int) -> QuantizeResult:
+def _result(
+    info: ModelInfo, path: Path, written: Mapping[str, tuple[str, int, int]], n_fallback: int
+) -> QuantizeResult:
     searched = {t.name for t in info.searched}
-    rows = [TensorResult(name, *row) for name, row in tensor_types(path).items()]
+    rows = [TensorResult(name, *row) for name, row in written.items()]
     s_bytes = sum(r.nbytes for r in rows if r.name in searched)
     s_params = sum(r.n_params for r in rows if r.name in searched)
     size = path.stat().st_size
@@ -180,7 +182,7 @@ def _run(
             n, got, want = wrong[0]
             raise RampError(f"llama.cpp wrote {n} as {got}, predicted {want} ({len(wrong)} mismatches)")
         n_fallback = sum(1 for n, t in full_map.items() if expected[n][0] != t.name)
-        result = _result(info, tmp, n_fallback)
+        result = _result(info, tmp, written, n_fallback)
     return _renamed(result, dst)
 
 
