@@ -318,5 +318,16 @@ def demo(threads: ThreadsOpt = None, chunks: int = 4) -> None:
     out.print(t)
 
 
+# ==== calibrate / imatrix commands (issue 3) ====
+
+
+# ==== fold command (issue 3) ====
+
+
+# ==== features command (issue 3) ====
+
+
+# ==== search / apply commands (issue 4) ====
+
 def main() -> None:
     app()
