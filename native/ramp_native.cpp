@@ -3,16 +3,22 @@
 //
 // Why C++ at all: llama_model_quantize needs NUL-terminated arrays of C structs kept alive for the whole
 // call, its errors only reach the log callback, and row-level quantization (ggml_quantize_chunk) is
-// the primitive the tensor cache of the search is built from.
+// the primitive the tensor cache of the search is built from. The activation-statistics collector is
+// llama.cpp's eval callback: it runs inside llama_decode for every matrix multiplication, so it must be
+// native code (a Python callback would take the GIL ~200 times per decoded batch).
 
+#include "ggml-backend.h"
 #include "ggml.h"
 #include "llama.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdarg>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #if defined(_WIN32)
@@ -136,6 +142,173 @@ RAMP_API size_t ramp_row_size(int32_t type, int64_t n_per_row) {
     return ggml_row_size((ggml_type) type, n_per_row);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Activation statistics through llama.cpp's eval callback (ggml_backend_sched_eval_callback), the hook
+// tools/imatrix/imatrix.cpp uses: for every GGML_OP_MUL_MAT whose src0 is a model weight, accumulate per
+// input column j of src1 (the input x, one row per token):
+//     max_abs[j] = max over rows |x[j]|,   sum_sq[j] += x[j]^2 (in double),   rows += number of rows.
+// Weights are recognised by name as llama-imatrix does (blk.N.*.weight), plus output.weight and
+// token_embd.weight, which only meet MUL_MAT as the output head (the embedding lookup is GET_ROWS).
+// MUL_MAT_ID (MoE experts, 3-D tensors) is not collected: ramp-cpp searches 2-D linear weights only.
+
+namespace {
+
+struct stats_entry {
+    std::string         name;
+    int64_t             width = 0;  // input columns, src1->ne[0]
+    int64_t             rows  = 0;  // rows of x seen (tokens)
+    std::vector<float>  max_abs;
+    std::vector<double> sum_sq;
+};
+
+struct stats_collector {
+    std::mutex                              mutex;
+    std::vector<stats_entry>                entries;  // first-seen (graph) order
+    std::unordered_map<std::string, size_t> index;
+    std::vector<char>                       host_copy;  // src1 copied out of device memory
+    std::string                             error;      // first problem seen; collection continues
+};
+
+// "CUDA0#blk.0.attn_k.weight#0" (a scheduler copy) -> "blk.0.attn_k.weight", as imatrix.cpp's
+// filter_tensor_name does.
+std::string weight_name(const char * name) {
+    const char * p = std::strchr(name, '#');
+    if (!p) {
+        return name;
+    }
+    ++p;
+    const char * q = std::strchr(p, '#');
+    return q ? std::string(p, q - p) : std::string(p);
+}
+
+bool is_weight(const std::string & n) {
+    static const std::string suffix = ".weight";
+    const bool ends = n.size() > suffix.size() && n.compare(n.size() - suffix.size(), suffix.size(), suffix) == 0;
+    return ends && (n.rfind("blk.", 0) == 0 || n == "output.weight" || n == "token_embd.weight");
+}
+
+}  // namespace
+
+RAMP_API void * ramp_stats_new(void) {
+    return new stats_collector();
+}
+
+RAMP_API void ramp_stats_free(void * c) {
+    delete static_cast<stats_collector *>(c);
+}
+
+RAMP_API void ramp_stats_reset(void * c) {
+    auto * s = static_cast<stats_collector *>(c);
+    std::lock_guard<std::mutex> lock(s->mutex);
+    s->entries.clear();
+    s->index.clear();
+    s->error.clear();
+}
+
+// The eval callback: pass its address as llama_context_params.cb_eval and the collector as
+// cb_eval_user_data. With ask=true the scheduler asks whether we want a node's result (it then splits the
+// graph after that node); with ask=false the node has been computed and its inputs are readable.
+RAMP_API bool ramp_stats_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
+    auto * s = static_cast<stats_collector *>(user_data);
+    if (t->op != GGML_OP_MUL_MAT || !t->src[0] || !t->src[1]) {
+        return false;
+    }
+    const ggml_tensor * src0 = t->src[0];
+    const ggml_tensor * src1 = t->src[1];
+    const std::string   name = weight_name(src0->name);
+    if (!is_weight(name)) {
+        return false;
+    }
+    if (ask) {
+        return true;
+    }
+    std::lock_guard<std::mutex> lock(s->mutex);
+    if (src1->type != GGML_TYPE_F32 || src1->nb[0] != sizeof(float)) {
+        if (s->error.empty()) {
+            s->error = "input of " + name + " is " + ggml_type_name(src1->type) + ", not contiguous F32";
+        }
+        return true;
+    }
+    const char * data = static_cast<const char *>(src1->data);
+    if (!ggml_backend_buffer_is_host(src1->buffer)) {
+        s->host_copy.resize(ggml_nbytes(src1));
+        ggml_backend_tensor_get(src1, s->host_copy.data(), 0, s->host_copy.size());
+        data = s->host_copy.data();
+    }
+    const int64_t ne0 = src1->ne[0];
+    auto          it  = s->index.find(name);
+    if (it == s->index.end()) {
+        it = s->index.emplace(name, s->entries.size()).first;
+        stats_entry e;
+        e.name  = name;
+        e.width = ne0;
+        e.max_abs.assign(ne0, 0.0f);
+        e.sum_sq.assign(ne0, 0.0);
+        s->entries.push_back(std::move(e));
+    }
+    stats_entry & e = s->entries[it->second];
+    if (e.width != ne0) {
+        if (s->error.empty()) {
+            s->error = name + " seen with " + std::to_string(e.width) + " and " + std::to_string(ne0) + " columns";
+        }
+        return true;
+    }
+    float *  mx = e.max_abs.data();
+    double * sq = e.sum_sq.data();
+    for (int64_t i3 = 0; i3 < src1->ne[3]; ++i3) {
+        for (int64_t i2 = 0; i2 < src1->ne[2]; ++i2) {
+            for (int64_t i1 = 0; i1 < src1->ne[1]; ++i1) {
+                const auto * x = reinterpret_cast<const float *>(data + i1 * src1->nb[1] + i2 * src1->nb[2] +
+                                                                 i3 * src1->nb[3]);
+                for (int64_t j = 0; j < ne0; ++j) {
+                    const float v = x[j];
+                    mx[j]         = std::max(mx[j], std::fabs(v));
+                    sq[j] += (double) v * (double) v;
+                }
+            }
+        }
+    }
+    e.rows += src1->ne[1] * src1->ne[2] * src1->ne[3];
+    return true;
+}
+
+RAMP_API int32_t ramp_stats_count(void * c) {
+    auto * s = static_cast<stats_collector *>(c);
+    std::lock_guard<std::mutex> lock(s->mutex);
+    return (int32_t) s->entries.size();
+}
+
+// Name, width and rows of entry i; the name pointer stays valid until the next reset or free.
+RAMP_API const char * ramp_stats_entry(void * c, int32_t i, int64_t * width, int64_t * rows) {
+    auto * s = static_cast<stats_collector *>(c);
+    std::lock_guard<std::mutex> lock(s->mutex);
+    if (i < 0 || (size_t) i >= s->entries.size()) {
+        return nullptr;
+    }
+    const stats_entry & e = s->entries[i];
+    *width                = e.width;
+    *rows                 = e.rows;
+    return e.name.c_str();
+}
+
+// Copy entry i's max_abs (float[width]) and sum_sq (double[width]); returns 0, or 1 for a bad index.
+RAMP_API int32_t ramp_stats_copy(void * c, int32_t i, float * max_abs, double * sum_sq) {
+    auto * s = static_cast<stats_collector *>(c);
+    std::lock_guard<std::mutex> lock(s->mutex);
+    if (i < 0 || (size_t) i >= s->entries.size()) {
+        return 1;
+    }
+    const stats_entry & e = s->entries[i];
+    std::copy(e.max_abs.begin(), e.max_abs.end(), max_abs);
+    std::copy(e.sum_sq.begin(), e.sum_sq.end(), sum_sq);
+    return 0;
+}
+
+// The first problem the callback met since the last reset ("" if none).
+RAMP_API const char * ramp_stats_error(void * c) {
+    return static_cast<stats_collector *>(c)->error.c_str();
+}
+
 RAMP_API int32_t ramp_abi_version(void) {
-    return 1;
+    return 2;
 }

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .errors import RampError
+
 
 @dataclass(frozen=True)
 class Role:
@@ -72,3 +74,76 @@ NEVER_QUANTIZED: tuple[str, ...] = (
 
 def quantizable(name: str, n_dims: int) -> bool:
     return n_dims >= 2 and name.endswith("weight") and not any(s in name for s in NEVER_QUANTIZED)
+
+
+# -- scale folding (paper §4.3, Algorithm 2) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FoldGroup:
+    """The linears of one block that read one RMSNorm's output, and only they: the norm's weight can then
+    absorb 1/s while their input columns absorb s. `stats_from` is the tensor whose input statistics give s
+    (they all read the same input, so any would do; Alg. 2 names q_proj and gate_proj). A block holding a
+    tensor named in `also_read_by` feeds the norm's output to it too (a MoE router): folding is refused."""
+
+    norm: str
+    linears: tuple[str, ...]
+    stats_from: str
+    also_read_by: tuple[str, ...] = ()
+
+
+ATTN_GROUP = FoldGroup("attn_norm", ("attn_q", "attn_k", "attn_v"), "attn_q")
+ATTN_FUSED_GROUP = FoldGroup("attn_norm", ("attn_qkv",), "attn_qkv")  # create_tensor_qkv's fused variant
+FFN_GROUP = FoldGroup("ffn_norm", ("ffn_gate", "ffn_up"), "ffn_gate", also_read_by=("ffn_gate_inp",))
+
+
+@dataclass(frozen=True)
+class FoldArch:
+    """How scale folding applies to one llama.cpp architecture.
+
+    `groups` lists, per norm, its alternatives in order of preference (the first whose linears a block has
+    is used). llama.cpp's RMSNorm multiplies by (stored weight + `norm_offset`). `refused`, when set, says
+    why folding would change the network (a norm feeding something besides the group's linears)."""
+
+    arch: str
+    groups: tuple[FoldGroup, ...]
+    norm_offset: float = 0.0
+    refused: str = ""
+    source: str = ""  # where in llama.cpp this record was checked
+
+
+FOLD_ARCHS: dict[str, FoldArch] = {
+    a.arch: a
+    for a in (
+        FoldArch("llama", (ATTN_GROUP, ATTN_FUSED_GROUP, FFN_GROUP), source="src/models/llama.cpp"),
+        # q/k/v biases are added after the matmul: W·diag(s)·(x/s) + b = W·x + b, nothing to change
+        FoldArch("qwen2", (ATTN_GROUP, ATTN_FUSED_GROUP, FFN_GROUP), source="src/models/qwen2.cpp"),
+        # Gemma3RMSNorm computes x·(1+w); conversion/gemma.py (norm_shift) stores 1+w, so llama.cpp's
+        # build_norm multiplies by the stored value (offset 0). attn_q_norm/attn_k_norm act on q, k and
+        # post_attention_norm/post_ffw_norm on the sub-block outputs: all unchanged by folding.
+        FoldArch("gemma3", (ATTN_GROUP, ATTN_FUSED_GROUP, FFN_GROUP), source="src/models/gemma3.cpp"),
+        FoldArch(
+            "command-r",
+            (),
+            refused="attn_norm feeds attention and the FFN in parallel",
+            source="src/models/command-r.cpp",
+        ),
+        FoldArch(
+            "phi2",
+            (),
+            refused="attn_norm (a LayerNorm with bias) feeds attention and the FFN in parallel",
+            source="src/models/phi2.cpp",
+        ),
+    )
+}
+
+
+def fold_arch(arch: str) -> FoldArch:
+    """The folding record of `arch`; one RampError line for an architecture folding does not support."""
+    supported = ", ".join(a.arch for a in FOLD_ARCHS.values() if not a.refused)
+    rec = FOLD_ARCHS.get(arch)
+    if rec is None:
+        raise RampError(f"scale folding supports {supported}; this model is {arch!r}")
+    if rec.refused:
+        raise RampError(f"scale folding would change a {arch} model ({rec.refused}); it supports {supported}")
+    return rec

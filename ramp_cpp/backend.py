@@ -12,13 +12,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from .errors import RampError
 
+if TYPE_CHECKING:
+    from .calibration import InputStats
+    from .native import ActivationCollector
+
 _BACKEND_READY = False
+_M = TypeVar("_M", bound="LlamaModel")
 
 
 def _llama() -> Any:
@@ -70,21 +75,14 @@ class LlamaModel:
             )
         self._vocab = lc.llama_model_get_vocab(self._model)
         self.n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
-        cparams = lc.llama_context_default_params()
-        cparams.n_ctx = opts.n_ctx
-        cparams.n_batch = opts.n_ctx
-        cparams.n_ubatch = min(opts.n_ctx, 512)
-        cparams.n_seq_max = 1
-        threads = opts.n_threads or os.cpu_count() or 1
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
-        cparams.no_perf = True
+        cparams = self._context_params()
         self._ctx = lc.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             lc.llama_model_free(self._model)
+            self._model = None
             raise RampError(f"{path}: llama.cpp could not create a context of {opts.n_ctx} tokens")
-        self._batch = lc.llama_batch_init(opts.n_ctx, 0, 1)
-        n = opts.n_ctx
+        n = int(cparams.n_batch)
+        self._batch = lc.llama_batch_init(n, 0, 1)
         self._tok = np.ctypeslib.as_array(self._batch.token, shape=(n,))
         self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(n,))
         self._nseq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(n,))
@@ -93,6 +91,19 @@ class LlamaModel:
             self._batch.seq_id[i][0] = 0
         self._nseq[:] = 1
         self._pos[:] = np.arange(n, dtype=self._pos.dtype)
+
+    def _context_params(self) -> Any:
+        """llama_context_params: one sequence of n_ctx tokens decoded as one batch."""
+        cparams = self._lc.llama_context_default_params()
+        cparams.n_ctx = self.opts.n_ctx
+        cparams.n_batch = self.opts.n_ctx
+        cparams.n_ubatch = min(self.opts.n_ctx, 512)
+        cparams.n_seq_max = 1
+        threads = self.opts.n_threads or os.cpu_count() or 1
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        return cparams
 
     # -- tokens -------------------------------------------------------------------------------------
     @property
@@ -148,7 +159,7 @@ class LlamaModel:
             lc.llama_model_free(self._model)
             self._model = None
 
-    def __enter__(self) -> LlamaModel:
+    def __enter__(self: _M) -> _M:
         return self
 
     def __exit__(
@@ -159,3 +170,74 @@ class LlamaModel:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+class StatsModel(LlamaModel):
+    """A GGUF loaded with llama.cpp's eval callback pointed at the native activation collector: every
+    decoded token adds its matmul inputs to per-tensor statistics (native.ActivationCollector).
+
+    A window of n_ctx tokens is decoded as consecutive pieces of at most `piece` tokens with the KV cache
+    kept between them, so attention sees the whole window while llama.cpp's logits buffer stays
+    piece x n_vocab floats (a 2048-token window at a 262k vocabulary would need 2 GB at once). Logits are
+    requested for every position because the last block otherwise drops the rows whose outputs are not
+    wanted (inp_out_ids) before its FFN, and the statistics would count fewer tokens there.
+    """
+
+    PIECE = 512  # llama-imatrix / llama-perplexity's default batch
+
+    def __init__(
+        self, path: str | os.PathLike[str], opts: RuntimeOptions = RuntimeOptions(), piece: int = PIECE
+    ) -> None:
+        from .native import ActivationCollector
+
+        if piece < 1:
+            raise RampError(f"piece must be >= 1, got {piece}")
+        self.piece = min(piece, opts.n_ctx)
+        self.collector: ActivationCollector | None = ActivationCollector()
+        super().__init__(path, opts)
+
+    def _context_params(self) -> Any:
+        cparams = super()._context_params()
+        cparams.n_batch = self.piece
+        cparams.n_ubatch = self.piece
+        assert self.collector is not None
+        cparams.cb_eval = self._lc.ggml_backend_sched_eval_callback(self.collector.callback_address)
+        cparams.cb_eval_user_data = self.collector.handle
+        return cparams
+
+    def run(self, tokens: np.ndarray) -> None:
+        """Decode `tokens` as one fresh sequence, adding to the statistics."""
+        n = len(tokens)
+        if n > self.opts.n_ctx:
+            raise RampError(f"window of {n} tokens exceeds the context of {self.opts.n_ctx}")
+        lc = self._lc
+        lc.llama_memory_clear(lc.llama_get_memory(self._ctx), True)
+        for start in range(0, n, self.piece):
+            m = min(self.piece, n - start)
+            self._tok[:m] = tokens[start : start + m]
+            self._pos[:m] = np.arange(start, start + m, dtype=self._pos.dtype)
+            self._want[:m] = 1
+            self._batch.n_tokens = m
+            rc = lc.llama_decode(self._ctx, self._batch)
+            if rc != 0:
+                raise RampError(f"llama_decode failed with code {rc}")
+
+    def reset(self) -> None:
+        assert self.collector is not None
+        self.collector.reset()
+
+    def stats(self) -> dict[str, InputStats]:
+        """Statistics since the last reset, keyed by weight name; one RampError if the callback met an
+        input it could not read."""
+        assert self.collector is not None
+        problem = self.collector.error()
+        if problem:
+            raise RampError(f"{self.path}: activation statistics incomplete: {problem}")
+        return self.collector.stats()
+
+    def close(self) -> None:
+        super().close()  # the context (which holds the callback's user data) goes first
+        if getattr(self, "collector", None) is not None:
+            assert self.collector is not None
+            self.collector.close()
+            self.collector = None

@@ -321,13 +321,345 @@ def demo(threads: ThreadsOpt = None, chunks: int = 4) -> None:
 # ==== calibrate / imatrix commands (issue 3) ====
 
 
+@command()
+def calibrate(
+    model: Annotated[Path, typer.Argument(help="F16/F32 GGUF to measure.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Calibration artifact (.safetensors).")],
+    recipe: Annotated[
+        str, typer.Option("--recipe", help="Recipe name in calib/ (paper, fast) or a .toml path.")
+    ] = "paper",
+    text: Annotated[str | None, typer.Option("--text", help="Text file or corpus name.")] = None,
+    samples: Annotated[int | None, typer.Option("--samples", help="Windows of text.")] = None,
+    ctx: Annotated[int | None, typer.Option("--ctx", help="Tokens per window.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the window draw.")] = None,
+    imatrix: Annotated[
+        Path | None, typer.Option("--imatrix", help="Also write a llama.cpp imatrix GGUF.")
+    ] = None,
+    force: ForceOpt = False,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuOpt = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Activation statistics of every weight tensor, measured by llama.cpp on calibration text."""
+    import time
+
+    from .atomic import check_output
+    from .backend import RuntimeOptions
+    from .calibrate import calibrate as run_calibrate
+    from .calibrate import check_config, config_from_mapping, load_recipe
+    from .calibration import save_calibration
+    from .corpora import load_text
+    from .ggufio import write_imatrix
+
+    given = {"text": text, "samples": samples, "ctx": ctx, "seed": seed}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    cfg = config_from_mapping({**asdict(load_recipe(recipe)), **overrides}, "command line")
+    check_config(cfg)
+    check_output(output, force)
+    if imatrix is not None:
+        check_output(imatrix, force)
+        if imatrix.resolve() == output.resolve():
+            raise RampError("--imatrix and --output name the same file")
+    body, source = load_text(cfg.text)
+    t0 = time.perf_counter()
+    with _bar("calibrate") as p:
+        cal = run_calibrate(
+            model,
+            body,
+            cfg,
+            RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers),
+            _chunk_progress(p, f"{cfg.samples} x {cfg.ctx} tokens"),
+        )
+    seconds = time.perf_counter() - t0
+    save_calibration(cal, output, force)
+    if imatrix is not None:
+        write_imatrix(cal, imatrix, force)
+    if as_json:
+        _emit(
+            {
+                **cal.header(),
+                "text_source": source,
+                "n_tensors": len(cal.stats),
+                "seconds": seconds,
+                "output": str(output),
+                "imatrix": str(imatrix) if imatrix else None,
+            }
+        )
+        return
+    out.print(
+        f"wrote {output}: {cal.n_tokens} tokens ({cal.describe()}), {len(cal.stats)} tensors, "
+        f"{seconds:.1f} s" + (f"; imatrix {imatrix}" if imatrix else ""),
+        soft_wrap=True,
+    )
+
+
+@command("imatrix")
+def imatrix_(
+    calib: Annotated[Path, typer.Argument(help="Calibration artifact from `ramp-cpp calibrate`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="imatrix GGUF for llama-quantize.")],
+    force: ForceOpt = False,
+) -> None:
+    """Export a calibration as a llama.cpp importance matrix (llama-imatrix's GGUF format)."""
+    from .calibration import load_calibration
+    from .ggufio import read_imatrix, write_imatrix
+
+    cal = load_calibration(calib)
+    write_imatrix(cal, output, force)
+    out.print(f"wrote {output}: {len(read_imatrix(output))} tensors from {cal.describe()}", soft_wrap=True)
+
+
 # ==== fold command (issue 3) ====
+
+
+@command()
+def fold(
+    model: Annotated[Path, typer.Argument(help="F16/BF16/F32 GGUF to fold.")],
+    calib: Annotated[Path, typer.Option("--calib", help="Calibration of MODEL from `ramp-cpp calibrate`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folded GGUF.")],
+    calib_out: Annotated[
+        Path | None,
+        typer.Option("--calib-out", help="Also write the calibration of the folded model (x/s inputs)."),
+    ] = None,
+    f32: Annotated[bool, typer.Option("--f32", help="Store the folded linears as F32.")] = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Scale folding (paper §4.3): W <- W·diag(s), norm <- norm/s with s = sqrt(max|x|)/mean + 1e-5."""
+    from .atomic import check_output
+    from .calibration import load_calibration, save_calibration
+    from .fold import fold as run_fold
+
+    check_output(output, force)
+    if calib_out is not None:
+        check_output(calib_out, force)
+        if calib_out.resolve() == output.resolve():
+            raise RampError("--calib-out and --output name the same file")
+    cal = load_calibration(calib)
+    with _bar("fold") as p:
+        r = run_fold(model, cal, output, force=force, progress=_chunk_progress(p, "tensors"), f32=f32)
+    if calib_out is not None:
+        save_calibration(r.calibration, calib_out, force)
+    s = r.summary()
+    if as_json:
+        _emit({**s, "calib_out": str(calib_out) if calib_out else None})
+        return
+    out.print(
+        f"wrote {output}: {s['groups']} norm groups, {s['linears']} linears ({s['linear_type']}) folded, "
+        f"s in [{s['s_min']:.3g}, {s['s_max']:.3g}], {s['seconds']:.1f} s"
+        + (f"; folded calibration {calib_out}" if calib_out else ""),
+        soft_wrap=True,
+    )
 
 
 # ==== features command (issue 3) ====
 
 
+FeaturesOpt = Annotated[
+    str, typer.Option("--features", help="Layer embeddings: 'ramp' (default, unsaturated) or 'paper'.")
+]
+
+
+@command()
+def features(
+    model: Path,
+    calib: Annotated[Path, typer.Option("--calib", help="Calibration artifact from `ramp-cpp calibrate`.")],
+    variant: FeaturesOpt = "ramp",
+    csv: Annotated[bool, typer.Option("--csv", help="Print CSV (raw dims 1-9) instead of a table.")] = False,
+) -> None:
+    """Print the 11-dim layer embeddings (paper Table 24) of the searched tensors and which dims saturate."""
+    from .calibration import load_calibration
+    from .features import DIM_NAMES, N_STATIC, FeatureConfig, model_features, saturation
+
+    f = model_features(model, load_calibration(calib), FeatureConfig(variant=variant))
+    if csv:
+        sys.stdout.write(",".join(["tensor", *DIM_NAMES[:N_STATIC]]) + "\n")
+        for name, row in zip(f.names, f.raw, strict=True):
+            sys.stdout.write(",".join([name, *(f"{v:.6g}" for v in row[:N_STATIC])]) + "\n")
+        return
+    title = f"{model.name}: layer embeddings ({variant}), raw dims 1-9"
+    t = Table("tensor", *DIM_NAMES[:N_STATIC], title=title)
+    for name, row in zip(f.names, f.raw, strict=True):
+        t.add_row(name, *(f"{v:.4g}" for v in row[:N_STATIC]))
+    out.print(t)
+    s = Table("dim", "name", "min", "max", "std", "at clip", "useless", title="saturation over tensors")
+    for d in saturation(f):
+        s.add_row(
+            str(d.dim), d.name, f"{d.lo:.4g}", f"{d.hi:.4g}", f"{d.std:.3g}", f"{d.at_clip:.0%}",
+            "yes" if d.useless else "",
+        )
+    out.print(s)
+    n_bad = sum(d.useless for d in saturation(f))
+    out.print(f"{n_bad} of {N_STATIC} static dims are constant or saturated (dims 10-11 fill during search)")
+
+
 # ==== search / apply commands (issue 4) ====
+
+
+BudgetOpt = Annotated[
+    float | None,
+    typer.Option("--budget", "-b", help="Bit ceiling (Eq. 20; target = ceiling - 0.25). Default 4.25."),
+]
+BudgetModeOpt = Annotated[
+    str, typer.Option("--budget-mode", help="weighted (real bpw of searched tensors), nominal (paper), size.")
+]
+SizeOpt = Annotated[
+    str | None, typer.Option("--size", help="Whole-file target instead of --budget, e.g. 95MiB or 3.6GB.")
+]
+NoFoldOpt = Annotated[bool, typer.Option("--no-fold", help="Skip Scale Folding (paper §4.3).")]
+NoImatrixOpt = Annotated[bool, typer.Option("--no-imatrix", help="Quantize without the importance matrix.")]
+CalibOpt = Annotated[
+    Path | None, typer.Option("--calib", help="Reuse a calibration artifact instead of calibrating.")
+]
+RecipeOpt = Annotated[str, typer.Option("--recipe", help="Calibration recipe in calib/ (paper, fast).")]
+
+
+def _bits(spec: str) -> tuple[int, ...]:
+    try:
+        return tuple(sorted({int(x) for x in spec.split(",") if x.strip()}))
+    except ValueError:
+        raise RampError(f"--bits takes comma-separated integers such as 3,4,5,6, not {spec!r}") from None
+
+
+def _budget(model: Path, budget: float | None, mode: str, size: str | None) -> tuple[float, str]:
+    from .allocation import size_budget
+    from .ggufio import read_inventory
+
+    if size is not None:
+        if budget is not None:
+            raise RampError("give either --budget or --size, not both")
+        return size_budget(read_inventory(model), size), "size"
+    return (4.25 if budget is None else budget), mode
+
+
+def _stage_progress(p: Progress) -> Callable[[str, int, int], None]:
+    tasks: dict[str, Any] = {}
+
+    def cb(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = p.add_task(stage, total=total)
+        p.update(tasks[stage], completed=done, total=total)
+
+    return cb
+
+
+@command()
+def search(
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="F16 GGUF to search.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("ramp-run"),
+    budget: BudgetOpt = None,
+    budget_mode: BudgetModeOpt = "weighted",
+    size: SizeOpt = None,
+    metric: Annotated[str, typer.Option("--metric", help="Reward quality: ppl (paper) or kld.")] = "ppl",
+    bits: Annotated[str, typer.Option("--bits", help="Ladder of nominal bits (2,3,4,5,6,8).")] = "3,4,5,6",
+    include_embeddings: Annotated[
+        bool, typer.Option("--include-embeddings", help="Also search token_embd / output.")
+    ] = False,
+    episodes: Annotated[int, typer.Option("--episodes", help="Episodes (paper: 200-300).")] = 200,
+    warmup: Annotated[int, typer.Option("--warmup", help="Random warm-up episodes (paper: 20).")] = 20,
+    updates: Annotated[int, typer.Option("--updates", help="SAC updates per episode.")] = 64,
+    chunks: Annotated[int, typer.Option("--chunks", help="Reward chunks of wikitext2-valid.")] = 4,
+    ctx: Annotated[int, typer.Option("--ctx", help="Tokens per reward chunk.")] = 512,
+    features_: Annotated[str, typer.Option("--features", help="Layer embeddings: ramp or paper.")] = "ramp",
+    no_fold: NoFoldOpt = False,
+    no_imatrix: NoImatrixOpt = False,
+    calib: CalibOpt = None,
+    recipe: RecipeOpt = "paper",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    no_presets: Annotated[bool, typer.Option("--no-presets", help="Skip the preset comparison.")] = False,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuOpt = 0,
+) -> None:
+    """Search a per-tensor allocation with SAC; write policy, allocation, GGUF and report to --out."""
+    from .backend import RuntimeOptions
+    from .calibrate import load_recipe
+    from .sac import SACConfig
+    from .search import SETTINGS, SearchConfig
+    from .search import search as run_search
+
+    if model is None:
+        if not resume or not (out_dir / SETTINGS).is_file():
+            raise RampError("--model is required (or --resume with --out naming an existing run)")
+        model = Path(json.loads((out_dir / SETTINGS).read_text())["model_path"])
+    b, mode = _budget(model, budget, budget_mode, size)
+    cfg = SearchConfig(
+        budget=b, budget_mode=mode, metric=metric, bits=_bits(bits), include_embeddings=include_embeddings,
+        n_ctx=ctx, chunks=chunks, features=features_, fold=not no_fold, imatrix=not no_imatrix,
+        calib=load_recipe(recipe),
+    )
+    sac = SACConfig(episodes=episodes, warmup_episodes=warmup, updates_per_episode=updates, seed=seed)
+    opts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)
+    q = "PPL" if metric == "ppl" else "KLD"
+    with _bar("search") as p:
+        ep_task = p.add_task("episodes", total=episodes)
+
+        def on_episode(r: Any) -> None:
+            p.update(ep_task, completed=r.episode + 1)
+            best = "-" if r.best_quality is None else f"{r.best_quality:.4f}"
+            p.console.print(
+                f"ep {r.episode:4d}{' (random)' if r.random else '         '} R {r.reward:+8.3f}  "
+                f"{q} {r.quality:.4f}  bpw {r.bpw:.3f} (nominal {r.bpw_nominal:.2f})  best {best}  "
+                f"{r.t_total:.1f}s{' memo' if r.memo else ''}",
+                highlight=False,
+            )
+
+        try:
+            res = run_search(
+                model, out_dir, cfg, sac, opts, resume=resume, calib=calib,
+                presets=() if no_presets else ("Q4_K_M", "Q3_K_M"),
+                progress=_stage_progress(p), on_episode=on_episode,
+            )
+        except KeyboardInterrupt:
+            err.print(
+                f"interrupted: the checkpoint in {out_dir} holds every finished episode; "
+                f"continue with the same command plus --resume"
+            )
+            raise typer.Exit(130) from None
+    best = res.state.best
+    if best is None:
+        out.print(f"no allocation within the budget after {res.state.episode} episodes; run on with --resume")
+        return
+    out.print(
+        f"best: episode {best['episode']}, {q} {best['quality']:.4f}, bpw {best['bpw']:.3f} "
+        f"(nominal {best['bpw_nominal']:.2f}), {res.gguf}"
+    )
+    out.print(f"policy {res.policy}, allocation {res.allocation}, report {res.run_dir / 'report.json'}")
+
+
+@command()
+def apply(
+    policy: Path,
+    model: Path,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output GGUF.")],
+    budget: BudgetOpt = None,
+    budget_mode: BudgetModeOpt = "weighted",
+    size: SizeOpt = None,
+    no_fold: NoFoldOpt = False,
+    no_imatrix: NoImatrixOpt = False,
+    calib: CalibOpt = None,
+    recipe: RecipeOpt = "paper",
+    force: ForceOpt = False,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuOpt = 0,
+) -> None:
+    """Apply a trained policy zero-shot to another model (paper §5.6) and write its GGUF."""
+    from .apply import ApplyConfig, apply_policy
+    from .backend import RuntimeOptions
+    from .calibrate import load_recipe
+
+    b, mode = _budget(model, budget, budget_mode, size)
+    cfg = ApplyConfig(
+        budget=b, budget_mode=mode, fold=not no_fold, imatrix=not no_imatrix, calib=load_recipe(recipe)
+    )
+    opts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)
+    with _bar("apply") as p:
+        prog = _stage_progress(p)
+        r = apply_policy(policy, model, output, cfg, opts, calib=calib, force=force, progress=prog)
+    m, m0 = r.measures, r.policy_measures
+    out.print(
+        f"{r.path}: {r.file_size / 2**20:.1f} MiB, bpw {m.bpw:.3f} (nominal {m.bpw_nominal:.2f}); "
+        f"policy gave {m0.bpw:.3f}, {r.n_repaired} tensors repaired to fit {mode} budget {b:g}"
+    )
 
 def main() -> None:
     app()

@@ -326,23 +326,44 @@ def kld(
 ) -> KLDResult:
     """llama-perplexity --kl-divergence statistics of `model_path` against `base_path`."""
     base = base_logprobs(base_path, text, cfg, opts, base_progress)
-    parts: dict[str, list[np.ndarray]] = {}
     with LlamaModel(model_path, _runtime(opts, cfg)) as model:
         cs = _tokens(model, text, cfg)
         if _tokens_sha(cs) != base.tokens_sha:
             raise RampError(f"{model_path} tokenizes the text differently from the base {base_path}")
-        score = _Scorer(model)
-        t0 = time.perf_counter()
-        row = 0
-        for i, c in enumerate(cs):
-            x, lse, tgt = score(c)
-            for k, v in kld_terms(base, slice(row, row + len(tgt)), x, lse, tgt).items():
-                parts.setdefault(k, []).append(v)
-            row += len(tgt)
-            if progress:
-                progress(i + 1, len(cs))
-        dt = time.perf_counter() - t0
+        return kld_loaded(model, cs, base, progress)
+
+
+def kld_loaded(
+    model: LlamaModel, cs: list[np.ndarray], base: BaseLogprobs, progress: Progress | None = None
+) -> KLDResult:
+    """KLD statistics of an already loaded model on chunks `cs` (those `base` was computed on)."""
+    parts: dict[str, list[np.ndarray]] = {}
+    score = _Scorer(model)
+    t0 = time.perf_counter()
+    row = 0
+    for i, c in enumerate(cs):
+        x, lse, tgt = score(c)
+        for k, v in kld_terms(base, slice(row, row + len(tgt)), x, lse, tgt).items():
+            parts.setdefault(k, []).append(v)
+        row += len(tgt)
+        if progress:
+            progress(i + 1, len(cs))
+    dt = time.perf_counter() - t0
     return summarize({k: np.concatenate(v) for k, v in parts.items()}, base.top_idx.shape[1], len(cs), dt)
+
+
+def eval_chunks(model: LlamaModel, text: str, cfg: EvalConfig) -> list[np.ndarray]:
+    """The chunks `cfg` selects from `text`, tokenized by `model` (BOS first where the model uses one)."""
+    return _tokens(model, text, cfg)
+
+
+def forward_seconds(model: LlamaModel, cs: list[np.ndarray]) -> float:
+    """Wall time of the bare forward passes over `cs`, same logits requested as scoring: the floor an
+    evaluation can reach."""
+    t0 = time.perf_counter()
+    for c in cs:
+        model.logits(c, len(c) // 2, len(c) - 1)
+    return time.perf_counter() - t0
 
 
 def summarize(t: dict[str, np.ndarray], top_k: int, n_chunks: int, seconds: float) -> KLDResult:

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from .backend import _llama
+from .calibration import InputStats
 from .errors import RampError
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 _LIB: ctypes.CDLL | None = None
 
 
@@ -84,6 +85,24 @@ def lib() -> ctypes.CDLL:
     ]
     h.ramp_row_size.restype = ctypes.c_size_t
     h.ramp_row_size.argtypes = [ctypes.c_int32, ctypes.c_int64]
+    h.ramp_stats_new.restype = ctypes.c_void_p
+    h.ramp_stats_new.argtypes = []
+    for fn in (h.ramp_stats_free, h.ramp_stats_reset):
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p]
+    h.ramp_stats_count.restype = ctypes.c_int32
+    h.ramp_stats_count.argtypes = [ctypes.c_void_p]
+    h.ramp_stats_entry.restype = ctypes.c_char_p
+    h.ramp_stats_entry.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int32,
+        ctypes.POINTER(ctypes.c_int64),
+        ctypes.POINTER(ctypes.c_int64),
+    ]
+    h.ramp_stats_copy.restype = ctypes.c_int32
+    h.ramp_stats_copy.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p]
+    h.ramp_stats_error.restype = ctypes.c_char_p
+    h.ramp_stats_error.argtypes = [ctypes.c_void_p]
     _LIB = h
     return h
 
@@ -143,3 +162,46 @@ def quantize_rows(ggml_type: int, rows: np.ndarray, imatrix: np.ndarray | None =
         ggml_type, src.ctypes.data, out.ctypes.data, n_rows, n_per_row, None if im is None else im.ctypes.data
     )
     return out[:n].tobytes()
+
+
+class ActivationCollector:
+    """The native activation-statistics collector: llama.cpp's eval callback accumulates, per weight tensor
+    met in a MUL_MAT, max |x| and sum x^2 per input column and the rows seen (ramp_native.cpp)."""
+
+    def __init__(self) -> None:
+        self._h = lib()
+        self.handle: int | None = self._h.ramp_stats_new()
+        if not self.handle:
+            raise RampError("native helper could not allocate an activation collector")
+
+    @property
+    def callback_address(self) -> int:
+        """Address of ramp_stats_eval_callback, for llama_context_params.cb_eval."""
+        addr = ctypes.cast(self._h.ramp_stats_eval_callback, ctypes.c_void_p).value
+        assert addr is not None
+        return addr
+
+    def reset(self) -> None:
+        self._h.ramp_stats_reset(self.handle)
+
+    def error(self) -> str:
+        return bytes(self._h.ramp_stats_error(self.handle) or b"").decode(errors="replace")
+
+    def stats(self) -> dict[str, InputStats]:
+        """Everything accumulated since the last reset, in the order the graph first met each tensor."""
+        h = self._h
+        out: dict[str, InputStats] = {}
+        width, rows = ctypes.c_int64(), ctypes.c_int64()
+        for i in range(h.ramp_stats_count(self.handle)):
+            name = h.ramp_stats_entry(self.handle, i, ctypes.byref(width), ctypes.byref(rows))
+            mx = np.empty(width.value, dtype=np.float32)
+            sq = np.empty(width.value, dtype=np.float64)
+            if name is None or h.ramp_stats_copy(self.handle, i, mx.ctypes.data, sq.ctypes.data) != 0:
+                raise RampError(f"native activation collector lost entry {i}")
+            out[name.decode()] = InputStats(max_abs=mx, sum_sq=sq, count=int(rows.value))
+        return out
+
+    def close(self) -> None:
+        if self.handle:
+            self._h.ramp_stats_free(self.handle)
+            self.handle = None

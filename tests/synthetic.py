@@ -64,6 +64,27 @@ class Spec:
     tied: bool = False
     seed: int = 0
     extra_block_tensors: tuple[str, ...] = field(default=())  # e.g. gemma3's attn_q_norm
+    arch_tensors: bool = False  # also write what llama.cpp needs to load `arch` (ARCH_EXTRAS)
+    fused_qkv: bool = False  # one blk.N.attn_qkv.weight in place of attn_q/k/v
+
+
+@dataclass(frozen=True)
+class ArchExtras:
+    """Per-block tensors an architecture's llama.cpp loader requires beyond llama's
+    (src/models/<arch>.cpp, load_arch_tensors)."""
+
+    qkv_bias: bool = False  # attn_q.bias, attn_k.bias, attn_v.bias
+    head_norms: tuple[str, ...] = ()  # (n_embd_head,) norms on q and k
+    embd_norms: tuple[str, ...] = ()  # (n_embd,) norms on the sub-block outputs
+
+
+ARCH_EXTRAS: dict[str, ArchExtras] = {
+    "qwen2": ArchExtras(qkv_bias=True),
+    "gemma3": ArchExtras(
+        head_norms=("attn_q_norm.weight", "attn_k_norm.weight"),
+        embd_norms=("post_attention_norm.weight", "post_ffw_norm.weight"),
+    ),
+}
 
 
 def write(path: Path, spec: Spec = Spec()) -> Path:
@@ -107,9 +128,13 @@ def write(path: Path, spec: Spec = Spec()) -> Path:
     for i in range(spec.n_layer):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", norm(spec.n_embd))
-        w.add_tensor(p + "attn_q.weight", mat(spec.n_embd, spec.n_embd))
-        w.add_tensor(p + "attn_k.weight", mat(spec.n_head_kv * hd, spec.n_embd))
-        w.add_tensor(p + "attn_v.weight", mat(spec.n_head_kv * hd, spec.n_embd))
+        qkv = [mat(spec.n_embd, spec.n_embd), mat(spec.n_head_kv * hd, spec.n_embd)]
+        qkv.append(mat(spec.n_head_kv * hd, spec.n_embd))
+        if spec.fused_qkv:  # rows q, then k, then v: the split build_qkv makes
+            w.add_tensor(p + "attn_qkv.weight", np.concatenate(qkv, axis=0))
+        else:
+            for role, m in zip(("attn_q", "attn_k", "attn_v"), qkv, strict=True):
+                w.add_tensor(p + role + ".weight", m)
         w.add_tensor(p + "attn_output.weight", mat(spec.n_embd, spec.n_embd, 0.5))
         w.add_tensor(p + "ffn_norm.weight", norm(spec.n_embd))
         w.add_tensor(p + "ffn_gate.weight", mat(spec.n_ff, spec.n_embd))
@@ -117,6 +142,15 @@ def write(path: Path, spec: Spec = Spec()) -> Path:
         w.add_tensor(p + "ffn_down.weight", mat(spec.n_embd, spec.n_ff, 0.5))
         for extra in spec.extra_block_tensors:
             w.add_tensor(p + extra, norm(hd))
+        x = ARCH_EXTRAS.get(a, ArchExtras()) if spec.arch_tensors else ArchExtras()
+        if x.qkv_bias:
+            for role, m in zip(("attn_q", "attn_k", "attn_v"), qkv, strict=True):
+                w.add_tensor(p + role + ".bias", (0.1 * rng.standard_normal(m.shape[0])).astype(np.float32))
+        for n in x.head_norms:
+            if n not in spec.extra_block_tensors:
+                w.add_tensor(p + n, norm(hd))
+        for n in x.embd_norms:
+            w.add_tensor(p + n, norm(spec.n_embd))
     w.add_tensor("output_norm.weight", norm(spec.n_embd))
     if not spec.tied:
         w.add_tensor("output.weight", mat(n_vocab, spec.n_embd))

@@ -1,0 +1,414 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import synthetic
+from gguf import GGMLQuantizationType
+from typer.testing import CliRunner
+
+from ramp_cpp.arch import ATTN_FUSED_GROUP, ATTN_GROUP, FFN_GROUP, FOLD_ARCHS, FoldArch, FoldGroup, fold_arch
+from ramp_cpp.backend import LlamaModel, RuntimeOptions
+from ramp_cpp.calibration import CalibConfig, Calibration, InputStats, save_calibration
+from ramp_cpp.cli import app
+from ramp_cpp.errors import RampError
+from ramp_cpp.evaluate import EvalConfig, kld
+from ramp_cpp.fold import (
+    FOLD_VERSION,
+    FoldConfig,
+    fold,
+    fold_arrays,
+    fold_scales,
+    folded_calibration,
+    folded_calibration_from_file,
+    plan_groups,
+)
+from ramp_cpp.ggufio import (
+    TensorRewrite,
+    add_metadata,
+    field_value,
+    open_reader,
+    read_inventory,
+    rewrite_gguf,
+)
+from ramp_cpp.quantize import quantize_map
+
+CFG = EvalConfig(n_ctx=128, n_chunks=3, top_k=32)
+SHARED = {"attn_q": "attn", "attn_k": "attn", "attn_v": "attn", "attn_qkv": "attn"}
+SHARED |= {"ffn_gate": "ffn", "ffn_up": "ffn"}
+
+
+def random_cal(path: Path, sigma: float = 1.0, seed: int = 0, outlier: float = 1.0) -> Calibration:
+    """Log-normal max |x| per input column (spread exp(±sigma)), one column `outlier` times larger; tensors
+    reading the same input share one InputStats, as a measured calibration does."""
+    info = read_inventory(path)
+    rng = np.random.default_rng(seed)
+    stats: dict[str, InputStats] = {}
+    shared: dict[tuple[int | None, str], InputStats] = {}
+    for t in info.tensors:
+        key = (t.block, SHARED.get(t.role, t.name))
+        if key not in shared:
+            m = np.exp(rng.normal(0.0, sigma, t.n_per_row)).astype(np.float32)
+            m[0] *= outlier
+            shared[key] = InputStats(m, m.astype(np.float64) ** 2 * 50, 100)
+        stats[t.name] = shared[key]
+    return Calibration(path.name, "0" * 64, info.arch, CalibConfig(text="synthetic"), 100, stats)
+
+
+def logits(path: str | Path, text: str, n_chunks: int = 2, n_ctx: int = 128) -> np.ndarray:
+    with LlamaModel(path, RuntimeOptions(n_ctx=n_ctx)) as m:
+        toks = m.tokenize(text)
+        parts = [m.logits(toks[i * n_ctx : (i + 1) * n_ctx], 0, n_ctx).copy() for i in range(n_chunks)]
+    return np.concatenate(parts)
+
+
+def rel_rms(a: np.ndarray, b: np.ndarray) -> float:
+    """RMS logit difference over the spread of the logits: 0 for the same function."""
+    return float(np.sqrt(((a - b) ** 2).mean()) / a.std())
+
+
+def fvals(path: Path, name: str) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    t = next(t for t in open_reader(path).tensors if t.name == name)
+    shape = tuple(int(x) for x in reversed(t.shape))
+    return dequantize(np.asarray(t.data), GGMLQuantizationType(int(t.tensor_type))).reshape(shape)
+
+
+# -- the math on arrays -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("max_abs", "want"),
+    [
+        ([1.0, 4.0, 9.0, 16.0], [0.4, 0.8, 1.2, 1.6]),  # sqrt -> 1 2 3 4, mean 2.5
+        ([2.0, 2.0, 2.0], [1.0, 1.0, 1.0]),
+        ([0.0, 1.0], [0.0, 2.0]),  # a dead column keeps only the stabilizer
+    ],
+)
+def test_fold_scales_reference(max_abs: list[float], want: list[float]) -> None:
+    s = fold_scales(np.array(max_abs, dtype=np.float32))
+    np.testing.assert_allclose(s, np.array(want) + 1e-5, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("bad", [[0.0, 0.0], [1.0, np.nan], [1.0, -1.0], [1.0, np.inf], []])
+def test_fold_scales_refuses_unusable_statistics(bad: list[float]) -> None:
+    with pytest.raises(RampError):
+        fold_scales(np.array(bad, dtype=np.float32))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_fold_arrays_keep_the_function(offset: float) -> None:
+    """RMSNorm then linears, before and after: n(x)·(gamma+offset) @ W.T == n(x)·(gamma'+offset) @ W'.T."""
+    rng = np.random.default_rng(1)
+    n_in = 64
+    x = rng.standard_normal((10, n_in)) * np.exp(rng.normal(0, 2, n_in))  # outlier columns
+    gamma = 1 + 0.1 * rng.standard_normal(n_in)
+    ws = [rng.standard_normal((n_out, n_in)) for n_out in (32, 16)]
+    s = fold_scales(np.abs(x).max(axis=0))
+    g2, w2 = fold_arrays(gamma, ws, s, norm_offset=offset)
+    np.testing.assert_allclose(g2 + offset, (gamma + offset) / s, rtol=1e-6)
+    n = x / np.sqrt((x**2).mean(axis=1, keepdims=True) + 1e-6)
+    for w, w_f in zip(ws, w2, strict=True):
+        np.testing.assert_allclose(w_f, w * s[None, :], rtol=1e-6)
+        ref = (n * (gamma + offset)) @ w.T
+        got = (n * (g2.astype(np.float64) + offset)) @ w_f.astype(np.float64).T
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    # W·diag(s) @ (x/s) == W @ x, and the activations lost their outliers
+    np.testing.assert_allclose((x / s) @ w2[0].astype(np.float64).T, x @ ws[0].T, rtol=1e-4, atol=1e-3)
+    assert np.abs(x / s).max(axis=0).std() < np.abs(x).max(axis=0).std()
+
+
+def test_fold_arrays_shape_mismatch() -> None:
+    with pytest.raises(RampError, match="cannot take"):
+        fold_arrays(np.ones(4), [np.ones((3, 5))], np.ones(4))
+
+
+def test_folded_calibration_is_the_statistics_of_x_over_s() -> None:
+    """Reference: statistics recomputed from activations divided by s."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((50, 8)) * np.exp(rng.normal(0, 1, 8))
+    st = InputStats(np.abs(x).max(axis=0).astype(np.float32), (x**2).sum(axis=0), 50)
+    other = InputStats(np.ones(8, dtype=np.float32), np.ones(8), 50)
+    cal = Calibration("m.gguf", "0" * 64, "llama", CalibConfig(), 50, {"a.weight": st, "o.weight": other})
+    s = fold_scales(st.max_abs)
+    f = folded_calibration(cal, {"a.weight": s})
+    xs = x / s
+    np.testing.assert_allclose(f.stats["a.weight"].max_abs, np.abs(xs).max(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(f.stats["a.weight"].sum_sq, (xs**2).sum(axis=0), rtol=1e-10)
+    assert f.stats["o.weight"] is other and f.stats["a.weight"].count == 50
+    assert "folded_by" in f.extra and "folded_by" not in cal.extra
+
+
+# -- the table of records ---------------------------------------------------------------------------
+
+
+def names(n_blocks: int, roles: list[str]) -> set[str]:
+    return {f"blk.{b}.{r}.weight" for b in range(n_blocks) for r in roles}
+
+
+NORMS = ["attn_norm", "ffn_norm"]
+
+
+@pytest.mark.parametrize(
+    ("roles", "want"),
+    [
+        (NORMS + ["attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"], [ATTN_GROUP, FFN_GROUP]),
+        (NORMS + ["attn_qkv", "ffn_gate", "ffn_up"], [ATTN_FUSED_GROUP, FFN_GROUP]),
+    ],
+)
+def test_plan_groups(roles: list[str], want: list[FoldGroup]) -> None:
+    plan = plan_groups(FOLD_ARCHS["llama"], 2, names(2, roles))
+    want_norms = [(b, f"blk.{b}.{g.norm}.weight") for b in (0, 1) for g in want]
+    assert [(p.block, p.norm) for p in plan] == want_norms
+    assert plan[0].linears == tuple(f"blk.0.{r}.weight" for r in want[0].linears)
+    assert plan[1].stats_from == "blk.0.ffn_gate.weight"
+
+
+@pytest.mark.parametrize(
+    ("roles", "match"),
+    [
+        (NORMS + ["attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up", "ffn_gate_inp"], "also feeds"),
+        (NORMS + ["attn_q", "attn_k", "attn_v", "ffn_gate_inp", "ffn_gate_exps"], "feeds none of"),
+        (["attn_norm", "attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"], "no blk.0.ffn_norm"),
+    ],
+)
+def test_plan_groups_refuses(roles: list[str], match: str) -> None:
+    with pytest.raises(RampError, match=match):
+        plan_groups(FOLD_ARCHS["llama"], 1, names(1, roles))
+
+
+@pytest.mark.parametrize(
+    ("arch", "match"),
+    [("mamba", "supports llama, qwen2, gemma3; this model is 'mamba'"), ("command-r", "in parallel")],
+)
+def test_fold_arch_refuses(arch: str, match: str) -> None:
+    with pytest.raises(RampError, match=match):
+        fold_arch(arch)
+
+
+def test_fold_arch_records() -> None:
+    for a in ("llama", "qwen2", "gemma3"):
+        rec = fold_arch(a)
+        assert isinstance(rec, FoldArch) and rec.norm_offset == 0.0 and rec.source.endswith(f"{a}.cpp")
+
+
+# -- folding GGUFs through llama.cpp ----------------------------------------------------------------
+
+SPECS = {
+    "llama": synthetic.Spec(),
+    "llama-tied": synthetic.Spec(tied=True),
+    "llama-fused-qkv": synthetic.Spec(fused_qkv=True),
+    "qwen2": synthetic.Spec(arch="qwen2", arch_tensors=True),
+    "gemma3": synthetic.Spec(arch="gemma3", arch_tensors=True, tied=True),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("fold")
+    return {k: synthetic.write(d / f"{k}.f16.gguf", s) for k, s in SPECS.items()}
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_folded_model_computes_the_same_function(
+    kind: str, models: dict[str, Path], tiny_text: str, tmp_path: Path
+) -> None:
+    src = models[kind]
+    cal = random_cal(src, sigma=1.5)
+    r = fold(src, cal, tmp_path / "f.gguf")
+    info = read_inventory(r.path)
+    n_linears = 3 if kind == "llama-fused-qkv" else 5  # (qkv | q k v), gate, up
+    assert len(r.groups) == 2 * info.n_blocks and sum(len(g.linears) for g in r.groups) == n_linears * 2
+    # the stored tensors are the fold of the originals, rounded once to F16
+    g = r.groups[0]
+    w0, w1 = fvals(src, g.linears[0]), fvals(tmp_path / "f.gguf", g.linears[0])
+    want = (w0 * g.s.astype(np.float32)[None, :]).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(w1, want)
+    np.testing.assert_allclose(fvals(tmp_path / "f.gguf", g.norm), fvals(src, g.norm) / g.s, rtol=1e-6)
+    assert np.ptp(g.s) > 1.0  # the scales are far from 1: a fold without compensation would show
+    # same next-token distributions through llama.cpp
+    k = kld(tmp_path / "f.gguf", src, tiny_text, CFG)
+    assert abs(k.kld_mean) < 1e-4 and k.kld_max < 1e-2
+    a, b = logits(src, tiny_text), logits(tmp_path / "f.gguf", tiny_text)
+    assert rel_rms(a, b) < 1e-2
+
+
+def test_equivalence_check_detects_a_wrong_fold(
+    models: dict[str, Path], tiny_text: str, tmp_path: Path
+) -> None:
+    """Control for the test above: scaling W without compensating the norm must fail its logit check."""
+    src = models["gemma3"]  # the least sensitive of the synthetic models
+    r = fold(src, random_cal(src, sigma=1.5), tmp_path / "f.gguf")
+    bad = {n: TensorRewrite(GGMLQuantizationType.F16, _scale(g.s)) for g in r.groups for n in g.linears}
+    rewrite_gguf(src, tmp_path / "bad.gguf", bad)
+    assert rel_rms(logits(src, tiny_text), logits(tmp_path / "bad.gguf", tiny_text)) > 0.05
+
+
+def _scale(s: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda w: w * s.astype(np.float32)[None, :]
+
+
+def test_metadata_and_untouched_bytes(models: dict[str, Path], tmp_path: Path) -> None:
+    src = models["qwen2"]
+    cal = random_cal(src)
+    r = fold(src, cal, tmp_path / "f.gguf")
+    a, b = open_reader(src), open_reader(r.path)
+    assert field_value(b, "ramp.folded") is True
+    assert field_value(b, "ramp.fold.version") == FOLD_VERSION
+    desc = field_value(b, "ramp.fold.calibration")
+    assert desc.startswith(cal.describe()) and "sha256" in desc
+    for k, f in a.fields.items():  # every key: same type, same value bytes
+        if not k.startswith("GGUF."):
+            assert b"".join(bytes(p) for p in f.parts) == b"".join(bytes(p) for p in b.fields[k].parts), k
+    folded = {n for g in r.groups for n in (g.norm, *g.linears)}
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for t, u in zip(a.tensors, b.tensors, strict=True):
+        assert t.tensor_type == u.tensor_type
+        if t.name not in folded:  # biases, attn_output, ffn_down, embeddings, output norm: byte-for-byte
+            assert bytes(t.data) == bytes(u.data), t.name
+    assert "blk.0.attn_q.bias" in {t.name for t in a.tensors} - folded
+
+
+def test_fold_twice_refused_unless_forced(models: dict[str, Path], tmp_path: Path) -> None:
+    src = models["llama"]
+    cal = random_cal(src)
+    r = fold(src, cal, tmp_path / "f.gguf")
+    with pytest.raises(RampError, match="already scale-folded"):
+        fold(r.path, cal, tmp_path / "ff.gguf")
+    with pytest.raises(RampError, match="measured on a folded model"):
+        fold(src, r.calibration, tmp_path / "x.gguf")
+    rr = fold(r.path, r.calibration, tmp_path / "ff.gguf", force=True)
+    # the folded calibration's max|x/s| is flat-ish, so the second fold moves the weights much less
+    assert np.ptp(rr.groups[0].s) < np.ptp(r.groups[0].s)
+
+
+def test_foreign_calibration_refused(models: dict[str, Path], tmp_path: Path) -> None:
+    other = synthetic.write(tmp_path / "o.gguf", synthetic.Spec(n_embd=128, n_head=2, n_head_kv=1))
+    with pytest.raises(RampError, match="input columns"):
+        fold(models["llama"], random_cal(other), tmp_path / "f.gguf")
+    with pytest.raises(RampError, match="measured on a qwen2 model"):
+        fold(models["llama"], random_cal(models["qwen2"]), tmp_path / "f.gguf")
+    with pytest.raises(RampError, match="no statistics"):
+        fold(models["llama-fused-qkv"], random_cal(models["llama"]), tmp_path / "f.gguf")
+    assert not (tmp_path / "f.gguf").exists()
+
+
+def test_quantized_input_refused(models: dict[str, Path], tmp_path: Path) -> None:
+    q = tmp_path / "q8.gguf"
+    quantize_map(models["llama"], q, {}, base="Q8_0")
+    with pytest.raises(RampError, match="is Q8_0; .*dequantize first with `ramp-cpp quantize"):
+        fold(q, random_cal(models["llama"]), tmp_path / "f.gguf")
+
+
+def test_f16_overflow_refused_f32_storage_works(
+    models: dict[str, Path], tiny_text: str, tmp_path: Path
+) -> None:
+    src = models["llama"]
+    big = tmp_path / "big.gguf"  # attn_q with entries near the top of the F16 range
+    times = TensorRewrite(GGMLQuantizationType.F16, lambda w: w * 4000)
+    rewrite_gguf(src, big, {"blk.0.attn_q.weight": times})
+    cal = random_cal(big, sigma=0.1, outlier=1e6)  # s ~ 200 on column 0
+    s0 = fold_scales(cal.stats["blk.0.attn_q.weight"].max_abs)[0]
+    assert np.abs(fvals(big, "blk.0.attn_q.weight")[:, 0]).max() * s0 > 65504
+    with pytest.raises(RampError, match="exceeds the F16 range; store folded linears with --f32"):
+        fold(big, cal, tmp_path / "f.gguf")
+    r = fold(big, cal, tmp_path / "f.gguf", f32=True)
+    assert r.linear_type == "F32"
+    types = {t.name: GGMLQuantizationType(int(t.tensor_type)).name for t in open_reader(r.path).tensors}
+    assert types["blk.0.attn_q.weight"] == "F32" and types["blk.0.attn_output.weight"] == "F16"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert rel_rms(logits(big, tiny_text), logits(r.path, tiny_text)) < 1e-2
+
+
+def test_folded_calibration_matches_a_new_measurement(models: dict[str, Path], tmp_path: Path) -> None:
+    """Reference: calibrate the folded model through llama.cpp; it must see the predicted x / s."""
+    from ramp_cpp.calibrate import calibrate
+
+    src = models["llama"]
+    cfg = CalibConfig(text="synthetic", samples=3, ctx=128)
+    text = synthetic.text()
+    cal = calibrate(src, text, cfg)
+    r = fold(src, cal, tmp_path / "f.gguf")
+    again = calibrate(r.path, text, cfg)
+    scaled = set(r.scales())
+    for name, st in again.stats.items():
+        pred = r.calibration.stats[name]
+        err = np.abs(pred.max_abs / st.max_abs - 1).max()
+        assert err < 1e-2 and np.abs(pred.sum_sq / st.sum_sq - 1).max() < 1e-2, name
+        if name in scaled:  # the unfolded statistics are far off: the check has teeth
+            assert np.abs(cal.stats[name].max_abs / st.max_abs - 1).max() > 10 * err, name
+    # and the same calibration is recovered later from the folded file alone
+    again_from_file = folded_calibration_from_file(cal, r.path)
+    for name in scaled:
+        np.testing.assert_array_equal(again_from_file.stats[name].max_abs, r.calibration.stats[name].max_abs)
+    with pytest.raises(RampError, match="folded with another calibration"):
+        folded_calibration_from_file(random_cal(src), r.path)
+    with pytest.raises(RampError, match="not scale-folded"):
+        folded_calibration_from_file(cal, src)
+
+
+def test_fold_config_is_table_11() -> None:
+    assert FoldConfig() == FoldConfig(power=0.5, eps=1e-5)
+
+
+def test_add_metadata_on_a_quantized_file(models: dict[str, Path], tmp_path: Path) -> None:
+    q = tmp_path / "q4.gguf"
+    quantize_map(models["llama"], q, {}, base="Q4_K")
+    meta = {"ramp.bits": [3, 4, 5], "ramp.names": ["a", "b"], "ramp.x": 1.5, "ramp.ok": True, "ramp.n": -3}
+    out = add_metadata(q, tmp_path / "m.gguf", meta)
+    r = open_reader(out)
+    assert field_value(r, "ramp.bits") == [3, 4, 5]
+    assert field_value(r, "ramp.names") == ["a", "b"]
+    assert field_value(r, "ramp.n") == -3 and field_value(r, "ramp.ok") is True
+    assert [bytes(t.data) for t in r.tensors] == [bytes(t.data) for t in open_reader(q).tensors]
+    with pytest.raises(RampError, match="must all be"):
+        add_metadata(q, tmp_path / "m2.gguf", {"ramp.bad": [1, "a"]})
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def test_cli_fold(models: dict[str, Path], tmp_path: Path) -> None:
+    src = models["gemma3"]
+    calib = save_calibration(random_cal(src), tmp_path / "c.safetensors")
+    out = tmp_path / "f.gguf"
+    args = ["fold", str(src), "--calib", str(calib), "-o", str(out)]
+    r = runner.invoke(app, [*args, "--json", "--calib-out", str(tmp_path / "fc.safetensors")])
+    assert r.exit_code == 0, r.output + r.stderr
+    d = json.loads(r.stdout)
+    assert d["groups"] == 4 and d["linear_type"] == "F16" and d["arch"] == "gemma3"
+    assert (tmp_path / "fc.safetensors").is_file()
+    for argv, match in [
+        (args, "exists (use --force"),
+        (["fold", str(out), "--calib", str(calib), "-o", str(tmp_path / "g.gguf")], "already scale-folded"),
+    ]:
+        r = runner.invoke(app, argv)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+        assert match in lines[0]
+    r = runner.invoke(app, [*args, "--force", "--f32"])
+    assert r.exit_code == 0 and "F32" in r.stdout
+
+
+# -- real model -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.demo
+def test_demo_model_fold(demo_model: Path, tmp_path: Path) -> None:
+    from ramp_cpp.calibrate import calibrate
+    from ramp_cpp.corpora import load_text
+
+    body, _ = load_text("wikitext2-valid")
+    cal = calibrate(demo_model, body, CalibConfig(samples=4, ctx=512))
+    r = fold(demo_model, cal, tmp_path / "folded.f16.gguf")
+    assert r.summary()["s_max"] / r.summary()["s_min"] > 10
+    test, _ = load_text("wikitext2-test")
+    k = kld(r.path, demo_model, test, EvalConfig(n_chunks=2))
+    assert k.kld_mean < 1e-4 and k.same_top_pct > 99.0

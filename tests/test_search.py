@@ -1,0 +1,232 @@
+"""End to end on synthetic models: search -> policy -> apply to another depth and width; determinism;
+resume after kill -9 and Ctrl-C; settings checks; output metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import synthetic
+from gguf import GGUFReader
+
+from ramp_cpp.apply import ApplyConfig, apply_policy
+from ramp_cpp.calibration import CalibConfig
+from ramp_cpp.errors import RampError
+from ramp_cpp.sac import SACConfig
+from ramp_cpp.search import SearchConfig, search
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("text") / "words.txt"
+    p.write_text(synthetic.text(6000))
+    return p
+
+
+def small(text_file: Path, **kw: object) -> SearchConfig:
+    """Nominal budget 4.5 on {3,4,5,6}: feasible on any model, binding for random allocations."""
+    base = SearchConfig(
+        budget=4.5,
+        budget_mode="nominal",
+        text=str(text_file),
+        n_ctx=128,
+        chunks=2,
+        calib=CalibConfig(text=str(text_file), samples=2, ctx=64),
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+SAC_SMALL = SACConfig(episodes=5, warmup_episodes=2, updates_per_episode=2, batch_size=32, seed=3)
+
+
+def log_key(run: Path) -> list[tuple[float, list[int]]]:
+    from ramp_cpp.search import load_checkpoint
+
+    _, st = load_checkpoint(run)
+    return [(round(r["reward"], 9), r["bits"]) for r in st.log]
+
+
+def test_end_to_end_and_transfer(tiny_model: Path, text_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    res = search(tiny_model, run, small(text_file), SAC_SMALL, presets=("Q4_K_M",))
+    assert res.state.episode == 5 and len(res.state.log) == 5
+    assert [r["random"] for r in res.state.log] == [True, True, False, False, False]
+    assert res.gguf is not None and res.gguf.is_file()
+    alloc = json.loads(res.allocation.read_text())
+    assert len(alloc["tensors"]) == 14 and alloc["bpw_nominal"] <= 4.5
+    # the written file holds exactly the allocation's types, and ramp.* metadata
+    r = GGUFReader(res.gguf)
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    for row in alloc["tensors"]:
+        assert types[row["name"]] == row["type"]
+    meta = {f.name: f.contents() for f in r.fields.values() if f.name.startswith("ramp.")}
+    assert meta["ramp.budget"] == pytest.approx(4.5) and meta["ramp.budget_mode"] == "nominal"
+    assert meta["ramp.tensor_bits"] == [row["bits"] for row in alloc["tensors"]]
+    assert meta["ramp.scale_folding"] is True and meta["ramp.episodes"] == 5
+    for f in (
+        "report.json",
+        "training.png",
+        "best_so_far.png",
+        "bits_depth.png",
+        "bits_role.png",
+        "pareto.png",
+    ):
+        assert (run / f).is_file(), f
+    # llama.cpp loads it and generates
+    from llama_cpp import Llama
+
+    llm = Llama(str(res.gguf), n_ctx=64, verbose=False)
+    outp = llm("the city of", max_tokens=4)
+    assert outp["usage"]["completion_tokens"] >= 1
+    del llm
+    # zero-shot transfer to a deeper, wider model
+    other = synthetic.write(tmp_path / "other.gguf", synthetic.Spec(n_layer=3, n_embd=512, n_ff=768, seed=5))
+    out = tmp_path / "other.ramp.gguf"
+    a = apply_policy(
+        res.policy,
+        other,
+        out,
+        ApplyConfig(
+            budget=4.5, budget_mode="nominal", calib=CalibConfig(text=str(text_file), samples=2, ctx=64)
+        ),
+    )
+    assert a.path == out and out.is_file() and len(a.bits) == 21
+    assert a.measures.bpw_nominal <= 4.5
+    m2 = {f.name: f.contents() for f in GGUFReader(out).fields.values() if f.name.startswith("ramp.")}
+    assert m2["ramp.transfer_from"] == tiny_model.name and m2["ramp.tensor_bits"] == a.bits
+
+
+def test_deterministic_with_seed(tiny_model: Path, text_file: Path, tmp_path: Path) -> None:
+    cfg = small(text_file)
+    s = replace(SAC_SMALL, episodes=4)
+    search(tiny_model, tmp_path / "a", cfg, s, presets=())
+    search(tiny_model, tmp_path / "b", cfg, s, presets=())
+    assert log_key(tmp_path / "a") == log_key(tmp_path / "b")
+
+
+def test_resume_equals_straight_run(tiny_model: Path, text_file: Path, tmp_path: Path) -> None:
+    cfg = small(text_file)
+    search(tiny_model, tmp_path / "straight", cfg, replace(SAC_SMALL, episodes=6), presets=())
+    search(tiny_model, tmp_path / "split", cfg, replace(SAC_SMALL, episodes=3), presets=())
+    search(tiny_model, tmp_path / "split", cfg, replace(SAC_SMALL, episodes=6), resume=True, presets=())
+    assert log_key(tmp_path / "straight") == log_key(tmp_path / "split")
+
+
+def test_resume_with_other_settings_is_refused(tiny_model: Path, text_file: Path, tmp_path: Path) -> None:
+    cfg = small(text_file)
+    search(tiny_model, tmp_path / "r", cfg, replace(SAC_SMALL, episodes=2), presets=())
+    with pytest.raises(RampError, match=r"other settings.*budget"):
+        search(
+            tiny_model, tmp_path / "r", replace(cfg, budget=5.0), replace(SAC_SMALL, episodes=3), resume=True
+        )
+    with pytest.raises(RampError, match="already holds a run"):
+        search(tiny_model, tmp_path / "r", cfg, SAC_SMALL)
+
+
+def test_budget_outside_ladder(tiny_model: Path, text_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(RampError, match=r"feasible range 3\.000-6\.000"):
+        search(tiny_model, tmp_path / "r", small(text_file, budget=2.5), SAC_SMALL)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from ramp_cpp.cli import main; main()", *args]
+
+
+def _search_args(model: Path, text_file: Path, run: Path, episodes: int) -> list[str]:
+    return _cli(
+        "search",
+        "--model",
+        str(model),
+        "--out",
+        str(run),
+        "--budget",
+        "4.5",
+        "--budget-mode",
+        "nominal",
+        "--episodes",
+        str(episodes),
+        "--warmup",
+        "2",
+        "--updates",
+        "2",
+        "--chunks",
+        "2",
+        "--ctx",
+        "128",
+        "--recipe",
+        str(text_file.parent / "recipe.toml"),
+        "--no-presets",
+        "--seed",
+        "3",
+    )
+
+
+@pytest.fixture()
+def recipe(text_file: Path) -> Path:
+    p = text_file.parent / "recipe.toml"
+    p.write_text(f'text = "{text_file}"\nsamples = 2\nctx = 64\nseed = 0\n')
+    return p
+
+
+def _wait_for_episodes(run: Path, proc: subprocess.Popen[bytes], n: int, timeout: float = 120) -> None:
+    from ramp_cpp.search import load_checkpoint
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if (run / "checkpoint.safetensors").is_file():
+            try:
+                if load_checkpoint(run)[1].episode >= n:
+                    return
+            except RampError:
+                pass
+        if proc.poll() is not None:
+            pytest.fail(
+                f"search ended before episode {n}: {proc.stderr.read().decode() if proc.stderr else ''}"
+            )
+        time.sleep(0.02)
+    pytest.fail("search did not reach the episode in time")
+
+
+N_KILL = 10
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model: Path, text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted CLI run, the reference for the interrupted ones."""
+    (text_file.parent / "recipe.toml").write_text(f'text = "{text_file}"\nsamples = 2\nctx = 64\nseed = 0\n')
+    run = tmp_path_factory.mktemp("straight") / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(_search_args(tiny_model, text_file, run, N_KILL), check=True, env=env, capture_output=True)
+    return run
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_kill_and_resume(
+    tiny_model: Path, text_file: Path, recipe: Path, straight: Path, tmp_path: Path, sig: int
+) -> None:
+    """kill -9 or Ctrl-C mid-run, then --resume: the log equals an uninterrupted run's."""
+    n = N_KILL
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_search_args(tiny_model, text_file, run, n), env=env, stderr=subprocess.PIPE)
+    _wait_for_episodes(run, proc, 3)
+    proc.send_signal(sig)
+    rc = proc.wait(60)
+    assert rc == (-9 if sig == signal.SIGKILL else 130)
+    if sig == signal.SIGINT:
+        assert b"--resume" in (proc.stderr.read() if proc.stderr else b"")
+    from ramp_cpp.search import load_checkpoint
+
+    done = load_checkpoint(run)[1].episode
+    assert 3 <= done < n
+    subprocess.run(
+        [*_search_args(tiny_model, text_file, run, n), "--resume"], check=True, env=env, capture_output=True
+    )
+    assert log_key(run) == log_key(straight)
