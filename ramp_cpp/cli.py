@@ -268,54 +268,59 @@ def eval_(
 
 
 @command()
-def demo(threads: ThreadsOpt = None, chunks: int = 4) -> None:
-    """The main job on the demo model: llama.cpp's Q4_K_M and an exact type map, KLD vs the F16 base."""
+def demo(
+    threads: ThreadsOpt = None,
+    chunks: Annotated[int, typer.Option("--chunks", help="Held-out wikitext2-test chunks.")] = 4,
+    episodes: Annotated[int, typer.Option("--episodes", help="Search episodes (paper: 200).")] = 40,
+) -> None:
+    """The main job on the demo model, kept short: a RAMP search (fast calibration recipe, 40 episodes,
+    weighted budget 5.5 bpw ~ Q4_K_M's size), then its GGUF vs llama.cpp's Q4_K_M on held-out text."""
     from .backend import RuntimeOptions
+    from .calibrate import load_recipe
     from .corpora import load_text
     from .demo import fetch_demo_model
     from .evaluate import EvalConfig, kld
-    from .ggufio import read_inventory
-    from .ladder import NOMINAL_TYPES
-    from .quantize import QuantizeOptions, quantize_map, quantize_preset
+    from .quantize import QuantizeOptions, quantize_preset
+    from .sac import SACConfig
+    from .search import SETTINGS, SearchConfig
+    from .search import search as run_search
 
     base = fetch_demo_model(lambda m: err.log(m), n_threads=threads)
     work = base.parent
-    info = read_inventory(base)
-    body, _ = load_text("wikitext2-test")
-    cfg = EvalConfig(n_chunks=chunks)
+    run = work / "demo-run"
+    cfg = SearchConfig(budget=5.5, chunks=2, calib=load_recipe("fast"))
+    sac = SACConfig(episodes=episodes, warmup_episodes=min(10, episodes // 2))
     opts = RuntimeOptions(n_threads=threads)
-    q4 = quantize_preset(
-        base, work / "demo.Q4_K_M.gguf", "Q4_K_M", QuantizeOptions(n_threads=threads, force=True)
-    )
-    # A per-tensor map: ffn_down and the first/last blocks at 5 bits, everything else searched at 4.
-    last = info.n_blocks - 1
-    hi = {t.name: NOMINAL_TYPES[5] for t in info.searched if t.role == "ffn_down" or t.block in (0, last)}
-    lo = {t.name: NOMINAL_TYPES[4] for t in info.searched if t.name not in hi}
-    mixed = quantize_map(
-        base, work / "demo.map.gguf", {**hi, **lo}, opts=QuantizeOptions(n_threads=threads, force=True)
-    )
+    with _bar("demo search") as p:
+        ep = p.add_task("episodes", total=episodes)
+
+        def on_episode(r: Any) -> None:
+            p.update(ep, completed=r.episode + 1)
+
+        res = run_search(
+            base, run, cfg, sac, opts, resume=(run / SETTINGS).is_file(), presets=("Q4_K_M",),
+            progress=_stage_progress(p), on_episode=on_episode,
+        )
+        q4 = quantize_preset(
+            base, work / "demo.Q4_K_M.gguf", "Q4_K_M", QuantizeOptions(n_threads=threads, force=True)
+        )
+    body, _ = load_text("wikitext2-test")
+    ecfg = EvalConfig(n_chunks=chunks)
     t = Table(
-        "file",
-        "MiB",
-        "bpw (searched)",
-        "PPL",
-        "PPL(base)",
-        "mean KLD",
-        "same top %",
-        title=f"demo: {base.name}, wikitext2-test, {chunks} chunks of 512",
+        "file", "MiB", "bpw (searched)", "PPL", "PPL(base)", "mean KLD", "same top %",
+        title=f"demo: {base.name}, held-out wikitext2-test, {chunks} chunks of 512",
     )
-    for r in (q4, mixed):
-        k = kld(r.path, base, body, cfg, opts)
+    rows: list[tuple[Path, float]] = [(Path(q4.path), q4.bpw_searched)]
+    if res.gguf is not None and res.state.best is not None:
+        rows.append((res.gguf, res.state.best["bpw"]))
+    for path, bpw in rows:
+        k = kld(path, base, body, ecfg, opts)
         t.add_row(
-            Path(r.path).name,
-            f"{r.file_size / 2**20:.1f}",
-            f"{r.bpw_searched:.3f}",
-            f"{k.ppl:.3f}",
-            f"{k.base_ppl:.3f}",
-            f"{k.kld_mean:.4f}",
-            f"{k.same_top_pct:.1f}",
+            path.name, f"{path.stat().st_size / 2**20:.1f}", f"{bpw:.3f}", f"{k.ppl:.3f}",
+            f"{k.base_ppl:.3f}", f"{k.kld_mean:.4f}", f"{k.same_top_pct:.1f}",
         )
     out.print(t)
+    out.print(f"search run: {run} (report.json, plots, policy.safetensors); `ramp-cpp search` for a full run")
 
 
 # ==== calibrate / imatrix commands (issue 3) ====

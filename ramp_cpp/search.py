@@ -519,8 +519,17 @@ def search(
 ) -> SearchResult:
     """`ramp-cpp search`: prepare, train (resumable), then write policy, allocation, GGUF and report."""
     from .evaluate import file_sha256_cached as file_sha256
+    from .ggufio import read_inventory
 
     rd = Path(run_dir)
+    info = read_inventory(model_path)  # cheap checks first: nothing is written for a hopeless request
+    costs(info, visited_tensors(info, cfg.include_embeddings), cfg.bits, cfg.base_type).check_budget(
+        cfg.budget_spec
+    )
+    if calib is None:
+        from .calibrate import check_config
+
+        check_config(cfg.calib, info.context_length or None)
     want = settings(str(Path(model_path).resolve()), file_sha256(model_path), cfg, sac)
     if resume:
         if not (rd / SETTINGS).is_file():

@@ -1,0 +1,65 @@
+"""CLI of features / search / apply: output on good input, one `error:` line and exit 2 on bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from test_features import fake_calibration
+from typer.testing import CliRunner
+
+from ramp_cpp.calibration import save_calibration
+from ramp_cpp.cli import app
+
+runner = CliRunner()
+
+
+def one_error_line(r: object, match: str) -> None:
+    res = r  # click.testing.Result
+    assert res.exit_code == 2, res.output  # type: ignore[attr-defined]
+    lines = [x for x in res.output.splitlines() if x.strip()]  # type: ignore[attr-defined]
+    assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], res.output  # type: ignore[attr-defined]
+
+
+def test_features_table_and_csv(tiny_model: Path, tmp_path: Path) -> None:
+    cal = save_calibration(fake_calibration(tiny_model, 3.0), tmp_path / "c.safetensors")
+    r = runner.invoke(app, ["features", str(tiny_model), "--calib", str(cal), "--features", "paper"])
+    assert r.exit_code == 0, r.output
+    assert "2 of 9 static dims are constant or saturated" in r.output
+    r = runner.invoke(app, ["features", str(tiny_model), "--calib", str(cal), "--csv"])
+    assert r.exit_code == 0
+    lines = r.output.strip().splitlines()
+    assert lines[0].startswith("tensor,depth,log_in") and len(lines) == 15
+
+
+def test_features_bad_calibration(tiny_model: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "c.safetensors"
+    bad.write_bytes(b"nonsense")
+    one_error_line(runner.invoke(app, ["features", str(tiny_model), "--calib", str(bad)]), "calibration")
+
+
+def test_search_budget_out_of_range(tiny_model: Path, tmp_path: Path) -> None:
+    r = runner.invoke(
+        app, ["search", "--model", str(tiny_model), "--out", str(tmp_path / "r"), "--budget", "2"]
+    )
+    one_error_line(r, "feasible range")
+
+
+def test_search_bad_options(tiny_model: Path, tmp_path: Path) -> None:
+    base = ["search", "--model", str(tiny_model), "--out", str(tmp_path / "r")]
+    one_error_line(runner.invoke(app, [*base, "--metric", "bleu"]), "unknown metric")
+    one_error_line(runner.invoke(app, [*base, "--bits", "3,x"]), "--bits")
+    one_error_line(runner.invoke(app, [*base, "--bits", "3,7"]), "bit-widths")
+    one_error_line(runner.invoke(app, [*base, "--size", "huge"]), "--size")
+    one_error_line(runner.invoke(app, [*base, "--size", "1MiB", "--budget", "5"]), "not both")
+    one_error_line(runner.invoke(app, ["search", "--out", str(tmp_path / "none")]), "--model is required")
+    one_error_line(runner.invoke(app, [*base, "--resume"]), "no run to resume")
+
+
+def test_apply_bad_policy(tiny_model: Path, tmp_path: Path) -> None:
+    pol = tmp_path / "p.safetensors"
+    pol.write_bytes(b"\x00" * 100)
+    out = tmp_path / "o.gguf"
+    one_error_line(
+        runner.invoke(app, ["apply", str(pol), str(tiny_model), "-o", str(out)]), "not a ramp-cpp policy"
+    )
+    assert not out.exists()
