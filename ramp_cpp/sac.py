@@ -42,9 +42,9 @@ class SACConfig:
     warmup_episodes: int = 20  # Table 9 / Table 26: uniformly random actions, no policy updates
     episodes: int = 200  # Table 9 / Table 26: 200-300
     # Algorithm 1 line 13 leaves N_updates open. CleanRL does one update per environment step (~n_tensors,
-    # 210 for SmolLM2-135M); at ~10-13 ms per update on 2 CPU cores that is ~2.5 s of pure SAC per episode,
-    # so the default is 64 per episode (<1 s), which still replays each of the <=30k buffered
-    # transitions ~0.3 times per episode on average (64 x 128 / 30k) once the buffer is full.
+    # 210 for SmolLM2-135M); at ~25 ms per batch-128 update on 2 CPU cores (measured) that is ~5 s of pure
+    # SAC per episode, so the default is 64 per episode (~1.6 s), which still replays the <=30k buffered
+    # transitions ~0.27 times per episode on average (64 x 128 / 30k) once the buffer is full.
     updates_per_episode: int = 64
     log_std_min: float = -5.0  # CleanRL LOG_STD_MIN (the paper gives no bound)
     log_std_max: float = 2.0  # CleanRL LOG_STD_MAX

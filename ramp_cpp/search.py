@@ -551,9 +551,41 @@ def search(
     try:
         env = Environment(prep, cfg, opts, wd)
         st = train(env, agent, st, sac.episodes, rd, on_episode)
+        if st.best is None and st.log:
+            st.best = repaired_policy_allocation(env, agent, st)
+            save_checkpoint(rd, agent, st)
     finally:
         cleanup(wd)
     return finish(prep, cfg, agent, st, rd, opts, presets, progress)
+
+
+def repaired_policy_allocation(env: Environment, agent: SAC, st: State) -> dict[str, Any]:
+    """When no episode met the ceiling: the policy's deterministic allocation, repaired to the budget by
+    `apply`'s rule (allocation.repair), evaluated once. Marked `repaired` in the run's outputs."""
+    from .allocation import repair
+    from .apply import policy_rollout
+
+    p = env.prep
+    actions, rungs = policy_rollout(agent.actor, p.features, p.costs.bits)
+    fixed = repair(rungs, actions, p.costs, env.cfg.budget_spec)
+    ppl, kld, _, _ = env.evaluate(fixed, st.memo)
+    m = p.costs.measures(fixed)
+    terms = env.reward(ppl, kld, m.value(env.cfg.budget_spec.mode))
+    return {
+        "episode": st.episode,
+        "repaired": True,
+        "quality": ppl if env.cfg.metric == "ppl" else kld,
+        "ppl": ppl,
+        "kld": kld,
+        "reward": terms.total,
+        "rungs": fixed,
+        "bits": [p.costs.bits[r] for r in fixed],
+        "types": p.costs.types_of(fixed),
+        "bpw": m.bpw,
+        "bpw_nominal": m.bpw_nominal,
+        "bpw_file": m.bpw_file,
+        "file_bytes": m.file_bytes,
+    }
 
 
 def _with_episodes(agent: SAC, sac: SACConfig) -> SAC:
@@ -688,6 +720,7 @@ def allocation_json(prep: Prepared, best: dict[str, Any], cfg: SearchConfig) -> 
             "chunks": cfg.chunks,
         },
         "episode": best["episode"],
+        "repaired": bool(best.get("repaired", False)),
         "tensors": rows,
     }
 
@@ -711,5 +744,6 @@ def output_metadata(prep: Prepared, cfg: SearchConfig, st: State, policy_sha: st
         "ramp.episodes": int(st.episode),
         "ramp.best_reward": float(best.get("reward", 0.0)),
         "ramp.metric": cfg.metric,
+        "ramp.repaired": bool(best.get("repaired", False)),
         "ramp.search_text": f"{cfg.text}, {cfg.chunks} chunks of {cfg.n_ctx} from chunk {cfg.first_chunk}",
     }
