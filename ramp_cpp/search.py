@@ -677,7 +677,6 @@ def finish(
     finally:
         cleanup(wd)
     tinfo = [{"name": t.name, "role": t.role, "block": t.block, "n_params": t.n_params} for t in prep.visited]
-    best = st.best or {}
     rmeta = {
         "model": Path(prep.model_path).name,
         "budget": cfg.budget,
@@ -686,7 +685,7 @@ def finish(
         "search": cfg.to_json(),
         **summary,
     }
-    paths = write_report(rd, st.log, tinfo, best, points, rmeta)
+    paths = write_report(rd, st.log, tinfo, st.best, points, rmeta)
     return SearchResult(rd, st, gguf, policy_path, alloc_path, paths)
 
 
