@@ -522,6 +522,10 @@ def search(
     from .ggufio import read_inventory
 
     rd = Path(run_dir)
+    if calib is not None:  # the run records the calibration it really uses
+        from .calibration import load_calibration
+
+        cfg = replace(cfg, calib=load_calibration(calib).config)
     info = read_inventory(model_path)  # cheap checks first: nothing is written for a hopeless request
     costs(info, visited_tensors(info, cfg.include_embeddings), cfg.bits, cfg.base_type).check_budget(
         cfg.budget_spec
