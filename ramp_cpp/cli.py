@@ -563,6 +563,9 @@ def search(
     warmup: Annotated[int, typer.Option("--warmup", help="Random warm-up episodes (paper: 20).")] = 20,
     updates: Annotated[int, typer.Option("--updates", help="SAC updates per episode.")] = 64,
     chunks: Annotated[int, typer.Option("--chunks", help="Reward chunks of wikitext2-valid.")] = 4,
+    eval_every: Annotated[
+        int, typer.Option("--eval-every", help="Also score the mean action every N episodes (0: never).")
+    ] = 10,
     ctx: Annotated[int, typer.Option("--ctx", help="Tokens per reward chunk.")] = 512,
     features_: Annotated[str, typer.Option("--features", help="Layer embeddings: ramp or paper.")] = "ramp",
     no_fold: NoFoldOpt = False,
@@ -590,6 +593,7 @@ def search(
     cfg = SearchConfig(
         budget=b, budget_mode=mode, metric=metric, bits=_bits(bits), include_embeddings=include_embeddings,
         n_ctx=ctx, chunks=chunks, features=features_, fold=not no_fold, imatrix=not no_imatrix,
+        eval_every=eval_every,
         calib=load_recipe(recipe),
     )
     sac = SACConfig(episodes=episodes, warmup_episodes=warmup, updates_per_episode=updates, seed=seed)

@@ -58,6 +58,11 @@ class SearchConfig:
     first_chunk: int = 0
     chunks: int = 4  # fixed chunk subset scored each episode
     features: str = "ramp"
+    # Every N episodes after warm-up, also score the policy's mean action (no exploration noise, nothing
+    # stored in the replay buffer) as a candidate for the best allocation; 0 = never. Not in the paper:
+    # with the top rung at Q8_0 on short rows, exploration noise alone can keep every sampled episode over
+    # the ceiling while the mean action is within it.
+    eval_every: int = 10
     fold: bool = True  # §4.3 Scale Folding before quantizing
     imatrix: bool = True  # quantize with the calibration's importance matrix
     calib: CalibConfig = CalibConfig()
@@ -143,6 +148,7 @@ class State:
     log: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     memo: dict[str, tuple[float, float]] = field(default_factory=dict)  # written types -> (ppl, kld)
+    evals: list[dict[str, Any]] = field(default_factory=list)  # deterministic-policy evaluations
 
 
 Progress = Callable[[str, int, int], None]
@@ -263,7 +269,7 @@ def save_checkpoint(run_dir: Path, agent: SAC, st: State) -> None:
     from safetensors.torch import save_file
 
     tensors, meta = agent.checkpoint_tensors()
-    state = {"episode": st.episode, "log": st.log, "best": st.best, "memo": st.memo}
+    state = {"episode": st.episode, "log": st.log, "best": st.best, "memo": st.memo, "evals": st.evals}
     with atomic_path(run_dir / CHECKPOINT, force=True) as tmp:
         save_file(
             {k: v.contiguous() for k, v in tensors.items()},
@@ -285,7 +291,13 @@ def load_checkpoint(run_dir: Path) -> tuple[SAC, State]:
     except (OSError, KeyError, ValueError) as e:
         raise RampError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
     memo = {k: (float(v[0]), float(v[1])) for k, v in s["memo"].items()}
-    return agent, State(episode=int(s["episode"]), log=list(s["log"]), best=s["best"], memo=memo)
+    return agent, State(
+        episode=int(s["episode"]),
+        log=list(s["log"]),
+        best=s["best"],
+        memo=memo,
+        evals=list(s.get("evals", [])),
+    )
 
 
 # -- the training loop ------------------------------------------------------------------------------
@@ -311,22 +323,11 @@ def train(
             agent.updates(sac.updates_per_episode)  # Alg. 1 lines 13-17
         rec.t_update = time.perf_counter() - t1
         rec.t_total = time.perf_counter() - t0
-        better = st.best is None or rec.quality < st.best["quality"]
-        if rec.in_budget and better:
-            st.best = {
-                "episode": rec.episode,
-                "quality": rec.quality,
-                "ppl": rec.ppl,
-                "kld": rec.kld,
-                "reward": rec.reward,
-                "rungs": rungs,
-                "bits": rec.bits,
-                "types": env.prep.costs.types_of(rungs),
-                "bpw": rec.bpw,
-                "bpw_nominal": rec.bpw_nominal,
-                "bpw_file": rec.bpw_file,
-                "file_bytes": rec.file_bytes,
-            }
+        if rec.in_budget and (st.best is None or rec.quality < st.best["quality"]):
+            st.best = best_entry(env, rec.episode, rungs, rec.ppl, rec.kld, rec.reward)
+        every = env.cfg.eval_every
+        if every and not warm and (st.episode + 1) % every == 0:
+            evaluate_policy(env, agent, st)
         rec.best_quality = st.best["quality"] if st.best else None
         st.log.append(asdict(rec))
         st.episode += 1
@@ -334,6 +335,46 @@ def train(
         if on_episode:
             on_episode(rec)
     return st
+
+
+def best_entry(
+    env: Environment, episode: int, rungs: list[int], ppl: float, kld: float, reward: float, **flags: Any
+) -> dict[str, Any]:
+    c = env.prep.costs
+    m = c.measures(rungs)
+    return {
+        "episode": episode,
+        "quality": ppl if env.cfg.metric == "ppl" else kld,
+        "ppl": ppl,
+        "kld": kld,
+        "reward": reward,
+        "rungs": list(rungs),
+        "bits": [c.bits[r] for r in rungs],
+        "types": c.types_of(rungs),
+        "bpw": m.bpw,
+        "bpw_nominal": m.bpw_nominal,
+        "bpw_file": m.bpw_file,
+        "file_bytes": m.file_bytes,
+        **flags,
+    }
+
+
+def evaluate_policy(env: Environment, agent: SAC, st: State) -> dict[str, Any]:
+    """Score the policy's mean action (apply's deterministic rollout); it may become the best allocation."""
+    from .apply import policy_rollout
+
+    p = env.prep
+    _, rungs = policy_rollout(agent.actor, p.features, p.costs.bits)
+    ppl, kld, _, _ = env.evaluate(rungs, st.memo)
+    m = p.costs.measures(rungs)
+    b = m.value(env.cfg.budget_spec.mode)
+    terms = env.reward(ppl, kld, b)
+    e = best_entry(env, st.episode, rungs, ppl, kld, terms.total, deterministic=True)
+    e["in_budget"] = b <= env.cfg.budget
+    st.evals.append({k: v for k, v in e.items() if k not in ("rungs", "types")})
+    if e["in_budget"] and (st.best is None or e["quality"] < st.best["quality"]):
+        st.best = e
+    return e
 
 
 # -- preparing a run --------------------------------------------------------------------------------
@@ -420,6 +461,8 @@ def prepare(
     cal_path = run_dir / "calib.safetensors"
     if calib is not None:
         cal = load_calibration(calib)
+        if not cal_path.is_file():  # kept with the run, so --resume needs no --calib
+            save_calibration(cal, cal_path)
     elif cal_path.is_file():
         cal = load_calibration(cal_path)
     else:
@@ -522,9 +565,11 @@ def search(
     from .ggufio import read_inventory
 
     rd = Path(run_dir)
-    if calib is not None:  # the run records the calibration it really uses
-        from .calibration import load_calibration
+    from .calibration import load_calibration
 
+    if calib is None and resume and (rd / "calib.safetensors").is_file():
+        calib = rd / "calib.safetensors"  # a resumed run keeps its own calibration
+    if calib is not None:  # the run records the calibration it really uses
         cfg = replace(cfg, calib=load_calibration(calib).config)
     info = read_inventory(model_path)  # cheap checks first: nothing is written for a hopeless request
     costs(info, visited_tensors(info, cfg.include_embeddings), cfg.bits, cfg.base_type).check_budget(
@@ -573,23 +618,8 @@ def repaired_policy_allocation(env: Environment, agent: SAC, st: State) -> dict[
     actions, rungs = policy_rollout(agent.actor, p.features, p.costs.bits)
     fixed = repair(rungs, actions, p.costs, env.cfg.budget_spec)
     ppl, kld, _, _ = env.evaluate(fixed, st.memo)
-    m = p.costs.measures(fixed)
-    terms = env.reward(ppl, kld, m.value(env.cfg.budget_spec.mode))
-    return {
-        "episode": st.episode,
-        "repaired": True,
-        "quality": ppl if env.cfg.metric == "ppl" else kld,
-        "ppl": ppl,
-        "kld": kld,
-        "reward": terms.total,
-        "rungs": fixed,
-        "bits": [p.costs.bits[r] for r in fixed],
-        "types": p.costs.types_of(fixed),
-        "bpw": m.bpw,
-        "bpw_nominal": m.bpw_nominal,
-        "bpw_file": m.bpw_file,
-        "file_bytes": m.file_bytes,
-    }
+    terms = env.reward(ppl, kld, p.costs.measures(fixed).value(env.cfg.budget_spec.mode))
+    return best_entry(env, st.episode, fixed, ppl, kld, terms.total, repaired=True)
 
 
 def _with_episodes(agent: SAC, sac: SACConfig) -> SAC:

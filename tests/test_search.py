@@ -57,13 +57,19 @@ def log_key(run: Path) -> list[tuple[float, list[int]]]:
 @pytest.fixture(scope="module")
 def trained(tiny_model: Path, text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     run = tmp_path_factory.mktemp("trained") / "run"
-    return search(tiny_model, run, small(text_file), SAC_SMALL, presets=("Q4_K_M",))
+    return search(tiny_model, run, small(text_file, eval_every=1), SAC_SMALL, presets=("Q4_K_M",))
 
 
 def test_end_to_end(trained: Any) -> None:
     res, run = trained, trained.run_dir
     assert res.state.episode == 5 and len(res.state.log) == 5
     assert [r["random"] for r in res.state.log] == [True, True, False, False, False]
+    # the mean action is scored after every learning episode and competes for the best allocation
+    assert [e["episode"] for e in res.state.evals] == [2, 3, 4]
+    assert all(e["deterministic"] for e in res.state.evals)
+    cands = [r["quality"] for r in res.state.log if r["in_budget"]]
+    cands += [e["quality"] for e in res.state.evals if e["in_budget"]]
+    assert res.state.best is not None and res.state.best["quality"] == min(cands)
     assert res.gguf is not None and res.gguf.is_file()
     alloc = json.loads(res.allocation.read_text())
     assert len(alloc["tensors"]) == 14 and alloc["bpw_nominal"] <= 4.5
