@@ -561,12 +561,15 @@ def search(
     on_episode: OnEpisode | None = None,
 ) -> SearchResult:
     """`ramp-cpp search`: prepare, train (resumable), then write policy, allocation, GGUF and report."""
+    from .calibration import load_calibration
     from .evaluate import file_sha256_cached as file_sha256
     from .ggufio import read_inventory
 
     rd = Path(run_dir)
-    from .calibration import load_calibration
-
+    if resume and not (rd / SETTINGS).is_file():
+        raise RampError(f"{rd}: no run to resume ({SETTINGS} missing)")
+    if not resume and (rd / SETTINGS).is_file():
+        raise RampError(f"{rd} already holds a run: add --resume to continue it, or choose another --out")
     if calib is None and resume and (rd / "calib.safetensors").is_file():
         calib = rd / "calib.safetensors"  # a resumed run keeps its own calibration
     if calib is not None:  # the run records the calibration it really uses
@@ -581,12 +584,8 @@ def search(
         check_config(cfg.calib, info.context_length or None)
     want = settings(str(Path(model_path).resolve()), file_sha256(model_path), cfg, sac)
     if resume:
-        if not (rd / SETTINGS).is_file():
-            raise RampError(f"{rd}: no run to resume ({SETTINGS} missing)")
         check_settings(rd, want)
     else:
-        if (rd / SETTINGS).is_file():
-            raise RampError(f"{rd} already holds a run: add --resume to continue it, or choose another --out")
         rd.mkdir(parents=True, exist_ok=True)
         with atomic_path(rd / SETTINGS, force=True) as tmp:
             tmp.write_text(json.dumps(want, indent=2))
