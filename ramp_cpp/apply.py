@@ -88,13 +88,10 @@ def apply_policy(
     from .ggufio import add_metadata, read_inventory, weight_moments
     from .policy import load_policy
     from .quantize import QuantizeOptions, quantize_map
-    from .search import visited_tensors
+    from .search import staged, visited_tensors
 
     def stage(name: str) -> Callable[[int, int], None] | None:
-        if progress is None:
-            return None
-        cb = progress
-        return lambda done, total: cb(name, done, total)
+        return staged(progress, name)
 
     out = check_output(dst, force)
     pol = load_policy(policy_path)

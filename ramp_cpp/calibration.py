@@ -12,7 +12,6 @@ This module only defines the artifact and its checks; `calibrate.py` measures it
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_path
+from . import stfile
 from .errors import RampError
 
 FORMAT_VERSION = 1
@@ -82,34 +81,18 @@ class Calibration:
 
 
 def save_calibration(cal: Calibration, dst: str | os.PathLike[str], force: bool = False) -> Path:
-    from safetensors.numpy import save_file
-
     tensors: dict[str, np.ndarray] = {}
     for name, s in cal.stats.items():
         tensors[f"{name}.max_abs"] = np.ascontiguousarray(s.max_abs, dtype=np.float32)
         tensors[f"{name}.sum_sq"] = np.ascontiguousarray(s.sum_sq, dtype=np.float64)
         tensors[f"{name}.count"] = np.array([s.count], dtype=np.int64)
-    with atomic_path(dst, force) as tmp:
-        save_file(tensors, str(tmp), metadata={"ramp.calibration": json.dumps(cal.header())})
-    return Path(dst)
+    return stfile.write(dst, tensors, "ramp.calibration", cal.header(), force)
 
 
 def load_calibration(path: str | os.PathLike[str]) -> Calibration:
     """Read a calibration artifact; one RampError line for anything that is not one."""
-    from safetensors import safe_open
-
     p = Path(path)
-    if not p.is_file():
-        raise RampError(f"{p}: no such file")
-    try:
-        with safe_open(str(p), framework="numpy") as f:
-            meta = f.metadata() or {}
-            raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise RampError(f"{p}: not a ramp-cpp calibration file ({type(e).__name__}: {e})") from None
-    if "ramp.calibration" not in meta:
-        raise RampError(f"{p}: not a ramp-cpp calibration file (no ramp.calibration header)")
-    h = json.loads(meta["ramp.calibration"])
+    raw, h = stfile.read(p, "ramp.calibration", "calibration file")
     if h.get("format") != FORMAT_VERSION:
         raise RampError(f"{p}: calibration format {h.get('format')} (this ramp-cpp reads {FORMAT_VERSION})")
     stats: dict[str, InputStats] = {}

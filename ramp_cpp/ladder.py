@@ -9,6 +9,8 @@ vendors); the ladder reproduces that so predicted bytes equal written bytes. Byt
 
 from __future__ import annotations
 
+import functools
+
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import RampError
@@ -54,6 +56,7 @@ STORABLE: frozenset[GGMLQuantizationType] = frozenset(
 )
 
 
+@functools.lru_cache(maxsize=128)  # an episode looks up every searched tensor's type
 def type_from_name(name: str) -> GGMLQuantizationType:
     """'Q4_K' -> GGMLQuantizationType.Q4_K; one clear error for anything else."""
     known = ", ".join(sorted(x.name for x in STORABLE))

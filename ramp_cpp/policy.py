@@ -10,7 +10,6 @@ safetensors stores only raw tensors and strings, so loading a file can never run
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .atomic import atomic_path
+from . import __version__, stfile
 from .errors import RampError
 from .sac import Actor
 
@@ -42,37 +40,15 @@ class Policy:
 
 
 def save_policy(tensors: dict[str, torch.Tensor], meta: dict[str, Any], dst: str | os.PathLike[str]) -> Path:
-    from safetensors.torch import save_file
-
-    full = {"format": POLICY_FORMAT, "ramp_version": __version__, **meta}
-    with atomic_path(dst, force=True) as tmp:
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()},
-            str(tmp),
-            metadata={"ramp.policy": json.dumps(full)},
-        )
-    return Path(dst)
+    return stfile.write(
+        dst, tensors, "ramp.policy", {"format": POLICY_FORMAT, "ramp_version": __version__, **meta}, True
+    )
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
     """Read a policy; one RampError line for a missing, damaged, foreign or incompatible file."""
-    from safetensors import safe_open
-
     p = Path(path)
-    if not p.is_file():
-        raise RampError(f"{p}: no such file")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta_raw = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except Exception as e:  # safetensors raises its own SafetensorError for anything it cannot parse
-        raise RampError(f"{p}: not a ramp-cpp policy (unreadable safetensors: {type(e).__name__})") from None
-    if "ramp.policy" not in meta_raw:
-        raise RampError(f"{p}: not a ramp-cpp policy (no ramp.policy metadata)")
-    try:
-        meta = json.loads(meta_raw["ramp.policy"])
-    except ValueError:
-        raise RampError(f"{p}: damaged policy metadata") from None
+    tensors, meta = stfile.read(p, "ramp.policy", "policy", framework="pt")
     if meta.get("format") != POLICY_FORMAT:
         raise RampError(
             f"{p}: policy format {meta.get('format')} from ramp-cpp {meta.get('ramp_version')}; "

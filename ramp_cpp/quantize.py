@@ -7,6 +7,7 @@ of `ladder.written_type`, which makes byte accounting a tested fact rather than 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -33,6 +34,7 @@ def _qtype(name: str) -> GGMLQuantizationType:
     return GGMLQuantizationType.__members__[name]
 
 
+@functools.lru_cache(maxsize=1)
 def _ftypes() -> dict[str, int]:
     """llama.cpp's file types by name (Q4_K_M, Q8_0, F16, ...), read from llama_cpp's constants."""
     from .backend import _llama
@@ -198,11 +200,16 @@ def quantize_map(
     row-length fallback) and every other quantizable tensor gets `base`."""
     info = read_inventory(src)
     full = complete_map(info, types, base if isinstance(base, GGMLQuantizationType) else type_from_name(base))
-    # every tensor is matched by the map, so ftype only labels the file (and must be a quantized one for
-    # llama.cpp to consult the overrides at all)
-    quantized_types = Counter(t for t in full.values() if t not in FLOAT_TYPES)
-    label = _FTYPE_OF_TYPE.get(quantized_types.most_common(1)[0][0], "Q8_0") if quantized_types else "Q8_0"
-    return _run(info, dst, _ftypes()[label], full, opts, progress, f"{len(full)} tensors by map")
+    return _run(info, dst, file_type_for(full), full, opts, progress, f"{len(full)} tensors by map")
+
+
+def file_type_for(full: Mapping[str, GGMLQuantizationType]) -> int:
+    """general.file_type of a map's output: the llama.cpp file type of its most common quantized type
+    (first met wins a tie), Q8_0 when there is none. Every tensor is matched by the map, so the file type
+    only labels the file; it must be a quantized one for llama.cpp to consult the overrides at all."""
+    counts = Counter(t for t in full.values() if t not in FLOAT_TYPES)
+    label = _FTYPE_OF_TYPE.get(counts.most_common(1)[0][0], "Q8_0") if counts else "Q8_0"
+    return _ftypes()[label]
 
 
 def quantize_preset(

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, stfile
 from .allocation import Budget, Costs, costs, rung_of
 from .atomic import atomic_path
 from .backend import LlamaModel, RuntimeOptions
@@ -266,30 +266,18 @@ def run_episode(env: Environment, agent: SAC, st: State, warmup: bool) -> tuple[
 
 def save_checkpoint(run_dir: Path, agent: SAC, st: State) -> None:
     """One file, written to a temp name and renamed: a kill at any moment leaves the previous one intact."""
-    from safetensors.torch import save_file
-
     tensors, meta = agent.checkpoint_tensors()
     state = {"episode": st.episode, "log": st.log, "best": st.best, "memo": st.memo, "evals": st.evals}
-    with atomic_path(run_dir / CHECKPOINT, force=True) as tmp:
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()},
-            str(tmp),
-            metadata={"ramp.sac": json.dumps(meta), "ramp.state": json.dumps(state)},
-        )
+    stfile.write(run_dir / CHECKPOINT, tensors, "ramp.checkpoint", {"sac": meta, "state": state}, force=True)
 
 
 def load_checkpoint(run_dir: Path) -> tuple[SAC, State]:
-    from safetensors import safe_open
-
-    path = run_dir / CHECKPOINT
+    tensors, h = stfile.read(run_dir / CHECKPOINT, "ramp.checkpoint", "checkpoint", framework="pt")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        agent = SAC.from_checkpoint(tensors, json.loads(meta["ramp.sac"]))
-        s = json.loads(meta["ramp.state"])
-    except (OSError, KeyError, ValueError) as e:
-        raise RampError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
+        agent = SAC.from_checkpoint(tensors, h["sac"])
+        s = h["state"]
+    except (KeyError, TypeError) as e:
+        raise RampError(f"{run_dir / CHECKPOINT}: damaged checkpoint ({type(e).__name__}: {e})") from None
     memo = {k: (float(v[0]), float(v[1])) for k, v in s["memo"].items()}
     return agent, State(
         episode=int(s["episode"]),
@@ -380,6 +368,14 @@ def evaluate_policy(env: Environment, agent: SAC, st: State) -> dict[str, Any]:
 # -- preparing a run --------------------------------------------------------------------------------
 
 
+def staged(progress: Progress | None, name: str) -> Callable[[int, int], None] | None:
+    """A stage's (done, total) callback reporting to a (stage, done, total) progress callback."""
+    if progress is None:
+        return None
+    cb = progress
+    return lambda done, total: cb(name, done, total)
+
+
 def visited_tensors(model: Any, include_embeddings: bool) -> list[Any]:
     """The searched tensors in visiting order; with embeddings, token_embd first and output last."""
     ts = list(model.searched)
@@ -440,24 +436,23 @@ def prepare(
     opts: RuntimeOptions,
     calib: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
+    original: Any = None,
 ) -> Prepared:
     """Calibrate (or reuse), fold, compute features, build the tensor cache and the base statistics; each
-    artifact is saved in `run_dir` and reused when present, so a resumed run repeats none of them."""
+    artifact is saved in `run_dir` and reused when present, so a resumed run repeats none of them.
+    `original`: the model's inventory when the caller has already read it."""
     from .calibrate import calibrate
     from .calibration import check_matches, load_calibration, save_calibration
     from .corpora import load_text
     from .features import FeatureConfig, compute_features
-    from .fold import fold
-    from .ggufio import file_sha256, read_inventory, weight_moments
+    from .fold import fold, folded_calibration_from_file
+    from .ggufio import read_inventory, weight_moments
     from .tensorcache import build_cache
 
     def stage(name: str) -> Callable[[int, int], None] | None:
-        if progress is None:
-            return None
-        cb = progress
-        return lambda done, total: cb(name, done, total)
+        return staged(progress, name)
 
-    original = read_inventory(model_path)
+    original = original or read_inventory(model_path)
     cal_path = run_dir / "calib.safetensors"
     if calib is not None:
         cal = load_calibration(calib)
@@ -469,8 +464,7 @@ def prepare(
         cal_text, _ = load_text(cfg.calib.text)
         cal = calibrate(model_path, cal_text, cfg.calib, opts, stage("calibrate"))
         save_calibration(cal, cal_path, force=True)
-    if cal.model_sha256 != file_sha256(model_path):
-        check_matches(cal, original)  # another file of the same model (e.g. a copy): shapes must agree
+    check_matches(cal, original)
     src = Path(model_path)
     if cfg.fold:
         folded = run_dir / "folded.f16.gguf"
@@ -480,7 +474,7 @@ def prepare(
             else None
         )
         src = folded
-        cal = fres.calibration if fres is not None else _folded_calibration(cal, folded)
+        cal = fres.calibration if fres is not None else folded_calibration_from_file(cal, folded)
     model = read_inventory(src)
     visited = visited_tensors(model, cfg.include_embeddings)
     feats_path = run_dir / "features.json"
@@ -526,13 +520,6 @@ def prepare(
         calibration=cal,
         imatrix=imatrix,
     )
-
-
-def _folded_calibration(cal: Calibration, folded: Path) -> Calibration:
-    """The calibration of an already folded file, from the scales recorded when it was folded."""
-    from .fold import folded_calibration_from_file
-
-    return folded_calibration_from_file(cal, folded)
 
 
 # -- the whole command ------------------------------------------------------------------------------
@@ -589,7 +576,7 @@ def search(
         rd.mkdir(parents=True, exist_ok=True)
         with atomic_path(rd / SETTINGS, force=True) as tmp:
             tmp.write_text(json.dumps(want, indent=2))
-    prep = prepare(model_path, rd, cfg, opts, calib, progress)
+    prep = prepare(model_path, rd, cfg, opts, calib, progress, original=info)
     if resume and (rd / CHECKPOINT).is_file():
         agent, st = load_checkpoint(rd)
         agent = _with_episodes(agent, sac)
@@ -639,6 +626,7 @@ def finish(
 ) -> SearchResult:
     """Write the policy, the best allocation, its GGUF (llama.cpp's quantizer, with ramp.* metadata) and
     the report."""
+    from .evaluate import file_sha256_cached
     from .ggufio import add_metadata, file_sha256
     from .policy import save_policy
     from .quantize import QuantizeOptions, quantize_map, quantize_preset
@@ -659,7 +647,7 @@ def finish(
         "search": cfg.to_json(),
         "source": {
             "model": Path(prep.model_path).name,
-            "sha256": file_sha256(prep.model_path),
+            "sha256": file_sha256_cached(prep.model_path),
             "arch": prep.model.arch,
             "n_blocks": prep.model.n_blocks,
         },

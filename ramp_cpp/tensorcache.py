@@ -21,13 +21,11 @@ the next `build_cache` quantizes only the types still missing.
 from __future__ import annotations
 
 import filecmp
-import functools
 import hashlib
 import json
 import mmap
 import os
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +48,7 @@ from .ggufio import (
     write_from_template,
 )
 from .ladder import type_from_name, written_type
-from .quantize import _FTYPE_OF_TYPE, FLOAT_TYPES, QuantizeOptions, _ftypes, complete_map, quantize_map
+from .quantize import QuantizeOptions, complete_map, file_type_for, quantize_map
 
 T = GGMLQuantizationType
 FORMAT_VERSION = 1
@@ -105,12 +103,8 @@ def _key(sha: str, digest: str | None, base: GGMLQuantizationType) -> dict[str, 
 
 
 def _as_type(t: str | GGMLQuantizationType) -> GGMLQuantizationType:
-    return t if isinstance(t, GGMLQuantizationType) else _type_named(t)
+    return t if isinstance(t, GGMLQuantizationType) else type_from_name(t)
 
-
-# memoized: an episode names every searched tensor's type, and each lookup would rebuild the error text
-_type_named = functools.lru_cache(maxsize=64)(type_from_name)
-_ftype_values = functools.lru_cache(maxsize=1)(_ftypes)
 
 #: Open read-only maps of the cache's .bin files, by (path, inode, mtime): an episode then copies from
 #: already-mapped pages instead of faulting them in again (a rebuilt file has a new inode).
@@ -146,14 +140,6 @@ def _read_json(path: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
 def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
     with atomic_path(path, force=True) as tmp:
         tmp.write_text(json.dumps(obj))
-
-
-def _file_type(full: Mapping[str, GGMLQuantizationType]) -> int:
-    """general.file_type as quantize_map sets it: the llama.cpp file type of the most common quantized
-    type of the completed map (first met wins a tie), Q8_0 when there is none."""
-    counts = Counter(t for t in full.values() if t not in FLOAT_TYPES)
-    label = _FTYPE_OF_TYPE.get(counts.most_common(1)[0][0], "Q8_0") if counts else "Q8_0"
-    return _ftype_values()[label]
 
 
 def build_cache(
@@ -351,7 +337,8 @@ def assemble(
     views = [maps[b.file][b.offset : b.offset + b.nbytes] for b in chosen]
     try:
         size = write_from_template(
-            dst, cache.template, _file_type(full), [int(b.ggml_type) for b in chosen], views, force, recycle
+            dst, cache.template, file_type_for(full), [int(b.ggml_type) for b in chosen], views, force,
+            recycle,
         )
     finally:
         # no view may outlive this call: _mapped closes maps it evicts

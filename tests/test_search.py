@@ -267,3 +267,11 @@ def test_kill_and_resume(
         [*_search_args(tiny_model, text_file, run, n), "--resume"], check=True, env=env, capture_output=True
     )
     assert log_key(run) == log_key(straight)
+
+
+def test_damaged_checkpoint_is_one_error(tmp_path: Path) -> None:
+    from ramp_cpp.search import load_checkpoint
+
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"\x10" + b"\x00" * 50)
+    with pytest.raises(RampError, match="not a ramp-cpp checkpoint"):
+        load_checkpoint(tmp_path)

@@ -242,7 +242,7 @@ def test_build_refuses_a_cache_that_does_not_reproduce_llama_cpp(
 ) -> None:
     """build_cache compares its own assembly with llama.cpp's file for every type it adds: a wrong header
     field (here general.file_type) is an error, and the type is not left behind as cached."""
-    monkeypatch.setattr(tensorcache, "_file_type", lambda full: 0)
+    monkeypatch.setattr(tensorcache, "file_type_for", lambda full: 0)
     with pytest.raises(RampError, match="differs from llama.cpp"):
         build_cache(tiny_model, ["Q4_K"], tmp_path)
     (d,) = tmp_path.iterdir()
