@@ -8,7 +8,7 @@ NATIVE  := ramp_cpp/lib/libramp_native.so
 # CMAKE_ARGS is read by llama-cpp-python's build: e.g. CMAKE_ARGS="-DGGML_CUDA=on" make install
 export CMAKE_ARGS
 
-.PHONY: install native demo-model demo test lint bench clean
+.PHONY: install native demo-model demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -36,6 +36,10 @@ demo: demo-model
 
 test: install demo-model
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+# Everything but the tests marked slow (subprocess runs, transformers comparisons); CI runs `make test`.
+test-fast: install demo-model
+	$(VPY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check ramp_cpp tests bench

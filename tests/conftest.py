@@ -1,6 +1,23 @@
+"""Session-wide isolation: whatever the code caches goes under one temp dir per session, never the user's.
+
+`pytest_configure` runs before collection and before every fixture of every scope, so module- and
+session-scoped fixtures (search runs, CLI subprocesses, which inherit os.environ) are covered, not only
+function-scoped tests. It points RAMP_CACHE_DIR (every cache of ramp_cpp: base log-probs, file hashes, texts
+fetched from the hub) at the temp dir, and HOME at an empty folder inside it, so that code reaching for
+~/.cache anyway is caught by `pytest_sessionfinish`, which fails the session if ~/.cache/ramp-cpp appeared.
+
+Two things are taken from the user's real cache, resolved before the redirect and only ever read: the demo
+model (`ramp-cpp demo-model` puts it there; the `demo_model` fixture returns that path, and tests that need
+it are skipped without it) and the texts already fetched from the hub (their folder becomes RAMP_DATA_DIR when
+none is set, so a machine without ../shared does not go online in the tests).
+"""
+
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,11 +26,50 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import synthetic  # noqa: E402
 
+_ENV = ("HOME", "RAMP_CACHE_DIR", "RAMP_DATA_DIR")
+_saved: dict[str, str | None] = {}
+_session: dict[str, Path] = {}
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Caches (base log-probs, file hashes) go to a per-session temp dir, never the user's."""
-    monkeypatch.setenv("RAMP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+def pytest_configure(config: pytest.Config) -> None:
+    from ramp_cpp.corpora import fetched_dir
+    from ramp_cpp.demo import demo_model_path
+
+    _session["demo_model"] = demo_model_path()
+    real_texts = fetched_dir()
+    root = Path(tempfile.mkdtemp(prefix="ramp-cpp-tests-"))
+    (root / "home").mkdir()
+    _session["root"] = root
+    _saved.update({k: os.environ.get(k) for k in _ENV})
+    os.environ["HOME"] = str(root / "home")
+    os.environ["RAMP_CACHE_DIR"] = str(root / "cache")
+    if not os.environ.get("RAMP_DATA_DIR") and real_texts.is_dir():
+        os.environ["RAMP_DATA_DIR"] = str(real_texts)
+
+
+def leaked_user_cache() -> Path | None:
+    """~/.cache/ramp-cpp under the session's HOME, if anything created it."""
+    p = Path.home() / ".cache" / "ramp-cpp"
+    return p if p.exists() else None
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    leaked = leaked_user_cache()
+    if leaked is not None:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"\nerror: the tests wrote into {leaked}, bypassing RAMP_CACHE_DIR", red=True)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for k, v in _saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    if "root" in _session:
+        shutil.rmtree(_session["root"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -28,9 +84,7 @@ def tiny_text() -> str:
 
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
-    from ramp_cpp.demo import demo_model_path
-
-    p = demo_model_path()
+    p = _session["demo_model"]
     if not p.is_file():
         pytest.skip("demo model not fetched (run `ramp-cpp demo-model`)")
     return p

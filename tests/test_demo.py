@@ -24,6 +24,7 @@ def test_inventory_of_demo(demo_model: Path) -> None:
     assert all(t.ggml_type == "F16" for t in info.tensors)
 
 
+@pytest.mark.slow
 def test_ppl_agrees_with_transformers(demo_model: Path) -> None:
     """The correctness anchor: llama.cpp in process vs PyTorch fp32 through transformers, same tokens."""
     import json
@@ -38,6 +39,7 @@ def test_ppl_agrees_with_transformers(demo_model: Path) -> None:
     assert d["relative_difference"] < 0.01, d
 
 
+@pytest.mark.slow
 def test_q8_is_closer_than_q4_k_m(demo_model: Path, tmp_path: Path) -> None:
     text, _ = load_text("wikitext2-test")
     cfg = EvalConfig(n_chunks=2)

@@ -244,6 +244,7 @@ def straight(tiny_model: Path, text_file: Path, tmp_path_factory: pytest.TempPat
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_kill_and_resume(
     tiny_model: Path, text_file: Path, recipe: Path, straight: Path, tmp_path: Path, sig: int
