@@ -97,6 +97,11 @@ def apply_policy(
     pol = load_policy(policy_path)
     budget = Budget(cfg.budget, cfg.margin, cfg.budget_mode)
     original = read_inventory(model_path)
+    include_embeddings = bool(pol.meta.get("include_embeddings", False))
+    # Feasibility depends only on the tensor shapes and the ladder, which folding keeps: refuse a hopeless
+    # budget before calibrating and folding (minutes on a real model).
+    visited = visited_tensors(original, include_embeddings)
+    costs(original, visited, pol.bits, cfg.base_type).check_budget(budget)
     if calib is not None:
         cal: Calibration = load_calibration(calib)
         check_matches(cal, original)
@@ -108,7 +113,7 @@ def apply_policy(
             fres = fold(model_path, cal, Path(td) / "folded.f16.gguf", force=True, progress=stage("fold"))
             src, cal = Path(fres.path), fres.calibration
         model = read_inventory(src)
-        visited = visited_tensors(model, bool(pol.meta.get("include_embeddings", False)))
+        visited = visited_tensors(model, include_embeddings)
         moments = weight_moments(src, [t.name for t in visited])
         feats = compute_features(model, moments, cal, FeatureConfig(variant=pol.variant), visited)
         c = costs(model, visited, pol.bits, cfg.base_type)

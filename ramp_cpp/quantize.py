@@ -22,7 +22,7 @@ from .arch import quantizable
 from .atomic import atomic_path
 from .errors import RampError
 from .ggufio import ModelInfo, read_inventory, tensor_types
-from .ladder import tensor_nbytes, type_from_name, written_type
+from .ladder import needs_imatrix, tensor_nbytes, type_from_name, written_type
 
 T = GGMLQuantizationType
 FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
@@ -63,6 +63,8 @@ _FTYPE_OF_TYPE: dict[GGMLQuantizationType, str] = {
     T.Q4_K: "Q4_K_M",
     T.Q5_K: "Q5_K_M",
     T.Q6_K: "Q6_K",
+    T.IQ4_NL: "IQ4_NL",
+    T.IQ4_XS: "IQ4_XS",
 }
 
 
@@ -116,6 +118,21 @@ def predicted_data_bytes(info: ModelInfo, full_map: Mapping[str, GGMLQuantizatio
     return sum(nbytes for _, nbytes in predict(info, full_map).values()) + info.other_bytes
 
 
+def check_imatrix(expected: Mapping[str, tuple[str, int]], imatrix: Mapping[str, np.ndarray] | None) -> None:
+    """`expected`: tensor -> (written type, bytes) of the tensors a map names (`predict`).
+    Refuse, before llama.cpp runs, a map whose written types need an importance matrix it lacks
+    (`ladder.needs_imatrix`: llama.cpp would stop with a log message, or ggml abort the process)."""
+    have = imatrix or {}
+    lacking = [(n, t) for n, (t, _) in expected.items() if needs_imatrix(_qtype(t)) and n not in have]
+    if lacking:
+        name, t = lacking[0]
+        what = "the importance matrix has no entry for it" if have else "none was given"
+        raise RampError(
+            f"{name} would be written as {t}, which llama.cpp writes only with an importance matrix; "
+            f"{what} ({len(lacking)} tensors need one)"
+        )
+
+
 def _check_source(info: ModelInfo, allow_requantize: bool) -> None:
     if allow_requantize:
         return
@@ -165,6 +182,7 @@ def _run(
     """One llama_model_quantize call into a temp file; the checks on it; rename on success."""
     _check_source(info, opts.allow_requantize)
     expected = predict(info, full_map) if full_map else {}
+    check_imatrix({n: expected[n] for n in full_map}, opts.imatrix)
     with atomic_path(dst, opts.force) as tmp:
         if progress:
             progress(f"llama.cpp quantizing: {what}")
@@ -209,7 +227,8 @@ def file_type_for(full: Mapping[str, GGMLQuantizationType]) -> int:
     only labels the file; it must be a quantized one for llama.cpp to consult the overrides at all."""
     counts = Counter(t for t in full.values() if t not in FLOAT_TYPES)
     label = _FTYPE_OF_TYPE.get(counts.most_common(1)[0][0], "Q8_0") if counts else "Q8_0"
-    return _ftypes()[label]
+    ftypes = _ftypes()
+    return ftypes.get(label, ftypes["Q8_0"])
 
 
 def quantize_preset(

@@ -57,6 +57,9 @@ POINT_KEYS: tuple[str, ...] = ("label", "file_bytes", "quality", "kind")
 #: Per-episode time split, log key -> report name.
 PHASES: dict[str, str] = {"t_assemble": "assemble", "t_load": "load", "t_eval": "eval", "t_update": "update"}
 METRIC_LABEL: dict[str, str] = {"ppl": "perplexity", "kld": "mean KLD vs base"}
+#: The `meta` key of the unquantized model's value of the metric, drawn as the "unquantized" line
+#: (the base's PPL, or 0 for KLD); the search writes it under this name.
+BASE_QUALITY = "base_quality"
 DPI = 120
 
 
@@ -173,6 +176,11 @@ def _budget_lines(ax: Axes, meta: dict[str, Any]) -> None:
             ax.axhline(float(meta[key]), color="crimson", ls=style, lw=1, label=key)
 
 
+def _base_line(ax: Axes, meta: dict[str, Any]) -> None:
+    if meta.get(BASE_QUALITY) is not None:
+        ax.axhline(float(meta[BASE_QUALITY]), color="k", ls="--", lw=1, label="unquantized")
+
+
 def plot_training(log: Sequence[dict[str, Any]], meta: dict[str, Any]) -> Figure:
     """Reward, quality metric and bits per weight per episode (paper Fig. 3)."""
     ep = np.array([int(r["episode"]) for r in log])
@@ -190,8 +198,7 @@ def plot_training(log: Sequence[dict[str, Any]], meta: dict[str, Any]) -> Figure
     ok = np.array([bool(r["in_budget"]) for r in log])
     ax_q.plot(ep, q, lw=0.8, color="0.5")
     ax_q.scatter(ep[ok], np.array(q)[ok], s=10, color="tab:green", label="in budget", zorder=3)
-    if meta.get("base_quality") is not None:
-        ax_q.axhline(float(meta["base_quality"]), color="k", ls="--", lw=1, label="unquantized")
+    _base_line(ax_q, meta)
     _maybe_log(ax_q, q)
     ax_q.set_ylabel(METRIC_LABEL.get(metric, metric))
     ax_q.legend(fontsize=8, loc="upper right")
@@ -217,8 +224,7 @@ def plot_best_so_far(log: Sequence[dict[str, Any]], meta: dict[str, Any]) -> Fig
     best = [_nan(r["best_quality"]) for r in log]
     ax.scatter(ep[ok], q[ok], s=8, color="0.6", label="in-budget episode")
     ax.step(ep, best, where="post", color="tab:blue", lw=1.8, label="best so far")
-    if meta.get("base_quality") is not None:
-        ax.axhline(float(meta["base_quality"]), color="k", ls="--", lw=1, label="unquantized")
+    _base_line(ax, meta)
     _maybe_log(ax, [*best, *q[ok].tolist()])
     ax.set_xlabel("episode")
     ax.set_ylabel(f"best {METRIC_LABEL.get(metric, metric)}")
@@ -290,8 +296,7 @@ def plot_pareto(points: Sequence[dict[str, Any]], metric: str, meta: dict[str, A
         ax.scatter(xs, ys, s=size, c=color, marker=marker, label=kind, zorder=3)
         for p, at in zip(group, xy, strict=True):
             ax.annotate(str(p["label"]), at, fontsize=7, xytext=(4, 4), textcoords="offset points")
-    if meta.get("base_quality") is not None:
-        ax.axhline(float(meta["base_quality"]), color="k", ls="--", lw=1, label="unquantized")
+    _base_line(ax, meta)
     _maybe_log(ax, [float(p["quality"]) for p in points])
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel(f"{METRIC_LABEL.get(metric, metric)} (lower is better)")
@@ -315,7 +320,7 @@ def write_report(
     Returns {"report": report.json, "training", "best_so_far", "bits_depth", "bits_role", "pareto": PNGs}.
     bits_depth/bits_role need a `best` (no in-budget episode yet: skipped), pareto needs `points`.
     `meta` is stored verbatim; the figures read its optional `model`, `budget`, `target` and
-    `base_quality` (the unquantized model's value of the metric)."""
+    `BASE_QUALITY` (the unquantized model's value of the metric)."""
     validate(log, tensors, best, points)
     d = Path(run_dir)
     d.mkdir(parents=True, exist_ok=True)

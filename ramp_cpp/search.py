@@ -40,6 +40,7 @@ from .sac import SAC, SACConfig
 METRICS = ("ppl", "kld")
 CHECKPOINT = "checkpoint.safetensors"
 SETTINGS = "run.json"
+CALIB = "calib.safetensors"  # the unfolded model's calibration, kept with the run
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,10 @@ class Prepared:
     base: BaseLogprobs
     base_ppl: float
     calibration: Calibration
-    imatrix: dict[str, np.ndarray] | None
+    imatrix: dict[str, np.ndarray] | None  # of `calibration`: for quantizing src_path
+    # E[x^2] of the UNFOLDED model's calibration: llama.cpp's presets quantize model_path, whose inputs
+    # are x, not the folded x/s (same calibration as `imatrix`, so "with imatrix" compares like with like)
+    base_imatrix: dict[str, np.ndarray] | None
 
 
 @dataclass
@@ -386,6 +390,26 @@ def visited_tensors(model: Any, include_embeddings: bool) -> list[Any]:
     return ts
 
 
+#: Precision tags a model file's name may end with before `.gguf`; the output names drop them.
+PRECISION_TAGS = ("f16", "bf16", "f32")
+
+
+def model_stem(path: str | os.PathLike[str]) -> str:
+    """The model's name for output files: its file name less a trailing `.gguf` and then a trailing
+    precision tag (`PRECISION_TAGS`, any case); every other dot stays (`Qwen2.5-0.5B-Instruct.f16.gguf`
+    -> `Qwen2.5-0.5B-Instruct`)."""
+    name = Path(path).name
+    if name.lower().endswith(".gguf"):
+        name = name[: -len(".gguf")]
+    stem, dot, tag = name.rpartition(".")
+    return stem if dot and stem and tag.lower() in PRECISION_TAGS else name
+
+
+def ramp_output_name(model_path: str | os.PathLike[str], label: str) -> str:
+    """`MODEL.ramp-LABEL.gguf` (LABEL: the budget, e.g. 5.5, or a --size target)."""
+    return f"{model_stem(model_path)}.ramp-{label}.gguf"
+
+
 def settings(model_path: str, model_sha: str, cfg: SearchConfig, sac: SACConfig) -> dict[str, Any]:
     return {
         "ramp_version": __version__,
@@ -453,7 +477,7 @@ def prepare(
         return staged(progress, name)
 
     original = original or read_inventory(model_path)
-    cal_path = run_dir / "calib.safetensors"
+    cal_path = run_dir / CALIB
     if calib is not None:
         cal = load_calibration(calib)
         if not cal_path.is_file():  # kept with the run, so --resume needs no --calib
@@ -465,6 +489,7 @@ def prepare(
         cal = calibrate(model_path, cal_text, cfg.calib, opts, stage("calibrate"))
         save_calibration(cal, cal_path, force=True)
     check_matches(cal, original)
+    base_imatrix = cal.imatrix() if cfg.imatrix else None
     src = Path(model_path)
     if cfg.fold:
         folded = run_dir / "folded.f16.gguf"
@@ -519,6 +544,7 @@ def prepare(
         base_ppl=base_ppl,
         calibration=cal,
         imatrix=imatrix,
+        base_imatrix=base_imatrix,
     )
 
 
@@ -557,8 +583,8 @@ def search(
         raise RampError(f"{rd}: no run to resume ({SETTINGS} missing)")
     if not resume and (rd / SETTINGS).is_file():
         raise RampError(f"{rd} already holds a run: add --resume to continue it, or choose another --out")
-    if calib is None and resume and (rd / "calib.safetensors").is_file():
-        calib = rd / "calib.safetensors"  # a resumed run keeps its own calibration
+    if calib is None and resume and (rd / CALIB).is_file():
+        calib = rd / CALIB  # a resumed run keeps its own calibration
     if calib is not None:  # the run records the calibration it really uses
         cfg = replace(cfg, calib=load_calibration(calib).config)
     info = read_inventory(model_path)  # cheap checks first: nothing is written for a hopeless request
@@ -630,7 +656,7 @@ def finish(
     from .ggufio import add_metadata, file_sha256
     from .policy import save_policy
     from .quantize import QuantizeOptions, quantize_map, quantize_preset
-    from .report import write_report
+    from .report import BASE_QUALITY, write_report
 
     tensors = agent.policy_tensors(
         prep.features.mean.astype(np.float32), prep.features.std.astype(np.float32)
@@ -660,7 +686,7 @@ def finish(
         alloc = allocation_json(prep, st.best, cfg)
         with atomic_path(alloc_path, force=True) as tmp:
             tmp.write_text(json.dumps(alloc, indent=2))
-        gguf = rd / f"{Path(prep.model_path).name.split('.')[0]}.ramp-{cfg.budget:g}.gguf"
+        gguf = rd / ramp_output_name(prep.model_path, f"{cfg.budget:g}")
         qopts = QuantizeOptions(imatrix=prep.imatrix, n_threads=opts.n_threads, force=True)
         tmp_gguf = rd / ".final.gguf"
         quantize_map(prep.src_path, tmp_gguf, st.best["types"], cfg.base_type, qopts)
@@ -681,14 +707,14 @@ def finish(
     try:
         for name in presets:
             q = wd / f"{name}.gguf"
-            r = quantize_preset(
-                prep.model_path, q, name, QuantizeOptions(imatrix=prep.imatrix, n_threads=opts.n_threads)
-            )
+            im = prep.base_imatrix
+            qo = QuantizeOptions(imatrix=im, n_threads=opts.n_threads)
+            r = quantize_preset(prep.model_path, q, name, qo)
             with LlamaModel(q, replace(opts, n_ctx=cfg.n_ctx)) as m:
                 k = kld_loaded(m, prep.chunks, prep.base)
             points.append(
                 {
-                    "label": name,
+                    "label": name if im is None else f"{name}+imatrix",
                     "file_bytes": r.file_size,
                     "quality": k.ppl if cfg.metric == "ppl" else k.kld_mean,
                     "kind": "preset",
@@ -702,7 +728,7 @@ def finish(
         "model": Path(prep.model_path).name,
         "budget": cfg.budget,
         "target": cfg.budget - cfg.margin,
-        "base_ppl": prep.base_ppl,
+        BASE_QUALITY: prep.base_ppl if cfg.metric == "ppl" else 0.0,  # KLD of the base against itself
         "search": cfg.to_json(),
         **summary,
     }

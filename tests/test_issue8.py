@@ -1,0 +1,452 @@
+"""Issue 8: the demo table and six bugs, each checked where it showed (a regression test per bug)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import synthetic
+from gguf import GGMLQuantizationType as T
+from typer.testing import CliRunner
+
+from ramp_cpp import native, quantize
+from ramp_cpp.calibration import CalibConfig
+from ramp_cpp.cli import app
+from ramp_cpp.errors import RampError
+from ramp_cpp.ggufio import read_inventory, tensor_types
+from ramp_cpp.ladder import TYPES, needs_imatrix, tensor_nbytes, type_from_name, written_type
+from ramp_cpp.quantize import QuantizeOptions, quantize_map
+from ramp_cpp.sac import SACConfig
+from ramp_cpp.search import SearchConfig, search
+
+runner = CliRunner()
+
+# -- 3.6: every type llama.cpp writes, its fallback and its imatrix requirement ----------------------
+
+#: (asked, n_per_row, written): llama.cpp's tensor_type_fallback (src/llama-quant.cpp, as vendored by
+#: llama-cpp-python 0.3.36), read off the source: 256-block IQ types -> IQ4_NL, 32-block types -> F16.
+FALLBACK_CASES = [
+    (T.IQ4_NL, 384, T.IQ4_NL),
+    (T.IQ4_NL, 100, T.F16),
+    (T.IQ4_XS, 256, T.IQ4_XS),
+    (T.IQ4_XS, 384, T.IQ4_NL),
+    (T.IQ4_XS, 100, T.F16),
+    (T.IQ3_S, 576, T.IQ4_NL),
+    (T.IQ3_XXS, 896, T.IQ4_NL),
+    (T.IQ2_XXS, 256, T.IQ2_XXS),
+    (T.IQ2_XXS, 384, T.IQ4_NL),
+    (T.IQ2_XS, 640, T.IQ4_NL),
+    (T.IQ2_S, 640, T.IQ4_NL),
+    (T.IQ1_S, 576, T.IQ4_NL),
+    (T.IQ1_M, 576, T.IQ4_NL),
+    (T.TQ1_0, 384, T.Q4_0),
+    (T.TQ2_0, 384, T.Q4_0),
+    (T.MXFP4, 100, T.F16),
+    (T.Q4_K, 384, T.Q5_0),
+    (T.Q8_0, 100, T.F16),
+]
+
+
+@pytest.mark.parametrize("asked, n_per_row, written", FALLBACK_CASES)
+def test_written_type_follows_llama_cpp_fallback(asked: T, n_per_row: int, written: T) -> None:
+    assert written_type(asked, n_per_row) == written
+
+
+def test_no_fallback_for_large_blocks_is_an_error() -> None:
+    """tensor_type_fallback throws for a type with a block > 32 and no fallback (NVFP4: 64)."""
+    with pytest.raises(RampError, match="no fallback for NVFP4"):
+        written_type(T.NVFP4, 96)
+    assert written_type(T.NVFP4, 128) == T.NVFP4
+
+
+#: ggml_quantize_requires_imatrix (ggml.c) plus tensor_requires_imatrix (llama-quant.cpp).
+NEEDS_IMATRIX = {T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS}
+
+
+@pytest.mark.parametrize("t", list(TYPES), ids=lambda t: t.name)
+def test_imatrix_requirement_and_bytes(t: T) -> None:
+    assert needs_imatrix(t) == (t in NEEDS_IMATRIX)
+    assert type_from_name(t.name.lower()) == t
+    n = 1024  # a multiple of every block: gguf-py's bytes equal ggml_row_size's
+    assert tensor_nbytes(t, 3 * n) == 3 * native.lib().ramp_row_size(int(t), n)
+
+
+def test_writable_types_are_all_of_llama_cpp_quantizer() -> None:
+    """ggml_quantize_chunk's cases; Q8_K and the integer types are not among them."""
+    names = {t.name for t in TYPES}
+    assert {"IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ1_M", "IQ3_S", "TQ1_0", "Q6_K", "BF16"} <= names
+    for bad in ("Q8_K", "I8", "F64"):
+        with pytest.raises(RampError, match="cannot be written"):
+            type_from_name(bad)
+
+
+def _imatrix(model: Path) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(4)
+    return {
+        t.name: rng.uniform(0.1, 3.0, t.n_per_row).astype(np.float32) for t in read_inventory(model).searched
+    }
+
+
+#: (asked for every searched tensor, with an imatrix, written on rows of 256 and of 384 (ffn_down)).
+IQ_MAPS = [
+    ("IQ4_NL", False, "IQ4_NL", "IQ4_NL"),
+    ("IQ4_XS", False, "IQ4_XS", "IQ4_NL"),
+    ("IQ2_XXS", True, "IQ2_XXS", "IQ4_NL"),
+    ("IQ3_XXS", True, "IQ3_XXS", "IQ4_NL"),
+]
+
+
+@pytest.mark.parametrize("asked, with_im, on_256, on_384", IQ_MAPS)
+def test_iq_maps_written_as_predicted(
+    tiny_model: Path, tmp_path: Path, asked: str, with_im: bool, on_256: str, on_384: str
+) -> None:
+    info = read_inventory(tiny_model)
+    assert {t.n_per_row for t in info.searched} == {256, 384}  # synthetic.Spec: n_embd 256, n_ff 384
+    types = {t.name: asked for t in info.searched}
+    opts = QuantizeOptions(imatrix=_imatrix(tiny_model) if with_im else None)
+    r = quantize_map(tiny_model, tmp_path / "q.gguf", types, opts=opts)
+    written = tensor_types(tmp_path / "q.gguf")
+    n_fallback = 0
+    for t in info.searched:
+        want = on_384 if t.n_per_row == 384 else on_256
+        got, nbytes, _ = written[t.name]
+        assert (t.name, got, nbytes) == (t.name, want, tensor_nbytes(T[want], t.n_params))
+        n_fallback += want != asked
+    assert r.n_fallback == n_fallback
+
+
+def test_missing_imatrix_is_refused_before_llama_cpp(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("llama.cpp was called")
+
+    monkeypatch.setattr(native, "quantize_model", boom)
+    with pytest.raises(
+        RampError, match=r"blk\.0\.attn_q\.weight would be written as IQ2_XXS.*none was given"
+    ):
+        quantize_map(tiny_model, tmp_path / "q.gguf", {"blk.0.attn_q.weight": "IQ2_XXS"})
+    im = {"blk.0.attn_k.weight": np.ones(256, np.float32)}
+    with pytest.raises(RampError, match="has no entry"):
+        quantize_map(
+            tiny_model, tmp_path / "q.gguf", {"blk.0.attn_q.weight": "IQ1_S"}, opts=QuantizeOptions(im)
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_imatrix_type_that_falls_back_needs_none(tiny_model: Path, tmp_path: Path) -> None:
+    """IQ2_XXS on rows of 384 is written as IQ4_NL, which llama.cpp writes without an imatrix."""
+    quantize_map(tiny_model, tmp_path / "q.gguf", {"blk.0.ffn_down.weight": "IQ2_XXS"})
+    assert tensor_types(tmp_path / "q.gguf")["blk.0.ffn_down.weight"][0] == "IQ4_NL"
+
+
+def test_cli_quantize_accepts_iq_types(tiny_model: Path, tmp_path: Path) -> None:
+    m = tmp_path / "map.json"
+    m.write_text(json.dumps({"blk.0.attn_q.weight": "IQ4_XS", "blk.1.ffn_down.weight": "iq4_nl"}))
+    r = runner.invoke(
+        app, ["quantize", str(tiny_model), "-o", str(tmp_path / "q.gguf"), "--types", str(m), "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    got = {t["name"]: t["ggml_type"] for t in json.loads(r.stdout)["tensors"]}
+    assert (got["blk.0.attn_q.weight"], got["blk.1.ffn_down.weight"]) == ("IQ4_XS", "IQ4_NL")
+    m.write_text(json.dumps({"blk.0.attn_q.weight": "IQ2_XS"}))
+    r = runner.invoke(app, ["quantize", str(tiny_model), "-o", str(tmp_path / "x.gguf"), "--types", str(m)])
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "importance matrix" in lines[0], r.output
+
+
+# -- a search on the synthetic model under a real-world file name (3.1, 3.2, 3.3) --------------------
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("text") / "words.txt"
+    p.write_text(synthetic.text(6000))
+    return p
+
+
+def small_cfg(text_file: Path) -> SearchConfig:
+    return SearchConfig(
+        budget=4.5,
+        budget_mode="nominal",
+        text=str(text_file),
+        n_ctx=128,
+        chunks=2,
+        calib=CalibConfig(text=str(text_file), samples=2, ctx=64),
+    )
+
+
+@pytest.fixture(scope="module")
+def named_run(tiny_model: Path, text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """search() on a copy of the tiny model named like a real download, with quantize_preset spied on."""
+    d = tmp_path_factory.mktemp("named")
+    model = d / "Syn2.5-0.1B-Instruct.F16.gguf"
+    shutil.copy(tiny_model, model)
+    seen: list[tuple[Path, str, Any]] = []
+    real = quantize.quantize_preset
+
+    def spy(src: Any, dst: Any, preset: str, opts: Any = QuantizeOptions(), progress: Any = None) -> Any:
+        seen.append((Path(src), preset, opts.imatrix))
+        return real(src, dst, preset, opts, progress)
+
+    sac = SACConfig(episodes=3, warmup_episodes=2, updates_per_episode=2, batch_size=32, seed=3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quantize, "quantize_preset", spy)
+        res = search(model, d / "run", small_cfg(text_file), sac, presets=("Q4_K_M",))
+    return res, seen, model
+
+
+def test_presets_get_the_unfolded_calibrations_imatrix(named_run: Any) -> None:
+    """3.1: llama.cpp's presets quantize the unfolded model, so their imatrix is E[x^2] of x, not x/s."""
+    from ramp_cpp.calibration import load_calibration
+    from ramp_cpp.fold import folded_calibration_from_file
+
+    res, seen, model = named_run
+    [(src, preset, im)] = seen
+    assert (src, preset) == (model, "Q4_K_M") and im is not None
+    cal = load_calibration(res.run_dir / "calib.safetensors")  # measured on the unfolded model
+    folded = folded_calibration_from_file(cal, res.run_dir / "folded.f16.gguf")
+    searched = [t.name for t in read_inventory(model).searched]
+    for name in searched:
+        st = cal.stats[name]
+        np.testing.assert_allclose(im[name], st.sum_sq / st.count, rtol=1e-6)
+    assert any(  # the check can fail: folding moved E[x^2]
+        not np.allclose(folded.stats[n].sum_sq / folded.stats[n].count, im[n], rtol=1e-3) for n in searched
+    )
+
+
+def test_report_draws_the_unquantized_line(named_run: Any) -> None:
+    """3.2: the meta the search writes makes every quality plot draw the base model's line."""
+    from ramp_cpp.report import plot_best_so_far, plot_pareto, plot_training
+
+    res = named_run[0]
+    report = json.loads((res.run_dir / "report.json").read_text())
+    meta, log = report["meta"], res.state.log
+    points = [{"label": "x", "file_bytes": 1e6, "quality": 30.0, "kind": "preset"}]
+    figs = [plot_training(log, meta), plot_best_so_far(log, meta), plot_pareto(points, "ppl", meta)]
+    for fig in figs:
+        lines = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_label() == "unquantized"]
+        assert len(lines) == 1, fig
+        y = np.asarray(lines[0].get_ydata(), dtype=float)
+        assert np.all(y == y[0]) and np.isfinite(y[0]) and y[0] > 1.0  # a perplexity
+
+
+@pytest.mark.parametrize(
+    "name, stem",
+    [
+        ("Qwen2.5-0.5B-Instruct.f16.gguf", "Qwen2.5-0.5B-Instruct"),
+        ("SmolLM2-135M-Instruct.F16.gguf", "SmolLM2-135M-Instruct"),
+        ("Llama-3.1-8B.bf16.gguf", "Llama-3.1-8B"),
+        ("gemma-3-270m.F32.GGUF", "gemma-3-270m"),
+        ("qwen-1.5b.gguf", "qwen-1.5b"),
+        ("model.Q8_0.gguf", "model.Q8_0"),
+        ("v1.5-f16.gguf", "v1.5-f16"),
+        ("phi-2.f16", "phi-2"),
+        ("/some/dir.f16/m.gguf", "m"),
+        ("tiny", "tiny"),
+    ],
+)
+def test_model_stem(name: str, stem: str) -> None:
+    """3.3: strip a trailing .gguf and one trailing precision tag, nothing else."""
+    from ramp_cpp.search import model_stem, ramp_output_name
+
+    assert model_stem(name) == stem
+    assert ramp_output_name(name, "5.5") == f"{stem}.ramp-5.5.gguf"
+
+
+def test_search_output_keeps_the_dots(named_run: Any) -> None:
+    assert named_run[0].gguf.name == "Syn2.5-0.1B-Instruct.ramp-4.5.gguf"
+
+
+# -- 3.4: `demo --episodes N` then `demo` resumes its own run ---------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+def _synthetic_eval_text(monkeypatch: pytest.MonkeyPatch, text_file: Path) -> None:
+    """The demo's held-out text, here the synthetic one (no wikitext in the test environment)."""
+    import ramp_cpp.corpora
+
+    real = ramp_cpp.corpora.load_text
+    monkeypatch.setattr(
+        ramp_cpp.corpora,
+        "load_text",
+        lambda spec: (text_file.read_text(), "synthetic") if spec == "wikitext2-test" else real(spec),
+    )
+
+
+def test_demo_resumes_with_other_episodes(
+    tiny_model: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's real search runs on the tiny model (its texts swapped for the synthetic one); the
+    demo's own SAC settings are kept. Stopped after the search: this checks the resume only."""
+    import ramp_cpp.demo
+    import ramp_cpp.search
+
+    model = tmp_path / "models" / "tiny.f16.gguf"
+    model.parent.mkdir()
+    shutil.copy(tiny_model, model)
+    real = ramp_cpp.search.search
+    sacs: list[SACConfig] = []
+
+    def fake_search(model_path: Any, run: Any, cfg: Any, sac: SACConfig, opts: Any, **kw: Any) -> Any:
+        sacs.append(sac)
+        real(
+            model_path, run, replace(small_cfg(text_file), budget=cfg.budget), sac, opts, resume=kw["resume"]
+        )
+        raise _Stop
+
+    monkeypatch.setattr(ramp_cpp.demo, "fetch_demo_model", lambda *a, **k: model)
+    monkeypatch.setattr(ramp_cpp.search, "search", fake_search)
+    _synthetic_eval_text(monkeypatch, text_file)
+    for episodes in ("2", "4"):
+        r = runner.invoke(app, ["demo", "--episodes", episodes])
+        assert isinstance(r.exception, _Stop), r.output
+    assert [s.episodes for s in sacs] == [2, 4]
+
+
+# -- 3.5: a budget out of range is refused before any work ------------------------------------------
+
+
+@pytest.fixture()
+def policy(tmp_path: Path) -> Path:
+    from ramp_cpp.policy import save_policy
+    from ramp_cpp.sac import SAC
+
+    agent = SAC(11, SACConfig(hidden=(32, 32, 16), seed=1))
+    t = agent.policy_tensors(np.zeros(11, np.float32), np.ones(11, np.float32))
+    return save_policy(t, {"features": "ramp", "bits": [3, 4, 5, 6]}, tmp_path / "policy.safetensors")
+
+
+@pytest.fixture()
+def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ramp_cpp.calibrate
+    import ramp_cpp.fold
+    import ramp_cpp.tensorcache
+
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("expensive work started before the budget check")
+
+    monkeypatch.setattr(ramp_cpp.calibrate, "calibrate", boom)
+    monkeypatch.setattr(ramp_cpp.fold, "fold", boom)
+    monkeypatch.setattr(ramp_cpp.tensorcache, "build_cache", boom)
+
+
+def test_apply_checks_the_budget_first(tiny_model: Path, policy: Path, tmp_path: Path, no_work: None) -> None:
+    from ramp_cpp.apply import ApplyConfig, apply_policy
+
+    with pytest.raises(RampError, match="feasible range"):
+        apply_policy(policy, tiny_model, tmp_path / "o.gguf", ApplyConfig(budget=2.5, budget_mode="nominal"))
+    r = runner.invoke(
+        app, ["apply", str(policy), str(tiny_model), "-o", str(tmp_path / "o.gguf"), "--size", "100KiB"]
+    )
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "feasible range" in lines[0], r.output
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_search_checks_the_budget_first(
+    tiny_model: Path, text_file: Path, tmp_path: Path, no_work: None
+) -> None:
+    with pytest.raises(RampError, match="feasible range"):
+        search(tiny_model, tmp_path / "r", replace(small_cfg(text_file), budget=7.0), SACConfig(episodes=1))
+    assert not (tmp_path / "r").exists()
+
+
+# -- 2: the demo table ------------------------------------------------------------------------------
+
+
+def test_demo_table_fits_80_columns() -> None:
+    import io
+
+    from rich.console import Console
+
+    from ramp_cpp.cli import _demo_table
+    from ramp_cpp.demo import DemoRow
+
+    labels = ["RAMP", "Q4_K_M", "Q4_K_M+imatrix", "Q3_K_M", "Q3_K_M+imatrix"]
+    long = Path("/home/someone/.cache/ramp-cpp/models/SmolLM2-135M-Instruct.Q4_K_M.imatrix.gguf")
+    rows = [DemoRow(x, long, 123_456_789, 5.5012, 1234.5678, 23.617, 1.23456, 99.87) for x in labels]
+    buf = io.StringIO()
+    con = Console(file=buf, width=80, color_system=None)
+    con.print(_demo_table(rows, "wikitext2-test (held out), 4 chunks of 512; base PPL 23.617"))
+    lines = buf.getvalue().splitlines()
+    assert max(len(x) for x in lines) <= 80
+    assert "…" not in buf.getvalue()
+    header = next(x for x in lines if "MiB" in x)
+    for col in ("file", "MiB", "bpw (file)", "PPL", "mean KLD", "same top %"):
+        assert col in header
+    body = [x for x in lines if any(f" {lab} " in x for lab in labels)]
+    assert [next(lab for lab in sorted(labels, key=len, reverse=True) if lab in x) for x in body] == labels
+    assert all("117.7" in x and "1234.568" in x and "1.2346" in x and "99.9" in x for x in body)
+
+
+def test_demo_presets_with_and_without_the_runs_imatrix(
+    named_run: Any, text_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Q4_K_M and Q3_K_M, each without and with the unfolded calibration's imatrix, named after the model,
+    then compared on held-out text (here: the synthetic text)."""
+    from ramp_cpp.calibration import load_calibration
+    from ramp_cpp.demo import DemoFile, compare, preset_files
+    from ramp_cpp.evaluate import EvalConfig
+
+    res, _, model = named_run
+    seen: list[Any] = []
+    real = quantize.quantize_preset
+
+    def spy(src: Any, dst: Any, preset: str, opts: Any = QuantizeOptions(), progress: Any = None) -> Any:
+        seen.append(opts.imatrix)
+        return real(src, dst, preset, opts, progress)
+
+    monkeypatch.setattr(quantize, "quantize_preset", spy)
+    files = preset_files(model, res.run_dir)
+    assert [(f.label, f.path.name) for f in files] == [
+        ("Q4_K_M", "Syn2.5-0.1B-Instruct.Q4_K_M.gguf"),
+        ("Q4_K_M+imatrix", "Syn2.5-0.1B-Instruct.Q4_K_M.imatrix.gguf"),
+        ("Q3_K_M", "Syn2.5-0.1B-Instruct.Q3_K_M.gguf"),
+        ("Q3_K_M+imatrix", "Syn2.5-0.1B-Instruct.Q3_K_M.imatrix.gguf"),
+    ]
+    cal = load_calibration(res.run_dir / "calib.safetensors")
+    assert seen[0] is None and seen[2] is None
+    for im in (seen[1], seen[3]):
+        st = cal.stats["blk.1.ffn_up.weight"]
+        np.testing.assert_allclose(im["blk.1.ffn_up.weight"], st.sum_sq / st.count, rtol=1e-6)
+    assert files[0].path.read_bytes() != files[1].path.read_bytes()
+    rows = compare(
+        [DemoFile("RAMP", res.gguf), *files], model, text_file.read_text(), EvalConfig(n_ctx=128, n_chunks=2)
+    )
+    assert [r.label for r in rows] == ["RAMP", "Q4_K_M", "Q4_K_M+imatrix", "Q3_K_M", "Q3_K_M+imatrix"]
+    n_params = read_inventory(model).n_params_total
+    for r in rows:
+        assert r.bpw_file == pytest.approx(8 * r.path.stat().st_size / n_params)
+        assert r.kld_mean > 0 and 0 < r.same_top_pct <= 100 and r.ppl > 1
+    assert rows[3].file_bytes < rows[1].file_bytes  # Q3_K_M is smaller than Q4_K_M
+
+
+def test_apply_default_output_name(tiny_model: Path, policy: Path, text_file: Path, tmp_path: Path) -> None:
+    """3.3 in apply: without -o the output is MODEL.ramp-BUDGET.gguf beside the model, dots kept."""
+    model = tmp_path / "Syn2.5-0.1B.f16.gguf"
+    shutil.copy(tiny_model, model)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'text = "{text_file}"\nsamples = 2\nctx = 64\nseed = 0\n')
+    args = [
+        "apply",
+        str(policy),
+        str(model),
+        "--budget",
+        "4.5",
+        "--budget-mode",
+        "nominal",
+        "--recipe",
+        str(recipe),
+    ]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "Syn2.5-0.1B.ramp-4.5.gguf").is_file()
