@@ -147,3 +147,53 @@ def fold_arch(arch: str) -> FoldArch:
     if rec.refused:
         raise RampError(f"scale folding would change a {arch} model ({rec.refused}); it supports {supported}")
     return rec
+
+
+# -- off-grid rescaling (benchmark bases) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChannelPair:
+    """The output rows of `producer` reach the input columns of `consumer` through an operation that acts on
+    each channel alone and linearly (attention's weighted sum over V; the GLU product act(gate)·up), so
+    dividing producer row r (and its bias) by t_r and multiplying consumer column r by t_r leaves the
+    network's function unchanged. `per_head`: the producer's rows are the kv heads and the consumer's columns
+    the query heads (grouped-query attention: query head h reads kv head h // (n_head / n_head_kv))."""
+
+    producer: str
+    consumer: str
+    per_head: bool
+
+
+V_TO_O = ChannelPair("attn_v", "attn_output", per_head=True)
+UP_TO_DOWN = ChannelPair("ffn_up", "ffn_down", per_head=False)
+
+
+@dataclass(frozen=True)
+class RescaleArch:
+    """Which function-preserving channel rescales apply to an architecture: the norm groups of its
+    `FOLD_ARCHS` record (norm weight / s, the group's input columns · s) and these producer→consumer pairs."""
+
+    arch: str
+    pairs: tuple[ChannelPair, ...]
+    source: str = ""
+
+
+RESCALE_ARCHS: dict[str, RescaleArch] = {
+    a.arch: a
+    for a in (
+        RescaleArch("llama", (V_TO_O, UP_TO_DOWN), source="src/models/llama.cpp"),
+        # attn_v.bias is added before attention: it is divided with V's rows
+        RescaleArch("qwen2", (V_TO_O, UP_TO_DOWN), source="src/models/qwen2.cpp"),
+        # q/k norms act on q and k, post_attention_norm / post_ffw_norm on the outputs of attn_output and
+        # ffn_down: none sees a rescaled channel
+        RescaleArch("gemma3", (V_TO_O, UP_TO_DOWN), source="src/models/gemma3.cpp"),
+    )
+}
+
+
+def rescale_arch(arch: str) -> RescaleArch:
+    rec = RESCALE_ARCHS.get(arch)
+    if rec is None:
+        raise RampError(f"off-grid rescaling supports {', '.join(RESCALE_ARCHS)}; this model is {arch!r}")
+    return rec

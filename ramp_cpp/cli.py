@@ -267,6 +267,20 @@ def eval_(
         )
 
 
+def _demo_table(rows: list[Any], title: str) -> Table:
+    """The demo's comparison in at most 80 columns: short labels; the paths are printed below it."""
+    t = Table(title=title)
+    t.add_column("file")
+    for name in ("MiB", "bpw (file)", "PPL", "mean KLD", "same top %"):
+        t.add_column(name, justify="right")
+    for r in rows:
+        t.add_row(
+            r.label, f"{r.file_bytes / 2**20:.1f}", f"{r.bpw_file:.3f}", f"{r.ppl:.3f}", f"{r.kld_mean:.4f}",
+            f"{r.same_top_pct:.1f}",
+        )
+    return t
+
+
 @command()
 def demo(
     threads: ThreadsOpt = None,
@@ -274,22 +288,20 @@ def demo(
     episodes: Annotated[int, typer.Option("--episodes", help="Search episodes (paper: 200).")] = 40,
 ) -> None:
     """The main job on the demo model, kept short: a RAMP search (fast calibration recipe, 40 episodes,
-    weighted budget 5.5 bpw ~ Q4_K_M's size), then its GGUF vs llama.cpp's Q4_K_M on held-out text."""
+    weighted budget 5.5 bpw ~ Q4_K_M's size), then its GGUF vs llama.cpp's Q4_K_M and Q3_K_M, each with and
+    without the same importance matrix, on held-out text."""
     from .backend import RuntimeOptions
-    from .calibrate import load_recipe
     from .corpora import load_text
-    from .demo import fetch_demo_model
-    from .evaluate import EvalConfig, kld
-    from .quantize import QuantizeOptions, quantize_preset
-    from .sac import SACConfig
-    from .search import SETTINGS, SearchConfig
+    from .demo import EVAL_TEXT, PRESETS, DemoFile, compare, fetch_demo_model, preset_files, search_settings
+    from .evaluate import EvalConfig
+    from .search import SETTINGS
     from .search import search as run_search
 
     base = fetch_demo_model(lambda m: err.log(m), n_threads=threads)
+    body, _ = load_text(EVAL_TEXT)  # a missing text is found before the search, not after it
     work = base.parent
     run = work / "demo-run"
-    cfg = SearchConfig(budget=5.5, chunks=2, calib=load_recipe("fast"))
-    sac = SACConfig(episodes=episodes, warmup_episodes=min(10, episodes // 2))
+    cfg, sac = search_settings(episodes)
     opts = RuntimeOptions(n_threads=threads)
     with _bar("demo search") as p:
         ep = p.add_task("episodes", total=episodes)
@@ -298,28 +310,20 @@ def demo(
             p.update(ep, completed=r.episode + 1)
 
         res = run_search(
-            base, run, cfg, sac, opts, resume=(run / SETTINGS).is_file(), presets=("Q4_K_M",),
+            base, run, cfg, sac, opts, resume=(run / SETTINGS).is_file(), presets=PRESETS,
             progress=_stage_progress(p), on_episode=on_episode,
         )
-        q4 = quantize_preset(
-            base, work / "demo.Q4_K_M.gguf", "Q4_K_M", QuantizeOptions(n_threads=threads, force=True)
-        )
-    body, _ = load_text("wikitext2-test")
+    files = [DemoFile("RAMP", res.gguf)] if res.gguf is not None else []
+    files += preset_files(base, run, threads, lambda m: err.log(m))
     ecfg = EvalConfig(n_chunks=chunks)
-    t = Table(
-        "file", "MiB", "bpw (searched)", "PPL", "PPL(base)", "mean KLD", "same top %",
-        title=f"demo: {base.name}, held-out wikitext2-test, {chunks} chunks of 512",
-    )
-    rows: list[tuple[Path, float]] = [(Path(q4.path), q4.bpw_searched)]
-    if res.gguf is not None and res.state.best is not None:
-        rows.append((res.gguf, res.state.best["bpw"]))
-    for path, bpw in rows:
-        k = kld(path, base, body, ecfg, opts)
-        t.add_row(
-            path.name, f"{path.stat().st_size / 2**20:.1f}", f"{bpw:.3f}", f"{k.ppl:.3f}",
-            f"{k.base_ppl:.3f}", f"{k.kld_mean:.4f}", f"{k.same_top_pct:.1f}",
-        )
-    out.print(t)
+    rows = compare(files, base, body, ecfg, opts, lambda m: err.log(m))
+    title = f"{EVAL_TEXT} (held out), {chunks} chunks of {ecfg.n_ctx}; base PPL {rows[0].base_ppl:.3f}"
+    out.print(_demo_table(rows, title))
+    if res.gguf is None:
+        out.print("no RAMP allocation within the budget yet: run on with a larger --episodes")
+    out.print(f"files in {work}:", soft_wrap=True)
+    for r in rows:
+        out.print(f"  {r.label:<15} {r.path.relative_to(work)}", soft_wrap=True, highlight=False)
     out.print(f"search run: {run} (report.json, plots, policy.safetensors); `ramp-cpp search` for a full run")
 
 
@@ -454,6 +458,26 @@ def fold(
         + (f"; folded calibration {calib_out}" if calib_out else ""),
         soft_wrap=True,
     )
+
+
+@command("offgrid")
+def offgrid_(
+    model: Annotated[Path, typer.Argument(help="F16/BF16/F32 GGUF, e.g. dequantized from a quantized file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Off-grid GGUF.")],
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random channel factors.")] = 0,
+    spread: Annotated[float, typer.Option("--spread", help="Factors exp(U(-spread, spread)).")] = 0.3,
+    force: ForceOpt = False,
+) -> None:
+    """The same model off any quantization grid: a function-preserving random channel rescale, for benchmarks
+    on models that were dequantized from a quantized file."""
+    from .atomic import check_output
+    from .offgrid import OffgridConfig, offgrid
+
+    check_output(output, force)
+    with _bar("off-grid") as p:
+        cfg = OffgridConfig(seed, spread)
+        offgrid(model, output, cfg, force=force, progress=_chunk_progress(p, "tensors"))
+    out.print(f"wrote {output} (seed {seed}, spread {spread:g})", soft_wrap=True)
 
 
 # ==== features command (issue 3) ====
@@ -639,7 +663,10 @@ def search(
 def apply(
     policy: Path,
     model: Path,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output GGUF.")],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Output GGUF (default: MODEL.ramp-BUDGET.gguf beside MODEL)."),
+    ] = None,
     budget: BudgetOpt = None,
     budget_mode: BudgetModeOpt = "weighted",
     size: SizeOpt = None,
@@ -655,8 +682,11 @@ def apply(
     from .apply import ApplyConfig, apply_policy
     from .backend import RuntimeOptions
     from .calibrate import load_recipe
+    from .search import ramp_output_name
 
     b, mode = _budget(model, budget, budget_mode, size)
+    if output is None:
+        output = model.parent / ramp_output_name(model, "".join(size.split()) if size else f"{b:g}")
     cfg = ApplyConfig(
         budget=b, budget_mode=mode, fold=not no_fold, imatrix=not no_imatrix, calib=load_recipe(recipe)
     )
@@ -669,6 +699,93 @@ def apply(
         f"{r.path}: {r.file_size / 2**20:.1f} MiB, bpw {m.bpw:.3f} (nominal {m.bpw_nominal:.2f}); "
         f"policy gave {m0.bpw:.3f}, {r.n_repaired} tensors repaired to fit {mode} budget {b:g}"
     )
+
+# ==== measure command (issue 9) ====
+
+
+@command("measure")
+def measure_(
+    model: Annotated[Path, typer.Argument(help="F16/F32 GGUF whose tensors are measured.")],
+    calib: Annotated[Path, typer.Option("--calib", help="Calibration of MODEL from `ramp-cpp calibrate`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Sensitivity artifact (JSON).")],
+    types: Annotated[
+        str | None,
+        typer.Option(
+            "--types",
+            help="Candidate types, e.g. Q4_K,IQ4_XS,Q8_0 (default: Q2_K-Q6_K, IQ4_XS, IQ4_NL, Q4_0-Q5_1, Q8_0).",
+        ),
+    ] = None,
+    ladder: Annotated[
+        str, typer.Option("--ladder", help="types (per-tensor candidates) or paper (--bits with fallbacks).")
+    ] = "types",
+    bits: Annotated[str, typer.Option("--bits", help="The paper ladder's nominal bits.")] = "3,4,5,6",
+    use_imatrix: Annotated[
+        bool, typer.Option("--imatrix/--no-imatrix", help="Quantize with the calibration's importance matrix.")
+    ] = True,
+    no_embeddings: Annotated[
+        bool, typer.Option("--no-embeddings", help="Measure the blk.N linears only (embeddings stay at Q8_0).")
+    ] = False,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="Tensor cache root (default: the ramp-cpp cache).")
+    ] = None,
+    force: ForceOpt = False,
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Bytes and importance-weighted error of every searched tensor at every candidate type, measured on the
+    bytes llama.cpp writes (resumable; reused for every budget)."""
+    import time
+
+    from .atomic import check_output
+    from .calibration import load_calibration
+    from .candidates import DEFAULT_TYPES, CandidateConfig, parse_types
+    from .measure import MeasureConfig
+    from .measure import measure as run_measure
+    from .sensitivity import save
+
+    check_output(output, force)
+    cc = CandidateConfig(
+        types=parse_types(types) if types is not None else DEFAULT_TYPES,
+        ladder=ladder,
+        bits=_bits(bits),
+        embeddings=not no_embeddings,
+    )
+    if not model.is_file():
+        raise RampError(f"{model}: no such file")
+    cal = load_calibration(calib)
+    t0 = time.perf_counter()
+    with _bar("measure") as p:
+        sens = run_measure(
+            model,
+            cal,
+            cal.imatrix() if use_imatrix else None,
+            MeasureConfig(candidates=cc, n_threads=threads),
+            cache_dir,
+            progress=_chunk_progress(p, "tensors"),
+            cache_progress=_chunk_progress(p, "tensor cache (types)"),
+        )
+    seconds = time.perf_counter() - t0
+    save(sens, output, force)
+    n_opts = sum(len(t.options) for t in sens.tensors)
+    summary = {
+        "output": str(output),
+        "tensors": len(sens.tensors),
+        "options": n_opts,
+        "min_bytes": sens.min_bytes(),
+        "max_bytes": sens.max_bytes(),
+        "fixed_bytes": sens.fixed_bytes,
+        "seconds": seconds,
+    }
+    if as_json:
+        _emit(summary)
+        return
+    out.print(
+        f"wrote {output}: {len(sens.tensors)} tensors, {n_opts} undominated options, file "
+        f"{sens.min_bytes() / 2**20:.2f}-{sens.max_bytes() / 2**20:.2f} MiB "
+        f"({sens.fixed_bytes / 2**20:.2f} MiB fixed), {seconds:.1f} s",
+        soft_wrap=True,
+    )
+
 
 def main() -> None:
     app()

