@@ -167,14 +167,13 @@ def alloc_cell(
     row = res.get(cell)
     if row is not None:
         return row
-    from ramp_cpp.measure import measure_model
-
     from ramp_cpp.allocate import ALLOCATORS
+    from ramp_cpp.measure import measure
     from ramp_cpp.quantize import quantize_map
 
     src, cal = b.model(folded)
     t0 = time.perf_counter()
-    sens = measure_model(src, cal, b.out / ("sens.folded.json" if folded else "sens.plain.json"))
+    sens = measure(src, cal, cal.imatrix(), cache_root=b.out / "cache")
     t1 = time.perf_counter()
     choice = ALLOCATORS[method](sens, target)
     t2 = time.perf_counter()

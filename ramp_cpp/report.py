@@ -342,3 +342,10 @@ def write_report(
     for name, fig in figures.items():
         out[name] = _save(fig, d / f"{name}.png")
     return out
+
+
+def write_pareto(
+    run_dir: str | os.PathLike[str], points: Sequence[dict[str, Any]], metric: str, meta: dict[str, Any]
+) -> Path:
+    """pareto.png alone: the report of a method without episodes (uniform, greedy)."""
+    return _save(plot_pareto(points, metric, meta), Path(run_dir) / "pareto.png")

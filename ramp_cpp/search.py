@@ -453,6 +453,54 @@ def cleanup(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class Source:
+    """What every method quantizes: the model (folded or not) and its calibration; `base_cal` is the unfolded
+    model's (the presets' imatrix)."""
+
+    path: Path
+    cal: Calibration
+    base_cal: Calibration
+
+
+def calibrated_source(
+    model_path: str | os.PathLike[str],
+    run_dir: Path,
+    cfg: SearchConfig,
+    opts: RuntimeOptions,
+    calib: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+    original: Any = None,
+) -> Source:
+    """Calibrate (or reuse `calib` / the run's own), then fold when `cfg.fold`; both kept in `run_dir`."""
+    from .calibrate import calibrate
+    from .calibration import check_matches, load_calibration, save_calibration
+    from .corpora import load_text
+    from .fold import fold, folded_calibration_from_file
+    from .ggufio import read_inventory
+
+    original = original or read_inventory(model_path)
+    cal_path = run_dir / CALIB
+    if calib is not None:
+        cal = load_calibration(calib)
+        if not cal_path.is_file():  # kept with the run, so --resume needs no --calib
+            save_calibration(cal, cal_path)
+    elif cal_path.is_file():
+        cal = load_calibration(cal_path)
+    else:
+        cal_text, _ = load_text(cfg.calib.text)
+        cal = calibrate(model_path, cal_text, cfg.calib, opts, staged(progress, "calibrate"))
+        save_calibration(cal, cal_path, force=True)
+    check_matches(cal, original)
+    if not cfg.fold:
+        return Source(Path(model_path), cal, cal)
+    folded = run_dir / "folded.f16.gguf"
+    if folded.is_file():
+        return Source(folded, folded_calibration_from_file(cal, folded), cal)
+    fres = fold(model_path, cal, folded, force=True, progress=staged(progress, "fold"))
+    return Source(folded, fres.calibration, cal)
+
+
 def prepare(
     model_path: str | os.PathLike[str],
     run_dir: Path,
@@ -465,41 +513,17 @@ def prepare(
     """Calibrate (or reuse), fold, compute features, build the tensor cache and the base statistics; each
     artifact is saved in `run_dir` and reused when present, so a resumed run repeats none of them.
     `original`: the model's inventory when the caller has already read it."""
-    from .calibrate import calibrate
-    from .calibration import check_matches, load_calibration, save_calibration
     from .corpora import load_text
     from .features import FeatureConfig, compute_features
-    from .fold import fold, folded_calibration_from_file
     from .ggufio import read_inventory, weight_moments
     from .tensorcache import build_cache
 
     def stage(name: str) -> Callable[[int, int], None] | None:
         return staged(progress, name)
 
-    original = original or read_inventory(model_path)
-    cal_path = run_dir / CALIB
-    if calib is not None:
-        cal = load_calibration(calib)
-        if not cal_path.is_file():  # kept with the run, so --resume needs no --calib
-            save_calibration(cal, cal_path)
-    elif cal_path.is_file():
-        cal = load_calibration(cal_path)
-    else:
-        cal_text, _ = load_text(cfg.calib.text)
-        cal = calibrate(model_path, cal_text, cfg.calib, opts, stage("calibrate"))
-        save_calibration(cal, cal_path, force=True)
-    check_matches(cal, original)
-    base_imatrix = cal.imatrix() if cfg.imatrix else None
-    src = Path(model_path)
-    if cfg.fold:
-        folded = run_dir / "folded.f16.gguf"
-        fres = (
-            fold(model_path, cal, folded, force=True, progress=stage("fold"))
-            if not folded.is_file()
-            else None
-        )
-        src = folded
-        cal = fres.calibration if fres is not None else folded_calibration_from_file(cal, folded)
+    source = calibrated_source(model_path, run_dir, cfg, opts, calib, progress, original)
+    src, cal = source.path, source.cal
+    base_imatrix = source.base_cal.imatrix() if cfg.imatrix else None
     model = read_inventory(src)
     visited = visited_tensors(model, cfg.include_embeddings)
     feats_path = run_dir / "features.json"

@@ -1,0 +1,316 @@
+"""Methods that measure once and decide without episodes: `ramp-cpp search --method uniform|greedy`.
+
+Stages: calibrate → fold (`search.calibrated_source`, shared with the SAC search) → measure (the
+sensitivity artifact, `measure.py`) → allocate (`allocate.ALLOCATORS`) → assemble the GGUF from the tensor
+cache (the bytes llama.cpp's quantizer writes) with ramp.* metadata → evaluate on the reward chunks, next
+to the presets with the unfolded model's imatrix. The budget is a whole-file size: `--size 95MiB`, or
+`--size Q4_K_M` for the size of that llama.cpp preset (with the same imatrix) on this model.
+
+The ramp.* metadata grows the header after the allocation was made; the file is therefore assembled, measured
+and, if the metadata pushed it past the target, allocated again with the budget lowered by the overshoot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from gguf import GGMLQuantizationType
+
+from . import __version__
+from .atomic import atomic_path
+from .backend import RuntimeOptions
+from .candidates import CandidateConfig
+from .errors import RampError
+from .search import SETTINGS, SearchConfig, calibrated_source, ramp_output_name, staged, workdir
+from .sensitivity import Sensitivity
+
+Progress = Callable[[str, int, int], None]
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class DirectResult:
+    run_dir: Path
+    gguf: Path
+    allocation: Path
+    report: Path
+    file_bytes: int
+    target_bytes: int
+    ppl: float
+    kld: float
+
+
+def preset_name(spec: str) -> str | None:
+    """`spec` as a llama.cpp preset name (Q4_K_M, ...) when it is one."""
+    from .quantize import presets
+
+    key = spec.strip().upper()
+    return key if key in presets() else None
+
+
+def _settings(model: str, method: str, size: str, cfg: SearchConfig, cc: CandidateConfig) -> dict[str, Any]:
+    return {
+        "ramp_version": __version__,
+        "model_path": model,
+        "method": method,
+        "size": size,
+        "search": cfg.to_json(),
+        "candidates": cc.key(),
+    }
+
+
+def size_range(info: Any, cc: CandidateConfig) -> tuple[int, int]:
+    """Whole-file bytes with every searched tensor at its smallest / largest candidate, from the inventory
+    alone (the source's header stands in for the output's, a few hundred bytes apart): enough to refuse a
+    hopeless --size before calibrating."""
+    from .arch import quantizable
+    from .candidates import searched_tensors, tensor_candidates
+    from .ladder import tensor_nbytes, type_from_name, written_type
+
+    def padded(n: int) -> int:
+        return -(-n // info.alignment) * info.alignment
+
+    searched = searched_tensors(info, cc.embeddings)
+    names = {t.name for t in searched}
+    fixed = info.data_offset + info.other_bytes
+    for t in info.tensors:
+        if t.name not in names:
+            tt = written_type(cc.base, t.n_per_row) if quantizable(t.name, 2) else type_from_name(t.ggml_type)
+            fixed += padded(tensor_nbytes(tt, t.n_params))
+    lo = hi = fixed
+    for t in searched:
+        sizes = [padded(tensor_nbytes(w, t.n_params)) for _, w in tensor_candidates(cc, t, True)]
+        if not sizes:
+            raise RampError(f"{t.name}: no candidate type fits its rows of {t.n_per_row} weights")
+        lo, hi = lo + min(sizes), hi + max(sizes)
+    return lo, hi
+
+
+def _check_target(target: int, lo: int, hi: int, what: str) -> None:
+    slack = 1 << 16  # the output's header differs a little from the source's
+    if target < lo - slack:
+        raise RampError(
+            f"{what} ({target / MIB:.2f} MiB) is below the smallest file the candidate types allow "
+            f"({lo / MIB:.2f} MiB; feasible range {lo / MIB:.2f}-{hi / MIB:.2f} MiB)"
+        )
+
+
+def _check_run(rd: Path, want: dict[str, Any]) -> None:
+    """A run directory is reused (its calibration, fold, cache and measurement) only for the same request."""
+    p = rd / SETTINGS
+    if not p.is_file():
+        return
+    have = json.loads(p.read_text())
+    want = json.loads(json.dumps(want))
+    diffs = [k for k in sorted(set(have) | set(want)) if k != "ramp_version" and have.get(k) != want.get(k)]
+    if diffs:
+        raise RampError(
+            f"{rd} holds a run made with other settings ({', '.join(diffs)}); choose another --out"
+        )
+
+
+def metadata(
+    sens: Sensitivity,
+    choice: dict[str, GGMLQuantizationType],
+    method: str,
+    size: str,
+    target: int,
+    cfg: SearchConfig,
+    calibration: str,
+) -> dict[str, Any]:
+    """ramp.* keys of an output GGUF made by a direct method."""
+    names = [t.name for t in sens.tensors]
+    linears = [t for t in sens.tensors if t.name.startswith("blk.")]
+    searched_bytes = sum(t.option(choice[t.name]).nbytes for t in linears)
+    return {
+        "ramp.version": __version__,
+        "ramp.method": method,
+        "ramp.budget_mode": "size",
+        "ramp.size_target": size,
+        "ramp.target_bytes": int(target),
+        "ramp.bpw": float(8 * searched_bytes / sum(t.n_params for t in linears)),
+        "ramp.tensor_names": names,
+        "ramp.tensor_types": [choice[n].name for n in names],
+        "ramp.predicted_error": float(sens.error(choice)),
+        "ramp.scale_folding": bool(cfg.fold),
+        "ramp.calibration": calibration,
+        "ramp.imatrix": bool(cfg.imatrix),
+    }
+
+
+def run_direct(
+    model_path: str | os.PathLike[str],
+    run_dir: str | os.PathLike[str],
+    method: str,
+    size: str,
+    cfg: SearchConfig = SearchConfig(),
+    cc: CandidateConfig = CandidateConfig(),
+    opts: RuntimeOptions = RuntimeOptions(),
+    calib: str | os.PathLike[str] | None = None,
+    presets: tuple[str, ...] = ("Q4_K_M", "Q3_K_M"),
+    progress: Progress | None = None,
+) -> DirectResult:
+    """Measure, allocate with `method` to the whole-file `size`; write GGUF and report to `run_dir`."""
+    from .allocate import ALLOCATORS
+    from .allocation import parse_size
+    from .calibrate import check_config
+    from .corpora import load_text
+    from .evaluate import kld
+    from .ggufio import add_metadata, read_inventory
+    from .measure import MeasureConfig, measure
+    from .quantize import QuantizeOptions, quantize_preset
+    from .report import BASE_QUALITY, write_pareto
+    from .tensorcache import assemble, build_cache
+
+    if method not in ALLOCATORS:
+        raise RampError(f"unknown method {method!r} (choose from {', '.join([*ALLOCATORS, 'sac'])})")
+    preset = preset_name(size)
+    target = 0 if preset else parse_size(size)  # cheap checks before any work
+    info = read_inventory(model_path)
+    lo, hi = size_range(info, cc)
+    if not preset:
+        _check_target(target, lo, hi, f"--size {size}")
+    if calib is None:
+        check_config(cfg.calib, info.context_length or None)
+    text, _ = load_text(cfg.text)
+    rd = Path(run_dir)
+    want = _settings(str(Path(model_path).resolve()), method, size, cfg, cc)
+    _check_run(rd, want)
+    rd.mkdir(parents=True, exist_ok=True)
+    with atomic_path(rd / SETTINGS, force=True) as tmp:
+        tmp.write_text(json.dumps(want, indent=2))
+
+    source = calibrated_source(model_path, rd, cfg, opts, calib, progress, original=info)
+    base_im = source.base_cal.imatrix() if cfg.imatrix else None
+    imatrix = source.cal.imatrix() if cfg.imatrix else None
+    wd = workdir()
+    points: list[dict[str, Any]] = []
+    ecfg = cfg.eval_config
+    eopts = replace(opts, n_ctx=cfg.n_ctx)
+    try:
+        for name in dict.fromkeys([*presets, *([preset] if preset else [])]):
+            q = wd / f"{name}.gguf"
+            r = quantize_preset(
+                model_path, q, name, QuantizeOptions(imatrix=base_im, n_threads=opts.n_threads)
+            )
+            if name == preset:
+                target = r.file_size
+                _check_target(target, lo, hi, f"{preset}'s size")
+            k = kld(q, model_path, text, ecfg, eopts)
+            label = f"{name}+imatrix" if base_im is not None else name
+            points.append(
+                {
+                    "label": label,
+                    "file_bytes": r.file_size,
+                    "quality": k.kld_mean,
+                    "ppl": k.ppl,
+                    "kind": "preset",
+                }
+            )
+            q.unlink(missing_ok=True)
+
+        mcfg = MeasureConfig(candidates=cc, n_threads=opts.n_threads)
+        t0 = time.perf_counter()
+        sens = measure(
+            source.path,
+            source.cal,
+            imatrix,
+            mcfg,
+            rd / "cache",
+            staged(progress, "measure"),
+            staged(progress, "tensor cache"),
+            text=None,
+        )
+        t_measure = time.perf_counter() - t0
+        cache = build_cache(
+            source.path,
+            cc.requested(),
+            rd / "cache",
+            imatrix=imatrix,
+            base=cc.base,
+            n_threads=opts.n_threads,
+            searched=[t.name for t in sens.tensors],
+        )
+        gguf = rd / ramp_output_name(model_path, preset or size.strip())
+        budget = target
+        for _ in range(3):
+            choice = ALLOCATORS[method](sens, budget)
+            meta = metadata(sens, choice, method, size, target, cfg, source.base_cal.describe())
+            assemble(cache, choice, wd / "out.gguf", force=True)
+            add_metadata(wd / "out.gguf", gguf, meta, force=True)
+            over = gguf.stat().st_size - target
+            if over <= 0:
+                break
+            budget -= over
+        else:
+            raise RampError(f"could not fit {gguf.name} under {target} bytes")
+        k = kld(gguf, model_path, text, ecfg, eopts)
+    finally:
+        shutil.rmtree(wd, ignore_errors=True)
+
+    file_bytes = gguf.stat().st_size
+    label = f"{method}{' (folded)' if cfg.fold else ''}"
+    points.append(
+        {"label": label, "file_bytes": file_bytes, "quality": k.kld_mean, "ppl": k.ppl, "kind": "ramp"}
+    )
+    rows = [
+        {
+            "name": t.name,
+            "type": choice[t.name].name,
+            "bytes": t.option(choice[t.name]).nbytes,
+            "n_params": t.n_params,
+            "error": t.option(choice[t.name]).error,
+        }
+        for t in sens.tensors
+    ]
+    summary = {
+        "model": Path(model_path).name,
+        "method": method,
+        "size": size,
+        "target_bytes": target,
+        "file_bytes": file_bytes,
+        "bpw_file": 8 * file_bytes / info.n_params_total,
+        "bpw_searched": meta["ramp.bpw"],
+        "predicted_error": meta["ramp.predicted_error"],
+        "types": dict(Counter(r["type"] for r in rows).most_common()),
+        "quality": {
+            "metric": "kld",
+            "kld": k.kld_mean,
+            "ppl": k.ppl,
+            "base_ppl": k.base_ppl,
+            "text": cfg.text,
+            "chunks": cfg.chunks,
+        },
+        "t_measure": t_measure,
+    }
+    alloc = rd / "allocation.json"
+    with atomic_path(alloc, force=True) as tmp:
+        tmp.write_text(json.dumps({**summary, "tensors": rows}, indent=2))
+    report = rd / "report.json"
+    rmeta = {
+        "model": Path(model_path).name,
+        BASE_QUALITY: 0.0,
+        "search": cfg.to_json(),
+        "candidates": asdict(cc) | {"types": [t.name for t in cc.requested()], "base": cc.base.name},
+    }
+    with atomic_path(report, force=True) as tmp:
+        tmp.write_text(
+            json.dumps({"meta": rmeta, "summary": summary, "points": points}, indent=2, default=str)
+        )
+    write_pareto(rd, points, "kld", rmeta)
+    return DirectResult(rd, gguf, alloc, report, file_bytes, target, k.ppl, k.kld_mean)
+
+
+def describe(r: DirectResult) -> str:
+    return (
+        f"{r.gguf.name}: {r.file_bytes / MIB:.2f} MiB (target {r.target_bytes / MIB:.2f}), "
+        f"reward-text KLD {r.kld:.4f}, PPL {r.ppl:.3f}"
+    )
