@@ -600,16 +600,47 @@ def search(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
     no_presets: Annotated[bool, typer.Option("--no-presets", help="Skip the preset comparison.")] = False,
+    method: Annotated[
+        str, typer.Option("--method", help="sac (default), or greedy / uniform on the measured sensitivity.")
+    ] = "sac",
+    types: Annotated[
+        str | None, typer.Option("--types", help="greedy/uniform: candidate types, e.g. Q4_K,IQ4_NL,Q8_0.")
+    ] = None,
+    no_embeddings: Annotated[
+        bool, typer.Option("--no-embeddings", help="greedy/uniform: keep token_embd / output at Q8_0.")
+    ] = False,
     threads: ThreadsOpt = None,
     gpu_layers: GpuOpt = 0,
 ) -> None:
-    """Search a per-tensor allocation with SAC; write policy, allocation, GGUF and report to --out."""
+    """Search a per-tensor allocation (SAC, or greedy/uniform on the measured sensitivity with a whole-file
+    --size, e.g. 95MiB or Q4_K_M for that preset's size); write allocation, GGUF and report to --out."""
     from .backend import RuntimeOptions
     from .calibrate import load_recipe
     from .sac import SACConfig
     from .search import SETTINGS, SearchConfig
     from .search import search as run_search
 
+    if method != "sac":
+        from .candidates import DEFAULT_TYPES, CandidateConfig, parse_types
+        from .direct import describe, run_direct
+
+        if model is None or size is None:
+            raise RampError(f"--method {method} needs --model and a whole-file --size (e.g. 95MiB or Q4_K_M)")
+        cand = parse_types(types) if types else DEFAULT_TYPES
+        cc = CandidateConfig(types=cand, embeddings=not no_embeddings)
+        dcfg = SearchConfig(
+            budget_mode="size", metric="kld", n_ctx=ctx, chunks=chunks, fold=not no_fold,
+            imatrix=not no_imatrix, calib=load_recipe(recipe),
+        )
+        with _bar(method) as p:
+            ropts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)
+            r = run_direct(
+                model, out_dir, method, size, dcfg, cc, ropts, calib=calib,
+                presets=() if no_presets else ("Q4_K_M", "Q3_K_M"), progress=_stage_progress(p),
+            )
+        out.print(describe(r), soft_wrap=True)
+        out.print(f"allocation {r.allocation}, report {r.report}", soft_wrap=True)
+        return
     if model is None:
         if not resume or not (out_dir / SETTINGS).is_file():
             raise RampError("--model is required (or --resume with --out naming an existing run)")
