@@ -547,6 +547,7 @@ def prepare(
         base=cfg.base_type,
         n_threads=opts.n_threads,
         progress=stage("tensor cache"),
+        searched=[t.name for t in visited],
     )
     ecfg = cfg.eval_config
     text, _ = load_text(cfg.text)

@@ -7,12 +7,18 @@ cut out of the written file. That carries llama.cpp's row-length fallbacks and i
 unchanged; an assembled file is byte for byte the file `quantize_map` writes for the same map (header
 included), which `build_cache` checks on the model at hand for every type it adds.
 
+Searchable are the blk.N linears and the embeddings (`candidates.searchable`: token_embd, and output when
+the head is not tied); the caller names the ones it searches (default: the linears). A type that needs an
+importance matrix (`ladder.needs_imatrix`) is cached only for the tensors the imatrix covers.
+
 On disk, one directory per key (model sha256, imatrix digest, base type) under the cache root:
 
-    layout.json   key, header template (patch positions), the non-searched tensors' place in fixed.bin
-    header.bin    the template's metadata bytes;  fixed.bin: every non-searched tensor as written
-    Q4_K.bin      every searched tensor as llama.cpp writes it when asked for Q4_K (after fallback)
+    layout.json   key, header template (patch positions), the non-searchable tensors' place in fixed.bin
+    header.bin    the template's metadata bytes;  fixed.bin: every non-searchable tensor as written
+    Q8_0.bin      (the base type) every searchable tensor as written when not searched
+    Q4_K.bin      the searched tensors as llama.cpp writes them when asked for Q4_K (after fallback)
     Q4_K.json     name -> [written type, offset, bytes] in Q4_K.bin; written last, so it marks Q4_K done
+                  for these names (a later call searching more tensors quantizes Q4_K again for all of them)
 
 Every file is written to a temp name and renamed, so an interrupted build leaves whole types or none, and
 the next `build_cache` quantizes only the types still missing.
@@ -35,6 +41,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from .atomic import atomic_path
+from .candidates import searchable
 from .errors import RampError
 from .evaluate import file_sha256_cached
 from .ggufio import (
@@ -47,11 +54,11 @@ from .ggufio import (
     read_inventory,
     write_from_template,
 )
-from .ladder import type_from_name, written_type
+from .ladder import needs_imatrix, type_from_name, written_type
 from .quantize import QuantizeOptions, complete_map, file_type_for, quantize_map
 
 T = GGMLQuantizationType
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: embeddings searchable (in the base type's bin, not in fixed.bin)
 
 
 @dataclass(frozen=True)
@@ -75,8 +82,9 @@ class TensorCache:
     types: tuple[GGMLQuantizationType, ...]  # candidate (requested) types cached; `base` always is too
     info: ModelInfo  # inventory of the source model
     template: HeaderTemplate
-    searched: Mapping[tuple[str, GGMLQuantizationType], Blob]  # (searched tensor, written type) -> bytes
-    fixed: Mapping[str, Blob]  # every non-searched tensor, as llama.cpp writes it with `base`
+    searched: Mapping[tuple[str, GGMLQuantizationType], Blob]  # (searchable tensor, written type) -> bytes
+    fixed: Mapping[str, Blob]  # every non-searchable tensor, as llama.cpp writes it with `base`
+    names: tuple[str, ...] = ()  # the tensors searched through this cache (others only at `base`)
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,22 @@ def _key(sha: str, digest: str | None, base: GGMLQuantizationType) -> dict[str, 
 
 def _as_type(t: str | GGMLQuantizationType) -> GGMLQuantizationType:
     return t if isinstance(t, GGMLQuantizationType) else type_from_name(t)
+
+
+def directory_for(
+    cache_dir: str | os.PathLike[str], model_sha256: str, digest: str | None, base: GGMLQuantizationType
+) -> Path:
+    """The directory of one key under the cache root `cache_dir`."""
+    return Path(cache_dir) / f"{model_sha256[:16]}-{(digest or 'none')[:16]}-{base.name}"
+
+
+def cacheable(
+    names: Iterable[str], t: GGMLQuantizationType, imatrix: Mapping[str, np.ndarray] | None
+) -> list[str]:
+    """The tensors of `names` that can be cached as `t`: all, or for a type that needs an importance matrix
+    only those the imatrix covers (llama.cpp refuses the others, ggml may abort on them)."""
+    have = imatrix or {}
+    return [n for n in names if not needs_imatrix(t) or n in have]
 
 
 #: Open read-only maps of the cache's .bin files, by (path, inode, mtime): an episode then copies from
@@ -150,43 +174,57 @@ def build_cache(
     base: str | GGMLQuantizationType = T.Q8_0,
     n_threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    searched: Iterable[str] | None = None,
 ) -> TensorCache:
     """The tensor cache of `src` for candidate `types` under the root `cache_dir`: reused where this key
-    (model sha256, imatrix digest, base) already holds a type, built by one llama.cpp quantization per
-    missing type otherwise. `progress(done, total)` counts the types quantized (never called if none)."""
+    (model sha256, imatrix digest, base) already holds a type for the `searched` tensors (default: the
+    blk.N linears; any of `candidates.searchable`), built by one llama.cpp quantization per missing type
+    otherwise. `progress(done, total)` counts the types quantized (never called if none)."""
     base_t = _as_type(base)
     wanted = list(dict.fromkeys(_as_type(t) for t in types))
     if not wanted:
         raise RampError("no candidate types to cache")
     key = _key(file_sha256_cached(src), imatrix_digest(imatrix), base_t)
-    directory = (
-        Path(cache_dir) / f"{key['model_sha256'][:16]}-{(key['imatrix_digest'] or 'none')[:16]}-{base_t.name}"
-    )
+    directory = directory_for(cache_dir, key["model_sha256"], key["imatrix_digest"], base_t)
     directory.mkdir(parents=True, exist_ok=True)
-    todo = [
-        t for t in dict.fromkeys([*wanted, base_t]) if _read_json(directory / f"{t.name}.json", key) is None
-    ]
-    if _read_layout(directory, key, src) is None and not todo:
-        todo = [base_t]  # the fixed part and header come from any one quantization
+    layout = _read_layout(directory, key, src)
+    # reading the inventory parses the whole vocabulary (seconds on a real model): the layout keeps it
+    info = layout["info"] if layout is not None else read_inventory(src)
+    universe = [t.name for t in searchable(info)]
+    names = list(dict.fromkeys(searched)) if searched is not None else [t.name for t in info.searched]
+    stray = [n for n in names if n not in universe]
+    if stray:
+        raise RampError(
+            f"{stray[0]} is not a searchable tensor of {Path(src).name} "
+            "(the blk.N linears, token_embd, output)"
+        )
+    # the base type first: its bytes of every searchable tensor fill the others' assemblies
+    need = {base_t: cacheable(universe, base_t, imatrix)}
+    for t in wanted:
+        need[t] = list(dict.fromkeys([*need.get(t, []), *cacheable(names, t, imatrix)]))
+    todo: dict[GGMLQuantizationType, list[str]] = {}
+    for t, ns in need.items():
+        have = _read_json(directory / f"{t.name}.json", key)
+        cached = set(have["tensors"]) if have is not None else set()
+        if have is None or not set(ns) <= cached:
+            todo[t] = [n for n in universe if n in cached or n in set(ns)]
+    if layout is None and not todo:
+        todo[base_t] = need[base_t]  # the fixed part and header come from any one quantization
     opts = QuantizeOptions(imatrix=imatrix, n_threads=n_threads)
-    # reading the inventory parses the whole vocabulary (seconds on a real model): only when quantizing
-    info = read_inventory(src) if todo else None
-    names = [t.name for t in info.searched] if info else []
-    for i, t in enumerate(todo):
+    for i, (t, cover) in enumerate(todo.items()):
         ref = directory / f".ref-{t.name}-{os.getpid()}.gguf"
         try:
-            quantize_map(src, ref, {n: t for n in names}, base=base_t, opts=opts)
+            quantize_map(src, ref, {n: t for n in cover}, base=base_t, opts=opts)
             if _read_layout(directory, key, src) is None:
-                assert info is not None
-                _write_layout(directory, key, ref, info, set(names))
-            index = extract_tensors(ref, names, directory / f"{t.name}.bin", force=True)
+                _write_layout(directory, key, ref, info, set(universe))
+            index = extract_tensors(ref, cover, directory / f"{t.name}.bin", force=True)
             _write_json(
                 directory / f"{t.name}.json",
                 {"key": key, "tensors": {n: [T(ty).name, off, nb] for n, (ty, off, nb) in index.items()}},
             )
             try:
                 _check_identical(
-                    _load(directory, key, src, [t], base_t, load=[t]), {n: t for n in names}, ref
+                    _load(directory, key, src, [t], base_t, cover), {n: t for n in cover}, ref
                 )
             except RampError:
                 (directory / f"{t.name}.json").unlink(missing_ok=True)  # never reuse bytes that failed
@@ -195,14 +233,15 @@ def build_cache(
             ref.unlink(missing_ok=True)
         if progress:
             progress(i + 1, len(todo))
-    return _load(directory, key, src, wanted, base_t)
+    return _load(directory, key, src, wanted, base_t, names)
 
 
 def _write_layout(
     directory: Path, key: Mapping[str, Any], ref: Path, info: ModelInfo, searched: set[str]
 ) -> None:
-    """header.bin, fixed.bin and (last) layout.json from llama.cpp's quantization `ref`; layout.json keeps
-    the source's inventory `info` too, so that a reused cache never parses the model."""
+    """header.bin, fixed.bin (every tensor not in `searched`) and (last) layout.json from llama.cpp's
+    quantization `ref`; layout.json keeps the source's inventory `info` too, so that a reused cache never
+    parses the model."""
     template = read_header_template(ref)
     fixed_names = [s.name for s in template.tensors if s.name not in searched]
     index = extract_tensors(ref, fixed_names, directory / "fixed.bin", force=True)
@@ -246,9 +285,10 @@ def _load(
     src: str | os.PathLike[str],
     types: list[GGMLQuantizationType],
     base: GGMLQuantizationType,
-    load: list[GGMLQuantizationType] | None = None,
+    names: list[str],
 ) -> TensorCache:
-    """The cache artifact of `directory`, with the searched bytes of `load` (default: `types` and `base`)."""
+    """The cache artifact of `directory` for searching `names` as `types`: their bytes of each type, and the
+    base type's bytes of every searchable tensor."""
     layout = _read_layout(directory, key, src)
     if layout is None:
         raise RampError(f"{directory}: tensor cache has no usable layout.json (rerun build_cache)")
@@ -266,12 +306,14 @@ def _load(
         for n, (ty, off, nb) in layout["fixed"].items()
     }
     searched: dict[tuple[str, GGMLQuantizationType], Blob] = {}
-    for t in dict.fromkeys([*types, base] if load is None else load):
+    wanted = set(names)
+    for t in dict.fromkeys([base, *types]):
         index = _read_json(directory / f"{t.name}.json", key)
         if index is None:
             raise RampError(f"{directory}: tensor cache lacks type {t.name} (rerun build_cache)")
         for n, (ty, off, nb) in index["tensors"].items():
-            searched[(n, T.__members__[ty])] = Blob(f"{t.name}.bin", T.__members__[ty], int(off), int(nb))
+            if t == base or n in wanted:
+                searched[(n, T.__members__[ty])] = Blob(f"{t.name}.bin", T.__members__[ty], int(off), int(nb))
     return TensorCache(
         directory=directory,
         model_sha256=str(key["model_sha256"]),
@@ -282,6 +324,7 @@ def _load(
         template=template,
         searched=searched,
         fixed=fixed,
+        names=tuple(names),
     )
 
 
@@ -315,13 +358,14 @@ def assemble(
     full = complete_map(info, {n: _as_type(t) for n, t in types.items()}, cache.base)
     row = {t.name: t.n_per_row for t in info.tensors}
     chosen: list[Blob] = []
+    searched = set(cache.names)
     for slot in cache.template.tensors:
+        asked = full.get(slot.name)
+        if slot.name not in searched and asked is not None and asked != cache.base:
+            raise RampError(
+                f"{slot.name} is not a searched tensor: the cache holds it only as {cache.base.name}"
+            )
         if slot.name in cache.fixed:
-            asked = full.get(slot.name)
-            if asked is not None and asked != cache.base:
-                raise RampError(
-                    f"{slot.name} is not a searched tensor: the cache holds it only as {cache.base.name}"
-                )
             chosen.append(cache.fixed[slot.name])
             continue
         wt = written_type(full[slot.name], row[slot.name])
@@ -345,3 +389,28 @@ def assemble(
         for v in [*views, *maps.values()]:
             v.release()
     return AssembleResult(str(dst), size, time.perf_counter() - t0)
+
+
+def dequantized_rows(
+    cache: TensorCache, name: str, written: GGMLQuantizationType, start: int, stop: int
+) -> np.ndarray:
+    """Rows start..stop-1 of searchable tensor `name` as the cache stores it in type `written` (what
+    llama.cpp writes), dequantized by gguf-py: float32, shape (stop - start, n_per_row)."""
+    from gguf.quants import dequantize
+
+    blob = cache.searched.get((name, written))
+    if blob is None:
+        raise RampError(f"{name}: no cached bytes for {written.name}")
+    n_rows = cache.info.tensor(name).n_rows
+    row_bytes = blob.nbytes // n_rows
+    if not 0 <= start <= stop <= n_rows:
+        raise RampError(f"{name}: rows {start}..{stop} outside 0..{n_rows}")
+    view = memoryview(_mapped(cache.directory / blob.file))
+    try:
+        part = view[blob.offset + start * row_bytes : blob.offset + stop * row_bytes]
+        # a copy: no array may keep the map exported (_mapped closes maps it evicts)
+        raw = np.frombuffer(part, dtype=np.uint8).reshape(stop - start, row_bytes).copy()
+        part.release()
+    finally:
+        view.release()
+    return np.asarray(dequantize(raw, written), dtype=np.float32)

@@ -276,3 +276,18 @@ def test_damaged_checkpoint_is_one_error(tmp_path: Path) -> None:
     (tmp_path / "checkpoint.safetensors").write_bytes(b"\x10" + b"\x00" * 50)
     with pytest.raises(RampError, match="not a ramp-cpp checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_embeddings_searched_end_to_end(tiny_model: Path, text_file: Path, tmp_path: Path) -> None:
+    """--include-embeddings: episodes give token_embd / output any rung, and the output holds those types."""
+    res = search(
+        tiny_model, tmp_path / "run", small(text_file, include_embeddings=True), SAC_SMALL, presets=()
+    )
+    alloc = json.loads(res.allocation.read_text())
+    names = [row["name"] for row in alloc["tensors"]]
+    assert names[0] == "token_embd.weight" and names[-1] == "output.weight"
+    types = {t.name: t.tensor_type.name for t in GGUFReader(res.gguf).tensors}
+    for row in alloc["tensors"]:
+        assert types[row["name"]] == row["type"]
+    seen = {r["bits"][0] for r in res.state.log}  # token_embd's rung over the episodes
+    assert len(seen) > 1

@@ -12,12 +12,14 @@ from gguf import GGUFReader
 
 from ramp_cpp import tensorcache
 from ramp_cpp.backend import LlamaModel, RuntimeOptions
+from ramp_cpp.candidates import searchable
 from ramp_cpp.errors import RampError
 from ramp_cpp.ggufio import ModelInfo, read_inventory, tensor_types
+from ramp_cpp.ladder import bits_per_weight, written_type
 from ramp_cpp.quantize import QuantizeOptions, quantize_map
 from ramp_cpp.tensorcache import TensorCache, assemble, build_cache, imatrix_digest
 
-LADDER = ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q2_K")
+LADDER = ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q2_K", "IQ4_NL", "IQ4_XS")
 
 #: Models whose reference files differ in the ways that matter for the header and the fallbacks.
 SPECS = {
@@ -39,10 +41,10 @@ def _imatrix(info: ModelInfo, seed: int) -> dict[str, np.ndarray]:
 
 
 def _random_map(info: ModelInfo, rng: np.random.Generator, cover: float = 1.0) -> dict[str, Any]:
-    """A type per searched tensor (some left out when cover < 1: they get the base type), named by
-    string or enum at random."""
+    """A type per searchable tensor, embeddings included (some left out when cover < 1: they get the base
+    type), named by string or enum at random."""
     out: dict[str, Any] = {}
-    for t in info.searched:
+    for t in searchable(info):
         if rng.random() < cover:
             name = LADDER[rng.integers(len(LADDER))]
             out[t.name] = name if rng.random() < 0.5 else T.__members__[name]
@@ -59,15 +61,18 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]
 def caches(
     models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[tuple[str, bool], tuple[TensorCache, dict[str, np.ndarray] | None]]]:
-    """The cache over the ladder of each case (built once for the module)."""
+    """The cache over the ladder of each case, linears and embeddings searched (built once for the
+    module)."""
     root = tmp_path_factory.mktemp("tc-cache")
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         # the autouse per-test cache isolation does not reach module fixtures
         mp.setenv("RAMP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
         for k, with_im in CASES:
-            im = _imatrix(read_inventory(models[k]), seed=len(k)) if with_im else None
-            out[(k, with_im)] = (build_cache(models[k], LADDER, root, imatrix=im), im)
+            info = read_inventory(models[k])
+            im = _imatrix(info, seed=len(k)) if with_im else None
+            names = [t.name for t in searchable(info)]
+            out[(k, with_im)] = (build_cache(models[k], LADDER, root, imatrix=im, searched=names), im)
     yield out
 
 
@@ -89,6 +94,35 @@ def test_assembled_file_is_quantize_map_file(
         assert out.read_bytes() == ref.read_bytes(), f"map {i} of {spec}"
     written = {t for n, (t, _, _) in tensor_types(tmp_path / "asm0.gguf").items() if n.startswith("blk.")}
     assert written - {"F32"}, "no quantized tensor in the episode"
+
+
+#: Maps giving the embeddings other types than the base: (token_embd, output); the output is skipped on the
+#: tied model, where token_embd is the head too. On `narrow` (rows of 320) Q4_K falls back to Q5_0 and
+#: IQ4_XS to IQ4_NL.
+EMBEDDING_MAPS = [("Q4_K", "Q6_K"), ("IQ4_NL", "Q4_K"), ("Q6_K", "IQ4_XS"), ("Q2_K", "Q8_0")]
+
+
+@pytest.mark.parametrize(("spec", "with_im"), CASES, ids=[f"{k}-{'im' if i else 'plain'}" for k, i in CASES])
+def test_embeddings_searched_assemble_identically_and_load(
+    spec: str, with_im: bool, models: dict[str, Path], caches: Any, tiny_text: str, tmp_path: Path
+) -> None:
+    cache, im = caches[(spec, with_im)]
+    tied = "output.weight" not in {t.name for t in cache.info.tensors}
+    assert tied == (spec == "tied")
+    q = "blk.0.attn_q.weight"
+    for i, (emb, head) in enumerate(EMBEDDING_MAPS):
+        m = {"token_embd.weight": emb, q: "Q4_K"} | ({} if tied else {"output.weight": head})
+        ref, out = tmp_path / f"ref{i}.gguf", tmp_path / f"asm{i}.gguf"
+        quantize_map(models[spec], ref, m, opts=QuantizeOptions(imatrix=im))
+        assemble(cache, m, out)
+        assert out.read_bytes() == ref.read_bytes(), f"{spec} {m}"
+        written = tensor_types(out)["token_embd.weight"][0]
+        assert written == written_type(T[emb], cache.info.tensor("token_embd.weight").n_per_row).name
+        if emb in ("Q4_K", "IQ4_NL"):  # 4-bit in every model, after its fallback
+            assert bits_per_weight(T[written]) < 6
+    with LlamaModel(tmp_path / "asm0.gguf", RuntimeOptions(n_ctx=64)) as lm:
+        toks = lm.tokenize(tiny_text)[:64]
+        assert np.isfinite(lm.logits(toks, 0, 64)).all()
 
 
 def test_fallbacks_and_written_types_are_served(caches: Any, models: dict[str, Path], tmp_path: Path) -> None:
@@ -140,12 +174,14 @@ def test_reuse_resume_and_key(tiny_model: Path, tmp_path: Path, monkeypatch: pyt
     root = tmp_path / "cache"
     with pytest.raises(RampError, match="simulated crash"):
         build_cache(tiny_model, ["Q4_K", "Q5_K", "Q6_K"], root)
-    assert calls == ["Q4_K", "Q5_K"]
+    assert calls == ["Q8_0", "Q4_K", "Q5_K"]  # the base type first: it fills every other assembly
     (d,) = root.iterdir()
-    # the crash left Q4_K whole, Q5_K absent, and no temp file
+    # the crash left Q8_0 and Q4_K whole, Q5_K absent, and no temp file
     assert sorted(p.name for p in d.iterdir()) == [
         "Q4_K.bin",
         "Q4_K.json",
+        "Q8_0.bin",
+        "Q8_0.json",
         "fixed.bin",
         "header.bin",
         "layout.json",
@@ -155,8 +191,8 @@ def test_reuse_resume_and_key(tiny_model: Path, tmp_path: Path, monkeypatch: pyt
     calls.clear()
     seen: list[tuple[int, int]] = []
     c = build_cache(tiny_model, ["Q4_K", "Q5_K", "Q6_K"], root, progress=lambda i, n: seen.append((i, n)))
-    assert calls == ["Q5_K", "Q6_K", "Q8_0"]  # the base type's own bytes for unnamed searched tensors
-    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert calls == ["Q5_K", "Q6_K"]
+    assert seen == [(1, 2), (2, 2)]
     assert c.types == (T.Q4_K, T.Q5_K, T.Q6_K) and c.base == T.Q8_0
 
     calls.clear()
@@ -175,7 +211,7 @@ def test_reuse_resume_and_key(tiny_model: Path, tmp_path: Path, monkeypatch: pyt
     cb = build_cache(tiny_model, ["Q4_K"], root, imatrix=im_b)
     ca2 = build_cache(tiny_model, ["Q4_K"], root, imatrix={k: v.copy() for k, v in im_a.items()})
     assert len({c.directory, ca.directory, cb.directory}) == 3 and ca2.directory == ca.directory
-    assert calls == ["Q4_K", "Q8_0", "Q4_K", "Q8_0"]  # nothing rebuilt for the equal imatrix
+    assert calls == ["Q8_0", "Q4_K", "Q8_0", "Q4_K"]  # nothing rebuilt for the equal imatrix
     assert imatrix_digest(None) is None and imatrix_digest({}) is None
     assert ca.imatrix_digest == imatrix_digest(im_a) != imatrix_digest(im_b)
     cq = build_cache(tiny_model, ["Q4_K"], root, base="Q6_K")
@@ -189,7 +225,7 @@ def test_reuse_resume_and_key(tiny_model: Path, tmp_path: Path, monkeypatch: pyt
     assert len(set(blobs)) == 3
 
 
-def test_refusals(caches: Any, tmp_path: Path) -> None:
+def test_refusals(caches: Any, models: dict[str, Path], tmp_path: Path) -> None:
     cache, _ = caches[("default", False)]
     out = tmp_path / "x.gguf"
     with pytest.raises(RampError, match="not a 2-D tensor"):
@@ -198,12 +234,56 @@ def test_refusals(caches: Any, tmp_path: Path) -> None:
         assemble(cache, {"blk.0.attn_q.weight": "Q4_X"}, out)
     with pytest.raises(RampError, match="no cached bytes for Q4_1"):
         assemble(cache, {"blk.0.attn_q.weight": "Q4_1"}, out)
+    with pytest.raises(RampError, match="no cached bytes for Q4_1"):
+        assemble(cache, {"output.weight": "Q4_1"}, out)
+    # the same key directory served to a search of the linears only: the embeddings stay at the base type
+    linears = build_cache(models["default"], ["Q4_K"], cache.directory.parent)
+    assert linears.directory == cache.directory and "output.weight" not in linears.names
     with pytest.raises(RampError, match="not a searched tensor"):
-        assemble(cache, {"output.weight": "Q4_K"}, out)
-    assemble(cache, {"output.weight": "Q8_0"}, out)  # the base type: what the cache holds
+        assemble(linears, {"output.weight": "Q4_K"}, out)
+    assemble(linears, {"output.weight": "Q8_0"}, out)  # the base type: what the cache holds
     with pytest.raises(RampError, match="exists"):
         assemble(cache, {}, out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf"]
+    with pytest.raises(RampError, match="not a searchable tensor"):
+        build_cache(models["default"], ["Q4_K"], tmp_path / "c", searched=["output_norm.weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "x.gguf"]
+
+
+def test_more_searched_tensors_requantize_only_what_lacks_them(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A type cached for the linears is quantized again when a later search adds the embeddings; a type
+    that needs an imatrix is cached only for the tensors the imatrix covers."""
+    calls: list[tuple[str, int]] = []
+    real = tensorcache.quantize_map
+
+    def counting(src: Any, dst: Any, types: Any, **kw: Any) -> Any:
+        calls.append((next(iter(types.values())).name, len(types)))
+        return real(src, dst, types, **kw)
+
+    monkeypatch.setattr(tensorcache, "quantize_map", counting)
+    root = tmp_path / "cache"
+    info = read_inventory(tiny_model)
+    n_lin, every = len(info.searched), [t.name for t in searchable(info)]
+    build_cache(tiny_model, ["Q4_K", "Q6_K"], root)
+    assert calls == [("Q8_0", len(every)), ("Q4_K", n_lin), ("Q6_K", n_lin)]
+    calls.clear()
+    c = build_cache(tiny_model, ["Q4_K"], root, searched=every)
+    assert calls == [("Q4_K", len(every))] and c.names == tuple(every)
+    calls.clear()
+    build_cache(tiny_model, ["Q4_K"], root, searched=every[:3])
+    build_cache(tiny_model, ["Q4_K"], root)
+    assert calls == []
+
+    im = {n: v for n, v in _imatrix(info, 3).items() if n.startswith("blk.")}
+    calls.clear()
+    c = build_cache(tiny_model, ["IQ2_XS"], root, imatrix=im, searched=every)
+    assert calls == [("Q8_0", len(every)), ("IQ2_XS", n_lin)]  # token_embd and output have no entry
+    # ffn_down's rows of 384 fall back to IQ4_NL
+    iq2 = {n for (n, t) in c.searched if t == T.IQ2_XS}
+    assert iq2 == {t.name for t in info.searched if t.role != "ffn_down"}
+    with pytest.raises(RampError, match="no cached bytes for IQ2_XS"):
+        assemble(c, {"token_embd.weight": "IQ2_XS"}, tmp_path / "x.gguf")
 
 
 def test_recycle_overwrites_in_place(caches: Any, tmp_path: Path) -> None:
