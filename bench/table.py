@@ -36,8 +36,11 @@ def table(model: str, base: str, chunks: int) -> str:
     lines = []
     for size, rs in sorted(rows(data, base, chunks).items(), key=lambda kv: -kv[1][0][2]["file_bytes"]):
         ref = next((r for m, f, r in rs if m == "preset+imatrix" and not f), None)
-        lines.append(f"\n{model}, {base} base, at {size}'s whole-file size ({chunks} chunks of wikitext2-test)\n")
-        lines.append("| method | folded | MiB | bpw file | bpw linears | PPL | mean KLD | same top % | KLD / preset |")
+        where = f"{size}'s whole-file size ({chunks} chunks of wikitext2-test)"
+        lines.append(f"\n{model}, {base} base, at {where}\n")
+        lines.append(
+            "| method | folded | MiB | bpw file | bpw linears | PPL | mean KLD | same top % | KLD / preset |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for m, f, r in rs:
             label = f"{size} + imatrix" if m == "preset+imatrix" else m

@@ -744,7 +744,7 @@ def measure_(
         str | None,
         typer.Option(
             "--types",
-            help="Candidate types, e.g. Q4_K,IQ4_XS,Q8_0 (default: Q2_K-Q6_K, IQ4_XS, IQ4_NL, Q4_0-Q5_1, Q8_0).",
+            help="Candidate types, e.g. Q4_K,IQ4_XS,Q8_0 (default: Q2_K-Q6_K, IQ4_XS/NL, Q4_0-Q5_1, Q8_0).",
         ),
     ] = None,
     ladder: Annotated[
@@ -752,10 +752,10 @@ def measure_(
     ] = "types",
     bits: Annotated[str, typer.Option("--bits", help="The paper ladder's nominal bits.")] = "3,4,5,6",
     use_imatrix: Annotated[
-        bool, typer.Option("--imatrix/--no-imatrix", help="Quantize with the calibration's importance matrix.")
+        bool, typer.Option("--imatrix/--no-imatrix", help="Quantize with the calibration's imatrix.")
     ] = True,
     no_embeddings: Annotated[
-        bool, typer.Option("--no-embeddings", help="Measure the blk.N linears only (embeddings stay at Q8_0).")
+        bool, typer.Option("--no-embeddings", help="Measure the blk.N linears only (embeddings: Q8_0).")
     ] = False,
     cache_dir: Annotated[
         Path | None, typer.Option("--cache-dir", help="Tensor cache root (default: the ramp-cpp cache).")
