@@ -182,8 +182,16 @@ def alloc_cell(
         f"{b.key}/{b.name}: {method} at {preset}'s size ({target / MIB:.2f} MiB){' folded' if folded else ''}"
     )
     r = quantize_map(src, q, choice, base="Q8_0", opts=QuantizeOptions(imatrix=cal.imatrix(), force=True))
-    if not target * (1 - TOLERANCE) <= r.file_size <= target:
-        raise SystemExit(f"{method}: {r.file_size} bytes is not within 0.5% below {target}")
+    if r.file_size > target:
+        raise SystemExit(f"{method}: {r.file_size} bytes is over the target {target}")
+    # below the tolerance only when every larger candidate is dominated (measured no better): on a base
+    # dequantized from a quantized file the source's type often is, and the table says so
+    short = r.file_size < target * (1 - TOLERANCE)
+    if short:
+        log(
+            f"{method}: {r.file_size} bytes, {100 * (1 - r.file_size / target):.1f}% under the target: "
+            f"the largest undominated allocation is {sens.max_bytes()} bytes"
+        )
     if r.file_size != sens.file_bytes(choice):
         log(f"warning: predicted {sens.file_bytes(choice)} bytes, wrote {r.file_size}")
     row = {

@@ -603,6 +603,14 @@ def search(
     method: Annotated[
         str, typer.Option("--method", help="sac (default), or greedy / uniform on the measured sensitivity.")
     ] = "sac",
+    sensitivity: Annotated[
+        str | None,
+        typer.Option(
+            "--sensitivity",
+            help="greedy: proxy, or measured (default: the proxy rescaled per role x depth group by "
+            "KLD measured on the reward chunks).",
+        ),
+    ] = None,
     types: Annotated[
         str | None, typer.Option("--types", help="greedy/uniform: candidate types, e.g. Q4_K,IQ4_NL,Q8_0.")
     ] = None,
@@ -622,7 +630,9 @@ def search(
 
     if method != "sac":
         from .candidates import DEFAULT_TYPES, CandidateConfig, parse_types
-        from .direct import describe, run_direct
+        from .direct import describe, resolve_sensitivity, run_direct
+
+        sensitivity = resolve_sensitivity(method, sensitivity)
 
         if model is None or size is None:
             raise RampError(f"--method {method} needs --model and a whole-file --size (e.g. 95MiB or Q4_K_M)")
@@ -637,10 +647,13 @@ def search(
             r = run_direct(
                 model, out_dir, method, size, dcfg, cc, ropts, calib=calib,
                 presets=() if no_presets else ("Q4_K_M", "Q3_K_M"), progress=_stage_progress(p),
+                sensitivity=sensitivity,
             )
         out.print(describe(r), soft_wrap=True)
         out.print(f"allocation {r.allocation}, report {r.report}", soft_wrap=True)
         return
+    if sensitivity is not None:
+        raise RampError("--sensitivity applies to --method greedy/uniform (SAC measures its own reward)")
     if model is None:
         if not resume or not (out_dir / SETTINGS).is_file():
             raise RampError("--model is required (or --resume with --out naming an existing run)")
@@ -760,12 +773,23 @@ def measure_(
     cache_dir: Annotated[
         Path | None, typer.Option("--cache-dir", help="Tensor cache root (default: the ramp-cpp cache).")
     ] = None,
+    kld_groups: Annotated[
+        bool,
+        typer.Option(
+            "--kld-groups",
+            help="Also calibrate the error per role x depth group with KLD against MODEL on wikitext2-valid "
+            "(what search --sensitivity measured does); printed, kept beside the measurement.",
+        ),
+    ] = False,
+    chunks: Annotated[int, typer.Option("--chunks", help="--kld-groups: chunks of wikitext2-valid.")] = 4,
+    ctx: Annotated[int, typer.Option("--ctx", help="--kld-groups: tokens per chunk.")] = 512,
     force: ForceOpt = False,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Bytes and importance-weighted error of every searched tensor at every candidate type, measured on the
-    bytes llama.cpp writes (resumable; reused for every budget)."""
+    bytes llama.cpp writes (resumable; reused for every budget). With --kld-groups, also the KLD each role x
+    depth group costs per unit of that error (resumable too)."""
     import time
 
     from .atomic import check_output
@@ -785,6 +809,17 @@ def measure_(
     if not model.is_file():
         raise RampError(f"{model}: no such file")
     cal = load_calibration(calib)
+    reward_text = ""
+    if kld_groups:  # every check before the expensive work, the text's length in chunks included
+        from .backend import LlamaModel, RuntimeOptions
+        from .corpora import load_text
+        from .evaluate import EvalConfig, eval_chunks
+
+        if chunks < 1 or ctx < 8:
+            raise RampError("--chunks must be at least 1 and --ctx at least 8")
+        reward_text, _ = load_text(REWARD_TEXT)
+        with LlamaModel(model, RuntimeOptions(n_ctx=64, n_threads=threads)) as lm:
+            eval_chunks(lm, reward_text, EvalConfig(n_ctx=ctx, n_chunks=chunks))
     t0 = time.perf_counter()
     with _bar("measure") as p:
         sens = run_measure(
@@ -796,6 +831,21 @@ def measure_(
             progress=_chunk_progress(p, "tensors"),
             cache_progress=_chunk_progress(p, "tensor cache (types)"),
         )
+        report = None
+        if kld_groups:
+            from .groups import calibrate_sensitivity
+            from .measure import default_cache_root
+            from .tensorcache import build_cache
+
+            cache = build_cache(
+                model, cc.requested(), cache_dir or default_cache_root(),
+                imatrix=cal.imatrix() if use_imatrix else None, base=cc.base, n_threads=threads,
+                searched=[t.name for t in sens.tensors],
+            )
+            _, report = calibrate_sensitivity(
+                sens, cache, model, reward_text, EvalConfig(n_ctx=ctx, n_chunks=chunks),
+                RuntimeOptions(n_threads=threads), progress=_chunk_progress(p, "KLD evaluations"),
+            )
     seconds = time.perf_counter() - t0
     save(sens, output, force)
     n_opts = sum(len(t.options) for t in sens.tensors)
@@ -808,6 +858,8 @@ def measure_(
         "fixed_bytes": sens.fixed_bytes,
         "seconds": seconds,
     }
+    if report is not None:
+        summary["kld_groups"] = report.to_json()
     if as_json:
         _emit(summary)
         return
@@ -816,6 +868,36 @@ def measure_(
         f"{sens.min_bytes() / 2**20:.2f}-{sens.max_bytes() / 2**20:.2f} MiB "
         f"({sens.fixed_bytes / 2**20:.2f} MiB fixed), {seconds:.1f} s",
         soft_wrap=True,
+    )
+    if report is not None:
+        _print_groups(report, f"{REWARD_TEXT}, {chunks} chunks of {ctx}")
+
+
+REWARD_TEXT = "wikitext2-valid"  # the search's reward text; wikitext2-test stays held out
+
+
+def _print_groups(report: Any, where: str) -> None:
+    t = Table(
+        "group", "tensors", "Δproxy", "ΔKLD", "ratio", title=f"KLD per unit of proxy error ({where}); "
+        f"reference KLD {report.reference_kld:.5f}",
+    )
+    for g in report.groups:
+        measured = "-" if g.measured is None else f"{g.measured:.5f}"
+        t.add_row(
+            g.name, str(len(g.tensors)), f"{g.predicted:.4g}", measured,
+            f"{g.ratio:.4g}{' (floor)' if g.floored else ''}",
+        )
+    out.print(t)
+    for pr in report.pairs:
+        rel = "-" if pr.relative_error is None else f"{100 * pr.relative_error:+.1f}%"
+        out.print(
+            f"pair {pr.groups[0]} + {pr.groups[1]}: ΔKLD {pr.increment:.5f}, sum of singles "
+            f"{pr.sum_of_singles:.5f} ({rel})",
+            highlight=False,
+        )
+    out.print(
+        f"{report.evaluations} evaluations, {report.seconds:.1f} s ({report.evaluated_now} run now)",
+        highlight=False,
     )
 
 

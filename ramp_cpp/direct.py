@@ -6,6 +6,10 @@ cache (the bytes llama.cpp's quantizer writes) with ramp.* metadata → evaluate
 to the presets with the unfolded model's imatrix. The budget is a whole-file size: `--size 95MiB`, or
 `--size Q4_K_M` for the size of that llama.cpp preset (with the same imatrix) on this model.
 
+Greedy's sensitivity is the measured one by default (`--sensitivity measured`, groups.py): the proxy errors
+rescaled per role × depth group by the KLD llama.cpp measures on the reward chunks when that group alone is
+quantized to its cheapest candidate; `proxy` keeps the proxy as measured. Uniform reads no error at all.
+
 The ramp.* metadata grows the header after the allocation was made; the file is therefore assembled, measured
 and, if the metadata pushed it past the target, allocated again with the budget lowered by the overshoot.
 """
@@ -29,11 +33,13 @@ from .atomic import atomic_path
 from .backend import RuntimeOptions
 from .candidates import CandidateConfig
 from .errors import RampError
+from .groups import GroupConfig, calibrate_sensitivity
 from .search import SETTINGS, SearchConfig, calibrated_source, ramp_output_name, staged, workdir
 from .sensitivity import Sensitivity
 
 Progress = Callable[[str, int, int], None]
 MIB = 1 << 20
+SENSITIVITIES = ("proxy", "measured")
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,10 @@ def preset_name(spec: str) -> str | None:
     return key if key in presets() else None
 
 
-def _settings(model: str, method: str, size: str, cfg: SearchConfig, cc: CandidateConfig) -> dict[str, Any]:
+def _settings(
+    model: str, method: str, size: str, cfg: SearchConfig, cc: CandidateConfig, sensitivity: str | None,
+    gcfg: GroupConfig,
+) -> dict[str, Any]:
     return {
         "ramp_version": __version__,
         "model_path": model,
@@ -64,7 +73,19 @@ def _settings(model: str, method: str, size: str, cfg: SearchConfig, cc: Candida
         "size": size,
         "search": cfg.to_json(),
         "candidates": cc.key(),
+        # only when measured: run directories made before the option (proxy) stay reusable
+        **({"sensitivity": sensitivity, "kld_groups": asdict(gcfg)} if sensitivity == "measured" else {}),
     }
+
+
+def resolve_sensitivity(method: str, sensitivity: str | None) -> str | None:
+    """The sensitivity `method` allocates on: None for uniform (it reads no error), else `sensitivity`
+    (default: measured)."""
+    if sensitivity is not None and sensitivity not in SENSITIVITIES:
+        raise RampError(f"unknown sensitivity {sensitivity!r} (choose from {', '.join(SENSITIVITIES)})")
+    if method == "uniform":
+        return None
+    return sensitivity or "measured"
 
 
 def size_range(info: Any, cc: CandidateConfig) -> tuple[int, int]:
@@ -125,8 +146,10 @@ def metadata(
     target: int,
     cfg: SearchConfig,
     calibration: str,
+    sensitivity: str = "proxy",
 ) -> dict[str, Any]:
-    """ramp.* keys of an output GGUF made by a direct method."""
+    """ramp.* keys of an output GGUF made by a direct method. `ramp.sensitivity`: what the allocator read,
+    proxy, measured, or none (uniform); `ramp.predicted_error` is the proxy's whichever it was."""
     names = [t.name for t in sens.tensors]
     linears = [t for t in sens.tensors if t.name.startswith("blk.")]
     searched_bytes = sum(t.option(choice[t.name]).nbytes for t in linears)
@@ -143,6 +166,7 @@ def metadata(
         "ramp.scale_folding": bool(cfg.fold),
         "ramp.calibration": calibration,
         "ramp.imatrix": bool(cfg.imatrix),
+        "ramp.sensitivity": sensitivity,
     }
 
 
@@ -157,8 +181,14 @@ def run_direct(
     calib: str | os.PathLike[str] | None = None,
     presets: tuple[str, ...] = ("Q4_K_M", "Q3_K_M"),
     progress: Progress | None = None,
+    sensitivity: str | None = "proxy",
+    gcfg: GroupConfig | None = None,
 ) -> DirectResult:
-    """Measure, allocate with `method` to the whole-file `size`; write GGUF and report to `run_dir`."""
+    """Measure, allocate with `method` to the whole-file `size`; write GGUF and report to `run_dir`.
+    `sensitivity`: what greedy allocates on, `proxy` or `measured` (groups.py, configured by `gcfg`, None:
+    GroupConfig's defaults); None means measured. `proxy` is this function's default so that library
+    callers (bench/, tests) keep the allocation they had; the command line's default for greedy is
+    `measured`."""
     from .allocate import ALLOCATORS
     from .allocation import parse_size
     from .calibrate import check_config
@@ -172,6 +202,8 @@ def run_direct(
 
     if method not in ALLOCATORS:
         raise RampError(f"unknown method {method!r} (choose from {', '.join([*ALLOCATORS, 'sac'])})")
+    sensitivity = resolve_sensitivity(method, sensitivity)
+    gcfg = gcfg or GroupConfig()
     preset = preset_name(size)
     target = 0 if preset else parse_size(size)  # cheap checks before any work
     info = read_inventory(model_path)
@@ -182,7 +214,7 @@ def run_direct(
         check_config(cfg.calib, info.context_length or None)
     text, _ = load_text(cfg.text)
     rd = Path(run_dir)
-    want = _settings(str(Path(model_path).resolve()), method, size, cfg, cc)
+    want = _settings(str(Path(model_path).resolve()), method, size, cfg, cc, sensitivity, gcfg)
     _check_run(rd, want)
     rd.mkdir(parents=True, exist_ok=True)
     with atomic_path(rd / SETTINGS, force=True) as tmp:
@@ -239,17 +271,27 @@ def run_direct(
             n_threads=opts.n_threads,
             searched=[t.name for t in sens.tensors],
         )
+        alloc_sens, groups = sens, None
+        if sensitivity == "measured":
+            # against the unfolded model: the folded source computes the same function
+            alloc_sens, groups = calibrate_sensitivity(
+                sens, cache, model_path, text, ecfg, eopts, gcfg, staged(progress, "kld groups"), scratch=wd
+            )
         gguf = rd / ramp_output_name(model_path, preset or size.strip())
         budget = target
         for _ in range(3):
-            choice = ALLOCATORS[method](sens, budget)
-            meta = metadata(sens, choice, method, size, target, cfg, source.base_cal.describe())
+            choice = ALLOCATORS[method](alloc_sens, budget)
+            meta = metadata(
+                sens, choice, method, size, target, cfg, source.base_cal.describe(), sensitivity or "none"
+            )
             assemble(cache, choice, wd / "out.gguf", force=True)
             add_metadata(wd / "out.gguf", gguf, meta, force=True)
             over = gguf.stat().st_size - target
             if over <= 0:
                 break
-            budget -= over
+            # below this allocation's own bytes: a greedy that left slack under `budget` would otherwise
+            # return the same allocation for `budget - over`
+            budget = min(budget, alloc_sens.file_bytes(choice)) - over
         else:
             raise RampError(f"could not fit {gguf.name} under {target} bytes")
         k = kld(gguf, model_path, text, ecfg, eopts)
@@ -268,8 +310,9 @@ def run_direct(
             "bytes": t.option(choice[t.name]).nbytes,
             "n_params": t.n_params,
             "error": t.option(choice[t.name]).error,
+            **({"scaled_error": s.option(choice[t.name]).error} if groups is not None else {}),
         }
-        for t in sens.tensors
+        for t, s in zip(sens.tensors, alloc_sens.tensors, strict=True)
     ]
     summary = {
         "model": Path(model_path).name,
@@ -280,6 +323,7 @@ def run_direct(
         "bpw_file": 8 * file_bytes / info.n_params_total,
         "bpw_searched": meta["ramp.bpw"],
         "predicted_error": meta["ramp.predicted_error"],
+        "sensitivity": sensitivity,
         "types": dict(Counter(r["type"] for r in rows).most_common()),
         "quality": {
             "metric": "kld",
@@ -291,6 +335,11 @@ def run_direct(
         },
         "t_measure": t_measure,
     }
+    if groups is not None:
+        # the calibrated sum is linear around the reference: KLD ≈ KLD_ref + Σ ratio · (error − error_highest)
+        top = {t.name: t.options[-1].ggml_type for t in alloc_sens.tensors}
+        summary["predicted_kld"] = groups.reference_kld + alloc_sens.error(choice) - alloc_sens.error(top)
+        summary["kld_groups"] = groups.to_json()
     alloc = rd / "allocation.json"
     with atomic_path(alloc, force=True) as tmp:
         tmp.write_text(json.dumps({**summary, "tensors": rows}, indent=2))

@@ -22,7 +22,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,23 @@ class Sensitivity:
 
     def max_bytes(self) -> int:
         return self.fixed_bytes + sum(t.options[-1].nbytes for t in self.tensors)
+
+    def scaled(self, factors: Mapping[str, float]) -> Sensitivity:
+        """A copy with every option error of tensor n multiplied by factors[n] (tensors not named keep
+        theirs). A positive factor keeps the order of a tensor's errors, so its options stay undominated;
+        `undominated` re-checks it all the same (a product may tie only where it underflows)."""
+        bad = [n for n, f in factors.items() if not (math.isfinite(f) and f > 0)]
+        if bad:
+            raise RampError(f"{bad[0]}: error scale {factors[bad[0]]} is not a positive finite number")
+        out = []
+        for t in self.tensors:
+            f = factors.get(t.name)
+            if f is None:
+                out.append(t)
+                continue
+            opts = undominated(Option(o.ggml_type, o.nbytes, o.error * f) for o in t.options)
+            out.append(TensorOptions(t.name, t.n_params, opts))
+        return replace(self, tensors=tuple(out))
 
 
 def undominated(options: Iterable[Option]) -> tuple[Option, ...]:
