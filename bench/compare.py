@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,29 @@ def preset_cell(res: Results, b: Base, preset: str, folded: bool, chunks: int) -
     return row
 
 
+MEASURED = "-measured"
+REWARD = EvalConfig(n_ctx=512, n_chunks=4)  # the search's reward chunks: wikitext2-valid, never the test text
+
+
+def calibrated(b: Base, src: Path, cal: Calibration, sens: Any) -> tuple[Any, Any]:
+    """The measured sensitivity: group ratios from KLD on 4 chunks of wikitext2-valid vs the unfolded base."""
+    from ramp_cpp.groups import calibrate_sensitivity
+    from ramp_cpp.measure import MeasureConfig
+    from ramp_cpp.tensorcache import build_cache
+
+    cc = MeasureConfig().candidates
+    cache = build_cache(
+        src,
+        cc.requested(),
+        b.out / "cache",
+        imatrix=cal.imatrix(),
+        base=cc.base,
+        searched=[t.name for t in sens.tensors],
+    )
+    log(f"{b.key}/{b.name}: group calibration on {src.name}")
+    return calibrate_sensitivity(sens, cache, b.path, load_text("wikitext2-valid")[0], REWARD)
+
+
 def alloc_cell(
     res: Results, b: Base, method: str, preset: str, target: int, folded: bool, chunks: int
 ) -> dict[str, Any]:
@@ -174,8 +198,12 @@ def alloc_cell(
     src, cal = b.model(folded)
     t0 = time.perf_counter()
     sens = measure(src, cal, cal.imatrix(), cache_root=b.out / "cache")
+    extra: dict[str, Any] = {}
+    if method.endswith(MEASURED):  # the proxy calibrated per group by KLD on the reward chunks (groups.py)
+        sens, report = calibrated(b, src, cal, sens)
+        extra = {"kld_groups": report.to_json()}
     t1 = time.perf_counter()
-    choice = ALLOCATORS[method](sens, target)
+    choice = ALLOCATORS[method.removesuffix(MEASURED)](sens, target)
     t2 = time.perf_counter()
     q = b.out / f"{method}.{preset}.gguf"
     log(
@@ -202,9 +230,12 @@ def alloc_cell(
         "size_of": preset,
         "t_measure": t1 - t0,
         "t_allocate": t2 - t1,
+        "under_target": short,
+        "max_bytes": sens.max_bytes(),
+        **extra,
         **file_row(r),
         **evaluate(q, b, chunks),
-        "types": dict(sorted(__import__("collections").Counter(t.name for t in choice.values()).items())),
+        "types": dict(sorted(Counter(t.name for t in choice.values()).items())),
     }
     q.unlink(missing_ok=True)
     res.put(cell, row)

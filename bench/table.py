@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ORDER = {"preset+imatrix": 0, "uniform": 1, "greedy": 2, "greedy-calibrated": 3, "sac": 4}
+ORDER = {"preset+imatrix": 0, "uniform": 1, "greedy": 2, "greedy-measured": 3, "sac": 4}
 
 
 def rows(data: dict[str, Any], base: str, chunks: int) -> dict[str, list[tuple[str, bool, dict[str, Any]]]]:
