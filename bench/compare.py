@@ -165,6 +165,11 @@ MEASURED = "-measured"
 REWARD = EvalConfig(n_ctx=512, n_chunks=4)  # the search's reward chunks: wikitext2-valid, never the test text
 
 
+def reward_kld(path: Path, b: Base) -> float:
+    """KLD on the reward chunks (validation text): what `--fold auto` compares, never the held-out text."""
+    return kld(path, b.path, load_text("wikitext2-valid")[0], REWARD).kld_mean
+
+
 def calibrated(b: Base, src: Path, cal: Calibration, sens: Any) -> tuple[Any, Any]:
     """The measured sensitivity: group ratios from KLD on 4 chunks of wikitext2-valid vs the unfolded base."""
     from ramp_cpp.groups import calibrate_sensitivity
@@ -235,6 +240,7 @@ def alloc_cell(
         **extra,
         **file_row(r),
         **evaluate(q, b, chunks),
+        **({"reward_kld": reward_kld(q, b)} if extra else {}),
         "types": dict(sorted(Counter(t.name for t in choice.values()).items())),
     }
     q.unlink(missing_ok=True)
