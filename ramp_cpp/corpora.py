@@ -18,6 +18,7 @@ with `newline` and `blank` (None: the released file has no blank lines) taken fr
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -106,6 +107,9 @@ def _hub_rows(c: Corpus) -> Iterable[str]:
     except ImportError as e:
         raise RampError("the `datasets` library is not installed") from e
     path, config, split = c.hf_dataset
+    # offline, the hub client logs every retry: the one error line below says it all
+    for name in ("datasets", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         ds = datasets.load_dataset(path, config, split=split)
         return list(ds["text"])
