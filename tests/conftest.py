@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,22 @@ def demo_model() -> Path:
     if not p.is_file():
         pytest.skip("demo model not fetched (run `ramp-cpp demo-model`)")
     return p
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> Callable[[str], str]:
+    """A named corpus's text; the test is skipped where it cannot be had (no ../shared, no hub, no cache)."""
+    from ramp_cpp.corpora import load_text
+    from ramp_cpp.errors import RampError
+
+    missing: dict[str, str] = {}  # a failed lookup (offline: ~20 s of hub retries) is tried once per session
+
+    def get(name: str) -> str:
+        if name not in missing:
+            try:
+                return load_text(name)[0]
+            except RampError as e:
+                missing[name] = str(e)
+        pytest.skip(f"{name} is not available on this machine ({missing[name]})")
+
+    return get

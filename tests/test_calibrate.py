@@ -4,6 +4,7 @@ windows, recipes, the artifact, and the imatrix export."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -138,13 +139,11 @@ def test_pieces_keep_the_kv_cache(tiny_model: Path, tiny_text: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.demo
-def test_demo_stats_agree_with_transformers(demo_model: Path) -> None:
+def test_demo_stats_agree_with_transformers(demo_model: Path, wikitext: Callable[[str], str]) -> None:
     """SmolLM2-135M, 2 windows of 512 tokens of wikitext2-valid. Over 30 blocks the F16 rounding compounds,
     and columns whose mean x^2 is ~500x below the tensor's median carry the largest relative error
     (measured: median 3e-4, max 2.3e-2)."""
-    from ramp_cpp.corpora import load_text
-
-    text, _ = load_text("wikitext2-valid")
+    text = wikitext("wikitext2-valid")
     cfg = CalibConfig(samples=2, ctx=512)
     cal = calibrate(demo_model, text, cfg)
     ref = hf_stats(demo_model, _windows_of(demo_model, text, cfg))

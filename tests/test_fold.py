@@ -401,14 +401,13 @@ def test_cli_fold(models: dict[str, Path], tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.demo
-def test_demo_model_fold(demo_model: Path, tmp_path: Path) -> None:
+def test_demo_model_fold(demo_model: Path, tmp_path: Path, wikitext: Callable[[str], str]) -> None:
     from ramp_cpp.calibrate import calibrate
-    from ramp_cpp.corpora import load_text
 
-    body, _ = load_text("wikitext2-valid")
+    body = wikitext("wikitext2-valid")
     cal = calibrate(demo_model, body, CalibConfig(samples=4, ctx=512))
     r = fold(demo_model, cal, tmp_path / "folded.f16.gguf")
     assert r.summary()["s_max"] / r.summary()["s_min"] > 10
-    test, _ = load_text("wikitext2-test")
+    test = wikitext("wikitext2-test")
     k = kld(r.path, demo_model, test, EvalConfig(n_chunks=2))
     assert k.kld_mean < 1e-4 and k.same_top_pct > 99.0
