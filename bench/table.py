@@ -55,13 +55,64 @@ def table(model: str, base: str, chunks: int) -> str:
     return "\n".join(lines)
 
 
+def _ranks(x: list[float]) -> list[float]:
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    r = [0.0] * len(x)
+    for k, i in enumerate(order):
+        r[i] = float(k)
+    return r
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation (no ties expected between measured floats)."""
+    ra, rb = _ranks(a), _ranks(b)
+    n = len(a)
+    ma, mb = sum(ra) / n, sum(rb) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    va = sum((x - ma) ** 2 for x in ra) ** 0.5
+    vb = sum((y - mb) ** 2 for y in rb) ** 0.5
+    return cov / (va * vb)
+
+
+def groups_table(model: str, cell: str) -> str:
+    """The group calibration of one measured cell: proxy-predicted vs measured ΔKLD per group, their ratio,
+    the rank correlation between the two, and the pairs' additivity."""
+    data = json.loads((HERE / "results" / f"{model}.json").read_text())
+    g = data["cells"][cell]["kld_groups"]
+    lines = [
+        f"\n{model}: group calibration of `{cell}` ({g['evaluations']} evaluations, {g['seconds']:.0f} s; "
+        f"reference KLD {g['reference_kld']:.4f})\n",
+        "| group | tensors | Δproxy (predicted) | ΔKLD (measured) | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sorted(g["groups"], key=lambda r: -r["ratio"]):
+        lines.append(
+            f"| {r['name']} | {len(r['tensors'])} | {r['predicted']:.4g} | {r['measured']:.4g} | "
+            f"{r['ratio']:.3g}{' (floored)' if r['floored'] else ''} |"
+        )
+    pred = [r["predicted"] for r in g["groups"]]
+    meas = [r["measured"] for r in g["groups"]]
+    ratios = [r["ratio"] for r in g["groups"]]
+    lines.append(
+        f"\nRank correlation (Spearman) of predicted Δproxy and measured ΔKLD over {len(pred)} groups: "
+        f"{spearman(pred, meas):.3f}; measured/predicted spans {max(ratios) / min(ratios):.0f}×."
+    )
+    for p in g["pairs"]:
+        lines.append(
+            f"- pair {' + '.join(p['groups'])}: ΔKLD {p['increment']:.4f} vs sum of singles "
+            f"{p['sum_of_singles']:.4f} ({100 * p['relative_error']:+.1f}%)"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
     ap.add_argument("--base", default="offgrid-s0")
     ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--groups", help="print the group calibration of this cell instead")
     a = ap.parse_args()
-    print(table(a.model, a.base, a.chunks))
+    print(groups_table(a.model, a.groups) if a.groups else table(a.model, a.base, a.chunks))
 
 
 if __name__ == "__main__":
