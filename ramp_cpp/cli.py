@@ -364,7 +364,9 @@ def calibrate(
     given = {"text": text, "samples": samples, "ctx": ctx, "seed": seed}
     overrides = {k: v for k, v in given.items() if v is not None}
     cfg = config_from_mapping({**asdict(load_recipe(recipe)), **overrides}, "command line")
-    check_config(cfg)
+    from .ggufio import read_inventory
+
+    check_config(cfg, read_inventory(model).context_length or None)  # before the text: it may take a download
     check_output(output, force)
     if imatrix is not None:
         check_output(imatrix, force)
@@ -587,7 +589,10 @@ def search(
     episodes: Annotated[int, typer.Option("--episodes", help="Episodes (paper: 200-300).")] = 200,
     warmup: Annotated[int, typer.Option("--warmup", help="Random warm-up episodes (paper: 20).")] = 20,
     updates: Annotated[int, typer.Option("--updates", help="SAC updates per episode.")] = 64,
-    chunks: Annotated[int, typer.Option("--chunks", help="Reward chunks of wikitext2-valid.")] = 4,
+    chunks: Annotated[int, typer.Option("--chunks", help="Reward chunks of the reward text.")] = 4,
+    text: Annotated[
+        str, typer.Option("--text", help="Reward text: a corpus name or file (never wikitext2-test).")
+    ] = "wikitext2-valid",
     eval_every: Annotated[
         int, typer.Option("--eval-every", help="Also score the mean action every N episodes (0: never).")
     ] = 10,
@@ -639,7 +644,7 @@ def search(
         cand = parse_types(types) if types else DEFAULT_TYPES
         cc = CandidateConfig(types=cand, embeddings=not no_embeddings)
         dcfg = SearchConfig(
-            budget_mode="size", metric="kld", n_ctx=ctx, chunks=chunks, fold=not no_fold,
+            budget_mode="size", metric="kld", n_ctx=ctx, chunks=chunks, text=text, fold=not no_fold,
             imatrix=not no_imatrix, calib=load_recipe(recipe),
         )
         with _bar(method) as p:
@@ -661,7 +666,7 @@ def search(
     b, mode = _budget(model, budget, budget_mode, size)
     cfg = SearchConfig(
         budget=b, budget_mode=mode, metric=metric, bits=_bits(bits), include_embeddings=include_embeddings,
-        n_ctx=ctx, chunks=chunks, features=features_, fold=not no_fold, imatrix=not no_imatrix,
+        n_ctx=ctx, chunks=chunks, text=text, features=features_, fold=not no_fold, imatrix=not no_imatrix,
         eval_every=eval_every,
         calib=load_recipe(recipe),
     )

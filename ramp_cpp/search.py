@@ -73,6 +73,11 @@ class SearchConfig:
             raise RampError(f"unknown metric {self.metric!r} (choose from {', '.join(METRICS)})")
         if self.chunks < 1:
             raise RampError("--chunks must be at least 1")
+        from .corpora import CORPORA
+
+        c = CORPORA.get(self.text)
+        if c is not None and c.held_out:  # the reward decides the allocation: it may not see the test text
+            raise RampError(f"{self.text} is held out for evaluation; the search rewards on another text")
         Budget(self.budget, self.margin, self.budget_mode)
 
     def to_json(self) -> dict[str, Any]:

@@ -53,6 +53,7 @@ def test_search_bad_options(tiny_model: Path, tmp_path: Path) -> None:
     one_error_line(runner.invoke(app, [*base, "--size", "1MiB", "--budget", "5"]), "not both")
     one_error_line(runner.invoke(app, ["search", "--out", str(tmp_path / "none")]), "--model is required")
     one_error_line(runner.invoke(app, [*base, "--resume"]), "no run to resume")
+    one_error_line(runner.invoke(app, [*base, "--text", "wikitext2-test"]), "held out")
 
 
 def test_apply_bad_policy(tiny_model: Path, tmp_path: Path) -> None:

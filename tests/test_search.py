@@ -197,6 +197,8 @@ def _search_args(model: Path, text_file: Path, run: Path, episodes: int) -> list
         "2",
         "--ctx",
         "128",
+        "--text",
+        str(text_file),
         "--recipe",
         str(text_file.parent / "recipe.toml"),
         "--no-presets",
