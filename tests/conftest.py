@@ -79,6 +79,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic text file long enough for tiny calibrations, rewards and evaluations."""
+    p = tmp_path_factory.mktemp("text") / "words.txt"
+    p.write_text(synthetic.text(6000))
+    return p
+
+
+@pytest.fixture(scope="session")
 def tiny_text() -> str:
     return synthetic.text()
 

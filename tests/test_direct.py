@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import synthetic
 from gguf import GGUFReader
 from test_cli_search import one_error_line
 from typer.testing import CliRunner
@@ -23,13 +22,6 @@ from ramp_cpp.search import SearchConfig
 
 runner = CliRunner()
 METHODS = ("uniform", "greedy")
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = tmp_path_factory.mktemp("text") / "words.txt"
-    p.write_text(synthetic.text(6000))
-    return p
 
 
 def cfg(text_file: Path) -> SearchConfig:

@@ -10,19 +10,18 @@ from typing import Any
 
 import numpy as np
 import pytest
-import synthetic
 from gguf import GGMLQuantizationType as T
+from test_search import small
 from typer.testing import CliRunner
 
 from ramp_cpp import native, quantize
-from ramp_cpp.calibration import CalibConfig
 from ramp_cpp.cli import app
 from ramp_cpp.errors import RampError
 from ramp_cpp.ggufio import read_inventory, tensor_types
 from ramp_cpp.ladder import TYPES, needs_imatrix, tensor_nbytes, type_from_name, written_type
 from ramp_cpp.quantize import QuantizeOptions, quantize_map
 from ramp_cpp.sac import SACConfig
-from ramp_cpp.search import SearchConfig, search
+from ramp_cpp.search import search
 
 runner = CliRunner()
 
@@ -164,24 +163,6 @@ def test_cli_quantize_accepts_iq_types(tiny_model: Path, tmp_path: Path) -> None
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = tmp_path_factory.mktemp("text") / "words.txt"
-    p.write_text(synthetic.text(6000))
-    return p
-
-
-def small_cfg(text_file: Path) -> SearchConfig:
-    return SearchConfig(
-        budget=4.5,
-        budget_mode="nominal",
-        text=str(text_file),
-        n_ctx=128,
-        chunks=2,
-        calib=CalibConfig(text=str(text_file), samples=2, ctx=64),
-    )
-
-
-@pytest.fixture(scope="module")
 def named_run(tiny_model: Path, text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """search() on a copy of the tiny model named like a real download, with quantize_preset spied on."""
     d = tmp_path_factory.mktemp("named")
@@ -197,7 +178,7 @@ def named_run(tiny_model: Path, text_file: Path, tmp_path_factory: pytest.TempPa
     sac = SACConfig(episodes=3, warmup_episodes=2, updates_per_episode=2, batch_size=32, seed=3)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(quantize, "quantize_preset", spy)
-        res = search(model, d / "run", small_cfg(text_file), sac, presets=("Q4_K_M",))
+        res = search(model, d / "run", small(text_file), sac, presets=("Q4_K_M",))
     return res, seen, model
 
 
@@ -298,9 +279,7 @@ def test_demo_resumes_with_other_episodes(
 
     def fake_search(model_path: Any, run: Any, cfg: Any, sac: SACConfig, opts: Any, **kw: Any) -> Any:
         sacs.append(sac)
-        real(
-            model_path, run, replace(small_cfg(text_file), budget=cfg.budget), sac, opts, resume=kw["resume"]
-        )
+        real(model_path, run, replace(small(text_file), budget=cfg.budget), sac, opts, resume=kw["resume"])
         raise _Stop
 
     monkeypatch.setattr(ramp_cpp.demo, "fetch_demo_base", lambda *a, **k: model)
@@ -356,7 +335,7 @@ def test_search_checks_the_budget_first(
     tiny_model: Path, text_file: Path, tmp_path: Path, no_work: None
 ) -> None:
     with pytest.raises(RampError, match="feasible range"):
-        search(tiny_model, tmp_path / "r", replace(small_cfg(text_file), budget=7.0), SACConfig(episodes=1))
+        search(tiny_model, tmp_path / "r", replace(small(text_file), budget=7.0), SACConfig(episodes=1))
     assert not (tmp_path / "r").exists()
 
 

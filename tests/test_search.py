@@ -24,13 +24,6 @@ from ramp_cpp.sac import SACConfig
 from ramp_cpp.search import SearchConfig, search
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = tmp_path_factory.mktemp("text") / "words.txt"
-    p.write_text(synthetic.text(6000))
-    return p
-
-
 def small(text_file: Path, **kw: object) -> SearchConfig:
     """Nominal budget 4.5 on {3,4,5,6}: feasible on any model, binding for random allocations."""
     base = SearchConfig(
@@ -215,16 +208,20 @@ def recipe(text_file: Path) -> Path:
 
 
 def _wait_for_episodes(run: Path, proc: subprocess.Popen[bytes], n: int, timeout: float = 120) -> None:
+    """Returns with the search stopped (SIGSTOP) at episode >= n: it is frozen while its checkpoint is read,
+    so a fast machine cannot run past the last episode between a look and the signal."""
     from ramp_cpp.search import load_checkpoint
 
     t0 = time.time()
     while time.time() - t0 < timeout:
-        if (run / "checkpoint.safetensors").is_file():
+        if (run / "checkpoint.safetensors").is_file() and proc.poll() is None:
+            proc.send_signal(signal.SIGSTOP)
             try:
                 if load_checkpoint(run)[1].episode >= n:
                     return
             except RampError:
                 pass
+            proc.send_signal(signal.SIGCONT)
         if proc.poll() is not None:
             pytest.fail(
                 f"search ended before episode {n}: {proc.stderr.read().decode() if proc.stderr else ''}"
@@ -258,6 +255,7 @@ def test_kill_and_resume(
     proc = subprocess.Popen(_search_args(tiny_model, text_file, run, n), env=env, stderr=subprocess.PIPE)
     _wait_for_episodes(run, proc, 3)
     proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)  # a stopped process acts on SIGINT once it runs again
     rc = proc.wait(60)
     assert rc == (-9 if sig == signal.SIGKILL else 130)
     if sig == signal.SIGINT:
