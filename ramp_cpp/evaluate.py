@@ -194,7 +194,7 @@ def cache_dir() -> Path:
     return Path(d) if d else Path.home() / ".cache" / "ramp-cpp"
 
 
-def _tokens_sha(cs: list[np.ndarray]) -> str:
+def tokens_sha_of(cs: list[np.ndarray]) -> str:
     h = hashlib.sha256()
     for c in cs:
         h.update(np.ascontiguousarray(c, dtype=np.int32).tobytes())
@@ -261,7 +261,7 @@ def base_logprobs(
             parts["target_lp"].append((x[np.arange(len(tgt)), tgt] - lse).astype(np.float32))
             if progress:
                 progress(i + 1, len(cs))
-    out = BaseLogprobs(_tokens_sha(cs), *(np.concatenate(parts[f]) for f in BaseLogprobs.FIELDS[1:]))
+    out = BaseLogprobs(tokens_sha_of(cs), *(np.concatenate(parts[f]) for f in BaseLogprobs.FIELDS[1:]))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, force=True) as tmp, open(tmp, "wb") as f:
         np.savez(f, **{name: getattr(out, name) for name in BaseLogprobs.FIELDS})
@@ -328,7 +328,7 @@ def kld(
     base = base_logprobs(base_path, text, cfg, opts, base_progress)
     with LlamaModel(model_path, _runtime(opts, cfg)) as model:
         cs = _tokens(model, text, cfg)
-        if _tokens_sha(cs) != base.tokens_sha:
+        if tokens_sha_of(cs) != base.tokens_sha:
             raise RampError(f"{model_path} tokenizes the text differently from the base {base_path}")
         return kld_loaded(model, cs, base, progress)
 

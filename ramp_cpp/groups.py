@@ -268,7 +268,7 @@ def calibrate_sensitivity(
     parent of the temporary probe folder (default: tmpfs). `progress(done, total)` after every evaluation.
     """
     from .backend import LlamaModel
-    from .evaluate import _tokens_sha, base_logprobs, eval_chunks, file_sha256_cached, kld_loaded
+    from .evaluate import base_logprobs, eval_chunks, file_sha256_cached, kld_loaded, tokens_sha_of
     from .tensorcache import assemble
 
     t_start = time.perf_counter()
@@ -324,7 +324,7 @@ def calibrate_sensitivity(
             with LlamaModel(dst, ropts) as m:
                 if chunks is None:
                     chunks = eval_chunks(m, text, ecfg)
-                    if _tokens_sha(chunks) != base.tokens_sha:
+                    if tokens_sha_of(chunks) != base.tokens_sha:
                         raise RampError(f"{base_path} tokenizes the reward text differently from the probes")
                 r = kld_loaded(m, chunks, base)
             dst.unlink()
