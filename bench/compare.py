@@ -189,6 +189,175 @@ def calibrated(b: Base, src: Path, cal: Calibration, sens: Any) -> tuple[Any, An
     return calibrate_sensitivity(sens, cache, b.path, load_text("wikitext2-valid")[0], REWARD)
 
 
+def sac_settings(method: str) -> Any:
+    """`sac[-sN][-paper][-noproj][-cold][-tbl24]`: seed N, Eq. 19-21 reward, no projection, no warm start,
+    Table 24's state."""
+    from ramp_cpp.sacsearch import SizedSearchConfig
+
+    kw: dict[str, Any] = {}
+    for tok in method.split("-")[1:]:
+        if tok.startswith("s") and tok[1:].isdigit():
+            kw["seed"] = int(tok[1:])
+        elif tok == "paper":
+            kw["reward"] = "paper"
+        elif tok == "noproj":
+            kw["projection"] = False
+        elif tok == "cold":
+            kw["warm_start"] = False
+        elif tok == "tbl24":
+            kw["variant"] = "paper"
+        elif tok.startswith("e") and tok[1:].isdigit():
+            kw["evaluations"] = int(tok[1:])
+        else:
+            raise SystemExit(f"unknown SAC variant {tok!r} in {method!r}")
+    return SizedSearchConfig(**kw)
+
+
+def head(method: str, b: Base, folded: bool, preset: str) -> dict[str, Any]:
+    """The fields every row starts with."""
+    return {"method": method, "base": b.name, "seed": b.seed, "fold": folded, "size_of": preset}
+
+
+def transfer_cell(
+    res: Results, b: Base, method: str, preset: str, target: int, folded: bool, chunks: int
+) -> dict[str, Any]:
+    """`transfer-KEY`: the policy of `sac` at this size on model KEY (its bench run), rolled out zero-shot
+    (mean action, projected) on this model's measured sensitivity; no search evaluation."""
+    cell = f"{b.name}-s{b.seed}|{'fold' if folded else 'nofold'}|{method}|{preset}|{chunks}"
+    row = res.get(cell)
+    if row is not None:
+        return row
+    from ramp_cpp.measure import MeasureConfig, measure
+    from ramp_cpp.policy import load_sized_policy
+    from ramp_cpp.rollout import Context, rollout
+    from ramp_cpp.scoring import layer_embeddings
+    from ramp_cpp.tensorcache import assemble, build_cache
+
+    key = method.split("-", 1)[1]
+    pol_path = HERE / "out" / key / "offgrid-s0" / "sac" / f"fold-sac-{preset}" / "policy.safetensors"
+    pol = load_sized_policy(pol_path)
+    src, cal = b.model(folded)
+    sens = measure(src, cal, cal.imatrix(), cache_root=b.out / "cache")
+    sens, report = calibrated(b, src, cal, sens)
+    m = pol.meta
+    z = layer_embeddings(src, cal, sens, m["variant"])
+    ctx = Context(sens, z, target, float(m["span"]), m["variant"])
+    ep = rollout(ctx, lambda s: float(pol.actor.deterministic_action(s[None])[0, 0]))
+
+    cc = MeasureConfig().candidates
+    cache = build_cache(src, cc.requested(), b.out / "cache", imatrix=cal.imatrix(), base=cc.base,
+                        searched=[t.name for t in sens.tensors])
+    q = b.out / f"{method}.{preset}.gguf"
+    log(f"{b.key}/{b.name}: {method} at {preset}'s size ({target / MIB:.2f} MiB)")
+    assemble(cache, ep.choice, q, force=True)
+    size = q.stat().st_size
+    if size > target:
+        raise SystemExit(f"{method}: {size} bytes is over the target {target}")
+    row = {
+        **head(method, b, folded, preset),
+        "policy": str(pol_path.relative_to(HERE.parent)),
+        "policy_sha256": pol.sha256,
+        "projected_tensors": int(sum(ep.proposed[t.name] != ep.choice[t.name] for t in sens.tensors)),
+        "bpw_file": 8 * size / sens.n_params_total,
+        "under_target": size < target * (1 - TOLERANCE),
+        "file_bytes": size,
+        "mib": size / MIB,
+        **evaluate(q, b, chunks),
+        "reward_kld": reward_kld(q, b),
+        "types": dict(sorted(Counter(t.name for t in ep.choice.values()).items())),
+    }
+    q.unlink(missing_ok=True)
+    res.put(cell, row)
+    return row
+
+
+def sac_cell(
+    res: Results, b: Base, method: str, preset: str, target: int, folded: bool, chunks: int
+) -> dict[str, Any]:
+    """SAC on the measured sensitivity, warm-started from the measured greedy at the same size (same
+    calibration, folding, imatrix and tensor cache); the result and the final policy's mean-action
+    allocation both evaluated on the held-out chunks."""
+    cell = f"{b.name}-s{b.seed}|{'fold' if folded else 'nofold'}|{method}|{preset}|{chunks}"
+    row = res.get(cell)
+    if row is not None:
+        return row
+    from ramp_cpp.allocate import greedy
+    from ramp_cpp.backend import RuntimeOptions
+    from ramp_cpp.measure import MeasureConfig, measure
+    from ramp_cpp.policy import save_policy
+    from ramp_cpp.rollout import Context
+    from ramp_cpp.sacsearch import policy_meta, policy_tensors, search
+    from ramp_cpp.scoring import RewardScorer, layer_embeddings
+    from ramp_cpp.search import cleanup, workdir
+    from ramp_cpp.tensorcache import assemble, build_cache
+
+    scfg = sac_settings(method)
+    src, cal = b.model(folded)
+    sens = measure(src, cal, cal.imatrix(), cache_root=b.out / "cache")
+    sens, report = calibrated(b, src, cal, sens)
+    ref = greedy(sens, target)
+    ctx = Context(sens, layer_embeddings(src, cal, sens, scfg.variant), target, scfg.span, scfg.variant,
+                  scfg.projection)
+    cc = MeasureConfig().candidates
+    cache = build_cache(src, cc.requested(), b.out / "cache", imatrix=cal.imatrix(), base=cc.base,
+                        searched=[t.name for t in sens.tensors])
+    rd = b.out / "sac" / f"{'fold' if folded else 'nofold'}-{method}-{preset}"
+    rd.mkdir(parents=True, exist_ok=True)
+    wd = workdir()
+    fl = " folded" if folded else ""
+    log(f"{b.key}/{b.name}: {method} at {preset}'s size ({target / MIB:.2f} MiB){fl}")
+    t0 = time.perf_counter()
+
+    def on_episode(r: dict[str, Any]) -> None:
+        if r["episode"] % 10 == 0 or r["kind"] in ("reference", "final"):
+            log(f"  ep {r['episode']:3d} {r['kind']:9s} kld {r['kld']:.5f} best {r['best_kld']:.5f} "
+                f"evals {r['evaluations']} R {r['reward']:+.4f} moved {r['projected_tensors']}")
+
+    try:
+        scorer = RewardScorer(cache, b.path, load_text("wikitext2-valid")[0], REWARD, RuntimeOptions(), wd)
+        out = search(ctx, scorer, ref, scfg, rd, on_episode)
+        t_search = time.perf_counter() - t0
+        meta = policy_meta(ctx, scfg, scfg.variant)
+        save_policy(policy_tensors(out.agent), meta, rd / "policy.safetensors")
+        rows: dict[str, Any] = {}
+        for label, choice in (("", out.choice), ("policy_", out.policy_choice)):
+            q = b.out / f"{method}.{preset}.gguf"
+            assemble(cache, choice, q, force=True)
+            size = q.stat().st_size
+            if size > target:
+                raise SystemExit(f"{method}: {size} bytes is over the target {target}")
+            ev = evaluate(q, b, chunks)
+            rows[label] = {"file_bytes": size, "mib": size / MIB, **ev}
+            q.unlink(missing_ok=True)
+    finally:
+        cleanup(wd)
+    log_ = out.state.log
+    beat = [r["evaluations"] for r in log_ if r["kind"] != "reference" and r["kld"] < out.kld_ref]
+    row = {
+        **head(method, b, folded, preset),
+        "sac": scfg.to_json(),
+        "t_search": t_search,
+        "evaluations": out.state.evaluations,
+        "episodes": out.state.episode,
+        "reward_kld": out.kld,
+        "reward_kld_greedy": out.kld_ref,
+        "reward_kld_policy": out.policy_kld,
+        "best_kind": out.state.best["kind"] if out.state.best else None,
+        "evals_to_beat_greedy": beat[0] if beat else None,
+        "t_eval_mean": float(sum(r["t_eval"] for r in log_ if not r["memo"]) / max(out.state.evaluations, 1)),
+        "t_update_mean": float(sum(r.get("t_update", 0.0) for r in log_) / max(len(log_), 1)),
+        "kld_groups": report.to_json(),
+        "bpw_file": 8 * rows[""]["file_bytes"] / sens.n_params_total,
+        "under_target": rows[""]["file_bytes"] < target * (1 - TOLERANCE),
+        **rows[""],
+        "policy": rows["policy_"],
+        "types": dict(sorted(Counter(t.name for t in out.choice.values()).items())),
+        "curve": [[r["evaluations"], r["kld"], r["best_kld"], r["kind"]] for r in log_],
+    }
+    res.put(cell, row)
+    return row
+
+
 def alloc_cell(
     res: Results, b: Base, method: str, preset: str, target: int, folded: bool, chunks: int
 ) -> dict[str, Any]:
@@ -270,7 +439,9 @@ def main() -> None:
                 if folded:
                     preset_cell(res, b, preset, True, a.chunks)
                 for method in [m for m in a.methods.split(",") if m]:
-                    alloc_cell(res, b, method, preset, target, folded, a.chunks)
+                    kind = method.split("-")[0]
+                    cell = {"sac": sac_cell, "transfer": transfer_cell}.get(kind, alloc_cell)
+                    cell(res, b, method, preset, target, folded, a.chunks)
     print(json.dumps(res.data["cells"], indent=1))
 
 

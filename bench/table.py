@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ORDER = {"preset+imatrix": 0, "uniform": 1, "greedy": 2, "greedy-measured": 3, "sac": 4}
+ORDER = {
+    "preset+imatrix": 0, "uniform": 1, "greedy": 2, "greedy-measured": 3, "sac": 4, "transfer-smollm2": 5,
+}
 
 
 def rows(data: dict[str, Any], base: str, chunks: int) -> dict[str, list[tuple[str, bool, dict[str, Any]]]]:
@@ -27,7 +29,7 @@ def rows(data: dict[str, Any], base: str, chunks: int) -> dict[str, list[tuple[s
             continue
         out.setdefault(size, []).append((method, fold == "fold", r))
     for v in out.values():
-        v.sort(key=lambda x: (x[1], ORDER.get(x[0], 9)))
+        v.sort(key=lambda x: (x[1], ORDER.get(x[0], 9), x[0]))
     return out
 
 
@@ -47,11 +49,43 @@ def table(model: str, base: str, chunks: int) -> str:
             ratio = f"{r['kld_mean'] / ref['kld_mean']:.2f}×" if ref else "-"
             lines.append(
                 f"| {label} | {'yes' if f else 'no'} | {r['mib']:.2f} | {r['bpw_file']:.3f} | "
-                f"{r['bpw_searched']:.3f} | {r['ppl']:.3f} | {r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | "
+                f"{_f(r.get('bpw_searched'), '.3f')} | {r['ppl']:.3f} | "
+                f"{r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | "
                 f"{r['same_top_pct']:.1f} | {ratio} |"
             )
     base_ppl = next(iter(data["cells"].values()))["base_ppl"]
     lines.append(f"\nBase PPL {base_ppl:.3f}. Commands: " + "; ".join(f"`{c}`" for c in data["commands"]))
+    return "\n".join(lines)
+
+
+def _f(x: Any, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def sac_table(model: str, base: str, chunks: int) -> str:
+    """Every SAC cell next to the measured greedy of the same base, size and folding: held-out KLD of the
+    search's result and of its final policy's mean action, the reward KLDs the search saw, evaluations to
+    beat greedy on the reward chunks, wall time and the cost split of an episode."""
+    data = json.loads((HERE / "results" / f"{model}.json").read_text())
+    cells = data["cells"]
+    lines = [
+        "| size | run | evals | wall min | held-out KLD: greedy | SAC | SAC / greedy | final policy | "
+        "reward KLD: greedy | SAC | policy | evals to beat greedy | s/eval | s/update |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell, r in sorted(cells.items()):
+        b, fold, method, size, n = cell.split("|")
+        if b != base or int(n) != chunks or not method.startswith("sac"):
+            continue
+        g = cells.get(f"{b}|{fold}|greedy-measured|{size}|{n}")
+        gk = g["kld_mean"] if g else None
+        lines.append(
+            f"| {size} | {method}{' (folded)' if fold == 'fold' else ''} | {r['evaluations']} | "
+            f"{r['t_search'] / 60:.1f} | {_f(gk, '.4f')} | {r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | "
+            f"{_f(r['kld_mean'] / gk if gk else None, '.3f')} | {r['policy']['kld_mean']:.4f} | "
+            f"{r['reward_kld_greedy']:.4f} | {r['reward_kld']:.4f} | {r['reward_kld_policy']:.4f} | "
+            f"{_f(r['evals_to_beat_greedy'], 'd')} | {r['t_eval_mean']:.1f} | {r['t_update_mean']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -111,8 +145,12 @@ def main() -> None:
     ap.add_argument("--base", default="offgrid-s0")
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--groups", help="print the group calibration of this cell instead")
+    ap.add_argument("--sac", action="store_true", help="print the SAC runs against greedy instead")
     a = ap.parse_args()
-    print(groups_table(a.model, a.groups) if a.groups else table(a.model, a.base, a.chunks))
+    if a.sac:
+        print(sac_table(a.model, a.base, a.chunks))
+    else:
+        print(groups_table(a.model, a.groups) if a.groups else table(a.model, a.base, a.chunks))
 
 
 if __name__ == "__main__":

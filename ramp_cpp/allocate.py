@@ -354,3 +354,37 @@ def exact(sens: Sensitivity, budget_bytes: int, quantum: int | None = None) -> C
 
 
 ALLOCATORS: dict[str, Allocator] = {"uniform": uniform, "greedy": greedy}
+
+
+# --- projection ---------------------------------------------------------------------------------------------
+
+
+def project(sens: Sensitivity, choice: Choice, budget_bytes: int) -> Choice:
+    """The allocation nearest `choice` that fills the budget: the repair every SAC episode goes through.
+
+    Over budget: repeatedly take the one-step downgrade (a tensor to its next cheaper option) adding the least
+    error per byte freed, Δerror/Δbytes, until the file fits. Then the greedy fill (`_fill`): while some
+    single-tensor upgrade fits in the slack, apply the one with the best −Δerror/Δbytes. The result satisfies
+    `sens.file_bytes(result) <= budget_bytes` and no single upgrade fits any more, so every projected episode
+    uses the budget up to the last step (the paper's episodes may land anywhere around the ceiling).
+    """
+    if _check_budget(sens, budget_bytes):
+        return _largest(sens)
+    fronts = [t.options for t in sens.tensors]
+    cur = [f.index(t.option(choice[t.name])) for t, f in zip(sens.tensors, fronts, strict=True)]
+    over = sens.file_bytes(choice) - budget_bytes
+    while over > 0:
+        best: tuple[float, int] | None = None
+        for i, f in enumerate(fronts):
+            j = cur[i]
+            if j == 0:
+                continue
+            cost = (f[j - 1].error - f[j].error) / (f[j].nbytes - f[j - 1].nbytes)
+            if best is None or cost < best[0]:
+                best = (cost, i)
+        assert best is not None  # budget >= min_bytes, so something can still go down
+        i = best[1]
+        over -= fronts[i][cur[i]].nbytes - fronts[i][cur[i] - 1].nbytes
+        cur[i] -= 1
+    _fill(fronts, cur, -over)
+    return {t.name: f[k].ggml_type for t, f, k in zip(sens.tensors, fronts, cur, strict=True)}

@@ -95,6 +95,10 @@ def apply_policy(
 
     out = check_output(dst, force)
     pol = load_policy(policy_path)
+    if pol.meta.get("kind") == "sized":
+        from .errors import RampError
+
+        raise RampError(f"{policy_path}: a policy of the --size search; apply it with --size")
     budget = Budget(cfg.budget, cfg.margin, cfg.budget_mode)
     original = read_inventory(model_path)
     include_embeddings = bool(pol.meta.get("include_embeddings", False))

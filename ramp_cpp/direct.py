@@ -1,4 +1,5 @@
-"""Methods that measure once and decide without episodes: `ramp-cpp search --method uniform|greedy`.
+"""Search at a whole-file size: `ramp-cpp search --method uniform|greedy|sac --size ...`, and `apply` of a
+sized policy (`method="policy"`).
 
 Stages: calibrate → fold (`search.calibrated_source`, shared with the SAC search) → measure (the
 sensitivity artifact, `measure.py`) → allocate (`allocate.ALLOCATORS`) → assemble the GGUF from the tensor
@@ -9,6 +10,10 @@ to the presets with the unfolded model's imatrix. The budget is a whole-file siz
 Greedy's sensitivity is the measured one by default (`--sensitivity measured`, groups.py): the proxy errors
 rescaled per role × depth group by the KLD llama.cpp measures on the reward chunks when that group alone is
 quantized to its cheapest candidate; `proxy` keeps the proxy as measured. Uniform reads no error at all.
+
+`sac` (sacsearch.py) starts from greedy's allocation on the same sensitivity and spends `--evaluations`
+real evaluations of the reward chunks on what the additive proxy cannot see; `policy` is a trained SAC
+policy's mean-action rollout (rollout.py) on this model, zero-shot. Both are projected onto the budget.
 
 The ramp.* metadata grows the header after the allocation was made; the file is therefore assembled, measured
 and, if the metadata pushed it past the target, allocated again with the budget lowered by the overshoot.
@@ -34,8 +39,11 @@ from .backend import RuntimeOptions
 from .candidates import CandidateConfig
 from .errors import RampError
 from .groups import GroupConfig, calibrate_sensitivity
+from .sacsearch import SizedSearchConfig
 from .search import SETTINGS, SearchConfig, calibrated_source, ramp_output_name, staged, workdir
 from .sensitivity import Sensitivity
+
+LEARNED = ("sac", "policy")
 
 Progress = Callable[[str, int, int], None]
 MIB = 1 << 20
@@ -64,7 +72,7 @@ def preset_name(spec: str) -> str | None:
 
 def _settings(
     model: str, method: str, size: str, cfg: SearchConfig, cc: CandidateConfig, sensitivity: str | None,
-    gcfg: GroupConfig,
+    gcfg: GroupConfig, extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "ramp_version": __version__,
@@ -75,6 +83,7 @@ def _settings(
         "candidates": cc.key(),
         # only when measured: run directories made before the option (proxy) stay reusable
         **({"sensitivity": sensitivity, "kld_groups": asdict(gcfg)} if sensitivity == "measured" else {}),
+        **(extra or {}),
     }
 
 
@@ -183,13 +192,19 @@ def run_direct(
     progress: Progress | None = None,
     sensitivity: str | None = "proxy",
     gcfg: GroupConfig | None = None,
+    sac: SizedSearchConfig | None = None,
+    policy: str | os.PathLike[str] | None = None,
+    on_episode: Callable[[dict[str, Any]], None] | None = None,
+    cache_root: str | os.PathLike[str] | None = None,
 ) -> DirectResult:
     """Measure, allocate with `method` to the whole-file `size`; write GGUF and report to `run_dir`.
     `sensitivity`: what greedy allocates on, `proxy` or `measured` (groups.py, configured by `gcfg`, None:
     GroupConfig's defaults); None means measured. `proxy` is this function's default so that library
-    callers (bench/, tests) keep the allocation they had; the command line's default for greedy is
-    `measured`."""
-    from .allocate import ALLOCATORS
+    callers (bench/, tests) keep the allocation they had; the command line's default is `measured`.
+    `sac`: the SAC search's settings (method "sac"); `policy`: the policy file method "policy" rolls out.
+    `cache_root`: where the tensor cache and the measurements live (default: the run directory's `cache/`);
+    runs of one model may share one."""
+    from .allocate import ALLOCATORS, project
     from .allocation import parse_size
     from .calibrate import check_config
     from .corpora import load_text
@@ -200,8 +215,16 @@ def run_direct(
     from .report import BASE_QUALITY, write_pareto
     from .tensorcache import assemble, build_cache
 
-    if method not in ALLOCATORS:
+    if method not in (*ALLOCATORS, *LEARNED):
         raise RampError(f"unknown method {method!r} (choose from {', '.join([*ALLOCATORS, 'sac'])})")
+    sac = sac or SizedSearchConfig()
+    pol = None
+    if method == "policy":
+        from .policy import load_sized_policy
+
+        if policy is None:
+            raise RampError("method 'policy' needs a policy file")
+        pol = load_sized_policy(policy)  # a bad file fails before any work
     sensitivity = resolve_sensitivity(method, sensitivity)
     gcfg = gcfg or GroupConfig()
     preset = preset_name(size)
@@ -214,12 +237,16 @@ def run_direct(
         check_config(cfg.calib, info.context_length or None)
     text, _ = load_text(cfg.text)
     rd = Path(run_dir)
-    want = _settings(str(Path(model_path).resolve()), method, size, cfg, cc, sensitivity, gcfg)
+    # the number of evaluations may grow between runs (a resumed search goes on); everything else must match
+    grow = {k: v for k, v in sac.to_json().items() if k != "evaluations"}
+    extra = {"sac": grow} if method == "sac" else {"policy_sha256": pol.sha256} if pol else {}
+    want = _settings(str(Path(model_path).resolve()), method, size, cfg, cc, sensitivity, gcfg, extra)
     _check_run(rd, want)
     rd.mkdir(parents=True, exist_ok=True)
     with atomic_path(rd / SETTINGS, force=True) as tmp:
         tmp.write_text(json.dumps(want, indent=2))
 
+    croot = Path(cache_root) if cache_root is not None else rd / "cache"
     source = calibrated_source(model_path, rd, cfg, opts, calib, progress, original=info)
     base_im = source.base_cal.imatrix() if cfg.imatrix else None
     imatrix = source.cal.imatrix() if cfg.imatrix else None
@@ -256,7 +283,7 @@ def run_direct(
             source.cal,
             imatrix,
             mcfg,
-            rd / "cache",
+            croot,
             staged(progress, "measure"),
             staged(progress, "tensor cache"),
             text=None,
@@ -265,7 +292,7 @@ def run_direct(
         cache = build_cache(
             source.path,
             cc.requested(),
-            rd / "cache",
+            croot,
             imatrix=imatrix,
             base=cc.base,
             n_threads=opts.n_threads,
@@ -277,10 +304,20 @@ def run_direct(
             alloc_sens, groups = calibrate_sensitivity(
                 sens, cache, model_path, text, ecfg, eopts, gcfg, staged(progress, "kld groups"), scratch=wd
             )
+        learned: dict[str, GGMLQuantizationType] | None = None
+        search_summary: dict[str, Any] = {}
+        if method in LEARNED:
+            learned, search_summary = _learned(
+                method, alloc_sens, source, target, sac, pol, cache, model_path, text, ecfg, eopts, wd, rd,
+                on_episode,
+            )
         gguf = rd / ramp_output_name(model_path, preset or size.strip())
         budget = target
         for _ in range(3):
-            choice = ALLOCATORS[method](alloc_sens, budget)
+            if learned is not None:
+                choice = project(alloc_sens, learned, budget)
+            else:
+                choice = ALLOCATORS[method](alloc_sens, budget)
             meta = metadata(
                 sens, choice, method, size, target, cfg, source.base_cal.describe(), sensitivity or "none"
             )
@@ -334,6 +371,7 @@ def run_direct(
             "chunks": cfg.chunks,
         },
         "t_measure": t_measure,
+        **search_summary,
     }
     if groups is not None:
         # the calibrated sum is linear around the reference: KLD ≈ KLD_ref + Σ ratio · (error − error_highest)
@@ -356,6 +394,59 @@ def run_direct(
         )
     write_pareto(rd, points, "kld", rmeta)
     return DirectResult(rd, gguf, alloc, report, file_bytes, target, k.ppl, k.kld_mean)
+
+
+def _learned(
+    method: str,
+    sens: Sensitivity,
+    source: Any,
+    target: int,
+    sac: SizedSearchConfig,
+    pol: Any,
+    cache: Any,
+    model_path: str | os.PathLike[str],
+    text: str,
+    ecfg: Any,
+    eopts: RuntimeOptions,
+    wd: Path,
+    rd: Path,
+    on_episode: Callable[[dict[str, Any]], None] | None,
+) -> tuple[dict[str, GGMLQuantizationType], dict[str, Any]]:
+    """The allocation of a learned method and what to report of it: the SAC search (policy saved in `rd`)
+    or a policy's mean-action rollout on this model."""
+    from .allocate import greedy
+    from .rollout import Context, rollout
+    from .sacsearch import policy_meta, policy_tensors, search
+    from .scoring import RewardScorer, layer_embeddings
+
+    if method == "policy":
+        m = pol.meta
+        ctx = Context(sens, layer_embeddings(source.path, source.cal, sens, m["variant"]), target,
+                      float(m["span"]), m["variant"])
+        if ctx.obs_dim != int(m["obs_dim"]):
+            raise RampError(f"the policy reads {m['obs_dim']} state dims, this rollout makes {ctx.obs_dim}")
+        ep = rollout(ctx, lambda s: float(pol.actor.deterministic_action(s[None])[0, 0]))
+        moved = sum(ep.proposed[t.name] != ep.choice[t.name] for t in sens.tensors)
+        return ep.choice, {"policy_sha256": pol.sha256, "projected_tensors": int(moved)}
+    from .policy import save_policy
+
+    ctx = Context(sens, layer_embeddings(source.path, source.cal, sens, sac.variant), target, sac.span,
+                  sac.variant, sac.projection)
+    t0 = time.perf_counter()
+    scorer = RewardScorer(cache, model_path, text, ecfg, eopts, wd)
+    out = search(ctx, scorer, greedy(sens, target), sac, rd, on_episode)
+    save_policy(policy_tensors(out.agent), policy_meta(ctx, sac, sac.variant), rd / "policy.safetensors")
+    return out.choice, {
+        "sac": {
+            "evaluations": out.state.evaluations,
+            "episodes": out.state.episode,
+            "reward_kld": out.kld,
+            "reward_kld_greedy": out.kld_ref,
+            "reward_kld_policy": out.policy_kld,
+            "t_search": time.perf_counter() - t0,
+            "policy": str(rd / "policy.safetensors"),
+        }
+    }
 
 
 def describe(r: DirectResult) -> str:

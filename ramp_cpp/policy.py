@@ -60,3 +60,22 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     actor, _, _ = Actor.from_policy(tensors)
     h = hashlib.sha256(p.read_bytes()).hexdigest()
     return Policy(actor=actor, meta=meta, sha256=h)
+
+
+SIZED = "sized"  # sacsearch.POLICY_KIND: a policy of `search --method sac --size`
+
+
+def is_sized(meta: dict[str, Any]) -> bool:
+    return meta.get("kind") == SIZED
+
+
+def load_sized_policy(path: str | os.PathLike[str]) -> Policy:
+    """A policy from `search --method sac --size` (rollout.py's budget-relative action); one RampError line
+    for anything else, including a policy of the paper's `--budget` search."""
+    pol = load_policy(path)
+    if not is_sized(pol.meta):
+        raise RampError(f"{path}: a policy of the --budget search; apply it with --budget, not --size")
+    for key in ("variant", "span", "obs_dim"):
+        if key not in pol.meta:
+            raise RampError(f"{path}: policy metadata lacks {key!r}")
+    return pol

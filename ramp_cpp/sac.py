@@ -32,6 +32,7 @@ class SACConfig:
 
     hidden: tuple[int, ...] = (512, 512, 256)  # Table 9 / Table 27: FC-512-LN, FC-512-LN, FC-256
     lr: float = 3e-4  # Table 9 / Table 25: Adam, shared by actor, critics and temperature
+    alpha_lr: float | None = None  # the temperature's Adam rate; None: `lr` (Table 25)
     batch_size: int = 128  # Table 9 / Table 26
     buffer_size: int = 30_000  # Table 9 / Table 26: ~120 episodes x 250 steps
     gamma: float = 0.99  # Table 9 / Table 25
@@ -332,7 +333,7 @@ class SAC:
         self.target_entropy = float(c.target_entropy)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=c.lr)
         self.q_opt = torch.optim.Adam([*self.qf1.parameters(), *self.qf2.parameters()], lr=c.lr)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=c.lr)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=c.alpha_lr or c.lr)
         self.buffer = ReplayBuffer(c.buffer_size, obs_dim, act_dim)
         self.n_updates = 0
 

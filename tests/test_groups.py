@@ -235,7 +235,8 @@ def test_greedy_on_measured_sensitivity_through_run_direct(
 def test_cli_sensitivity_and_kld_groups(setup: dict[str, Any], tiny_model: Path, tmp_path: Path) -> None:
     base = ["search", "--model", str(tiny_model), "--out", str(tmp_path / "r"), "--size", "1MiB"]
     one_error_line(runner.invoke(app, [*base, "--method", "greedy", "--sensitivity", "kld"]), "sensitivity")
-    one_error_line(runner.invoke(app, [*base, "--sensitivity", "proxy"]), "--method greedy")
+    paper = ["search", "--model", str(tiny_model), "--out", str(tmp_path / "r"), "--budget", "4.5"]
+    one_error_line(runner.invoke(app, [*paper, "--sensitivity", "proxy"]), "--method greedy")
     assert not (tmp_path / "r").exists()
     from ramp_cpp.corpora import load_text
     from ramp_cpp.errors import RampError

@@ -244,11 +244,7 @@ def test_search_output_keeps_the_dots(named_run: Any) -> None:
     assert named_run[0].gguf.name == "Syn2.5-0.1B-Instruct.ramp-4.5.gguf"
 
 
-# -- 3.4: `demo --episodes N` then `demo` resumes its own run ---------------------------------------
-
-
-class _Stop(Exception):
-    pass
+# -- 3.4: `demo --evaluations N` then `demo` resumes its own run -------------------------------------
 
 
 def _synthetic_eval_text(monkeypatch: pytest.MonkeyPatch, text_file: Path) -> None:
@@ -263,32 +259,32 @@ def _synthetic_eval_text(monkeypatch: pytest.MonkeyPatch, text_file: Path) -> No
     )
 
 
-def test_demo_resumes_with_other_episodes(
+def test_demo_end_to_end_and_resume(
     tiny_model: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The demo's real search runs on the tiny model (its texts swapped for the synthetic one); the
-    demo's own SAC settings are kept. Stopped after the search: this checks the resume only."""
+    """The demo's real stages on the tiny model (its texts swapped for the synthetic one): the table has
+    SAC, greedy and the presets; a second call with more evaluations resumes the search, it does not
+    refuse it or start over."""
     import ramp_cpp.demo
-    import ramp_cpp.search
+    from ramp_cpp.sacsearch import CHECKPOINT, load_checkpoint
 
     model = tmp_path / "models" / "tiny.f16.gguf"
     model.parent.mkdir()
     shutil.copy(tiny_model, model)
-    real = ramp_cpp.search.search
-    sacs: list[SACConfig] = []
-
-    def fake_search(model_path: Any, run: Any, cfg: Any, sac: SACConfig, opts: Any, **kw: Any) -> Any:
-        sacs.append(sac)
-        real(model_path, run, replace(small(text_file), budget=cfg.budget), sac, opts, resume=kw["resume"])
-        raise _Stop
-
+    cfg = replace(small(text_file), budget_mode="size", metric="kld")
     monkeypatch.setattr(ramp_cpp.demo, "fetch_demo_base", lambda *a, **k: model)
-    monkeypatch.setattr(ramp_cpp.search, "search", fake_search)
+    monkeypatch.setattr(ramp_cpp.demo, "demo_config", lambda: cfg)
     _synthetic_eval_text(monkeypatch, text_file)
-    for episodes in ("2", "4"):
-        r = runner.invoke(app, ["demo", "--episodes", episodes])
-        assert isinstance(r.exception, _Stop), r.output
-    assert [s.episodes for s in sacs] == [2, 4]
+    logs = []
+    for n in ("2", "3"):
+        r = runner.invoke(app, ["demo", "--evaluations", n, "--chunks", "2"])
+        assert r.exit_code == 0, r.output
+        for label in ("RAMP (SAC)", "greedy", "Q4_K_M+imatrix", "Q3_K_M"):
+            assert label in r.output
+        _, st = load_checkpoint(model.parent / "demo-sac" / CHECKPOINT)
+        assert st.evaluations <= int(n)
+        logs.append([(x["kind"], x["kld"]) for x in st.log])
+    assert logs[1][: len(logs[0]) - 1] == logs[0][:-1]  # the same search, gone on (its last row: the final)
 
 
 # -- 3.5: a budget out of range is refused before any work ------------------------------------------
