@@ -20,6 +20,7 @@ from ramp_cpp.calibrate import windows
 from ramp_cpp.calibration import CalibConfig
 from ramp_cpp.corpora import load_text
 from ramp_cpp.demo import demo_model_path
+from ramp_cpp.native import ActivationCollector, stats_model
 
 
 class _NoCollector(StatsModel):
@@ -50,7 +51,7 @@ def main() -> None:
     text, _ = load_text("wikitext2-valid")
     cfg = CalibConfig(samples=a.windows, ctx=a.ctx)
     opts = RuntimeOptions(n_ctx=a.ctx, n_threads=a.threads)
-    with StatsModel(a.model, opts) as on, _NoCollector(a.model, opts) as off:
+    with stats_model(a.model, opts) as on, _NoCollector(a.model, ActivationCollector(), opts) as off:
         ws = windows(on.tokenize(text), cfg, on.bos if on.add_bos else None)
         t_on, t_off = [], []
         for _ in range(a.repeats):

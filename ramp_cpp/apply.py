@@ -16,13 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import __version__
-from .allocation import Budget, Measures, costs, repair, rung_of
+from .allocation import Budget, Measures, costs, repair
 from .backend import RuntimeOptions
 from .calibration import CalibConfig, Calibration
-from .features import Features
 
 Progress = Callable[[str, int, int], None]
 
@@ -51,24 +48,6 @@ class ApplyResult:
     file_size: int
 
 
-def policy_rollout(actor: Any, feats: Features, bits: tuple[int, ...]) -> tuple[list[float], list[int]]:
-    """Deterministic episode: a_i = tanh(mu(s_i)), s_i's dims 10-11 from the bits chosen so far."""
-    z = feats.standardized()
-    actions: list[float] = []
-    rungs: list[int] = []
-    prev, avg = 0.0, 0.0
-    for i in range(len(feats.names)):
-        s = feats.state(i, prev, avg, z)
-        a = float(np.asarray(actor.deterministic_action(s[None, :])).reshape(-1)[0])
-        r = rung_of(a, len(bits))
-        actions.append(a)
-        rungs.append(r)
-        b = bits[r]
-        avg = avg * i / (i + 1) + b / (i + 1)
-        prev = float(b)
-    return actions, rungs
-
-
 def apply_policy(
     policy_path: str | os.PathLike[str],
     model_path: str | os.PathLike[str],
@@ -88,7 +67,7 @@ def apply_policy(
     from .ggufio import add_metadata, read_inventory, weight_moments
     from .policy import load_policy
     from .quantize import QuantizeOptions, quantize_map
-    from .search import staged, visited_tensors
+    from .search import policy_rollout, staged, visited_tensors
 
     def stage(name: str) -> Callable[[int, int], None] | None:
         return staged(progress, name)

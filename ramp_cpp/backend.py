@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -20,7 +20,20 @@ from .errors import RampError
 
 if TYPE_CHECKING:
     from .calibration import InputStats
-    from .native import ActivationCollector
+
+
+class Collector(Protocol):
+    """What StatsModel needs of an activation collector (native.ActivationCollector). It is passed in, so
+    this module, the only one talking to llama_cpp, never imports the native binding (which imports it)."""
+
+    handle: Any
+
+    @property
+    def callback_address(self) -> int: ...
+    def reset(self) -> None: ...
+    def error(self) -> str: ...
+    def stats(self) -> dict[str, InputStats]: ...
+    def close(self) -> None: ...
 
 _BACKEND_READY = False
 _M = TypeVar("_M", bound="LlamaModel")
@@ -186,14 +199,19 @@ class StatsModel(LlamaModel):
     PIECE = 512  # llama-imatrix / llama-perplexity's default batch
 
     def __init__(
-        self, path: str | os.PathLike[str], opts: RuntimeOptions = RuntimeOptions(), piece: int = PIECE
+        self,
+        path: str | os.PathLike[str],
+        collector: Collector,
+        opts: RuntimeOptions = RuntimeOptions(),
+        piece: int = PIECE,
     ) -> None:
-        from .native import ActivationCollector
-
+        """`collector`: a fresh native.ActivationCollector (`native.stats_model` makes both); closed with
+        the model."""
         if piece < 1:
+            collector.close()
             raise RampError(f"piece must be >= 1, got {piece}")
         self.piece = min(piece, opts.n_ctx)
-        self.collector: ActivationCollector | None = ActivationCollector()
+        self.collector: Collector | None = collector
         super().__init__(path, opts)
 
     def _context_params(self) -> Any:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import RuntimeOptions, StatsModel
+from .backend import RuntimeOptions
 from .calibration import CalibConfig, Calibration
 from .corpora import CORPORA
 from .errors import RampError
@@ -139,7 +139,9 @@ def calibrate(
     info = read_inventory(model_path)
     check_config(cfg, info.context_length or None)
     run_opts = RuntimeOptions(n_ctx=cfg.ctx, n_threads=opts.n_threads, n_gpu_layers=opts.n_gpu_layers)
-    with StatsModel(model_path, run_opts) as model:
+    from .native import stats_model
+
+    with stats_model(model_path, run_opts) as model:
         ws = windows(model.tokenize(text), cfg, model.bos if model.add_bos else None)
         model.reset()
         for i, w in enumerate(ws):

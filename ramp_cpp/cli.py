@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
@@ -572,6 +574,33 @@ def _stage_progress(p: Progress) -> Callable[[str, int, int], None]:
     return cb
 
 
+@contextlib.contextmanager
+def _interrupts() -> Iterator[Callable[[], None]]:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered. Python drops an exception raised in
+    a finalizer (`__del__`), so a Ctrl-C landing in one would be lost; the `check` this yields, called at
+    every episode, raises it again. Where SIGINT is ignored (a background job) nothing changes."""
+    seen: list[int] = []
+    prev = signal.getsignal(signal.SIGINT)
+
+    def check() -> None:
+        if seen:
+            raise KeyboardInterrupt
+
+    if prev is not signal.default_int_handler:
+        yield check
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, prev)
+
+
 @command()
 def search(
     model: Annotated[Path | None, typer.Option("--model", "-m", help="F16 GGUF to search.")] = None,
@@ -664,11 +693,12 @@ def search(
             warm_start=not no_warm_start,
             variant=features_, seed=seed,
         )
-        with _bar(method) as p:
+        with _bar(method) as p, _interrupts() as interrupted:
             ropts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)
             ev_task = p.add_task("evaluations", total=evaluations) if method == "sac" else None
 
             def on_sac(r: dict[str, Any]) -> None:
+                interrupted()
                 if ev_task is not None:
                     p.update(ev_task, completed=r["evaluations"])
                 p.console.print(
@@ -707,10 +737,11 @@ def search(
     sac = SACConfig(episodes=episodes, warmup_episodes=warmup, updates_per_episode=updates, seed=seed)
     opts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)
     q = "PPL" if metric == "ppl" else "KLD"
-    with _bar("search") as p:
+    with _bar("search") as p, _interrupts() as interrupted:
         ep_task = p.add_task("episodes", total=episodes)
 
         def on_episode(r: Any) -> None:
+            interrupted()
             p.update(ep_task, completed=r.episode + 1)
             best = "-" if r.best_quality is None else f"{r.best_quality:.4f}"
             p.console.print(

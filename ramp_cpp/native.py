@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import _llama
+from .backend import RuntimeOptions, StatsModel, _llama
 from .calibration import InputStats
 from .errors import RampError
 
@@ -205,3 +205,10 @@ class ActivationCollector:
         if self.handle:
             self._h.ramp_stats_free(self.handle)
             self.handle = None
+
+
+def stats_model(
+    path: str | os.PathLike[str], opts: RuntimeOptions = RuntimeOptions(), piece: int = StatsModel.PIECE
+) -> StatsModel:
+    """A GGUF loaded with the native activation collector on llama.cpp's eval callback (StatsModel)."""
+    return StatsModel(path, ActivationCollector(), opts, piece)

@@ -356,10 +356,26 @@ def best_entry(
     }
 
 
+def policy_rollout(actor: Any, feats: Features, bits: tuple[int, ...]) -> tuple[list[float], list[int]]:
+    """Deterministic episode: a_i = tanh(mu(s_i)), s_i's dims 10-11 from the bits chosen so far."""
+    z = feats.standardized()
+    actions: list[float] = []
+    rungs: list[int] = []
+    prev, avg = 0.0, 0.0
+    for i in range(len(feats.names)):
+        s = feats.state(i, prev, avg, z)
+        a = float(np.asarray(actor.deterministic_action(s[None, :])).reshape(-1)[0])
+        r = rung_of(a, len(bits))
+        actions.append(a)
+        rungs.append(r)
+        b = bits[r]
+        avg = avg * i / (i + 1) + b / (i + 1)
+        prev = float(b)
+    return actions, rungs
+
+
 def evaluate_policy(env: Environment, agent: SAC, st: State) -> dict[str, Any]:
     """Score the policy's mean action (apply's deterministic rollout); it may become the best allocation."""
-    from .apply import policy_rollout
-
     p = env.prep
     _, rungs = policy_rollout(agent.actor, p.features, p.costs.bits)
     ppl, kld, _, _ = env.evaluate(rungs, st.memo)
@@ -654,8 +670,6 @@ def repaired_policy_allocation(env: Environment, agent: SAC, st: State) -> dict[
     """When no episode met the ceiling: the policy's deterministic allocation, repaired to the budget by
     `apply`'s rule (allocation.repair), evaluated once. Marked `repaired` in the run's outputs."""
     from .allocation import repair
-    from .apply import policy_rollout
-
     p = env.prep
     actions, rungs = policy_rollout(agent.actor, p.features, p.costs.bits)
     fixed = repair(rungs, actions, p.costs, env.cfg.budget_spec)

@@ -13,12 +13,13 @@ import pytest
 import synthetic
 from typer.testing import CliRunner
 
-from ramp_cpp.backend import LlamaModel, RuntimeOptions, StatsModel
+from ramp_cpp.backend import LlamaModel, RuntimeOptions
 from ramp_cpp.calibrate import calibrate, check_config, load_recipe, windows
 from ramp_cpp.calibration import CalibConfig, Calibration, check_matches, load_calibration, save_calibration
 from ramp_cpp.cli import app
 from ramp_cpp.errors import RampError
 from ramp_cpp.ggufio import open_reader, read_imatrix, read_inventory, write_imatrix
+from ramp_cpp.native import stats_model
 from ramp_cpp.quantize import QuantizeOptions, quantize_map
 
 TINY = CalibConfig(text="synthetic", samples=3, ctx=128, seed=0)
@@ -125,7 +126,7 @@ def test_pieces_keep_the_kv_cache(tiny_model: Path, tiny_text: str) -> None:
     ws = _windows_of(tiny_model, tiny_text, replace(TINY, ctx=256, samples=2))
     got = {}
     for piece in (256, 48):
-        with StatsModel(tiny_model, RuntimeOptions(n_ctx=256), piece=piece) as m:
+        with stats_model(tiny_model, RuntimeOptions(n_ctx=256), piece=piece) as m:
             for w in ws:
                 m.run(w)
             got[piece] = m.stats()

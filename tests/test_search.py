@@ -257,7 +257,9 @@ def test_kill_and_resume(
     proc.send_signal(sig)
     proc.send_signal(signal.SIGCONT)  # a stopped process acts on SIGINT once it runs again
     rc = proc.wait(60)
-    assert rc == (-9 if sig == signal.SIGKILL else 130)
+    want = -9 if sig == signal.SIGKILL else 130
+    why = proc.stderr.read().decode()[-3000:] if proc.stderr and rc != want else ""
+    assert rc == want, why
     if sig == signal.SIGINT:
         assert b"--resume" in (proc.stderr.read() if proc.stderr else b"")
     from ramp_cpp.search import load_checkpoint
