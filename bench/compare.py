@@ -190,8 +190,8 @@ def calibrated(b: Base, src: Path, cal: Calibration, sens: Any) -> tuple[Any, An
 
 
 def sac_settings(method: str) -> Any:
-    """`sac[-sN][-paper][-noproj][-cold][-tbl24]`: seed N, Eq. 19-21 reward, no projection, no warm start,
-    Table 24's state."""
+    """`sac[-eN][-sN][-paper][-noproj][-cold][-tbl24][-frozen]`: N evaluations, seed N, Eq. 19-21 reward, no
+    projection, no warm start, Table 24's state, no SAC updates."""
     from ramp_cpp.sacsearch import SizedSearchConfig
 
     kw: dict[str, Any] = {}
@@ -206,6 +206,8 @@ def sac_settings(method: str) -> Any:
             kw["warm_start"] = False
         elif tok == "tbl24":
             kw["variant"] = "paper"
+        elif tok == "frozen":  # no SAC update: sampling around the warm start only (does learning help?)
+            kw["updates_per_episode"] = 0
         elif tok.startswith("e") and tok[1:].isdigit():
             kw["evaluations"] = int(tok[1:])
         else:
