@@ -54,8 +54,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=float, default=3.0)
     ap.add_argument("--noise", type=float, default=0.1)
     a = ap.parse_args()
-    print(f"{a.evaluations} evaluations, hidden factor {a.hidden}, noise ±{a.noise / 2:.0%}, seeds 0-{a.seeds - 1}")
-    print("| SAC updates / episode | best / greedy (per seed) | mean | final policy / greedy (per seed) | mean |")
+    print(f"{a.evaluations} evaluations, hidden factor {a.hidden}, noise ±{a.noise / 2:.0%}, {a.seeds} seeds")
+    print("| SAC updates / episode | best / greedy (seeds) | mean | final policy / greedy (seeds) | mean |")
     print("|---|---|---|---|---|")
     for updates in (8, 0):
         r = [run(s, a.evaluations, a.hidden, a.noise, updates) for s in range(a.seeds)]
