@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from .backend import RuntimeOptions
+from .cache import file_sha256_cached
 from .calibration import CalibConfig, Calibration
 from .corpora import CORPORA
 from .errors import RampError
-from .evaluate import file_sha256_cached
 from .ggufio import read_inventory
 
 if sys.version_info >= (3, 11):

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_path
+from .cache import cache_dir
 from .errors import RampError
-from .evaluate import cache_dir
 
 # The checkout this package runs from; ../shared sits beside it on the developers' machines and CI.
 CHECKOUT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .backend import RuntimeOptions
-from .evaluate import EvalConfig, cache_dir
+from .cache import cache_dir
+from .evaluate import EvalConfig
 from .fetch import PackagedModel, fetch_f16
 
 if TYPE_CHECKING:

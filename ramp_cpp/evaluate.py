@@ -25,14 +25,13 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .atomic import atomic_path
 from .backend import LlamaModel, RuntimeOptions
+from .cache import cache_dir, file_sha256_cached
 from .errors import RampError
-from .ggufio import file_sha256
 
 Progress = Callable[[int, int], None]  # (chunks done, chunks total)
 
@@ -189,11 +188,6 @@ class BaseLogprobs:
     FIELDS = ("tokens_sha", "top_idx", "top_lp", "tail_idx", "tail_lp", "target_lp")
 
 
-def cache_dir() -> Path:
-    d = os.environ.get("RAMP_CACHE_DIR")
-    return Path(d) if d else Path.home() / ".cache" / "ramp-cpp"
-
-
 def tokens_sha_of(cs: list[np.ndarray]) -> str:
     h = hashlib.sha256()
     for c in cs:
@@ -266,26 +260,6 @@ def base_logprobs(
     with atomic_path(path, force=True) as tmp, open(tmp, "wb") as f:
         np.savez(f, **{name: getattr(out, name) for name in BaseLogprobs.FIELDS})
     return out
-
-
-def file_sha256_cached(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) so a 13 GB base is hashed once."""
-    p = Path(path).resolve()
-    st = p.stat()
-    idx = cache_dir() / "sha256.json"
-    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
-    table: dict[str, str] = {}
-    if idx.is_file():
-        try:
-            table = json.loads(idx.read_text())
-        except ValueError:
-            table = {}
-    if key not in table:
-        table[key] = file_sha256(p)
-        idx.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(idx, force=True) as tmp:
-            tmp.write_text(json.dumps(table))
-    return table[key]
 
 
 # -- KLD --------------------------------------------------------------------------------------------

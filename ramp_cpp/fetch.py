@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_path
+from .cache import cache_dir
 from .errors import RampError
-from .evaluate import cache_dir
 
 
 @dataclass(frozen=True)

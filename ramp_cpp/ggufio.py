@@ -3,10 +3,11 @@ and modified copies of a model."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,23 @@ def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
 
 
 def read_inventory(path: str | os.PathLike[str]) -> ModelInfo:
+    """The model's inventory; parsed once per file version (path, size, mtime) in a process, since one run
+    asks for it from every stage."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return _read_inventory(path)  # open_reader's one-line error for a missing file
+    info = _inventory_of(str(p.resolve()), st.st_size, st.st_mtime_ns)
+    return info if info.path == str(path) else replace(info, path=str(path))
+
+
+@functools.lru_cache(maxsize=32)
+def _inventory_of(path: str, size: int, mtime_ns: int) -> ModelInfo:
+    return _read_inventory(path)
+
+
+def _read_inventory(path: str | os.PathLike[str]) -> ModelInfo:
     reader = open_reader(path)
     arch = field_value(reader, "general.architecture")
     if not arch:

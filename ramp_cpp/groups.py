@@ -268,7 +268,8 @@ def calibrate_sensitivity(
     parent of the temporary probe folder (default: tmpfs). `progress(done, total)` after every evaluation.
     """
     from .backend import LlamaModel
-    from .evaluate import base_logprobs, eval_chunks, file_sha256_cached, kld_loaded, tokens_sha_of
+    from .cache import file_sha256_cached
+    from .evaluate import base_logprobs, eval_chunks, kld_loaded, tokens_sha_of
     from .tensorcache import assemble
 
     t_start = time.perf_counter()

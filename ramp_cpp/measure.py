@@ -62,7 +62,7 @@ class MeasureConfig:
 
 
 def default_cache_root() -> Path:
-    from .evaluate import cache_dir
+    from .cache import cache_dir
 
     return cache_dir() / "tensorcache"
 
@@ -230,7 +230,7 @@ def measure(
     tensorcache/, the layout `build_cache` uses, so a search's cache is reused). `progress(done, total)`
     counts tensors measured, `cache_progress` the types llama.cpp quantizes for the cache; `text` is the
     calibration text's body when it is not to be loaded by name."""
-    from .evaluate import file_sha256_cached
+    from .cache import file_sha256_cached
     from .tensorcache import build_cache, dequantized_rows, directory_for, imatrix_digest
 
     if cfg.save_every < 1:

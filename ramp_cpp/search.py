@@ -620,8 +620,8 @@ def search(
     on_episode: OnEpisode | None = None,
 ) -> SearchResult:
     """`ramp-cpp search`: prepare, train (resumable), then write policy, allocation, GGUF and report."""
+    from .cache import file_sha256_cached as file_sha256
     from .calibration import load_calibration
-    from .evaluate import file_sha256_cached as file_sha256
     from .ggufio import read_inventory
 
     rd = Path(run_dir)
@@ -696,7 +696,7 @@ def finish(
 ) -> SearchResult:
     """Write the policy, the best allocation, its GGUF (llama.cpp's quantizer, with ramp.* metadata) and
     the report."""
-    from .evaluate import file_sha256_cached
+    from .cache import file_sha256_cached
     from .ggufio import add_metadata, file_sha256
     from .policy import save_policy
     from .quantize import QuantizeOptions, quantize_map, quantize_preset

@@ -41,9 +41,9 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from .atomic import atomic_path
+from .cache import file_sha256_cached
 from .candidates import searchable
 from .errors import RampError
-from .evaluate import file_sha256_cached
 from .ggufio import (
     HeaderTemplate,
     ModelInfo,

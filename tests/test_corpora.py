@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from ramp_cpp import corpora
+from ramp_cpp.cache import file_sha256_cached
 from ramp_cpp.corpora import CORPORA, Corpus, load_text, rebuild
 from ramp_cpp.errors import RampError
-from ramp_cpp.evaluate import file_sha256_cached
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
