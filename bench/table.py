@@ -25,7 +25,7 @@ def rows(data: dict[str, Any], base: str, chunks: int) -> dict[str, list[tuple[s
     out: dict[str, list[tuple[str, bool, dict[str, Any]]]] = {}
     for cell, r in data["cells"].items():
         b, fold, method, size, n = cell.split("|")
-        if b != base or int(n) != chunks:
+        if b != base or int(n) != chunks or method not in ORDER:  # SAC variants: sac_table
             continue
         out.setdefault(size, []).append((method, fold == "fold", r))
     for v in out.values():
