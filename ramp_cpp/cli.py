@@ -537,7 +537,20 @@ BudgetModeOpt = Annotated[
 SizeOpt = Annotated[
     str | None, typer.Option("--size", help="Whole-file target instead of --budget, e.g. 95MiB or 3.6GB.")
 ]
-NoFoldOpt = Annotated[bool, typer.Option("--no-fold", help="Skip Scale Folding (paper §4.3).")]
+NoFoldOpt = Annotated[bool, typer.Option("--no-fold", help="Skip Scale Folding (paper §4.3); = --fold off.")]
+FoldOpt = Annotated[
+    str | None,
+    typer.Option("--fold", help="on (default), off, or with --size auto (both measured, lower reward KLD)."),
+]
+
+
+def _fold(fold: str | None, no_fold: bool) -> str:
+    if fold not in (None, "on", "off", "auto"):
+        raise RampError(f"unknown --fold {fold!r} (choose from on, off, auto)")
+    if no_fold and fold not in (None, "off"):
+        raise RampError(f"--no-fold contradicts --fold {fold}")
+    return "off" if no_fold else fold or "on"
+
 NoImatrixOpt = Annotated[bool, typer.Option("--no-imatrix", help="Quantize without the importance matrix.")]
 CalibOpt = Annotated[
     Path | None, typer.Option("--calib", help="Reuse a calibration artifact instead of calibrating.")
@@ -626,6 +639,7 @@ def search(
     ctx: Annotated[int, typer.Option("--ctx", help="Tokens per reward chunk.")] = 512,
     features_: Annotated[str, typer.Option("--features", help="Layer embeddings: ramp or paper.")] = "ramp",
     no_fold: NoFoldOpt = False,
+    fold: FoldOpt = None,
     no_imatrix: NoImatrixOpt = False,
     calib: CalibOpt = None,
     recipe: RecipeOpt = "paper",
@@ -711,7 +725,7 @@ def search(
                 r = run_direct(
                     model, out_dir, method, size, dcfg, cc, ropts, calib=calib,
                     presets=() if no_presets else ("Q4_K_M", "Q3_K_M"), progress=_stage_progress(p),
-                    sensitivity=sensitivity, sac=scfg, on_episode=on_sac,
+                    sensitivity=sensitivity, sac=scfg, on_episode=on_sac, fold=_fold(fold, no_fold),
                 )
             except KeyboardInterrupt:
                 err.print(
@@ -723,6 +737,9 @@ def search(
         return
     if sensitivity is not None:
         raise RampError("--sensitivity applies to --method greedy/uniform (SAC measures its own reward)")
+    if _fold(fold, no_fold) == "auto":
+        raise RampError("--fold auto applies to a --size search; the --budget search takes on or off")
+    no_fold = _fold(fold, no_fold) == "off"
     if model is None:
         if not resume or not (out_dir / SETTINGS).is_file():
             raise RampError("--model is required (or --resume with --out naming an existing run)")

@@ -196,6 +196,7 @@ def run_direct(
     policy: str | os.PathLike[str] | None = None,
     on_episode: Callable[[dict[str, Any]], None] | None = None,
     cache_root: str | os.PathLike[str] | None = None,
+    fold: str | None = None,
 ) -> DirectResult:
     """Measure, allocate with `method` to the whole-file `size`; write GGUF and report to `run_dir`.
     `sensitivity`: what greedy allocates on, `proxy` or `measured` (groups.py, configured by `gcfg`, None:
@@ -203,7 +204,8 @@ def run_direct(
     callers (bench/, tests) keep the allocation they had; the command line's default is `measured`.
     `sac`: the SAC search's settings (method "sac"); `policy`: the policy file method "policy" rolls out.
     `cache_root`: where the tensor cache and the measurements live (default: the run directory's `cache/`);
-    runs of one model may share one."""
+    runs of one model may share one. `fold`: "on", "off" or "auto" (None: `cfg.fold`); auto prepares both
+    and keeps the one whose allocation (greedy's, for SAC) has the lower reward KLD (`choose_fold`)."""
     from .allocate import ALLOCATORS, project
     from .allocation import parse_size
     from .calibrate import check_config
@@ -226,6 +228,9 @@ def run_direct(
             raise RampError("method 'policy' needs a policy file")
         pol = load_sized_policy(policy)  # a bad file fails before any work
     sensitivity = resolve_sensitivity(method, sensitivity)
+    fold = fold or ("on" if cfg.fold else "off")
+    if fold not in FOLDS:
+        raise RampError(f"unknown --fold {fold!r} (choose from {', '.join(FOLDS)})")
     gcfg = gcfg or GroupConfig()
     preset = preset_name(size)
     target = 0 if preset else parse_size(size)  # cheap checks before any work
@@ -239,7 +244,9 @@ def run_direct(
     rd = Path(run_dir)
     # the number of evaluations may grow between runs (a resumed search goes on); everything else must match
     grow = {k: v for k, v in sac.to_json().items() if k != "evaluations"}
-    extra = {"sac": grow} if method == "sac" else {"policy_sha256": pol.sha256} if pol else {}
+    extra: dict[str, Any] = {"sac": grow} if method == "sac" else {"policy_sha256": pol.sha256} if pol else {}
+    if fold == "auto":
+        extra["fold"] = "auto"
     want = _settings(str(Path(model_path).resolve()), method, size, cfg, cc, sensitivity, gcfg, extra)
     _check_run(rd, want)
     rd.mkdir(parents=True, exist_ok=True)
@@ -247,9 +254,8 @@ def run_direct(
         tmp.write_text(json.dumps(want, indent=2))
 
     croot = Path(cache_root) if cache_root is not None else rd / "cache"
-    source = calibrated_source(model_path, rd, cfg, opts, calib, progress, original=info)
+    source = calibrated_source(model_path, rd, replace(cfg, fold=fold == "on"), opts, calib, progress, info)
     base_im = source.base_cal.imatrix() if cfg.imatrix else None
-    imatrix = source.cal.imatrix() if cfg.imatrix else None
     wd = workdir()
     points: list[dict[str, Any]] = []
     ecfg = cfg.eval_config
@@ -276,34 +282,47 @@ def run_direct(
             )
             q.unlink(missing_ok=True)
 
-        mcfg = MeasureConfig(candidates=cc, n_threads=opts.n_threads)
-        t0 = time.perf_counter()
-        sens = measure(
-            source.path,
-            source.cal,
-            imatrix,
-            mcfg,
-            croot,
-            staged(progress, "measure"),
-            staged(progress, "tensor cache"),
-            text=None,
-        )
-        t_measure = time.perf_counter() - t0
-        cache = build_cache(
-            source.path,
-            cc.requested(),
-            croot,
-            imatrix=imatrix,
-            base=cc.base,
-            n_threads=opts.n_threads,
-            searched=[t.name for t in sens.tensors],
-        )
-        alloc_sens, groups = sens, None
-        if sensitivity == "measured":
-            # against the unfolded model: the folded source computes the same function
-            alloc_sens, groups = calibrate_sensitivity(
-                sens, cache, model_path, text, ecfg, eopts, gcfg, staged(progress, "kld groups"), scratch=wd
+        def stage(folded: bool) -> _Stage:
+            """calibrate → fold → measure → (measured sensitivity) for one folding choice."""
+            src = calibrated_source(model_path, rd, replace(cfg, fold=folded), opts, calib, progress, info)
+            im = src.cal.imatrix() if cfg.imatrix else None
+            t0 = time.perf_counter()
+            mcfg = MeasureConfig(candidates=cc, n_threads=opts.n_threads)
+            sens = measure(
+                src.path, src.cal, im, mcfg, croot, staged(progress, "measure"),
+                staged(progress, "tensor cache"), text=None,
             )
+            cache = build_cache(
+                src.path, cc.requested(), croot, imatrix=im, base=cc.base, n_threads=opts.n_threads,
+                searched=[t.name for t in sens.tensors],
+            )
+            alloc_sens, groups = sens, None
+            if sensitivity == "measured":
+                # against the unfolded model: the folded source computes the same function
+                alloc_sens, groups = calibrate_sensitivity(
+                    sens, cache, model_path, text, ecfg, eopts, gcfg, staged(progress, "kld groups"),
+                    scratch=wd,
+                )
+            return _Stage(folded, src, sens, alloc_sens, groups, cache, time.perf_counter() - t0)
+
+        fold_report: dict[str, Any] | None = None
+        if fold == "auto":
+            probe = "greedy" if method in LEARNED else method
+            stages = {f: stage(f) for f in (False, True)}
+            klds = {}
+            for f, st in stages.items():
+                assemble(st.cache, ALLOCATORS[probe](st.alloc_sens, target), wd / "fold.gguf", force=True)
+                klds[f] = kld(wd / "fold.gguf", model_path, text, ecfg, eopts).kld_mean
+            chosen = choose_fold(klds)
+            fold_report = {"choice": "on" if chosen else "off", "allocator": probe,
+                           "reward_kld": {"on": klds[True], "off": klds[False]}}
+            st = stages[chosen]
+        else:
+            st = stage(fold == "on")
+        cfg = replace(cfg, fold=st.folded)
+        source, sens, alloc_sens, groups, cache, t_measure = (
+            st.source, st.sens, st.alloc_sens, st.groups, st.cache, st.seconds
+        )
         learned: dict[str, GGMLQuantizationType] | None = None
         search_summary: dict[str, Any] = {}
         if method in LEARNED:
@@ -321,6 +340,11 @@ def run_direct(
             meta = metadata(
                 sens, choice, method, size, target, cfg, source.base_cal.describe(), sensitivity or "none"
             )
+            if fold_report is not None:
+                r_on, r_off = fold_report["reward_kld"]["on"], fold_report["reward_kld"]["off"]
+                meta["ramp.fold_choice"] = (
+                    f"auto: {fold_report['choice']} (reward KLD on {r_on:.5g}, off {r_off:.5g})"
+                )
             assemble(cache, choice, wd / "out.gguf", force=True)
             add_metadata(wd / "out.gguf", gguf, meta, force=True)
             over = gguf.stat().st_size - target
@@ -371,6 +395,7 @@ def run_direct(
             "chunks": cfg.chunks,
         },
         "t_measure": t_measure,
+        "fold": fold_report or {"choice": "on" if cfg.fold else "off"},
         **search_summary,
     }
     if groups is not None:
@@ -447,6 +472,28 @@ def _learned(
             "policy": str(rd / "policy.safetensors"),
         }
     }
+
+
+FOLDS = ("on", "off", "auto")
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """What one folding choice prepared: its source, measurement, sensitivity and tensor cache."""
+
+    folded: bool
+    source: Any
+    sens: Sensitivity
+    alloc_sens: Sensitivity
+    groups: Any
+    cache: Any
+    seconds: float
+
+
+def choose_fold(reward_kld: dict[bool, float]) -> bool:
+    """`--fold auto`: the folding choice whose allocation measured the lower reward KLD (a tie: no fold,
+    the model as it is)."""
+    return reward_kld[True] < reward_kld[False]
 
 
 def describe(r: DirectResult) -> str:

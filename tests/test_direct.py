@@ -87,3 +87,34 @@ def test_bad_requests_fail_before_work(tiny_model: Path, tmp_path: Path) -> None
         runner.invoke(app, [*base, "--method", "greedy", "--size", "1MiB", "--types", "Q9_X"]), "Q9_X"
     )
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(("on", "off", "want"), [(0.1, 0.2, True), (0.3, 0.2, False), (0.2, 0.2, False)])
+def test_choose_fold_keeps_the_lower_reward_kld(on: float, off: float, want: bool) -> None:
+    from ramp_cpp.direct import choose_fold
+
+    assert choose_fold({True: on, False: off}) is want
+
+
+def test_fold_auto_measures_both_and_keeps_the_better(
+    tiny_model: Path, text_file: Path, tmp_path: Path
+) -> None:
+    lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
+    size = f"{(lo + hi) / 2 / 1024:.1f}KiB"
+    r = run_direct(tiny_model, tmp_path / "auto", "greedy", size, cfg(text_file), presets=(), fold="auto")
+    fold = json.loads(r.report.read_text())["summary"]["fold"]
+    klds = fold["reward_kld"]
+    assert set(klds) == {"on", "off"} and fold["allocator"] == "greedy"
+    assert fold["choice"] == ("on" if klds["on"] < klds["off"] else "off")
+    reader = GGUFReader(r.gguf)
+    meta = {f.name: f.contents() for f in reader.fields.values() if f.name.startswith("ramp.")}
+    assert meta["ramp.fold_choice"].startswith(f"auto: {fold['choice']}")
+    assert meta["ramp.scale_folding"] is (fold["choice"] == "on")
+
+
+def test_fold_options_fail_before_work(tiny_model: Path, tmp_path: Path) -> None:
+    base = ["search", "--model", str(tiny_model), "--out", str(tmp_path / "r")]
+    one_error_line(runner.invoke(app, [*base, "--size", "1MiB", "--fold", "maybe"]), "unknown --fold")
+    one_error_line(runner.invoke(app, [*base, "--size", "1MiB", "--fold", "on", "--no-fold"]), "contradicts")
+    one_error_line(runner.invoke(app, [*base, "--budget", "4.5", "--fold", "auto"]), "--size search")
+    assert not (tmp_path / "r").exists()
