@@ -441,7 +441,7 @@ def _learned(
     or a policy's mean-action rollout on this model."""
     from .allocate import greedy
     from .rollout import Context, rollout
-    from .sacsearch import policy_meta, policy_tensors, search
+    from .sacsearch import policy_meta, policy_tensors, rescore, search
     from .scoring import RewardScorer, layer_embeddings
 
     if method == "policy":
@@ -459,15 +459,23 @@ def _learned(
                   sac.variant, sac.projection)
     t0 = time.perf_counter()
     scorer = RewardScorer(cache, model_path, text, ecfg, eopts, wd)
-    out = search(ctx, scorer, greedy(sens, target), sac, rd, on_episode)
+    ref = greedy(sens, target)
+    out = search(ctx, scorer, ref, sac, rd, on_episode)
     save_policy(policy_tensors(out.agent), policy_meta(ctx, sac, sac.variant), rd / "policy.safetensors")
-    return out.choice, {
+    choice, second = out.choice, None
+    if sac.rescore_top > 0:  # a second look on the next chunks of the reward text (sacsearch.rescore)
+        vcfg = replace(ecfg, first_chunk=ecfg.first_chunk + ecfg.n_chunks, n_chunks=sac.rescore_chunks)
+        check = RewardScorer(cache, model_path, text, vcfg, eopts, wd)
+        choice, _, table = rescore(sens, out.state, check, sac.rescore_top, target, ref)
+        second = {"chunks": [vcfg.first_chunk, vcfg.n_chunks], "table": table}
+    return choice, {
         "sac": {
             "evaluations": out.state.evaluations,
             "episodes": out.state.episode,
             "reward_kld": out.kld,
             "reward_kld_greedy": out.kld_ref,
             "reward_kld_policy": out.policy_kld,
+            "rescored": second,
             "t_search": time.perf_counter() - t0,
             "policy": str(rd / "policy.safetensors"),
         }

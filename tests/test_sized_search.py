@@ -282,3 +282,32 @@ def test_combinations_of_flags_are_valid() -> None:
         SizedSearchConfig(reward=reward, projection=proj, warm_start=warm)
     with pytest.raises(RampError, match="unknown reward"):
         SizedSearchConfig(reward="ppl")
+
+
+def test_rescore_takes_the_best_second_look_and_can_keep_greedy(tmp_path: Path) -> None:
+    from ramp_cpp.sacsearch import rescore
+
+    sens = sens_of(list(np.random.default_rng(7).exponential(1.0, 8)))
+    ctx = ctx_of(sens, budget_at(sens, 4.6))
+    _, score = objective(sens, {})
+    g = greedy(sens, ctx.budget_bytes)
+    out = search(ctx, score, g, small_cfg(evaluations=10), tmp_path)  # type: ignore[arg-type]
+    seen: list[dict[str, GGMLQuantizationType]] = []
+
+    def second(c: dict[str, GGMLQuantizationType]) -> float:
+        seen.append(c)
+        return 0.0 if c == g else 1.0 + len(seen)  # only greedy holds up on the other chunks
+
+    choice, kld, table = rescore(sens, out.state, second, 3, ctx.budget_bytes, g)
+    assert choice == g and kld == 0.0
+    assert table[0]["reference"] and len(table) == len(seen) == 4  # greedy, then the 3 best by reward
+    rewards = [r["reward_kld"] for r in table[1:]]
+    assert rewards == sorted(rewards)
+
+    def prefers_last(c: dict[str, GGMLQuantizationType]) -> float:
+        seen.append(c)
+        return -float(len(seen))  # each later one looks better: the last scored wins
+
+    seen.clear()
+    choice, _, table = rescore(sens, out.state, prefers_last, 3, ctx.budget_bytes, g)
+    assert choice == seen[-1] and choice != g
