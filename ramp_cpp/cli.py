@@ -662,6 +662,9 @@ def search(
     no_warm_start: Annotated[
         bool, typer.Option("--no-warm-start", help="--size sac: start from random actions, not from greedy.")
     ] = False,
+    rescore: Annotated[
+        int, typer.Option("--rescore", help="--size sac: re-score greedy and the N best on 8 more chunks.")
+    ] = 0,
     sensitivity: Annotated[
         str | None,
         typer.Option(
@@ -704,7 +707,7 @@ def search(
         )
         scfg = SizedSearchConfig(
             evaluations=evaluations, reward=reward, projection=not no_projection,
-            warm_start=not no_warm_start,
+            warm_start=not no_warm_start, rescore_top=rescore,
             variant=features_, seed=seed,
         )
         with _bar(method) as p, _interrupts() as interrupted:

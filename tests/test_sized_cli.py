@@ -32,7 +32,7 @@ def run(tiny_model: Path, text_file: Path, tmp_path_factory: pytest.TempPathFact
     size = f"{(lo + 2 * hi) / 3 / 1024:.1f}KiB"
     common = ["--calib", str(calib), "--text", str(text_file), "--chunks", "2", "--ctx", "128"]
     args = ["search", "--model", str(tiny_model), "--out", str(d / "run"), "--method", "sac", "--size", size,
-            "--evaluations", "4", "--no-presets", "--sensitivity", "proxy", *common]
+            "--evaluations", "4", "--no-presets", "--sensitivity", "proxy", "--rescore", "2", *common]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     return {"dir": d, "size": size, "args": args, "output": r.output, "calib": calib, "common": common}
@@ -44,6 +44,8 @@ def test_search_writes_an_in_budget_gguf_and_a_sized_policy(run: dict[str, Any])
     assert report["method"] == "sac" and report["file_bytes"] <= report["target_bytes"]
     sac = report["sac"]
     assert 1 <= sac["evaluations"] <= 4 and sac["reward_kld"] <= sac["reward_kld_greedy"]
+    second = sac["rescored"]
+    assert second["chunks"] == [2, 8] and second["table"][0]["reference"] and len(second["table"]) <= 3
     pol = load_policy(rd / "policy.safetensors")
     assert is_sized(pol.meta) and pol.meta["variant"] == "ramp"
     gguf = next(rd.glob("*.ramp-*.gguf"))
