@@ -103,16 +103,36 @@ def run_demo_search(
 
     cfg = demo_config()
     cache = work / "demo-cache"
-    g = run_direct(
-        base, work / "demo-greedy", "greedy", SIZE, cfg, opts=opts, presets=(), progress=progress,
-        sensitivity="measured", cache_root=cache,
+    g = _own(
+        lambda: run_direct(
+            base, work / "demo-greedy", "greedy", SIZE, cfg, opts=opts, presets=(), progress=progress,
+            sensitivity="measured", cache_root=cache,
+        ),
+        work / "demo-greedy",
     )
-    s = run_direct(
-        base, work / "demo-sac", "sac", SIZE, cfg, opts=opts, calib=g.run_dir / CALIB, presets=(),
-        progress=progress, sensitivity="measured", sac=SizedSearchConfig(evaluations=evaluations),
-        on_episode=on_episode, cache_root=cache,
+    s = _own(
+        lambda: run_direct(
+            base, work / "demo-sac", "sac", SIZE, cfg, opts=opts, calib=g.run_dir / CALIB, presets=(),
+            progress=progress, sensitivity="measured", sac=SizedSearchConfig(evaluations=evaluations),
+            on_episode=on_episode, cache_root=cache,
+        ),
+        work / "demo-sac",
     )
     return DemoRuns(s, g)
+
+
+def _own(run: Callable[[], DirectResult], run_dir: Path) -> DirectResult:
+    """The demo owns its run directories: one left by another ramp-cpp version (other settings) is started
+    over instead of refused. The shared tensor cache is keyed by content and stays."""
+    import shutil
+
+    from .errors import OtherSettings
+
+    try:
+        return run()
+    except OtherSettings:
+        shutil.rmtree(run_dir)
+        return run()
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from . import __version__
 from .atomic import atomic_path
 from .backend import RuntimeOptions
 from .candidates import CandidateConfig
-from .errors import RampError
+from .errors import OtherSettings, RampError
 from .groups import GroupConfig, calibrate_sensitivity
 from .sacsearch import SizedSearchConfig
 from .search import SETTINGS, SearchConfig, calibrated_source, ramp_output_name, staged, workdir
@@ -142,7 +142,7 @@ def _check_run(rd: Path, want: dict[str, Any]) -> None:
     want = json.loads(json.dumps(want))
     diffs = [k for k in sorted(set(have) | set(want)) if k != "ramp_version" and have.get(k) != want.get(k)]
     if diffs:
-        raise RampError(
+        raise OtherSettings(
             f"{rd} holds a run made with other settings ({', '.join(diffs)}); choose another --out"
         )
 

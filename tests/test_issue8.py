@@ -285,6 +285,14 @@ def test_demo_end_to_end_and_resume(
         assert st.evaluations <= int(n)
         logs.append([(x["kind"], x["kld"]) for x in st.log])
     assert logs[1][: len(logs[0]) - 1] == logs[0][:-1]  # the same search, gone on (its last row: the final)
+    # a demo run left by another version (other settings) is started over, not refused
+    settings = model.parent / "demo-sac" / "run.json"
+    d = json.loads(settings.read_text())
+    d["sac"]["span"] = 99.0
+    settings.write_text(json.dumps(d))
+    r = runner.invoke(app, ["demo", "--evaluations", "2", "--chunks", "2"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(settings.read_text())["sac"]["span"] != 99.0
 
 
 # -- 3.5: a budget out of range is refused before any work ------------------------------------------
