@@ -312,7 +312,8 @@ def sac_cell(
 
     def on_episode(r: dict[str, Any]) -> None:
         if r["episode"] % 10 == 0 or r["kind"] in ("reference", "final"):
-            log(f"  ep {r['episode']:3d} {r['kind']:9s} kld {r['kld']:.5f} best {r['best_kld']:.5f} "
+            best = "-" if r["best_kld"] is None else f"{r['best_kld']:.5f}"
+            log(f"  ep {r['episode']:3d} {r['kind']:9s} kld {r['kld']:.5f} best {best} "
                 f"evals {r['evaluations']} R {r['reward']:+.4f} moved {r['projected_tensors']}")
 
     try:

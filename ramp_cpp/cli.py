@@ -544,6 +544,11 @@ FoldOpt = Annotated[
 ]
 
 
+def _opt(x: float | None) -> str:
+    """A KLD that may not exist yet (a cold search's first episode has no candidate)."""
+    return "-" if x is None else f"{x:.5f}"
+
+
 def _fold(fold: str | None, no_fold: bool) -> str:
     if fold not in (None, "on", "off", "auto"):
         raise RampError(f"unknown --fold {fold!r} (choose from on, off, auto)")
@@ -719,7 +724,7 @@ def search(
                 if ev_task is not None:
                     p.update(ev_task, completed=r["evaluations"])
                 p.console.print(
-                    f"ep {r['episode']:4d} {r['kind']:9s} KLD {r['kld']:.5f}  best {r['best_kld']:.5f}  "
+                    f"ep {r['episode']:4d} {r['kind']:9s} KLD {r['kld']:.5f}  best {_opt(r['best_kld'])}  "
                     f"R {r['reward']:+.4f}  evals {r['evaluations']}{' memo' if r['memo'] else ''}",
                     highlight=False,
                 )

@@ -81,3 +81,13 @@ def test_bad_sac_options_fail_before_work(tiny_model: Path, tmp_path: Path) -> N
     one_error_line(runner.invoke(app, [*base, "--reward", "ppl"]), "unknown reward")
     one_error_line(runner.invoke(app, [*base, "--evaluations", "1"]), "at least 2")
     assert not (tmp_path / "r").exists()
+
+
+def test_cold_search_prints_its_first_episode(run: dict[str, Any], tiny_model: Path) -> None:
+    """--no-warm-start: the reference is no candidate, so the first episode has no best yet (printed "-")."""
+    args = ["search", "--model", str(tiny_model), "--out", str(run["dir"] / "cold"), "--method", "sac",
+            "--size", run["size"], "--evaluations", "3", "--no-presets", "--sensitivity", "proxy",
+            "--no-warm-start", *run["common"]]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "best -" in r.output
