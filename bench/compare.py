@@ -231,8 +231,6 @@ def transfer_cell(
         return row
     from ramp_cpp.measure import MeasureConfig, measure
     from ramp_cpp.policy import load_sized_policy
-    from ramp_cpp.rollout import Context, rollout
-    from ramp_cpp.scoring import layer_embeddings
     from ramp_cpp.tensorcache import assemble, build_cache
 
     key = method.split("-", 1)[1]
@@ -241,10 +239,9 @@ def transfer_cell(
     src, cal = b.model(folded)
     sens = measure(src, cal, cal.imatrix(), cache_root=b.out / "cache")
     sens, report = calibrated(b, src, cal, sens)
-    m = pol.meta
-    z = layer_embeddings(src, cal, sens, m["variant"])
-    ctx = Context(sens, z, target, float(m["span"]), m["variant"])
-    ep = rollout(ctx, lambda s: float(pol.actor.deterministic_action(s[None])[0, 0]))
+    from ramp_cpp.scoring import policy_episode
+
+    ep = policy_episode(pol, src, cal, sens, target)
 
     cc = MeasureConfig().candidates
     cache = build_cache(src, cc.requested(), b.out / "cache", imatrix=cal.imatrix(), base=cc.base,

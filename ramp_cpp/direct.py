@@ -440,17 +440,12 @@ def _learned(
     """The allocation of a learned method and what to report of it: the SAC search (policy saved in `rd`)
     or a policy's mean-action rollout on this model."""
     from .allocate import greedy
-    from .rollout import Context, rollout
+    from .rollout import Context
     from .sacsearch import policy_meta, policy_tensors, rescore, search
-    from .scoring import RewardScorer, layer_embeddings
+    from .scoring import RewardScorer, layer_embeddings, policy_episode
 
     if method == "policy":
-        m = pol.meta
-        ctx = Context(sens, layer_embeddings(source.path, source.cal, sens, m["variant"]), target,
-                      float(m["span"]), m["variant"])
-        if ctx.obs_dim != int(m["obs_dim"]):
-            raise RampError(f"the policy reads {m['obs_dim']} state dims, this rollout makes {ctx.obs_dim}")
-        ep = rollout(ctx, lambda s: float(pol.actor.deterministic_action(s[None])[0, 0]))
+        ep = policy_episode(pol, source.path, source.cal, sens, target)
         moved = sum(ep.proposed[t.name] != ep.choice[t.name] for t in sens.tensors)
         return ep.choice, {"policy_sha256": pol.sha256, "projected_tensors": int(moved)}
     from .policy import save_policy

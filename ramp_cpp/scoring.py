@@ -8,15 +8,18 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .allocate import Choice
 from .backend import LlamaModel, RuntimeOptions
 from .calibration import Calibration
+from .errors import RampError
 from .evaluate import EvalConfig, base_logprobs, eval_chunks, kld_loaded
 from .features import N_STATIC, FeatureConfig, compute_features
 from .ggufio import read_inventory, weight_moments
+from .rollout import Context, Rollout, rollout
 from .sensitivity import Sensitivity
 
 
@@ -65,3 +68,16 @@ class RewardScorer:
             k = kld_loaded(m, self.chunks, self.base).kld_mean
         self.seconds += time.perf_counter() - t0
         return float(k)
+
+
+def policy_episode(
+    pol: Any, src: str | os.PathLike[str], cal: Calibration, sens: Sensitivity, budget: int
+) -> Rollout:
+    """A sized policy's mean-action episode on a model (`apply`, and the benchmark's transfer rows): the
+    model's own layer embeddings, the policy's state variant and span, projected onto `budget` bytes."""
+    m = pol.meta
+    z = layer_embeddings(src, cal, sens, m["variant"])
+    ctx = Context(sens, z, budget, float(m["span"]), m["variant"])
+    if ctx.obs_dim != int(m["obs_dim"]):
+        raise RampError(f"the policy reads {m['obs_dim']} state dims, this rollout makes {ctx.obs_dim}")
+    return rollout(ctx, lambda s: float(pol.actor.deterministic_action(s[None])[0, 0]))
