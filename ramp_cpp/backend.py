@@ -86,6 +86,7 @@ class LlamaModel:
             raise RampError(
                 f"{path}: llama.cpp could not load this model (run with RAMP_VERBOSE=1 for its log)"
             )
+        self._held: np.ndarray | None = None  # the tokens whose KV cache logits_reusing may keep
         self._vocab = lc.llama_model_get_vocab(self._model)
         self.n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
         cparams = self._context_params()
@@ -124,6 +125,14 @@ class LlamaModel:
         return int(self._lc.llama_vocab_bos(self._vocab))
 
     @property
+    def eos(self) -> int:
+        return int(self._lc.llama_vocab_eos(self._vocab))
+
+    @property
+    def has_bos(self) -> bool:
+        return self.bos != self._lc.LLAMA_TOKEN_NULL
+
+    @property
     def add_bos(self) -> bool:
         return bool(self._lc.llama_vocab_get_add_bos(self._vocab))
 
@@ -148,11 +157,42 @@ class LlamaModel:
         if n > self.opts.n_ctx:
             raise RampError(f"chunk of {n} tokens exceeds the context of {self.opts.n_ctx}")
         lc = self._lc
+        self._held = None
         lc.llama_memory_clear(lc.llama_get_memory(self._ctx), True)
-        self._tok[:n] = tokens
-        self._want[:n] = 0
-        self._want[start:stop] = 1
-        self._batch.n_tokens = n
+        return self._decode(tokens, 0, start, stop)
+
+    def logits_reusing(self, tokens: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """As `logits`, but the KV cache of the longest prefix (up to `start`) shared with the previous call
+        of this method is kept and only the rest is decoded: the choices of a multiple-choice question share
+        their context, which is then decoded once."""
+        n = len(tokens)
+        if n > self.opts.n_ctx:
+            raise RampError(f"sequence of {n} tokens exceeds the context of {self.opts.n_ctx}")
+        lc = self._lc
+        keep = 0
+        if self._held is not None:
+            m = min(len(self._held), start)  # rows start.. are read back, so they must be decoded now
+            diff = np.flatnonzero(self._held[:m] != tokens[:m])
+            keep = int(diff[0]) if len(diff) else m
+        self._held = None  # until this decode succeeds
+        mem = lc.llama_get_memory(self._ctx)
+        # seq_rm refuses partial removal on some caches (sliding-window, recurrent): decode all then
+        if keep == 0 or not lc.llama_memory_seq_rm(mem, 0, keep, -1):
+            lc.llama_memory_clear(mem, True)
+            keep = 0
+        out = self._decode(tokens, keep, start, stop)
+        self._held = np.array(tokens, dtype=np.int32)
+        return out
+
+    def _decode(self, tokens: np.ndarray, keep: int, start: int, stop: int) -> np.ndarray:
+        """Decode tokens[keep:] at positions keep.. (the cache holds the first `keep`); logits of start..stop-1."""
+        lc = self._lc
+        m = len(tokens) - keep
+        self._tok[:m] = tokens[keep:]
+        self._pos[:m] = np.arange(keep, len(tokens), dtype=self._pos.dtype)
+        self._want[:m] = 0
+        self._want[start - keep : stop - keep] = 1
+        self._batch.n_tokens = m
         rc = lc.llama_decode(self._ctx, self._batch)
         if rc != 0:
             raise RampError(f"llama_decode failed with code {rc}")
@@ -229,6 +269,7 @@ class StatsModel(LlamaModel):
         if n > self.opts.n_ctx:
             raise RampError(f"window of {n} tokens exceeds the context of {self.opts.n_ctx}")
         lc = self._lc
+        self._held = None
         lc.llama_memory_clear(lc.llama_get_memory(self._ctx), True)
         for start in range(0, n, self.piece):
             m = min(self.piece, n - start)

@@ -24,7 +24,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -43,6 +43,7 @@ class EvalConfig:
     n_chunks: int | None = None  # None: every whole chunk of the text
     top_k: int = 64  # base log-probs kept exactly per scored token for KLD
     tail_samples: int = 64  # tokens sampled from the rest of the base distribution per scored token
+    up_to: bool = False  # n_chunks is an upper bound: a shorter text gives what it has instead of an error
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ class KLDResult:
     n_tokens: int
     n_chunks: int
     seconds: float
+    # per-chunk mean KLD: two files scored on the same chunks are compared by their paired differences,
+    # whose spread is far smaller than the per-token spread behind kld_stderr
+    chunk_kld: tuple[float, ...] = ()
 
 
 def chunks(tokens: np.ndarray, cfg: EvalConfig, bos: int | None) -> list[np.ndarray]:
@@ -83,6 +87,8 @@ def chunks(tokens: np.ndarray, cfg: EvalConfig, bos: int | None) -> list[np.ndar
     if n_avail < 1:
         raise RampError(f"text too short: {len(tokens)} tokens, one chunk needs {cfg.n_ctx} (lower --ctx)")
     n = n_avail - cfg.first_chunk if cfg.n_chunks is None else cfg.n_chunks
+    if cfg.up_to:
+        n = min(n, n_avail - cfg.first_chunk)
     if cfg.first_chunk < 0 or n < 1 or cfg.first_chunk + n > n_avail:
         raise RampError(
             f"text has {n_avail} chunks of {cfg.n_ctx} tokens; asked for {n} from chunk {cfg.first_chunk}"
@@ -230,7 +236,9 @@ def base_logprobs(
         {
             "base": file_sha256_cached(base_path),
             "text": hashlib.sha256(text.encode()).hexdigest(),
-            "cfg": asdict(cfg),
+            # up_to only matters for a short text, where the chunks themselves differ (their sha is checked);
+            # left out so that caches written before the option stay valid
+            "cfg": {k: v for k, v in asdict(cfg).items() if k != "up_to"},
         },
         sort_keys=True,
     )
@@ -323,7 +331,8 @@ def kld_loaded(
         if progress:
             progress(i + 1, len(cs))
     dt = time.perf_counter() - t0
-    return summarize({k: np.concatenate(v) for k, v in parts.items()}, base.top_idx.shape[1], len(cs), dt)
+    r = summarize({k: np.concatenate(v) for k, v in parts.items()}, base.top_idx.shape[1], len(cs), dt)
+    return replace(r, chunk_kld=tuple(float(v.mean()) for v in parts["kld"]))
 
 
 def eval_chunks(model: LlamaModel, text: str, cfg: EvalConfig) -> list[np.ndarray]:

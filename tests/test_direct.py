@@ -89,11 +89,24 @@ def test_bad_requests_fail_before_work(tiny_model: Path, tmp_path: Path) -> None
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize(("on", "off", "want"), [(0.1, 0.2, True), (0.3, 0.2, False), (0.2, 0.2, False)])
-def test_choose_fold_keeps_the_lower_reward_kld(on: float, off: float, want: bool) -> None:
-    from ramp_cpp.direct import choose_fold
+@pytest.mark.parametrize(
+    ("on", "off", "want"),
+    [
+        ([0.10, 0.20, 0.30], [0.11, 0.21, 0.31], True),  # folding better on every chunk
+        ([0.12, 0.22, 0.32], [0.10, 0.20, 0.30], False),  # unfolded better on every chunk, far beyond noise
+        ([0.20, 0.20, 0.30], [0.20, 0.20, 0.30], True),  # a tie keeps the paper's default
+        ([0.11, 0.19, 0.31], [0.10, 0.20, 0.30], True),  # unfolded better on average, within one stderr
+    ],
+)
+def test_choose_fold_folds_unless_unfolded_is_clearly_better(
+    on: list[float], off: list[float], want: bool
+) -> None:
+    from ramp_cpp.direct import FoldEvidence, choose_fold
 
-    assert choose_fold({True: on, False: off}) is want
+    ev = FoldEvidence.of(on, off)
+    d = [a - b for a, b in zip(on, off, strict=True)]
+    assert ev.delta == pytest.approx(sum(d) / len(d))
+    assert choose_fold(ev) is want
 
 
 def test_fold_auto_measures_both_and_keeps_the_better(
@@ -103,9 +116,10 @@ def test_fold_auto_measures_both_and_keeps_the_better(
     size = f"{(lo + hi) / 2 / 1024:.1f}KiB"
     r = run_direct(tiny_model, tmp_path / "auto", "greedy", size, cfg(text_file), presets=(), fold="auto")
     fold = json.loads(r.report.read_text())["summary"]["fold"]
-    klds = fold["reward_kld"]
+    klds, ev = fold["reward_kld"], fold["evidence"]
     assert set(klds) == {"on", "off"} and fold["allocator"] == "greedy"
-    assert fold["choice"] == ("on" if klds["on"] < klds["off"] else "off")
+    assert fold["choice"] == ("on" if ev["delta"] <= ev["stderr"] else "off")
+    assert ev["delta"] == pytest.approx(klds["on"] - klds["off"]) and ev["chunks"] >= 1
     reader = GGUFReader(r.gguf)
     meta = {f.name: f.contents() for f in reader.fields.values() if f.name.startswith("ramp.")}
     assert meta["ramp.fold_choice"].startswith(f"auto: {fold['choice']}")
