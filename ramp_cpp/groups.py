@@ -44,6 +44,7 @@ from gguf import GGMLQuantizationType
 
 from .atomic import atomic_path
 from .backend import RuntimeOptions
+from .cache import scratch_dir as cache_scratch
 from .candidates import type_for_bpw
 from .errors import RampError
 from .evaluate import BaseLogprobs, EvalConfig
@@ -218,11 +219,9 @@ def _write_state(path: Path, state: Mapping[str, Any]) -> None:
 
 
 def scratch_dir(parent: str | os.PathLike[str] | None = None) -> Path:
-    """A fresh folder for probe files: under `parent`, else on tmpfs when there is one (as search.workdir;
-    not imported from there, which would load torch for a command that needs none)."""
+    """A fresh folder for probe files: under `parent`, else `cache.scratch_dir` (tmpfs when there is one)."""
     if parent is None:
-        shm = Path("/dev/shm")
-        parent = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+        return cache_scratch("groups")
     return Path(tempfile.mkdtemp(prefix="ramp-groups-", dir=parent))
 
 

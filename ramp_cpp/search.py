@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -30,6 +29,7 @@ from . import __version__, stfile
 from .allocation import Budget, Costs, costs, rung_of
 from .atomic import atomic_path
 from .backend import LlamaModel, RuntimeOptions
+from .cache import scratch_dir
 from .calibration import CalibConfig, Calibration
 from .errors import RampError
 from .evaluate import BaseLogprobs, EvalConfig, base_logprobs, eval_chunks, kld_loaded
@@ -464,10 +464,8 @@ def check_settings(run_dir: Path, want: dict[str, Any]) -> None:
 
 
 def workdir() -> Path:
-    """Scratch space for the episode GGUF: tmpfs when there is one."""
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="ramp-episode-", dir=base))
+    """Scratch space for the episode GGUF (`cache.scratch_dir`: tmpfs when there is one)."""
+    return scratch_dir("episode")
 
 
 def cleanup(path: Path) -> None:

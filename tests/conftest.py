@@ -3,8 +3,9 @@
 `pytest_configure` runs before collection and before every fixture of every scope, so module- and
 session-scoped fixtures (search runs, CLI subprocesses, which inherit os.environ) are covered, not only
 function-scoped tests. It points RAMP_CACHE_DIR (every cache of ramp_cpp: base log-probs, file hashes, texts
-fetched from the hub) at the temp dir, and HOME at an empty folder inside it, so that code reaching for
-~/.cache anyway is caught by `pytest_sessionfinish`, which fails the session if ~/.cache/ramp-cpp appeared.
+fetched from the hub) and RAMP_SCRATCH_DIR (episode and probe files, /dev/shm otherwise) at the temp dir,
+and HOME at an empty folder inside it, so that code reaching for ~/.cache anyway is caught by
+`pytest_sessionfinish`, which fails the session if ~/.cache/ramp-cpp appeared.
 
 Two things are taken from the user's real cache, resolved before the redirect and only ever read: the demo
 model (`ramp-cpp demo-model` puts it there; the `demo_model` fixture returns that path, and tests that need
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import synthetic  # noqa: E402
 
-_ENV = ("HOME", "RAMP_CACHE_DIR", "RAMP_DATA_DIR")
+_ENV = ("HOME", "RAMP_CACHE_DIR", "RAMP_DATA_DIR", "RAMP_SCRATCH_DIR")
 _saved: dict[str, str | None] = {}
 _session: dict[str, Path] = {}
 
@@ -44,6 +45,7 @@ def pytest_configure(config: pytest.Config) -> None:
     _saved.update({k: os.environ.get(k) for k in _ENV})
     os.environ["HOME"] = str(root / "home")
     os.environ["RAMP_CACHE_DIR"] = str(root / "cache")
+    os.environ["RAMP_SCRATCH_DIR"] = str(root / "scratch")  # episode and probe files: not /dev/shm
     if not os.environ.get("RAMP_DATA_DIR") and real_texts.is_dir():
         os.environ["RAMP_DATA_DIR"] = str(real_texts)
 

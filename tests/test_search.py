@@ -270,6 +270,9 @@ def test_kill_and_resume(
         [*_search_args(tiny_model, text_file, run, n), "--resume"], check=True, env=env, capture_output=True
     )
     assert log_key(run) == log_key(straight)
+    from ramp_cpp.cache import scratch_root
+
+    assert not list(scratch_root().glob(f"ramp-*-{proc.pid}-*"))  # the killed run's episode files are gone
 
 
 def test_damaged_checkpoint_is_one_error(tmp_path: Path) -> None:
