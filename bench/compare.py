@@ -23,7 +23,7 @@ import json
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from ramp_cpp.calibrate import calibrate, load_recipe  # noqa: E402
 from ramp_cpp.calibration import Calibration, load_calibration, save_calibration  # noqa: E402
 from ramp_cpp.corpora import load_text  # noqa: E402
 from ramp_cpp.evaluate import EvalConfig, kld  # noqa: E402
-from ramp_cpp.fold import fold, folded_calibration_from_file  # noqa: E402
+from ramp_cpp.fold import FoldConfig, fold, folded_calibration_from_file  # noqa: E402
 from ramp_cpp.quantize import QuantizeOptions, QuantizeResult, quantize_preset  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -48,6 +48,35 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+@dataclass(frozen=True)
+class Fold:
+    """A folding setting: none, or Scale Folding with s = max|x|^power (the paper's power 1/2 is "fold",
+    issue 14's strengths 0.25 ... are "fold-p0.25"): the cell keys' second field."""
+
+    power: float | None
+
+    @classmethod
+    def parse(cls, s: str) -> Fold:
+        if s in ("off", "on"):
+            return cls(FoldConfig().power if s == "on" else None)
+        if s.startswith("p"):
+            return cls(float(s[1:]))
+        raise SystemExit(f"--fold: off, on or pX (X the power of max|x|), not {s!r}")
+
+    def __bool__(self) -> bool:
+        return self.power is not None
+
+    @property
+    def tag(self) -> str:
+        if self.power is None:
+            return "nofold"
+        return "fold" if self.power == FoldConfig().power else f"fold-p{self.power:g}"
+
+    @property
+    def row(self) -> dict[str, Any]:
+        return {"fold": bool(self), **({"fold_power": self.power} if self.tag.startswith("fold-") else {})}
+
+
 @dataclass
 class Base:
     key: str
@@ -56,20 +85,21 @@ class Base:
     path: Path
     cal: Calibration
     out: Path
-    _folded: tuple[Path, Calibration] | None = None
+    _folded: dict[str, tuple[Path, Calibration]] = field(default_factory=dict)
 
-    def model(self, folded: bool) -> tuple[Path, Calibration]:
-        """(F16 file, its calibration): the base itself, or its scale-folded copy (made once)."""
-        if not folded:
+    def model(self, folded: Fold) -> tuple[Path, Calibration]:
+        """(F16 file, its calibration): the base itself, or its scale-folded copy (made once per power)."""
+        if folded.power is None:
             return self.path, self.cal
-        if self._folded is None:
-            f = self.out / "folded.f16.gguf"
+        if folded.tag not in self._folded:
+            f = self.out / f"{folded.tag.replace('fold', 'folded')}.f16.gguf"
+            cfg = FoldConfig(power=folded.power)
             if f.is_file():
-                self._folded = (f, folded_calibration_from_file(self.cal, f))
+                self._folded[folded.tag] = (f, folded_calibration_from_file(self.cal, f, cfg))
             else:
-                r = fold(self.path, self.cal, f)
-                self._folded = (f, r.calibration)
-        return self._folded
+                r = fold(self.path, self.cal, f, cfg=cfg)
+                self._folded[folded.tag] = (f, r.calibration)
+        return self._folded[folded.tag]
 
 
 def prepare(key: str, base: str, seed: int, recipe: str) -> Base:
@@ -138,20 +168,20 @@ def file_row(r: QuantizeResult) -> dict[str, Any]:
     }
 
 
-def preset_cell(res: Results, b: Base, preset: str, folded: bool, chunks: int) -> dict[str, Any]:
-    cell = f"{b.name}-s{b.seed}|{'fold' if folded else 'nofold'}|preset+imatrix|{preset}|{chunks}"
+def preset_cell(res: Results, b: Base, preset: str, folded: Fold, chunks: int) -> dict[str, Any]:
+    cell = f"{b.name}-s{b.seed}|{folded.tag}|preset+imatrix|{preset}|{chunks}"
     row = res.get(cell)
     if row is not None:
         return row
     src, cal = b.model(folded)
-    q = b.out / f"{preset}.{'folded' if folded else 'plain'}.imatrix.gguf"
-    log(f"{b.key}/{b.name}: {preset} + imatrix{' (folded)' if folded else ''}")
+    q = b.out / f"{preset}.{folded.tag}.imatrix.gguf"
+    log(f"{b.key}/{b.name}: {preset} + imatrix ({folded.tag})")
     r = quantize_preset(src, q, preset, QuantizeOptions(imatrix=cal.imatrix(), force=True))
     row = {
         "method": f"{preset} + imatrix",
         "base": b.name,
         "seed": b.seed,
-        "fold": folded,
+        **folded.row,
         "size_of": preset,
         **file_row(r),
         **evaluate(q, b, chunks),
@@ -215,17 +245,17 @@ def sac_settings(method: str) -> Any:
     return SizedSearchConfig(**kw)
 
 
-def head(method: str, b: Base, folded: bool, preset: str) -> dict[str, Any]:
+def head(method: str, b: Base, folded: Fold, preset: str) -> dict[str, Any]:
     """The fields every row starts with."""
-    return {"method": method, "base": b.name, "seed": b.seed, "fold": folded, "size_of": preset}
+    return {"method": method, "base": b.name, "seed": b.seed, **folded.row, "size_of": preset}
 
 
 def transfer_cell(
-    res: Results, b: Base, method: str, preset: str, target: int, folded: bool, chunks: int
+    res: Results, b: Base, method: str, preset: str, target: int, folded: Fold, chunks: int
 ) -> dict[str, Any]:
     """`transfer-KEY`: the policy of `sac` at this size on model KEY (its bench run), rolled out zero-shot
     (mean action, projected) on this model's measured sensitivity; no search evaluation."""
-    cell = f"{b.name}-s{b.seed}|{'fold' if folded else 'nofold'}|{method}|{preset}|{chunks}"
+    cell = f"{b.name}-s{b.seed}|{folded.tag}|{method}|{preset}|{chunks}"
     row = res.get(cell)
     if row is not None:
         return row
@@ -271,12 +301,12 @@ def transfer_cell(
 
 
 def sac_cell(
-    res: Results, b: Base, method: str, preset: str, target: int, folded: bool, chunks: int
+    res: Results, b: Base, method: str, preset: str, target: int, folded: Fold, chunks: int
 ) -> dict[str, Any]:
     """SAC on the measured sensitivity, warm-started from the measured greedy at the same size (same
     calibration, folding, imatrix and tensor cache); the result and the final policy's mean-action
     allocation both evaluated on the held-out chunks."""
-    cell = f"{b.name}-s{b.seed}|{'fold' if folded else 'nofold'}|{method}|{preset}|{chunks}"
+    cell = f"{b.name}-s{b.seed}|{folded.tag}|{method}|{preset}|{chunks}"
     row = res.get(cell)
     if row is not None:
         return row
@@ -300,10 +330,10 @@ def sac_cell(
     cc = MeasureConfig().candidates
     cache = build_cache(src, cc.requested(), b.out / "cache", imatrix=cal.imatrix(), base=cc.base,
                         searched=[t.name for t in sens.tensors])
-    rd = b.out / "sac" / f"{'fold' if folded else 'nofold'}-{method}-{preset}"
+    rd = b.out / "sac" / f"{folded.tag}-{method}-{preset}"
     rd.mkdir(parents=True, exist_ok=True)
     wd = workdir()
-    fl = " folded" if folded else ""
+    fl = f" ({folded.tag})"
     log(f"{b.key}/{b.name}: {method} at {preset}'s size ({target / MIB:.2f} MiB){fl}")
     t0 = time.perf_counter()
 
@@ -359,9 +389,9 @@ def sac_cell(
 
 
 def alloc_cell(
-    res: Results, b: Base, method: str, preset: str, target: int, folded: bool, chunks: int
+    res: Results, b: Base, method: str, preset: str, target: int, folded: Fold, chunks: int
 ) -> dict[str, Any]:
-    cell = f"{b.name}-s{b.seed}|{'fold' if folded else 'nofold'}|{method}|{preset}|{chunks}"
+    cell = f"{b.name}-s{b.seed}|{folded.tag}|{method}|{preset}|{chunks}"
     row = res.get(cell)
     if row is not None:
         return row
@@ -381,7 +411,7 @@ def alloc_cell(
     t2 = time.perf_counter()
     q = b.out / f"{method}.{preset}.gguf"
     log(
-        f"{b.key}/{b.name}: {method} at {preset}'s size ({target / MIB:.2f} MiB){' folded' if folded else ''}"
+        f"{b.key}/{b.name}: {method} at {preset}'s size ({target / MIB:.2f} MiB)({folded.tag})"
     )
     r = quantize_map(src, q, choice, base="Q8_0", opts=QuantizeOptions(imatrix=cal.imatrix(), force=True))
     if r.file_size > target:
@@ -400,7 +430,7 @@ def alloc_cell(
         "method": method,
         "base": b.name,
         "seed": b.seed,
-        "fold": folded,
+        **folded.row,
         "size_of": preset,
         "t_measure": t1 - t0,
         "t_allocate": t2 - t1,
@@ -424,20 +454,21 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="off-grid seed")
     ap.add_argument("--sizes", default="Q3_K_M,Q4_K_M", help="presets whose whole-file size is each target")
     ap.add_argument("--methods", default="uniform,greedy")
-    ap.add_argument("--fold", default="off,on", help="folding settings to run: off, on or both")
+    ap.add_argument("--fold", default="off,on",
+                    help="folding settings to run: off, on (power 0.5), pX (power X), comma-separated")
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--recipe", default=str(HERE.parent / "calib" / "bench.toml"))
     a = ap.parse_args()
     res = Results(a.model)
     res.command(sys.argv[1:])
-    folds = [f == "on" for f in a.fold.split(",")]
+    folds = [Fold.parse(f) for f in a.fold.split(",")]
     for base in a.bases.split(","):
         b = prepare(a.model, base, a.seed, a.recipe)
         for preset in a.sizes.split(","):
-            target = preset_cell(res, b, preset, False, a.chunks)["file_bytes"]
+            target = preset_cell(res, b, preset, Fold(None), a.chunks)["file_bytes"]
             for folded in folds:
                 if folded:
-                    preset_cell(res, b, preset, True, a.chunks)
+                    preset_cell(res, b, preset, folded, a.chunks)
                 for method in [m for m in a.methods.split(",") if m]:
                     kind = method.split("-")[0]
                     cell = {"sac": sac_cell, "transfer": transfer_cell}.get(kind, alloc_cell)

@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import HERE, Results, calibrated, log, prepare  # noqa: E402
+from compare import HERE, Fold, Results, calibrated, log, prepare  # noqa: E402
 
 from ramp_cpp.allocate import greedy  # noqa: E402
 from ramp_cpp.atomic import atomic_path  # noqa: E402
@@ -35,7 +35,7 @@ from ramp_cpp.tensorcache import assemble, build_cache  # noqa: E402
 
 def score(b: Any, folded: bool, target: int, chunks: int) -> list[float]:
     """Per-chunk mean KLD on wikitext2-valid of the measured greedy allocation at `target` bytes."""
-    src, cal = b.model(folded)
+    src, cal = b.model(Fold.parse("on" if folded else "off"))
     sens = measure(src, cal, cal.imatrix(), cache_root=b.out / "cache")
     sens, _ = calibrated(b, src, cal, sens)
     choice = greedy(sens, target)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import HERE, REWARD, Results, calibrated, evaluate, log, prepare  # noqa: E402
+from compare import HERE, REWARD, Fold, Results, calibrated, evaluate, log, prepare  # noqa: E402
 
 from ramp_cpp.allocate import greedy  # noqa: E402
 from ramp_cpp.atomic import atomic_path  # noqa: E402
@@ -44,7 +44,7 @@ def main() -> None:
     base, fold, method, preset, n = a.cell.split("|")
     name, seed = base.split("-s")
     b = prepare(a.model, name, int(seed), str(HERE.parent / "calib" / "bench.toml"))
-    src, cal = b.model(fold == "fold")
+    src, cal = b.model(Fold.parse("on" if fold == "fold" else "off"))
     sens, _ = calibrated(b, src, cal, measure(src, cal, cal.imatrix(), cache_root=b.out / "cache"))
     target = res.get(f"{base}|nofold|preset+imatrix|{preset}|{n}")["file_bytes"]  # type: ignore[index]
     cc = MeasureConfig().candidates
