@@ -51,6 +51,11 @@ test: install demo-model
 test-fast: install demo-model
 	$(VPY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# The benchmark of one model (bench/run.py; resumable, hours on 2 cores): make bench MODEL=smollm2
+MODEL ?= smollm2
+bench: demo-model
+	$(VPY) bench/run.py $(MODEL)
+
 lint: install
 	$(VENV)/bin/ruff check ramp_cpp tests bench
 	$(VENV)/bin/mypy ramp_cpp

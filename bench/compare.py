@@ -126,8 +126,8 @@ class Results:
         self.data.setdefault("cells", {})
         self.data.setdefault("commands", [])
 
-    def command(self, argv: list[str]) -> None:
-        cmd = " ".join([".venv/bin/python", "bench/compare.py", *argv])
+    def command(self, argv: list[str], script: str = "bench/compare.py") -> None:
+        cmd = " ".join([".venv/bin/python", script, *argv])
         if cmd not in self.data["commands"]:
             self.data["commands"].append(cmd)
         self.save()
@@ -168,17 +168,23 @@ def file_row(r: QuantizeResult) -> dict[str, Any]:
     }
 
 
-def preset_cell(res: Results, b: Base, preset: str, folded: Fold, chunks: int) -> dict[str, Any]:
-    cell = f"{b.name}-s{b.seed}|{folded.tag}|preset+imatrix|{preset}|{chunks}"
+def preset_cell(
+    res: Results, b: Base, preset: str, folded: Fold, chunks: int, imatrix: bool = True
+) -> dict[str, Any]:
+    """llama.cpp's own preset on the (folded) base, with the base's imatrix or (imatrix=False, the
+    "preset" cells of bench/run.py's sweep) without one."""
+    kind = "preset+imatrix" if imatrix else "preset"
+    cell = f"{b.name}-s{b.seed}|{folded.tag}|{kind}|{preset}|{chunks}"
     row = res.get(cell)
     if row is not None:
         return row
     src, cal = b.model(folded)
-    q = b.out / f"{preset}.{folded.tag}.imatrix.gguf"
-    log(f"{b.key}/{b.name}: {preset} + imatrix ({folded.tag})")
-    r = quantize_preset(src, q, preset, QuantizeOptions(imatrix=cal.imatrix(), force=True))
+    q = b.out / f"{preset}.{folded.tag}.{kind}.gguf"
+    log(f"{b.key}/{b.name}: {preset}{' + imatrix' if imatrix else ''} ({folded.tag})")
+    im = cal.imatrix() if imatrix else None
+    r = quantize_preset(src, q, preset, QuantizeOptions(imatrix=im, force=True))
     row = {
-        "method": f"{preset} + imatrix",
+        "method": f"{preset}{' + imatrix' if imatrix else ''}",
         "base": b.name,
         "seed": b.seed,
         **folded.row,

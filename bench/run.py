@@ -1,0 +1,228 @@
+"""One command per model: every cell of the benchmark (resumable), then `bench/results/<model>.md` and
+`bench/results/<model>.png`, written from the cells alone.
+
+    .venv/bin/python bench/run.py smollm2 [--stages presets,alloc,sac,report] [--fold on]
+        [--sac-evaluations 150]
+    make bench MODEL=smollm2
+
+The cells are `bench/compare.py`'s (its protocol: off-grid base, one calibration, folding choice and imatrix
+per base, held-out `wikitext2-test` chunks 0..15 of 512, whole-file bytes):
+- `presets`: llama.cpp's presets `PRESETS` on the unfolded base, without and with the imatrix (the line every
+  method is drawn against);
+- `alloc`: uniform, greedy on the proxy and greedy on the measured sensitivity at the whole-file sizes of
+  `SIZES` (each preset + imatrix on the same base), at `--fold`;
+- `sac`: the SAC search warm-started from the measured greedy at the same sizes (`--sac-evaluations`);
+- `report`: the tables and the Pareto plot. A cell that has not run shows as "-", never as a guess.
+
+Finished cells are skipped; a killed run resumes where it stopped (the SAC search from its checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compare import HERE, Fold, Results, alloc_cell, log, prepare, preset_cell, sac_cell  # noqa: E402
+
+from ramp_cpp.atomic import atomic_path  # noqa: E402
+
+PRESETS = ("Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+SIZES = ("Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M")
+ALLOCATORS = ("uniform", "greedy", "greedy-measured")
+STAGES = ("presets", "alloc", "sac", "report")
+CAVEAT = (
+    "These bases were dequantized from the quantized files their PyPI packages ship, then moved off that "
+    "grid by a function-preserving channel rescale (`ramp-cpp offgrid`); token_embd/output cannot be "
+    "rescaled and keep the source's grid, so a type on the source's grid can be nearly free for them "
+    "(Gemma's and Qwen's sources contain Q4_K/Q5_0/Q6_K grids; SmolLM2's is Q4_1)."
+)
+
+
+def sac_method(evaluations: int) -> str:
+    return "sac" if evaluations == 150 else f"sac-e{evaluations}"
+
+
+def run_cells(model: str, stages: set[str], fold: Fold, evaluations: int, chunks: int, recipe: str) -> None:
+    res = Results(model)
+    res.command(sys.argv[1:], "bench/run.py")
+    b = prepare(model, "offgrid", 0, recipe)
+    if "presets" in stages:
+        for p in PRESETS:
+            for im in (False, True):
+                preset_cell(res, b, p, Fold(None), chunks, imatrix=im)
+    for size in SIZES:
+        target = preset_cell(res, b, size, Fold(None), chunks)["file_bytes"]
+        if fold:
+            preset_cell(res, b, size, fold, chunks)
+        if "alloc" in stages:
+            for m in ALLOCATORS:
+                alloc_cell(res, b, m, size, target, fold, chunks)
+        if "sac" in stages:
+            sac_cell(res, b, sac_method(evaluations), size, target, fold, chunks)
+
+
+# -- report -------------------------------------------------------------------------------------------
+
+
+def _cells(model: str) -> dict[str, Any]:
+    return json.loads((HERE / "results" / f"{model}.json").read_text())
+
+
+def _get(cells: dict[str, Any], fold: str, method: str, size: str, chunks: int) -> dict[str, Any] | None:
+    r = cells.get(f"offgrid-s0|{fold}|{method}|{size}|{chunks}")
+    return r if isinstance(r, dict) else None
+
+
+def _fmt(x: Any, f: str) -> str:
+    return "-" if x is None else format(x, f)
+
+
+def size_table(cells: dict[str, Any], size: str, fold: Fold, sac: str, chunks: int) -> str:
+    """Tables 12–15 in our protocol: every method at one whole-file size, size and KLD relative to SAC."""
+    rows = [
+        (f"{size} (llama.cpp)", _get(cells, "nofold", "preset", size, chunks)),
+        (f"{size} + imatrix", _get(cells, "nofold", "preset+imatrix", size, chunks)),
+        (f"{size} + imatrix, {fold.tag}", _get(cells, fold.tag, "preset+imatrix", size, chunks)),
+        *((m, _get(cells, fold.tag, m, size, chunks)) for m in ALLOCATORS),
+        ("SAC", _get(cells, fold.tag, sac, size, chunks) or _longest_sac(cells, fold, size, chunks)),
+    ]
+    s = dict(rows)["SAC"]
+    out = [
+        "| method | MiB | size vs SAC | bpw file | bpw linears | PPL | mean KLD | p99 KLD | same top % | "
+        "KLD vs SAC | search s | evaluations |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, r in rows:
+        if r is None:
+            out.append(f"| {label} | " + " | ".join(["-"] * 11) + " |")
+            continue
+        g = r.get("kld_groups") if "t_search" not in r else None  # greedy-measured: its calibration
+        search_s = r.get("t_search", g and g["seconds"])
+        evals = r.get("evaluations", g and g["evaluations"])
+        out.append(
+            f"| {label} | {r['mib']:.2f} | {_fmt(100 * (r['mib'] / s['mib'] - 1) if s else None, '+.1f')}"
+            f"{'%' if s else ''} | {r['bpw_file']:.3f} | {_fmt(r.get('bpw_searched'), '.3f')} | "
+            f"{r['ppl']:.3f} | "
+            f"{r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | {r['kld_p99']:.3f} | {r['same_top_pct']:.1f} | "
+            f"{_fmt(r['kld_mean'] / s['kld_mean'] if s else None, '.2f')}{'×' if s else ''} | "
+            f"{_fmt(search_s, '.0f')} | {_fmt(evals, 'd')} |"
+        )
+    return "\n".join(out)
+
+
+def _longest_sac(cells: dict[str, Any], fold: Fold, size: str, chunks: int) -> dict[str, Any] | None:
+    """The plain SAC run (`sac` or `sac-eN`, no other variant) with the most evaluations at this size."""
+    runs = [
+        r for m in ["sac", *(f"sac-e{n}" for n in range(1, 1001))]
+        if (r := _get(cells, fold.tag, m, size, chunks)) is not None
+    ]
+    return max(runs, key=lambda r: r["evaluations"], default=None)
+
+
+def preset_table(cells: dict[str, Any], chunks: int) -> str:
+    out = ["| preset | MiB | KLD, no imatrix | KLD, imatrix | PPL, imatrix |", "|---|---|---|---|---|"]
+    for p in PRESETS:
+        a, b = _get(cells, "nofold", "preset", p, chunks), _get(cells, "nofold", "preset+imatrix", p, chunks)
+        if a is None and b is None:
+            continue
+        mib = (b or a or {}).get("mib")
+        out.append(
+            f"| {p} | {_fmt(mib, '.2f')} | {_fmt(a and a['kld_mean'], '.4f')} | "
+            f"{_fmt(b and b['kld_mean'], '.4f')} | {_fmt(b and b['ppl'], '.3f')} |"
+        )
+    return "\n".join(out)
+
+
+def pareto_png(model: str, cells: dict[str, Any], fold: Fold, sac: str, chunks: int, path: Path) -> None:
+    """File size vs mean KLD (log): the presets as two lines (with and without imatrix), every method's
+    cells as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, style in (("preset", "--"), ("preset+imatrix", "-")):
+        pts = sorted(
+            (r["mib"], r["kld_mean"], p)
+            for p in PRESETS
+            if (r := _get(cells, "nofold", kind, p, chunks)) is not None
+        )
+        if pts:
+            ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], style, marker=".", color="gray",
+                    label=f"llama.cpp {kind.replace('+', ' + ')}")
+            if kind == "preset+imatrix":
+                for x, y, p in pts:
+                    ax.annotate(p, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for m, marker in (("uniform", "s"), ("greedy", "v"), ("greedy-measured", "^"), (sac, "*")):
+        pts = sorted(
+            (r["mib"], r["kld_mean"]) for s in SIZES if (r := _get(cells, fold.tag, m, s, chunks)) is not None
+        )
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=marker, linestyle="none", markersize=9 if m == sac else 6,
+                    label=f"{'SAC' if m == sac else m}{' (folded)' if fold else ''}")
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel(f"mean KLD vs F16, wikitext2-test {chunks}×512")
+    ax.set_yscale("log")
+    ax.set_title(f"{model} (off-grid base): size vs quality")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path, force=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def report(model: str, fold: Fold, evaluations: int, chunks: int) -> Path:
+    data = _cells(model)
+    cells, sac = data["cells"], sac_method(evaluations)
+    base_ppl = next((r["base_ppl"] for r in cells.values() if "base_ppl" in r), None)
+    png = HERE / "results" / f"{model}.png"
+    pareto_png(model, cells, fold, sac, chunks, png)
+    parts = [
+        f"# {model}: benchmark (written by `bench/run.py` from `bench/results/{model}.json`)",
+        "",
+        f"Off-grid base, F16 PPL {_fmt(base_ppl, '.3f')} on the same chunks. Held-out `wikitext2-test` "
+        f"chunks 0–{chunks - 1} of 512 tokens; calibration `calib/bench.toml` (wikitext2-valid); every "
+        f"method at a size uses the same calibration, folding ({fold.tag}) and imatrix. {CAVEAT}",
+        "",
+        f"![size vs KLD]({png.name})",
+        "",
+    ]
+    for size in SIZES:
+        parts += [f"## At {size}'s whole-file size", "", size_table(cells, size, fold, sac, chunks), ""]
+    parts += ["## llama.cpp presets (unfolded base)", "", preset_table(cells, chunks), ""]
+    parts += ["## Commands", "", *(f"- `{c}`" for c in data["commands"]), ""]
+    md = HERE / "results" / f"{model}.md"
+    with atomic_path(md, force=True) as tmp:
+        tmp.write_text("\n".join(parts))
+    return md
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--fold", default="on", help="folding of the allocators' rows: off, on or pX")
+    ap.add_argument("--sac-evaluations", type=int, default=150)
+    ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--recipe", default=str(HERE.parent / "calib" / "bench.toml"))
+    a = ap.parse_args()
+    stages = set(a.stages.split(","))
+    if stages - set(STAGES):
+        bad = ", ".join(sorted(stages - set(STAGES)))
+        raise SystemExit(f"unknown stage(s) {bad}; stages: {', '.join(STAGES)}")
+    fold = Fold.parse(a.fold)
+    if stages - {"report"}:
+        run_cells(a.model, stages, fold, a.sac_evaluations, a.chunks, a.recipe)
+    if "report" in stages:
+        log(f"wrote {report(a.model, fold, a.sac_evaluations, a.chunks)}")
+
+
+if __name__ == "__main__":
+    main()
