@@ -206,9 +206,25 @@ def reward_kld(path: Path, b: Base) -> float:
     return kld(path, b.path, load_text("wikitext2-valid")[0], REWARD).kld_mean
 
 
-def calibrated(b: Base, src: Path, cal: Calibration, sens: Any) -> tuple[Any, Any]:
+def group_config(method: str) -> Any:
+    """`greedy-measured[-bN][-probeX]`: N depth buckets per role, probes at the candidate nearest X bpw
+    (default: GroupConfig's, 4 buckets and each tensor's cheapest candidate)."""
+    from ramp_cpp.groups import GroupConfig
+
+    kw: dict[str, Any] = {}
+    for tok in method.split(MEASURED, 1)[1].split("-")[1:] if MEASURED in method else []:
+        if tok.startswith("b") and tok[1:].isdigit():
+            kw["n_buckets"] = int(tok[1:])
+        elif tok.startswith("probe"):
+            kw["probe_bpw"] = float(tok.removeprefix("probe"))
+        else:
+            raise SystemExit(f"{method}: unknown option {tok!r}")
+    return GroupConfig(**kw)
+
+
+def calibrated(b: Base, src: Path, cal: Calibration, sens: Any, gcfg: Any = None) -> tuple[Any, Any]:
     """The measured sensitivity: group ratios from KLD on 4 chunks of wikitext2-valid vs the unfolded base."""
-    from ramp_cpp.groups import calibrate_sensitivity
+    from ramp_cpp.groups import GroupConfig, calibrate_sensitivity
     from ramp_cpp.measure import MeasureConfig
     from ramp_cpp.tensorcache import build_cache
 
@@ -222,7 +238,8 @@ def calibrated(b: Base, src: Path, cal: Calibration, sens: Any) -> tuple[Any, An
         searched=[t.name for t in sens.tensors],
     )
     log(f"{b.key}/{b.name}: group calibration on {src.name}")
-    return calibrate_sensitivity(sens, cache, b.path, load_text("wikitext2-valid")[0], REWARD)
+    return calibrate_sensitivity(sens, cache, b.path, load_text("wikitext2-valid")[0], REWARD,
+                                 cfg=gcfg or GroupConfig())
 
 
 def sac_settings(method: str) -> Any:
@@ -409,11 +426,11 @@ def alloc_cell(
     t0 = time.perf_counter()
     sens = measure(src, cal, cal.imatrix(), cache_root=b.out / "cache")
     extra: dict[str, Any] = {}
-    if method.endswith(MEASURED):  # the proxy calibrated per group by KLD on the reward chunks (groups.py)
-        sens, report = calibrated(b, src, cal, sens)
+    if MEASURED in method:  # the proxy calibrated per group by KLD on the reward chunks (groups.py)
+        sens, report = calibrated(b, src, cal, sens, group_config(method))
         extra = {"kld_groups": report.to_json()}
     t1 = time.perf_counter()
-    choice = ALLOCATORS[method.removesuffix(MEASURED)](sens, target)
+    choice = ALLOCATORS[method.split("-")[0]](sens, target)
     t2 = time.perf_counter()
     q = b.out / f"{method}.{preset}.gguf"
     log(
