@@ -25,6 +25,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,10 @@ class EvalConfig:
     top_k: int = 64  # base log-probs kept exactly per scored token for KLD
     tail_samples: int = 64  # tokens sampled from the rest of the base distribution per scored token
     up_to: bool = False  # n_chunks is an upper bound: a shorter text gives what it has instead of an error
+
+    def key(self) -> dict[str, Any]:
+        """The fields as a cache key; `up_to` only when set, so keys written before it existed stay valid."""
+        return {k: v for k, v in asdict(self).items() if k != "up_to" or v}
 
 
 @dataclass(frozen=True)
@@ -236,9 +241,7 @@ def base_logprobs(
         {
             "base": file_sha256_cached(base_path),
             "text": hashlib.sha256(text.encode()).hexdigest(),
-            # up_to only matters for a short text, where the chunks themselves differ (their sha is checked);
-            # left out so that caches written before the option stay valid
-            "cfg": {k: v for k, v in asdict(cfg).items() if k != "up_to"},
+            "cfg": cfg.key(),
         },
         sort_keys=True,
     )

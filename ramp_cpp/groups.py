@@ -298,7 +298,7 @@ def calibrate_sensitivity(
         "sensitivity": _sensitivity_digest(sens),
         "base_sha256": file_sha256_cached(base_path),
         "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
-        "eval": asdict(ecfg),
+        "eval": ecfg.key(),
         **cfg.key(),
     }
     path = state_path(Path(cache.directory), key)
