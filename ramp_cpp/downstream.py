@@ -83,6 +83,18 @@ class TaskScore:
 
 
 @dataclass(frozen=True)
+class ItemScore:
+    """One question as lm-eval scored it: for paired comparisons of two models on the same items."""
+
+    doc_id: int
+    doc_hash: str  # lm-eval's hash of the document: the same item for every model
+    target: str  # lm-eval's: the answer's index, or (winogrande) the continuation all choices share
+    lls: tuple[float, ...]  # log-likelihood of every choice
+    acc: float
+    acc_norm: float | None
+
+
+@dataclass(frozen=True)
 class DownstreamResult:
     model: str
     scores: list[TaskScore]
@@ -92,6 +104,7 @@ class DownstreamResult:
     seconds: float
     lm_eval_version: str
     data: dict[str, str] = field(default_factory=dict)  # task -> local data folder
+    items: dict[str, list[ItemScore]] = field(default_factory=dict)  # task -> items, when asked for
 
 
 # -- availability -------------------------------------------------------------------------------------
@@ -357,13 +370,33 @@ def scores(results: dict[str, Any], tasks: tuple[str, ...]) -> list[TaskScore]:
     return out
 
 
+def items(results: dict[str, Any], task: str) -> list[ItemScore]:
+    """Per-item scores of `task` from a run_tasks(..., log_samples=True) result."""
+    out = []
+    for s in results["samples"][task]:
+        norm = s.get("acc_norm")
+        out.append(
+            ItemScore(
+                doc_id=int(s["doc_id"]),
+                doc_hash=str(s["doc_hash"]),
+                target=str(s["target"]),
+                lls=tuple(float(r[0]) for r in s["filtered_resps"]),
+                acc=float(s["acc"]),
+                acc_norm=None if norm is None else float(norm),
+            )
+        )
+    return out
+
+
 def evaluate_downstream(
     model_path: str | os.PathLike[str],
     cfg: DownstreamConfig = DownstreamConfig(),
     opts: RuntimeOptions = RuntimeOptions(),
     progress: Progress | None = None,
+    keep_items: bool = False,
 ) -> DownstreamResult:
-    """lm-eval's acc / acc_norm of `model_path` on cfg.tasks, zero-shot, run by llama.cpp."""
+    """lm-eval's acc / acc_norm of `model_path` on cfg.tasks, zero-shot, run by llama.cpp; with
+    `keep_items`, every item's choice log-likelihoods too."""
     import lm_eval
 
     from .ggufio import read_inventory
@@ -376,7 +409,7 @@ def evaluate_downstream(
     t0 = time.perf_counter()
     with LlamaModel(model_path, ropts) as model:
         lm = make_lm(model, progress)
-        results = run_tasks(lm, cfg.tasks, cfg.limit)
+        results = run_tasks(lm, cfg.tasks, cfg.limit, log_samples=keep_items)
     return DownstreamResult(
         model=str(model_path),
         scores=scores(results, cfg.tasks),
@@ -386,4 +419,5 @@ def evaluate_downstream(
         seconds=time.perf_counter() - t0,
         lm_eval_version=str(getattr(lm_eval, "__version__", "")),
         data={t: str(p) for t, p in data.items()},
+        items={t: items(results, t) for t in cfg.tasks} if keep_items else {},
     )

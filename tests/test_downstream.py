@@ -131,6 +131,29 @@ def test_cli_eval_tasks(tiny_model: Path) -> None:
     assert d["n_ctx"] == synthetic.Spec().n_ctx  # the 2048 default capped at the model's trained context
 
 
+@needs_task_data
+def test_piqa_items_end_to_end(tiny_model: Path) -> None:
+    """lm-eval's piqa prompt ('Question: {goal}\\nAnswer:' + ' {solN}', its YAML) on the first two local
+    validation items, scored by the numpy reference: the items' log-likelihoods and acc follow."""
+    import datasets
+
+    from ramp_cpp.downstream import DownstreamConfig, check_available, evaluate_downstream
+
+    r = evaluate_downstream(tiny_model, DownstreamConfig(tasks=("piqa",), limit=2), keep_items=True)
+    docs = datasets.load_from_disk(str(check_available(("piqa",))["piqa"]))
+    got = r.items["piqa"]
+    assert [it.doc_id for it in got] == [0, 1]
+    with LlamaModel(tiny_model, RuntimeOptions(n_ctx=r.n_ctx)) as model:
+        for it in got:
+            doc = docs[it.doc_id]
+            ctx = f"Question: {doc['goal']}\nAnswer:"
+            ref = [_reference(model, ctx, f" {doc[k]}", r.n_ctx)[0] for k in ("sol1", "sol2")]
+            assert it.lls == pytest.approx(ref, rel=1e-4)  # KV-cache reuse: F16 rounding over ~100 tokens
+            assert it.target == str(doc["label"])
+            assert it.acc == float(int(np.argmax(ref)) == doc["label"])
+    assert r.scores[0].acc == pytest.approx(np.mean([it.acc for it in got]))
+
+
 def _one_error_line(args: list[str], match: str) -> None:
     r = runner.invoke(app, args)
     assert r.exit_code == 2, r.output + r.stderr
