@@ -44,7 +44,7 @@ demo-model: install
 demo: demo-model
 	$(VENV)/bin/ramp-cpp demo
 
-test: install demo-model
+test: install install-eval demo-model
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 # Everything but the tests marked slow (subprocess runs, transformers comparisons); CI runs `make test`.

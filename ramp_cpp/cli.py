@@ -619,7 +619,11 @@ SizeOpt = Annotated[
 NoFoldOpt = Annotated[bool, typer.Option("--no-fold", help="Skip Scale Folding (paper §4.3); = --fold off.")]
 FoldOpt = Annotated[
     str | None,
-    typer.Option("--fold", help="on (default), off, or with --size auto (both measured, lower reward KLD)."),
+    typer.Option(
+        "--fold",
+        help="With --size: auto (default; both measured, fold unless not folding is clearly better), on, "
+        "off. With --budget: on (default) or off.",
+    ),
 ]
 
 
@@ -628,12 +632,13 @@ def _opt(x: float | None) -> str:
     return "-" if x is None else f"{x:.5f}"
 
 
-def _fold(fold: str | None, no_fold: bool) -> str:
+def _fold(fold: str | None, no_fold: bool, default: str = "on") -> str:
+    """The --fold setting: `default` is auto for a --size search or apply, on for the paper's --budget."""
     if fold not in (None, "on", "off", "auto"):
         raise RampError(f"unknown --fold {fold!r} (choose from on, off, auto)")
     if no_fold and fold not in (None, "off"):
         raise RampError(f"--no-fold contradicts --fold {fold}")
-    return "off" if no_fold else fold or "on"
+    return "off" if no_fold else fold or default
 
 NoImatrixOpt = Annotated[bool, typer.Option("--no-imatrix", help="Quantize without the importance matrix.")]
 CalibOpt = Annotated[
@@ -812,7 +817,7 @@ def search(
                 r = run_direct(
                     model, out_dir, method, size, dcfg, cc, ropts, calib=calib,
                     presets=() if no_presets else ("Q4_K_M", "Q3_K_M"), progress=_stage_progress(p),
-                    sensitivity=sensitivity, sac=scfg, on_episode=on_sac, fold=_fold(fold, no_fold),
+                    sensitivity=sensitivity, sac=scfg, on_episode=on_sac, fold=_fold(fold, no_fold, "auto"),
                 )
             except KeyboardInterrupt:
                 err.print(
@@ -890,6 +895,7 @@ def apply(
     budget_mode: BudgetModeOpt = "weighted",
     size: SizeOpt = None,
     no_fold: NoFoldOpt = False,
+    fold: FoldOpt = None,
     no_imatrix: NoImatrixOpt = False,
     calib: CalibOpt = None,
     recipe: RecipeOpt = "paper",
@@ -911,9 +917,12 @@ def apply(
     if is_sized(load_policy(policy).meta):
         if size is None or budget is not None:
             raise RampError(f"{policy} was trained at a whole-file size: give --size (e.g. Q4_K_M or 95MiB)")
-        _apply_sized(policy, model, output, size, sensitivity, no_fold, no_imatrix, calib, recipe, force,
-                     threads, gpu_layers)
+        _apply_sized(policy, model, output, size, sensitivity, _fold(fold, no_fold, "auto"), no_imatrix,
+                     calib, recipe, force, threads, gpu_layers)
         return
+    if _fold(fold, no_fold) == "auto":
+        raise RampError("--fold auto applies to a sized policy; a --budget policy takes on or off")
+    no_fold = _fold(fold, no_fold) == "off"
     b, mode = _budget(model, budget, budget_mode, size)
     if output is None:
         output = model.parent / ramp_output_name(model, "".join(size.split()) if size else f"{b:g}")
@@ -931,7 +940,7 @@ def apply(
     )
 
 def _apply_sized(
-    policy: Path, model: Path, output: Path | None, size: str, sensitivity: str, no_fold: bool,
+    policy: Path, model: Path, output: Path | None, size: str, sensitivity: str, fold: str,
     no_imatrix: bool,
     calib: Path | None, recipe: str, force: bool, threads: int | None, gpu_layers: int,
 ) -> None:
@@ -951,7 +960,8 @@ def _apply_sized(
     dst = check_output(output, force)
     sens = resolve_sensitivity("policy", sensitivity)
     dcfg = SearchConfig(
-        budget_mode="size", metric="kld", fold=not no_fold, imatrix=not no_imatrix, calib=load_recipe(recipe)
+        budget_mode="size", metric="kld", fold=fold != "off", imatrix=not no_imatrix,
+        calib=load_recipe(recipe),
     )
     rd = Path(tempfile.mkdtemp(prefix=".ramp-apply-", dir=dst.parent))
     try:
@@ -959,7 +969,7 @@ def _apply_sized(
             ropts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)
             r = run_direct(
                 model, rd, "policy", size, dcfg, opts=ropts, calib=calib, presets=(),
-                progress=_stage_progress(p), sensitivity=sens, policy=policy,
+                progress=_stage_progress(p), sensitivity=sens, policy=policy, fold=fold,
             )
         r.gguf.replace(dst)
     finally:
