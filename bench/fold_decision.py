@@ -9,7 +9,8 @@ setting is better on held-out text by more than the larger of the two cells' sta
 
     .venv/bin/python bench/fold_decision.py smollm2 --sizes Q3_K_M,Q4_K_S,Q4_K_M [--chunks 16]
 
-Resumable: each (size, fold) scoring is kept in bench/results/<model>.fold.json.
+Resumable: each (size, fold) scoring is kept in bench/results/<model>.fold.json; the table goes to
+bench/results/<model>.fold.md.
 """
 
 from __future__ import annotations
@@ -97,6 +98,9 @@ def main() -> None:
                 f"{'on' if on else 'off'} | {h_off:.4f} | {h_on:.4f} | {right} |"
             )
     lines.append(f"\nCommand: `.venv/bin/python bench/fold_decision.py {' '.join(sys.argv[1:])}`")
+    md = HERE / "results" / f"{a.model}.fold.md"
+    with atomic_path(md, force=True) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
