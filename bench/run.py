@@ -28,6 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare import HERE, Fold, Results, alloc_cell, log, prepare, preset_cell, sac_cell  # noqa: E402
+from table import groups_table, sac_table, strength_table, table  # noqa: E402
 
 from ramp_cpp.atomic import atomic_path  # noqa: E402
 
@@ -197,6 +198,23 @@ def report(model: str, fold: Fold, evaluations: int, chunks: int) -> Path:
     for size in SIZES:
         parts += [f"## At {size}'s whole-file size", "", size_table(cells, size, fold, sac, chunks), ""]
     parts += ["## llama.cpp presets (unfolded base)", "", preset_table(cells, chunks), ""]
+    parts += ["## Every cell", "", "Each method unfolded and folded (`bench/table.py`; KLD / preset relative "
+              "to the preset + imatrix on the unfolded model).",
+              table(model, "offgrid-s0", chunks).split("\nBase PPL")[0], ""]
+    if any(c.startswith("dequant-s0|") for c in cells):
+        parts += ["On the **dequantized** base (on the source's grid, for contrast only):",
+                  table(model, "dequant-s0", chunks).split("\nBase PPL")[0], ""]
+    g = "offgrid-s0|nofold|greedy-measured|Q4_K_M|16"
+    if g in cells:
+        parts += ["## Group calibration of the measured sensitivity", groups_table(model, g), ""]
+    if any(c.split("|")[1].startswith("fold-p") for c in cells):
+        parts += ["## Folding strength (s = max|x|^power)", "", strength_table(model), ""]
+    if any(c.split("|")[2].startswith("sac") for c in cells):
+        parts += ["## SAC runs against the measured greedy they start from", "",
+                  sac_table(model, "offgrid-s0", chunks), ""]
+    fold_md = HERE / "results" / f"{model}.fold.md"
+    if fold_md.is_file():
+        parts += [f"`--fold auto` replayed against held-out text: [{fold_md.name}]({fold_md.name}).", ""]
     parts += ["## Commands", "", *(f"- `{c}`" for c in data["commands"]), ""]
     md = HERE / "results" / f"{model}.md"
     with atomic_path(md, force=True) as tmp:
