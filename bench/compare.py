@@ -287,7 +287,10 @@ def transfer_cell(
     from ramp_cpp.tensorcache import assemble, build_cache
 
     key = method.split("-", 1)[1]
-    pol_path = HERE / "out" / key / "offgrid-s0" / "sac" / f"fold-sac-{preset}" / "policy.safetensors"
+    runs = HERE / "out" / key / "offgrid-s0" / "sac"
+    pol_path = runs / f"fold-sac-{preset}" / "policy.safetensors"
+    if not pol_path.is_file():  # a sized policy acts relative to the budget: Q4_K_M's serves any size
+        pol_path = runs / "fold-sac-Q4_K_M" / "policy.safetensors"
     pol = load_sized_policy(pol_path)
     src, cal = b.model(folded)
     sens = measure(src, cal, cal.imatrix(), cache_root=b.out / "cache")
