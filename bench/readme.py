@@ -1,5 +1,6 @@
-"""Rewrite the README's results block (between `<!-- results:begin -->` and `<!-- results:end -->`) from
-bench/results/*.json through bench/table.py, with the prose of bench/summary.md on top: no table by hand.
+"""Rewrite the README's results block (between `<!-- results:begin -->` and `<!-- results:end -->`) and
+every model's `bench/results/<model>.md` / `.png` from bench/results/*.json, with the prose of
+bench/summary.md on top: no table by hand.
 
     .venv/bin/python bench/readme.py
 """
@@ -9,57 +10,137 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from table import HERE, groups_table, sac_table, table  # noqa: E402
+from compare import Fold  # noqa: E402
+from run import report  # noqa: E402
+from table import HERE, calibration_table, fold_choice, sac_table  # noqa: E402
 
 README = HERE.parent / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-GROUPS = "offgrid-s0|nofold|greedy-measured|Q4_K_M|16"
-GROUPS_HEAD = (
-    "Group calibration of the measured sensitivity (unfolded, reward text `wikitext2-valid`, 4 chunks):"
-)
-DEQUANT = {
-    "smollm2": "The same protocol on the **dequantized** base (on the Q4_1 grid), for contrast: the "
-    "allocators re-emit the source's Q4_1 and look far better than they would on a real checkpoint.",
-    "qwen0.5b": "Dequantized base (on the Q4_K_M grid):",
-    "gemma270m": "Dequantized base (on the Q4_K_M grid):",
-}
 MODELS = (
-    ("smollm2", "SmolLM2-135M (demo model)", GROUPS),
-    ("qwen0.5b", "Qwen2.5-Coder-0.5B", None),
-    ("gemma270m", "Gemma-3-270M", None),
+    ("smollm2", "SmolLM2-135M (demo)"),
+    ("qwen0.5b", "Qwen2.5-Coder-0.5B"),
+    ("gemma270m", "Gemma-3-270M"),
 )
 INTRO = (
-    "Every table below is printed by `bench/table.py` from `bench/results/<model>.json` (this block by "
-    "`bench/readme.py`); the commands that made the cells are listed under each. `greedy` is the knapsack on "
-    "the proxy alone (`--sensitivity proxy`), `greedy-measured` on the measured sensitivity (the default of "
-    "`--method greedy`), `sac` the SAC search warm-started from it (150 evaluations), `transfer-smollm2` "
-    "SmolLM2's SAC policy applied zero-shot. KLD / preset is relative to the preset + imatrix on the "
-    "unfolded model."
+    "Every table below is printed by `bench/readme.py` from `bench/results/<model>.json` (the cells of "
+    "`bench/compare.py` / `bench/run.py`, with the commands that made them); each model's file "
+    "`bench/results/<model>.md` has every cell, its Pareto plot and its commands. Off-grid bases, "
+    "held-out `wikitext2-test` chunks 0–15 of 512, mean KLD against the F16 base ± its standard error. "
+    "`greedy` is the knapsack on the measured sensitivity (the default of `--method greedy`), "
+    "`greedy (proxy)` on the proxy alone, `SAC` the search warm-started from greedy (150 evaluations where "
+    "not stated), `transfer` SmolLM2's SAC policy applied zero-shot (no evaluation)."
+)
+ROWS = (
+    ("Q4_K_M", "nofold", "preset"),
+    ("Q4_K_M + imatrix", "nofold", "preset+imatrix"),
+    ("uniform", None, "uniform"),
+    ("greedy (proxy)", None, "greedy"),
+    ("greedy", None, "greedy-measured"),
+    ("SAC", None, "sac"),
+    ("transfer", None, "transfer-smollm2"),
 )
 
 
-def has_base(model: str, base: str) -> bool:
-    cells = json.loads((HERE / "results" / f"{model}.json").read_text())["cells"]
-    return any(c.startswith(base + "|") for c in cells)
+def cells_of(model: str) -> dict[str, Any]:
+    return json.loads((HERE / "results" / f"{model}.json").read_text())["cells"]
+
+
+def fold_tag(model: str, size: str, cells: dict[str, Any]) -> str:
+    """The folding of a model's allocator rows: `--fold auto`'s choice where measured, else folded when its
+    cells exist."""
+    auto, _ = fold_choice(model, size, cells)
+    if auto is not None:
+        return "fold" if auto else "nofold"
+    folded = any(c.startswith(f"offgrid-s0|fold|greedy-measured|{size}|") for c in cells)
+    return "fold" if folded else "nofold"
+
+
+def _sac(cells: dict[str, Any], tag: str, size: str) -> dict[str, Any] | None:
+    runs = [r for c, r in cells.items() if c.startswith(f"offgrid-s0|{tag}|sac") and c.endswith(f"|{size}|16")
+            and c.split("|")[2] in ("sac", *(f"sac-e{n}" for n in range(1, 1000)))]
+    return max(runs, key=lambda r: r["evaluations"], default=None)
+
+
+def summary_table(size: str = "Q4_K_M") -> str:
+    """Per model at one whole-file size: every method's KLD and its ratio to the preset + imatrix."""
+    head = [label for label, _, _ in ROWS]
+    lines = [f"| model (folding of the allocators) | {' | '.join(head)} |", "|---" * (len(head) + 1) + "|"]
+    for key, title in MODELS:
+        cells = cells_of(key)
+        tag = fold_tag(key, size, cells)
+        ref = cells.get(f"offgrid-s0|nofold|preset+imatrix|{size}|16")
+        row = [f"{title} ({'folded' if tag == 'fold' else 'unfolded'})"]
+        for _, fixed, method in ROWS:
+            r = (_sac(cells, tag, size) if method == "sac"
+                 else cells.get(f"offgrid-s0|{fixed or tag}|{method}|{size}|16"))
+            if r is None:
+                row.append("-")
+                continue
+            ratio = f" ({r['kld_mean'] / ref['kld_mean']:.2f}×)" if ref else ""
+            extra = f", {r['evaluations']} evals" if method == "sac" and r["evaluations"] != 150 else ""
+            row.append(f"{r['kld_mean']:.4f}{ratio}{extra}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def smallest_table(ref_size: str = "Q4_K_M") -> str:
+    """Per model: the smallest file among greedy and SAC cells whose KLD is at or below the preset +
+    imatrix's at `ref_size`."""
+    lines = [f"| model | {ref_size} + imatrix | smallest greedy/SAC file at or below its KLD | its KLD | "
+             "method |", "|---|---|---|---|---|"]
+    for key, title in MODELS:
+        cells = cells_of(key)
+        ref = cells.get(f"offgrid-s0|nofold|preset+imatrix|{ref_size}|16")
+        if ref is None:
+            continue
+        best = None
+        for c, r in cells.items():
+            b, tag, method, size, n = c.split("|")
+            if b != "offgrid-s0" or n != "16" or tag != fold_tag(key, size, cells):
+                continue
+            ours = method == "greedy-measured" or method.split("-")[0] == "sac"
+            if ours and r["kld_mean"] <= ref["kld_mean"] and (best is None or r["mib"] < best[1]["mib"]):
+                best = (f"{method} at {size}'s size", r)
+        if best is None:
+            lines.append(f"| {title} | {ref['mib']:.2f} MiB, {ref['kld_mean']:.4f} | none measured | - | - |")
+            continue
+        label, r = best
+        lines.append(
+            f"| {title} | {ref['mib']:.2f} MiB, {ref['kld_mean']:.4f} | {r['mib']:.2f} MiB "
+            f"({100 * (r['mib'] / ref['mib'] - 1):+.1f}%) | {r['kld_mean']:.4f} | {label} |"
+        )
+    return "\n".join(lines)
 
 
 def block() -> str:
-    parts = ["### Results", "", INTRO, "", (HERE / "summary.md").read_text().strip()]
-    for key, title, groups in MODELS:
-        parts += ["", f"#### {title}", table(key, "offgrid-s0", 16)]
-        if has_base(key, "dequant-s0"):
-            parts += ["", DEQUANT[key], table(key, "dequant-s0", 16)]
-        if groups:
-            parts += ["", GROUPS_HEAD, groups_table(key, groups)]
-        if key == "smollm2":
-            head = "SAC against the measured greedy it starts from (same base, size, folding, cache):"
-            parts += ["", head, "", sac_table(key, "offgrid-s0", 16)]
+    links = ", ".join(
+        f"[{k}](bench/results/{k}.md)" for k, _ in MODELS if (HERE / "results" / f"{k}.md").is_file()
+    )
+    parts = [
+        "### Results", "", INTRO, "", (HERE / "summary.md").read_text().strip(), "",
+        "**At Q4_K_M's whole-file size** (KLD, and its ratio to Q4_K_M + imatrix on the unfolded model):", "",
+        summary_table(), "",
+        "**The smallest file that matches Q4_K_M + imatrix** (among the sizes run):", "",
+        smallest_table(), "",
+        "**Proxy vs calibrated greedy, folded or not** (issue 14; bold: `--fold auto`'s choice):", "",
+        calibration_table([k for k, _ in MODELS]), "",
+        "**SAC against the greedy it starts from** (SmolLM2; same calibration, folding, imatrix and "
+        "cache):", "",
+        sac_table("smollm2", "offgrid-s0", 16), "",
+        f"Per model, every cell, plot and command: {links}. Downstream accuracy: "
+        "[bench/results/downstream.md](bench/results/downstream.md); llama.cpp's own tools as referee: "
+        "[bench/results/referee.md](bench/results/referee.md); `--fold auto` against held-out text: "
+        "[bench/results/smollm2.fold.md](bench/results/smollm2.fold.md).",
+    ]
     return "\n".join(parts)
 
 
 def main() -> None:
+    for key, _ in MODELS:
+        report(key, Fold.parse("on" if fold_tag(key, "Q4_K_M", cells_of(key)) == "fold" else "off"), 150, 16)
     text = README.read_text()
     i, j = text.index(BEGIN) + len(BEGIN), text.index(END)
     README.write_text(text[:i] + "\n" + block() + "\n" + text[j:])

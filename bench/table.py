@@ -154,11 +154,11 @@ def fold_choice(model: str, size: str, cells: dict[str, Any]) -> tuple[bool | No
     on, off = per.get(f"{size}|fold|16"), per.get(f"{size}|nofold|16")
     if on and off:
         ev = FoldEvidence.of(on, off)
-        return choose_fold(ev), f"{ev.delta:+.4f} ± {ev.stderr:.4f} (16 valid chunks)"
+        return choose_fold(ev), f"{ev.delta:+.4f} ± {ev.stderr:.4f}, 16 valid chunks"
     g = {x: cells.get(f"offgrid-s0|{x}|greedy-measured|{size}|16") for x in ("fold", "nofold")}
     if g["fold"] and g["nofold"] and "reward_kld" in g["fold"] and "reward_kld" in g["nofold"]:
         d = g["fold"]["reward_kld"] - g["nofold"]["reward_kld"]
-        return d < 0, f"{d:+.4f} (4 reward chunks, no paired se)"
+        return d < 0, f"{d:+.4f}, 4 reward chunks, lower mean"
     return None, "-"
 
 
@@ -193,7 +193,7 @@ def calibration_table(models: list[str], sizes: tuple[str, ...] = ("Q4_K_M", "Q3
                     if r.get("under_target"):
                         cell += " (short)"
                     row.append(f"**{cell}**" if method == "greedy-measured" and auto is folded else cell)
-            row.append(("on" if auto else "off") + f" ({why})" if auto is not None else "-")
+            row.append(("on" if auto else "off") + f": {why}" if auto is not None else "-")
             pick = vals.get(("greedy-measured", bool(auto))) if auto is not None else None
             pre, prox = vals.get(("preset+imatrix", False)), vals.get(("greedy", bool(auto)))
             row.append(f"{pick / pre:.2f}×" if pick and pre else "-")
