@@ -161,9 +161,11 @@ def pareto_png(model: str, cells: dict[str, Any], fold: Fold, sac: str, chunks: 
                 for x, y, p in pts:
                     ax.annotate(p, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for m, marker in (("uniform", "s"), ("greedy", "v"), ("greedy-measured", "^"), (sac, "*")):
-        pts = sorted(
-            (r["mib"], r["kld_mean"]) for s in SIZES if (r := _get(cells, fold.tag, m, s, chunks)) is not None
-        )
+        def cell(size: str) -> dict[str, Any] | None:
+            r = _get(cells, fold.tag, m, size, chunks)  # noqa: B023
+            return r if r is not None or m != sac else _longest_sac(cells, fold, size, chunks)
+
+        pts = sorted((r["mib"], r["kld_mean"]) for s in SIZES if (r := cell(s)) is not None)
         if pts:
             ax.plot(*zip(*pts, strict=True), marker=marker, linestyle="none", markersize=9 if m == sac else 6,
                     label=f"{'SAC' if m == sac else m}{' (folded)' if fold else ''}")
