@@ -161,8 +161,8 @@ def pareto_png(model: str, cells: dict[str, Any], fold: Fold, sac: str, chunks: 
                 for x, y, p in pts:
                     ax.annotate(p, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for m, marker in (("uniform", "s"), ("greedy", "v"), ("greedy-measured", "^"), (sac, "*")):
-        def cell(size: str) -> dict[str, Any] | None:
-            r = _get(cells, fold.tag, m, size, chunks)  # noqa: B023
+        def cell(size: str, m: str = m) -> dict[str, Any] | None:
+            r = _get(cells, fold.tag, m, size, chunks)
             return r if r is not None or m != sac else _longest_sac(cells, fold, size, chunks)
 
         pts = sorted((r["mib"], r["kld_mean"]) for s in SIZES if (r := cell(s)) is not None)
