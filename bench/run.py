@@ -211,6 +211,21 @@ def report(model: str, fold: Fold, evaluations: int, chunks: int) -> Path:
         parts += ["## Group calibration of the measured sensitivity", groups_table(model, g), ""]
     if any(c.split("|")[1].startswith("fold-p") for c in cells):
         parts += ["## Folding strength (s = max|x|^power)", "", strength_table(model), ""]
+    variants = sorted(c for c in cells if c.split("|")[2].startswith("greedy-measured-"))
+    if variants:
+        parts += ["## Group-calibration variants (`greedy-measured-bN-probeX`)", "",
+                  "| cell | held-out KLD | reward KLD | evaluations | vs default greedy-measured |",
+                  "|---|---|---|---|---|"]
+        for c in variants:
+            r = cells[c]
+            b, tag, m, size, n = c.split("|")
+            d = cells.get(f"{b}|{tag}|greedy-measured|{size}|{n}")
+            parts.append(
+                f"| {tag} {m} at {size} | {r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | "
+                f"{_fmt(r.get('reward_kld'), '.5f')} | {r['kld_groups']['evaluations']} | "
+                f"{_fmt(d and r['kld_mean'] / d['kld_mean'], '.3f')} |"
+            )
+        parts.append("")
     if any(c.split("|")[2].startswith("sac") for c in cells):
         parts += ["## SAC runs against the measured greedy they start from", "",
                   sac_table(model, "offgrid-s0", chunks), ""]
