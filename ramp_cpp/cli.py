@@ -904,6 +904,11 @@ def apply(
         str,
         typer.Option("--sensitivity", help="Sized policies: the sensitivity, measured (default) or proxy."),
     ] = "measured",
+    text: Annotated[
+        str,
+        typer.Option("--text", help="Sized policies: the text of the measured sensitivity and of --fold auto "
+                     "(a corpus name or file, never wikitext2-test)."),
+    ] = "wikitext2-valid",
     threads: ThreadsOpt = None,
     gpu_layers: GpuOpt = 0,
 ) -> None:
@@ -918,7 +923,7 @@ def apply(
         if size is None or budget is not None:
             raise RampError(f"{policy} was trained at a whole-file size: give --size (e.g. Q4_K_M or 95MiB)")
         _apply_sized(policy, model, output, size, sensitivity, _fold(fold, no_fold, "auto"), no_imatrix,
-                     calib, recipe, force, threads, gpu_layers)
+                     calib, recipe, force, threads, gpu_layers, text)
         return
     if _fold(fold, no_fold) == "auto":
         raise RampError("--fold auto applies to a sized policy; a --budget policy takes on or off")
@@ -942,7 +947,7 @@ def apply(
 def _apply_sized(
     policy: Path, model: Path, output: Path | None, size: str, sensitivity: str, fold: str,
     no_imatrix: bool,
-    calib: Path | None, recipe: str, force: bool, threads: int | None, gpu_layers: int,
+    calib: Path | None, recipe: str, force: bool, threads: int | None, gpu_layers: int, text: str,
 ) -> None:
     """A sized policy's mean-action rollout on MODEL at --size, through the same stages as search (a run
     directory beside the output, removed afterwards; only the GGUF is kept)."""
@@ -961,7 +966,7 @@ def _apply_sized(
     sens = resolve_sensitivity("policy", sensitivity)
     dcfg = SearchConfig(
         budget_mode="size", metric="kld", fold=fold != "off", imatrix=not no_imatrix,
-        calib=load_recipe(recipe),
+        calib=load_recipe(recipe), text=text,
     )
     rd = Path(tempfile.mkdtemp(prefix=".ramp-apply-", dir=dst.parent))
     try:

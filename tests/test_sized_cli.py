@@ -67,7 +67,7 @@ def test_apply_sized_policy_zero_shot(run: dict[str, Any], tiny_model: Path) -> 
     pol = run["dir"] / "run" / "policy.safetensors"
     out = run["dir"] / "applied.gguf"
     args = ["apply", str(pol), str(tiny_model), "-o", str(out), "--size", run["size"],
-            "--sensitivity", "proxy", "--calib", str(run["calib"])]
+            "--sensitivity", "proxy", "--calib", str(run["calib"]), "--text", run["common"][3]]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     report = json.loads((run["dir"] / "run" / "report.json").read_text())["summary"]
