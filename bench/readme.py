@@ -14,7 +14,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import Fold  # noqa: E402
-from run import report  # noqa: E402
+from run import _longest_sac, report  # noqa: E402
 from table import HERE, calibration_table, fold_choice, sac_table  # noqa: E402
 
 README = HERE.parent / "README.md"
@@ -58,12 +58,6 @@ def fold_tag(model: str, size: str, cells: dict[str, Any]) -> str:
     return "fold" if folded else "nofold"
 
 
-def _sac(cells: dict[str, Any], tag: str, size: str) -> dict[str, Any] | None:
-    runs = [r for c, r in cells.items() if c.startswith(f"offgrid-s0|{tag}|sac") and c.endswith(f"|{size}|16")
-            and c.split("|")[2] in ("sac", *(f"sac-e{n}" for n in range(1, 1000)))]
-    return max(runs, key=lambda r: r["evaluations"], default=None)
-
-
 def summary_table(size: str = "Q4_K_M") -> str:
     """Per model at one whole-file size: every method's KLD and its ratio to the preset + imatrix."""
     head = [label for label, _, _ in ROWS]
@@ -74,7 +68,7 @@ def summary_table(size: str = "Q4_K_M") -> str:
         ref = cells.get(f"offgrid-s0|nofold|preset+imatrix|{size}|16")
         row = [f"{title} ({'folded' if tag == 'fold' else 'unfolded'})"]
         for _, fixed, method in ROWS:
-            r = (_sac(cells, tag, size) if method == "sac"
+            r = (_longest_sac(cells, Fold(None if tag == "nofold" else 0.5), size, 16) if method == "sac"
                  else cells.get(f"offgrid-s0|{fixed or tag}|{method}|{size}|16"))
             if r is None:
                 row.append("-")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -119,8 +120,8 @@ def size_table(cells: dict[str, Any], size: str, fold: Fold, sac: str, chunks: i
 def _longest_sac(cells: dict[str, Any], fold: Fold, size: str, chunks: int) -> dict[str, Any] | None:
     """The plain SAC run (`sac` or `sac-eN`, no other variant) with the most evaluations at this size."""
     runs = [
-        r for m in ["sac", *(f"sac-e{n}" for n in range(1, 1001))]
-        if (r := _get(cells, fold.tag, m, size, chunks)) is not None
+        r for c, r in cells.items()
+        if re.fullmatch(rf"offgrid-s0\|{re.escape(fold.tag)}\|sac(-e\d+)?\|{re.escape(size)}\|{chunks}", c)
     ]
     return max(runs, key=lambda r: r["evaluations"], default=None)
 

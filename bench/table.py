@@ -144,9 +144,6 @@ def groups_table(model: str, cell: str) -> str:
 def fold_choice(model: str, size: str, cells: dict[str, Any]) -> tuple[bool | None, str]:
     """`--fold auto`'s choice for the measured greedy at `size`: from the paired 16-chunk evidence of
     bench/fold_decision.py when it ran, else (marked) from the two cells' 4-chunk reward KLDs."""
-    import sys
-
-    sys.path.insert(0, str(HERE.parent))
     from ramp_cpp.direct import FoldEvidence, choose_fold
 
     f = HERE / "results" / f"{model}.fold.json"
