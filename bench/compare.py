@@ -19,6 +19,7 @@ Protocol (the README's "Benchmark protocol"):
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import sys
 import time
@@ -118,31 +119,42 @@ def prepare(key: str, base: str, seed: int, recipe: str) -> Base:
 
 
 class Results:
-    """bench/results/<model>.json: cell key -> row, rewritten atomically after every cell."""
+    """bench/results/<model>.json: cell key -> row. Every save merges into what is on disk under a lock
+    (the cells and commands this process added win), so two processes on one model lose nothing."""
 
     def __init__(self, key: str) -> None:
         self.path = HERE / "results" / f"{key}.json"
-        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.data.setdefault("cells", {})
-        self.data.setdefault("commands", [])
+        self.data: dict[str, Any] = self._read()
+        self._cells: dict[str, Any] = {}  # what this process put
+        self._commands: list[str] = []
+
+    def _read(self) -> dict[str, Any]:
+        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        data.setdefault("cells", {})
+        data.setdefault("commands", [])
+        return data
 
     def command(self, argv: list[str], script: str = "bench/compare.py") -> None:
-        cmd = " ".join([".venv/bin/python", script, *argv])
-        if cmd not in self.data["commands"]:
-            self.data["commands"].append(cmd)
+        self._commands.append(" ".join([".venv/bin/python", script, *argv]))
         self.save()
 
     def get(self, cell: str) -> dict[str, Any] | None:
         return self.data["cells"].get(cell)
 
     def put(self, cell: str, row: dict[str, Any]) -> None:
-        self.data["cells"][cell] = row
+        self._cells[cell] = row
         self.save()
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path, force=True) as tmp:
-            tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self._read()
+            data["cells"].update(self._cells)
+            data["commands"] += [c for c in self._commands if c not in data["commands"]]
+            with atomic_path(self.path, force=True) as tmp:
+                tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        self.data = data
 
 
 def evaluate(path: Path, b: Base, chunks: int) -> dict[str, Any]:

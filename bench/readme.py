@@ -14,6 +14,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import Fold  # noqa: E402
+from depth import SETTINGS as TRANSFER  # noqa: E402
 from run import _longest_sac, report  # noqa: E402
 from table import HERE, calibration_table, fold_choice, sac_table  # noqa: E402
 
@@ -109,6 +110,37 @@ def smallest_table(ref_size: str = "Q4_K_M") -> str:
     return "\n".join(lines)
 
 
+def transfer_table() -> str:
+    """Tables 13/15/16 in spirit: SmolLM2's SAC policy applied zero-shot to each model, next to the direct
+    search, greedy and uniform on that model at the same size and folding (`depth.SETTINGS`: where the
+    budget binds)."""
+    cols = (("preset + imatrix", "nofold", "preset+imatrix"), ("uniform", None, "uniform"),
+            ("greedy", None, "greedy-measured"), ("direct SAC", None, "sac"),
+            ("transfer", None, "transfer-smollm2"))
+    lines = ["| model | size (folding) | " + " | ".join(c for c, _, _ in cols) + " | transfer / greedy |",
+             "|---" * (len(cols) + 3) + "|"]
+    for key, title in MODELS:
+        fold, size, _ = TRANSFER[key]
+        cells = cells_of(key)
+        tag = "fold" if fold == "on" else "nofold"
+        got: dict[str, Any] = {}
+        row = [title, f"{size} ({'folded' if fold == 'on' else 'unfolded'})"]
+        for label, fixed, method in cols:
+            r = (_longest_sac(cells, Fold.parse(fold), size, 16) if method == "sac"
+                 else cells.get(f"offgrid-s0|{fixed or tag}|{method}|{size}|16"))
+            got[label] = r
+            if r is None:
+                row.append("- (trained here)" if key == "smollm2" and method.startswith("transfer") else "-")
+                continue
+            se = f" ± {r['kld_stderr']:.4f}" if method in ("sac", "transfer-smollm2") else ""
+            ev = f", {r['evaluations']} evals" if method == "sac" else ""
+            row.append(f"{r['kld_mean']:.4f}{se}{ev}")
+        t, g = got["transfer"], got["greedy"]
+        row.append(f"{t['kld_mean'] / g['kld_mean']:.2f}×" if t and g else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def block() -> str:
     links = ", ".join(
         f"[{k}](bench/results/{k}.md)" for k, _ in MODELS if (HERE / "results" / f"{k}.md").is_file()
@@ -124,6 +156,10 @@ def block() -> str:
         "**SAC against the greedy it starts from** (SmolLM2; same calibration, folding, imatrix and "
         "cache):", "",
         sac_table("smollm2", "offgrid-s0", 16), "",
+        "**Transfer**: SmolLM2's SAC policy (Q4_K_M) applied zero-shot, no evaluation, against the direct "
+        "search on each model (Gemma at Q2_K's size: at Q4_K_M's every searched tensor already fits at "
+        "Q8_0). Where the bits go along depth in each: [bench/results/depth.md](bench/results/depth.md).", "",
+        transfer_table(), "",
         f"Per model, every cell, plot and command: {links}. Downstream accuracy: "
         "[bench/results/downstream.md](bench/results/downstream.md); llama.cpp's own tools as referee: "
         "[bench/results/referee.md](bench/results/referee.md); `--fold auto` against held-out text: "

@@ -12,7 +12,9 @@ per base, held-out `wikitext2-test` chunks 0..15 of 512, whole-file bytes):
 - `alloc`: uniform, greedy on the proxy and greedy on the measured sensitivity at the whole-file sizes of
   `SIZES` (each preset + imatrix on the same base), at `--fold`;
 - `sac`: the SAC search warm-started from the measured greedy at the same sizes (`--sac-evaluations`);
-- `report`: the tables and the Pareto plot. A cell that has not run shows as "-", never as a guess.
+- `report`: the tables, the ablations at Q4_K_M's size (issue 11 item 6: imatrix, folding, sensitivity, SAC
+  features/reward/projection/warm start; `ABLATIONS`) and the Pareto plot. A cell that has not run shows
+  as "-", never as a guess.
 
 Finished cells are skipped; a killed run resumes where it stopped (the SAC search from its checkpoint).
 """
@@ -126,6 +128,56 @@ def _longest_sac(cells: dict[str, Any], fold: Fold, size: str, chunks: int) -> d
     return max(runs, key=lambda r: r["evaluations"], default=None)
 
 
+#: Item 6's ablations at one size: (factor, setting, fold tag, method); the first row of a factor is the
+#: one the others are read against. SAC variants are `compare.sac_settings`' 20-evaluation runs.
+ABLATIONS: tuple[tuple[str, str, str, str], ...] = (
+    ("imatrix (llama.cpp preset)", "on", "nofold", "preset+imatrix"),
+    ("imatrix (llama.cpp preset)", "off", "nofold", "preset"),
+    ("folding (preset + imatrix)", "on", "fold", "preset+imatrix"),
+    ("folding (preset + imatrix)", "off", "nofold", "preset+imatrix"),
+    ("folding (measured greedy)", "on", "fold", "greedy-measured"),
+    ("folding (measured greedy)", "off", "nofold", "greedy-measured"),
+    ("sensitivity (greedy)", "measured", "fold", "greedy-measured"),
+    ("sensitivity (greedy)", "proxy", "fold", "greedy"),
+    ("SAC features", "ramp (budget-aware)", "fold", "sac-e20"),
+    ("SAC features", "paper (Table 24)", "fold", "sac-e20-tbl24"),
+    ("SAC reward", "KLD relative to greedy", "fold", "sac-e20"),
+    ("SAC reward", "paper Eq. 19-21", "fold", "sac-e20-paper"),
+    ("SAC projection", "on", "fold", "sac-e20"),
+    ("SAC projection", "off", "fold", "sac-e20-noproj"),
+    ("SAC warm start", "greedy (BC + buffer)", "fold", "sac-e20"),
+    ("SAC warm start", "cold", "fold", "sac-e20-cold"),
+)
+
+
+def ablation_table(cells: dict[str, Any], size: str, chunks: int) -> str | None:
+    """Issue 11 item 6: each factor's settings side by side: held-out KLD, its ratio to the factor's first
+    row, the real evaluations the setting spent (group calibration or search) and, for SAC, the evaluation
+    at which a sampled allocation first beat greedy's reward KLD."""
+    out = [
+        "| factor | setting | held-out KLD | vs first row | evaluations | evaluations to beat greedy |",
+        "|---|---|---|---|---|---|",
+    ]
+    first: dict[str, dict[str, Any] | None] = {}
+    n = 0
+    for factor, setting, tag, method in ABLATIONS:
+        r = _get(cells, tag, method, size, chunks)
+        ref = first.setdefault(factor, r)
+        if r is None:
+            out.append(f"| {factor} | {setting} | - | - | - | - |")
+            continue
+        n += 1
+        g = r.get("kld_groups")
+        evals = r.get("evaluations", g["evaluations"] if g else 0)
+        beat = r.get("evals_to_beat_greedy") if method.startswith("sac") else None
+        out.append(
+            f"| {factor} | {setting} | {r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | "
+            f"{_fmt(ref and r['kld_mean'] / ref['kld_mean'], '.3f')} | {evals} | "
+            f"{'-' if not method.startswith('sac') else _fmt(beat, 'd') if beat else 'never'} |"
+        )
+    return "\n".join(out) if n else None
+
+
 def preset_table(cells: dict[str, Any], chunks: int) -> str:
     out = ["| preset | MiB | KLD, no imatrix | KLD, imatrix | PPL, imatrix |", "|---|---|---|---|---|"]
     for p in PRESETS:
@@ -166,9 +218,9 @@ def pareto_png(model: str, cells: dict[str, Any], fold: Fold, sac: str, chunks: 
             r = _get(cells, fold.tag, m, size, chunks)
             return r if r is not None or m != sac else _longest_sac(cells, fold, size, chunks)
 
-        pts = sorted((r["mib"], r["kld_mean"]) for s in SIZES if (r := cell(s)) is not None)
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker=marker, linestyle="none", markersize=9 if m == sac else 6,
+        xy = sorted((r["mib"], r["kld_mean"]) for s in SIZES if (r := cell(s)) is not None)
+        if xy:
+            ax.plot(*zip(*xy, strict=True), marker=marker, linestyle="none", markersize=9 if m == sac else 6,
                     label=f"{'SAC' if m == sac else m}{' (folded)' if fold else ''}")
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel(f"mean KLD vs F16, wikitext2-test {chunks}×512")
@@ -227,6 +279,12 @@ def report(model: str, fold: Fold, evaluations: int, chunks: int) -> Path:
                 f"{_fmt(d and r['kld_mean'] / d['kld_mean'], '.3f')} |"
             )
         parts.append("")
+    abl = ablation_table(cells, "Q4_K_M", chunks)
+    if abl:
+        parts += ["## Ablations at Q4_K_M's size (issue 11 item 6)", "",
+                  "A missing cell shows \"-\" (`bench/compare.py --methods` names each). SAC rows: 20 real "
+                  "evaluations each, one seed; their spread over seeds is in the SAC table below.", "",
+                  abl, ""]
     if any(c.split("|")[2].startswith("sac") for c in cells):
         parts += ["## SAC runs against the measured greedy they start from", "",
                   sac_table(model, "offgrid-s0", chunks), ""]

@@ -282,7 +282,10 @@ def search(
             rec["bc_loss"] = behaviour_clone(agent, ref, cfg)
         _finish(st, rec, agent, ckpt, on_episode)
 
-    while st.evaluations < cfg.evaluations - 1 and st.episode < agent.cfg.episodes:
+    # a budget that holds every tensor's largest undominated type leaves one allocation (greedy's, which the
+    # projection of any action fills back to): nothing to learn, and every episode would be a memo hit
+    saturated = sens.max_bytes() <= ctx.budget_bytes
+    while not saturated and st.evaluations < cfg.evaluations - 1 and st.episode < agent.cfg.episodes:
         random = st.episode <= agent.cfg.warmup_episodes
         mean = not random and cfg.eval_every > 0 and st.episode % cfg.eval_every == 0
         st.final = None  # a resumed run with more evaluations rolls the final policy out again

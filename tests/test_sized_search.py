@@ -229,6 +229,22 @@ def test_evaluations_are_memoized_and_bounded(tmp_path: Path) -> None:
     assert all(r["file_bytes"] <= ctx.budget_bytes for r in out.state.log)
 
 
+def test_a_budget_that_holds_every_largest_type_costs_one_evaluation(tmp_path: Path) -> None:
+    sens = sens_of([1.0, 2.0, 0.5])
+    top = {t.name: t.options[-1].ggml_type for t in sens.tensors}
+    ctx = ctx_of(sens, sens.file_bytes(top) + 4096)
+    calls: list[int] = []
+
+    def score(c: dict[str, GGMLQuantizationType]) -> float:
+        calls.append(1)
+        return 1.0
+
+    out = search(ctx, score, greedy(sens, ctx.budget_bytes), small_cfg(evaluations=20), tmp_path)
+    assert len(calls) == out.state.evaluations == 1
+    assert out.choice == top and out.policy_choice == top
+    assert [r["kind"] for r in out.state.log] == ["reference", "final"]
+
+
 def test_resume_is_exact(tmp_path: Path) -> None:
     sens = sens_of(list(np.random.default_rng(4).exponential(1.0, 10)))
     ctx = ctx_of(sens, budget_at(sens, 4.6))

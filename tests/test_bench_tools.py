@@ -1,0 +1,125 @@
+"""Two pieces of the benchmark scripts that results depend on: `bench/compare.py`'s results file keeps every
+cell when two processes write one model's file, and `bench/depth.py`'s depth statistics on an allocation
+whose answer is known."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import multiprocessing as mp
+import sys
+from pathlib import Path
+
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from ramp_cpp.sensitivity import Option, Sensitivity, TensorOptions
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, mod)
+    spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+compare = _load("compare")
+depth = _load("depth")
+
+
+@pytest.fixture
+def results_home(tmp_path, monkeypatch):
+    (tmp_path / "results").mkdir()
+    monkeypatch.setattr(compare, "HERE", tmp_path)
+    return tmp_path
+
+
+def _on_disk(home: Path) -> dict:
+    return json.loads((home / "results" / "m.json").read_text())
+
+
+def test_two_writers_opened_together_keep_both_cells(results_home):
+    a, b = compare.Results("m"), compare.Results("m")  # both read the (empty) file first
+    a.command(["--sizes", "Q4_K_M"])
+    b.command(["--sizes", "Q3_K_M"])
+    a.put("cell-a", {"kld_mean": 1.0})
+    b.put("cell-b", {"kld_mean": 2.0})
+    a.put("cell-a2", {"kld_mean": 3.0})
+    d = _on_disk(results_home)
+    assert d["cells"] == {
+        "cell-a": {"kld_mean": 1.0}, "cell-b": {"kld_mean": 2.0}, "cell-a2": {"kld_mean": 3.0}
+    }
+    assert len(d["commands"]) == 2
+    assert b.get("cell-a") == {"kld_mean": 1.0}  # a writer sees the other's cells after its own save
+
+
+def test_an_existing_file_keeps_its_cells(results_home):
+    old = {"cells": {"old": {"x": 1}}, "commands": ["c"]}
+    (results_home / "results" / "m.json").write_text(json.dumps(old))
+    r = compare.Results("m")
+    r.put("new", {"x": 2})
+    d = _on_disk(results_home)
+    assert d["cells"] == {"old": {"x": 1}, "new": {"x": 2}}
+    assert d["commands"] == ["c"]
+
+
+def _writer(home: str, i: int) -> None:
+    compare.HERE = Path(home)
+    r = compare.Results("m")
+    for j in range(15):
+        r.put(f"p{i}-{j}", {"j": j})
+
+
+def test_concurrent_processes_lose_no_cell(results_home):
+    ctx = mp.get_context("fork")
+    ps = [ctx.Process(target=_writer, args=(str(results_home), i)) for i in range(3)]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join(60)
+        assert p.exitcode == 0
+    assert len(_on_disk(results_home)["cells"]) == 45
+
+
+# -- depth statistics -----------------------------------------------------------------------------------
+
+N = 256  # params per tensor: a type of b bpw takes b·N/8 bytes
+
+
+def _sens(n_blocks: int) -> Sensitivity:
+    opts = tuple(Option(t, int(b * N / 8), e) for t, b, e in ((T.Q4_0, 4.5, 2.0), (T.Q8_0, 8.5, 1.0)))
+    names = ["token_embd.weight"]
+    names += [f"blk.{i}.{r}.weight" for i in range(n_blocks) for r in ("attn_q", "ffn_down")]
+    return Sensitivity("x", None, 0, N * len(names), tuple(TensorOptions(n, N, opts) for n in names))
+
+
+@pytest.mark.parametrize(
+    "n_blocks, wide_from, first10, last10, rho",
+    [
+        (12, 6, 4.5, 8.5, 0.8690),  # the deeper half wide: ρ of a step, first/last 10 tensors all on one side
+        (12, 0, 8.5, 8.5, None),  # everything at one width: ρ undefined
+        (12, 12, 4.5, 4.5, None),
+        (15, 10, 4.5, 8.5, 0.8183),  # ρ from ranks with ties averaged, by hand
+    ],
+)
+def test_profile_on_known_allocations(n_blocks, wide_from, first10, last10, rho):
+    sens = _sens(n_blocks)
+    choice = {t.name: T.Q8_0 if t.name == "token_embd.weight" else T.Q4_0 for t in sens.tensors}
+    for i in range(wide_from, n_blocks):
+        for r in ("attn_q", "ffn_down"):
+            choice[f"blk.{i}.{r}.weight"] = T.Q8_0
+    p = depth.profile(sens, choice)
+    assert p["first10"] == pytest.approx(first10)
+    assert p["last10"] == pytest.approx(last10)
+    assert p["edges"] == {"token_embd.weight": pytest.approx(8.5)}
+    assert len(p["tensors"]) == 2 * n_blocks
+    if rho is None:
+        assert p["rho_depth"] is None
+    else:
+        assert p["rho_depth"] == pytest.approx(rho, abs=1e-3)
