@@ -353,9 +353,9 @@ def sac_cell(
     from ramp_cpp.measure import MeasureConfig, measure
     from ramp_cpp.policy import save_policy
     from ramp_cpp.rollout import Context
+    from ramp_cpp.runs import cleanup, workdir
     from ramp_cpp.sacsearch import policy_meta, policy_tensors, search
     from ramp_cpp.scoring import RewardScorer, layer_embeddings
-    from ramp_cpp.search import cleanup, workdir
     from ramp_cpp.tensorcache import assemble, build_cache
 
     scfg = sac_settings(method)

@@ -141,6 +141,15 @@ def transfer_table() -> str:
     return "\n".join(lines)
 
 
+def sac_tables() -> list[str]:
+    """`table.sac_table` of every model with a SAC cell, one after the other."""
+    out: list[str] = []
+    for key, title in MODELS:
+        if any(c.split("|")[2].startswith("sac") for c in cells_of(key)):
+            out += [f"*{title}*", "", sac_table(key, "offgrid-s0", 16), ""]
+    return out
+
+
 def block() -> str:
     links = ", ".join(
         f"[{k}](bench/results/{k}.md)" for k, _ in MODELS if (HERE / "results" / f"{k}.md").is_file()
@@ -153,9 +162,8 @@ def block() -> str:
         smallest_table(), "",
         "**Proxy vs calibrated greedy, folded or not** (issue 14; bold: `--fold auto`'s choice):", "",
         calibration_table([k for k, _ in MODELS]), "",
-        "**SAC against the greedy it starts from** (SmolLM2; same calibration, folding, imatrix and "
-        "cache):", "",
-        sac_table("smollm2", "offgrid-s0", 16), "",
+        "**SAC against the greedy it starts from** (same calibration, folding, imatrix and tensor cache):",
+        "", *sac_tables(),
         "**Transfer**: SmolLM2's SAC policy (Q4_K_M) applied zero-shot, no evaluation, against the direct "
         "search on each model (Gemma at Q2_K's size: at Q4_K_M's every searched tensor already fits at "
         "Q8_0). Where the bits go along depth in each: [bench/results/depth.md](bench/results/depth.md).", "",

@@ -23,9 +23,9 @@ from ramp_cpp.backend import RuntimeOptions  # noqa: E402
 from ramp_cpp.corpora import load_text  # noqa: E402
 from ramp_cpp.evaluate import EvalConfig  # noqa: E402
 from ramp_cpp.measure import MeasureConfig, measure  # noqa: E402
+from ramp_cpp.runs import cleanup, workdir  # noqa: E402
 from ramp_cpp.sacsearch import CHECKPOINT, load_checkpoint, rescore  # noqa: E402
 from ramp_cpp.scoring import RewardScorer  # noqa: E402
-from ramp_cpp.search import cleanup, workdir  # noqa: E402
 from ramp_cpp.tensorcache import assemble, build_cache  # noqa: E402
 
 

@@ -85,7 +85,7 @@ def sac_table(model: str, base: str, chunks: int) -> str:
             f"| {size} | {method}{' (folded)' if fold == 'fold' else ''} | {r['evaluations']} | "
             f"{r['t_search'] / 60:.1f} | {_f(gk, '.4f')} | {r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | "
             f"{_f(r['kld_mean'] / gk if gk else None, '.3f')} | {r['policy']['kld_mean']:.4f} | "
-            f"{r['reward_kld_greedy']:.4f} | {r['reward_kld']:.4f} | {r['reward_kld_policy']:.4f} | "
+            f"{r['reward_kld_greedy']:.5f} | {r['reward_kld']:.5f} | {r['reward_kld_policy']:.5f} | "
             f"{_f(r['evals_to_beat_greedy'], 'd')} | {r['t_eval_mean']:.1f} | {r['t_update_mean']:.2f} |"
         )
     return "\n".join(lines)

@@ -67,7 +67,8 @@ def apply_policy(
     from .ggufio import add_metadata, read_inventory, weight_moments
     from .policy import load_policy
     from .quantize import QuantizeOptions, quantize_map
-    from .search import policy_rollout, staged, visited_tensors
+    from .runs import staged, visited_tensors
+    from .search import policy_rollout
 
     def stage(name: str) -> Callable[[int, int], None] | None:
         return staged(progress, name)

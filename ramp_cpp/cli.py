@@ -917,7 +917,7 @@ def apply(
     from .backend import RuntimeOptions
     from .calibrate import load_recipe
     from .policy import is_sized, load_policy
-    from .search import ramp_output_name
+    from .runs import ramp_output_name
 
     if is_sized(load_policy(policy).meta):
         if size is None or budget is not None:
@@ -958,7 +958,8 @@ def _apply_sized(
     from .backend import RuntimeOptions
     from .calibrate import load_recipe
     from .direct import describe, resolve_sensitivity, run_direct
-    from .search import SearchConfig, ramp_output_name
+    from .runs import ramp_output_name
+    from .search import SearchConfig
 
     if output is None:
         output = model.parent / ramp_output_name(model, "".join(size.split()))

@@ -98,8 +98,8 @@ def run_demo_search(
     """Greedy on the measured sensitivity, then SAC warm-started from it, both at SIZE, sharing one
     calibration, fold, tensor cache and measurement (work/demo-greedy, work/demo-sac, work/demo-cache)."""
     from .direct import run_direct
+    from .runs import CALIB
     from .sacsearch import SizedSearchConfig
-    from .search import CALIB
 
     cfg = demo_config()
     cache = work / "demo-cache"
@@ -160,7 +160,7 @@ def preset_files(
     unfolded model's), written beside `base` as MODEL.PRESET[.imatrix].gguf."""
     from .calibration import load_calibration
     from .quantize import QuantizeOptions, quantize_preset
-    from .search import CALIB, model_stem
+    from .runs import CALIB, model_stem
 
     im = load_calibration(run_dir / CALIB).imatrix()
     out = []

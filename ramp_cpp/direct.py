@@ -1,7 +1,7 @@
 """Search at a whole-file size: `ramp-cpp search --method uniform|greedy|sac --size ...`, and `apply` of a
 sized policy (`method="policy"`).
 
-Stages: calibrate → fold (`search.calibrated_source`, shared with the SAC search) → measure (the
+Stages: calibrate → fold (`runs.calibrated_source`, shared with the paper search) → measure (the
 sensitivity artifact, `measure.py`) → allocate (`allocate.ALLOCATORS`) → assemble the GGUF from the tensor
 cache (the bytes llama.cpp's quantizer writes) with ramp.* metadata → evaluate on the reward chunks, next
 to the presets with the unfolded model's imatrix. The budget is a whole-file size: `--size 95MiB`, or
@@ -40,8 +40,9 @@ from .backend import RuntimeOptions
 from .candidates import CandidateConfig
 from .errors import OtherSettings, RampError
 from .groups import GroupConfig, calibrate_sensitivity
+from .runs import calibrated_source, ramp_output_name, staged, workdir
 from .sacsearch import SizedSearchConfig
-from .search import SETTINGS, SearchConfig, calibrated_source, ramp_output_name, staged, workdir
+from .search import SETTINGS, SearchConfig
 from .sensitivity import Sensitivity
 
 LEARNED = ("sac", "policy")

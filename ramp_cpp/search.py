@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -29,18 +28,26 @@ from . import __version__, stfile
 from .allocation import Budget, Costs, costs, rung_of
 from .atomic import atomic_path
 from .backend import LlamaModel, RuntimeOptions
-from .cache import scratch_dir
 from .calibration import CalibConfig, Calibration
 from .errors import RampError
 from .evaluate import BaseLogprobs, EvalConfig, base_logprobs, eval_chunks, kld_loaded
 from .features import Features
 from .reward import RewardConfig, RewardTerms, kld_reward, reward
+from .runs import (
+    CALIB,
+    Progress,
+    calibrated_source,
+    cleanup,
+    ramp_output_name,
+    staged,
+    visited_tensors,
+    workdir,
+)
 from .sac import SAC, SACConfig
 
 METRICS = ("ppl", "kld")
 CHECKPOINT = "checkpoint.safetensors"
 SETTINGS = "run.json"
-CALIB = "calib.safetensors"  # the unfolded model's calibration, kept with the run
 
 
 @dataclass(frozen=True)
@@ -160,7 +167,6 @@ class State:
     evals: list[dict[str, Any]] = field(default_factory=list)  # deterministic-policy evaluations
 
 
-Progress = Callable[[str, int, int], None]
 OnEpisode = Callable[[EpisodeRecord], None]
 
 
@@ -393,44 +399,6 @@ def evaluate_policy(env: Environment, agent: SAC, st: State) -> dict[str, Any]:
 # -- preparing a run --------------------------------------------------------------------------------
 
 
-def staged(progress: Progress | None, name: str) -> Callable[[int, int], None] | None:
-    """A stage's (done, total) callback reporting to a (stage, done, total) progress callback."""
-    if progress is None:
-        return None
-    cb = progress
-    return lambda done, total: cb(name, done, total)
-
-
-def visited_tensors(model: Any, include_embeddings: bool) -> list[Any]:
-    """The searched tensors in visiting order; with embeddings, token_embd first and output last."""
-    ts = list(model.searched)
-    if include_embeddings:
-        emb = [t for t in model.tensors if t.role == "token_embd"]
-        head = [t for t in model.tensors if t.role == "output"]
-        ts = emb + ts + head
-    return ts
-
-
-#: Precision tags a model file's name may end with before `.gguf`; the output names drop them.
-PRECISION_TAGS = ("f16", "bf16", "f32")
-
-
-def model_stem(path: str | os.PathLike[str]) -> str:
-    """The model's name for output files: its file name less a trailing `.gguf` and then a trailing
-    precision tag (`PRECISION_TAGS`, any case); every other dot stays (`Qwen2.5-0.5B-Instruct.f16.gguf`
-    -> `Qwen2.5-0.5B-Instruct`)."""
-    name = Path(path).name
-    if name.lower().endswith(".gguf"):
-        name = name[: -len(".gguf")]
-    stem, dot, tag = name.rpartition(".")
-    return stem if dot and stem and tag.lower() in PRECISION_TAGS else name
-
-
-def ramp_output_name(model_path: str | os.PathLike[str], label: str) -> str:
-    """`MODEL.ramp-LABEL.gguf` (LABEL: the budget, e.g. 5.5, or a --size target)."""
-    return f"{model_stem(model_path)}.ramp-{label}.gguf"
-
-
 def settings(model_path: str, model_sha: str, cfg: SearchConfig, sac: SACConfig) -> dict[str, Any]:
     return {
         "ramp_version": __version__,
@@ -461,63 +429,6 @@ def check_settings(run_dir: Path, want: dict[str, Any]) -> None:
             f"{run_dir} was made with other settings ({'; '.join(diffs[:3])}); "
             "use the same options or a new --out"
         )
-
-
-def workdir() -> Path:
-    """Scratch space for the episode GGUF (`cache.scratch_dir`: tmpfs when there is one)."""
-    return scratch_dir("episode")
-
-
-def cleanup(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@dataclass(frozen=True)
-class Source:
-    """What every method quantizes: the model (folded or not) and its calibration; `base_cal` is the unfolded
-    model's (the presets' imatrix)."""
-
-    path: Path
-    cal: Calibration
-    base_cal: Calibration
-
-
-def calibrated_source(
-    model_path: str | os.PathLike[str],
-    run_dir: Path,
-    cfg: SearchConfig,
-    opts: RuntimeOptions,
-    calib: str | os.PathLike[str] | None = None,
-    progress: Progress | None = None,
-    original: Any = None,
-) -> Source:
-    """Calibrate (or reuse `calib` / the run's own), then fold when `cfg.fold`; both kept in `run_dir`."""
-    from .calibrate import calibrate
-    from .calibration import check_matches, load_calibration, save_calibration
-    from .corpora import load_text
-    from .fold import fold, folded_calibration_from_file
-    from .ggufio import read_inventory
-
-    original = original or read_inventory(model_path)
-    cal_path = run_dir / CALIB
-    if calib is not None:
-        cal = load_calibration(calib)
-        if not cal_path.is_file():  # kept with the run, so --resume needs no --calib
-            save_calibration(cal, cal_path)
-    elif cal_path.is_file():
-        cal = load_calibration(cal_path)
-    else:
-        cal_text, _ = load_text(cfg.calib.text)
-        cal = calibrate(model_path, cal_text, cfg.calib, opts, staged(progress, "calibrate"))
-        save_calibration(cal, cal_path, force=True)
-    check_matches(cal, original)
-    if not cfg.fold:
-        return Source(Path(model_path), cal, cal)
-    folded = run_dir / "folded.f16.gguf"
-    if folded.is_file():
-        return Source(folded, folded_calibration_from_file(cal, folded), cal)
-    fres = fold(model_path, cal, folded, force=True, progress=staged(progress, "fold"))
-    return Source(folded, fres.calibration, cal)
 
 
 def prepare(

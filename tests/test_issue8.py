@@ -234,7 +234,7 @@ def test_report_draws_the_unquantized_line(named_run: Any) -> None:
 )
 def test_model_stem(name: str, stem: str) -> None:
     """3.3: strip a trailing .gguf and one trailing precision tag, nothing else."""
-    from ramp_cpp.search import model_stem, ramp_output_name
+    from ramp_cpp.runs import model_stem, ramp_output_name
 
     assert model_stem(name) == stem
     assert ramp_output_name(name, "5.5") == f"{stem}.ramp-5.5.gguf"
