@@ -41,7 +41,7 @@ from .candidates import CandidateConfig
 from .errors import OtherSettings, RampError
 from .groups import GroupConfig, calibrate_sensitivity
 from .runs import calibrated_source, ramp_output_name, staged, workdir
-from .sacsearch import SizedSearchConfig
+from .sacsearch import MAY_CHANGE_ON_RESUME, SizedSearchConfig
 from .search import SETTINGS, SearchConfig
 from .sensitivity import Sensitivity
 
@@ -245,7 +245,7 @@ def run_direct(
     text, _ = load_text(cfg.text)
     rd = Path(run_dir)
     # the number of evaluations may grow between runs (a resumed search goes on); everything else must match
-    grow = {k: v for k, v in sac.to_json().items() if k != "evaluations"}
+    grow = {k: v for k, v in sac.to_json().items() if k not in MAY_CHANGE_ON_RESUME}
     extra: dict[str, Any] = {"sac": grow} if method == "sac" else {"policy_sha256": pol.sha256} if pol else {}
     if fold == "auto":
         extra["fold"] = "auto"

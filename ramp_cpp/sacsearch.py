@@ -65,6 +65,11 @@ Score = Callable[[Choice], float]  # an allocation -> its mean KLD on the reward
 OnEpisode = Callable[[dict[str, Any]], None]
 
 
+#: Settings a resumed search may change (it goes on with more evaluations, or another patience); the rest of
+#: `SizedSearchConfig` must match the run's.
+MAY_CHANGE_ON_RESUME = ("evaluations", "stall_episodes")
+
+
 @dataclass(frozen=True)
 class SizedSearchConfig:
     """The search's own settings; the agent's are `SACConfig` (Table 9 defaults, see `agent_config`)."""
@@ -82,6 +87,10 @@ class SizedSearchConfig:
     bc_lr: float = 1e-3
     random_episodes: int = 10  # without a warm start: uniformly random actions first (Table 26's warm-up)
     eval_every: int = 10  # every N-th episode scores the mean action (0: only at the end)
+    # Ours: stop once this many episodes in a row found no allocation not already evaluated. A size that
+    # admits one undominated allocation (Gemma-3-270M at Q4_K_M's: every upgrade is over it, so projection
+    # returns greedy's every time) or a converged policy would otherwise spin to 4·evaluations episodes.
+    stall_episodes: int = 50
     # Over-budget episodes only happen without projection; relative reward: −`over_penalty` per 1% over.
     over_penalty: float = 1.0
     # 64 updates per episode cost ~1.6 s here (~20% of a 4-chunk evaluation); 32 keep it near 10%.
@@ -100,6 +109,8 @@ class SizedSearchConfig:
     def __post_init__(self) -> None:
         if self.reward not in REWARDS:
             raise RampError(f"unknown reward {self.reward!r} (choose from {', '.join(REWARDS)})")
+        if self.stall_episodes < 0:
+            raise RampError("stall_episodes must be >= 0 (0: never stop early)")
         if self.evaluations < 2:
             raise RampError("the search needs at least 2 evaluations (the reference and one episode)")
         if not self.explore_std > 0 or not self.span > 0:
@@ -285,7 +296,12 @@ def search(
     # a budget that holds every tensor's largest undominated type leaves one allocation (greedy's, which the
     # projection of any action fills back to): nothing to learn, and every episode would be a memo hit
     saturated = sens.max_bytes() <= ctx.budget_bytes
-    while not saturated and st.evaluations < cfg.evaluations - 1 and st.episode < agent.cfg.episodes:
+    while (
+        not saturated
+        and not _stalled(st, cfg.stall_episodes)
+        and st.evaluations < cfg.evaluations - 1
+        and st.episode < agent.cfg.episodes
+    ):
         random = st.episode <= agent.cfg.warmup_episodes
         mean = not random and cfg.eval_every > 0 and st.episode % cfg.eval_every == 0
         st.final = None  # a resumed run with more evaluations rolls the final policy out again
@@ -339,6 +355,12 @@ def rescore(
     best = min(rows, key=lambda r: r["rescored_kld"])
     table = [{k: v for k, v in r.items() if k != "choice"} for r in rows]
     return best["choice"], best["rescored_kld"], table
+
+
+def _stalled(st: SearchState, n: int) -> bool:
+    """The last `n` episodes were all memo hits (the log, so a resumed run counts the same)."""
+    tail = [r for r in st.log if r["kind"] != "reference"][-n:]
+    return n > 0 and len(tail) == n and all(r["memo"] for r in tail)
 
 
 def _acting(agent: SAC, deterministic: bool) -> Policy:

@@ -245,6 +245,28 @@ def test_a_budget_that_holds_every_largest_type_costs_one_evaluation(tmp_path: P
     assert [r["kind"] for r in out.state.log] == ["reference", "final"]
 
 
+def test_a_budget_with_one_undominated_allocation_stops_after_the_stall(tmp_path: Path) -> None:
+    """Every upgrade of greedy's allocation is over the size, so every episode projects back onto it: the
+    search stops after `stall_episodes` memo hits instead of running to its episode cap."""
+    sens = sens_of([1.0, 2.0, 0.5, 1.5])
+    top = {t.name: t.options[-1].ggml_type for t in sens.tensors}
+    one_below = dict(top, **{sens.tensors[0].name: sens.tensors[0].options[-2].ggml_type})
+    budget = sens.file_bytes(one_below) + 16  # below `top`, and no other single step fits
+    ctx = ctx_of(sens, budget)
+    calls: list[int] = []
+
+    def score(c: dict[str, GGMLQuantizationType]) -> float:
+        calls.append(1)
+        return 1.0
+
+    cfg = small_cfg(evaluations=30, stall_episodes=7)
+    out = search(ctx, score, greedy(sens, budget), cfg, tmp_path)
+    episodes = [r for r in out.state.log if r["kind"] not in ("reference", "final")]
+    assert len(episodes) <= 7 + len(calls)  # at most the stall after the last new allocation
+    assert all(r["memo"] for r in episodes[-7:])
+    assert out.state.episode < 4 * cfg.evaluations
+
+
 def test_resume_is_exact(tmp_path: Path) -> None:
     sens = sens_of(list(np.random.default_rng(4).exponential(1.0, 10)))
     ctx = ctx_of(sens, budget_at(sens, 4.6))
