@@ -4,7 +4,7 @@ evaluation) as a GGUF assembled by ramp-cpp's tensor cache, for llama.cpp's own 
     .venv/bin/python bench/export.py qwen0.5b "sac-e40 best" [--out PATH]
 
 The file is the one the benchmark cell evaluated (the cache's bytes are llama.cpp's quantizer's for the
-same source, type map and imatrix); default path `bench/out/<model>/export/<label>.gguf`.
+same source, type map and imatrix); default path `bench/out/<model>/offgrid-s0/export/<model>.<label>.gguf`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def main() -> None:
     cc = MeasureConfig().candidates
     cache = build_cache(src, cc.requested(), b.out / "cache", imatrix=cal.imatrix(), base=cc.base,
                         searched=[t.name for t in sens.tensors])
-    dst = a.out or b.out / "export" / (re.sub(r"[^A-Za-z0-9.-]+", "_", a.label).strip("_") + ".gguf")
+    label = re.sub(r"[^A-Za-z0-9.-]+", "_", a.label).strip("_")
+    dst = a.out or b.out / "export" / f"{a.model}.{label}.gguf"
     dst.parent.mkdir(parents=True, exist_ok=True)
     r = assemble(cache, allocs[a.label], dst, force=True)
     print(f"{dst} {r.file_size} bytes")
