@@ -123,3 +123,22 @@ def test_profile_on_known_allocations(n_blocks, wide_from, first10, last10, rho)
         assert p["rho_depth"] is None
     else:
         assert p["rho_depth"] == pytest.approx(rho, abs=1e-3)
+
+
+def _prof(per_block: dict[int, float]) -> dict[str, object]:
+    return {"per_block": per_block}
+
+
+@pytest.mark.parametrize(
+    "a, b, want",
+    [
+        ({0: 4.0, 1: 5.0, 2: 6.0}, {0: 4.5, 1: 5.0, 2: 5.5, 3: 6.0}, 1.0),  # both rise: ρ = 1
+        ({0: 4.0, 1: 5.0, 2: 6.0}, {0: 6.0, 1: 5.0, 2: 4.0}, -1.0),
+        ({0: 4.0, 1: 5.0, 2: 6.0}, {0: 5.0, 1: 5.0, 2: 5.0}, None),  # a flat profile has no ranks to compare
+    ],
+)
+def test_depth_correlation_across_models(a, b, want):
+    data = {"m1": {"greedy (measured)": _prof(a)}, "m2": {"greedy (measured)": _prof(b), "sac": _prof(b)}}
+    (pair,) = depth.across_models(data)
+    assert pair[:3] == ("m1", "m2", "greedy (measured)")
+    assert pair[3] == (None if want is None else pytest.approx(want))

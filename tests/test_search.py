@@ -252,7 +252,12 @@ def test_kill_and_resume(
     n = N_KILL
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     run = tmp_path / "run"
-    proc = subprocess.Popen(_search_args(tiny_model, text_file, run, n), env=env, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _search_args(tiny_model, text_file, run, n), env=env, stderr=subprocess.PIPE,
+        # a test run started in the background (`cmd &` in a script) inherits SIGINT ignored, and then Ctrl-C
+        # is ignored by the search as by any background job: give the child a terminal's default
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     _wait_for_episodes(run, proc, 3)
     proc.send_signal(sig)
     proc.send_signal(signal.SIGCONT)  # a stopped process acts on SIGINT once it runs again
