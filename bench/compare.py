@@ -234,21 +234,22 @@ def group_config(method: str) -> Any:
     return GroupConfig(**kw)
 
 
-def calibrated(b: Base, src: Path, cal: Calibration, sens: Any, gcfg: Any = None) -> tuple[Any, Any]:
-    """The measured sensitivity: group ratios from KLD on 4 chunks of wikitext2-valid vs the unfolded base."""
-    from ramp_cpp.groups import GroupConfig, calibrate_sensitivity
+def tensor_cache(b: Base, src: Path, cal: Calibration, sens: Any) -> Any:
+    """The base's tensor cache of every candidate type of the searched tensors, quantized with the (folded)
+    calibration's imatrix: the bytes every allocation of a cell is assembled from."""
     from ramp_cpp.measure import MeasureConfig
     from ramp_cpp.tensorcache import build_cache
 
     cc = MeasureConfig().candidates
-    cache = build_cache(
-        src,
-        cc.requested(),
-        b.out / "cache",
-        imatrix=cal.imatrix(),
-        base=cc.base,
-        searched=[t.name for t in sens.tensors],
-    )
+    return build_cache(src, cc.requested(), b.out / "cache", imatrix=cal.imatrix(), base=cc.base,
+                       searched=[t.name for t in sens.tensors])
+
+
+def calibrated(b: Base, src: Path, cal: Calibration, sens: Any, gcfg: Any = None) -> tuple[Any, Any]:
+    """The measured sensitivity: group ratios from KLD on 4 chunks of wikitext2-valid vs the unfolded base."""
+    from ramp_cpp.groups import GroupConfig, calibrate_sensitivity
+
+    cache = tensor_cache(b, src, cal, sens)
     log(f"{b.key}/{b.name}: group calibration on {src.name}")
     return calibrate_sensitivity(sens, cache, b.path, load_text("wikitext2-valid")[0], REWARD,
                                  cfg=gcfg or GroupConfig())
@@ -294,9 +295,9 @@ def transfer_cell(
     row = res.get(cell)
     if row is not None:
         return row
-    from ramp_cpp.measure import MeasureConfig, measure
+    from ramp_cpp.measure import measure
     from ramp_cpp.policy import load_sized_policy
-    from ramp_cpp.tensorcache import assemble, build_cache
+    from ramp_cpp.tensorcache import assemble
 
     key = method.split("-", 1)[1]
     runs = HERE / "out" / key / "offgrid-s0" / "sac"
@@ -311,9 +312,7 @@ def transfer_cell(
 
     ep = policy_episode(pol, src, cal, sens, target)
 
-    cc = MeasureConfig().candidates
-    cache = build_cache(src, cc.requested(), b.out / "cache", imatrix=cal.imatrix(), base=cc.base,
-                        searched=[t.name for t in sens.tensors])
+    cache = tensor_cache(b, src, cal, sens)
     q = b.out / f"{method}.{preset}.gguf"
     log(f"{b.key}/{b.name}: {method} at {preset}'s size ({target / MIB:.2f} MiB)")
     assemble(cache, ep.choice, q, force=True)
@@ -350,13 +349,13 @@ def sac_cell(
         return row
     from ramp_cpp.allocate import greedy
     from ramp_cpp.backend import RuntimeOptions
-    from ramp_cpp.measure import MeasureConfig, measure
+    from ramp_cpp.measure import measure
     from ramp_cpp.policy import save_policy
     from ramp_cpp.rollout import Context
     from ramp_cpp.runs import cleanup, workdir
     from ramp_cpp.sacsearch import policy_meta, policy_tensors, search
     from ramp_cpp.scoring import RewardScorer, layer_embeddings
-    from ramp_cpp.tensorcache import assemble, build_cache
+    from ramp_cpp.tensorcache import assemble
 
     scfg = sac_settings(method)
     src, cal = b.model(folded)
@@ -365,9 +364,7 @@ def sac_cell(
     ref = greedy(sens, target)
     ctx = Context(sens, layer_embeddings(src, cal, sens, scfg.variant), target, scfg.span, scfg.variant,
                   scfg.projection)
-    cc = MeasureConfig().candidates
-    cache = build_cache(src, cc.requested(), b.out / "cache", imatrix=cal.imatrix(), base=cc.base,
-                        searched=[t.name for t in sens.tensors])
+    cache = tensor_cache(b, src, cal, sens)
     rd = b.out / "sac" / f"{folded.tag}-{method}-{preset}"
     rd.mkdir(parents=True, exist_ok=True)
     wd = workdir()

@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare import HERE, Fold, calibrated, prepare  # noqa: E402
+from table import spearman  # noqa: E402
 
 from ramp_cpp.arch import classify  # noqa: E402
 from ramp_cpp.atomic import atomic_path  # noqa: E402
@@ -84,14 +85,6 @@ def allocations(model: str, recipe: str) -> tuple[Any, dict[str, dict[str, Any]]
     return sens, out
 
 
-def _spearman(x: np.ndarray, y: np.ndarray) -> float | None:
-    from scipy.stats import spearmanr
-
-    if len(set(y.tolist())) < 2:  # every tensor at one width: ρ is undefined
-        return None
-    return float(spearmanr(x, y).statistic)
-
-
 def profile(sens: Any, choice: dict[str, Any]) -> dict[str, Any]:
     """bpw per searched tensor along the file, and the depth statistics of the module docstring."""
     names, bpw, blocks = [], [], []
@@ -111,7 +104,7 @@ def profile(sens: Any, choice: dict[str, Any]) -> dict[str, Any]:
         "first10": float(y[:EDGE].mean()),
         "last10": float(y[-EDGE:].mean()),
         "middle": float(y[EDGE:-EDGE].mean()),
-        "rho_depth": _spearman(x, y),
+        "rho_depth": spearman(x.tolist(), y.tolist()),
         "edges": edges,
         "per_block": per_block,
         "tensors": dict(zip(names, bpw, strict=True)),
@@ -129,8 +122,6 @@ def _resampled(p: dict[str, Any]) -> np.ndarray:
 def across_models(data: dict[str, Any]) -> list[tuple[str, str, str, float | None]]:
     """The paper's "depth-wise correlation across models" (§5.6): Spearman's ρ between two models' per-block
     mean bpw, each resampled to `GRID` relative depths, for every allocation label both models have."""
-    from scipy.stats import spearmanr
-
     out = []
     models = list(data)
     for i, a in enumerate(models):
@@ -139,8 +130,7 @@ def across_models(data: dict[str, Any]) -> list[tuple[str, str, str, float | Non
                 if label not in data[b] or not label.startswith("greedy"):
                     continue
                 x, y = _resampled(data[a][label]), _resampled(data[b][label])
-                rho = None if np.ptp(x) == 0 or np.ptp(y) == 0 else float(spearmanr(x, y).statistic)
-                out.append((a, b, label, rho))
+                out.append((a, b, label, spearman(x.tolist(), y.tolist())))
     return out
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import HERE, Fold, prepare  # noqa: E402
+from compare import HERE, Fold, prepare, tensor_cache  # noqa: E402
 from depth import SETTINGS, allocations  # noqa: E402
 
 
@@ -27,17 +27,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--recipe", default=str(HERE.parent / "calib" / "bench.toml"))
     a = ap.parse_args()
-    from ramp_cpp.measure import MeasureConfig
-    from ramp_cpp.tensorcache import assemble, build_cache
+    from ramp_cpp.tensorcache import assemble
 
     sens, allocs = allocations(a.model, a.recipe)
     if a.label not in allocs:
         raise SystemExit(f"{a.label!r}: not one of {', '.join(map(repr, allocs))}")
     b = prepare(a.model, "offgrid", 0, a.recipe)
     src, cal = b.model(Fold.parse(SETTINGS[a.model][0]))
-    cc = MeasureConfig().candidates
-    cache = build_cache(src, cc.requested(), b.out / "cache", imatrix=cal.imatrix(), base=cc.base,
-                        searched=[t.name for t in sens.tensors])
+    cache = tensor_cache(b, src, cal, sens)
     label = re.sub(r"[^A-Za-z0-9.-]+", "_", a.label).strip("_")
     dst = a.out or b.out / "export" / f"{a.model}.{label}.gguf"
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,23 +92,13 @@ def sac_table(model: str, base: str, chunks: int) -> str:
     return "\n".join(lines)
 
 
-def _ranks(x: list[float]) -> list[float]:
-    order = sorted(range(len(x)), key=lambda i: x[i])
-    r = [0.0] * len(x)
-    for k, i in enumerate(order):
-        r[i] = float(k)
-    return r
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (scipy: ties get their mean rank); None where either side is constant."""
+    from scipy.stats import spearmanr
 
-
-def spearman(a: list[float], b: list[float]) -> float:
-    """Rank correlation (no ties expected between measured floats)."""
-    ra, rb = _ranks(a), _ranks(b)
-    n = len(a)
-    ma, mb = sum(ra) / n, sum(rb) / n
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
-    va = sum((x - ma) ** 2 for x in ra) ** 0.5
-    vb = sum((y - mb) ** 2 for y in rb) ** 0.5
-    return cov / (va * vb)
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return None
+    return float(spearmanr(a, b).statistic)
 
 
 def groups_table(model: str, cell: str) -> str:
@@ -131,7 +122,7 @@ def groups_table(model: str, cell: str) -> str:
     ratios = [r["ratio"] for r in g["groups"]]
     lines.append(
         f"\nRank correlation (Spearman) of predicted Δproxy and measured ΔKLD over {len(pred)} groups: "
-        f"{spearman(pred, meas):.3f}; measured/predicted spans {max(ratios) / min(ratios):.0f}×."
+        f"{_f(spearman(pred, meas), '.3f')}; measured/predicted spans {max(ratios) / min(ratios):.0f}×."
     )
     for p in g["pairs"]:
         lines.append(
