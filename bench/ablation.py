@@ -16,14 +16,14 @@ import json
 import sys
 from pathlib import Path
 
-from ramp_cpp.calibration import load_calibration
-from ramp_cpp.corpora import load_text
-from ramp_cpp.demo import demo_model_path
-from ramp_cpp.evaluate import EvalConfig, kld
-from ramp_cpp.fold import fold, folded_calibration_from_file
-from ramp_cpp.ggufio import read_inventory
-from ramp_cpp.ladder import NOMINAL_TYPES
-from ramp_cpp.quantize import QuantizeOptions, quantize_map
+from ramp_cpp.calibration.artifact import load_calibration
+from ramp_cpp.store.texts import load_text
+from ramp_cpp.pipeline.demo import demo_model_path
+from ramp_cpp.llama.evaluate import EvalConfig, kld
+from ramp_cpp.fold.folding import fold, folded_calibration_from_file
+from ramp_cpp.llama.ggufio import read_inventory
+from ramp_cpp.model.ladder import NOMINAL_TYPES
+from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
 
 OUT = Path(__file__).parent / "out" / "ablation"
 

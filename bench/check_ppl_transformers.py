@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from ramp_cpp.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.corpora import load_text
-from ramp_cpp.demo import demo_model_path
-from ramp_cpp.evaluate import EvalConfig, chunks, perplexity
+from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
+from ramp_cpp.store.texts import load_text
+from ramp_cpp.pipeline.demo import demo_model_path
+from ramp_cpp.llama.evaluate import EvalConfig, chunks, perplexity
 
 
 def main() -> None:

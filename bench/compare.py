@@ -32,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from models import MODELS, base_path  # noqa: E402
 
-from ramp_cpp.atomic import atomic_path  # noqa: E402
-from ramp_cpp.calibrate import calibrate, load_recipe  # noqa: E402
-from ramp_cpp.calibration import Calibration, load_calibration, save_calibration  # noqa: E402
-from ramp_cpp.corpora import load_text  # noqa: E402
-from ramp_cpp.evaluate import EvalConfig, kld  # noqa: E402
-from ramp_cpp.fold import FoldConfig, fold, folded_calibration_from_file  # noqa: E402
-from ramp_cpp.quantize import QuantizeOptions, QuantizeResult, quantize_preset  # noqa: E402
+from ramp_cpp.store.atomic import atomic_path  # noqa: E402
+from ramp_cpp.calibration.collect import calibrate, load_recipe  # noqa: E402
+from ramp_cpp.calibration.artifact import Calibration, load_calibration, save_calibration  # noqa: E402
+from ramp_cpp.store.texts import load_text  # noqa: E402
+from ramp_cpp.llama.evaluate import EvalConfig, kld  # noqa: E402
+from ramp_cpp.fold.folding import FoldConfig, fold, folded_calibration_from_file  # noqa: E402
+from ramp_cpp.llama.quantize import QuantizeOptions, QuantizeResult, quantize_preset  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
@@ -221,7 +221,7 @@ def reward_kld(path: Path, b: Base) -> float:
 def group_config(method: str) -> Any:
     """`greedy-measured[-bN][-probeX]`: N depth buckets per role, probes at the candidate nearest X bpw
     (default: GroupConfig's, 4 buckets and each tensor's cheapest candidate)."""
-    from ramp_cpp.groups import GroupConfig
+    from ramp_cpp.measure.groups import GroupConfig
 
     kw: dict[str, Any] = {}
     for tok in method.split(MEASURED, 1)[1].split("-")[1:] if MEASURED in method else []:
@@ -237,8 +237,8 @@ def group_config(method: str) -> Any:
 def tensor_cache(b: Base, src: Path, cal: Calibration, sens: Any) -> Any:
     """The base's tensor cache of every candidate type of the searched tensors, quantized with the (folded)
     calibration's imatrix: the bytes every allocation of a cell is assembled from."""
-    from ramp_cpp.measure import MeasureConfig
-    from ramp_cpp.tensorcache import build_cache
+    from ramp_cpp.measure.proxy import MeasureConfig
+    from ramp_cpp.measure.tensorcache import build_cache
 
     cc = MeasureConfig().candidates
     return build_cache(src, cc.requested(), b.out / "cache", imatrix=cal.imatrix(), base=cc.base,
@@ -247,7 +247,7 @@ def tensor_cache(b: Base, src: Path, cal: Calibration, sens: Any) -> Any:
 
 def calibrated(b: Base, src: Path, cal: Calibration, sens: Any, gcfg: Any = None) -> tuple[Any, Any]:
     """The measured sensitivity: group ratios from KLD on 4 chunks of wikitext2-valid vs the unfolded base."""
-    from ramp_cpp.groups import GroupConfig, calibrate_sensitivity
+    from ramp_cpp.measure.groups import GroupConfig, calibrate_sensitivity
 
     cache = tensor_cache(b, src, cal, sens)
     log(f"{b.key}/{b.name}: group calibration on {src.name}")
@@ -258,7 +258,7 @@ def calibrated(b: Base, src: Path, cal: Calibration, sens: Any, gcfg: Any = None
 def sac_settings(method: str) -> Any:
     """`sac[-eN][-sN][-paper][-noproj][-cold][-tbl24][-frozen]`: N evaluations, seed N, Eq. 19-21 reward, no
     projection, no warm start, Table 24's state, no SAC updates."""
-    from ramp_cpp.sacsearch import SizedSearchConfig
+    from ramp_cpp.allocate.sac.search import SizedSearchConfig
 
     kw: dict[str, Any] = {}
     for tok in method.split("-")[1:]:
@@ -295,9 +295,9 @@ def transfer_cell(
     row = res.get(cell)
     if row is not None:
         return row
-    from ramp_cpp.measure import measure
-    from ramp_cpp.policy import load_sized_policy
-    from ramp_cpp.tensorcache import assemble
+    from ramp_cpp.measure.proxy import measure
+    from ramp_cpp.allocate.sac.policyfile import load_sized_policy
+    from ramp_cpp.measure.tensorcache import assemble
 
     key = method.split("-", 1)[1]
     runs = HERE / "out" / key / "offgrid-s0" / "sac"
@@ -308,7 +308,7 @@ def transfer_cell(
     src, cal = b.model(folded)
     sens = measure(src, cal, cal.imatrix(), cache_root=b.out / "cache")
     sens, report = calibrated(b, src, cal, sens)
-    from ramp_cpp.scoring import policy_episode
+    from ramp_cpp.allocate.sac.scoring import policy_episode
 
     ep = policy_episode(pol, src, cal, sens, target)
 
@@ -347,15 +347,15 @@ def sac_cell(
     row = res.get(cell)
     if row is not None:
         return row
-    from ramp_cpp.allocate import greedy
-    from ramp_cpp.backend import RuntimeOptions
-    from ramp_cpp.measure import measure
-    from ramp_cpp.policy import save_policy
-    from ramp_cpp.rollout import Context
-    from ramp_cpp.runs import cleanup, workdir
-    from ramp_cpp.sacsearch import policy_meta, policy_tensors, search
-    from ramp_cpp.scoring import RewardScorer, layer_embeddings
-    from ramp_cpp.tensorcache import assemble
+    from ramp_cpp.allocate.allocators import greedy
+    from ramp_cpp.llama.backend import RuntimeOptions
+    from ramp_cpp.measure.proxy import measure
+    from ramp_cpp.allocate.sac.policyfile import save_policy
+    from ramp_cpp.allocate.sac.rollout import Context
+    from ramp_cpp.fold.source import cleanup, workdir
+    from ramp_cpp.allocate.sac.search import policy_meta, policy_tensors, search
+    from ramp_cpp.allocate.sac.scoring import RewardScorer, layer_embeddings
+    from ramp_cpp.measure.tensorcache import assemble
 
     scfg = sac_settings(method)
     src, cal = b.model(folded)
@@ -430,9 +430,9 @@ def alloc_cell(
     row = res.get(cell)
     if row is not None:
         return row
-    from ramp_cpp.allocate import ALLOCATORS
-    from ramp_cpp.measure import measure
-    from ramp_cpp.quantize import quantize_map
+    from ramp_cpp.allocate.allocators import ALLOCATORS
+    from ramp_cpp.measure.proxy import measure
+    from ramp_cpp.llama.quantize import quantize_map
 
     src, cal = b.model(folded)
     t0 = time.perf_counter()

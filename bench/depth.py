@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import HERE, Fold, calibrated, prepare  # noqa: E402
 from table import spearman  # noqa: E402
 
-from ramp_cpp.arch import classify  # noqa: E402
-from ramp_cpp.atomic import atomic_path  # noqa: E402
+from ramp_cpp.model.arch import classify  # noqa: E402
+from ramp_cpp.store.atomic import atomic_path  # noqa: E402
 
 #: model -> (folding, size, SAC method): the transfer table's settings. Gemma at Q2_K's size because at
 #: Q4_K_M's every searched tensor already sits at Q8_0 (the budget does not bind, nothing to compare).
@@ -53,12 +53,12 @@ def allocations(model: str, recipe: str) -> tuple[Any, dict[str, dict[str, Any]]
     """(measured sensitivity, label -> {tensor name: GGMLQuantizationType}) for one model."""
     from gguf import GGMLQuantizationType
 
-    from ramp_cpp import stfile
-    from ramp_cpp.allocate import greedy
-    from ramp_cpp.measure import measure
-    from ramp_cpp.policy import load_sized_policy
-    from ramp_cpp.sacsearch import CHECKPOINT, CHECKPOINT_KIND
-    from ramp_cpp.scoring import policy_episode
+    from ramp_cpp.store import stfile
+    from ramp_cpp.allocate.allocators import greedy
+    from ramp_cpp.measure.proxy import measure
+    from ramp_cpp.allocate.sac.policyfile import load_sized_policy
+    from ramp_cpp.allocate.sac.search import CHECKPOINT, CHECKPOINT_KIND
+    from ramp_cpp.allocate.sac.scoring import policy_episode
 
     fold, size, sac = SETTINGS[model]
     b = prepare(model, "offgrid", 0, recipe)

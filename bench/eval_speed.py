@@ -13,10 +13,10 @@ import argparse
 import json
 import time
 
-from ramp_cpp.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.corpora import load_text
-from ramp_cpp.demo import demo_model_path
-from ramp_cpp.evaluate import EvalConfig, chunks, perplexity
+from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
+from ramp_cpp.store.texts import load_text
+from ramp_cpp.pipeline.demo import demo_model_path
+from ramp_cpp.llama.evaluate import EvalConfig, chunks, perplexity
 
 
 def main() -> None:

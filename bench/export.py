@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--recipe", default=str(HERE.parent / "calib" / "bench.toml"))
     a = ap.parse_args()
-    from ramp_cpp.tensorcache import assemble
+    from ramp_cpp.measure.tensorcache import assemble
 
     sens, allocs = allocations(a.model, a.recipe)
     if a.label not in allocs:

@@ -9,7 +9,7 @@ differently. The KLD measured here is that rounding's cost.
         [--samples 16 --calib-ctx 512] [--calib-dir DIR] [--chunks 8 --ctx 512] [--json OUT.json]
 
 Without --calib, a quick calibration (samples x calib-ctx tokens of wikitext2-valid) is measured through
-llama.cpp with ramp_cpp.calibrate first.
+llama.cpp with ramp_cpp.calibration.collect first.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from typing import Any
 
 from gguf import GGMLQuantizationType
 
-from ramp_cpp.calibrate import calibrate
-from ramp_cpp.calibration import CalibConfig, load_calibration, save_calibration
-from ramp_cpp.corpora import load_text
-from ramp_cpp.demo import demo_model_path
-from ramp_cpp.evaluate import EvalConfig, kld
-from ramp_cpp.fold import fold
-from ramp_cpp.ggufio import TensorRewrite, rewrite_gguf
+from ramp_cpp.calibration.collect import calibrate
+from ramp_cpp.calibration.artifact import CalibConfig, load_calibration, save_calibration
+from ramp_cpp.store.texts import load_text
+from ramp_cpp.pipeline.demo import demo_model_path
+from ramp_cpp.llama.evaluate import EvalConfig, kld
+from ramp_cpp.fold.folding import fold
+from ramp_cpp.llama.ggufio import TensorRewrite, rewrite_gguf
 
 
 def check(model: Path, a: argparse.Namespace) -> dict[str, Any]:

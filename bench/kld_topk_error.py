@@ -10,9 +10,9 @@ import json
 
 import numpy as np
 
-from ramp_cpp.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.corpora import load_text
-from ramp_cpp.evaluate import EvalConfig, chunks, kld, log_softmax
+from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
+from ramp_cpp.store.texts import load_text
+from ramp_cpp.llama.evaluate import EvalConfig, chunks, kld, log_softmax
 
 
 def main() -> None:

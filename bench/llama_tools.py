@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ramp_cpp.cache import cache_dir
+from ramp_cpp.store.cache import cache_dir
 
 VERSION = "0.3.36"
 TARGETS = ("llama-perplexity", "llama-completion")

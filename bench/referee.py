@@ -137,7 +137,7 @@ def _check(rc: int, out: str, err: str, what: str) -> str:
 
 def write_text(dst: Path) -> str:
     """The held-out text, byte for byte as the released file (what `llama-perplexity -f` must read)."""
-    from ramp_cpp.corpora import CORPORA, load_text
+    from ramp_cpp.store.texts import CORPORA, load_text
 
     body, source = load_text("wikitext2-test")
     data = body.encode("utf-8")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import HERE, Fold, Results, alloc_cell, log, prepare, preset_cell, sac_cell  # noqa: E402
 from table import groups_table, sac_table, strength_table, table  # noqa: E402
 
-from ramp_cpp.atomic import atomic_path  # noqa: E402
+from ramp_cpp.store.atomic import atomic_path  # noqa: E402
 
 PRESETS = ("Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
 SIZES = ("Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M")

@@ -24,8 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from test_sized_search import budget_at, ctx_of, sens_of, small_cfg  # noqa: E402
 
-from ramp_cpp.allocate import greedy  # noqa: E402
-from ramp_cpp.sacsearch import search  # noqa: E402
+from ramp_cpp.allocate.allocators import greedy  # noqa: E402
+from ramp_cpp.allocate.sac.search import search  # noqa: E402
 
 
 def run(seed: int, evaluations: int, hidden: float, noise: float, updates: int) -> tuple[float, float]:

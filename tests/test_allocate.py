@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ramp_cpp.allocate import ALLOCATORS, GreedySettings, exact, greedy, lower_bound, uniform
+from ramp_cpp.allocate.allocators import ALLOCATORS, GreedySettings, exact, greedy, lower_bound, uniform
 from ramp_cpp.errors import RampError
-from ramp_cpp.sensitivity import Option, Sensitivity, TensorOptions
+from ramp_cpp.measure.sensitivity import Option, Sensitivity, TensorOptions
 
 T = GGMLQuantizationType
 # labels for the options of random tables, cheapest first (only their identity matters there)

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ramp_cpp.allocation import Budget, costs, parse_size, repair, rung_of, size_budget
+from ramp_cpp.allocate.budget import Budget, costs, parse_size, repair, rung_of, size_budget
 from ramp_cpp.errors import RampError
-from ramp_cpp.ggufio import read_inventory
-from ramp_cpp.quantize import quantize_map
+from ramp_cpp.llama.ggufio import read_inventory
+from ramp_cpp.llama.quantize import quantize_map
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from ramp_cpp.sensitivity import Option, Sensitivity, TensorOptions
+from ramp_cpp.measure.sensitivity import Option, Sensitivity, TensorOptions
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 

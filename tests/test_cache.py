@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ramp_cpp.cache import scratch_dir, scratch_root, sweep_scratch
+from ramp_cpp.store.cache import scratch_dir, scratch_root, sweep_scratch
 
 
 def _dead_pid() -> int:

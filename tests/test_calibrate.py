@@ -13,14 +13,15 @@ import pytest
 import synthetic
 from typer.testing import CliRunner
 
-from ramp_cpp.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.calibrate import calibrate, check_config, load_recipe, windows
-from ramp_cpp.calibration import CalibConfig, Calibration, check_matches, load_calibration, save_calibration
-from ramp_cpp.cli import app
+from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
+from ramp_cpp.calibration.collect import calibrate, check_config, load_recipe, windows
+from ramp_cpp.calibration.artifact import CalibConfig, Calibration, check_matches, load_calibration, save_calibration
+from ramp_cpp.cli.app import app
 from ramp_cpp.errors import RampError
-from ramp_cpp.ggufio import open_reader, read_imatrix, read_inventory, write_imatrix
-from ramp_cpp.native import stats_model
-from ramp_cpp.quantize import QuantizeOptions, quantize_map
+from ramp_cpp.calibration.artifact import write_imatrix
+from ramp_cpp.llama.ggufio import open_reader, read_imatrix, read_inventory
+from ramp_cpp.llama.native import stats_model
+from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
 
 TINY = CalibConfig(text="synthetic", samples=3, ctx=128, seed=0)
 

@@ -8,8 +8,8 @@ import pytest
 import synthetic
 from gguf import GGMLQuantizationType as T
 
-from ramp_cpp.allocation import costs
-from ramp_cpp.candidates import (
+from ramp_cpp.allocate.budget import costs
+from ramp_cpp.measure.candidates import (
     DEFAULT_TYPES,
     CandidateConfig,
     candidates,
@@ -20,10 +20,10 @@ from ramp_cpp.candidates import (
     type_for_bpw,
 )
 from ramp_cpp.errors import RampError
-from ramp_cpp.ggufio import TensorInfo, read_inventory, tensor_types
-from ramp_cpp.ladder import bits_per_weight
-from ramp_cpp.quantize import QuantizeOptions, quantize_map
-from ramp_cpp.sensitivity import Option
+from ramp_cpp.llama.ggufio import TensorInfo, read_inventory, tensor_types
+from ramp_cpp.model.ladder import bits_per_weight
+from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
+from ramp_cpp.measure.sensitivity import Option
 
 #: What llama.cpp writes as asked, by bytes (bpw: Q2_K 2.625, Q3_K 3.4375, IQ4_XS 4.25, Q4_K = IQ4_NL =
 #: Q4_0 4.5, Q4_1 5, Q5_K = Q5_0 5.5, Q5_1 6, Q6_K 6.5625, Q8_0 8.5; equal bytes in DEFAULT_TYPES' order).

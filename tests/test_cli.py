@@ -7,7 +7,7 @@ import pytest
 import synthetic
 from typer.testing import CliRunner
 
-from ramp_cpp.cli import app
+from ramp_cpp.cli.app import app
 
 runner = CliRunner()
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from test_features import fake_calibration
 from typer.testing import CliRunner
 
-from ramp_cpp.calibration import save_calibration
-from ramp_cpp.cli import app
+from ramp_cpp.calibration.artifact import save_calibration
+from ramp_cpp.cli.app import app
 
 runner = CliRunner()
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from ramp_cpp import corpora
-from ramp_cpp.cache import file_sha256_cached
-from ramp_cpp.corpora import CORPORA, Corpus, load_text, rebuild
+from ramp_cpp.store import texts as corpora
+from ramp_cpp.store.cache import file_sha256_cached
+from ramp_cpp.store.texts import CORPORA, Corpus, load_text, rebuild
 from ramp_cpp.errors import RampError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ramp_cpp.evaluate import EvalConfig, kld
-from ramp_cpp.ggufio import read_inventory
-from ramp_cpp.quantize import quantize_preset
+from ramp_cpp.llama.evaluate import EvalConfig, kld
+from ramp_cpp.llama.ggufio import read_inventory
+from ramp_cpp.llama.quantize import quantize_preset
 
 pytestmark = pytest.mark.demo
 ROOT = Path(__file__).resolve().parent.parent

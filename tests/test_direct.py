@@ -12,13 +12,13 @@ from gguf import GGUFReader
 from test_cli_search import one_error_line
 from typer.testing import CliRunner
 
-from ramp_cpp.calibration import CalibConfig
-from ramp_cpp.candidates import CandidateConfig
-from ramp_cpp.cli import app
-from ramp_cpp.direct import DirectResult, run_direct, size_range
+from ramp_cpp.calibration.artifact import CalibConfig
+from ramp_cpp.measure.candidates import CandidateConfig
+from ramp_cpp.cli.app import app
+from ramp_cpp.pipeline.run import DirectResult, run_direct, size_range
 from ramp_cpp.errors import RampError
-from ramp_cpp.ggufio import read_inventory
-from ramp_cpp.search import SearchConfig
+from ramp_cpp.llama.ggufio import read_inventory
+from ramp_cpp.pipeline.paper import SearchConfig
 
 runner = CliRunner()
 METHODS = ("uniform", "greedy")
@@ -101,7 +101,7 @@ def test_bad_requests_fail_before_work(tiny_model: Path, tmp_path: Path) -> None
 def test_choose_fold_folds_unless_unfolded_is_clearly_better(
     on: list[float], off: list[float], want: bool
 ) -> None:
-    from ramp_cpp.direct import FoldEvidence, choose_fold
+    from ramp_cpp.pipeline.run import FoldEvidence, choose_fold
 
     ev = FoldEvidence.of(on, off)
     d = [a - b for a, b in zip(on, off, strict=True)]

@@ -1,4 +1,4 @@
-"""Downstream accuracy through lm-evaluation-harness (ramp_cpp.downstream, `eval --tasks`).
+"""Downstream accuracy through lm-evaluation-harness (ramp_cpp.llama.downstream, `eval --tasks`).
 
 The adapter's numbers are checked against log-softmax sums computed here with numpy from LlamaModel.logits
 on whole token sequences (no KV-cache reuse, no truncation logic of the adapter). Tests that run lm-eval are
@@ -16,9 +16,9 @@ import pytest
 import synthetic
 from typer.testing import CliRunner
 
-from ramp_cpp import downstream
-from ramp_cpp.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.cli import app
+from ramp_cpp.llama import downstream
+from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
+from ramp_cpp.cli.app import app
 
 runner = CliRunner()
 
@@ -137,7 +137,7 @@ def test_piqa_items_end_to_end(tiny_model: Path) -> None:
     validation items, scored by the numpy reference: the items' log-likelihoods and acc follow."""
     import datasets
 
-    from ramp_cpp.downstream import DownstreamConfig, check_available, evaluate_downstream
+    from ramp_cpp.llama.downstream import DownstreamConfig, check_available, evaluate_downstream
 
     r = evaluate_downstream(tiny_model, DownstreamConfig(tasks=("piqa",), limit=2), keep_items=True)
     docs = datasets.load_from_disk(str(check_available(("piqa",))["piqa"]))

@@ -9,10 +9,11 @@ import pytest
 import synthetic
 from gguf import GGUFReader
 
-from ramp_cpp.calibration import CalibConfig, Calibration, InputStats
+from ramp_cpp.llama.backend import InputStats
+from ramp_cpp.calibration.artifact import CalibConfig, Calibration
 from ramp_cpp.errors import RampError
-from ramp_cpp.features import FeatureConfig, model_features, saturation
-from ramp_cpp.ggufio import read_inventory
+from ramp_cpp.calibration.features import FeatureConfig, model_features, saturation
+from ramp_cpp.llama.ggufio import read_inventory
 
 
 def fake_calibration(path: Path, scale: float, seed: int = 0) -> Calibration:
@@ -97,7 +98,7 @@ def test_standardization(tiny_model: Path) -> None:
 
 
 def test_json_round_trip(tiny_model: Path) -> None:
-    from ramp_cpp.features import Features
+    from ramp_cpp.calibration.features import Features
 
     f = model_features(tiny_model, fake_calibration(tiny_model, 1.0))
     g = Features.from_json(f.to_json())

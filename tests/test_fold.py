@@ -10,13 +10,14 @@ import synthetic
 from gguf import GGMLQuantizationType
 from typer.testing import CliRunner
 
-from ramp_cpp.arch import ATTN_FUSED_GROUP, ATTN_GROUP, FFN_GROUP, FOLD_ARCHS, FoldArch, FoldGroup, fold_arch
-from ramp_cpp.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.calibration import CalibConfig, Calibration, InputStats, save_calibration
-from ramp_cpp.cli import app
+from ramp_cpp.model.arch import ATTN_FUSED_GROUP, ATTN_GROUP, FFN_GROUP, FOLD_ARCHS, FoldArch, FoldGroup, fold_arch
+from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
+from ramp_cpp.llama.backend import InputStats
+from ramp_cpp.calibration.artifact import CalibConfig, Calibration, save_calibration
+from ramp_cpp.cli.app import app
 from ramp_cpp.errors import RampError
-from ramp_cpp.evaluate import EvalConfig, kld
-from ramp_cpp.fold import (
+from ramp_cpp.llama.evaluate import EvalConfig, kld
+from ramp_cpp.fold.folding import (
     FOLD_VERSION,
     FoldConfig,
     fold,
@@ -26,7 +27,7 @@ from ramp_cpp.fold import (
     folded_calibration_from_file,
     plan_groups,
 )
-from ramp_cpp.ggufio import (
+from ramp_cpp.llama.ggufio import (
     TensorRewrite,
     add_metadata,
     field_value,
@@ -34,7 +35,7 @@ from ramp_cpp.ggufio import (
     read_inventory,
     rewrite_gguf,
 )
-from ramp_cpp.quantize import quantize_map
+from ramp_cpp.llama.quantize import quantize_map
 
 CFG = EvalConfig(n_ctx=128, n_chunks=3, top_k=32)
 SHARED = {"attn_q": "attn", "attn_k": "attn", "attn_v": "attn", "attn_qkv": "attn"}
@@ -326,7 +327,7 @@ def test_f16_overflow_refused_f32_storage_works(
 
 def test_folded_calibration_matches_a_new_measurement(models: dict[str, Path], tmp_path: Path) -> None:
     """Reference: calibrate the folded model through llama.cpp; it must see the predicted x / s."""
-    from ramp_cpp.calibrate import calibrate
+    from ramp_cpp.calibration.collect import calibrate
 
     src = models["llama"]
     cfg = CalibConfig(text="synthetic", samples=3, ctx=128)
@@ -402,7 +403,7 @@ def test_cli_fold(models: dict[str, Path], tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.demo
 def test_demo_model_fold(demo_model: Path, tmp_path: Path, wikitext: Callable[[str], str]) -> None:
-    from ramp_cpp.calibrate import calibrate
+    from ramp_cpp.calibration.collect import calibrate
 
     body = wikitext("wikitext2-valid")
     cal = calibrate(demo_model, body, CalibConfig(samples=4, ctx=512))

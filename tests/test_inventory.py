@@ -6,7 +6,7 @@ import pytest
 import synthetic
 
 from ramp_cpp.errors import RampError
-from ramp_cpp.ggufio import read_inventory
+from ramp_cpp.llama.ggufio import read_inventory
 
 
 def test_tiny_llama_inventory(tiny_model: Path) -> None:

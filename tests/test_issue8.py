@@ -14,14 +14,16 @@ from gguf import GGMLQuantizationType as T
 from test_search import small
 from typer.testing import CliRunner
 
-from ramp_cpp import native, quantize
-from ramp_cpp.cli import app
+from ramp_cpp.llama import native
+
+from ramp_cpp.llama import quantize
+from ramp_cpp.cli.app import app
 from ramp_cpp.errors import RampError
-from ramp_cpp.ggufio import read_inventory, tensor_types
-from ramp_cpp.ladder import TYPES, needs_imatrix, tensor_nbytes, type_from_name, written_type
-from ramp_cpp.quantize import QuantizeOptions, quantize_map
-from ramp_cpp.sac import SACConfig
-from ramp_cpp.search import search
+from ramp_cpp.llama.ggufio import read_inventory, tensor_types
+from ramp_cpp.model.ladder import TYPES, needs_imatrix, tensor_nbytes, type_from_name, written_type
+from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
+from ramp_cpp.allocate.sac.agent import SACConfig
+from ramp_cpp.pipeline.paper import search
 
 runner = CliRunner()
 
@@ -184,8 +186,8 @@ def named_run(tiny_model: Path, text_file: Path, tmp_path_factory: pytest.TempPa
 
 def test_presets_get_the_unfolded_calibrations_imatrix(named_run: Any) -> None:
     """3.1: llama.cpp's presets quantize the unfolded model, so their imatrix is E[x^2] of x, not x/s."""
-    from ramp_cpp.calibration import load_calibration
-    from ramp_cpp.fold import folded_calibration_from_file
+    from ramp_cpp.calibration.artifact import load_calibration
+    from ramp_cpp.fold.folding import folded_calibration_from_file
 
     res, seen, model = named_run
     [(src, preset, im)] = seen
@@ -203,7 +205,7 @@ def test_presets_get_the_unfolded_calibrations_imatrix(named_run: Any) -> None:
 
 def test_report_draws_the_unquantized_line(named_run: Any) -> None:
     """3.2: the meta the search writes makes every quality plot draw the base model's line."""
-    from ramp_cpp.report import plot_best_so_far, plot_pareto, plot_training
+    from ramp_cpp.pipeline.report import plot_best_so_far, plot_pareto, plot_training
 
     res = named_run[0]
     report = json.loads((res.run_dir / "report.json").read_text())
@@ -234,7 +236,7 @@ def test_report_draws_the_unquantized_line(named_run: Any) -> None:
 )
 def test_model_stem(name: str, stem: str) -> None:
     """3.3: strip a trailing .gguf and one trailing precision tag, nothing else."""
-    from ramp_cpp.runs import model_stem, ramp_output_name
+    from ramp_cpp.fold.source import model_stem, ramp_output_name
 
     assert model_stem(name) == stem
     assert ramp_output_name(name, "5.5") == f"{stem}.ramp-5.5.gguf"
@@ -249,11 +251,11 @@ def test_search_output_keeps_the_dots(named_run: Any) -> None:
 
 def _synthetic_eval_text(monkeypatch: pytest.MonkeyPatch, text_file: Path) -> None:
     """The demo's held-out text, here the synthetic one (no wikitext in the test environment)."""
-    import ramp_cpp.corpora
+    import ramp_cpp.store.texts
 
-    real = ramp_cpp.corpora.load_text
+    real = ramp_cpp.store.texts.load_text
     monkeypatch.setattr(
-        ramp_cpp.corpora,
+        ramp_cpp.store.texts,
         "load_text",
         lambda spec: (text_file.read_text(), "synthetic") if spec == "wikitext2-test" else real(spec),
     )
@@ -265,15 +267,15 @@ def test_demo_end_to_end_and_resume(
     """The demo's real stages on the tiny model (its texts swapped for the synthetic one): the table has
     SAC, greedy and the presets; a second call with more evaluations resumes the search, it does not
     refuse it or start over."""
-    import ramp_cpp.demo
-    from ramp_cpp.sacsearch import CHECKPOINT, load_checkpoint
+    import ramp_cpp.pipeline.demo
+    from ramp_cpp.allocate.sac.search import CHECKPOINT, load_checkpoint
 
     model = tmp_path / "models" / "tiny.f16.gguf"
     model.parent.mkdir()
     shutil.copy(tiny_model, model)
     cfg = replace(small(text_file), budget_mode="size", metric="kld")
-    monkeypatch.setattr(ramp_cpp.demo, "fetch_demo_base", lambda *a, **k: model)
-    monkeypatch.setattr(ramp_cpp.demo, "demo_config", lambda: cfg)
+    monkeypatch.setattr(ramp_cpp.pipeline.demo, "fetch_demo_base", lambda *a, **k: model)
+    monkeypatch.setattr(ramp_cpp.pipeline.demo, "demo_config", lambda: cfg)
     _synthetic_eval_text(monkeypatch, text_file)
     logs = []
     for n in ("2", "3"):
@@ -300,8 +302,8 @@ def test_demo_end_to_end_and_resume(
 
 @pytest.fixture()
 def policy(tmp_path: Path) -> Path:
-    from ramp_cpp.policy import save_policy
-    from ramp_cpp.sac import SAC
+    from ramp_cpp.allocate.sac.policyfile import save_policy
+    from ramp_cpp.allocate.sac.agent import SAC
 
     agent = SAC(11, SACConfig(hidden=(32, 32, 16), seed=1))
     t = agent.policy_tensors(np.zeros(11, np.float32), np.ones(11, np.float32))
@@ -310,20 +312,20 @@ def policy(tmp_path: Path) -> Path:
 
 @pytest.fixture()
 def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ramp_cpp.calibrate
-    import ramp_cpp.fold
-    import ramp_cpp.tensorcache
+    import ramp_cpp.calibration.collect
+    import ramp_cpp.fold.folding
+    import ramp_cpp.measure.tensorcache
 
     def boom(*a: object, **k: object) -> None:
         raise AssertionError("expensive work started before the budget check")
 
-    monkeypatch.setattr(ramp_cpp.calibrate, "calibrate", boom)
-    monkeypatch.setattr(ramp_cpp.fold, "fold", boom)
-    monkeypatch.setattr(ramp_cpp.tensorcache, "build_cache", boom)
+    monkeypatch.setattr(ramp_cpp.calibration.collect, "calibrate", boom)
+    monkeypatch.setattr(ramp_cpp.fold.folding, "fold", boom)
+    monkeypatch.setattr(ramp_cpp.measure.tensorcache, "build_cache", boom)
 
 
 def test_apply_checks_the_budget_first(tiny_model: Path, policy: Path, tmp_path: Path, no_work: None) -> None:
-    from ramp_cpp.apply import ApplyConfig, apply_policy
+    from ramp_cpp.pipeline.apply import ApplyConfig, apply_policy
 
     with pytest.raises(RampError, match="feasible range"):
         apply_policy(policy, tiny_model, tmp_path / "o.gguf", ApplyConfig(budget=2.5, budget_mode="nominal"))
@@ -351,8 +353,8 @@ def test_demo_table_fits_80_columns() -> None:
 
     from rich.console import Console
 
-    from ramp_cpp.cli import _demo_table
-    from ramp_cpp.demo import DemoRow
+    from ramp_cpp.cli.app import _demo_table
+    from ramp_cpp.pipeline.demo import DemoRow
 
     labels = ["RAMP", "Q4_K_M", "Q4_K_M+imatrix", "Q3_K_M", "Q3_K_M+imatrix"]
     long = Path("/home/someone/.cache/ramp-cpp/models/SmolLM2-135M-Instruct.Q4_K_M.imatrix.gguf")
@@ -376,9 +378,9 @@ def test_demo_presets_with_and_without_the_runs_imatrix(
 ) -> None:
     """Q4_K_M and Q3_K_M, each without and with the unfolded calibration's imatrix, named after the model,
     then compared on held-out text (here: the synthetic text)."""
-    from ramp_cpp.calibration import load_calibration
-    from ramp_cpp.demo import DemoFile, compare, preset_files
-    from ramp_cpp.evaluate import EvalConfig
+    from ramp_cpp.calibration.artifact import load_calibration
+    from ramp_cpp.pipeline.demo import DemoFile, compare, preset_files
+    from ramp_cpp.llama.evaluate import EvalConfig
 
     res, _, model = named_run
     seen: list[Any] = []

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from ramp_cpp.errors import RampError
-from ramp_cpp.policy import load_policy, save_policy
-from ramp_cpp.sac import SAC, SACConfig
+from ramp_cpp.allocate.sac.policyfile import load_policy, save_policy
+from ramp_cpp.allocate.sac.agent import SAC, SACConfig
 
 
 @pytest.fixture()

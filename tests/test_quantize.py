@@ -8,10 +8,10 @@ import synthetic
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 
-from ramp_cpp import native
+from ramp_cpp.llama import native
 from ramp_cpp.errors import RampError
-from ramp_cpp.ggufio import read_inventory, tensor_types
-from ramp_cpp.quantize import (
+from ramp_cpp.llama.ggufio import read_inventory, tensor_types
+from ramp_cpp.llama.quantize import (
     QuantizeOptions,
     complete_map,
     predict,
@@ -135,7 +135,7 @@ def test_imatrix_file_is_read_as_llama_quantize_does(tiny_model: Path, tmp_path:
     """An importance-matrix GGUF (`<name>.in_sum2`, `<name>.counts`) is normalised to sum/count."""
     from gguf import GGUFWriter
 
-    from ramp_cpp.ggufio import read_imatrix
+    from ramp_cpp.llama.ggufio import read_imatrix
 
     rng = np.random.default_rng(2)
     sums = (rng.random(256) * 50).astype(np.float32)

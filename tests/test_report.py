@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ramp_cpp.errors import RampError
-from ramp_cpp.report import DPI, write_report
+from ramp_cpp.pipeline.report import DPI, write_report
 
 ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

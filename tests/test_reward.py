@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ramp_cpp.errors import RampError
-from ramp_cpp.reward import (
+from ramp_cpp.allocate.sac.reward import (
     RewardConfig,
     RewardTerms,
     budget_reward,

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ramp_cpp.errors import RampError
-from ramp_cpp.sac import SAC, Actor, ReplayBuffer, SACConfig, SoftQNetwork, action_to_unit
+from ramp_cpp.allocate.sac.agent import SAC, Actor, ReplayBuffer, SACConfig, SoftQNetwork, action_to_unit
 
 OBS = 11
 SMALL = SACConfig(hidden=(32, 32, 16), batch_size=16, buffer_size=64, seed=3)

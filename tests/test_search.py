@@ -17,11 +17,11 @@ import pytest
 import synthetic
 from gguf import GGUFReader
 
-from ramp_cpp.apply import ApplyConfig, apply_policy
-from ramp_cpp.calibration import CalibConfig
+from ramp_cpp.pipeline.apply import ApplyConfig, apply_policy
+from ramp_cpp.calibration.artifact import CalibConfig
 from ramp_cpp.errors import RampError
-from ramp_cpp.sac import SACConfig
-from ramp_cpp.search import SearchConfig, search
+from ramp_cpp.allocate.sac.agent import SACConfig
+from ramp_cpp.pipeline.paper import SearchConfig, search
 
 
 def small(text_file: Path, **kw: object) -> SearchConfig:
@@ -41,7 +41,7 @@ SAC_SMALL = SACConfig(episodes=5, warmup_episodes=2, updates_per_episode=2, batc
 
 
 def log_key(run: Path) -> list[tuple[float, list[int]]]:
-    from ramp_cpp.search import load_checkpoint
+    from ramp_cpp.pipeline.paper import load_checkpoint
 
     _, st = load_checkpoint(run)
     return [(round(r["reward"], 9), r["bits"]) for r in st.log]
@@ -112,7 +112,7 @@ def test_zero_shot_transfer(trained: Any, text_file: Path, tmp_path: Path, spec:
     m2 = {f.name: f.contents() for f in GGUFReader(out).fields.values() if f.name.startswith("ramp.")}
     assert m2["ramp.transfer_from"] == "tiny.f16.gguf" and m2["ramp.tensor_bits"] == a.bits
     assert m2["ramp.scale_folding"] is True
-    from ramp_cpp.backend import LlamaModel
+    from ramp_cpp.llama.backend import LlamaModel
 
     with LlamaModel(out) as m:
         assert m.n_vocab > 0
@@ -166,7 +166,7 @@ def test_budget_outside_ladder(tiny_model: Path, text_file: Path, tmp_path: Path
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from ramp_cpp.cli import main; main()", *args]
+    return [sys.executable, "-c", "from ramp_cpp.cli.app import main; main()", *args]
 
 
 def _search_args(model: Path, text_file: Path, run: Path, episodes: int) -> list[str]:
@@ -210,7 +210,7 @@ def recipe(text_file: Path) -> Path:
 def _wait_for_episodes(run: Path, proc: subprocess.Popen[bytes], n: int, timeout: float = 120) -> None:
     """Returns with the search stopped (SIGSTOP) at episode >= n: it is frozen while its checkpoint is read,
     so a fast machine cannot run past the last episode between a look and the signal."""
-    from ramp_cpp.search import load_checkpoint
+    from ramp_cpp.pipeline.paper import load_checkpoint
 
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -267,7 +267,7 @@ def test_kill_and_resume(
     assert rc == want, why
     if sig == signal.SIGINT:
         assert b"--resume" in (proc.stderr.read() if proc.stderr else b"")
-    from ramp_cpp.search import load_checkpoint
+    from ramp_cpp.pipeline.paper import load_checkpoint
 
     done = load_checkpoint(run)[1].episode
     assert 3 <= done < n
@@ -275,13 +275,13 @@ def test_kill_and_resume(
         [*_search_args(tiny_model, text_file, run, n), "--resume"], check=True, env=env, capture_output=True
     )
     assert log_key(run) == log_key(straight)
-    from ramp_cpp.cache import scratch_root
+    from ramp_cpp.store.cache import scratch_root
 
     assert not list(scratch_root().glob(f"ramp-*-{proc.pid}-*"))  # the killed run's episode files are gone
 
 
 def test_damaged_checkpoint_is_one_error(tmp_path: Path) -> None:
-    from ramp_cpp.search import load_checkpoint
+    from ramp_cpp.pipeline.paper import load_checkpoint
 
     (tmp_path / "checkpoint.safetensors").write_bytes(b"\x10" + b"\x00" * 50)
     with pytest.raises(RampError, match="not a ramp-cpp checkpoint"):

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ramp_cpp.allocate import greedy, project
+from ramp_cpp.allocate.allocators import greedy, project
 from ramp_cpp.errors import RampError
-from ramp_cpp.features import N_STATIC
-from ramp_cpp.rollout import Context, executed, rollout, states_along
-from ramp_cpp.sacsearch import SizedSearchConfig, agent_config, episode_reward, search
-from ramp_cpp.sensitivity import Option, Sensitivity, TensorOptions
+from ramp_cpp.calibration.features import N_STATIC
+from ramp_cpp.allocate.sac.rollout import Context, executed, rollout, states_along
+from ramp_cpp.allocate.sac.search import SizedSearchConfig, agent_config, episode_reward, search
+from ramp_cpp.measure.sensitivity import Option, Sensitivity, TensorOptions
 
 T = GGMLQuantizationType
 TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
@@ -158,7 +158,7 @@ def test_relative_reward(kld: float, ref: float, size: int, want: float) -> None
 
 
 def test_paper_reward_is_eq_21() -> None:
-    from ramp_cpp.reward import RewardConfig, kld_reward
+    from ramp_cpp.allocate.sac.reward import RewardConfig, kld_reward
 
     cfg = SizedSearchConfig(reward="paper")
     want = kld_reward(0.05, 4.4, RewardConfig(ceiling=4.5, margin=0.25)).total
@@ -323,7 +323,7 @@ def test_combinations_of_flags_are_valid() -> None:
 
 
 def test_rescore_takes_the_best_second_look_and_can_keep_greedy(tmp_path: Path) -> None:
-    from ramp_cpp.sacsearch import rescore
+    from ramp_cpp.allocate.sac.search import rescore
 
     sens = sens_of(list(np.random.default_rng(7).exponential(1.0, 8)))
     ctx = ctx_of(sens, budget_at(sens, 4.6))

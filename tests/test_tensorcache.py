@@ -10,14 +10,14 @@ import synthetic
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 
-from ramp_cpp import tensorcache
-from ramp_cpp.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.candidates import searchable
+from ramp_cpp.measure import tensorcache
+from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
+from ramp_cpp.measure.candidates import searchable
 from ramp_cpp.errors import RampError
-from ramp_cpp.ggufio import ModelInfo, read_inventory, tensor_types
-from ramp_cpp.ladder import bits_per_weight, written_type
-from ramp_cpp.quantize import QuantizeOptions, quantize_map
-from ramp_cpp.tensorcache import TensorCache, assemble, build_cache, imatrix_digest
+from ramp_cpp.llama.ggufio import ModelInfo, read_inventory, tensor_types
+from ramp_cpp.model.ladder import bits_per_weight, written_type
+from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
+from ramp_cpp.measure.tensorcache import TensorCache, assemble, build_cache, imatrix_digest
 
 LADDER = ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q2_K", "IQ4_NL", "IQ4_XS")
 
@@ -331,7 +331,7 @@ def test_build_refuses_a_cache_that_does_not_reproduce_llama_cpp(
 
 
 def test_template_writer_checks_blob_sizes(caches: Any, tmp_path: Path) -> None:
-    from ramp_cpp.ggufio import write_from_template
+    from ramp_cpp.llama.ggufio import write_from_template
 
     cache, _ = caches[("default", False)]
     tpl = cache.template

@@ -1,0 +1,83 @@
+"""The sized search's two connections to the outside: the layer embeddings of the searched tensors (read from
+the GGUF) and the reward, an allocation's mean KLD on the reward chunks, assembled from the tensor cache
+and scored through llama-cpp-python against the base's cached log-probs."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ramp_cpp.allocate.allocators import Choice
+from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
+from ramp_cpp.calibration.artifact import Calibration
+from ramp_cpp.errors import RampError
+from ramp_cpp.llama.evaluate import EvalConfig, base_logprobs, eval_chunks, kld_loaded
+from ramp_cpp.calibration.features import N_STATIC, FeatureConfig, compute_features
+from ramp_cpp.llama.ggufio import read_inventory, weight_moments
+from ramp_cpp.allocate.sac.rollout import Context, Rollout, rollout
+from ramp_cpp.measure.sensitivity import Sensitivity
+
+
+def layer_embeddings(
+    src: str | os.PathLike[str], cal: Calibration, sens: Sensitivity, variant: str
+) -> np.ndarray:
+    """(n_tensors, N_STATIC) standardized static dims of Table 24 for `sens.tensors`, in their order;
+    `variant` "paper" takes Table 24's clipped dims, anything else ramp-cpp's unsaturated ones."""
+    info = read_inventory(src)
+    by_name = {t.name: t for t in info.tensors}
+    ts = [by_name[t.name] for t in sens.tensors]
+    moments = weight_moments(src, [t.name for t in ts])
+    fv = "paper" if variant == "paper" else "ramp"
+    feats = compute_features(info, moments, cal, FeatureConfig(variant=fv), ts)
+    return feats.standardized()[:, :N_STATIC].astype(np.float32)
+
+
+class RewardScorer:
+    """score(choice) -> mean KLD of the allocation on the reward chunks (`ecfg` of `text`) against
+    `base_path`. The episode file lives in `scratch` (tmpfs where there is one) and is overwritten each
+    time; `seconds` accumulates assembly + load + scoring time."""
+
+    def __init__(
+        self,
+        cache: object,
+        base_path: str | os.PathLike[str],
+        text: str,
+        ecfg: EvalConfig,
+        opts: RuntimeOptions,
+        scratch: Path,
+    ) -> None:
+        self.cache = cache
+        self.opts = replace(opts, n_ctx=ecfg.n_ctx)
+        self.base = base_logprobs(base_path, text, ecfg, self.opts)
+        with LlamaModel(base_path, self.opts) as m:
+            self.chunks = eval_chunks(m, text, ecfg)
+        self.dst = scratch / "episode.gguf"
+        self.seconds = 0.0
+
+    def __call__(self, choice: Choice) -> float:
+        from ramp_cpp.measure.tensorcache import assemble
+
+        t0 = time.perf_counter()
+        assemble(self.cache, choice, self.dst, force=True)  # type: ignore[arg-type]
+        with LlamaModel(self.dst, self.opts) as m:
+            k = kld_loaded(m, self.chunks, self.base).kld_mean
+        self.seconds += time.perf_counter() - t0
+        return float(k)
+
+
+def policy_episode(
+    pol: Any, src: str | os.PathLike[str], cal: Calibration, sens: Sensitivity, budget: int
+) -> Rollout:
+    """A sized policy's mean-action episode on a model (`apply`, and the benchmark's transfer rows): the
+    model's own layer embeddings, the policy's state variant and span, projected onto `budget` bytes."""
+    m = pol.meta
+    z = layer_embeddings(src, cal, sens, m["variant"])
+    ctx = Context(sens, z, budget, float(m["span"]), m["variant"])
+    if ctx.obs_dim != int(m["obs_dim"]):
+        raise RampError(f"the policy reads {m['obs_dim']} state dims, this rollout makes {ctx.obs_dim}")
+    return rollout(ctx, lambda s: float(pol.actor.deterministic_action(s[None])[0, 0]))

@@ -1,0 +1,124 @@
+"""A run's shared plumbing, used by the paper's search (search.py), the sized methods (direct.py), `apply` and
+the demo: the model and calibration every method quantizes (calibrated, then folded when asked, both kept in
+the run folder), output names, scratch space and the stage callbacks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ramp_cpp.llama.backend import RuntimeOptions
+from ramp_cpp.store.cache import scratch_dir
+from ramp_cpp.calibration.artifact import CalibConfig, Calibration
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+CALIB = "calib.safetensors"  # the unfolded model's calibration, kept with the run
+
+
+class SourceSettings(Protocol):
+    """What `calibrated_source` reads of a run's settings (search.SearchConfig has both)."""
+
+    @property
+    def calib(self) -> CalibConfig: ...
+
+    @property
+    def fold(self) -> bool: ...
+
+
+def staged(progress: Progress | None, name: str) -> Callable[[int, int], None] | None:
+    """A stage's (done, total) callback reporting to a (stage, done, total) progress callback."""
+    if progress is None:
+        return None
+    cb = progress
+    return lambda done, total: cb(name, done, total)
+
+
+def visited_tensors(model: Any, include_embeddings: bool) -> list[Any]:
+    """The searched tensors in visiting order; with embeddings, token_embd first and output last."""
+    ts = list(model.searched)
+    if include_embeddings:
+        emb = [t for t in model.tensors if t.role == "token_embd"]
+        head = [t for t in model.tensors if t.role == "output"]
+        ts = emb + ts + head
+    return ts
+
+
+#: Precision tags a model file's name may end with before `.gguf`; the output names drop them.
+PRECISION_TAGS = ("f16", "bf16", "f32")
+
+
+def model_stem(path: str | os.PathLike[str]) -> str:
+    """The model's name for output files: its file name less a trailing `.gguf` and then a trailing
+    precision tag (`PRECISION_TAGS`, any case); every other dot stays (`Qwen2.5-0.5B-Instruct.f16.gguf`
+    -> `Qwen2.5-0.5B-Instruct`)."""
+    name = Path(path).name
+    if name.lower().endswith(".gguf"):
+        name = name[: -len(".gguf")]
+    stem, dot, tag = name.rpartition(".")
+    return stem if dot and stem and tag.lower() in PRECISION_TAGS else name
+
+
+def ramp_output_name(model_path: str | os.PathLike[str], label: str) -> str:
+    """`MODEL.ramp-LABEL.gguf` (LABEL: the budget, e.g. 5.5, or a --size target)."""
+    return f"{model_stem(model_path)}.ramp-{label}.gguf"
+
+
+def workdir() -> Path:
+    """Scratch space for the episode GGUF (`cache.scratch_dir`: tmpfs when there is one)."""
+    return scratch_dir("episode")
+
+
+def cleanup(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Source:
+    """What every method quantizes: the model (folded or not) and its calibration; `base_cal` is the unfolded
+    model's (the presets' imatrix)."""
+
+    path: Path
+    cal: Calibration
+    base_cal: Calibration
+
+
+def calibrated_source(
+    model_path: str | os.PathLike[str],
+    run_dir: Path,
+    cfg: SourceSettings,
+    opts: RuntimeOptions,
+    calib: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+    original: Any = None,
+) -> Source:
+    """Calibrate (or reuse `calib` / the run's own), then fold when `cfg.fold`; both kept in `run_dir`."""
+    from ramp_cpp.calibration.collect import calibrate
+    from ramp_cpp.calibration.artifact import check_matches, load_calibration, save_calibration
+    from ramp_cpp.store.texts import load_text
+    from ramp_cpp.fold.folding import fold, folded_calibration_from_file
+    from ramp_cpp.llama.ggufio import read_inventory
+
+    original = original or read_inventory(model_path)
+    cal_path = run_dir / CALIB
+    if calib is not None:
+        cal = load_calibration(calib)
+        if not cal_path.is_file():  # kept with the run, so --resume needs no --calib
+            save_calibration(cal, cal_path)
+    elif cal_path.is_file():
+        cal = load_calibration(cal_path)
+    else:
+        cal_text, _ = load_text(cfg.calib.text)
+        cal = calibrate(model_path, cal_text, cfg.calib, opts, staged(progress, "calibrate"))
+        save_calibration(cal, cal_path, force=True)
+    check_matches(cal, original)
+    if not cfg.fold:
+        return Source(Path(model_path), cal, cal)
+    folded = run_dir / "folded.f16.gguf"
+    if folded.is_file():
+        return Source(folded, folded_calibration_from_file(cal, folded), cal)
+    fres = fold(model_path, cal, folded, force=True, progress=staged(progress, "fold"))
+    return Source(folded, fres.calibration, cal)

@@ -1,0 +1,336 @@
+"""Measure stage: the sensitivity artifact (sensitivity.py) of one model, calibration and imatrix.
+
+For every searched tensor W (numpy order: n_rows × n_per_row, one row per output, one column per input)
+and every candidate type t (candidates.py), Ŵ_t is the tensor cache's copy of what llama.cpp writes for t,
+dequantized by gguf-py, and with D_t = (W − Ŵ_t)² elementwise:
+
+    linear (blk.N.*, untied output.weight):  error_t = Σ_j m_j · Σ_i D_t,ij
+        m_j = sum_sq_j / count: the calibration's E[x_j²] of input column j (the importance matrix)
+    token_embd (a lookup table):             error_t = Σ_i f_i · Σ_j D_t,ij   (+ Σ_j h_j · Σ_i D_t,ij if tied)
+        f_i = how often token i occurs in the calibration windows / their token count
+        h_j = E[x_j²] of the output head's input, recorded as token_embd.weight when the head is tied
+
+Each term is a per-token squared error of the tensor's output (the embedding row looked up, or W x), so
+the terms add up across tensors. The windows are the calibration's own: its text (`cal.config.text`) is
+tokenized by the model (`LlamaModel.tokenize`) and cut and drawn again by `calibrate.windows` with the
+artifact's samples, ctx and seed, which reproduces exactly the tokens that were run (their count is
+checked against `cal.n_tokens`).
+
+nbytes is the tensor's data padded to the GGUF alignment, so that for any choice of types
+
+    file size = fixed_bytes + Σ nbytes,   fixed_bytes = header + every non-searched tensor (padded)
+
+where the header is the one llama.cpp's quantizer writes (the tensor cache's template). Metadata added to
+a written file afterwards (ramp.* keys) grows the header and is not in fixed_bytes.
+
+Measurements are kept beside the tensor cache (`measure-<key>.json` in the cache's key directory, keyed by
+model sha256, calibration digest, imatrix digest and candidate set), written every `save_every` tensors: a
+rerun continues where a killed one stopped, and a finished one is reused for every budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from ramp_cpp.calibration.artifact import Calibration, check_matches
+from ramp_cpp.measure.candidates import CandidateConfig, searched_tensors, tensor_candidates
+from ramp_cpp.errors import RampError
+from ramp_cpp.llama.ggufio import ModelInfo, TensorInfo, open_reader, read_inventory
+from ramp_cpp.model.ladder import written_type
+from ramp_cpp.measure.sensitivity import Option, Sensitivity, TensorOptions, undominated
+
+T = GGMLQuantizationType
+Progress = Callable[[int, int], None]  # (done, total)
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    candidates: CandidateConfig = field(default_factory=CandidateConfig)
+    save_every: int = 8  # tensors measured between two saves of the partial measurement
+    chunk_elements: int = 1 << 24  # weights dequantized at once per type: bounds memory on large tensors
+    n_threads: int | None = None  # llama.cpp's quantizer threads (None: all cores)
+
+
+def default_cache_root() -> Path:
+    from ramp_cpp.store.cache import cache_dir
+
+    return cache_dir() / "tensorcache"
+
+
+def calibration_digest(cal: Calibration) -> str:
+    """sha256 over what the measurement uses of a calibration: its config (the windows), token count and
+    every tensor's sum_sq and count, in name order."""
+    h = hashlib.sha256()
+    h.update(json.dumps([cal.config.text, cal.config.samples, cal.config.ctx, cal.config.seed]).encode())
+    h.update(cal.n_tokens.to_bytes(8, "little"))
+    for name in sorted(cal.stats):
+        s = cal.stats[name]
+        sq = np.ascontiguousarray(s.sum_sq, dtype=np.float64)
+        h.update(name.encode() + b"\0" + s.count.to_bytes(8, "little") + sq.tobytes())
+    return h.hexdigest()
+
+
+def head_stats_name(info: ModelInfo) -> str:
+    """The name the calibration records the output head's input under: the head's own weight, which is
+    token_embd.weight when the head is tied."""
+    return "token_embd.weight" if info.tied_output else "output.weight"
+
+
+def needed_stats(info: ModelInfo, tensors: Sequence[TensorInfo]) -> list[str]:
+    """Calibration entries the weighting of `tensors` reads."""
+    out = [t.name for t in tensors if t.role != "token_embd"]
+    if info.tied_output and any(t.role == "token_embd" for t in tensors):
+        out.append(head_stats_name(info))
+    return out
+
+
+def token_frequencies(
+    model_path: str | os.PathLike[str], cal: Calibration, n_rows: int, text: str | None = None
+) -> np.ndarray:
+    """f_i of the module docstring, float64 (n_rows,): token counts in the calibration's windows over
+    their total. `text`: the calibration text's body (default: loaded by its name, `cal.config.text`)."""
+    from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
+    from ramp_cpp.calibration.collect import windows
+    from ramp_cpp.store.texts import load_text
+
+    body = text if text is not None else load_text(cal.config.text)[0]
+    with LlamaModel(model_path, RuntimeOptions(n_ctx=64, n_threads=1)) as m:
+        tokens = m.tokenize(body)
+        bos = m.bos if m.add_bos else None
+    ids = np.concatenate(windows(tokens, cal.config, bos))
+    if ids.size != cal.n_tokens:
+        raise RampError(
+            f"the calibration's windows hold {ids.size} tokens, it counted {cal.n_tokens}: "
+            "its text changed since it was measured"
+        )
+    if ids.size == 0 or int(ids.min()) < 0 or int(ids.max()) >= n_rows:
+        raise RampError(f"token ids outside the embedding table of {n_rows} rows")
+    counts = np.bincount(ids, minlength=n_rows).astype(np.float64)
+    return counts / counts.sum()
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """error_t = columns · Σ_i D_t,ij + rows · Σ_j D_t,ij (either may be absent)."""
+
+    columns: np.ndarray | None  # float64 (n_per_row,)
+    rows: np.ndarray | None  # float64 (n_rows,)
+
+
+def weighting(
+    tensor: TensorInfo, info: ModelInfo, cal: Calibration, freqs: np.ndarray | None
+) -> Weighting:
+    def mean_sq(name: str) -> np.ndarray:
+        s = cal.stats[name]
+        return np.asarray(s.sum_sq, dtype=np.float64) / max(s.count, 1)
+
+    if tensor.role == "token_embd":
+        assert freqs is not None
+        head = mean_sq(head_stats_name(info)) if info.tied_output else None
+        return Weighting(head, freqs)
+    return Weighting(mean_sq(tensor.name), None)
+
+
+def tensor_errors(
+    source: Any,
+    tensor: TensorInfo,
+    written: Sequence[GGMLQuantizationType],
+    weights: Weighting,
+    rows_of: Callable[[GGMLQuantizationType, int, int], np.ndarray],
+    chunk_elements: int = 1 << 24,
+) -> list[float]:
+    """error_t for each type of `written`: `source` is the tensor's data as gguf-py reads it (one row per
+    output), `rows_of(t, start, stop)` the dequantized rows of its type-t copy. Rows are processed in
+    chunks of about `chunk_elements` weights."""
+    from gguf.quants import dequantize
+
+    src_type = T(int(source.tensor_type))
+    data = np.asarray(source.data)
+    n_rows, n_in = tensor.n_rows, tensor.n_per_row
+    step = max(1, chunk_elements // n_in)
+    acc = np.zeros(len(written), dtype=np.float64)
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        w = np.asarray(dequantize(data[r0:r1], src_type), dtype=np.float32).reshape(r1 - r0, n_in)
+        for k, t in enumerate(written):
+            d = rows_of(t, r0, r1)
+            d -= w
+            np.square(d, out=d)
+            if weights.columns is not None:
+                acc[k] += float(d.sum(axis=0, dtype=np.float64) @ weights.columns)
+            if weights.rows is not None:
+                acc[k] += float(d.sum(axis=1, dtype=np.float64) @ weights.rows[r0:r1])
+    return [float(x) for x in acc]
+
+
+# -- the stage -----------------------------------------------------------------------------------------
+
+
+def _state_path(directory: Path, key: Mapping[str, Any]) -> Path:
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return directory / f"measure-{h[:16]}.json"
+
+
+def _read_state(path: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) and d.get("key") == dict(key) else None
+
+
+def _write_state(path: Path, state: Mapping[str, Any]) -> None:
+    from ramp_cpp.store.atomic import atomic_path
+
+    with atomic_path(path, force=True) as tmp:
+        tmp.write_text(json.dumps(state))
+
+
+def _sensitivity(state: Mapping[str, Any], key: Mapping[str, Any]) -> Sensitivity:
+    tensors = []
+    for name in state["order"]:
+        n_params, rows = state["rows"][name]
+        opts = undominated(Option(T.__members__[ty], int(nb), float(err)) for ty, nb, err in rows)
+        tensors.append(TensorOptions(name, int(n_params), opts))
+    return Sensitivity(
+        model_sha256=key["model_sha256"],
+        imatrix_digest=key["imatrix_digest"],
+        fixed_bytes=int(state["fixed_bytes"]),
+        n_params_total=int(state["n_params_total"]),
+        tensors=tuple(tensors),
+        calibration_digest=key["calibration_digest"],
+        ladder=key["ladder"],
+        candidate_types=tuple(T.__members__[x] for x in key["types"]),
+        base=T.__members__[key["base"]],
+    )
+
+
+def measure(
+    src: str | os.PathLike[str],
+    calibration: Calibration,
+    imatrix: Mapping[str, np.ndarray] | None,
+    cfg: MeasureConfig = MeasureConfig(),
+    cache_root: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+    cache_progress: Progress | None = None,
+    text: str | None = None,
+) -> Sensitivity:
+    """The sensitivity of `src` under `calibration` (measured on `src`, folded or not) with the tensor cache
+    quantized with `imatrix` (None: without one) under `cache_root` (default: the user cache's
+    tensorcache/, the layout `build_cache` uses, so a search's cache is reused). `progress(done, total)`
+    counts tensors measured, `cache_progress` the types llama.cpp quantizes for the cache; `text` is the
+    calibration text's body when it is not to be loaded by name."""
+    from ramp_cpp.store.cache import file_sha256_cached
+    from ramp_cpp.measure.tensorcache import build_cache, dequantized_rows, directory_for, imatrix_digest
+
+    if cfg.save_every < 1:
+        raise RampError(f"save_every must be >= 1, got {cfg.save_every}")
+    cc = cfg.candidates
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    if not Path(src).is_file():
+        raise RampError(f"{src}: no such file")
+    sha = file_sha256_cached(src)
+    if calibration.model_sha256 != sha:
+        raise RampError(
+            f"the calibration was measured on {calibration.model_name} (sha256 "
+            f"{calibration.model_sha256[:12]}), not on {Path(src).name} ({sha[:12]}): calibrate this file"
+        )
+    digest = imatrix_digest(imatrix)
+    key = {
+        "format": FORMAT_VERSION,
+        "model_sha256": sha,
+        "calibration_digest": calibration_digest(calibration),
+        "imatrix_digest": digest,
+        **cc.key(),
+    }
+    directory = directory_for(root, sha, digest, cc.base)
+    path = _state_path(directory, key)
+    state = _read_state(path, key)
+    if state is not None and state.get("complete"):
+        return _sensitivity(state, key)
+
+    info = read_inventory(src)
+    tensors = searched_tensors(info, cc.embeddings)
+    check_matches(calibration, info, needed_stats(info, tensors))
+    cands = {t.name: tensor_candidates(cc, t, imatrix is not None and t.name in imatrix) for t in tensors}
+    empty = [t for t in tensors if not cands[t.name]]
+    if empty:
+        t = empty[0]
+        raise RampError(
+            f"{t.name}: no candidate type fits its rows of {t.n_per_row} weights "
+            f"(candidates: {', '.join(x.name for x in cc.requested())}); add a 32-block type such as Q8_0"
+        )
+    names = [t.name for t in tensors]
+    cache = build_cache(
+        src, cc.requested(), root, imatrix=imatrix, base=cc.base, n_threads=cfg.n_threads,
+        progress=cache_progress, searched=names,
+    )
+    align = cache.template.alignment
+
+    def padded(n: int) -> int:
+        return -(-n // align) * align
+
+    if state is None:
+        fixed = len(cache.template.meta)
+        by_name = {t.name: t for t in info.tensors}
+        for slot in cache.template.tensors:
+            if slot.name in names:
+                continue
+            blob = cache.fixed.get(slot.name)
+            if blob is None:  # a searchable tensor left out of this search: the base type's bytes
+                wt = written_type(cc.base, by_name[slot.name].n_per_row)
+                blob = cache.searched[(slot.name, wt)]
+            fixed += padded(blob.nbytes)
+        state = {
+            "key": key,
+            "fixed_bytes": fixed,
+            "n_params_total": info.n_params_total,
+            "order": names,
+            "rows": {},
+            "complete": False,
+        }
+    todo = [t for t in tensors if t.name not in state["rows"]]
+    freqs = None
+    if any(t.role == "token_embd" for t in todo):
+        emb = next(t for t in todo if t.role == "token_embd")
+        freqs = token_frequencies(src, calibration, emb.n_rows, text)
+    reader = open_reader(src)
+    source = {t.name: t for t in reader.tensors}
+    since_save = 0
+    for t in todo:
+        written = [w for _, w in cands[t.name]]
+
+        def rows_of(wt: GGMLQuantizationType, a: int, b: int, name: str = t.name) -> np.ndarray:
+            return dequantized_rows(cache, name, wt, a, b)
+
+        errs = tensor_errors(
+            source[t.name], t, written, weighting(t, info, calibration, freqs), rows_of, cfg.chunk_elements
+        )
+        nbytes = [padded(cache.searched[(t.name, w)].nbytes) for w in written]
+        state["rows"][t.name] = [
+            t.n_params, [[w.name, nb, e] for w, nb, e in zip(written, nbytes, errs, strict=True)]
+        ]
+        since_save += 1
+        done = len(state["rows"])
+        if done == len(tensors):
+            state["complete"] = True
+        if since_save >= cfg.save_every or state["complete"]:
+            _write_state(path, state)
+            since_save = 0
+        if progress:
+            progress(done, len(tensors))
+    if not state["complete"]:  # everything was measured before, only the flag is missing
+        state["complete"] = True
+        _write_state(path, state)
+    return _sensitivity(state, key)
+

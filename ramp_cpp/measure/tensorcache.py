@@ -1,0 +1,416 @@
+"""Tensor cache: every searched tensor quantized once per candidate type, so an episode's GGUF is assembled
+from stored bytes in a fraction of a second instead of re-running llama.cpp's quantizer on the model.
+
+The bytes come from llama.cpp itself: for each candidate type `t`, one `quantize_map` call with every
+searched tensor at `t` (every other quantizable tensor at `base`, same imatrix), whose tensor data is then
+cut out of the written file. That carries llama.cpp's row-length fallbacks and imatrix handling over
+unchanged; an assembled file is byte for byte the file `quantize_map` writes for the same map (header
+included), which `build_cache` checks on the model at hand for every type it adds.
+
+Searchable are the blk.N linears and the embeddings (`candidates.searchable`: token_embd, and output when
+the head is not tied); the caller names the ones it searches (default: the linears). A type that needs an
+importance matrix (`ladder.needs_imatrix`) is cached only for the tensors the imatrix covers.
+
+On disk, one directory per key (model sha256, imatrix digest, base type) under the cache root:
+
+    layout.json   key, header template (patch positions), the non-searchable tensors' place in fixed.bin
+    header.bin    the template's metadata bytes;  fixed.bin: every non-searchable tensor as written
+    Q8_0.bin      (the base type) every searchable tensor as written when not searched
+    Q4_K.bin      the searched tensors as llama.cpp writes them when asked for Q4_K (after fallback)
+    Q4_K.json     name -> [written type, offset, bytes] in Q4_K.bin; written last, so it marks Q4_K done
+                  for these names (a later call searching more tensors quantizes Q4_K again for all of them)
+
+Every file is written to a temp name and renamed, so an interrupted build leaves whole types or none, and
+the next `build_cache` quantizes only the types still missing.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import hashlib
+import json
+import mmap
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from ramp_cpp.store.atomic import atomic_path
+from ramp_cpp.store.cache import file_sha256_cached
+from ramp_cpp.measure.candidates import searchable
+from ramp_cpp.errors import RampError
+from ramp_cpp.llama.ggufio import (
+    HeaderTemplate,
+    ModelInfo,
+    TensorInfo,
+    TensorSlot,
+    extract_tensors,
+    read_header_template,
+    read_inventory,
+    write_from_template,
+)
+from ramp_cpp.model.ladder import needs_imatrix, type_from_name, written_type
+from ramp_cpp.llama.quantize import QuantizeOptions, complete_map, file_type_for, quantize_map
+
+T = GGMLQuantizationType
+FORMAT_VERSION = 2  # 2: embeddings searchable (in the base type's bin, not in fixed.bin)
+
+
+@dataclass(frozen=True)
+class Blob:
+    """Where one tensor's bytes live in the cache."""
+
+    file: str  # file name inside the cache directory
+    ggml_type: GGMLQuantizationType  # the type the bytes are stored as
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TensorCache:
+    """The cached bytes of one source model for one (imatrix, base), and the header template they fill."""
+
+    directory: Path  # the directory of this key (under the cache root given to build_cache)
+    model_sha256: str
+    imatrix_digest: str | None  # None: quantized without an importance matrix
+    base: GGMLQuantizationType  # type of every non-searched quantizable tensor (quantize_map's `base`)
+    types: tuple[GGMLQuantizationType, ...]  # candidate (requested) types cached; `base` always is too
+    info: ModelInfo  # inventory of the source model
+    template: HeaderTemplate
+    searched: Mapping[tuple[str, GGMLQuantizationType], Blob]  # (searchable tensor, written type) -> bytes
+    fixed: Mapping[str, Blob]  # every non-searchable tensor, as llama.cpp writes it with `base`
+    names: tuple[str, ...] = ()  # the tensors searched through this cache (others only at `base`)
+
+
+@dataclass(frozen=True)
+class AssembleResult:
+    path: str
+    file_size: int
+    seconds: float
+
+
+def imatrix_digest(imatrix: Mapping[str, np.ndarray] | None) -> str | None:
+    """sha256 over the (name, float32 values) pairs in name order; None for no (or an empty) imatrix,
+    which llama.cpp treats alike."""
+    if not imatrix:
+        return None
+    h = hashlib.sha256()
+    for name in sorted(imatrix):
+        v = np.ascontiguousarray(imatrix[name], dtype=np.float32)
+        h.update(name.encode() + b"\0" + v.size.to_bytes(8, "little") + v.tobytes())
+    return h.hexdigest()
+
+
+def _key(sha: str, digest: str | None, base: GGMLQuantizationType) -> dict[str, Any]:
+    return {"format": FORMAT_VERSION, "model_sha256": sha, "imatrix_digest": digest, "base": base.name}
+
+
+def _as_type(t: str | GGMLQuantizationType) -> GGMLQuantizationType:
+    return t if isinstance(t, GGMLQuantizationType) else type_from_name(t)
+
+
+def directory_for(
+    cache_dir: str | os.PathLike[str], model_sha256: str, digest: str | None, base: GGMLQuantizationType
+) -> Path:
+    """The directory of one key under the cache root `cache_dir`."""
+    return Path(cache_dir) / f"{model_sha256[:16]}-{(digest or 'none')[:16]}-{base.name}"
+
+
+def cacheable(
+    names: Iterable[str], t: GGMLQuantizationType, imatrix: Mapping[str, np.ndarray] | None
+) -> list[str]:
+    """The tensors of `names` that can be cached as `t`: all, or for a type that needs an importance matrix
+    only those the imatrix covers (llama.cpp refuses the others, ggml may abort on them)."""
+    have = imatrix or {}
+    return [n for n in names if not needs_imatrix(t) or n in have]
+
+
+#: Open read-only maps of the cache's .bin files, by (path, inode, mtime): an episode then copies from
+#: already-mapped pages instead of faulting them in again (a rebuilt file has a new inode).
+_MAPS: dict[tuple[str, int, int], mmap.mmap] = {}
+_MAX_MAPS = 64
+
+
+def _mapped(path: Path) -> mmap.mmap:
+    """A shared read-only map of `path`, least recently used ones closed beyond _MAX_MAPS."""
+    st = path.stat()
+    key = (str(path), st.st_ino, st.st_mtime_ns)
+    m = _MAPS.pop(key, None)
+    if m is None:
+        stale = [k for k in _MAPS if k[0] == key[0]]  # the file was rebuilt
+        stale += list(_MAPS)[: max(0, len(_MAPS) - len(stale) - _MAX_MAPS + 1)]
+        for k in dict.fromkeys(stale):
+            _MAPS.pop(k).close()
+        with open(path, "rb") as f:
+            m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    _MAPS[key] = m  # (re)inserted last: dict order is recency order
+    return m
+
+
+def _read_json(path: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A cache index, or None when absent, unreadable or written for another key."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) and d.get("key") == dict(key) else None
+
+
+def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
+    with atomic_path(path, force=True) as tmp:
+        tmp.write_text(json.dumps(obj))
+
+
+def build_cache(
+    src: str | os.PathLike[str],
+    types: Iterable[str | GGMLQuantizationType],
+    cache_dir: str | os.PathLike[str],
+    imatrix: Mapping[str, np.ndarray] | None = None,
+    base: str | GGMLQuantizationType = T.Q8_0,
+    n_threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    searched: Iterable[str] | None = None,
+) -> TensorCache:
+    """The tensor cache of `src` for candidate `types` under the root `cache_dir`: reused where this key
+    (model sha256, imatrix digest, base) already holds a type for the `searched` tensors (default: the
+    blk.N linears; any of `candidates.searchable`), built by one llama.cpp quantization per missing type
+    otherwise. `progress(done, total)` counts the types quantized (never called if none)."""
+    base_t = _as_type(base)
+    wanted = list(dict.fromkeys(_as_type(t) for t in types))
+    if not wanted:
+        raise RampError("no candidate types to cache")
+    key = _key(file_sha256_cached(src), imatrix_digest(imatrix), base_t)
+    directory = directory_for(cache_dir, key["model_sha256"], key["imatrix_digest"], base_t)
+    directory.mkdir(parents=True, exist_ok=True)
+    layout = _read_layout(directory, key, src)
+    # reading the inventory parses the whole vocabulary (seconds on a real model): the layout keeps it
+    info = layout["info"] if layout is not None else read_inventory(src)
+    universe = [t.name for t in searchable(info)]
+    names = list(dict.fromkeys(searched)) if searched is not None else [t.name for t in info.searched]
+    stray = [n for n in names if n not in universe]
+    if stray:
+        raise RampError(
+            f"{stray[0]} is not a searchable tensor of {Path(src).name} "
+            "(the blk.N linears, token_embd, output)"
+        )
+    # the base type first: its bytes of every searchable tensor fill the others' assemblies
+    need = {base_t: cacheable(universe, base_t, imatrix)}
+    for t in wanted:
+        need[t] = list(dict.fromkeys([*need.get(t, []), *cacheable(names, t, imatrix)]))
+    todo: dict[GGMLQuantizationType, list[str]] = {}
+    for t, ns in need.items():
+        have = _read_json(directory / f"{t.name}.json", key)
+        cached = set(have["tensors"]) if have is not None else set()
+        if have is None or not set(ns) <= cached:
+            todo[t] = [n for n in universe if n in cached or n in set(ns)]
+    if layout is None and not todo:
+        todo[base_t] = need[base_t]  # the fixed part and header come from any one quantization
+    opts = QuantizeOptions(imatrix=imatrix, n_threads=n_threads)
+    for i, (t, cover) in enumerate(todo.items()):
+        ref = directory / f".ref-{t.name}-{os.getpid()}.gguf"
+        try:
+            quantize_map(src, ref, {n: t for n in cover}, base=base_t, opts=opts)
+            if _read_layout(directory, key, src) is None:
+                _write_layout(directory, key, ref, info, set(universe))
+            index = extract_tensors(ref, cover, directory / f"{t.name}.bin", force=True)
+            _write_json(
+                directory / f"{t.name}.json",
+                {"key": key, "tensors": {n: [T(ty).name, off, nb] for n, (ty, off, nb) in index.items()}},
+            )
+            try:
+                _check_identical(
+                    _load(directory, key, src, [t], base_t, cover), {n: t for n in cover}, ref
+                )
+            except RampError:
+                (directory / f"{t.name}.json").unlink(missing_ok=True)  # never reuse bytes that failed
+                raise
+        finally:
+            ref.unlink(missing_ok=True)
+        if progress:
+            progress(i + 1, len(todo))
+    return _load(directory, key, src, wanted, base_t, names)
+
+
+def _write_layout(
+    directory: Path, key: Mapping[str, Any], ref: Path, info: ModelInfo, searched: set[str]
+) -> None:
+    """header.bin, fixed.bin (every tensor not in `searched`) and (last) layout.json from llama.cpp's
+    quantization `ref`; layout.json keeps the source's inventory `info` too, so that a reused cache never
+    parses the model."""
+    template = read_header_template(ref)
+    fixed_names = [s.name for s in template.tensors if s.name not in searched]
+    index = extract_tensors(ref, fixed_names, directory / "fixed.bin", force=True)
+    with atomic_path(directory / "header.bin", force=True) as tmp:
+        tmp.write_bytes(template.meta)
+    _write_json(
+        directory / "layout.json",
+        {
+            "key": key,
+            "info": info.to_json(),
+            "alignment": template.alignment,
+            "file_type_pos": template.file_type_pos,
+            "tensors": [
+                [s.name, s.n_elements, s.ggml_type, s.type_pos, s.offset_pos] for s in template.tensors
+            ],
+            "fixed": {n: [T(ty).name, off, nb] for n, (ty, off, nb) in index.items()},
+        },
+    )
+
+
+def _read_layout(
+    directory: Path, key: Mapping[str, Any], src: str | os.PathLike[str]
+) -> dict[str, Any] | None:
+    """layout.json with its inventory as a ModelInfo of `src` under "info"; None if absent or stale."""
+    layout = _read_json(directory / "layout.json", key)
+    if layout is None or not (directory / "header.bin").is_file():
+        return None
+    try:
+        d = dict(layout["info"])
+        tensors = tuple(TensorInfo(**t) for t in d.pop("tensors"))
+        d.update(path=str(src), tensors=tensors)
+        layout["info"] = ModelInfo(**d)
+    except (KeyError, TypeError):  # written by an older ModelInfo
+        return None
+    return layout
+
+
+def _load(
+    directory: Path,
+    key: Mapping[str, Any],
+    src: str | os.PathLike[str],
+    types: list[GGMLQuantizationType],
+    base: GGMLQuantizationType,
+    names: list[str],
+) -> TensorCache:
+    """The cache artifact of `directory` for searching `names` as `types`: their bytes of each type, and the
+    base type's bytes of every searchable tensor."""
+    layout = _read_layout(directory, key, src)
+    if layout is None:
+        raise RampError(f"{directory}: tensor cache has no usable layout.json (rerun build_cache)")
+    meta = (directory / "header.bin").read_bytes()
+    template = HeaderTemplate(
+        meta=meta,
+        alignment=int(layout["alignment"]),
+        file_type_pos=int(layout["file_type_pos"]),
+        tensors=tuple(
+            TensorSlot(n, int(ne), int(ty), int(tp), int(op)) for n, ne, ty, tp, op in layout["tensors"]
+        ),
+    )
+    fixed = {
+        n: Blob("fixed.bin", T.__members__[ty], int(off), int(nb))
+        for n, (ty, off, nb) in layout["fixed"].items()
+    }
+    searched: dict[tuple[str, GGMLQuantizationType], Blob] = {}
+    wanted = set(names)
+    for t in dict.fromkeys([base, *types]):
+        index = _read_json(directory / f"{t.name}.json", key)
+        if index is None:
+            raise RampError(f"{directory}: tensor cache lacks type {t.name} (rerun build_cache)")
+        for n, (ty, off, nb) in index["tensors"].items():
+            if t == base or n in wanted:
+                searched[(n, T.__members__[ty])] = Blob(f"{t.name}.bin", T.__members__[ty], int(off), int(nb))
+    return TensorCache(
+        directory=directory,
+        model_sha256=str(key["model_sha256"]),
+        imatrix_digest=key["imatrix_digest"],
+        base=base,
+        types=tuple(types),
+        info=layout["info"],
+        template=template,
+        searched=searched,
+        fixed=fixed,
+        names=tuple(names),
+    )
+
+
+def _check_identical(cache: TensorCache, types: Mapping[str, GGMLQuantizationType], ref: Path) -> None:
+    """The assembled file for `types` must equal llama.cpp's own (`ref`), header and padding included."""
+    probe = ref.with_name(ref.name + ".assembled")
+    try:
+        assemble(cache, types, probe, force=True)
+        if not filecmp.cmp(probe, ref, shallow=False):
+            raise RampError(
+                f"assembled file differs from llama.cpp's quantization of {cache.info.path}: "
+                "this GGUF layout is not supported by the tensor cache"
+            )
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def assemble(
+    cache: TensorCache,
+    types: Mapping[str, str | GGMLQuantizationType],
+    dst: str | os.PathLike[str],
+    force: bool = False,
+    recycle: bool = False,
+) -> AssembleResult:
+    """Write the GGUF `quantize_map(src, dst, types, base=cache.base, opts=<same imatrix>)` would write, from
+    cached bytes. `types` names searched tensors (others get `base`, as in quantize_map) with the type asked
+    for; llama.cpp's row-length fallback (ladder.written_type) picks the bytes. `recycle`: overwrite an
+    existing `dst` in place (see ggufio.write_from_template; only once nothing maps it)."""
+    t0 = time.perf_counter()
+    info = cache.info
+    full = complete_map(info, {n: _as_type(t) for n, t in types.items()}, cache.base)
+    row = {t.name: t.n_per_row for t in info.tensors}
+    chosen: list[Blob] = []
+    searched = set(cache.names)
+    for slot in cache.template.tensors:
+        asked = full.get(slot.name)
+        if slot.name not in searched and asked is not None and asked != cache.base:
+            raise RampError(
+                f"{slot.name} is not a searched tensor: the cache holds it only as {cache.base.name}"
+            )
+        if slot.name in cache.fixed:
+            chosen.append(cache.fixed[slot.name])
+            continue
+        wt = written_type(full[slot.name], row[slot.name])
+        blob = cache.searched.get((slot.name, wt))
+        if blob is None:
+            have = sorted({t.name for (n, t) in cache.searched if n == slot.name})
+            raise RampError(
+                f"{slot.name}: no cached bytes for {wt.name} "
+                f"(asked {full[slot.name].name}; cached: {', '.join(have)})"
+            )
+        chosen.append(blob)
+    maps = {f: memoryview(_mapped(cache.directory / f)) for f in {b.file for b in chosen}}
+    views = [maps[b.file][b.offset : b.offset + b.nbytes] for b in chosen]
+    try:
+        size = write_from_template(
+            dst, cache.template, file_type_for(full), [int(b.ggml_type) for b in chosen], views, force,
+            recycle,
+        )
+    finally:
+        # no view may outlive this call: _mapped closes maps it evicts
+        for v in [*views, *maps.values()]:
+            v.release()
+    return AssembleResult(str(dst), size, time.perf_counter() - t0)
+
+
+def dequantized_rows(
+    cache: TensorCache, name: str, written: GGMLQuantizationType, start: int, stop: int
+) -> np.ndarray:
+    """Rows start..stop-1 of searchable tensor `name` as the cache stores it in type `written` (what
+    llama.cpp writes), dequantized by gguf-py: float32, shape (stop - start, n_per_row)."""
+    from gguf.quants import dequantize
+
+    blob = cache.searched.get((name, written))
+    if blob is None:
+        raise RampError(f"{name}: no cached bytes for {written.name}")
+    n_rows = cache.info.tensor(name).n_rows
+    row_bytes = blob.nbytes // n_rows
+    if not 0 <= start <= stop <= n_rows:
+        raise RampError(f"{name}: rows {start}..{stop} outside 0..{n_rows}")
+    view = memoryview(_mapped(cache.directory / blob.file))
+    try:
+        part = view[blob.offset + start * row_bytes : blob.offset + stop * row_bytes]
+        # a copy: no array may keep the map exported (_mapped closes maps it evicts)
+        raw = np.frombuffer(part, dtype=np.uint8).reshape(stop - start, row_bytes).copy()
+        part.release()
+    finally:
+        view.release()
+    return np.asarray(dequantize(raw, written), dtype=np.float32)

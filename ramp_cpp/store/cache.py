@@ -1,0 +1,84 @@
+"""Where ramp-cpp keeps what it computes once (models, texts, base log-probs, tensor caches) and the files'
+sha256, hashed once per (path, size, mtime)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ramp_cpp.store.atomic import atomic_path
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """sha256 of a file; used to key caches (base log-probs, tensor cache) to the exact bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    d = os.environ.get("RAMP_CACHE_DIR")
+    return Path(d) if d else Path.home() / ".cache" / "ramp-cpp"
+
+
+def scratch_root() -> Path:
+    """Where a run's short-lived files go (episode GGUFs, probes): $RAMP_SCRATCH_DIR, else tmpfs (/dev/shm)
+    when writable, a model's worth of RAM that is never written to disk, else the system temp dir."""
+    d = os.environ.get("RAMP_SCRATCH_DIR")
+    if d:
+        return Path(d)
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def scratch_dir(kind: str) -> Path:
+    """A fresh folder `ramp-KIND-PID-XXXX` under `scratch_root()`. A process killed by SIGKILL cannot remove
+    its own, and on tmpfs a leftover holds RAM until reboot: every new one first removes those whose process
+    is gone."""
+    root = scratch_root()
+    root.mkdir(parents=True, exist_ok=True)
+    sweep_scratch(root)
+    return Path(tempfile.mkdtemp(prefix=f"ramp-{kind}-{os.getpid()}-", dir=root))
+
+
+def sweep_scratch(root: Path) -> list[Path]:
+    """Remove `ramp-*-PID-*` folders of `root` whose PID no longer runs; return them."""
+    gone = []
+    for d in root.glob("ramp-*-*-*"):
+        pid = d.name.split("-")[2]
+        if not pid.isdigit() or not d.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+        except PermissionError:  # alive, another user's
+            pass
+    return gone
+
+
+
+def file_sha256_cached(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) so a 13 GB base is hashed once."""
+    p = Path(path).resolve()
+    st = p.stat()
+    idx = cache_dir() / "sha256.json"
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    table: dict[str, str] = {}
+    if idx.is_file():
+        try:
+            table = json.loads(idx.read_text())
+        except ValueError:
+            table = {}
+    if key not in table:
+        table[key] = file_sha256(p)
+        idx.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(idx, force=True) as tmp:
+            tmp.write_text(json.dumps(table))
+    return table[key]
