@@ -1,12 +1,17 @@
-"""Rewrite the README's results block (between `<!-- results:begin -->` and `<!-- results:end -->`) and
-every model's `bench/results/<model>.md` / `.png` from bench/results/*.json, with the prose of
-bench/summary.md on top: no table by hand.
+"""Rewrite, from bench/results/*.json, every results table the documentation shows: no table by hand.
 
-    .venv/bin/python bench/readme.py
+- `docs/results.md`, between `<!-- results:begin -->` and `<!-- results:end -->`: every results table, with
+  the prose of bench/summary.md on top (links made relative to docs/);
+- `README.md`, between `<!-- headline:begin -->` and `<!-- headline:end -->`: the table at Q4_K_M's
+  whole-file size and one line of SAC against greedy;
+- every model's `bench/results/<model>.md` / `.png` (unless `--no-reports`).
+
+    .venv/bin/python bench/readme.py [--no-reports]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -20,7 +25,12 @@ from run import _longest_sac, report  # noqa: E402
 from table import HERE, calibration_table, fold_choice, sac_table  # noqa: E402
 
 README = HERE.parent / "README.md"
+RESULTS = HERE.parent / "docs" / "results.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+HEADLINE_BEGIN, HEADLINE_END = "<!-- headline:begin -->", "<!-- headline:end -->"
+SUMMARY_TITLE = (
+    "**At Q4_K_M's whole-file size** (KLD, and its ratio to Q4_K_M + imatrix on the unfolded model):"
+)
 MODELS = (
     ("smollm2", "SmolLM2-135M (demo)"),
     ("qwen0.5b", "Qwen2.5-Coder-0.5B"),
@@ -144,11 +154,10 @@ def transfer_table() -> str:
     return "\n".join(lines)
 
 
-def sac_ratio_table() -> str:
-    """Every plain SAC run (`sac`, `sac-eN`: no ablation variant) of every model as a multiple of the measured
-    greedy it starts from, held out: its result and its final policy's mean-action rollout."""
-    lines = ["| model | size (folding) | evaluations | SAC / greedy | final policy / greedy |",
-             "|---|---|---|---|---|"]
+def sac_ratios() -> list[tuple[str, str, str, dict[str, Any], dict[str, Any]]]:
+    """Every plain SAC run (`sac`, `sac-eN`: no ablation variant) of every model with a measured greedy at the
+    same size and folding: (model title, size, fold tag, SAC cell, greedy cell)."""
+    out = []
     for key, title in MODELS:
         cells = cells_of(key)
         for c, r in sorted(cells.items()):
@@ -156,13 +165,33 @@ def sac_ratio_table() -> str:
             if b != "offgrid-s0" or n != "16" or not re.fullmatch(r"sac(-e\d+)?", method):
                 continue
             g = cells.get(f"{b}|{tag}|greedy-measured|{size}|{n}")
-            if g is None:
-                continue
-            lines.append(
-                f"| {title} | {size} ({'folded' if tag == 'fold' else 'unfolded'}) | {r['evaluations']} | "
-                f"{r['kld_mean'] / g['kld_mean']:.3f}× | {r['policy']['kld_mean'] / g['kld_mean']:.3f}× |"
-            )
+            if g is not None:
+                out.append((title, size, tag, r, g))
+    return out
+
+
+def sac_ratio_table() -> str:
+    """Every plain SAC run of every model as a multiple of the measured greedy it starts from, held out: its
+    result and its final policy's mean-action rollout."""
+    lines = ["| model | size (folding) | evaluations | SAC / greedy | final policy / greedy |",
+             "|---|---|---|---|---|"]
+    for title, size, tag, r, g in sac_ratios():
+        lines.append(
+            f"| {title} | {size} ({'folded' if tag == 'fold' else 'unfolded'}) | {r['evaluations']} | "
+            f"{r['kld_mean'] / g['kld_mean']:.3f}× | {r['policy']['kld_mean'] / g['kld_mean']:.3f}× |"
+        )
     return "\n".join(lines)
+
+
+def sac_line() -> str:
+    """One line for the README: the range of SAC / greedy over every plain SAC run (as `sac_ratio_table`
+    rounds it)."""
+    runs = sac_ratios()
+    ratios = [r["kld_mean"] / g["kld_mean"] for _, _, _, r, g in runs]
+    models = len({title for title, *_ in runs})
+    return (f"**SAC against greedy**: over every plain SAC run ({len(runs)} runs on {models} models), the "
+            f"held-out KLD of SAC's file is {min(ratios):.3f}× to {max(ratios):.3f}× that of the greedy "
+            "allocation it is warm-started from.")
 
 
 def sac_tables() -> list[str]:
@@ -174,13 +203,25 @@ def sac_tables() -> list[str]:
     return out
 
 
+def relink(text: str, prefix: str) -> str:
+    """Markdown links relative to the repository root made relative to a folder `prefix` (e.g. "../"): every
+    `](path)` that is not a URL, an anchor or absolute."""
+    return re.sub(r"\]\((?!https?:|#|/)", f"]({prefix}", text)
+
+
+def headline() -> str:
+    """The README's headline: the table at Q4_K_M's whole-file size and SAC against greedy in one line."""
+    return "\n".join([SUMMARY_TITLE, "", summary_table(), "", sac_line()])
+
+
 def block() -> str:
+    """Every results table, links relative to the repository root (`relink` for another folder)."""
     links = ", ".join(
         f"[{k}](bench/results/{k}.md)" for k, _ in MODELS if (HERE / "results" / f"{k}.md").is_file()
     )
     parts = [
-        "### Results", "", INTRO, "", (HERE / "summary.md").read_text().strip(), "",
-        "**At Q4_K_M's whole-file size** (KLD, and its ratio to Q4_K_M + imatrix on the unfolded model):", "",
+        INTRO, "", (HERE / "summary.md").read_text().strip(), "",
+        SUMMARY_TITLE, "",
         summary_table(), "",
         "**SAC against the greedy it starts from**, held out (every plain SAC run; all runs below):", "",
         sac_ratio_table(), "",
@@ -202,12 +243,24 @@ def block() -> str:
     return "\n".join(parts)
 
 
+def write_between(path: Path, begin: str, end: str, content: str) -> None:
+    """Replace what stands between the markers `begin` and `end` in `path` (both must be there)."""
+    text = path.read_text()
+    i, j = text.index(begin) + len(begin), text.index(end)
+    path.write_text(text[:i] + "\n" + content + "\n" + text[j:])
+
+
 def main() -> None:
-    for key, _ in MODELS:
-        report(key, Fold.parse("on" if fold_tag(key, "Q4_K_M", cells_of(key)) == "fold" else "off"), 150, 16)
-    text = README.read_text()
-    i, j = text.index(BEGIN) + len(BEGIN), text.index(END)
-    README.write_text(text[:i] + "\n" + block() + "\n" + text[j:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-reports", action="store_true",
+                    help="only docs/results.md and the README's headline, not bench/results/<model>.md/.png")
+    args = ap.parse_args()
+    if not args.no_reports:
+        for key, _ in MODELS:
+            fold = "on" if fold_tag(key, "Q4_K_M", cells_of(key)) == "fold" else "off"
+            report(key, Fold.parse(fold), 150, 16)
+    write_between(RESULTS, BEGIN, END, relink(block(), "../"))
+    write_between(README, HEADLINE_BEGIN, HEADLINE_END, headline())
 
 
 if __name__ == "__main__":
