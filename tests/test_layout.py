@@ -1,6 +1,7 @@
-"""The package's floors (ARCHITECTURE.md): every import inside ramp_cpp runs to the same folder or a lower floor,
-no module imports itself back through a loop, and the edges keep their jobs (only cli/ imports typer and rich,
-only llama/ imports llama_cpp). Read from the source with `ast`, so the check needs nothing installed."""
+"""The package's floors (ARCHITECTURE.md): every import inside ramp_cpp runs to the same folder or a lower
+floor, no module imports itself back through a loop, and the edges keep their jobs (only cli/ imports typer
+and rich, only llama/ imports llama_cpp). Read from the source with `ast`, so the check needs nothing
+installed."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def _folder(module: str) -> str:
 
 MODULES = _modules()
 GRAPH = {
-    m: sorted({i for i, _ in _imports(p) if i in MODULES and i != m and i != "ramp_cpp"}) for m, p in MODULES.items()
+    m: sorted({i for i, _ in _imports(p) if i in MODULES and i not in (m, "ramp_cpp")})
+    for m, p in MODULES.items()
 }
 
 
