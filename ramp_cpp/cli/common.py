@@ -1,0 +1,131 @@
+"""What every command module shares: the two consoles, the option types more than one command takes, and the
+output and progress helpers. It imports no command module and is imported by all of them (and by app.py), so
+the command modules never import each other or app.py: no circle, and app.py alone decides what is registered.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ramp_cpp.errors import RampError
+
+out = Console()
+err = Console(stderr=True)
+
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads (default: all cores).")]
+GpuOpt = Annotated[
+    int, typer.Option("--gpu-layers", "-ngl", help="Layers offloaded to the GPU (CUDA/Metal build).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
+
+# search and apply: the budget, folding and calibration
+BudgetOpt = Annotated[
+    float | None,
+    typer.Option("--budget", "-b", help="Bit ceiling (Eq. 20; target = ceiling - 0.25). Default 4.25."),
+]
+BudgetModeOpt = Annotated[
+    str, typer.Option("--budget-mode", help="weighted (real bpw of searched tensors), nominal (paper), size.")
+]
+SizeOpt = Annotated[
+    str | None, typer.Option("--size", help="Whole-file target instead of --budget, e.g. 95MiB or 3.6GB.")
+]
+NoFoldOpt = Annotated[bool, typer.Option("--no-fold", help="Skip Scale Folding (paper §4.3); = --fold off.")]
+FoldOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--fold",
+        help="With --size: auto (default; both measured, fold unless not folding is clearly better), on, "
+        "off. With --budget: on (default) or off.",
+    ),
+]
+NoImatrixOpt = Annotated[bool, typer.Option("--no-imatrix", help="Quantize without the importance matrix.")]
+CalibOpt = Annotated[
+    Path | None, typer.Option("--calib", help="Reuse a calibration artifact instead of calibrating.")
+]
+RecipeOpt = Annotated[str, typer.Option("--recipe", help="Calibration recipe in calib/ (paper, fast).")]
+
+
+def in_panel(opt: Any, panel: str) -> Any:
+    """The typer.Option inside the option type `opt` (an `Annotated[T, typer.Option(...)]` above), shown under
+    the help panel `panel`: `Annotated[T, in_panel(ThreadsOpt, "Runtime")]` is ThreadsOpt in that panel."""
+    info = copy.copy(opt.__metadata__[0])
+    info.rich_help_panel = panel
+    return info
+
+
+def emit(obj: Any) -> None:
+    """`--json`: the object as indented JSON on stdout, nothing else."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def bar(desc: str) -> Progress:
+    """A transient progress display on stderr (stdout stays the command's output)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+
+
+def chunk_progress(p: Progress, desc: str) -> Callable[[int, int], None]:
+    """A `progress(done, total)` callback that drives one bar of `p`."""
+    task = p.add_task(desc, total=None)
+
+    def cb(done: int, total: int) -> None:
+        p.update(task, completed=done, total=total)
+
+    return cb
+
+
+def stage_progress(p: Progress) -> Callable[[str, int, int], None]:
+    """A `progress(stage, done, total)` callback: one bar of `p` per stage, added when the stage starts."""
+    tasks: dict[str, Any] = {}
+
+    def cb(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = p.add_task(stage, total=total)
+        p.update(tasks[stage], completed=done, total=total)
+
+    return cb
+
+
+def parse_bits(spec: str) -> tuple[int, ...]:
+    """`--bits 3,4,5,6`: the paper ladder's nominal bits, sorted, each once."""
+    try:
+        return tuple(sorted({int(x) for x in spec.split(",") if x.strip()}))
+    except ValueError:
+        raise RampError(f"--bits takes comma-separated integers such as 3,4,5,6, not {spec!r}") from None
+
+
+def fold_setting(fold: str | None, no_fold: bool, default: str = "on") -> str:
+    """The --fold setting: `default` is auto for a --size search or apply, on for the paper's --budget."""
+    if fold not in (None, "on", "off", "auto"):
+        raise RampError(f"unknown --fold {fold!r} (choose from on, off, auto)")
+    if no_fold and fold not in (None, "off"):
+        raise RampError(f"--no-fold contradicts --fold {fold}")
+    return "off" if no_fold else fold or default
+
+
+def resolve_budget(model: Path, budget: float | None, mode: str, size: str | None) -> tuple[float, str]:
+    """--budget / --budget-mode / --size: the bit budget and its mode (a --size becomes MODEL's bits)."""
+    from ramp_cpp.allocate.budget import size_budget
+    from ramp_cpp.llama.ggufio import read_inventory
+
+    if size is not None:
+        if budget is not None:
+            raise RampError("give either --budget or --size, not both")
+        return size_budget(read_inventory(model), size), "size"
+    return (4.25 if budget is None else budget), mode

@@ -1,0 +1,67 @@
+"""Commands on one model file, before any calibration: `inspect` (what a GGUF holds, and which of its tensors
+the search would type) and `offgrid` (the same model off any quantization grid, for benchmarks on models that
+were dequantized from a quantized file). Both read or write a GGUF and nothing else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ramp_cpp.cli.common import ForceOpt, JsonOpt, bar, chunk_progress, emit, out
+
+
+def inspect(
+    model: Annotated[Path, typer.Argument(help="A GGUF model file.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Inventory of a GGUF: architecture, blocks, context, and every 2-D weight with its role and type."""
+    from ramp_cpp.llama.ggufio import read_inventory
+
+    info = read_inventory(model)
+    if as_json:
+        emit(info.to_json())
+        return
+    out.print(
+        f"[bold]{model}[/]: arch [cyan]{info.arch}[/], {info.n_blocks} blocks, "
+        f"context {info.context_length}, "
+        f"{info.n_params_total / 1e6:.1f}M params, output head "
+        f"{'tied to token_embd' if info.tied_output else 'separate'}"
+    )
+    t = Table("tensor", "role", "block", "shape (out x in)", "params", "type", "MiB", "searched")
+    for x in info.tensors:
+        t.add_row(
+            x.name,
+            x.role,
+            "" if x.block is None else str(x.block),
+            f"{x.n_rows} x {x.n_per_row}",
+            f"{x.n_params:,}",
+            x.ggml_type,
+            f"{x.nbytes / 2**20:.2f}",
+            "yes" if x.searched else "",
+        )
+    out.print(t)
+    s = info.searched
+    out.print(f"{len(s)} searched tensors, {sum(x.n_params for x in s) / 1e6:.1f}M params")
+
+
+def offgrid_(
+    model: Annotated[Path, typer.Argument(help="F16/BF16/F32 GGUF, e.g. dequantized from a quantized file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Off-grid GGUF.")],
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random channel factors.")] = 0,
+    spread: Annotated[float, typer.Option("--spread", help="Factors exp(U(-spread, spread)).")] = 0.3,
+    force: ForceOpt = False,
+) -> None:
+    """The same model off any quantization grid: a function-preserving random channel rescale, for benchmarks
+    on models that were dequantized from a quantized file."""
+    from ramp_cpp.fold.offgrid import OffgridConfig, offgrid
+    from ramp_cpp.store.atomic import check_output
+
+    check_output(output, force)
+    with bar("off-grid") as p:
+        cfg = OffgridConfig(seed, spread)
+        offgrid(model, output, cfg, force=force, progress=chunk_progress(p, "tensors"))
+    out.print(f"wrote {output} (seed {seed}, spread {spread:g})", soft_wrap=True)
