@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "ramp_cpp"
 
 # lowest first; a folder may import its own floor and the ones below it
 FLOORS: list[set[str]] = [
-    {"errors"},
+    {"errors", "costs"},
     {"store", "model"},
     {"llama"},
     {"calibration"},

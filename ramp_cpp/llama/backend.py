@@ -12,11 +12,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from ramp_cpp.costs import COUNTERS
 from ramp_cpp.errors import RampError
+
 
 @dataclass
 class InputStats:
@@ -207,6 +209,7 @@ class LlamaModel:
         rc = lc.llama_decode(self._ctx, self._batch)
         if rc != 0:
             raise RampError(f"llama_decode failed with code {rc}")
+        COUNTERS.tokens += m
         ptr = lc.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(ptr, shape=(stop - start, self.n_vocab))
 
@@ -291,6 +294,7 @@ class StatsModel(LlamaModel):
             rc = lc.llama_decode(self._ctx, self._batch)
             if rc != 0:
                 raise RampError(f"llama_decode failed with code {rc}")
+            COUNTERS.tokens += m
 
     def reset(self) -> None:
         assert self.collector is not None

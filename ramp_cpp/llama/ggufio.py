@@ -4,7 +4,6 @@ and modified copies of a model."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -14,11 +13,11 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFEndian, GGUFReader, GGUFValueType, GGUFWriter
 
-from ramp_cpp.model.arch import classify
-from ramp_cpp.store.atomic import atomic_path
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.backend import InputStats
+from ramp_cpp.model.arch import classify
 from ramp_cpp.model.ladder import tensor_nbytes
+from ramp_cpp.store.atomic import atomic_path
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ramp_cpp.llama import native
-from ramp_cpp.model.arch import quantizable
-from ramp_cpp.store.atomic import atomic_path
+from ramp_cpp.costs import COUNTERS
 from ramp_cpp.errors import RampError
+from ramp_cpp.llama import native
 from ramp_cpp.llama.ggufio import ModelInfo, read_inventory, tensor_types
+from ramp_cpp.model.arch import quantizable
 from ramp_cpp.model.ladder import needs_imatrix, tensor_nbytes, type_from_name, written_type
+from ramp_cpp.store.atomic import atomic_path
 
 T = GGMLQuantizationType
 FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
@@ -196,6 +197,7 @@ def _run(
             opts.n_threads or os.cpu_count() or 1,
             opts.allow_requantize,
         )
+        COUNTERS.quant_passes += 1
         written = tensor_types(tmp)
         wrong = [(n, written[n][0], want) for n, (want, _) in expected.items() if written[n][0] != want]
         if wrong:

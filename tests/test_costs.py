@@ -1,0 +1,55 @@
+"""Cost accounting: the counters move with the work that is done (tokens decoded by llama.cpp, quantizer
+passes), and a stage's meter reads them with time, memory and bytes written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from ramp_cpp.costs import COUNTERS, Meter
+from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
+from ramp_cpp.llama.evaluate import EvalConfig, perplexity
+from ramp_cpp.llama.ggufio import read_inventory
+from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
+
+
+def test_a_stage_counts_the_tokens_it_decodes(tiny_model: Path, tiny_text: str) -> None:
+    cfg = EvalConfig(n_ctx=64, n_chunks=3)
+    meter = Meter(eval_tokens=2 * 64)
+    seen = []
+    meter.on_stage = seen.append
+    with meter.stage("ppl"):
+        perplexity(tiny_model, tiny_text, cfg, RuntimeOptions(n_ctx=64))
+    with meter.stage("nothing"):
+        pass
+    ppl, idle = meter.stages
+    assert ppl.tokens == 3 * 64 and ppl.E == 1.5  # three chunks of 64 = 1.5 units of two chunks
+    assert idle.tokens == 0 and idle.E == 0 and idle.quant_passes == 0
+    assert ppl.wall_s > 0 and ppl.cpu_s > 0 and ppl.peak_rss > 0
+    assert seen == meter.stages
+    total = meter.total()
+    assert total.tokens == ppl.tokens and total.wall_s >= ppl.wall_s
+
+
+def test_each_quantizer_call_is_one_pass_and_its_file_is_written(tiny_model: Path, tmp_path: Path) -> None:
+    info = read_inventory(tiny_model)
+    names = [t.name for t in info.tensors if t.name.startswith("blk.")]
+    meter = Meter(eval_tokens=1)
+    with meter.stage("two passes"):
+        for t in ("Q8_0", "Q4_0"):
+            out = tmp_path / f"{t}.gguf"
+            quantize_map(tiny_model, out, {n: GGMLQuantizationType[t] for n in names}, opts=QuantizeOptions())
+    (c,) = meter.stages
+    assert c.quant_passes == 2 and c.tokens == 0
+    # the bytes reach storage through the page cache: counted when dirtied, on Linux with task I/O accounting
+    if Path("/proc/self/io").is_file():
+        assert c.written >= (tmp_path / "Q4_0.gguf").stat().st_size
+
+
+def test_counters_are_process_wide(tiny_model: Path) -> None:
+    before = COUNTERS.tokens
+    with LlamaModel(tiny_model, RuntimeOptions(n_ctx=32)) as m:
+        m.logits(np.arange(3, 19, dtype=np.int32), 0, 16)
+    assert COUNTERS.tokens - before == 16
