@@ -104,10 +104,10 @@ def _apply_sized(
     import shutil
     import tempfile
 
+    from ramp_cpp.allocate.sac.paper import SearchConfig
     from ramp_cpp.calibration.collect import load_recipe
     from ramp_cpp.fold.source import ramp_output_name
     from ramp_cpp.llama.backend import RuntimeOptions
-    from ramp_cpp.pipeline.paper import SearchConfig
     from ramp_cpp.pipeline.run import describe, resolve_sensitivity, run_direct
     from ramp_cpp.store.atomic import check_output
 

@@ -44,10 +44,10 @@ from ramp_cpp.errors import RampError
 
 if TYPE_CHECKING:  # the configs _run_sized and _run_paper take; imported where they are built
     from ramp_cpp.allocate.sac.agent import SACConfig
+    from ramp_cpp.allocate.sac.paper import SearchConfig
     from ramp_cpp.allocate.sac.search import SizedSearchConfig
     from ramp_cpp.llama.backend import RuntimeOptions
     from ramp_cpp.measure.candidates import CandidateConfig
-    from ramp_cpp.pipeline.paper import SearchConfig
 
 # `search --help`: --model, --out, --size, --method on top (the unnamed panel), then these panels, in order
 SIZE = "Size mode (--size)"
@@ -163,9 +163,10 @@ def search(
     """Search a per-tensor allocation (SAC, or greedy/uniform on the measured sensitivity with a whole-file
     --size, e.g. 95MiB or Q4_K_M for that preset's size); write allocation, GGUF and report to --out."""
     from ramp_cpp.allocate.sac.agent import SACConfig
+    from ramp_cpp.allocate.sac.paper import SearchConfig
     from ramp_cpp.calibration.collect import load_recipe
     from ramp_cpp.llama.backend import RuntimeOptions
-    from ramp_cpp.pipeline.paper import SETTINGS, SearchConfig
+    from ramp_cpp.pipeline.paper import SETTINGS
 
     ropts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)
     presets = () if no_presets else PRESETS
