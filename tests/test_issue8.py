@@ -14,15 +14,13 @@ from gguf import GGMLQuantizationType as T
 from test_search import small
 from typer.testing import CliRunner
 
-from ramp_cpp.llama import native
-
-from ramp_cpp.llama import quantize
+from ramp_cpp.allocate.sac.agent import SACConfig
 from ramp_cpp.cli.app import app
 from ramp_cpp.errors import RampError
+from ramp_cpp.llama import native, quantize
 from ramp_cpp.llama.ggufio import read_inventory, tensor_types
-from ramp_cpp.model.ladder import TYPES, needs_imatrix, tensor_nbytes, type_from_name, written_type
 from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
-from ramp_cpp.allocate.sac.agent import SACConfig
+from ramp_cpp.model.ladder import TYPES, needs_imatrix, tensor_nbytes, type_from_name, written_type
 from ramp_cpp.pipeline.paper import search
 
 runner = CliRunner()
@@ -302,11 +300,11 @@ def test_demo_end_to_end_and_resume(
 
 @pytest.fixture()
 def policy(tmp_path: Path) -> Path:
-    from ramp_cpp.allocate.sac.policyfile import save_policy
     from ramp_cpp.allocate.sac.agent import SAC
+    from ramp_cpp.allocate.sac.policyfile import actor_tensors, save_policy
 
     agent = SAC(11, SACConfig(hidden=(32, 32, 16), seed=1))
-    t = agent.policy_tensors(np.zeros(11, np.float32), np.ones(11, np.float32))
+    t = actor_tensors(agent.actor, np.zeros(11, np.float32), np.ones(11, np.float32))
     return save_policy(t, {"features": "ramp", "bits": [3, 4, 5, 6]}, tmp_path / "policy.safetensors")
 
 
@@ -379,8 +377,8 @@ def test_demo_presets_with_and_without_the_runs_imatrix(
     """Q4_K_M and Q3_K_M, each without and with the unfolded calibration's imatrix, named after the model,
     then compared on held-out text (here: the synthetic text)."""
     from ramp_cpp.calibration.artifact import load_calibration
-    from ramp_cpp.pipeline.demo import DemoFile, compare, preset_files
     from ramp_cpp.llama.evaluate import EvalConfig
+    from ramp_cpp.pipeline.demo import DemoFile, compare, preset_files
 
     res, _, model = named_run
     seen: list[Any] = []

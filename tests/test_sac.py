@@ -9,8 +9,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ramp_cpp.allocate.sac.agent import SAC, Actor, SACConfig, SoftQNetwork, action_to_unit
+from ramp_cpp.allocate.sac.checkpoint import checkpoint_tensors, from_checkpoint
+from ramp_cpp.allocate.sac.policyfile import actor_tensors, read_actor
+from ramp_cpp.allocate.sac.replay import ReplayBuffer
 from ramp_cpp.errors import RampError
-from ramp_cpp.allocate.sac.agent import SAC, Actor, ReplayBuffer, SACConfig, SoftQNetwork, action_to_unit
 
 OBS = 11
 SMALL = SACConfig(hidden=(32, 32, 16), batch_size=16, buffer_size=64, seed=3)
@@ -33,7 +36,7 @@ def _fill(agent: SAC, n: int, seed: int = 0) -> None:
 
 
 def _weights(agent: SAC) -> dict[str, torch.Tensor]:
-    return agent.checkpoint_tensors()[0]
+    return checkpoint_tensors(agent)[0]
 
 
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -213,15 +216,15 @@ def test_same_seed_same_run_different_seed_different_run() -> None:
 def test_resume_from_safetensors_checkpoint_is_bit_exact(tmp_path) -> None:
     straight = SAC(OBS, SMALL)
     _run(straight, SCRIPT)
-    tensors, meta = straight.checkpoint_tensors()
+    tensors, meta = checkpoint_tensors(straight)
     save_file(tensors, str(tmp_path / "ck.safetensors"))  # no pickle: plain tensors + JSON
     (tmp_path / "ck.json").write_text(json.dumps(meta))
     assert any(k.startswith("opt.q.state.") and k.endswith(".exp_avg_sq") for k in tensors)
     assert tensors["rng.torch"].dtype == torch.uint8
 
     meta_back = json.loads((tmp_path / "ck.json").read_text())
-    resumed = SAC.from_checkpoint(load_file(str(tmp_path / "ck.safetensors")), meta_back)
-    _assert_same(resumed.checkpoint_tensors()[0], tensors)
+    resumed = from_checkpoint(load_file(str(tmp_path / "ck.safetensors")), meta_back)
+    _assert_same(checkpoint_tensors(resumed)[0], tensors)
     assert resumed.n_updates == straight.n_updates == 7 and resumed.alpha == straight.alpha
 
     acts_straight, acts_resumed = _run(straight, MORE), _run(resumed, MORE)
@@ -232,12 +235,12 @@ def test_resume_from_safetensors_checkpoint_is_bit_exact(tmp_path) -> None:
 
 
 def test_bad_checkpoint_is_one_ramp_error() -> None:
-    tensors, meta = SAC(OBS, SMALL).checkpoint_tensors()
+    tensors, meta = checkpoint_tensors(SAC(OBS, SMALL))
     with pytest.raises(RampError, match="format"):
-        SAC.from_checkpoint(tensors, {**meta, "format": 99})
+        from_checkpoint(tensors, {**meta, "format": 99})
     del tensors["log_alpha"]
     with pytest.raises(RampError, match="checkpoint"):
-        SAC.from_checkpoint(tensors, meta)
+        from_checkpoint(tensors, meta)
 
 
 def test_update_polyak_and_temperature_direction() -> None:
@@ -273,17 +276,17 @@ def test_policy_roundtrip(tmp_path) -> None:
     _fill(ag, 30)
     ag.updates(2)
     mu, sd = np.arange(OBS, dtype=np.float32), np.full(OBS, 2.0, np.float32)
-    t = ag.policy_tensors(mu, sd)
+    t = actor_tensors(ag.actor, mu, sd)
     assert all(k.startswith("actor.") for k in t if k not in {"obs_mean", "obs_std", "log_std_bounds"})
     save_file(t, str(tmp_path / "policy.safetensors"))
-    actor, mu2, sd2 = Actor.from_policy(load_file(str(tmp_path / "policy.safetensors")))
+    actor, mu2, sd2 = read_actor(load_file(str(tmp_path / "policy.safetensors")))
     assert np.array_equal(mu, mu2) and np.array_equal(sd, sd2)
     s = np.random.default_rng(1).normal(size=(5, OBS)).astype(np.float32)
     assert np.array_equal(actor.deterministic_action(s), ag.act(s, deterministic=True))
     with pytest.raises(RampError):
-        ag.policy_tensors(mu[:3], sd)
+        actor_tensors(ag.actor, mu[:3], sd)
     with pytest.raises(RampError, match="policy"):
-        Actor.from_policy({"obs_mean": t["obs_mean"]})
+        read_actor({"obs_mean": t["obs_mean"]})
 
 
 @pytest.mark.parametrize(

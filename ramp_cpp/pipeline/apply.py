@@ -18,8 +18,8 @@ from typing import Any
 
 from ramp_cpp import __version__
 from ramp_cpp.allocate.budget import Budget, Measures, costs, repair
-from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.calibration.artifact import CalibConfig, Calibration
+from ramp_cpp.llama.backend import RuntimeOptions
 
 Progress = Callable[[str, int, int], None]
 
@@ -58,17 +58,17 @@ def apply_policy(
     force: bool = False,
     progress: Progress | None = None,
 ) -> ApplyResult:
-    from ramp_cpp.store.atomic import check_output
-    from ramp_cpp.calibration.collect import calibrate
+    from ramp_cpp.allocate.sac.paper import policy_rollout
+    from ramp_cpp.allocate.sac.policyfile import load_policy
     from ramp_cpp.calibration.artifact import check_matches, load_calibration
-    from ramp_cpp.store.texts import load_text
+    from ramp_cpp.calibration.collect import calibrate
     from ramp_cpp.calibration.features import FeatureConfig, compute_features
     from ramp_cpp.fold.folding import fold
-    from ramp_cpp.llama.ggufio import add_metadata, read_inventory, weight_moments
-    from ramp_cpp.allocate.sac.policyfile import load_policy
-    from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
     from ramp_cpp.fold.source import staged, visited_tensors
-    from ramp_cpp.pipeline.paper import policy_rollout
+    from ramp_cpp.llama.ggufio import add_metadata, read_inventory, weight_moments
+    from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
+    from ramp_cpp.store.atomic import check_output
+    from ramp_cpp.store.texts import load_text
 
     def stage(name: str) -> Callable[[int, int], None] | None:
         return staged(progress, name)

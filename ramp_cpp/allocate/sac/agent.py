@@ -1,11 +1,16 @@
 """The Soft Actor-Critic agent of RAMP (paper §3.3, Algorithm 1), laid out like CleanRL's
-`sac_continuous_action.py`: config, actor, critic, replay buffer, agent, checkpoint.
+`sac_continuous_action.py` and read top to bottom like the paper: the hyperparameters (Table 9, Table 25-27),
+the action map (§3.3.1), the actor pi(a|s) (Eq. 14) and the critics Q(s, a) (Table 27), then the agent:
+acting (Algorithm 1 lines 5-6, warm-up line 3) and one update (Algorithm 1 lines 13-17, Eq. 15-18).
 
 One action per searched tensor: a scalar `a` in [-1, 1] (tanh-squashed Gaussian, d_a = 1) that the search
 maps to a bit-width through `action_to_unit`. Every random draw comes from the agent's own
 `torch.Generator` and `numpy.random.Generator`, never from the global RNGs, so a run is reproducible from
-its seed and resumes bit-exactly from a checkpoint. Checkpoints are plain tensors plus JSON (the caller
-stores them with safetensors); nothing here pickles.
+its seed and resumes bit-exactly from a checkpoint.
+
+What the paper does not write as part of the agent lives beside it: the replay buffer (`replay.py`), the
+checkpoint as plain tensors plus JSON (`checkpoint.py`, nothing pickled) and the deployable policy's tensors
+(`policyfile.py`).
 """
 
 from __future__ import annotations
@@ -13,17 +18,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ramp_cpp.allocate.sac.replay import ReplayBuffer
 from ramp_cpp.errors import RampError
-
-CHECKPOINT_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -162,30 +165,6 @@ class Actor(nn.Module):
         mean, _ = self(torch.as_tensor(np.asarray(obs, dtype=np.float32)))
         return torch.tanh(mean).numpy()
 
-    @classmethod
-    def from_policy(cls, tensors: dict[str, torch.Tensor]) -> tuple[Actor, np.ndarray, np.ndarray]:
-        """Rebuild an actor from `SAC.policy_tensors` output: (actor, obs_mean, obs_std). Layer sizes come
-        from the weight shapes, so the file needs no separate description."""
-        try:
-            w = {k[len("actor.") :]: v for k, v in tensors.items() if k.startswith("actor.")}
-            linears = sorted(
-                (k for k in w if k.endswith(".weight") and w[k].ndim == 2 and k.startswith("trunk.")),
-                key=lambda k: int(k.split(".")[1]),
-            )
-            hidden = tuple(int(w[k].shape[0]) for k in linears)
-            obs_dim = int(w[linears[0]].shape[1])
-            act_dim = int(w["head.weight"].shape[0]) // 2
-            lo, hi = (float(x) for x in tensors["log_std_bounds"])
-            actor = cls(obs_dim, act_dim, hidden, (lo, hi))
-            actor.load_state_dict(w)
-            mean = tensors["obs_mean"].numpy().astype(np.float32)
-            std = tensors["obs_std"].numpy().astype(np.float32)
-        except (KeyError, IndexError, RuntimeError, ValueError) as e:
-            raise RampError(f"not a ramp-cpp policy ({type(e).__name__}: {e})") from None
-        if mean.shape != (obs_dim,) or std.shape != (obs_dim,):
-            raise RampError(f"policy feature standardization has shape {mean.shape}, expected ({obs_dim},)")
-        return actor.eval(), mean, std
-
 
 class SoftQNetwork(nn.Module):
     """Q(s, a): the actor's trunk over s concatenated with a, then FC-1 (Table 27)."""
@@ -206,97 +185,7 @@ class SoftQNetwork(nn.Module):
         return self.head(self.trunk(torch.cat([obs, act], dim=-1)))
 
 
-# ------------------------------------------------------------------------------------------ replay buffer
-
-
-@dataclass(frozen=True)
-class Batch:
-    obs: np.ndarray  # float32 (n, obs_dim)
-    actions: np.ndarray  # float32 (n, act_dim)
-    rewards: np.ndarray  # float32 (n,)
-    next_obs: np.ndarray  # float32 (n, obs_dim)
-    dones: np.ndarray  # float32 (n,)
-
-
-class ReplayBuffer:
-    """Fixed-capacity ring buffer of transitions (s, a, r, s', done) in numpy arrays; the oldest are
-    overwritten once `capacity` is reached (Table 26: 30k)."""
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int = 1) -> None:
-        if capacity <= 0:
-            raise RampError(f"replay buffer capacity must be positive, got {capacity}")
-        self.obs_dim, self.act_dim = obs_dim, act_dim
-        self._alloc(capacity)
-
-    def _alloc(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.obs = np.zeros((capacity, self.obs_dim), np.float32)
-        self.actions = np.zeros((capacity, self.act_dim), np.float32)
-        self.rewards = np.zeros(capacity, np.float32)
-        self.next_obs = np.zeros((capacity, self.obs_dim), np.float32)
-        self.dones = np.zeros(capacity, np.float32)
-        self.pos = 0  # next slot to write
-        self.size = 0
-
-    def __len__(self) -> int:
-        return self.size
-
-    def add(
-        self,
-        obs: np.ndarray,
-        actions: np.ndarray,
-        rewards: np.ndarray | float,
-        next_obs: np.ndarray,
-        dones: np.ndarray | float,
-    ) -> None:
-        """Append one transition (obs of shape (obs_dim,)) or a batch of n (shape (n, obs_dim)), e.g. a
-        whole episode at once with the terminal reward already in its last row (Algorithm 1 line 12)."""
-        o = np.asarray(obs, np.float32).reshape(-1, self.obs_dim)
-        n = o.shape[0]
-        a = np.asarray(actions, np.float32).reshape(n, self.act_dim)
-        r = np.broadcast_to(np.asarray(rewards, np.float32), (n,))
-        o2 = np.asarray(next_obs, np.float32).reshape(n, self.obs_dim)
-        d = np.broadcast_to(np.asarray(dones, np.float32), (n,))
-        idx = (self.pos + np.arange(n)) % self.capacity
-        self.obs[idx], self.actions[idx], self.rewards[idx] = o, a, r
-        self.next_obs[idx], self.dones[idx] = o2, d
-        self.pos = int((self.pos + n) % self.capacity)
-        self.size = min(self.size + n, self.capacity)
-
-    def sample(self, batch: int, rng: np.random.Generator) -> Batch:
-        """`batch` transitions drawn uniformly with replacement."""
-        if self.size == 0:
-            raise RampError("cannot sample from an empty replay buffer")
-        i = rng.integers(0, self.size, size=batch)
-        return Batch(self.obs[i], self.actions[i], self.rewards[i], self.next_obs[i], self.dones[i])
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """The filled rows plus position and capacity, as numpy arrays (no pickle needed)."""
-        s = self.size
-        return {
-            "obs": self.obs[:s].copy(),
-            "actions": self.actions[:s].copy(),
-            "rewards": self.rewards[:s].copy(),
-            "next_obs": self.next_obs[:s].copy(),
-            "dones": self.dones[:s].copy(),
-            "pos": np.array([self.pos], np.int64),
-            "capacity": np.array([self.capacity], np.int64),
-        }
-
-    def load_state_dict(self, sd: dict[str, np.ndarray]) -> None:
-        cap = int(sd["capacity"][0])
-        s = int(sd["obs"].shape[0])
-        if sd["obs"].shape[1:] != (self.obs_dim,) or sd["actions"].shape[1:] != (self.act_dim,) or s > cap:
-            raise RampError("replay buffer state does not match this agent's dimensions")
-        self._alloc(cap)
-        for k in ("obs", "actions", "rewards", "next_obs", "dones"):
-            getattr(self, k)[:s] = sd[k]
-        self.size, self.pos = s, int(sd["pos"][0])
-
-
 # ------------------------------------------------------------------------------------------------- agent
-
-_NETS = ("actor", "qf1", "qf2", "qf1_target", "qf2_target")
 
 
 @contextlib.contextmanager
@@ -421,103 +310,3 @@ class SAC:
         """n updates; the mean of each logged quantity (empty dict for n = 0)."""
         logs = [self.update() for _ in range(n)]
         return {k: float(np.mean([x[k] for x in logs])) for k in logs[0]} if logs else {}
-
-    # ----------------------------------------------------------------------------------- checkpoints
-
-    def _nets(self) -> dict[str, nn.Module]:
-        return {k: getattr(self, k) for k in _NETS}
-
-    def _opts(self) -> dict[str, torch.optim.Optimizer]:
-        return {"actor": self.actor_opt, "q": self.q_opt, "alpha": self.alpha_opt}
-
-    def checkpoint_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Everything needed to resume bit-exactly, as (tensors for safetensors, JSON-able meta).
-
-        Tensors: `<net>.<param>` for actor, qf1, qf2 and both targets; `log_alpha`;
-        `opt.<actor|q|alpha>.state.<i>.<key>` (Adam's step, exp_avg, exp_avg_sq per parameter index);
-        `buffer.<field>`; `rng.torch` (the generator state, uint8). Meta: format, dimensions, config,
-        update count, Adam param_groups, numpy bit-generator state. All tensors are copies."""
-        t: dict[str, torch.Tensor] = {}
-        for name, net in self._nets().items():
-            for k, v in net.state_dict().items():
-                t[f"{name}.{k}"] = v.detach().clone()
-        t["log_alpha"] = self.log_alpha.detach().clone()
-        groups: dict[str, Any] = {}
-        for name, opt in self._opts().items():
-            sd = opt.state_dict()
-            for i, st in sd["state"].items():
-                for k, v in st.items():
-                    if not isinstance(v, torch.Tensor):
-                        raise RampError(f"optimizer {name} holds a non-tensor state {k!r}")
-                    t[f"opt.{name}.state.{i}.{k}"] = v.detach().clone()
-            groups[name] = [
-                {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]
-            ]
-        for k, arr in self.buffer.state_dict().items():
-            t[f"buffer.{k}"] = torch.from_numpy(np.ascontiguousarray(arr))
-        t["rng.torch"] = self.gen.get_state().clone()
-        meta = {
-            "format": CHECKPOINT_FORMAT,
-            "obs_dim": self.obs_dim,
-            "act_dim": self.act_dim,
-            "config": asdict(self.cfg),
-            "n_updates": self.n_updates,
-            "param_groups": groups,
-            "rng_numpy": self.rng.bit_generator.state,
-        }
-        return t, meta
-
-    @classmethod
-    def from_checkpoint(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> SAC:
-        """Rebuild an agent from `checkpoint_tensors` output (tensors are copied, never aliased)."""
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise RampError(
-                f"SAC checkpoint format {meta.get('format')} (this ramp-cpp reads {CHECKPOINT_FORMAT})"
-            )
-        try:
-            conf = dict(meta["config"])
-            conf["hidden"] = tuple(conf["hidden"])
-            agent = cls(int(meta["obs_dim"]), SACConfig(**conf), int(meta["act_dim"]))
-            for name, net in agent._nets().items():
-                pre = f"{name}."
-                own = {k[len(pre) :]: v.clone() for k, v in tensors.items() if k.startswith(pre)}
-                net.load_state_dict(own)
-            with torch.no_grad():
-                agent.log_alpha.copy_(tensors["log_alpha"])
-            agent.alpha = float(agent.log_alpha.exp().item())
-            for name, opt in agent._opts().items():
-                pre = f"opt.{name}.state."
-                state: dict[int, dict[str, torch.Tensor]] = {}
-                for k, v in tensors.items():
-                    if k.startswith(pre):
-                        i, key = k[len(pre) :].split(".", 1)
-                        state.setdefault(int(i), {})[key] = v.clone()
-                fresh = opt.state_dict()["param_groups"]
-                groups = [
-                    {k: (tuple(v) if isinstance(f.get(k), tuple) else v) for k, v in g.items()}
-                    for g, f in zip(meta["param_groups"][name], fresh, strict=True)
-                ]
-                opt.load_state_dict({"state": state, "param_groups": groups})
-            agent.buffer.load_state_dict(
-                {k[len("buffer.") :]: v.numpy().copy() for k, v in tensors.items() if k.startswith("buffer.")}
-            )
-            agent.gen.set_state(tensors["rng.torch"].clone())
-            agent.rng.bit_generator.state = meta["rng_numpy"]
-            agent.n_updates = int(meta["n_updates"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise RampError(f"not a usable SAC checkpoint ({type(e).__name__}: {e})") from None
-        return agent
-
-    def policy_tensors(self, obs_mean: np.ndarray, obs_std: np.ndarray) -> dict[str, torch.Tensor]:
-        """The deployable policy: actor weights (`actor.<param>`), the caller's feature standardization
-        (Eq. 13: s_hat = (s - obs_mean) / obs_std) and the log-std bounds; read back by
-        `Actor.from_policy`."""
-        mean = np.asarray(obs_mean, np.float32)
-        std = np.asarray(obs_std, np.float32)
-        if mean.shape != (self.obs_dim,) or std.shape != (self.obs_dim,):
-            raise RampError(f"feature standardization must have shape ({self.obs_dim},), got {mean.shape}")
-        t = {f"actor.{k}": v.detach().clone() for k, v in self.actor.state_dict().items()}
-        t["obs_mean"] = torch.from_numpy(mean.copy())
-        t["obs_std"] = torch.from_numpy(std.copy())
-        t["log_std_bounds"] = torch.tensor([self.cfg.log_std_min, self.cfg.log_std_max], dtype=torch.float32)
-        return t

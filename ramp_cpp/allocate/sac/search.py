@@ -48,13 +48,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ramp_cpp.store import stfile
 from ramp_cpp.allocate.allocators import Choice
-from ramp_cpp.errors import RampError
+from ramp_cpp.allocate.sac.agent import SAC, SACConfig
+from ramp_cpp.allocate.sac.checkpoint import checkpoint_tensors, from_checkpoint
+from ramp_cpp.allocate.sac.policyfile import actor_tensors
 from ramp_cpp.allocate.sac.reward import RewardConfig, kld_reward
 from ramp_cpp.allocate.sac.rollout import Context, Policy, Rollout, executed, rollout
-from ramp_cpp.allocate.sac.agent import SAC, SACConfig
+from ramp_cpp.errors import RampError
 from ramp_cpp.measure.sensitivity import Sensitivity
+from ramp_cpp.store import stfile
 
 REWARDS = ("relative", "paper")
 CHECKPOINT = "sac.safetensors"
@@ -216,14 +218,14 @@ def _choice(types: dict[str, str]) -> Choice:
 
 
 def save_checkpoint(path: Path, agent: SAC, st: SearchState) -> None:
-    tensors, meta = agent.checkpoint_tensors()
+    tensors, meta = checkpoint_tensors(agent)
     stfile.write(path, tensors, CHECKPOINT_KIND, {"sac": meta, "state": asdict(st)}, force=True)
 
 
 def load_checkpoint(path: Path) -> tuple[SAC, SearchState]:
     tensors, h = stfile.read(path, CHECKPOINT_KIND, "search checkpoint", framework="pt")
     try:
-        return SAC.from_checkpoint(tensors, h["sac"]), SearchState(**h["state"])
+        return from_checkpoint(tensors, h["sac"]), SearchState(**h["state"])
     except (KeyError, TypeError) as e:
         raise RampError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
 
@@ -391,7 +393,7 @@ def _finish(
 def policy_tensors(agent: SAC) -> dict[str, torch.Tensor]:
     """The actor for a policy file: states are already standardized by `rollout`, so identity scaling."""
     d = agent.obs_dim
-    return agent.policy_tensors(np.zeros(d, np.float32), np.ones(d, np.float32))
+    return actor_tensors(agent.actor, np.zeros(d, np.float32), np.ones(d, np.float32))
 
 
 def policy_meta(ctx: Context, cfg: SizedSearchConfig, features: str) -> dict[str, Any]:
