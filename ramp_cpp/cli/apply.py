@@ -104,21 +104,18 @@ def _apply_sized(
     import shutil
     import tempfile
 
-    from ramp_cpp.allocate.sac.paper import SearchConfig
     from ramp_cpp.calibration.collect import load_recipe
     from ramp_cpp.fold.source import ramp_output_name
     from ramp_cpp.llama.backend import RuntimeOptions
     from ramp_cpp.pipeline.run import describe, resolve_sensitivity, run_direct
+    from ramp_cpp.pipeline.sizedconfig import SizedConfig
     from ramp_cpp.store.atomic import check_output
 
     if output is None:
         output = model.parent / ramp_output_name(model, "".join(size.split()))
     dst = check_output(output, force)
     sens = resolve_sensitivity("policy", sensitivity)
-    dcfg = SearchConfig(
-        budget_mode="size", metric="kld", fold=fold != "off", imatrix=not no_imatrix,
-        calib=load_recipe(recipe), text=text,
-    )
+    dcfg = SizedConfig(fold=fold != "off", imatrix=not no_imatrix, calib=load_recipe(recipe), text=text)
     rd = Path(tempfile.mkdtemp(prefix=".ramp-apply-", dir=dst.parent))
     try:
         with bar("apply") as p:

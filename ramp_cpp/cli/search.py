@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # the configs _run_sized and _run_paper take; imported where 
     from ramp_cpp.allocate.sac.search import SizedSearchConfig
     from ramp_cpp.llama.backend import RuntimeOptions
     from ramp_cpp.measure.candidates import CandidateConfig
+    from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
 # `search --help`: --model, --out, --size, --method on top (the unnamed panel), then these panels, in order
 SIZE = "Size mode (--size)"
@@ -174,15 +175,16 @@ def search(
         from ramp_cpp.allocate.sac.search import SizedSearchConfig
         from ramp_cpp.measure.candidates import DEFAULT_TYPES, CandidateConfig, parse_types
         from ramp_cpp.pipeline.run import resolve_sensitivity
+        from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
         sensitivity = resolve_sensitivity(method, sensitivity)
         if model is None or size is None:
             raise RampError(f"--method {method} needs --model and a whole-file --size (e.g. 95MiB or Q4_K_M)")
         cand = parse_types(types) if types else DEFAULT_TYPES
         cc = CandidateConfig(types=cand, embeddings=not no_embeddings)
-        dcfg = SearchConfig(
-            budget_mode="size", metric="kld", n_ctx=ctx, chunks=chunks, text=text, fold=not no_fold,
-            imatrix=not no_imatrix, calib=load_recipe(recipe),
+        dcfg = SizedConfig(
+            n_ctx=ctx, chunks=chunks, text=text, fold=not no_fold, imatrix=not no_imatrix,
+            calib=load_recipe(recipe),
         )
         scfg = SizedSearchConfig(
             evaluations=evaluations, reward=reward, projection=not no_projection,
@@ -213,7 +215,7 @@ def search(
 
 
 def _run_sized(
-    model: Path, out_dir: Path, method: str, size: str, dcfg: SearchConfig, cc: CandidateConfig,
+    model: Path, out_dir: Path, method: str, size: str, dcfg: SizedConfig, cc: CandidateConfig,
     scfg: SizedSearchConfig, ropts: RuntimeOptions, calib: Path | None, presets: tuple[str, ...],
     sensitivity: str | None, fold: str,
 ) -> None:
