@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gguf import GGUFReader
@@ -13,21 +14,19 @@ from test_cli_search import one_error_line
 from typer.testing import CliRunner
 
 from ramp_cpp.calibration.artifact import CalibConfig
-from ramp_cpp.measure.candidates import CandidateConfig
 from ramp_cpp.cli.app import app
-from ramp_cpp.pipeline.run import DirectResult, run_direct, size_range
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.ggufio import read_inventory
-from ramp_cpp.pipeline.paper import SearchConfig
+from ramp_cpp.measure.candidates import CandidateConfig
+from ramp_cpp.pipeline.run import DirectResult, run_direct, size_range
+from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
 runner = CliRunner()
 METHODS = ("uniform", "greedy")
 
 
-def cfg(text_file: Path) -> SearchConfig:
-    return SearchConfig(
-        budget_mode="size",
-        metric="kld",
+def cfg(text_file: Path) -> SizedConfig:
+    return SizedConfig(
         text=str(text_file),
         n_ctx=128,
         chunks=2,
@@ -101,7 +100,7 @@ def test_bad_requests_fail_before_work(tiny_model: Path, tmp_path: Path) -> None
 def test_choose_fold_folds_unless_unfolded_is_clearly_better(
     on: list[float], off: list[float], want: bool
 ) -> None:
-    from ramp_cpp.pipeline.run import FoldEvidence, choose_fold
+    from ramp_cpp.pipeline.folddecision import FoldEvidence, choose_fold
 
     ev = FoldEvidence.of(on, off)
     d = [a - b for a, b in zip(on, off, strict=True)]
@@ -132,3 +131,86 @@ def test_fold_options_fail_before_work(tiny_model: Path, tmp_path: Path) -> None
     one_error_line(runner.invoke(app, [*base, "--size", "1MiB", "--fold", "on", "--no-fold"]), "contradicts")
     one_error_line(runner.invoke(app, [*base, "--budget", "4.5", "--fold", "auto"]), "--size search")
     assert not (tmp_path / "r").exists()
+
+
+# -- the stages alone ---------------------------------------------------------------------------------
+
+
+def test_plan_refuses_bad_requests_before_any_work(tiny_model: Path, text_file: Path, tmp_path: Path) -> None:
+    from ramp_cpp.errors import OtherSettings
+    from ramp_cpp.pipeline.plan import plan_run
+
+    rd = tmp_path / "r"
+    lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
+    size = f"{(lo + hi) / 2 / 1024:.1f}KiB"
+    c, cc = cfg(text_file), CandidateConfig()
+    for kw, msg in [
+        ({"method": "best"}, "unknown method"),
+        ({"method": "policy"}, "needs a policy file"),
+        ({"sensitivity": "guessed"}, "unknown sensitivity"),
+        ({"fold": "maybe"}, "unknown --fold"),
+        ({"size": "1KiB"}, "feasible range"),
+        ({"size": "lots"}, "size"),
+    ]:
+        args: dict[str, Any] = {"method": "greedy", "size": size, **kw}
+        with pytest.raises(RampError, match=msg):
+            plan_run(tiny_model, rd, args.pop("method"), args.pop("size"), c, cc, **args)
+    for bad, msg in [({"chunks": 0}, "at least 1"), ({"text": "wikitext2-test"}, "held out")]:
+        with pytest.raises(RampError, match=msg):
+            SizedConfig(**bad)  # type: ignore[arg-type]
+    assert not rd.exists()  # nothing written
+
+    plan = plan_run(tiny_model, rd, "greedy", size, c, cc, fold="auto")
+    assert plan.foldings == (False, True) and plan.target > 0 and plan.info.path == str(tiny_model)
+    assert plan.settings["search"] == c.to_json() and plan.settings["fold"] == "auto"
+    assert plan.cache_root == rd / "cache" and not rd.exists()
+    rd.mkdir()
+    other = {**plan.settings, "method": "uniform"}
+    (rd / "run.json").write_text(json.dumps(other))
+    with pytest.raises(OtherSettings, match="method"):
+        plan_run(tiny_model, rd, "greedy", size, c, cc, fold="auto")
+
+
+def test_sized_config_keeps_the_run_json_layout() -> None:
+    """run.json's "search" as the paper's SearchConfig(budget_mode="size", metric="kld") wrote it, key order
+    included; a run directory holding other values of the paper's fields (never read) is the same request."""
+    from ramp_cpp.pipeline.sizedconfig import settings_differ
+
+    c = SizedConfig(text="t.txt", chunks=2, fold=False, calib=CalibConfig(text="t.txt", samples=2, ctx=64))
+    want = {
+        "budget": 4.25, "margin": 0.25, "budget_mode": "size", "metric": "kld", "bits": [3, 4, 5, 6],
+        "include_embeddings": False, "base_type": "Q8_0", "text": "t.txt", "n_ctx": 512, "first_chunk": 0,
+        "chunks": 2, "features": "ramp", "eval_every": 10, "fold": False, "imatrix": True,
+        "calib": {"text": "t.txt", "samples": 2, "ctx": 64, "seed": 0},
+    }
+    assert json.dumps(c.to_json()) == json.dumps(want)
+    paper = {**want, "budget_mode": "weighted", "metric": "ppl"}  # as a library caller's SearchConfig() had
+    old = {"ramp_version": "0.0.9", "method": "greedy", "search": paper}
+    new = {"ramp_version": "0.1.0", "method": "greedy", "search": c.to_json()}
+    assert settings_differ(old, new) == []
+    assert settings_differ(old, {**new, "search": {**c.to_json(), "chunks": 3}}) == ["search"]
+    assert SizedConfig.of(c) is c
+
+
+def test_fold_stage_scores_nothing_unless_auto(tiny_model: Path, text_file: Path, tmp_path: Path) -> None:
+    """A named folding is decided without a file or an evaluation (the measured artifact is not even read);
+    with --fold auto the decision reports its evidence in the run's formats."""
+    from ramp_cpp.llama.backend import RuntimeOptions
+    from ramp_cpp.pipeline.folddecision import FoldDecision, FoldEvidence
+    from ramp_cpp.pipeline.plan import plan_run
+    from ramp_cpp.pipeline.stages import Runtime, decide_fold
+
+    _, hi = size_range(read_inventory(tiny_model), CandidateConfig())
+    size = f"{hi / 1024:.1f}KiB"
+    plan = plan_run(tiny_model, tmp_path / "r", "sac", size, cfg(text_file), CandidateConfig(), fold="off")
+    rt = Runtime(RuntimeOptions(), RuntimeOptions(), tmp_path / "no-scratch")
+    d = decide_fold(plan, {False: object()}, hi, rt)  # type: ignore[dict-item]
+    assert d == FoldDecision(False) and d.to_json() == {"choice": "off"} and d.metadata() == {}
+    assert not (tmp_path / "no-scratch").exists()
+
+    auto = FoldDecision.auto("greedy", FoldEvidence.of([0.10, 0.20], [0.12, 0.22]))
+    assert auto.folded and auto.to_json()["reward_kld"] == pytest.approx({"on": 0.15, "off": 0.17})
+    assert list(auto.to_json()) == ["choice", "allocator", "reward_kld", "evidence"]
+    assert auto.metadata()["ramp.fold_choice"] == (
+        "auto: on (KLD on 0.15, off 0.17, paired difference -0.02 ± 0 over 2 chunks)"
+    )

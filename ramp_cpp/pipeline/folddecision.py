@@ -1,0 +1,106 @@
+"""`--fold auto`'s rule: the evidence (`FoldEvidence`, per-chunk KLDs of one allocator's file with and without
+Scale Folding), the decision (`choose_fold`) and what a run reports of it (`FoldDecision`). Pure: the files
+are assembled and scored by the run's fold stage (`stages.decide_fold`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ramp_cpp.errors import RampError
+
+FOLDS = ("on", "off", "auto")
+
+#: `--fold auto` scores both settings' allocations on this many chunks of the reward text (from chunk 0, so
+#: the reward chunks are among them): on the demo model 4 chunks chose wrong at 2 of 3 sizes, held-out text
+#: being the judge (bench/results/smollm2.fold.md)
+FOLD_CHUNKS = 16
+#: fold unless the unfolded model is better by more than this many standard errors of the paired difference
+FOLD_MARGIN = 1.0
+
+
+@dataclass(frozen=True)
+class FoldEvidence:
+    """Per-chunk mean KLDs of one allocator's file with (`on_chunks`) and without folding, same chunks.
+
+    delta = mean_i(on_i − off_i), stderr = std_i(on_i − off_i) / √n: paired by chunk, so the text's own
+    variation between chunks (far larger than the difference between the two files) cancels."""
+
+    on_chunks: tuple[float, ...]
+    off_chunks: tuple[float, ...]
+
+    @classmethod
+    def of(cls, on: Sequence[float], off: Sequence[float]) -> FoldEvidence:
+        if len(on) != len(off) or not on:
+            raise RampError("fold evidence needs the same chunks, at least one, for both settings")
+        return cls(tuple(float(x) for x in on), tuple(float(x) for x in off))
+
+    @property
+    def on(self) -> float:
+        return float(np.mean(self.on_chunks))
+
+    @property
+    def off(self) -> float:
+        return float(np.mean(self.off_chunks))
+
+    @property
+    def delta(self) -> float:
+        return self.on - self.off
+
+    @property
+    def stderr(self) -> float:
+        d = np.subtract(self.on_chunks, self.off_chunks)
+        return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"on": self.on, "off": self.off, "delta": self.delta, "stderr": self.stderr,
+                "chunks": len(self.on_chunks)}
+
+
+def choose_fold(ev: FoldEvidence, margin: float = FOLD_MARGIN) -> bool:
+    """`--fold auto`: fold (the paper's §4.3 default) unless the unfolded model's allocation measured a
+    lower KLD by more than `margin` paired standard errors: fold iff delta ≤ margin · stderr. A base still on
+    a quantizer's grid (dequantized from a quantized file) loses that grid when folded, by a wide margin."""
+    return ev.delta <= margin * ev.stderr
+
+
+@dataclass(frozen=True)
+class FoldDecision:
+    """The folding a run keeps: `folded`; with `--fold auto`, also the `allocator` whose files were compared
+    and the `evidence` (None when the request named the folding)."""
+
+    folded: bool
+    allocator: str | None = None
+    evidence: FoldEvidence | None = None
+
+    @classmethod
+    def auto(cls, allocator: str, evidence: FoldEvidence) -> FoldDecision:
+        return cls(choose_fold(evidence), allocator, evidence)
+
+    @property
+    def choice(self) -> str:
+        return "on" if self.folded else "off"
+
+    def to_json(self) -> dict[str, Any]:
+        """report.json's summary.fold."""
+        ev = self.evidence
+        if ev is None:
+            return {"choice": self.choice}
+        kld = {"on": ev.on, "off": ev.off}
+        return {"choice": self.choice, "allocator": self.allocator, "reward_kld": kld,
+                "evidence": ev.to_json()}
+
+    def metadata(self) -> dict[str, str]:
+        """The GGUF's ramp.fold_choice, with --fold auto only."""
+        if self.evidence is None:
+            return {}
+        e = self.evidence.to_json()
+        return {
+            "ramp.fold_choice": (
+                f"auto: {self.choice} (KLD on {e['on']:.5g}, off {e['off']:.5g}, paired "
+                f"difference {e['delta']:+.3g} ± {e['stderr']:.2g} over {e['chunks']} chunks)"
+            )
+        }

@@ -1,0 +1,196 @@
+"""A sized run's first stage: every cheap check of the request, before any work (`plan_run` → `RunPlan`).
+
+A bad method, policy file, sensitivity, --fold or --size, a hopeless size for this model's candidate types,
+a calibration recipe the model's context cannot hold, an unreadable reward text, or a run directory holding
+another request: each fails here, in this order, before anything is written. The plan carries what the checks
+read (the model's inventory, the reward text, the run's settings) to the stages after it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ramp_cpp import __version__
+from ramp_cpp.allocate.sac.search import MAY_CHANGE_ON_RESUME, SizedSearchConfig
+from ramp_cpp.errors import RampError
+from ramp_cpp.llama.ggufio import ModelInfo
+from ramp_cpp.measure.candidates import CandidateConfig
+from ramp_cpp.measure.groups import GroupConfig
+from ramp_cpp.pipeline.folddecision import FOLDS
+from ramp_cpp.pipeline.sizedconfig import SizedConfig, check_run
+
+#: The methods whose allocation is learned (the SAC search, a trained policy's rollout), not computed.
+LEARNED = ("sac", "policy")
+SENSITIVITIES = ("proxy", "measured")
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A checked request: what to allocate (`method`) at which whole-file `size` (`preset`: the llama.cpp
+    preset it names, whose size `target` becomes once quantized; else `target` in bytes), on which model
+    (`info`: its inventory, read once), with the reward `text` already loaded and the run.json `settings` the
+    run directory will hold. `lo`/`hi`: the smallest and largest file the candidate types allow."""
+
+    model_path: str | os.PathLike[str]
+    run_dir: Path
+    cache_root: Path
+    method: str
+    size: str
+    preset: str | None
+    target: int
+    lo: int
+    hi: int
+    fold: str  # on, off or auto
+    sensitivity: str | None  # proxy, measured, or None for uniform
+    cfg: SizedConfig
+    cc: CandidateConfig
+    gcfg: GroupConfig
+    sac: SizedSearchConfig
+    policy: Any  # policyfile.Policy of method "policy", else None
+    calib: str | os.PathLike[str] | None
+    info: ModelInfo
+    text: str
+    settings: dict[str, Any]
+
+    @property
+    def foldings(self) -> tuple[bool, ...]:
+        """The folding choices the run prepares: both for auto (unfolded first), else the one asked for."""
+        return (False, True) if self.fold == "auto" else (self.fold == "on",)
+
+
+def plan_run(
+    model_path: str | os.PathLike[str],
+    run_dir: str | os.PathLike[str],
+    method: str,
+    size: str,
+    cfg: SizedConfig,
+    cc: CandidateConfig,
+    calib: str | os.PathLike[str] | None = None,
+    sensitivity: str | None = "proxy",
+    gcfg: GroupConfig | None = None,
+    sac: SizedSearchConfig | None = None,
+    policy: str | os.PathLike[str] | None = None,
+    cache_root: str | os.PathLike[str] | None = None,
+    fold: str | None = None,
+) -> RunPlan:
+    """Check the request (module docstring) and return it as a plan; reads, never writes."""
+    from ramp_cpp.allocate.allocators import ALLOCATORS
+    from ramp_cpp.allocate.budget import parse_size
+    from ramp_cpp.calibration.collect import check_config
+    from ramp_cpp.llama.ggufio import read_inventory
+    from ramp_cpp.store.texts import load_text
+
+    if method not in (*ALLOCATORS, *LEARNED):
+        raise RampError(f"unknown method {method!r} (choose from {', '.join([*ALLOCATORS, 'sac'])})")
+    sac = sac or SizedSearchConfig()
+    pol = None
+    if method == "policy":
+        from ramp_cpp.allocate.sac.policyfile import load_sized_policy
+
+        if policy is None:
+            raise RampError("method 'policy' needs a policy file")
+        pol = load_sized_policy(policy)  # a bad file fails before any work
+    sensitivity = resolve_sensitivity(method, sensitivity)
+    fold = fold or ("on" if cfg.fold else "off")
+    if fold not in FOLDS:
+        raise RampError(f"unknown --fold {fold!r} (choose from {', '.join(FOLDS)})")
+    gcfg = gcfg or GroupConfig()
+    preset = preset_name(size)
+    target = 0 if preset else parse_size(size)
+    info = read_inventory(model_path)  # the one read of the model's inventory: the stages get it from here
+    lo, hi = size_range(info, cc)
+    if not preset:
+        check_target(target, lo, hi, f"--size {size}")
+    if calib is None:
+        check_config(cfg.calib, info.context_length or None)
+    text, _ = load_text(cfg.text)
+    rd = Path(run_dir)
+    # the number of evaluations may grow between runs (a resumed search goes on); everything else must match
+    grow = {k: v for k, v in sac.to_json().items() if k not in MAY_CHANGE_ON_RESUME}
+    extra: dict[str, Any] = {"sac": grow} if method == "sac" else {"policy_sha256": pol.sha256} if pol else {}
+    if fold == "auto":
+        extra["fold"] = "auto"
+    settings = run_settings(str(Path(model_path).resolve()), method, size, cfg, cc, sensitivity, gcfg, extra)
+    check_run(rd, settings)
+    croot = Path(cache_root) if cache_root is not None else rd / "cache"
+    return RunPlan(
+        model_path, rd, croot, method, size, preset, target, lo, hi, fold, sensitivity, cfg, cc, gcfg, sac,
+        pol, calib, info, text, settings,
+    )
+
+
+def run_settings(
+    model: str, method: str, size: str, cfg: SizedConfig, cc: CandidateConfig, sensitivity: str | None,
+    gcfg: GroupConfig, extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The run.json of a request (sizedconfig.check_run compares two)."""
+    return {
+        "ramp_version": __version__,
+        "model_path": model,
+        "method": method,
+        "size": size,
+        "search": cfg.to_json(),
+        "candidates": cc.key(),
+        # only when measured: run directories made before the option (proxy) stay reusable
+        **({"sensitivity": sensitivity, "kld_groups": asdict(gcfg)} if sensitivity == "measured" else {}),
+        **(extra or {}),
+    }
+
+
+def preset_name(spec: str) -> str | None:
+    """`spec` as a llama.cpp preset name (Q4_K_M, ...) when it is one."""
+    from ramp_cpp.llama.quantize import presets
+
+    key = spec.strip().upper()
+    return key if key in presets() else None
+
+
+def resolve_sensitivity(method: str, sensitivity: str | None) -> str | None:
+    """The sensitivity `method` allocates on: None for uniform (it reads no error), else `sensitivity`
+    (default: measured)."""
+    if sensitivity is not None and sensitivity not in SENSITIVITIES:
+        raise RampError(f"unknown sensitivity {sensitivity!r} (choose from {', '.join(SENSITIVITIES)})")
+    if method == "uniform":
+        return None
+    return sensitivity or "measured"
+
+
+def size_range(info: Any, cc: CandidateConfig) -> tuple[int, int]:
+    """Whole-file bytes with every searched tensor at its smallest / largest candidate, from the inventory
+    alone (the source's header stands in for the output's, a few hundred bytes apart): enough to refuse a
+    hopeless --size before calibrating."""
+    from ramp_cpp.measure.candidates import searched_tensors, tensor_candidates
+    from ramp_cpp.model.arch import quantizable
+    from ramp_cpp.model.ladder import tensor_nbytes, type_from_name, written_type
+
+    def padded(n: int) -> int:
+        return -(-n // info.alignment) * info.alignment
+
+    searched = searched_tensors(info, cc.embeddings)
+    names = {t.name for t in searched}
+    fixed = info.data_offset + info.other_bytes
+    for t in info.tensors:
+        if t.name not in names:
+            tt = written_type(cc.base, t.n_per_row) if quantizable(t.name, 2) else type_from_name(t.ggml_type)
+            fixed += padded(tensor_nbytes(tt, t.n_params))
+    lo = hi = fixed
+    for t in searched:
+        sizes = [padded(tensor_nbytes(w, t.n_params)) for _, w in tensor_candidates(cc, t, True)]
+        if not sizes:
+            raise RampError(f"{t.name}: no candidate type fits its rows of {t.n_per_row} weights")
+        lo, hi = lo + min(sizes), hi + max(sizes)
+    return lo, hi
+
+
+def check_target(target: int, lo: int, hi: int, what: str) -> None:
+    """Refuse a target below the smallest file the candidate types allow (a little slack for the header)."""
+    slack = 1 << 16  # the output's header differs a little from the source's
+    if target < lo - slack:
+        raise RampError(
+            f"{what} ({target / MIB:.2f} MiB) is below the smallest file the candidate types allow "
+            f"({lo / MIB:.2f} MiB; feasible range {lo / MIB:.2f}-{hi / MIB:.2f} MiB)"
+        )

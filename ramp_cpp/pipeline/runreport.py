@@ -1,0 +1,103 @@
+"""The sized run's last stage: what it writes beside its GGUF. allocation.json (the summary and one row per
+searched tensor), report.json (meta, summary, and the points: the presets and this run) and pareto.png
+(report.py's figure of the points)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ramp_cpp.llama.evaluate import KLDResult
+from ramp_cpp.pipeline.folddecision import FoldDecision
+from ramp_cpp.pipeline.plan import RunPlan
+from ramp_cpp.pipeline.stages import Allocation, Measured, Presets, Written
+from ramp_cpp.store.atomic import atomic_path
+
+
+@dataclass(frozen=True)
+class Reports:
+    allocation: Path
+    report: Path
+    file_bytes: int
+
+
+def write_reports(
+    plan: RunPlan, m: Measured, decision: FoldDecision, alloc: Allocation, out: Written, k: KLDResult,
+    presets: Presets,
+) -> Reports:
+    """allocation.json, report.json and pareto.png in the run directory."""
+    from ramp_cpp.pipeline.report import BASE_QUALITY, write_pareto
+
+    cfg = replace(plan.cfg, fold=m.folded)
+    file_bytes = out.gguf.stat().st_size
+    label = f"{plan.method}{' (folded)' if cfg.fold else ''}"
+    points = [
+        *presets.points,
+        {"label": label, "file_bytes": file_bytes, "quality": k.kld_mean, "ppl": k.ppl, "kind": "ramp"},
+    ]
+    rows = tensor_rows(m, out.choice)
+    summary = {
+        "model": Path(plan.model_path).name,
+        "method": plan.method,
+        "size": plan.size,
+        "target_bytes": presets.target,
+        "file_bytes": file_bytes,
+        "bpw_file": 8 * file_bytes / plan.info.n_params_total,
+        "bpw_searched": out.meta["ramp.bpw"],
+        "predicted_error": out.meta["ramp.predicted_error"],
+        "sensitivity": plan.sensitivity,
+        "types": dict(Counter(r["type"] for r in rows).most_common()),
+        "quality": {
+            "metric": "kld",
+            "kld": k.kld_mean,
+            "ppl": k.ppl,
+            "base_ppl": k.base_ppl,
+            "text": cfg.text,
+            "chunks": cfg.chunks,
+        },
+        "t_measure": m.seconds,
+        "fold": decision.to_json(),
+        **alloc.summary,
+    }
+    if m.groups is not None:
+        # the calibrated sum is linear around the reference: KLD ≈ KLD_ref + Σ ratio · (error − error_highest)
+        top = {t.name: t.options[-1].ggml_type for t in m.alloc_sens.tensors}
+        sens = m.alloc_sens
+        summary["predicted_kld"] = m.groups.reference_kld + sens.error(out.choice) - sens.error(top)
+        summary["kld_groups"] = m.groups.to_json()
+    allocation = plan.run_dir / "allocation.json"
+    with atomic_path(allocation, force=True) as tmp:
+        tmp.write_text(json.dumps({**summary, "tensors": rows}, indent=2))
+    report = plan.run_dir / "report.json"
+    cc = plan.cc
+    rmeta = {
+        "model": Path(plan.model_path).name,
+        BASE_QUALITY: 0.0,
+        "search": cfg.to_json(),
+        "candidates": asdict(cc) | {"types": [t.name for t in cc.requested()], "base": cc.base.name},
+    }
+    with atomic_path(report, force=True) as tmp:
+        tmp.write_text(
+            json.dumps({"meta": rmeta, "summary": summary, "points": points}, indent=2, default=str)
+        )
+    write_pareto(plan.run_dir, points, "kld", rmeta)
+    return Reports(allocation, report, file_bytes)
+
+
+def tensor_rows(m: Measured, choice: dict[str, Any]) -> list[dict[str, Any]]:
+    """allocation.json's rows: each searched tensor's type, bytes, parameters and proxy error (and the
+    rescaled error the allocator read, with the measured sensitivity)."""
+    return [
+        {
+            "name": t.name,
+            "type": choice[t.name].name,
+            "bytes": t.option(choice[t.name]).nbytes,
+            "n_params": t.n_params,
+            "error": t.option(choice[t.name]).error,
+            **({"scaled_error": s.option(choice[t.name]).error} if m.groups is not None else {}),
+        }
+        for t, s in zip(m.sens.tensors, m.alloc_sens.tensors, strict=True)
+    ]

@@ -1,0 +1,262 @@
+"""The sized run's stages after its plan (plan.py), in the order `run.run_direct` calls them:
+
+    prepare_sources  the calibration, and the folded model when asked (both kept in the run directory)
+    measure_presets  llama.cpp's presets with the unfolded model's imatrix: the reference points, and the
+                     target of a --size that names a preset
+    measure_source   the proxy sensitivity and tensor cache of one folding choice (rescaled by measured
+                     KLDs when the sensitivity is `measured`)
+    decide_fold      --fold auto: the folding whose allocation scores the lower reward KLD
+    allocate         a learned method's allocation (the SAC search, or a policy's rollout)
+    fit_and_write    the allocation at the target, assembled with ramp.* metadata, allocated again below the
+                     target while the metadata pushes the file past it
+    evaluate         the written file's KLD and PPL on the reward chunks
+
+Each takes the plan, what earlier stages made (frozen artifacts: `Source`, `Presets`, `Measured`,
+`FoldDecision`, `Allocation`, `Written`) and the `Runtime`; the report stage is runreport.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from gguf import GGMLQuantizationType
+
+from ramp_cpp import __version__
+from ramp_cpp.errors import RampError
+from ramp_cpp.fold.source import Progress, Source, calibrated_source, ramp_output_name, staged
+from ramp_cpp.llama.backend import RuntimeOptions
+from ramp_cpp.llama.evaluate import KLDResult
+from ramp_cpp.measure.sensitivity import Sensitivity
+from ramp_cpp.pipeline.folddecision import FOLD_CHUNKS, FoldDecision, FoldEvidence
+from ramp_cpp.pipeline.learned import learned_allocation
+from ramp_cpp.pipeline.plan import LEARNED, RunPlan, check_target
+from ramp_cpp.pipeline.sizedconfig import SizedConfig
+
+Choice = dict[str, GGMLQuantizationType]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How the stages run: llama.cpp's options (`opts`; `eopts` at the run's context, for scoring), the
+    scratch folder (`scratch`, removed when the run ends), the progress callback and SAC's per-episode one."""
+
+    opts: RuntimeOptions
+    eopts: RuntimeOptions
+    scratch: Path
+    progress: Progress | None = None
+    on_episode: Callable[[dict[str, Any]], None] | None = None
+
+
+def prepare_sources(
+    plan: RunPlan, opts: RuntimeOptions, progress: Progress | None = None
+) -> dict[bool, Source]:
+    """The source of each folding choice the plan prepares (unfolded first), on one calibration: the run's
+    own, `plan.calib`'s, or a new one; the folded model is written once and reused."""
+    return {
+        f: calibrated_source(
+            plan.model_path, plan.run_dir, replace(plan.cfg, fold=f), opts, plan.calib, progress, plan.info
+        )
+        for f in plan.foldings
+    }
+
+
+@dataclass(frozen=True)
+class Presets:
+    """The run's whole-file `target` in bytes, and the presets' rows of report.json (`points`)."""
+
+    target: int
+    points: tuple[dict[str, Any], ...]
+
+
+def measure_presets(plan: RunPlan, presets: tuple[str, ...], base_cal: Any, rt: Runtime) -> Presets:
+    """Quantize and score each of `presets` (and the preset --size names, whose file size becomes the
+    target) with the unfolded model's imatrix (`base_cal`'s), as a llama.cpp user would."""
+    from ramp_cpp.llama.evaluate import kld
+    from ramp_cpp.llama.quantize import QuantizeOptions, quantize_preset
+
+    base_im = base_cal.imatrix() if plan.cfg.imatrix else None
+    target, points = plan.target, []
+    for name in dict.fromkeys([*presets, *([plan.preset] if plan.preset else [])]):
+        q = rt.scratch / f"{name}.gguf"
+        qopts = QuantizeOptions(imatrix=base_im, n_threads=rt.opts.n_threads)
+        r = quantize_preset(plan.model_path, q, name, qopts)
+        if name == plan.preset:
+            target = r.file_size
+            check_target(target, plan.lo, plan.hi, f"{name}'s size")
+        k = kld(q, plan.model_path, plan.text, plan.cfg.eval_config, rt.eopts)
+        label = f"{name}+imatrix" if base_im is not None else name
+        points.append(
+            {"label": label, "file_bytes": r.file_size, "quality": k.kld_mean, "ppl": k.ppl, "kind": "preset"}
+        )
+        q.unlink(missing_ok=True)
+    return Presets(target, tuple(points))
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What one folding choice prepared: its source, proxy sensitivity `sens`, the sensitivity the allocator
+    reads (`alloc_sens`: `sens` rescaled by the measured KLD groups, `groups`, or `sens` itself), the tensor
+    cache, and the seconds it took."""
+
+    folded: bool
+    source: Source
+    sens: Sensitivity
+    alloc_sens: Sensitivity
+    groups: Any  # groups.GroupReport, or None
+    cache: Any  # tensorcache.TensorCache
+    seconds: float
+
+
+def measure_source(plan: RunPlan, folded: bool, source: Source, rt: Runtime) -> Measured:
+    """Measure → tensor cache → (measured sensitivity) of `source`, all cached under `plan.cache_root`."""
+    from ramp_cpp.measure.groups import calibrate_sensitivity
+    from ramp_cpp.measure.proxy import MeasureConfig, measure
+    from ramp_cpp.measure.tensorcache import build_cache
+
+    im = source.cal.imatrix() if plan.cfg.imatrix else None
+    t0 = time.perf_counter()
+    cc, progress = plan.cc, rt.progress
+    mcfg = MeasureConfig(candidates=cc, n_threads=rt.opts.n_threads)
+    sens = measure(
+        source.path, source.cal, im, mcfg, plan.cache_root, staged(progress, "measure"),
+        staged(progress, "tensor cache"), text=None,
+    )
+    cache = build_cache(
+        source.path, cc.requested(), plan.cache_root, imatrix=im, base=cc.base, n_threads=rt.opts.n_threads,
+        searched=[t.name for t in sens.tensors],
+    )
+    alloc_sens, groups = sens, None
+    if plan.sensitivity == "measured":
+        # against the unfolded model: the folded source computes the same function
+        alloc_sens, groups = calibrate_sensitivity(
+            sens, cache, plan.model_path, plan.text, plan.cfg.eval_config, rt.eopts, plan.gcfg,
+            staged(progress, "kld groups"), scratch=rt.scratch,
+        )
+    return Measured(folded, source, sens, alloc_sens, groups, cache, time.perf_counter() - t0)
+
+
+def decide_fold(plan: RunPlan, measured: Mapping[bool, Measured], target: int, rt: Runtime) -> FoldDecision:
+    """The folding the request named, or with --fold auto the one whose allocation (greedy's, for the
+    learned methods) scores the lower KLD on the first FOLD_CHUNKS chunks of the reward text
+    (folddecision.choose_fold)."""
+    if plan.fold != "auto":
+        (folded,) = measured
+        return FoldDecision(folded)
+    from ramp_cpp.allocate.allocators import ALLOCATORS
+    from ramp_cpp.llama.evaluate import kld
+    from ramp_cpp.measure.tensorcache import assemble
+
+    probe = "greedy" if plan.method in LEARNED else plan.method
+    ecfg = plan.cfg.eval_config
+    fcfg = replace(ecfg, first_chunk=0, n_chunks=max(FOLD_CHUNKS, ecfg.n_chunks or 0), up_to=True)
+    per = {}
+    for f, m in measured.items():
+        assemble(m.cache, ALLOCATORS[probe](m.alloc_sens, target), rt.scratch / "fold.gguf", force=True)
+        per[f] = kld(rt.scratch / "fold.gguf", plan.model_path, plan.text, fcfg, rt.eopts).chunk_kld
+    return FoldDecision.auto(probe, FoldEvidence.of(per[True], per[False]))
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """A learned method's allocation before it is fitted to the file (`learned`; None for the allocators,
+    which compute theirs at the fit) and what the report says of its search (`summary`)."""
+
+    learned: Choice | None
+    summary: dict[str, Any]
+
+
+def allocate(plan: RunPlan, m: Measured, target: int, rt: Runtime) -> Allocation:
+    """The SAC search or a policy's rollout on `m` (learned.py); nothing to do for greedy and uniform."""
+    if plan.method not in LEARNED:
+        return Allocation(None, {})
+    choice, summary = learned_allocation(
+        plan, m.alloc_sens, m.source, m.cache, target, rt.eopts, rt.scratch, rt.on_episode
+    )
+    return Allocation(choice, summary)
+
+
+@dataclass(frozen=True)
+class Written:
+    """The run's GGUF, the allocation it holds (`choice`) and its ramp.* metadata (`meta`)."""
+
+    gguf: Path
+    choice: Choice
+    meta: dict[str, Any]
+
+
+def fit_and_write(
+    plan: RunPlan, m: Measured, alloc: Allocation, target: int, decision: FoldDecision, rt: Runtime
+) -> Written:
+    """Allocate at `target` (or project the learned allocation onto it), assemble the GGUF from the tensor
+    cache with its ramp.* metadata; the metadata grows the header after the allocation was made, so while
+    the file is over the target, allocate again with the budget lowered by the overshoot (3 tries)."""
+    from ramp_cpp.allocate.allocators import ALLOCATORS, project
+    from ramp_cpp.llama.ggufio import add_metadata
+    from ramp_cpp.measure.tensorcache import assemble
+
+    cfg = replace(plan.cfg, fold=m.folded)
+    gguf = plan.run_dir / ramp_output_name(plan.model_path, plan.preset or plan.size.strip())
+    out = rt.scratch / "out.gguf"
+    budget = target
+    for _ in range(3):
+        if alloc.learned is not None:
+            choice = project(m.alloc_sens, alloc.learned, budget)
+        else:
+            choice = ALLOCATORS[plan.method](m.alloc_sens, budget)
+        meta = metadata(
+            m.sens, choice, plan.method, plan.size, target, cfg, m.source.base_cal.describe(),
+            plan.sensitivity or "none",
+        )
+        meta.update(decision.metadata())
+        assemble(m.cache, choice, out, force=True)
+        add_metadata(out, gguf, meta, force=True)
+        over = gguf.stat().st_size - target
+        if over <= 0:
+            return Written(gguf, choice, meta)
+        # below this allocation's own bytes: a greedy that left slack under `budget` would otherwise
+        # return the same allocation for `budget - over`
+        budget = min(budget, m.alloc_sens.file_bytes(choice)) - over
+    raise RampError(f"could not fit {gguf.name} under {target} bytes")
+
+
+def metadata(
+    sens: Sensitivity,
+    choice: Choice,
+    method: str,
+    size: str,
+    target: int,
+    cfg: SizedConfig,
+    calibration: str,
+    sensitivity: str = "proxy",
+) -> dict[str, Any]:
+    """ramp.* keys of an output GGUF made by a direct method. `ramp.sensitivity`: what the allocator read,
+    proxy, measured, or none (uniform); `ramp.predicted_error` is the proxy's whichever it was."""
+    names = [t.name for t in sens.tensors]
+    linears = [t for t in sens.tensors if t.name.startswith("blk.")]
+    searched_bytes = sum(t.option(choice[t.name]).nbytes for t in linears)
+    return {
+        "ramp.version": __version__,
+        "ramp.method": method,
+        "ramp.budget_mode": "size",
+        "ramp.size_target": size,
+        "ramp.target_bytes": int(target),
+        "ramp.bpw": float(8 * searched_bytes / sum(t.n_params for t in linears)),
+        "ramp.tensor_names": names,
+        "ramp.tensor_types": [choice[n].name for n in names],
+        "ramp.predicted_error": float(sens.error(choice)),
+        "ramp.scale_folding": bool(cfg.fold),
+        "ramp.calibration": calibration,
+        "ramp.imatrix": bool(cfg.imatrix),
+        "ramp.sensitivity": sensitivity,
+    }
+
+
+def evaluate(plan: RunPlan, gguf: Path, rt: Runtime) -> KLDResult:
+    """The written file's KLD and PPL against the unfolded model on the reward chunks."""
+    from ramp_cpp.llama.evaluate import kld
+
+    return kld(gguf, plan.model_path, plan.text, plan.cfg.eval_config, rt.eopts)

@@ -1,0 +1,125 @@
+"""A run directory made before the stage layout resumes under the staged `run_direct`.
+
+The previous code (`OLD_COMMIT`, the flat package: ramp_cpp.direct.run_direct configured by the paper's
+SearchConfig) runs a sized greedy search on the synthetic model in a subprocess; the new code then runs the
+same request on the same directory. It must accept the directory (run.json: same settings), recompute
+nothing (no calibration, fold, measurement, tensor cache or KLD-group stage reports progress; every file the
+old run left keeps its bytes and mtime) and write the same allocation and the same GGUF, byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from ramp_cpp.calibration.artifact import CalibConfig
+from ramp_cpp.llama.ggufio import read_inventory
+from ramp_cpp.measure.candidates import CandidateConfig
+from ramp_cpp.pipeline.run import run_direct, size_range
+from ramp_cpp.pipeline.sizedconfig import SizedConfig
+
+#: The last commit before ramp_cpp was laid out by stage (and before run_direct became stages).
+OLD_COMMIT = "901eb2071299dd9ae2f85c9b37e8e9cd61a1f7bc"
+REPO = Path(__file__).resolve().parents[1]
+NATIVE = REPO / "ramp_cpp" / "lib" / "libramp_native.so"
+#: the stages that compute (progress names); a resumed run reports none of them
+COMPUTING = {"calibrate", "fold", "measure", "tensor cache", "kld groups"}
+#: what every run writes again (outputs and settings); everything else in the run directory must stay
+REWRITTEN = {"run.json", "allocation.json", "report.json", "pareto.png"}
+
+OLD_RUN = """
+import json, sys
+from pathlib import Path
+import ramp_cpp
+assert Path(ramp_cpp.__file__).resolve().is_relative_to(Path.cwd().resolve()), ramp_cpp.__file__
+from ramp_cpp.calibration import CalibConfig
+from ramp_cpp.direct import run_direct
+from ramp_cpp.search import SearchConfig
+a = json.loads(sys.argv[1])
+cfg = SearchConfig(budget_mode="size", metric="kld", text=a["text"], n_ctx=128, chunks=2,
+                   calib=CalibConfig(text=a["text"], samples=2, ctx=64))
+r = run_direct(a["model"], a["run_dir"], "greedy", a["size"], cfg, presets=(), sensitivity="measured",
+               fold="auto")
+print(json.dumps({"gguf": str(r.gguf)}))
+"""
+
+
+def old_tree(dst: Path) -> Path:
+    """ramp_cpp/ of OLD_COMMIT under `dst`, or a skip saying why it cannot be had."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed: the previous commit's code cannot be had")
+    have = subprocess.run(
+        ["git", "-C", str(REPO), "cat-file", "-e", f"{OLD_COMMIT}^{{commit}}"], capture_output=True
+    )
+    if have.returncode != 0:
+        pytest.skip(f"commit {OLD_COMMIT[:7]} is not in this checkout (a shallow clone?)")
+    tar = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", OLD_COMMIT, "ramp_cpp"],
+        capture_output=True, check=True,
+    )
+    with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as t:
+        t.extractall(dst, filter="data")
+    return dst
+
+
+def files(root: Path) -> dict[str, tuple[int, str]]:
+    """relative path -> (mtime_ns, sha256) of every file under `root`."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(root))] = (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+@pytest.mark.slow
+def test_a_run_directory_of_the_previous_code_resumes(
+    tiny_model: Path, text_file: Path, tmp_path: Path
+) -> None:
+    if not NATIVE.is_file():
+        pytest.skip(f"{NATIVE} is not built")
+    old = old_tree(tmp_path / "old")
+    rd = tmp_path / "run"
+    lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
+    size = f"{(lo + hi) / 2 / 1024:.1f}KiB"
+    args = {"model": str(tiny_model), "run_dir": str(rd), "size": size, "text": str(text_file)}
+    # the session's RAMP_CACHE_DIR / RAMP_SCRATCH_DIR (conftest) are inherited: one base log-probs cache
+    env = {**os.environ, "PYTHONPATH": str(old), "RAMP_NATIVE_LIB": str(NATIVE)}
+    r = subprocess.run(
+        [sys.executable, "-c", OLD_RUN, json.dumps(args)], cwd=old, env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    gguf = Path(json.loads(r.stdout.strip().splitlines()[-1])["gguf"])
+    before = files(rd)
+    cache = Path(os.environ["RAMP_CACHE_DIR"])
+    cache_before = files(cache)
+    old_settings = (rd / "run.json").read_text()
+    old_alloc = json.loads((rd / "allocation.json").read_text())
+
+    stages: set[str] = set()
+    calib = CalibConfig(text=str(text_file), samples=2, ctx=64)
+    cfg = SizedConfig(text=str(text_file), n_ctx=128, chunks=2, calib=calib)
+    res = run_direct(
+        tiny_model, rd, "greedy", size, cfg, presets=(), sensitivity="measured", fold="auto",
+        progress=lambda stage, done, total: stages.add(stage),
+    )
+
+    assert stages.isdisjoint(COMPUTING), stages
+    after = files(rd)
+    kept = {k: v for k, v in before.items() if k not in REWRITTEN and k != gguf.name}
+    assert {k: after.get(k) for k in kept} == kept  # calibration, folded model, caches: not touched
+    assert set(after) == set(before)  # and nothing new
+    assert files(cache) == cache_before  # base log-probs and file hashes reused
+    assert (rd / "run.json").read_text() == old_settings  # same settings, same layout
+    assert res.gguf == gguf and after[gguf.name][1] == before[gguf.name][1]  # the same file, byte for byte
+    new_alloc = json.loads(res.allocation.read_text())
+    assert new_alloc["tensors"] == old_alloc["tensors"]
+    assert new_alloc["fold"] == old_alloc["fold"] and new_alloc["predicted_kld"] == old_alloc["predicted_kld"]
