@@ -17,13 +17,13 @@ import sys
 from pathlib import Path
 
 from ramp_cpp.calibration.artifact import load_calibration
-from ramp_cpp.store.texts import load_text
-from ramp_cpp.pipeline.demo import demo_model_path
-from ramp_cpp.llama.evaluate import EvalConfig, kld
 from ramp_cpp.fold.folding import fold, folded_calibration_from_file
+from ramp_cpp.llama.evaluate import EvalConfig, kld
 from ramp_cpp.llama.ggufio import read_inventory
-from ramp_cpp.model.ladder import NOMINAL_TYPES
 from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
+from ramp_cpp.model.ladder import NOMINAL_TYPES
+from ramp_cpp.pipeline.demo import demo_model_path
+from ramp_cpp.store.texts import load_text
 
 OUT = Path(__file__).parent / "out" / "ablation"
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from ramp_cpp.llama.backend import LlamaModel
-from ramp_cpp.pipeline.demo import demo_model_path
 from ramp_cpp.llama.ggufio import read_inventory
 from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
 from ramp_cpp.measure.tensorcache import assemble, build_cache
+from ramp_cpp.pipeline.demo import demo_model_path
 
 OUT = Path(__file__).parent / "out"
 LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")

@@ -15,12 +15,12 @@ import json
 import time
 from typing import Any
 
-from ramp_cpp.llama.backend import RuntimeOptions, StatsModel
-from ramp_cpp.calibration.collect import windows
 from ramp_cpp.calibration.artifact import CalibConfig
-from ramp_cpp.store.texts import load_text
-from ramp_cpp.pipeline.demo import demo_model_path
+from ramp_cpp.calibration.collect import windows
+from ramp_cpp.llama.backend import RuntimeOptions, StatsModel
 from ramp_cpp.llama.native import ActivationCollector, stats_model
+from ramp_cpp.pipeline.demo import demo_model_path
+from ramp_cpp.store.texts import load_text
 
 
 class _NoCollector(StatsModel):

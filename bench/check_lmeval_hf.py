@@ -1,6 +1,6 @@
-"""Cross-check of ramp-cpp's lm-eval model (llama.cpp, ramp_cpp.llama.downstream) against lm-eval's own HF backend
-(`lm_eval.models.huggingface.HFLM`, transformers fp32 on CPU, the model loaded from the same GGUF with
-`gguf_file=`), on the same task items through the same lm-eval task config and local data.
+"""Cross-check of ramp-cpp's lm-eval model (llama.cpp, ramp_cpp.llama.downstream) against lm-eval's own HF
+backend (`lm_eval.models.huggingface.HFLM`, transformers fp32 on CPU, the model loaded from the same GGUF
+with `gguf_file=`), on the same task items through the same lm-eval task config and local data.
 
     .venv/bin/python bench/check_lmeval_hf.py [MODEL.f16.gguf] [--task piqa] [--limit 100] [--threads 1]
 
@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from ramp_cpp.store.atomic import atomic_path
 from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.pipeline.demo import fetch_demo_base
 from ramp_cpp.llama.downstream import DownstreamConfig, evaluate_downstream, items, run_tasks, scores
+from ramp_cpp.pipeline.demo import fetch_demo_base
+from ramp_cpp.store.atomic import atomic_path
 
 RESULTS = Path(__file__).parent / "results" / "check_lmeval_hf.json"
 

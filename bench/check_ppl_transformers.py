@@ -16,9 +16,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.store.texts import load_text
-from ramp_cpp.pipeline.demo import demo_model_path
 from ramp_cpp.llama.evaluate import EvalConfig, chunks, perplexity
+from ramp_cpp.pipeline.demo import demo_model_path
+from ramp_cpp.store.texts import load_text
 
 
 def main() -> None:

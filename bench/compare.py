@@ -32,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from models import MODELS, base_path  # noqa: E402
 
-from ramp_cpp.store.atomic import atomic_path  # noqa: E402
-from ramp_cpp.calibration.collect import calibrate, load_recipe  # noqa: E402
 from ramp_cpp.calibration.artifact import Calibration, load_calibration, save_calibration  # noqa: E402
-from ramp_cpp.store.texts import load_text  # noqa: E402
-from ramp_cpp.llama.evaluate import EvalConfig, kld  # noqa: E402
+from ramp_cpp.calibration.collect import calibrate, load_recipe  # noqa: E402
 from ramp_cpp.fold.folding import FoldConfig, fold, folded_calibration_from_file  # noqa: E402
+from ramp_cpp.llama.evaluate import EvalConfig, kld  # noqa: E402
 from ramp_cpp.llama.quantize import QuantizeOptions, QuantizeResult, quantize_preset  # noqa: E402
+from ramp_cpp.store.atomic import atomic_path  # noqa: E402
+from ramp_cpp.store.texts import load_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
@@ -295,8 +295,8 @@ def transfer_cell(
     row = res.get(cell)
     if row is not None:
         return row
-    from ramp_cpp.measure.proxy import measure
     from ramp_cpp.allocate.sac.policyfile import load_sized_policy
+    from ramp_cpp.measure.proxy import measure
     from ramp_cpp.measure.tensorcache import assemble
 
     key = method.split("-", 1)[1]
@@ -348,13 +348,13 @@ def sac_cell(
     if row is not None:
         return row
     from ramp_cpp.allocate.allocators import greedy
-    from ramp_cpp.llama.backend import RuntimeOptions
-    from ramp_cpp.measure.proxy import measure
     from ramp_cpp.allocate.sac.policyfile import save_policy
     from ramp_cpp.allocate.sac.rollout import Context
-    from ramp_cpp.fold.source import cleanup, workdir
-    from ramp_cpp.allocate.sac.search import policy_meta, policy_tensors, search
     from ramp_cpp.allocate.sac.scoring import RewardScorer, layer_embeddings
+    from ramp_cpp.allocate.sac.search import policy_meta, policy_tensors, search
+    from ramp_cpp.fold.source import cleanup, workdir
+    from ramp_cpp.llama.backend import RuntimeOptions
+    from ramp_cpp.measure.proxy import measure
     from ramp_cpp.measure.tensorcache import assemble
 
     scfg = sac_settings(method)
@@ -431,8 +431,8 @@ def alloc_cell(
     if row is not None:
         return row
     from ramp_cpp.allocate.allocators import ALLOCATORS
-    from ramp_cpp.measure.proxy import measure
     from ramp_cpp.llama.quantize import quantize_map
+    from ramp_cpp.measure.proxy import measure
 
     src, cal = b.model(folded)
     t0 = time.perf_counter()

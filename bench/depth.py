@@ -53,12 +53,12 @@ def allocations(model: str, recipe: str) -> tuple[Any, dict[str, dict[str, Any]]
     """(measured sensitivity, label -> {tensor name: GGMLQuantizationType}) for one model."""
     from gguf import GGMLQuantizationType
 
-    from ramp_cpp.store import stfile
     from ramp_cpp.allocate.allocators import greedy
-    from ramp_cpp.measure.proxy import measure
     from ramp_cpp.allocate.sac.policyfile import load_sized_policy
-    from ramp_cpp.allocate.sac.search import CHECKPOINT, CHECKPOINT_KIND
     from ramp_cpp.allocate.sac.scoring import policy_episode
+    from ramp_cpp.allocate.sac.search import CHECKPOINT, CHECKPOINT_KIND
+    from ramp_cpp.measure.proxy import measure
+    from ramp_cpp.store import stfile
 
     fold, size, sac = SETTINGS[model]
     b = prepare(model, "offgrid", 0, recipe)

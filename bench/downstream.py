@@ -4,13 +4,12 @@ arc_easy and arc_challenge (the first --limit validation items of each, the same
 
     .venv/bin/python bench/downstream.py [--limit 200] [--tasks piqa,...] [--threads 1] [--md-only]
 
-The demo's GGUFs are copied to bench/out/downstream/ first (a later `make demo` rewrites its run folders), and
-the Q4_K_M + imatrix file is made there from the demo's calibration with ramp-cpp's own commands. Every
-(file, task) cell is one lm-eval run through `ramp_cpp.llama.downstream` (what `ramp-cpp eval FILE --tasks TASK
---limit N` runs, with the items' log-likelihoods kept for paired comparisons); a finished cell, same file
-sha256 and limit, is skipped, so the same command again resumes. Results: bench/results/downstream.json, the
-tables: bench/results/downstream.md.
-"""
+The demo's GGUFs are copied to bench/out/downstream/ first (a later `make demo` rewrites its run folders),
+and the Q4_K_M + imatrix file is made there from the demo's calibration with ramp-cpp's own commands. Every
+(file, task) cell is one lm-eval run through `ramp_cpp.llama.downstream` (what `ramp-cpp eval FILE --tasks
+TASK --limit N` runs, with the items' log-likelihoods kept for paired comparisons); a finished cell, same
+file sha256 and limit, is skipped, so the same command again resumes. Results:
+bench/results/downstream.json, the tables: bench/results/downstream.md. """
 
 from __future__ import annotations
 
@@ -26,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from ramp_cpp.store.atomic import atomic_path
 from ramp_cpp.llama.backend import RuntimeOptions
-from ramp_cpp.store.cache import file_sha256_cached
-from ramp_cpp.pipeline.demo import fetch_demo_base
 from ramp_cpp.llama.downstream import DEFAULT_TASKS, DownstreamConfig, evaluate_downstream, parse_tasks
+from ramp_cpp.pipeline.demo import fetch_demo_base
+from ramp_cpp.store.atomic import atomic_path
+from ramp_cpp.store.cache import file_sha256_cached
 
 HERE = Path(__file__).parent
 OUT = HERE / "out" / "downstream"

@@ -14,11 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from ramp_cpp.llama.backend import RuntimeOptions
-from ramp_cpp.calibration.collect import calibrate
 from ramp_cpp.calibration.artifact import CalibConfig, load_calibration, save_calibration
-from ramp_cpp.store.texts import load_text
+from ramp_cpp.calibration.collect import calibrate
 from ramp_cpp.calibration.features import FeatureConfig, model_features, saturation
+from ramp_cpp.llama.backend import RuntimeOptions
+from ramp_cpp.store.texts import load_text
 
 OUT = Path(__file__).parent / "out"
 

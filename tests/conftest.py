@@ -34,8 +34,8 @@ _session: dict[str, Path] = {}
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from ramp_cpp.store.texts import fetched_dir
     from ramp_cpp.pipeline.demo import demo_model_path
+    from ramp_cpp.store.texts import fetched_dir
 
     _session["demo_model"] = demo_model_path()
     real_texts = fetched_dir()
@@ -104,8 +104,8 @@ def demo_model() -> Path:
 @pytest.fixture(scope="session")
 def wikitext() -> Callable[[str], str]:
     """A named corpus's text; the test is skipped where it cannot be had (no ../shared, no hub, no cache)."""
-    from ramp_cpp.store.texts import load_text
     from ramp_cpp.errors import RampError
+    from ramp_cpp.store.texts import load_text
 
     missing: dict[str, str] = {}  # a failed lookup (offline: ~20 s of hub retries) is tried once per session
 

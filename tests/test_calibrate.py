@@ -13,12 +13,18 @@ import pytest
 import synthetic
 from typer.testing import CliRunner
 
-from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
+from ramp_cpp.calibration.artifact import (
+    CalibConfig,
+    Calibration,
+    check_matches,
+    load_calibration,
+    save_calibration,
+    write_imatrix,
+)
 from ramp_cpp.calibration.collect import calibrate, check_config, load_recipe, windows
-from ramp_cpp.calibration.artifact import CalibConfig, Calibration, check_matches, load_calibration, save_calibration
 from ramp_cpp.cli.app import app
 from ramp_cpp.errors import RampError
-from ramp_cpp.calibration.artifact import write_imatrix
+from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
 from ramp_cpp.llama.ggufio import open_reader, read_imatrix, read_inventory
 from ramp_cpp.llama.native import stats_model
 from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map

@@ -9,6 +9,9 @@ import synthetic
 from gguf import GGMLQuantizationType as T
 
 from ramp_cpp.allocate.budget import costs
+from ramp_cpp.errors import RampError
+from ramp_cpp.llama.ggufio import TensorInfo, read_inventory, tensor_types
+from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
 from ramp_cpp.measure.candidates import (
     DEFAULT_TYPES,
     CandidateConfig,
@@ -19,11 +22,8 @@ from ramp_cpp.measure.candidates import (
     tensor_candidates,
     type_for_bpw,
 )
-from ramp_cpp.errors import RampError
-from ramp_cpp.llama.ggufio import TensorInfo, read_inventory, tensor_types
-from ramp_cpp.model.ladder import bits_per_weight
-from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
 from ramp_cpp.measure.sensitivity import Option
+from ramp_cpp.model.ladder import bits_per_weight
 
 #: What llama.cpp writes as asked, by bytes (bpw: Q2_K 2.625, Q3_K 3.4375, IQ4_XS 4.25, Q4_K = IQ4_NL =
 #: Q4_0 4.5, Q4_1 5, Q5_K = Q5_0 5.5, Q5_1 6, Q6_K 6.5625, Q8_0 8.5; equal bytes in DEFAULT_TYPES' order).

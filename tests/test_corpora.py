@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from ramp_cpp.errors import RampError
 from ramp_cpp.store import texts as corpora
 from ramp_cpp.store.cache import file_sha256_cached
 from ramp_cpp.store.texts import CORPORA, Corpus, load_text, rebuild
-from ramp_cpp.errors import RampError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")

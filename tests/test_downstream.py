@@ -16,9 +16,9 @@ import pytest
 import synthetic
 from typer.testing import CliRunner
 
+from ramp_cpp.cli.app import app
 from ramp_cpp.llama import downstream
 from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.cli.app import app
 
 runner = CliRunner()
 

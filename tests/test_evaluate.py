@@ -5,11 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.store.cache import cache_dir
 from ramp_cpp.errors import RampError
+from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
 from ramp_cpp.llama.evaluate import EvalConfig, base_logprobs, kld, perplexity
 from ramp_cpp.llama.quantize import quantize_map
+from ramp_cpp.store.cache import cache_dir
 
 CFG = EvalConfig(n_ctx=128, n_chunks=4, top_k=32)
 

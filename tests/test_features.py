@@ -9,10 +9,10 @@ import pytest
 import synthetic
 from gguf import GGUFReader
 
-from ramp_cpp.llama.backend import InputStats
 from ramp_cpp.calibration.artifact import CalibConfig, Calibration
-from ramp_cpp.errors import RampError
 from ramp_cpp.calibration.features import FeatureConfig, model_features, saturation
+from ramp_cpp.errors import RampError
+from ramp_cpp.llama.backend import InputStats
 from ramp_cpp.llama.ggufio import read_inventory
 
 

@@ -10,13 +10,9 @@ import synthetic
 from gguf import GGMLQuantizationType
 from typer.testing import CliRunner
 
-from ramp_cpp.model.arch import ATTN_FUSED_GROUP, ATTN_GROUP, FFN_GROUP, FOLD_ARCHS, FoldArch, FoldGroup, fold_arch
-from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.llama.backend import InputStats
 from ramp_cpp.calibration.artifact import CalibConfig, Calibration, save_calibration
 from ramp_cpp.cli.app import app
 from ramp_cpp.errors import RampError
-from ramp_cpp.llama.evaluate import EvalConfig, kld
 from ramp_cpp.fold.folding import (
     FOLD_VERSION,
     FoldConfig,
@@ -27,6 +23,8 @@ from ramp_cpp.fold.folding import (
     folded_calibration_from_file,
     plan_groups,
 )
+from ramp_cpp.llama.backend import InputStats, LlamaModel, RuntimeOptions
+from ramp_cpp.llama.evaluate import EvalConfig, kld
 from ramp_cpp.llama.ggufio import (
     TensorRewrite,
     add_metadata,
@@ -36,6 +34,15 @@ from ramp_cpp.llama.ggufio import (
     rewrite_gguf,
 )
 from ramp_cpp.llama.quantize import quantize_map
+from ramp_cpp.model.arch import (
+    ATTN_FUSED_GROUP,
+    ATTN_GROUP,
+    FFN_GROUP,
+    FOLD_ARCHS,
+    FoldArch,
+    FoldGroup,
+    fold_arch,
+)
 
 CFG = EvalConfig(n_ctx=128, n_chunks=3, top_k=32)
 SHARED = {"attn_q": "attn", "attn_k": "attn", "attn_v": "attn", "attn_qkv": "attn"}

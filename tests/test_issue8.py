@@ -351,7 +351,7 @@ def test_demo_table_fits_80_columns() -> None:
 
     from rich.console import Console
 
-    from ramp_cpp.cli.app import _demo_table
+    from ramp_cpp.cli.demo import demo_table
     from ramp_cpp.pipeline.demo import DemoRow
 
     labels = ["RAMP", "Q4_K_M", "Q4_K_M+imatrix", "Q3_K_M", "Q3_K_M+imatrix"]
@@ -359,7 +359,7 @@ def test_demo_table_fits_80_columns() -> None:
     rows = [DemoRow(x, long, 123_456_789, 5.5012, 1234.5678, 23.617, 1.23456, 99.87) for x in labels]
     buf = io.StringIO()
     con = Console(file=buf, width=80, color_system=None)
-    con.print(_demo_table(rows, "wikitext2-test (held out), 4 chunks of 512; base PPL 23.617"))
+    con.print(demo_table(rows, "wikitext2-test (held out), 4 chunks of 512; base PPL 23.617"))
     lines = buf.getvalue().splitlines()
     assert max(len(x) for x in lines) <= 80
     assert "…" not in buf.getvalue()

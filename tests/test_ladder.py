@@ -4,8 +4,8 @@ import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from ramp_cpp.llama import native
 from ramp_cpp.errors import RampError
+from ramp_cpp.llama import native
 from ramp_cpp.model.ladder import NOMINAL_TYPES, tensor_nbytes, type_for_bits, type_from_name, written_type
 
 

@@ -14,18 +14,16 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from typer.testing import CliRunner
 
-from ramp_cpp.measure import sensitivity
-
-from ramp_cpp.measure import tensorcache
-from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.calibration.collect import calibrate, windows
 from ramp_cpp.calibration.artifact import CalibConfig, Calibration, save_calibration
-from ramp_cpp.measure.candidates import DEFAULT_TYPES, CandidateConfig, searched_tensors
+from ramp_cpp.calibration.collect import calibrate, windows
 from ramp_cpp.cli.app import app
 from ramp_cpp.errors import RampError
+from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
 from ramp_cpp.llama.ggufio import read_inventory
-from ramp_cpp.measure.proxy import MeasureConfig, measure
 from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
+from ramp_cpp.measure import sensitivity, tensorcache
+from ramp_cpp.measure.candidates import DEFAULT_TYPES, CandidateConfig, searched_tensors
+from ramp_cpp.measure.proxy import MeasureConfig, measure
 from ramp_cpp.measure.sensitivity import Option, Sensitivity, undominated
 from ramp_cpp.measure.tensorcache import assemble, build_cache
 

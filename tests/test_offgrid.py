@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 from ramp_cpp.cli.app import app
 from ramp_cpp.errors import RampError
+from ramp_cpp.fold.offgrid import KEY_SEED, KEY_SOURCE, OffgridConfig, offgrid, plan_scales
 from ramp_cpp.llama.evaluate import EvalConfig, kld
 from ramp_cpp.llama.ggufio import TensorRewrite, field_value, open_reader, read_inventory, rewrite_gguf
-from ramp_cpp.store.cache import file_sha256
-from ramp_cpp.fold.offgrid import KEY_SEED, KEY_SOURCE, OffgridConfig, offgrid, plan_scales
 from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map, quantize_preset
+from ramp_cpp.store.cache import file_sha256
 
 T = GGMLQuantizationType
 CFG = EvalConfig(n_ctx=128, n_chunks=2)

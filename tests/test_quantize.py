@@ -8,8 +8,8 @@ import synthetic
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 
-from ramp_cpp.llama import native
 from ramp_cpp.errors import RampError
+from ramp_cpp.llama import native
 from ramp_cpp.llama.ggufio import read_inventory, tensor_types
 from ramp_cpp.llama.quantize import (
     QuantizeOptions,

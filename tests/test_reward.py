@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 
-from ramp_cpp.errors import RampError
 from ramp_cpp.allocate.sac.reward import (
     RewardConfig,
     RewardTerms,
@@ -15,6 +14,7 @@ from ramp_cpp.allocate.sac.reward import (
     quality_reward,
     reward,
 )
+from ramp_cpp.errors import RampError
 
 PAPER = RewardConfig()
 

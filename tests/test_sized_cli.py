@@ -12,13 +12,13 @@ from gguf import GGUFReader
 from test_cli_search import one_error_line
 from typer.testing import CliRunner
 
-from ramp_cpp.calibration.collect import calibrate
-from ramp_cpp.calibration.artifact import CalibConfig, save_calibration
-from ramp_cpp.measure.candidates import CandidateConfig
-from ramp_cpp.cli.app import app
-from ramp_cpp.pipeline.run import size_range
-from ramp_cpp.llama.ggufio import read_inventory
 from ramp_cpp.allocate.sac.policyfile import is_sized, load_policy
+from ramp_cpp.calibration.artifact import CalibConfig, save_calibration
+from ramp_cpp.calibration.collect import calibrate
+from ramp_cpp.cli.app import app
+from ramp_cpp.llama.ggufio import read_inventory
+from ramp_cpp.measure.candidates import CandidateConfig
+from ramp_cpp.pipeline.run import size_range
 
 runner = CliRunner()
 

@@ -11,10 +11,10 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ramp_cpp.allocate.allocators import greedy, project
-from ramp_cpp.errors import RampError
-from ramp_cpp.calibration.features import N_STATIC
 from ramp_cpp.allocate.sac.rollout import Context, executed, rollout, states_along
 from ramp_cpp.allocate.sac.search import SizedSearchConfig, agent_config, episode_reward, search
+from ramp_cpp.calibration.features import N_STATIC
+from ramp_cpp.errors import RampError
 from ramp_cpp.measure.sensitivity import Option, Sensitivity, TensorOptions
 
 T = GGMLQuantizationType

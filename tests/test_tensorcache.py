@@ -10,14 +10,14 @@ import synthetic
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 
-from ramp_cpp.measure import tensorcache
-from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.measure.candidates import searchable
 from ramp_cpp.errors import RampError
+from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
 from ramp_cpp.llama.ggufio import ModelInfo, read_inventory, tensor_types
-from ramp_cpp.model.ladder import bits_per_weight, written_type
 from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
+from ramp_cpp.measure import tensorcache
+from ramp_cpp.measure.candidates import searchable
 from ramp_cpp.measure.tensorcache import TensorCache, assemble, build_cache, imatrix_digest
+from ramp_cpp.model.ladder import bits_per_weight, written_type
 
 LADDER = ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q2_K", "IQ4_NL", "IQ4_XS")
 

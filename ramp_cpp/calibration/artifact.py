@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from ramp_cpp.store import stfile
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.backend import InputStats
 from ramp_cpp.llama.ggufio import write_imatrix_gguf
+from ramp_cpp.store import stfile
 
 FORMAT_VERSION = 1
 

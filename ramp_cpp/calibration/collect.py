@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from ramp_cpp.llama.backend import RuntimeOptions
-from ramp_cpp.store.cache import file_sha256_cached
 from ramp_cpp.calibration.artifact import CalibConfig, Calibration
-from ramp_cpp.store.texts import CORPORA
 from ramp_cpp.errors import RampError
+from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.llama.ggufio import read_inventory
+from ramp_cpp.store.cache import file_sha256_cached
+from ramp_cpp.store.texts import CORPORA
 
 if sys.version_info >= (3, 11):
     import tomllib

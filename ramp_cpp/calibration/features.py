@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from ramp_cpp.model.arch import OTHER, ROLE_BY_NAME
 from ramp_cpp.calibration.artifact import Calibration
 from ramp_cpp.errors import RampError
+from ramp_cpp.model.arch import OTHER, ROLE_BY_NAME
 
 DIM_NAMES: tuple[str, ...] = (
     "depth",

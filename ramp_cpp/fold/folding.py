@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ramp_cpp.model.arch import FoldArch, FoldGroup, fold_arch
-from ramp_cpp.llama.backend import InputStats
 from ramp_cpp.calibration.artifact import Calibration, check_matches
 from ramp_cpp.errors import RampError
+from ramp_cpp.llama.backend import InputStats
 from ramp_cpp.llama.ggufio import REWRITABLE, TensorRewrite, read_inventory, rewrite_gguf, tensor_types
+from ramp_cpp.model.arch import FoldArch, FoldGroup, fold_arch
 from ramp_cpp.store.cache import file_sha256
 
 FOLD_VERSION = 1  # ramp.fold.version: bump when the transformation or its metadata change

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ramp_cpp.model.arch import fold_arch, rescale_arch
 from ramp_cpp.errors import RampError
 from ramp_cpp.fold.folding import F16_MAX, plan_groups
 from ramp_cpp.llama.ggufio import REWRITABLE, TensorRewrite, read_inventory, rewrite_gguf, tensor_types
+from ramp_cpp.model.arch import fold_arch, rescale_arch
 from ramp_cpp.store.cache import file_sha256
 
 OFFGRID_VERSION = 1

@@ -1,6 +1,6 @@
-"""The edge to llama.cpp: the only code that reads or writes GGUF (`ggufio`), talks to llama_cpp
-(`backend`: model, context, decode, log-probs; `native`: the C++ helper that runs llama.cpp's own quantizer and
-collects activation statistics), quantizes (`quantize`: per-tensor type maps and presets), measures PPL/KLD
+"""The edge to llama.cpp: the only code that reads or writes GGUF (`ggufio`), talks to llama_cpp (`backend`:
+model, context, decode, log-probs; `native`: the C++ helper that runs llama.cpp's own quantizer and collects
+activation statistics), quantizes (`quantize`: per-tensor type maps and presets), measures PPL/KLD
 (`evaluate`) and runs lm-evaluation-harness tasks (`downstream`).
 
 Floor 3: imports `errors`, `store` and `model` only. It deals in its own types (`ModelInfo`, `InputStats`,

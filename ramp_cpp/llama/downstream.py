@@ -34,8 +34,8 @@ from unittest import mock
 
 import numpy as np
 
-from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
 from ramp_cpp.errors import RampError
+from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
 
 Progress = Callable[[int, int], None]  # (requests done, requests total)
 

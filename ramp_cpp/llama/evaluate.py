@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from ramp_cpp.store.atomic import atomic_path
-from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.store.cache import cache_dir, file_sha256_cached
 from ramp_cpp.errors import RampError
+from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
+from ramp_cpp.store.atomic import atomic_path
+from ramp_cpp.store.cache import cache_dir, file_sha256_cached
 
 Progress = Callable[[int, int], None]  # (chunks done, chunks total)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ramp_cpp.llama.backend import InputStats, RuntimeOptions, StatsModel, _llama
 from ramp_cpp.errors import RampError
+from ramp_cpp.llama.backend import InputStats, RuntimeOptions, StatsModel, _llama
 
 ABI_VERSION = 2
 _LIB: ctypes.CDLL | None = None

@@ -27,6 +27,7 @@ from gguf import GGMLQuantizationType
 
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.ggufio import ModelInfo, TensorInfo
+from ramp_cpp.measure.sensitivity import Option
 from ramp_cpp.model.ladder import (
     NOMINAL_TYPES,
     TYPES,
@@ -37,7 +38,6 @@ from ramp_cpp.model.ladder import (
     type_for_bits,
     type_from_name,
 )
-from ramp_cpp.measure.sensitivity import Option
 
 T = GGMLQuantizationType
 

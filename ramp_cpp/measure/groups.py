@@ -42,14 +42,14 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ramp_cpp.store.atomic import atomic_path
-from ramp_cpp.llama.backend import RuntimeOptions
-from ramp_cpp.store.cache import scratch_dir as cache_scratch
-from ramp_cpp.measure.candidates import type_for_bpw
 from ramp_cpp.errors import RampError
+from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.llama.evaluate import BaseLogprobs, EvalConfig
 from ramp_cpp.llama.ggufio import ModelInfo
+from ramp_cpp.measure.candidates import type_for_bpw
 from ramp_cpp.measure.sensitivity import Sensitivity, TensorOptions, to_json
+from ramp_cpp.store.atomic import atomic_path
+from ramp_cpp.store.cache import scratch_dir as cache_scratch
 
 Progress = Callable[[int, int], None]  # (evaluations done, evaluations planned)
 FORMAT_VERSION = 1
@@ -267,9 +267,9 @@ def calibrate_sensitivity(
     parent of the temporary probe folder (default: tmpfs). `progress(done, total)` after every evaluation.
     """
     from ramp_cpp.llama.backend import LlamaModel
-    from ramp_cpp.store.cache import file_sha256_cached
     from ramp_cpp.llama.evaluate import base_logprobs, eval_chunks, kld_loaded, tokens_sha_of
     from ramp_cpp.measure.tensorcache import assemble
+    from ramp_cpp.store.cache import file_sha256_cached
 
     t_start = time.perf_counter()
     if (cache.model_sha256, cache.imatrix_digest, cache.base) != (

@@ -42,11 +42,11 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ramp_cpp.calibration.artifact import Calibration, check_matches
-from ramp_cpp.measure.candidates import CandidateConfig, searched_tensors, tensor_candidates
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.ggufio import ModelInfo, TensorInfo, open_reader, read_inventory
-from ramp_cpp.model.ladder import written_type
+from ramp_cpp.measure.candidates import CandidateConfig, searched_tensors, tensor_candidates
 from ramp_cpp.measure.sensitivity import Option, Sensitivity, TensorOptions, undominated
+from ramp_cpp.model.ladder import written_type
 
 T = GGMLQuantizationType
 Progress = Callable[[int, int], None]  # (done, total)
@@ -99,8 +99,8 @@ def token_frequencies(
 ) -> np.ndarray:
     """f_i of the module docstring, float64 (n_rows,): token counts in the calibration's windows over
     their total. `text`: the calibration text's body (default: loaded by its name, `cal.config.text`)."""
-    from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
     from ramp_cpp.calibration.collect import windows
+    from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
     from ramp_cpp.store.texts import load_text
 
     body = text if text is not None else load_text(cal.config.text)[0]
@@ -230,8 +230,8 @@ def measure(
     tensorcache/, the layout `build_cache` uses, so a search's cache is reused). `progress(done, total)`
     counts tensors measured, `cache_progress` the types llama.cpp quantizes for the cache; `text` is the
     calibration text's body when it is not to be loaded by name."""
-    from ramp_cpp.store.cache import file_sha256_cached
     from ramp_cpp.measure.tensorcache import build_cache, dequantized_rows, directory_for, imatrix_digest
+    from ramp_cpp.store.cache import file_sha256_cached
 
     if cfg.save_every < 1:
         raise RampError(f"save_every must be >= 1, got {cfg.save_every}")

@@ -28,8 +28,8 @@ from typing import Any
 
 from gguf import GGMLQuantizationType
 
-from ramp_cpp.store.atomic import atomic_path
 from ramp_cpp.errors import RampError
+from ramp_cpp.store.atomic import atomic_path
 
 FORMAT_VERSION = 1
 KIND = "ramp.sensitivity"

@@ -40,9 +40,6 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ramp_cpp.store.atomic import atomic_path
-from ramp_cpp.store.cache import file_sha256_cached
-from ramp_cpp.measure.candidates import searchable
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.ggufio import (
     HeaderTemplate,
@@ -54,8 +51,11 @@ from ramp_cpp.llama.ggufio import (
     read_inventory,
     write_from_template,
 )
-from ramp_cpp.model.ladder import needs_imatrix, type_from_name, written_type
 from ramp_cpp.llama.quantize import QuantizeOptions, complete_map, file_type_for, quantize_map
+from ramp_cpp.measure.candidates import searchable
+from ramp_cpp.model.ladder import needs_imatrix, type_from_name, written_type
+from ramp_cpp.store.atomic import atomic_path
+from ramp_cpp.store.cache import file_sha256_cached
 
 T = GGMLQuantizationType
 FORMAT_VERSION = 2  # 2: embeddings searchable (in the base type's bin, not in fixed.bin)

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ramp_cpp.errors import RampError
 from ramp_cpp.store.atomic import atomic_path
 from ramp_cpp.store.cache import cache_dir
-from ramp_cpp.errors import RampError
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ramp_cpp.store.atomic import atomic_path
 from ramp_cpp.errors import RampError
+from ramp_cpp.store.atomic import atomic_path
 
 #: What each episode record must hold. bpw is the parameter-weighted real bits per weight of the searched
 #: tensors (what the budget charges); bits the nominal bit-width per searched tensor, in model order.

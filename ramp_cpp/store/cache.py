@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ramp_cpp.store.atomic import atomic_path
 
+
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
     """sha256 of a file; used to key caches (base log-probs, tensor cache) to the exact bytes."""
     h = hashlib.sha256()

@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ramp_cpp.store.atomic import atomic_path
 from ramp_cpp.errors import RampError
+from ramp_cpp.store.atomic import atomic_path
 
 
 def write(

@@ -24,9 +24,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ramp_cpp.errors import RampError
 from ramp_cpp.store.atomic import atomic_path
 from ramp_cpp.store.cache import cache_dir
-from ramp_cpp.errors import RampError
 
 # The checkout this package runs from; ../shared sits beside it on the developers' machines and CI.
 CHECKOUT = Path(__file__).resolve().parents[2]

@@ -35,11 +35,11 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ramp_cpp.allocate.allocators import Choice, project
-from ramp_cpp.measure.candidates import type_for_bpw
-from ramp_cpp.errors import RampError
 from ramp_cpp.calibration.features import N_STATIC
-from ramp_cpp.model.ladder import bits_per_weight
+from ramp_cpp.errors import RampError
+from ramp_cpp.measure.candidates import type_for_bpw
 from ramp_cpp.measure.sensitivity import Sensitivity, TensorOptions
+from ramp_cpp.model.ladder import bits_per_weight
 
 VARIANTS = {"ramp": N_STATIC + 4, "paper": N_STATIC + 2}
 # Actions stay inside the open interval: atanh of a stored ±1 would be infinite in the actor's log-density.

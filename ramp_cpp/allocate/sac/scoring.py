@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 
 from ramp_cpp.allocate.allocators import Choice
-from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.calibration.artifact import Calibration
-from ramp_cpp.errors import RampError
-from ramp_cpp.llama.evaluate import EvalConfig, base_logprobs, eval_chunks, kld_loaded
-from ramp_cpp.calibration.features import N_STATIC, FeatureConfig, compute_features
-from ramp_cpp.llama.ggufio import read_inventory, weight_moments
 from ramp_cpp.allocate.sac.rollout import Context, Rollout, rollout
+from ramp_cpp.calibration.artifact import Calibration
+from ramp_cpp.calibration.features import N_STATIC, FeatureConfig, compute_features
+from ramp_cpp.errors import RampError
+from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
+from ramp_cpp.llama.evaluate import EvalConfig, base_logprobs, eval_chunks, kld_loaded
+from ramp_cpp.llama.ggufio import read_inventory, weight_moments
 from ramp_cpp.measure.sensitivity import Sensitivity
 
 
