@@ -3,9 +3,9 @@
 For each size, the measured greedy allocation of the folded and of the unfolded model (the cells of
 `bench/compare.py ... --methods greedy-measured --fold off,on`, same calibration, imatrix and tensor cache)
 is scored on `wikitext2-valid` chunks 0..N-1 (validation text: what the tool may look at), per chunk. The
-decision rule of `ramp_cpp.pipeline.run.choose_fold` is then replayed on the first 4, 8 and N chunks and set
-against the held-out `wikitext2-test` KLDs of the two cells: a choice is wrong when the other setting is
-better on held-out text by more than the larger of the two cells' standard errors.
+decision rule of `ramp_cpp.pipeline.folddecision.choose_fold` is then replayed on the first 4, 8 and N
+chunks and set against the held-out `wikitext2-test` KLDs of the two cells: a choice is wrong when the other
+setting is better on held-out text by more than the larger of the two cells' standard errors.
 
     .venv/bin/python bench/fold_decision.py smollm2 --sizes Q3_K_M,Q4_K_S,Q4_K_M [--chunks 16]
 
@@ -29,7 +29,7 @@ from ramp_cpp.allocate.allocators import greedy  # noqa: E402
 from ramp_cpp.llama.evaluate import EvalConfig, kld  # noqa: E402
 from ramp_cpp.measure.proxy import MeasureConfig, measure  # noqa: E402
 from ramp_cpp.measure.tensorcache import assemble, build_cache  # noqa: E402
-from ramp_cpp.pipeline.run import FoldEvidence, choose_fold  # noqa: E402
+from ramp_cpp.pipeline.folddecision import FoldEvidence, choose_fold  # noqa: E402
 from ramp_cpp.store.atomic import atomic_path  # noqa: E402
 from ramp_cpp.store.texts import load_text  # noqa: E402
 

@@ -135,7 +135,7 @@ def groups_table(model: str, cell: str) -> str:
 def fold_choice(model: str, size: str, cells: dict[str, Any]) -> tuple[bool | None, str]:
     """`--fold auto`'s choice for the measured greedy at `size`: from the paired 16-chunk evidence of
     bench/fold_decision.py when it ran, else (marked) from the two cells' 4-chunk reward KLDs."""
-    from ramp_cpp.pipeline.run import FoldEvidence, choose_fold
+    from ramp_cpp.pipeline.folddecision import FoldEvidence, choose_fold
 
     f = HERE / "results" / f"{model}.fold.json"
     per = json.loads(f.read_text()) if f.is_file() else {}

@@ -18,7 +18,8 @@ from ramp_cpp.cli.app import app
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.ggufio import read_inventory
 from ramp_cpp.measure.candidates import CandidateConfig
-from ramp_cpp.pipeline.run import DirectResult, run_direct, size_range
+from ramp_cpp.pipeline.plan import size_range
+from ramp_cpp.pipeline.run import DirectResult, run_direct
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
 runner = CliRunner()

@@ -28,7 +28,8 @@ from ramp_cpp.measure.groups import GroupConfig, GroupReport, calibrate_sensitiv
 from ramp_cpp.measure.proxy import measure
 from ramp_cpp.measure.sensitivity import Sensitivity
 from ramp_cpp.measure.tensorcache import build_cache
-from ramp_cpp.pipeline.run import run_direct, size_range
+from ramp_cpp.pipeline.plan import size_range
+from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
 runner = CliRunner()

@@ -24,7 +24,8 @@ import pytest
 from ramp_cpp.calibration.artifact import CalibConfig
 from ramp_cpp.llama.ggufio import read_inventory
 from ramp_cpp.measure.candidates import CandidateConfig
-from ramp_cpp.pipeline.run import run_direct, size_range
+from ramp_cpp.pipeline.plan import size_range
+from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
 #: The last commit before ramp_cpp was laid out by stage (and before run_direct became stages).

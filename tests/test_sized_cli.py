@@ -18,7 +18,7 @@ from ramp_cpp.calibration.collect import calibrate
 from ramp_cpp.cli.app import app
 from ramp_cpp.llama.ggufio import read_inventory
 from ramp_cpp.measure.candidates import CandidateConfig
-from ramp_cpp.pipeline.run import size_range
+from ramp_cpp.pipeline.plan import size_range
 
 runner = CliRunner()
 

@@ -29,7 +29,7 @@ import numpy as np
 from ramp_cpp.calibration.artifact import CalibConfig, Calibration
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.backend import RuntimeOptions
-from ramp_cpp.llama.ggufio import read_inventory
+from ramp_cpp.llama.ggufio import ModelInfo, read_inventory
 from ramp_cpp.store.cache import file_sha256_cached
 from ramp_cpp.store.texts import CORPORA
 
@@ -133,10 +133,11 @@ def calibrate(
     cfg: CalibConfig = CalibConfig(),
     opts: RuntimeOptions = RuntimeOptions(),
     progress: Progress | None = None,
+    info: ModelInfo | None = None,
 ) -> Calibration:
     """Run `text` (the body of the text named `cfg.text`) through the model and return its statistics.
-    `opts.n_ctx` is ignored: the context is `cfg.ctx`."""
-    info = read_inventory(model_path)
+    `opts.n_ctx` is ignored: the context is `cfg.ctx`. `info`: the inventory, when the caller has it."""
+    info = info or read_inventory(model_path)
     check_config(cfg, info.context_length or None)
     run_opts = RuntimeOptions(n_ctx=cfg.ctx, n_threads=opts.n_threads, n_gpu_layers=opts.n_gpu_layers)
     from ramp_cpp.llama.native import stats_model

@@ -107,7 +107,8 @@ def _apply_sized(
     from ramp_cpp.calibration.collect import load_recipe
     from ramp_cpp.fold.source import ramp_output_name
     from ramp_cpp.llama.backend import RuntimeOptions
-    from ramp_cpp.pipeline.run import describe, resolve_sensitivity, run_direct
+    from ramp_cpp.pipeline.plan import resolve_sensitivity
+    from ramp_cpp.pipeline.run import describe, run_direct
     from ramp_cpp.pipeline.sizedconfig import SizedConfig
     from ramp_cpp.store.atomic import check_output
 

@@ -174,7 +174,7 @@ def search(
     if method != "sac" or (size is not None and budget is None):
         from ramp_cpp.allocate.sac.search import SizedSearchConfig
         from ramp_cpp.measure.candidates import DEFAULT_TYPES, CandidateConfig, parse_types
-        from ramp_cpp.pipeline.run import resolve_sensitivity
+        from ramp_cpp.pipeline.plan import resolve_sensitivity
         from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
         sensitivity = resolve_sensitivity(method, sensitivity)

@@ -34,7 +34,14 @@ from gguf import GGMLQuantizationType
 from ramp_cpp.calibration.artifact import Calibration, check_matches
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.backend import InputStats
-from ramp_cpp.llama.ggufio import REWRITABLE, TensorRewrite, read_inventory, rewrite_gguf, tensor_types
+from ramp_cpp.llama.ggufio import (
+    REWRITABLE,
+    ModelInfo,
+    TensorRewrite,
+    read_inventory,
+    rewrite_gguf,
+    tensor_types,
+)
 from ramp_cpp.model.arch import FoldArch, FoldGroup, fold_arch
 from ramp_cpp.store.cache import file_sha256
 
@@ -207,14 +214,15 @@ def fold(
     progress: Progress | None = None,
     f32: bool = False,
     cfg: FoldConfig = FoldConfig(),
+    info: ModelInfo | None = None,
 ) -> FoldResult:
     """Write `dst`, the scale-folded copy of the F16/BF16/F32 GGUF `model_path`, with scales from `cal`
     (measured on `model_path`). Folded linears keep their type, or become F32 with `f32`; norms keep
     theirs; every other tensor and key is copied as is, plus ramp.folded, ramp.fold.calibration,
     ramp.fold.version and ramp.fold.scales_sha256. `force` overwrites `dst` and folds an already folded
-    model again."""
+    model again. `info`: `model_path`'s inventory when the caller has it."""
     t0 = time.perf_counter()
-    info = read_inventory(model_path)
+    info = info or read_inventory(model_path)
     name = Path(model_path).name
     if _is_true(info.metadata.get(KEY_FOLDED)) and not force:
         raise RampError(f"{name} is already scale-folded ({KEY_FOLDED}); --force folds it again")
@@ -285,12 +293,13 @@ def scales_digest(groups: Sequence[FoldedGroup]) -> str:
 
 
 def folded_calibration_from_file(
-    cal: Calibration, folded_path: str | os.PathLike[str], cfg: FoldConfig = FoldConfig()
+    cal: Calibration, folded_path: str | os.PathLike[str], cfg: FoldConfig = FoldConfig(),
+    info: ModelInfo | None = None,
 ) -> Calibration:
     """The calibration of a model folded earlier with `cal` (measured on the original): the scales are
     recomputed from `cal` and must reproduce the file's ramp.fold.scales_sha256, which proves the file was
     folded with this calibration and `cfg`; then `folded_calibration` applies them."""
-    info = read_inventory(folded_path)
+    info = info or read_inventory(folded_path)
     name = Path(folded_path).name
     if not _is_true(info.metadata.get(KEY_FOLDED)):
         raise RampError(f"{name} is not scale-folded (no {KEY_FOLDED})")

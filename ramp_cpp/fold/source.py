@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -82,12 +82,13 @@ def cleanup(path: Path) -> None:
 
 @dataclass(frozen=True)
 class Source:
-    """What every method quantizes: the model (folded or not) and its calibration; `base_cal` is the unfolded
-    model's (the presets' imatrix)."""
+    """What every method quantizes: the model (folded or not), its inventory and its calibration; `base_cal`
+    is the unfolded model's (the presets' imatrix)."""
 
     path: Path
     cal: Calibration
     base_cal: Calibration
+    info: ModelInfo = field(compare=False, repr=False)
 
 
 def calibrated_source(
@@ -117,13 +118,14 @@ def calibrated_source(
         cal = load_calibration(cal_path)
     else:
         cal_text, _ = load_text(cfg.calib.text)
-        cal = calibrate(model_path, cal_text, cfg.calib, opts, staged(progress, "calibrate"))
+        cal = calibrate(model_path, cal_text, cfg.calib, opts, staged(progress, "calibrate"), original)
         save_calibration(cal, cal_path, force=True)
     check_matches(cal, original)
     if not cfg.fold:
-        return Source(Path(model_path), cal, cal)
+        return Source(Path(model_path), cal, cal, original)
     folded = run_dir / "folded.f16.gguf"
     if folded.is_file():
-        return Source(folded, folded_calibration_from_file(cal, folded), cal)
-    fres = fold(model_path, cal, folded, force=True, progress=staged(progress, "fold"))
-    return Source(folded, fres.calibration, cal)
+        finfo = read_inventory(folded)  # the folded file's own, read once for every stage after
+        return Source(folded, folded_calibration_from_file(cal, folded, info=finfo), cal, finfo)
+    fres = fold(model_path, cal, folded, force=True, progress=staged(progress, "fold"), info=original)
+    return Source(folded, fres.calibration, cal, read_inventory(folded))

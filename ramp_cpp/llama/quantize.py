@@ -215,10 +215,12 @@ def quantize_map(
     base: GGMLQuantizationType | str = T.Q8_0,
     opts: QuantizeOptions = QuantizeOptions(),
     progress: Progress | None = None,
+    info: ModelInfo | None = None,
 ) -> QuantizeResult:
     """Quantize `src` so every tensor named in `types` gets exactly that type (after llama.cpp's
-    row-length fallback) and every other quantizable tensor gets `base`."""
-    info = read_inventory(src)
+    row-length fallback) and every other quantizable tensor gets `base`. `info`: `src`'s inventory when the
+    caller has it."""
+    info = info or read_inventory(src)
     full = complete_map(info, types, base if isinstance(base, GGMLQuantizationType) else type_from_name(base))
     return _run(info, dst, file_type_for(full), full, opts, progress, f"{len(full)} tensors by map")
 
@@ -239,13 +241,14 @@ def quantize_preset(
     preset: str,
     opts: QuantizeOptions = QuantizeOptions(),
     progress: Progress | None = None,
+    info: ModelInfo | None = None,
 ) -> QuantizeResult:
     """Quantize with llama.cpp's own rules for a file type (Q4_K_M, Q8_0, F16, ...)."""
     ftypes = _ftypes()
     key = preset.strip().upper()
     if key not in ftypes:
         raise RampError(f"unknown preset {preset!r} (known: {', '.join(sorted(ftypes))})")
-    return _run(read_inventory(src), dst, ftypes[key], {}, opts, progress, key)
+    return _run(info or read_inventory(src), dst, ftypes[key], {}, opts, progress, key)
 
 
 def _renamed(r: QuantizeResult, dst: str | os.PathLike[str]) -> QuantizeResult:

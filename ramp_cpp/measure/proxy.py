@@ -224,6 +224,7 @@ def measure(
     progress: Progress | None = None,
     cache_progress: Progress | None = None,
     text: str | None = None,
+    info: ModelInfo | None = None,
 ) -> Sensitivity:
     """The sensitivity of `src` under `calibration` (measured on `src`, folded or not) with the tensor cache
     quantized with `imatrix` (None: without one) under `cache_root` (default: the user cache's
@@ -259,7 +260,7 @@ def measure(
     if state is not None and state.get("complete"):
         return _sensitivity(state, key)
 
-    info = read_inventory(src)
+    info = info or read_inventory(src)
     tensors = searched_tensors(info, cc.embeddings)
     check_matches(calibration, info, needed_stats(info, tensors))
     cands = {t.name: tensor_candidates(cc, t, imatrix is not None and t.name in imatrix) for t in tensors}
@@ -273,7 +274,7 @@ def measure(
     names = [t.name for t in tensors]
     cache = build_cache(
         src, cc.requested(), root, imatrix=imatrix, base=cc.base, n_threads=cfg.n_threads,
-        progress=cache_progress, searched=names,
+        progress=cache_progress, searched=names, info=info,
     )
     align = cache.template.alignment
 

@@ -175,6 +175,7 @@ def build_cache(
     n_threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     searched: Iterable[str] | None = None,
+    info: ModelInfo | None = None,
 ) -> TensorCache:
     """The tensor cache of `src` for candidate `types` under the root `cache_dir`: reused where this key
     (model sha256, imatrix digest, base) already holds a type for the `searched` tensors (default: the
@@ -189,7 +190,7 @@ def build_cache(
     directory.mkdir(parents=True, exist_ok=True)
     layout = _read_layout(directory, key, src)
     # reading the inventory parses the whole vocabulary (seconds on a real model): the layout keeps it
-    info = layout["info"] if layout is not None else read_inventory(src)
+    info = layout["info"] if layout is not None else info or read_inventory(src)
     universe = [t.name for t in searchable(info)]
     names = list(dict.fromkeys(searched)) if searched is not None else [t.name for t in info.searched]
     stray = [n for n in names if n not in universe]
@@ -214,7 +215,7 @@ def build_cache(
     for i, (t, cover) in enumerate(todo.items()):
         ref = directory / f".ref-{t.name}-{os.getpid()}.gguf"
         try:
-            quantize_map(src, ref, {n: t for n in cover}, base=base_t, opts=opts)
+            quantize_map(src, ref, {n: t for n in cover}, base=base_t, opts=opts, info=info)
             if _read_layout(directory, key, src) is None:
                 _write_layout(directory, key, ref, info, set(universe))
             index = extract_tensors(ref, cover, directory / f"{t.name}.bin", force=True)

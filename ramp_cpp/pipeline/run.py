@@ -38,10 +38,7 @@ from ramp_cpp.fold.source import Progress, workdir
 from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.measure.candidates import CandidateConfig
 from ramp_cpp.measure.groups import GroupConfig
-
-# re-exported: the command line and bench/ import these from here
-from ramp_cpp.pipeline.folddecision import FOLD_CHUNKS, FOLD_MARGIN, FOLDS, FoldEvidence, choose_fold
-from ramp_cpp.pipeline.plan import LEARNED, MIB, plan_run, preset_name, resolve_sensitivity, size_range
+from ramp_cpp.pipeline.plan import MIB, plan_run
 from ramp_cpp.pipeline.runreport import write_reports
 from ramp_cpp.pipeline.sizedconfig import DEFAULTS, SizedConfig, SizedSettings, write_settings
 from ramp_cpp.pipeline.stages import (
@@ -54,11 +51,6 @@ from ramp_cpp.pipeline.stages import (
     measure_source,
     prepare_sources,
 )
-
-__all__ = [
-    "FOLDS", "FOLD_CHUNKS", "FOLD_MARGIN", "LEARNED", "DirectResult", "FoldEvidence", "SizedConfig",
-    "choose_fold", "describe", "preset_name", "resolve_sensitivity", "run_direct", "size_range",
-]
 
 
 @dataclass(frozen=True)

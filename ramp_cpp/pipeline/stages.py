@@ -83,7 +83,7 @@ def measure_presets(plan: RunPlan, presets: tuple[str, ...], base_cal: Any, rt: 
     for name in dict.fromkeys([*presets, *([plan.preset] if plan.preset else [])]):
         q = rt.scratch / f"{name}.gguf"
         qopts = QuantizeOptions(imatrix=base_im, n_threads=rt.opts.n_threads)
-        r = quantize_preset(plan.model_path, q, name, qopts)
+        r = quantize_preset(plan.model_path, q, name, qopts, info=plan.info)
         if name == plan.preset:
             target = r.file_size
             check_target(target, plan.lo, plan.hi, f"{name}'s size")
@@ -123,11 +123,11 @@ def measure_source(plan: RunPlan, folded: bool, source: Source, rt: Runtime) -> 
     mcfg = MeasureConfig(candidates=cc, n_threads=rt.opts.n_threads)
     sens = measure(
         source.path, source.cal, im, mcfg, plan.cache_root, staged(progress, "measure"),
-        staged(progress, "tensor cache"), text=None,
+        staged(progress, "tensor cache"), text=None, info=source.info,
     )
     cache = build_cache(
         source.path, cc.requested(), plan.cache_root, imatrix=im, base=cc.base, n_threads=rt.opts.n_threads,
-        searched=[t.name for t in sens.tensors],
+        searched=[t.name for t in sens.tensors], info=source.info,
     )
     alloc_sens, groups = sens, None
     if plan.sensitivity == "measured":
