@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFWriter, TokenType
+from gguf import GGUFValueType, GGUFWriter, Keys, TokenType
 
 from ramp_cpp.store.atomic import atomic_path
 from ramp_cpp.store.cache import cache_dir
@@ -94,31 +94,50 @@ def weights(shape: tuple[int, ...], kind: str, rng: np.random.Generator) -> np.n
     return m.astype(np.float16)
 
 
+def header(s: Shape) -> dict[str, object]:
+    """The model's metadata as llama.cpp's llama loader reads it (llama-2's hyperparameters)."""
+    a = "llama"
+    return {
+        Keys.General.NAME: f"random-{s.name}-shaped",
+        Keys.LLM.BLOCK_COUNT.format(arch=a): s.n_layer,
+        Keys.LLM.CONTEXT_LENGTH.format(arch=a): s.n_ctx,
+        Keys.LLM.EMBEDDING_LENGTH.format(arch=a): s.n_embd,
+        Keys.LLM.FEED_FORWARD_LENGTH.format(arch=a): s.n_ff,
+        Keys.Attention.HEAD_COUNT.format(arch=a): s.n_head,
+        Keys.Attention.HEAD_COUNT_KV.format(arch=a): s.n_head_kv,
+        Keys.Attention.LAYERNORM_RMS_EPS.format(arch=a): 1e-5,
+        Keys.Rope.DIMENSION_COUNT.format(arch=a): s.n_embd // s.n_head,
+        Keys.Rope.FREQ_BASE.format(arch=a): 10000.0,
+        Keys.General.FILE_TYPE: 1,  # MOSTLY_F16
+        Keys.Tokenizer.MODEL: "llama",
+        Keys.Tokenizer.BOS_ID: 1,
+        Keys.Tokenizer.EOS_ID: 2,
+        Keys.Tokenizer.UNK_ID: 0,
+        Keys.Tokenizer.ADD_BOS: True,
+        Keys.Tokenizer.ADD_EOS: False,
+    }
+
+
+def _vtype(value: object) -> GGUFValueType:
+    if isinstance(value, bool):
+        return GGUFValueType.BOOL
+    if isinstance(value, int):
+        return GGUFValueType.UINT32
+    if isinstance(value, float):
+        return GGUFValueType.FLOAT32
+    return GGUFValueType.STRING
+
+
 def write(s: Shape, out: Path, seed: int = 0, force: bool = False) -> Path:
     rng = np.random.default_rng(seed)
     toks, scores, types = vocabulary(s.n_vocab)
     with atomic_path(out, force) as tmp:
         w = GGUFWriter(str(tmp), "llama")
-        w.add_name(f"random-{s.name}-shaped")
-        w.add_block_count(s.n_layer)
-        w.add_context_length(s.n_ctx)
-        w.add_embedding_length(s.n_embd)
-        w.add_feed_forward_length(s.n_ff)
-        w.add_head_count(s.n_head)
-        w.add_head_count_kv(s.n_head_kv)
-        w.add_layer_norm_rms_eps(1e-5)
-        w.add_rope_dimension_count(s.n_embd // s.n_head)
-        w.add_rope_freq_base(10000.0)
-        w.add_file_type(1)
-        w.add_tokenizer_model("llama")
+        for key, value in header(s).items():
+            w.add_key_value(key, value, _vtype(value))
         w.add_token_list(toks)
         w.add_token_scores(scores)
         w.add_token_types(types)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_unk_token_id(0)
-        w.add_add_bos_token(True)
-        w.add_add_eos_token(False)
         plan = list(tensors(s))
         for name, shape, kind in plan:
             dtype = np.float32 if kind == "norm" else np.float16

@@ -40,7 +40,7 @@ from ramp_cpp.measure.candidates import CandidateConfig
 from ramp_cpp.measure.groups import GroupConfig
 from ramp_cpp.pipeline.plan import MIB, plan_run
 from ramp_cpp.pipeline.runreport import write_reports
-from ramp_cpp.pipeline.sizedconfig import DEFAULTS, SizedConfig, SizedSettings, write_settings
+from ramp_cpp.pipeline.sizedconfig import DEFAULTS, SizedConfig, write_settings
 from ramp_cpp.pipeline.stages import (
     Runtime,
     allocate,
@@ -70,7 +70,7 @@ def run_direct(
     run_dir: str | os.PathLike[str],
     method: str,
     size: str,
-    cfg: SizedSettings = DEFAULTS,
+    cfg: SizedConfig = DEFAULTS,
     cc: CandidateConfig = CandidateConfig(),
     opts: RuntimeOptions = RuntimeOptions(),
     calib: str | os.PathLike[str] | None = None,
@@ -85,7 +85,7 @@ def run_direct(
     fold: str | None = None,
 ) -> DirectResult:
     """Measure, allocate with `method` to the whole-file `size`; write GGUF and report to `run_dir`.
-    `cfg`: a SizedConfig (a SearchConfig-like object is read for the same fields). `sensitivity`: what greedy
+    `cfg`: the SizedConfig. `sensitivity`: what greedy
     allocates on, `proxy` or `measured` (groups.py, configured by `gcfg`, None: GroupConfig's defaults); None
     means measured. `proxy` is this function's default so that library callers (bench/, tests) keep the
     allocation they had; the command line's default is `measured`. `sac`: the SAC search's settings (method
@@ -94,7 +94,7 @@ def run_direct(
     "on", "off" or "auto" (None: `cfg.fold`); auto prepares both and keeps the one whose allocation
     (greedy's, for SAC) has the lower reward KLD (`choose_fold`)."""
     plan = plan_run(
-        model_path, run_dir, method, size, SizedConfig.of(cfg), cc, calib, sensitivity, gcfg, sac, policy,
+        model_path, run_dir, method, size, cfg, cc, calib, sensitivity, gcfg, sac, policy,
         cache_root, fold,
     )
     write_settings(plan.run_dir, plan.settings)

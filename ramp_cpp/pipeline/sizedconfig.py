@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from ramp_cpp.calibration.artifact import CalibConfig
 from ramp_cpp.errors import OtherSettings, RampError
@@ -44,26 +44,6 @@ _LAYOUT = (
 )
 
 
-class SizedSettings(Protocol):
-    """What a sized run reads of its configuration: a `SizedConfig`, or (until every caller passes one) the
-    paper's SearchConfig, which has the same attributes."""
-
-    @property
-    def text(self) -> str: ...
-    @property
-    def n_ctx(self) -> int: ...
-    @property
-    def first_chunk(self) -> int: ...
-    @property
-    def chunks(self) -> int: ...
-    @property
-    def fold(self) -> bool: ...
-    @property
-    def imatrix(self) -> bool: ...
-    @property
-    def calib(self) -> CalibConfig: ...
-
-
 @dataclass(frozen=True)
 class SizedConfig:
     """How a sized run calibrates, folds and scores: the reward `text` (never a held-out one) and its
@@ -87,12 +67,6 @@ class SizedConfig:
         if c is not None and c.held_out:  # the reward decides the allocation: it may not see the test text
             raise RampError(f"{self.text} is held out for evaluation; the search rewards on another text")
 
-    @classmethod
-    def of(cls, cfg: SizedSettings) -> SizedConfig:
-        """`cfg` itself, or a SizedConfig of the settings a SearchConfig-like `cfg` holds."""
-        if isinstance(cfg, SizedConfig):
-            return cfg
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
     @property
     def eval_config(self) -> EvalConfig:
