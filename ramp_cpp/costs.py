@@ -8,6 +8,7 @@ calls of llama.cpp's quantizer over a model. A `Meter` reads them around each st
     peak_rss    the stage's peak resident set (VmHWM, reset at the stage's start where Linux allows it;
                 file pages mapped from the tensor cache count too)
     written     bytes this process sent to storage (/proc/self/io write_bytes: tmpfs scratch is not counted)
+    held        bytes the run holds on disk when the stage ends (the caller's `held()`: run folder and caches)
     E           tokens / eval_tokens: evaluation units, one forward pass over the reward chunks (4 x 512
                 tokens by default), so that costs compare across machines and models
 
@@ -20,7 +21,7 @@ import contextlib
 import os
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -78,6 +79,7 @@ class StageCost:
     cpu_s: float
     peak_rss: int
     written: int
+    held: int
     tokens: int
     E: float
     quant_passes: int
@@ -86,12 +88,33 @@ class StageCost:
         return asdict(self)
 
 
+def total(s: Sequence[StageCost]) -> StageCost:
+    """A run's costs from its stages': sums, and the maxima of peak RSS and disk held."""
+    return StageCost(
+        stage="total",
+        wall_s=sum(c.wall_s for c in s),
+        cpu_s=sum(c.cpu_s for c in s),
+        peak_rss=max((c.peak_rss for c in s), default=0),
+        written=sum(c.written for c in s),
+        held=max((c.held for c in s), default=0),  # the most held at any stage's end
+        tokens=sum(c.tokens for c in s),
+        E=sum(c.E for c in s),
+        quant_passes=sum(c.quant_passes for c in s),
+    )
+
+
+def stage(meter: Meter | None, name: str) -> contextlib.AbstractContextManager[None]:
+    """`meter.stage(name)`, or nothing to measure without a meter."""
+    return meter.stage(name) if meter is not None else contextlib.nullcontext()
+
+
 @dataclass
 class Meter:
     """Per-stage costs of one run. `eval_tokens`: tokens of one evaluation unit (reward chunks x n_ctx)."""
 
     eval_tokens: int
     on_stage: Callable[[StageCost], None] | None = None
+    held: Callable[[], int] | None = None
     stages: list[StageCost] = field(default_factory=list)
 
     @contextlib.contextmanager
@@ -109,6 +132,7 @@ class Meter:
                 cpu_s=_cpu_seconds() - c0,
                 peak_rss=peak_rss_bytes(),
                 written=written_bytes() - w0,
+                held=self.held() if self.held is not None else 0,
                 tokens=tokens,
                 E=tokens / self.eval_tokens if self.eval_tokens else 0.0,
                 quant_passes=COUNTERS.quant_passes - q0,
@@ -118,19 +142,10 @@ class Meter:
                 self.on_stage(cost)
 
     def total(self) -> StageCost:
-        s = self.stages
-        return StageCost(
-            stage="total",
-            wall_s=sum(c.wall_s for c in s),
-            cpu_s=sum(c.cpu_s for c in s),
-            peak_rss=max((c.peak_rss for c in s), default=0),
-            written=sum(c.written for c in s),
-            tokens=sum(c.tokens for c in s),
-            E=sum(c.E for c in s),
-            quant_passes=sum(c.quant_passes for c in s),
-        )
+        return total(self.stages)
 
     def to_json(self) -> dict[str, Any]:
+        """report.json's "costs": every stage, and the total (sums; peak RSS and disk held: maxima)."""
         return {
             "eval_tokens": self.eval_tokens,
             "stages": [c.to_json() for c in self.stages],

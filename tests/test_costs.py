@@ -53,3 +53,45 @@ def test_counters_are_process_wide(tiny_model: Path) -> None:
     with LlamaModel(tiny_model, RuntimeOptions(n_ctx=32)) as m:
         m.logits(np.arange(3, 19, dtype=np.int32), 0, 16)
     assert COUNTERS.tokens - before == 16
+
+
+def test_a_sized_run_reports_what_each_stage_cost(tiny_model: Path, text_file: Path, tmp_path: Path) -> None:
+    """Costs are counted, not estimated: a cold greedy run quantizes once per candidate type for its tensor
+    cache and once for its preset, and its last stage scores exactly the reward chunks (1 E); a second run on
+    the same folder and caches computes nothing."""
+    import json
+
+    from ramp_cpp.calibration.artifact import CalibConfig
+    from ramp_cpp.measure.candidates import CandidateConfig
+    from ramp_cpp.pipeline.plan import size_range
+    from ramp_cpp.pipeline.run import run_direct
+    from ramp_cpp.pipeline.sizedconfig import SizedConfig
+
+    cfg = SizedConfig(text=str(text_file), n_ctx=64, chunks=2, calib=CalibConfig(str(text_file), 2, 64))
+    cc = CandidateConfig(types=tuple(GGMLQuantizationType[t] for t in ("Q4_0", "Q5_0", "Q8_0")))
+    lo, hi = size_range(read_inventory(tiny_model), cc)
+    size = f"{(lo + hi) // 2}"
+    shown = []
+    r = run_direct(
+        tiny_model, tmp_path / "run", "greedy", size, cfg, cc, presets=("Q4_K_M",), on_cost=shown.append,
+        fold="on", cache_root=tmp_path / "cache",
+    )
+    by = {c.stage: c for c in r.costs}
+    assert shown == list(r.costs)
+    assert list(by) == [
+        "calibrate", "fold", "base log-probs", "presets", "tensor cache + proxy (folded)", "fold decision",
+        "allocate", "evaluate",
+    ]
+    assert by["presets"].quant_passes == 1
+    assert by["tensor cache + proxy (folded)"].quant_passes == 3  # Q8_0 is both a candidate and the base
+    assert by["calibrate"].tokens == 2 * 64 and by["calibrate"].E == 1.0
+    assert by["evaluate"].E == 1.0 and by["allocate"].E == 0 and by["fold decision"].E == 0
+    assert by["fold"].held >= (tmp_path / "run" / "folded.f16.gguf").stat().st_size
+    report = json.loads(r.report.read_text())
+    assert report["costs"]["total"]["quant_passes"] == sum(c.quant_passes for c in r.costs)
+    again = run_direct(
+        tiny_model, tmp_path / "run", "greedy", size, cfg, cc, presets=(), fold="on",
+        cache_root=tmp_path / "cache",
+    )
+    assert sum(c.quant_passes for c in again.costs) == 0
+    assert [c.stage for c in again.costs if c.tokens] == ["evaluate"]  # base log-probs: from the cache

@@ -24,6 +24,7 @@ from ramp_cpp.cli.common import (
     SizeOpt,
     ThreadsOpt,
     bar,
+    cost_printer,
     fold_setting,
     out,
     resolve_budget,
@@ -124,6 +125,7 @@ def _apply_sized(
             r = run_direct(
                 model, rd, "policy", size, dcfg, opts=ropts, calib=calib, presets=(),
                 progress=stage_progress(p), sensitivity=sens, policy=policy, fold=fold,
+                on_cost=cost_printer(p),
             )
         r.gguf.replace(dst)
     finally:

@@ -102,6 +102,21 @@ def stage_progress(p: Progress) -> Callable[[str, int, int], None]:
     return cb
 
 
+def cost_line(c: Any) -> str:
+    """One stage's costs (costs.StageCost) as the progress display shows them."""
+    gib = 1 << 30
+    return (
+        f"{c.stage}: {c.wall_s:.1f} s (CPU {c.cpu_s:.1f} s), peak RSS {c.peak_rss / gib:.2f} GiB, "
+        f"wrote {c.written / gib:.2f} GiB, disk held {c.held / gib:.2f} GiB, {c.E:.2f} E, "
+        f"{c.quant_passes} quantizer passes"
+    )
+
+
+def cost_printer(p: Progress) -> Callable[[Any], None]:
+    """run_direct's `on_cost`: a line per finished stage above the bars."""
+    return lambda c: p.console.print(cost_line(c), highlight=False, soft_wrap=True)
+
+
 def parse_bits(spec: str) -> tuple[int, ...]:
     """`--bits 3,4,5,6`: the paper ladder's nominal bits, sorted, each once."""
     try:

@@ -32,6 +32,8 @@ from ramp_cpp.cli.common import (
     SizeOpt,
     ThreadsOpt,
     bar,
+    cost_line,
+    cost_printer,
     err,
     fold_setting,
     in_panel,
@@ -40,6 +42,7 @@ from ramp_cpp.cli.common import (
     resolve_budget,
     stage_progress,
 )
+from ramp_cpp.costs import total
 from ramp_cpp.errors import RampError
 
 if TYPE_CHECKING:  # the configs _run_sized and _run_paper take; imported where they are built
@@ -239,11 +242,13 @@ def _run_sized(
             r = run_direct(
                 model, out_dir, method, size, dcfg, cc, ropts, calib=calib, presets=presets,
                 progress=stage_progress(p), sensitivity=sensitivity, sac=scfg, on_episode=on_sac, fold=fold,
+                on_cost=cost_printer(p),
             )
         except KeyboardInterrupt:
             err.print(f"interrupted: {out_dir} keeps every finished stage and episode; run the command again")
             raise typer.Exit(130) from None
     out.print(describe(r), soft_wrap=True)
+    out.print(cost_line(total(r.costs)), soft_wrap=True)
     out.print(f"allocation {r.allocation}, report {r.report}", soft_wrap=True)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ramp_cpp.calibration.artifact import CalibConfig, Calibration
+from ramp_cpp.costs import Meter, stage
 from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.store.cache import scratch_dir
 
@@ -99,6 +100,7 @@ def calibrated_source(
     calib: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     original: ModelInfo | None = None,
+    meter: Meter | None = None,
 ) -> Source:
     """Calibrate (or reuse `calib` / the run's own), then fold when `cfg.fold`; both kept in `run_dir`.
     `original`: `model_path`'s inventory when the caller has read it (read here otherwise)."""
@@ -118,8 +120,9 @@ def calibrated_source(
         cal = load_calibration(cal_path)
     else:
         cal_text, _ = load_text(cfg.calib.text)
-        cal = calibrate(model_path, cal_text, cfg.calib, opts, staged(progress, "calibrate"), original)
-        save_calibration(cal, cal_path, force=True)
+        with stage(meter, "calibrate"):
+            cal = calibrate(model_path, cal_text, cfg.calib, opts, staged(progress, "calibrate"), original)
+            save_calibration(cal, cal_path, force=True)
     check_matches(cal, original)
     if not cfg.fold:
         return Source(Path(model_path), cal, cal, original)
@@ -127,5 +130,6 @@ def calibrated_source(
     if folded.is_file():
         finfo = read_inventory(folded)  # the folded file's own, read once for every stage after
         return Source(folded, folded_calibration_from_file(cal, folded, info=finfo), cal, finfo)
-    fres = fold(model_path, cal, folded, force=True, progress=staged(progress, "fold"), info=original)
+    with stage(meter, "fold"):
+        fres = fold(model_path, cal, folded, force=True, progress=staged(progress, "fold"), info=original)
     return Source(folded, fres.calibration, cal, read_inventory(folded))

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ramp_cpp.allocate.sac.search import SizedSearchConfig
+from ramp_cpp.costs import Meter, StageCost
 from ramp_cpp.fold.source import Progress, workdir
 from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.measure.candidates import CandidateConfig
@@ -50,7 +51,9 @@ from ramp_cpp.pipeline.stages import (
     measure_presets,
     measure_source,
     prepare_sources,
+    warm_base,
 )
+from ramp_cpp.store.cache import disk_bytes
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class DirectResult:
     target_bytes: int
     ppl: float
     kld: float
+    costs: tuple[StageCost, ...] = ()
 
 
 def run_direct(
@@ -83,6 +87,7 @@ def run_direct(
     on_episode: Callable[[dict[str, Any]], None] | None = None,
     cache_root: str | os.PathLike[str] | None = None,
     fold: str | None = None,
+    on_cost: Callable[[StageCost], None] | None = None,
 ) -> DirectResult:
     """Measure, allocate with `method` to the whole-file `size`; write GGUF and report to `run_dir`.
     `cfg`: the SizedConfig. `sensitivity`: what greedy
@@ -92,27 +97,36 @@ def run_direct(
     "sac"); `policy`: the policy file method "policy" rolls out. `cache_root`: where the tensor cache and the
     measurements live (default: the run directory's `cache/`); runs of one model may share one. `fold`:
     "on", "off" or "auto" (None: `cfg.fold`); auto prepares both and keeps the one whose allocation
-    (greedy's, for SAC) has the lower reward KLD (`choose_fold`)."""
+    (greedy's, for SAC) has the lower reward KLD (`choose_fold`). `on_cost`: called with each stage's costs
+    (costs.StageCost) as it ends; all of them go to report.json's "costs" and `DirectResult.costs`."""
     plan = plan_run(
-        model_path, run_dir, method, size, cfg, cc, calib, sensitivity, gcfg, sac, policy,
-        cache_root, fold,
+        model_path, run_dir, method, size, cfg, cc, calib, sensitivity, gcfg, sac, policy, cache_root, fold,
     )
     write_settings(plan.run_dir, plan.settings)
-    sources = prepare_sources(plan, opts, progress)
-    rt = Runtime(opts, replace(opts, n_ctx=plan.cfg.n_ctx), workdir(), progress, on_episode)
+    # E: one forward pass over the reward chunks; disk held: the run folder and its caches
+    held = lambda: disk_bytes(plan.run_dir, plan.cache_root)  # noqa: E731
+    meter = Meter(plan.cfg.chunks * plan.cfg.n_ctx, on_cost, held)
+    sources = prepare_sources(plan, opts, progress, meter)
+    rt = Runtime(opts, replace(opts, n_ctx=plan.cfg.n_ctx), workdir(), progress, on_episode, meter)
     try:
-        base = measure_presets(plan, presets, next(iter(sources.values())).base_cal, rt)
+        with meter.stage("base log-probs"):
+            warm_base(plan, rt)
+        with meter.stage("presets"):
+            base = measure_presets(plan, presets, next(iter(sources.values())).base_cal, rt)
         measured = {f: measure_source(plan, f, src, rt) for f, src in sources.items()}
-        decision = decide_fold(plan, measured, base.target, rt)
+        with meter.stage("fold decision"):
+            decision = decide_fold(plan, measured, base.target, rt)
         m = measured[decision.folded]
-        alloc = allocate(plan, m, base.target, rt)
-        out = fit_and_write(plan, m, alloc, base.target, decision, rt)
-        k = evaluate(plan, out.gguf, rt)
+        with meter.stage("allocate"):
+            alloc = allocate(plan, m, base.target, rt)
+            out = fit_and_write(plan, m, alloc, base.target, decision, rt)
+        with meter.stage("evaluate"):
+            k = evaluate(plan, out.gguf, rt)
     finally:
         shutil.rmtree(rt.scratch, ignore_errors=True)
-    rep = write_reports(plan, m, decision, alloc, out, k, base)
+    rep = write_reports(plan, m, decision, alloc, out, k, base, meter.to_json())
     return DirectResult(plan.run_dir, out.gguf, rep.allocation, rep.report, rep.file_bytes, base.target,
-                        k.ppl, k.kld_mean)
+                        k.ppl, k.kld_mean, tuple(meter.stages))
 
 
 def describe(r: DirectResult) -> str:

@@ -26,7 +26,7 @@ class Reports:
 
 def write_reports(
     plan: RunPlan, m: Measured, decision: FoldDecision, alloc: Allocation, out: Written, k: KLDResult,
-    presets: Presets,
+    presets: Presets, costs: dict[str, Any] | None = None,
 ) -> Reports:
     """allocation.json, report.json and pareto.png in the run directory."""
     from ramp_cpp.pipeline.report import BASE_QUALITY, write_pareto
@@ -81,7 +81,10 @@ def write_reports(
     }
     with atomic_path(report, force=True) as tmp:
         tmp.write_text(
-            json.dumps({"meta": rmeta, "summary": summary, "points": points}, indent=2, default=str)
+            json.dumps(
+                {"meta": rmeta, "summary": summary, "points": points, **({"costs": costs} if costs else {})},
+                indent=2, default=str,
+            )
         )
     write_pareto(plan.run_dir, points, "kld", rmeta)
     return Reports(allocation, report, file_bytes)

@@ -26,6 +26,7 @@ from typing import Any
 from gguf import GGMLQuantizationType
 
 from ramp_cpp import __version__
+from ramp_cpp.costs import Meter, stage
 from ramp_cpp.errors import RampError
 from ramp_cpp.fold.source import Progress, Source, calibrated_source, ramp_output_name, staged
 from ramp_cpp.llama.backend import RuntimeOptions
@@ -49,16 +50,18 @@ class Runtime:
     scratch: Path
     progress: Progress | None = None
     on_episode: Callable[[dict[str, Any]], None] | None = None
+    meter: Meter | None = None  # each stage's costs (costs.py)
 
 
 def prepare_sources(
-    plan: RunPlan, opts: RuntimeOptions, progress: Progress | None = None
+    plan: RunPlan, opts: RuntimeOptions, progress: Progress | None = None, meter: Meter | None = None
 ) -> dict[bool, Source]:
     """The source of each folding choice the plan prepares (unfolded first), on one calibration: the run's
     own, `plan.calib`'s, or a new one; the folded model is written once and reused."""
     return {
         f: calibrated_source(
-            plan.model_path, plan.run_dir, replace(plan.cfg, fold=f), opts, plan.calib, progress, plan.info
+            plan.model_path, plan.run_dir, replace(plan.cfg, fold=f), opts, plan.calib, progress, plan.info,
+            meter,
         )
         for f in plan.foldings
     }
@@ -70,6 +73,24 @@ class Presets:
 
     target: int
     points: tuple[dict[str, Any], ...]
+
+
+def warm_base(plan: RunPlan, rt: Runtime) -> None:
+    """The unfolded model's log-probs on every chunk the run scores (the reward chunks; with --fold auto the
+    fold decision's too), computed once into the user cache so the stages after only read them."""
+    from ramp_cpp.llama.evaluate import base_logprobs
+
+    ecfg = plan.cfg.eval_config
+    cfgs = [ecfg, *([fold_eval_config(plan)] if plan.fold == "auto" else [])]
+    for c in cfgs:
+        base_logprobs(plan.model_path, plan.text, c, rt.eopts)
+
+
+def fold_eval_config(plan: RunPlan) -> Any:
+    """The chunks --fold auto scores both foldings on: the first FOLD_CHUNKS of the reward text (at least the
+    reward chunks)."""
+    ecfg = plan.cfg.eval_config
+    return replace(ecfg, first_chunk=0, n_chunks=max(FOLD_CHUNKS, ecfg.n_chunks or 0), up_to=True)
 
 
 def measure_presets(plan: RunPlan, presets: tuple[str, ...], base_cal: Any, rt: Runtime) -> Presets:
@@ -121,21 +142,24 @@ def measure_source(plan: RunPlan, folded: bool, source: Source, rt: Runtime) -> 
     t0 = time.perf_counter()
     cc, progress = plan.cc, rt.progress
     mcfg = MeasureConfig(candidates=cc, n_threads=rt.opts.n_threads)
-    sens = measure(
-        source.path, source.cal, im, mcfg, plan.cache_root, staged(progress, "measure"),
-        staged(progress, "tensor cache"), text=None, info=source.info,
-    )
-    cache = build_cache(
-        source.path, cc.requested(), plan.cache_root, imatrix=im, base=cc.base, n_threads=rt.opts.n_threads,
-        searched=[t.name for t in sens.tensors], info=source.info,
-    )
+    what = "folded" if folded else "unfolded"
+    with stage(rt.meter, f"tensor cache + proxy ({what})"):
+        sens = measure(
+            source.path, source.cal, im, mcfg, plan.cache_root, staged(progress, "measure"),
+            staged(progress, "tensor cache"), text=None, info=source.info,
+        )
+        cache = build_cache(
+            source.path, cc.requested(), plan.cache_root, imatrix=im, base=cc.base,
+            n_threads=rt.opts.n_threads, searched=[t.name for t in sens.tensors], info=source.info,
+        )
     alloc_sens, groups = sens, None
     if plan.sensitivity == "measured":
         # against the unfolded model: the folded source computes the same function
-        alloc_sens, groups = calibrate_sensitivity(
-            sens, cache, plan.model_path, plan.text, plan.cfg.eval_config, rt.eopts, plan.gcfg,
-            staged(progress, "kld groups"), scratch=rt.scratch,
-        )
+        with stage(rt.meter, f"group probes ({what})"):
+            alloc_sens, groups = calibrate_sensitivity(
+                sens, cache, plan.model_path, plan.text, plan.cfg.eval_config, rt.eopts, plan.gcfg,
+                staged(progress, "kld groups"), scratch=rt.scratch,
+            )
     return Measured(folded, source, sens, alloc_sens, groups, cache, time.perf_counter() - t0)
 
 
@@ -151,8 +175,7 @@ def decide_fold(plan: RunPlan, measured: Mapping[bool, Measured], target: int, r
     from ramp_cpp.measure.tensorcache import assemble
 
     probe = "greedy" if plan.method in LEARNED else plan.method
-    ecfg = plan.cfg.eval_config
-    fcfg = replace(ecfg, first_chunk=0, n_chunks=max(FOLD_CHUNKS, ecfg.n_chunks or 0), up_to=True)
+    fcfg = fold_eval_config(plan)
     per = {}
     for f, m in measured.items():
         assemble(m.cache, ALLOCATORS[probe](m.alloc_sens, target), rt.scratch / "fold.gguf", force=True)

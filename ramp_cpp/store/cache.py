@@ -22,6 +22,26 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def disk_bytes(*paths: str | os.PathLike[str]) -> int:
+    """Bytes the files under `paths` occupy on disk (allocated blocks; a folder under another is counted
+    once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for root in paths:
+        if not os.path.exists(root):
+            continue
+        for d, _, files in os.walk(root):
+            for f in files:
+                try:
+                    st = os.lstat(os.path.join(d, f))
+                except OSError:
+                    continue  # removed while walking
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+    return total
+
+
 def cache_dir() -> Path:
     d = os.environ.get("RAMP_CACHE_DIR")
     return Path(d) if d else Path.home() / ".cache" / "ramp-cpp"
