@@ -52,9 +52,11 @@ def test_search_writes_an_in_budget_gguf_and_a_sized_policy(run: dict[str, Any])
     meta = {f.name: f.contents() for f in GGUFReader(gguf).fields.values() if f.name.startswith("ramp.")}
     assert meta["ramp.method"] == "sac"
     assert "reference" in run["output"] and "final" in run["output"]
-    fold = report["fold"]  # --fold auto is the default of a sized search: both settings measured
-    assert fold["allocator"] == "greedy" and fold["evidence"]["chunks"] >= 1
-    assert meta["ramp.fold_choice"].startswith(f"auto: {fold['choice']}")
+    # --fold check is the default of a sized search: greedy's allocation of the folded model, quantized from
+    # both, on the first 8 chunks
+    fold = report["fold"]
+    assert fold["allocator"] == "greedy" and fold["mode"] == "check" and fold["evidence"]["chunks"] >= 1
+    assert meta["ramp.fold_choice"].startswith(f"check: {fold['choice']}")
 
 
 def test_rerun_resumes_without_new_evaluations(run: dict[str, Any]) -> None:

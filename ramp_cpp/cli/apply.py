@@ -82,7 +82,8 @@ def apply(
     if output is None:
         output = model.parent / ramp_output_name(model, "".join(size.split()) if size else f"{b:g}")
     cfg = ApplyConfig(
-        budget=b, budget_mode=mode, fold=not no_fold, imatrix=not no_imatrix, calib=load_recipe(recipe)
+        budget=b, budget_mode=mode, fold=not no_fold, imatrix=not no_imatrix,
+        calib=load_recipe(recipe or "paper"),
     )
     opts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)
     with bar("apply") as p:
@@ -98,7 +99,7 @@ def apply(
 def _apply_sized(
     policy: Path, model: Path, output: Path | None, size: str, sensitivity: str, fold: str,
     no_imatrix: bool,
-    calib: Path | None, recipe: str, force: bool, threads: int | None, gpu_layers: int, text: str,
+    calib: Path | None, recipe: str | None, force: bool, threads: int | None, gpu_layers: int, text: str,
 ) -> None:
     """A sized policy's mean-action rollout on MODEL at --size, through the same stages as search (a run
     directory beside the output, removed afterwards; only the GGUF is kept)."""
@@ -117,7 +118,9 @@ def _apply_sized(
         output = model.parent / ramp_output_name(model, "".join(size.split()))
     dst = check_output(output, force)
     sens = resolve_sensitivity("policy", sensitivity)
-    dcfg = SizedConfig(fold=fold != "off", imatrix=not no_imatrix, calib=load_recipe(recipe), text=text)
+    dcfg = SizedConfig(
+        fold=fold != "off", imatrix=not no_imatrix, calib=load_recipe(recipe or "paper"), text=text
+    )
     rd = Path(tempfile.mkdtemp(prefix=".ramp-apply-", dir=dst.parent))
     try:
         with bar("apply") as p:

@@ -44,15 +44,20 @@ FoldOpt = Annotated[
     str | None,
     typer.Option(
         "--fold",
-        help="With --size: auto (default; both measured, fold unless not folding is clearly better), on, "
-        "off. With --budget: on (default) or off.",
+        help="With --size: check (search's default: the folded model measured, its allocation also "
+        "quantized from the unfolded model, fold unless that is clearly better), auto (both measured; "
+        "apply's default), on, off. With --budget: on (default) or off.",
     ),
 ]
 NoImatrixOpt = Annotated[bool, typer.Option("--no-imatrix", help="Quantize without the importance matrix.")]
 CalibOpt = Annotated[
     Path | None, typer.Option("--calib", help="Reuse a calibration artifact instead of calibrating.")
 ]
-RecipeOpt = Annotated[str, typer.Option("--recipe", help="Calibration recipe in calib/ (paper, fast).")]
+RecipeOpt = Annotated[
+    str | None,
+    typer.Option("--recipe", help="Calibration recipe in calib/ (paper, bench, fast); default: bench for "
+                 "search --size, paper otherwise."),
+]
 
 
 def in_panel(opt: Any, panel: str) -> Any:
@@ -126,9 +131,10 @@ def parse_bits(spec: str) -> tuple[int, ...]:
 
 
 def fold_setting(fold: str | None, no_fold: bool, default: str = "on") -> str:
-    """The --fold setting: `default` is auto for a --size search or apply, on for the paper's --budget."""
-    if fold not in (None, "on", "off", "auto"):
-        raise RampError(f"unknown --fold {fold!r} (choose from on, off, auto)")
+    """The --fold setting: `default` is check for a --size search, auto for apply, on for the paper's
+    --budget."""
+    if fold not in (None, "on", "off", "auto", "check"):
+        raise RampError(f"unknown --fold {fold!r} (choose from on, off, auto, check)")
     if no_fold and fold not in (None, "off"):
         raise RampError(f"--no-fold contradicts --fold {fold}")
     return "off" if no_fold else fold or default

@@ -51,6 +51,7 @@ if TYPE_CHECKING:  # the configs _run_sized and _run_paper take; imported where 
     from ramp_cpp.allocate.sac.search import SizedSearchConfig
     from ramp_cpp.llama.backend import RuntimeOptions
     from ramp_cpp.measure.candidates import CandidateConfig
+    from ramp_cpp.measure.groups import GroupConfig
     from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
 # `search --help`: --model, --out, --size, --method on top (the unnamed panel), then these panels, in order
@@ -63,7 +64,19 @@ _size = functools.partial(typer.Option, rich_help_panel=SIZE)
 _sac = functools.partial(typer.Option, rich_help_panel=SAC)
 _paper = functools.partial(typer.Option, rich_help_panel=PAPER)
 _text = functools.partial(typer.Option, rich_help_panel=TEXT)
-PRESETS = ("Q4_K_M", "Q3_K_M")  # the presets a search report compares with
+PRESETS = ("Q4_K_M", "Q3_K_M")  # the presets a --budget search report compares with
+
+
+def _presets(spec: str) -> tuple[str, ...]:
+    """--presets Q4_K_M,Q3_K_M as llama.cpp preset names, checked before any work."""
+    from ramp_cpp.llama.quantize import presets
+
+    names = tuple(dict.fromkeys(p.strip().upper() for p in spec.split(",") if p.strip()))
+    bad = [n for n in names if n not in presets()]
+    if bad or not names:
+        what = bad[0] if bad else spec
+        raise RampError(f"unknown preset {what!r} in --presets (known: {', '.join(presets())})")
+    return names
 
 
 def _opt(x: float | None) -> str:
@@ -105,6 +118,14 @@ def search(
     method: Annotated[
         str, typer.Option("--method", help="sac (default), or greedy / uniform on the measured sensitivity.")
     ] = "sac",
+    presets_: Annotated[
+        str | None,
+        typer.Option(
+            "--presets", help="llama.cpp presets to quantize and score beside the result, with the same "
+            "imatrix (default: none with --size, whose own preset is quantized once for its size; "
+            "Q4_K_M,Q3_K_M with --budget).",
+        ),
+    ] = None,
     no_presets: Annotated[bool, typer.Option("--no-presets", help="Skip the preset comparison.")] = False,
     evaluations: Annotated[
         int, _size("--evaluations", help="sac: real evaluations of the reward chunks.")
@@ -159,7 +180,7 @@ def search(
     chunks: Annotated[int, _text("--chunks", help="Reward chunks of the reward text.")] = 4,
     ctx: Annotated[int, _text("--ctx", help="Tokens per reward chunk.")] = 512,
     calib: Annotated[Path | None, in_panel(CalibOpt, TEXT)] = None,
-    recipe: Annotated[str, in_panel(RecipeOpt, TEXT)] = "paper",
+    recipe: Annotated[str | None, in_panel(RecipeOpt, TEXT)] = None,
     no_imatrix: Annotated[bool, in_panel(NoImatrixOpt, TEXT)] = False,
     threads: Annotated[int | None, in_panel(ThreadsOpt, RUNTIME)] = None,
     gpu_layers: Annotated[int, in_panel(GpuOpt, RUNTIME)] = 0,
@@ -173,35 +194,48 @@ def search(
     from ramp_cpp.pipeline.paper import SETTINGS
 
     ropts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)
-    presets = () if no_presets else PRESETS
-    if method != "sac" or (size is not None and budget is None):
+    sized = method != "sac" or (size is not None and budget is None)
+    if no_presets and presets_:
+        raise RampError("--no-presets contradicts --presets")
+    presets = () if no_presets else _presets(presets_) if presets_ else () if sized else PRESETS
+    if sized:
         from ramp_cpp.allocate.sac.search import SizedSearchConfig
-        from ramp_cpp.measure.candidates import DEFAULT_TYPES, CandidateConfig, parse_types
+        from ramp_cpp.measure.candidates import CandidateConfig, parse_types
         from ramp_cpp.pipeline.plan import resolve_sensitivity
-        from ramp_cpp.pipeline.sizedconfig import SizedConfig
+        from ramp_cpp.pipeline.sizedconfig import (
+            SEARCH_FOLD,
+            SEARCH_GROUPS,
+            SEARCH_LADDER,
+            SEARCH_RECIPE,
+            SEARCH_TYPES,
+            SizedConfig,
+        )
 
         sensitivity = resolve_sensitivity(method, sensitivity)
         if model is None or size is None:
             raise RampError(f"--method {method} needs --model and a whole-file --size (e.g. 95MiB or Q4_K_M)")
-        cand = parse_types(types) if types else DEFAULT_TYPES
-        cc = CandidateConfig(types=cand, embeddings=not no_embeddings)
+        # named --types are taken as written (each only where llama.cpp writes it as asked); the default
+        # six reach short rows through llama.cpp's fallbacks
+        ladder = "types" if types else SEARCH_LADDER
+        cand = parse_types(types) if types else SEARCH_TYPES
+        cc = CandidateConfig(types=cand, ladder=ladder, embeddings=not no_embeddings)
         dcfg = SizedConfig(
             n_ctx=ctx, chunks=chunks, text=text, fold=not no_fold, imatrix=not no_imatrix,
-            calib=load_recipe(recipe),
+            calib=load_recipe(recipe or SEARCH_RECIPE),
         )
         scfg = SizedSearchConfig(
             evaluations=evaluations, reward=reward, projection=not no_projection,
             warm_start=not no_warm_start, rescore_top=rescore,
             variant=features_, seed=seed,
         )
-        fold_mode = fold_setting(fold, no_fold, "auto")
+        fold_mode = fold_setting(fold, no_fold, SEARCH_FOLD)
         _run_sized(model, out_dir, method, size, dcfg, cc, scfg, ropts, calib, presets, sensitivity,
-                   fold_mode)
+                   fold_mode, SEARCH_GROUPS)
         return
     if sensitivity is not None:
         raise RampError("--sensitivity applies to --method greedy/uniform (SAC measures its own reward)")
-    if fold_setting(fold, no_fold) == "auto":
-        raise RampError("--fold auto applies to a --size search; the --budget search takes on or off")
+    if fold_setting(fold, no_fold) in ("auto", "check"):
+        raise RampError(f"--fold {fold} applies to a --size search; the --budget search takes on or off")
     no_fold = fold_setting(fold, no_fold) == "off"
     if model is None:
         if not resume or not (out_dir / SETTINGS).is_file():
@@ -211,7 +245,7 @@ def search(
     cfg = SearchConfig(
         budget=b, budget_mode=mode, metric=metric, bits=parse_bits(bits),
         include_embeddings=include_embeddings, n_ctx=ctx, chunks=chunks, text=text, features=features_,
-        fold=not no_fold, imatrix=not no_imatrix, eval_every=eval_every, calib=load_recipe(recipe),
+        fold=not no_fold, imatrix=not no_imatrix, eval_every=eval_every, calib=load_recipe(recipe or "paper"),
     )
     sac = SACConfig(episodes=episodes, warmup_episodes=warmup, updates_per_episode=updates, seed=seed)
     _run_paper(model, out_dir, cfg, sac, ropts, resume, calib, presets)
@@ -220,7 +254,7 @@ def search(
 def _run_sized(
     model: Path, out_dir: Path, method: str, size: str, dcfg: SizedConfig, cc: CandidateConfig,
     scfg: SizedSearchConfig, ropts: RuntimeOptions, calib: Path | None, presets: tuple[str, ...],
-    sensitivity: str | None, fold: str,
+    sensitivity: str | None, fold: str, gcfg: GroupConfig,
 ) -> None:
     """The --size search with a bar (and for SAC a line per episode); Ctrl-C keeps what is finished."""
     from ramp_cpp.pipeline.run import describe, run_direct
@@ -242,7 +276,7 @@ def _run_sized(
             r = run_direct(
                 model, out_dir, method, size, dcfg, cc, ropts, calib=calib, presets=presets,
                 progress=stage_progress(p), sensitivity=sensitivity, sac=scfg, on_episode=on_sac, fold=fold,
-                on_cost=cost_printer(p),
+                on_cost=cost_printer(p), gcfg=gcfg,
             )
         except KeyboardInterrupt:
             err.print(f"interrupted: {out_dir} keeps every finished stage and episode; run the command again")

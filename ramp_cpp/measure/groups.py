@@ -74,12 +74,18 @@ class GroupConfig:
     # trade-off at a low price. It is relative (a fraction of the median measured ratio), because ratios
     # are in KLD per proxy unit, whose size depends on the model and the calibration.
     floor: float = 0.01
+    # issue 21: the reward chunks each probe scores (from the first); None: all of them. Probes compare files
+    # on the same tokens, so the paired difference needs fewer than an absolute KLD (and half the chunks is
+    # half the probes' cost)
+    chunks: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_buckets < 1:
             raise RampError(f"n_buckets must be >= 1, got {self.n_buckets}")
         if self.pairs < 0:
             raise RampError(f"pairs must be >= 0, got {self.pairs}")
+        if self.chunks is not None and self.chunks < 1:
+            raise RampError(f"chunks must be >= 1, got {self.chunks}")
         if not 0 < self.floor <= 1:
             raise RampError(f"floor must be in (0, 1], got {self.floor}")
         if self.probe_bpw is not None and not (math.isfinite(self.probe_bpw) and self.probe_bpw > 0):

@@ -12,12 +12,17 @@ import numpy as np
 
 from ramp_cpp.errors import RampError
 
-FOLDS = ("on", "off", "auto")
+FOLDS = ("on", "off", "auto", "check")
 
 #: `--fold auto` scores both settings' allocations on this many chunks of the reward text (from chunk 0, so
 #: the reward chunks are among them): on the demo model 4 chunks chose wrong at 2 of 3 sizes, held-out text
 #: being the judge (bench/results/smollm2.fold.md)
 FOLD_CHUNKS = 16
+#: `--fold check` scores one allocation (greedy's on the folded model's measured sensitivity) quantized from
+#: the folded and from the unfolded model on this many chunks: the same types on both sides, so the paired
+#: difference is folding's alone and half the chunks of `auto` decide it (issue 21: its cost, 2 x 8 chunks
+#: and one quantizer pass, against auto's 2 x 16 chunks and a second tensor cache and set of probes)
+FOLD_CHECK_CHUNKS = 8
 #: fold unless the unfolded model is better by more than this many standard errors of the paired difference
 FOLD_MARGIN = 1.0
 
@@ -75,10 +80,11 @@ class FoldDecision:
     folded: bool
     allocator: str | None = None
     evidence: FoldEvidence | None = None
+    mode: str = "auto"  # or "check": one allocation quantized from both models
 
     @classmethod
-    def auto(cls, allocator: str, evidence: FoldEvidence) -> FoldDecision:
-        return cls(choose_fold(evidence), allocator, evidence)
+    def auto(cls, allocator: str, evidence: FoldEvidence, mode: str = "auto") -> FoldDecision:
+        return cls(choose_fold(evidence), allocator, evidence, mode)
 
     @property
     def choice(self) -> str:
@@ -91,7 +97,7 @@ class FoldDecision:
             return {"choice": self.choice}
         kld = {"on": ev.on, "off": ev.off}
         return {"choice": self.choice, "allocator": self.allocator, "reward_kld": kld,
-                "evidence": ev.to_json()}
+                "evidence": ev.to_json(), **({"mode": self.mode} if self.mode != "auto" else {})}
 
     def metadata(self) -> dict[str, str]:
         """The GGUF's ramp.fold_choice, with --fold auto only."""
@@ -100,7 +106,7 @@ class FoldDecision:
         e = self.evidence.to_json()
         return {
             "ramp.fold_choice": (
-                f"auto: {self.choice} (KLD on {e['on']:.5g}, off {e['off']:.5g}, paired "
+                f"{self.mode}: {self.choice} (KLD on {e['on']:.5g}, off {e['off']:.5g}, paired "
                 f"difference {e['delta']:+.3g} ± {e['stderr']:.2g} over {e['chunks']} chunks)"
             )
         }

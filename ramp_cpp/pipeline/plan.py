@@ -44,7 +44,7 @@ class RunPlan:
     target: int
     lo: int
     hi: int
-    fold: str  # on, off or auto
+    fold: str  # folddecision.FOLDS
     sensitivity: str | None  # proxy, measured, or None for uniform
     cfg: SizedConfig
     cc: CandidateConfig
@@ -58,8 +58,15 @@ class RunPlan:
 
     @property
     def foldings(self) -> tuple[bool, ...]:
-        """The folding choices the run prepares: both for auto (unfolded first), else the one asked for."""
-        return (False, True) if self.fold == "auto" else (self.fold == "on",)
+        """The folding choices the run prepares: both for auto and check (unfolded first), else the one asked
+        for."""
+        return (False, True) if self.fold in ("auto", "check") else (self.fold == "on",)
+
+    @property
+    def measured_first(self) -> tuple[bool, ...]:
+        """The folding choices measured before the fold is decided: both for auto, the folded model for check
+        (the unfolded one only if the check keeps it), else the one asked for."""
+        return (True,) if self.fold == "check" else self.foldings
 
 
 def plan_run(
@@ -112,8 +119,8 @@ def plan_run(
     # the number of evaluations may grow between runs (a resumed search goes on); everything else must match
     grow = {k: v for k, v in sac.to_json().items() if k not in MAY_CHANGE_ON_RESUME}
     extra: dict[str, Any] = {"sac": grow} if method == "sac" else {"policy_sha256": pol.sha256} if pol else {}
-    if fold == "auto":
-        extra["fold"] = "auto"
+    if fold in ("auto", "check"):
+        extra["fold"] = fold
     settings = run_settings(str(Path(model_path).resolve()), method, size, cfg, cc, sensitivity, gcfg, extra)
     check_run(rd, settings)
     croot = Path(cache_root) if cache_root is not None else rd / "cache"
@@ -136,9 +143,18 @@ def run_settings(
         "search": cfg.to_json(),
         "candidates": cc.key(),
         # only when measured: run directories made before the option (proxy) stay reusable
-        **({"sensitivity": sensitivity, "kld_groups": asdict(gcfg)} if sensitivity == "measured" else {}),
+        **({"sensitivity": sensitivity, "kld_groups": _groups_key(gcfg)} if sensitivity == "measured"
+           else {}),
         **(extra or {}),
     }
+
+
+def _groups_key(gcfg: GroupConfig) -> dict[str, Any]:
+    """run.json's kld_groups: `chunks` only when set, so run directories made before it keep matching."""
+    d = asdict(gcfg)
+    if d["chunks"] is None:
+        del d["chunks"]
+    return d
 
 
 def preset_name(spec: str) -> str | None:

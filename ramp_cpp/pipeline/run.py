@@ -113,9 +113,11 @@ def run_direct(
             warm_base(plan, rt)
         with meter.stage("presets"):
             base = measure_presets(plan, presets, next(iter(sources.values())).base_cal, rt)
-        measured = {f: measure_source(plan, f, src, rt) for f, src in sources.items()}
+        measured = {f: measure_source(plan, f, sources[f], rt) for f in plan.measured_first}
         with meter.stage("fold decision"):
-            decision = decide_fold(plan, measured, base.target, rt)
+            decision = decide_fold(plan, measured, sources, base.target, rt)
+        if decision.folded not in measured:  # --fold check kept the unfolded model: measured only now
+            measured[decision.folded] = measure_source(plan, decision.folded, sources[decision.folded], rt)
         m = measured[decision.folded]
         with meter.stage("allocate"):
             alloc = allocate(plan, m, base.target, rt)

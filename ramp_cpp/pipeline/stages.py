@@ -32,7 +32,7 @@ from ramp_cpp.fold.source import Progress, Source, calibrated_source, ramp_outpu
 from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.llama.evaluate import KLDResult
 from ramp_cpp.measure.sensitivity import Sensitivity
-from ramp_cpp.pipeline.folddecision import FOLD_CHUNKS, FoldDecision, FoldEvidence
+from ramp_cpp.pipeline.folddecision import FOLD_CHECK_CHUNKS, FOLD_CHUNKS, FoldDecision, FoldEvidence
 from ramp_cpp.pipeline.learned import learned_allocation
 from ramp_cpp.pipeline.plan import LEARNED, RunPlan, check_target
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
@@ -81,21 +81,25 @@ def warm_base(plan: RunPlan, rt: Runtime) -> None:
     from ramp_cpp.llama.evaluate import base_logprobs
 
     ecfg = plan.cfg.eval_config
-    cfgs = [ecfg, *([fold_eval_config(plan)] if plan.fold == "auto" else [])]
+    cfgs = [ecfg, *([fold_eval_config(plan)] if plan.fold in ("auto", "check") else [])]
+    if plan.sensitivity == "measured" and plan.gcfg.chunks is not None:
+        cfgs.append(replace(ecfg, n_chunks=min(plan.gcfg.chunks, plan.cfg.chunks)))
     for c in cfgs:
         base_logprobs(plan.model_path, plan.text, c, rt.eopts)
 
 
 def fold_eval_config(plan: RunPlan) -> Any:
-    """The chunks --fold auto scores both foldings on: the first FOLD_CHUNKS of the reward text (at least the
-    reward chunks)."""
+    """The chunks --fold auto (check) scores both foldings on: the first FOLD_CHUNKS (FOLD_CHECK_CHUNKS) of
+    the reward text, and at least the reward chunks."""
     ecfg = plan.cfg.eval_config
-    return replace(ecfg, first_chunk=0, n_chunks=max(FOLD_CHUNKS, ecfg.n_chunks or 0), up_to=True)
+    n = FOLD_CHECK_CHUNKS if plan.fold == "check" else FOLD_CHUNKS
+    return replace(ecfg, first_chunk=0, n_chunks=max(n, ecfg.n_chunks or 0), up_to=True)
 
 
 def measure_presets(plan: RunPlan, presets: tuple[str, ...], base_cal: Any, rt: Runtime) -> Presets:
-    """Quantize and score each of `presets` (and the preset --size names, whose file size becomes the
-    target) with the unfolded model's imatrix (`base_cal`'s), as a llama.cpp user would."""
+    """Quantize and score each of `presets` with the unfolded model's imatrix (`base_cal`'s), as a llama.cpp
+    user would; the preset a --size names is quantized too, for its file size (the target), and scored only
+    when it is among `presets`."""
     from ramp_cpp.llama.evaluate import kld
     from ramp_cpp.llama.quantize import QuantizeOptions, quantize_preset
 
@@ -108,6 +112,9 @@ def measure_presets(plan: RunPlan, presets: tuple[str, ...], base_cal: Any, rt: 
         if name == plan.preset:
             target = r.file_size
             check_target(target, plan.lo, plan.hi, f"{name}'s size")
+        if name not in presets:  # quantized for its size only: no reference point was asked for
+            q.unlink(missing_ok=True)
+            continue
         k = kld(q, plan.model_path, plan.text, plan.cfg.eval_config, rt.eopts)
         label = f"{name}+imatrix" if base_im is not None else name
         points.append(
@@ -156,17 +163,25 @@ def measure_source(plan: RunPlan, folded: bool, source: Source, rt: Runtime) -> 
     if plan.sensitivity == "measured":
         # against the unfolded model: the folded source computes the same function
         with stage(rt.meter, f"group probes ({what})"):
+            ecfg = plan.cfg.eval_config
+            if plan.gcfg.chunks is not None:
+                ecfg = replace(ecfg, n_chunks=min(plan.gcfg.chunks, plan.cfg.chunks))
             alloc_sens, groups = calibrate_sensitivity(
-                sens, cache, plan.model_path, plan.text, plan.cfg.eval_config, rt.eopts, plan.gcfg,
+                sens, cache, plan.model_path, plan.text, ecfg, rt.eopts, plan.gcfg,
                 staged(progress, "kld groups"), scratch=rt.scratch,
             )
     return Measured(folded, source, sens, alloc_sens, groups, cache, time.perf_counter() - t0)
 
 
-def decide_fold(plan: RunPlan, measured: Mapping[bool, Measured], target: int, rt: Runtime) -> FoldDecision:
-    """The folding the request named, or with --fold auto the one whose allocation (greedy's, for the
-    learned methods) scores the lower KLD on the first FOLD_CHUNKS chunks of the reward text
-    (folddecision.choose_fold)."""
+def decide_fold(
+    plan: RunPlan, measured: Mapping[bool, Measured], sources: Mapping[bool, Source], target: int, rt: Runtime
+) -> FoldDecision:
+    """The folding the request named; with --fold auto the one whose allocation (greedy's, for the learned
+    methods) scores the lower KLD on the first FOLD_CHUNKS chunks of the reward text; with --fold check,
+    folding unless the folded model's allocation, quantized by llama.cpp from the unfolded model with its own
+    imatrix, scores clearly lower on FOLD_CHECK_CHUNKS chunks (folddecision.choose_fold)."""
+    if plan.fold == "check":
+        return _check_fold(plan, measured[True], sources[False], target, rt)
     if plan.fold != "auto":
         (folded,) = measured
         return FoldDecision(folded)
@@ -181,6 +196,28 @@ def decide_fold(plan: RunPlan, measured: Mapping[bool, Measured], target: int, r
         assemble(m.cache, ALLOCATORS[probe](m.alloc_sens, target), rt.scratch / "fold.gguf", force=True)
         per[f] = kld(rt.scratch / "fold.gguf", plan.model_path, plan.text, fcfg, rt.eopts).chunk_kld
     return FoldDecision.auto(probe, FoldEvidence.of(per[True], per[False]))
+
+
+def _check_fold(plan: RunPlan, on: Measured, off: Source, target: int, rt: Runtime) -> FoldDecision:
+    from ramp_cpp.allocate.allocators import ALLOCATORS
+    from ramp_cpp.llama.evaluate import kld
+    from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
+    from ramp_cpp.measure.tensorcache import assemble
+
+    probe = "greedy" if plan.method in LEARNED else plan.method
+    choice = ALLOCATORS[probe](on.alloc_sens, target)
+    fcfg = fold_eval_config(plan)
+    assemble(on.cache, choice, rt.scratch / "fold-on.gguf", force=True)
+    im = off.cal.imatrix() if plan.cfg.imatrix else None
+    qopts = QuantizeOptions(imatrix=im, n_threads=rt.opts.n_threads, force=True)
+    quantize_map(off.path, rt.scratch / "fold-off.gguf", choice, plan.cc.base, qopts, info=off.info)
+    per = {
+        f: kld(rt.scratch / f"fold-{f}.gguf", plan.model_path, plan.text, fcfg, rt.eopts).chunk_kld
+        for f in ("on", "off")
+    }
+    for f in ("on", "off"):
+        (rt.scratch / f"fold-{f}.gguf").unlink(missing_ok=True)
+    return FoldDecision.auto(probe, FoldEvidence.of(per["on"], per["off"]), "check")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,188 @@
+"""What `ramp-cpp search --method greedy --size S` costs, stage by stage, with yesterday's defaults and with
+today's (issue 21), and what the file it writes is worth on held-out text.
+
+Each run is cold: its own run folder and cache under bench/out/costs/<model>/<config>-<size>/ (the base
+log-probs in the user cache are shared, and counted where they were first computed). The costs are counted by
+the run itself (`ramp_cpp.costs`: wall, CPU, peak RSS, bytes written, disk held, E units, quantizer passes);
+the held-out KLD is the written GGUF against the base on `wikitext2-test` chunks 0..15 of 512 tokens, as
+bench/compare.py scores every cell. Resumable: a finished (model, config, size) is kept in
+bench/results/costs.json and skipped; an interrupted run resumes from its run folder.
+
+    .venv/bin/python bench/costs.py smollm2 --configs old,new --sizes Q4_K_M,Q3_K_M
+    .venv/bin/python bench/costs.py 7b --configs new --sizes Q4_K_M --no-eval    # bench/shapes.py's model
+    .venv/bin/python bench/costs.py --table                                        # the markdown tables
+
+Configs: `old` is the default of `search --method greedy --size` before issue 21 (the paper's calibration
+recipe, 128 x 2048 tokens; the twelve default candidate types; `--fold auto`, both foldings measured; group
+probes of 4 depth buckets with 3 pair checks on the 4 reward chunks; presets Q4_K_M and Q3_K_M scored).
+`old-bench` is the same with the benchmarks' 16 x 512 calibration (what bench/compare.py's cells used). `new`
+is today's default (ramp_cpp.pipeline.sizedconfig.SEARCH_*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models import MODELS, base_path  # noqa: E402
+
+from ramp_cpp.calibration.collect import load_recipe  # noqa: E402
+from ramp_cpp.costs import StageCost  # noqa: E402
+from ramp_cpp.llama.backend import RuntimeOptions  # noqa: E402
+from ramp_cpp.llama.evaluate import EvalConfig, kld  # noqa: E402
+from ramp_cpp.measure.candidates import CandidateConfig  # noqa: E402
+from ramp_cpp.measure.groups import GroupConfig  # noqa: E402
+from ramp_cpp.pipeline.run import run_direct  # noqa: E402
+from ramp_cpp.pipeline.sizedconfig import (  # noqa: E402
+    SEARCH_FOLD,
+    SEARCH_GROUPS,
+    SEARCH_LADDER,
+    SEARCH_RECIPE,
+    SEARCH_TYPES,
+    SizedConfig,
+)
+from ramp_cpp.store.cache import cache_dir  # noqa: E402
+from ramp_cpp.store.texts import load_text  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "costs.json"
+GIB = 1 << 30
+SHAPES = {"7b": "shape-7b.f16.gguf", "1b": "shape-1b.f16.gguf"}  # written by bench/shapes.py
+
+
+@dataclass(frozen=True)
+class Config:
+    recipe: str
+    cc: CandidateConfig
+    gcfg: GroupConfig
+    fold: str
+    presets: tuple[str, ...]
+
+
+CONFIGS = {
+    "old": Config("paper", CandidateConfig(), GroupConfig(), "auto", ("Q4_K_M", "Q3_K_M")),
+    "old-bench": Config("bench", CandidateConfig(), GroupConfig(), "auto", ("Q4_K_M", "Q3_K_M")),
+    "new": Config(
+        SEARCH_RECIPE, CandidateConfig(types=SEARCH_TYPES, ladder=SEARCH_LADDER), SEARCH_GROUPS, SEARCH_FOLD,
+        (),
+    ),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def model_path(key: str) -> Path:
+    if key in SHAPES:
+        p = cache_dir() / "models" / SHAPES[key]
+        if not p.is_file():
+            raise SystemExit(f"{p} is missing: run bench/shapes.py {key} first")
+        return p
+    return base_path(key)
+
+
+def run(key: str, config: str, size: str, evaluate: bool, threads: int | None) -> dict[str, Any]:
+    c = CONFIGS[config]
+    model = model_path(key)
+    rd = HERE / "out" / "costs" / key / f"{config}-{size}"
+    cfg = SizedConfig(calib=load_recipe(c.recipe))
+    t0 = time.perf_counter()
+    r = run_direct(
+        model, rd, "greedy", size, cfg, c.cc, RuntimeOptions(n_threads=threads), presets=c.presets,
+        sensitivity="measured", gcfg=c.gcfg, fold=c.fold, cache_root=rd / "cache",
+        on_cost=lambda s: log(f"{key} {config} {size}: {s.stage} {s.wall_s:.0f} s, {s.E:.2f} E, "
+                                f"{s.quant_passes} passes, held {s.held / GIB:.2f} GiB"),
+    )
+    cell: dict[str, Any] = {
+        "model": model.name,
+        "f16_bytes": model.stat().st_size,
+        "file_bytes": r.file_bytes,
+        "target_bytes": r.target_bytes,
+        "reward_kld": r.kld,
+        "wall_s": time.perf_counter() - t0,
+        "costs": [s.to_json() for s in r.costs],
+        "fold": json.loads(r.report.read_text())["summary"]["fold"],
+    }
+    if evaluate:
+        k = kld(r.gguf, model, load_text("wikitext2-test")[0], EvalConfig(n_chunks=16))
+        cell |= {"kld": k.kld_mean, "kld_stderr": k.kld_stderr, "ppl": k.ppl}
+    return cell
+
+
+def save(key: str, cell: dict[str, Any]) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        d = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+        d[key] = cell
+        tmp = RESULTS.with_suffix(".tmp")
+        tmp.write_text(json.dumps(d, indent=1))
+        tmp.replace(RESULTS)
+
+
+def table() -> str:
+    d = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    lines = []
+    for key, cell in d.items():
+        costs = [StageCost(**s) for s in cell["costs"]]
+        f16 = cell["f16_bytes"]
+        lines += [
+            f"\n**{key}** ({cell['model']}, F16 {f16 / GIB:.2f} GiB; fold: {cell['fold']['choice']}"
+            + (f"; held-out KLD {cell['kld']:.4f} ± {cell['kld_stderr']:.4f}" if "kld" in cell else "")
+            + ")\n",
+            "| stage | wall s | CPU s | peak RSS GiB | written GiB | held GiB | E | quantizer passes |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for s in costs:
+            lines.append(
+                f"| {s.stage} | {s.wall_s:.0f} | {s.cpu_s:.0f} | {s.peak_rss / GIB:.2f} "
+                f"| {s.written / GIB:.2f} | {s.held / GIB:.2f} | {s.E:.2f} | {s.quant_passes} |"
+            )
+        held = max(s.held for s in costs)
+        lines.append(
+            f"| **total** | {sum(s.wall_s for s in costs):.0f} | {sum(s.cpu_s for s in costs):.0f} | "
+            f"{max(s.peak_rss for s in costs) / GIB:.2f} | {sum(s.written for s in costs) / GIB:.2f} | "
+            f"{held / GIB:.2f} ({held / f16:.2f}x F16) | {sum(s.E for s in costs):.1f} | "
+            f"{sum(s.quant_passes for s in costs)} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", nargs="?", choices=[*MODELS, *SHAPES])
+    ap.add_argument("--configs", default="new")
+    ap.add_argument("--sizes", default="Q4_K_M")
+    ap.add_argument("--no-eval", action="store_true", help="no held-out KLD (a shape's means nothing)")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--table", action="store_true")
+    a = ap.parse_args()
+    if a.table:
+        print(table())
+        return 0
+    if a.model is None:
+        ap.error("name a model, or --table")
+    done = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for config in a.configs.split(","):
+        for size in a.sizes.split(","):
+            key = f"{a.model}|{config}|{size}"
+            if key in done:
+                log(f"{key}: done")
+                continue
+            log(f"{key}: running")
+            save(key, run(a.model, config, size, not a.no_eval and a.model not in SHAPES, a.threads))
+    print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
