@@ -214,3 +214,57 @@ def test_fold_stage_scores_nothing_unless_auto(tiny_model: Path, text_file: Path
     assert auto.metadata()["ramp.fold_choice"] == (
         "auto: on (KLD on 0.15, off 0.17, paired difference -0.02 ± 0 over 2 chunks)"
     )
+
+
+@pytest.mark.parametrize(
+    "free_gib,fold,refused",
+    [
+        (0.0, "on", "this run needs"),  # no disk: refused, naming --fold off and fewer --types
+        (0.0, "auto", "--fold check saves"),
+        (1000.0, "on", None),
+    ],
+)
+def test_plan_refuses_a_run_the_disk_cannot_hold(
+    tiny_model: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, free_gib: float,
+    fold: str, refused: str | None,
+) -> None:
+    """The disk check reads the inventory and the free space, nothing else: a refusal leaves no file."""
+    import shutil as sh
+    from collections import namedtuple
+
+    from ramp_cpp.pipeline import resources
+    from ramp_cpp.pipeline.plan import plan_run
+
+    usage = namedtuple("usage", "total used free")
+    real = sh.disk_usage
+
+    def fake(p: object) -> object:  # the run's disk is short; the scratch space is as it is
+        if Path(str(p)) == Path(resources.scratch_root()):
+            return real(p)
+        return usage(1, 1, int(free_gib * 2**30))
+
+    monkeypatch.setattr(resources.shutil, "disk_usage", fake)
+    cc = CandidateConfig()
+    lo, hi = size_range(read_inventory(tiny_model), cc)
+    rd = tmp_path / "run"
+    if refused is None:
+        plan_run(tiny_model, rd, "greedy", str((lo + hi) // 2), cfg(text_file), cc, fold=fold)
+    else:
+        with pytest.raises(RampError, match=refused):
+            plan_run(tiny_model, rd, "greedy", str((lo + hi) // 2), cfg(text_file), cc, fold=fold)
+    assert not rd.exists()
+
+
+def test_plan_refuses_quantized_input_and_a_size_above_the_largest_file(
+    tiny_model: Path, text_file: Path, tmp_path: Path
+) -> None:
+    from ramp_cpp.llama.quantize import QuantizeOptions, quantize_preset
+    from ramp_cpp.pipeline.plan import plan_run
+
+    q = tmp_path / "q.gguf"
+    quantize_preset(tiny_model, q, "Q8_0", QuantizeOptions())
+    with pytest.raises(RampError, match="already quantized"):
+        plan_run(q, tmp_path / "a", "greedy", "Q4_K_M", cfg(text_file), CandidateConfig())
+    with pytest.raises(RampError, match="above the largest file"):
+        plan_run(tiny_model, tmp_path / "b", "greedy", "50GiB", cfg(text_file), CandidateConfig())
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -134,7 +134,8 @@ def check_imatrix(expected: Mapping[str, tuple[str, int]], imatrix: Mapping[str,
         )
 
 
-def _check_source(info: ModelInfo, allow_requantize: bool) -> None:
+def check_source(info: ModelInfo, allow_requantize: bool = False) -> None:
+    """Refuse an already-quantized model (llama.cpp would requantize it, compounding the error)."""
     if allow_requantize:
         return
     quantized = [t.name for t in info.tensors if _qtype(t.ggml_type) not in FLOAT_TYPES]
@@ -181,7 +182,7 @@ def _run(
     what: str,
 ) -> QuantizeResult:
     """One llama_model_quantize call into a temp file; the checks on it; rename on success."""
-    _check_source(info, opts.allow_requantize)
+    check_source(info, opts.allow_requantize)
     expected = predict(info, full_map) if full_map else {}
     check_imatrix({n: expected[n] for n in full_map}, opts.imatrix)
     with atomic_path(dst, opts.force) as tmp:

@@ -1,8 +1,10 @@
 """A sized run's first stage: every cheap check of the request, before any work (`plan_run` → `RunPlan`).
 
-A bad method, policy file, sensitivity, --fold or --size, a hopeless size for this model's candidate types,
-a calibration recipe the model's context cannot hold, an unreadable reward text, or a run directory holding
-another request: each fails here, in this order, before anything is written. The plan carries what the checks
+A bad method, policy file, sensitivity, --fold or --size, an already-quantized model, a size this model's
+candidate types cannot reach (below the smallest file or above the largest), a calibration recipe the
+model's context cannot hold, an unreadable reward text, a run directory holding another request, or a disk or
+scratch space too small for what the run will write (resources.py): each fails here, in this order, before
+anything is written. The plan carries what the checks
 read (the model's inventory, the reward text, the run's settings) to the stages after it.
 """
 
@@ -89,6 +91,8 @@ def plan_run(
     from ramp_cpp.allocate.budget import parse_size
     from ramp_cpp.calibration.collect import check_config
     from ramp_cpp.llama.ggufio import read_inventory
+    from ramp_cpp.llama.quantize import check_source
+    from ramp_cpp.pipeline.resources import check_plan_resources
     from ramp_cpp.store.texts import load_text
 
     if method not in (*ALLOCATORS, *LEARNED):
@@ -109,6 +113,7 @@ def plan_run(
     preset = preset_name(size)
     target = 0 if preset else parse_size(size)
     info = read_inventory(model_path)  # the one read of the model's inventory: the stages get it from here
+    check_source(info)
     lo, hi = size_range(info, cc)
     if not preset:
         check_target(target, lo, hi, f"--size {size}")
@@ -124,6 +129,7 @@ def plan_run(
     settings = run_settings(str(Path(model_path).resolve()), method, size, cfg, cc, sensitivity, gcfg, extra)
     check_run(rd, settings)
     croot = Path(cache_root) if cache_root is not None else rd / "cache"
+    check_plan_resources(info, cc, fold, hi, rd, croot)
     return RunPlan(
         model_path, rd, croot, method, size, preset, target, lo, hi, fold, sensitivity, cfg, cc, gcfg, sac,
         pol, calib, info, text, settings,
@@ -203,8 +209,13 @@ def size_range(info: Any, cc: CandidateConfig) -> tuple[int, int]:
 
 
 def check_target(target: int, lo: int, hi: int, what: str) -> None:
-    """Refuse a target below the smallest file the candidate types allow (a little slack for the header)."""
+    """Refuse a target outside the files the candidate types allow (a little slack for the header)."""
     slack = 1 << 16  # the output's header differs a little from the source's
+    if target > hi + slack:
+        raise RampError(
+            f"{what} ({target / MIB:.2f} MiB) is above the largest file the candidate types allow "
+            f"({hi / MIB:.2f} MiB, every searched tensor at its largest type): ask for at most that"
+        )
     if target < lo - slack:
         raise RampError(
             f"{what} ({target / MIB:.2f} MiB) is below the smallest file the candidate types allow "

@@ -1,0 +1,110 @@
+"""What a sized run will hold on disk and in tmpfs, from the inventory alone, and the refusal before any work
+when it is not there (issue 21: a run that cannot finish must not start).
+
+    folded copy   the F16 model rewritten by Scale Folding (once per run folder; none with --fold off)
+    tensor cache  every searched tensor at every requested type as llama.cpp writes it, plus the base type's
+                  bytes of every searchable tensor, per folding choice measured (two with --fold auto)
+    quantizer     llama.cpp's output of one pass, cut into the cache, then removed: at most a Q8_0 model
+    output        the GGUF, at most the target
+    scratch       probe and fold-check files, two at a time (tmpfs when there is one, else the temp dir)
+
+Bytes come from `gguf.GGML_QUANT_SIZES` through `ladder.tensor_nbytes`, padded to the file's alignment. What
+the run folder and cache already hold counts as done (a resumed run needs only the rest).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ramp_cpp.errors import RampError
+from ramp_cpp.llama.ggufio import ModelInfo
+from ramp_cpp.measure.candidates import CandidateConfig, searched_tensors, tensor_candidates
+from ramp_cpp.model.ladder import tensor_nbytes, written_type
+from ramp_cpp.store.cache import disk_bytes, scratch_root
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class DiskNeeds:
+    folded: int
+    cache_per_folding: int
+    foldings_measured: int
+    quantizer: int
+    output: int
+    scratch: int
+    held: int  # already on disk in the run folder and cache
+
+    @property
+    def disk(self) -> int:
+        total = self.folded + self.cache_per_folding * self.foldings_measured + self.quantizer + self.output
+        return max(0, total - self.held)
+
+
+def disk_needs(
+    info: ModelInfo, cc: CandidateConfig, fold: str, hi: int, run_dir: Path, cache_root: Path
+) -> DiskNeeds:
+    def padded(n: int) -> int:
+        return -(-n // info.alignment) * info.alignment
+
+    searched = searched_tensors(info, cc.embeddings)
+    cache = 0
+    for t in searched:
+        kinds = {w for _, w in tensor_candidates(cc, t, True)} | {written_type(cc.base, t.n_per_row)}
+        cache += sum(padded(tensor_nbytes(w, t.n_params)) for w in kinds)
+    q8 = sum(padded(tensor_nbytes(written_type(cc.base, t.n_per_row), t.n_params)) for t in info.tensors)
+    folded = 0 if fold == "off" or (run_dir / "folded.f16.gguf").is_file() else info.file_size
+    return DiskNeeds(
+        folded=folded,
+        cache_per_folding=cache,
+        foldings_measured=2 if fold == "auto" else 1,
+        quantizer=q8,
+        output=hi,
+        scratch=2 * hi,
+        held=disk_bytes(run_dir, cache_root),
+    )
+
+
+def _free(path: Path) -> int:
+    p = path
+    while not p.exists():  # the run folder may not exist yet: its nearest existing parent's filesystem
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_resources(n: DiskNeeds, run_dir: Path, fold: str, n_types: int) -> None:
+    """Refuse, in one line naming what would make it fit, a run whose disk or scratch space is not there."""
+    free = _free(run_dir)
+    if n.disk > free:
+        saves = []
+        if n.folded:
+            saves.append(f"--fold off saves {n.folded / GIB:.1f} GiB")
+        if fold == "auto":
+            saves.append(f"--fold check saves {n.cache_per_folding / GIB:.1f} GiB")
+        if n_types > 2:
+            per = n.cache_per_folding * n.foldings_measured / n_types
+            saves.append(f"each --types dropped saves ~{per / GIB:.1f} GiB")
+        raise RampError(
+            f"this run needs {n.disk / GIB:.1f} GiB more on {run_dir} and {free / GIB:.1f} GiB is free "
+            f"(folded copy {n.folded / GIB:.1f}, tensor cache {n.cache_per_folding / GIB:.1f} x "
+            f"{n.foldings_measured}, quantizer output {n.quantizer / GIB:.1f}, GGUF {n.output / GIB:.1f}); "
+            + "; ".join([*saves, "or --out on a larger disk"])
+        )
+    scratch = scratch_root()
+    sfree = _free(scratch)
+    if n.scratch > sfree:
+        raise RampError(
+            f"probe files need {n.scratch / GIB:.1f} GiB in {scratch} and {sfree / GIB:.1f} GiB is free: "
+            f"set RAMP_SCRATCH_DIR to a folder with room"
+        )
+
+
+def check_plan_resources(
+    info: ModelInfo, cc: CandidateConfig, fold: str, hi: int, run_dir: Path, cache_root: Path
+) -> DiskNeeds:
+    n = disk_needs(info, cc, fold, hi, run_dir, cache_root)
+    check_resources(n, run_dir, fold, len(cc.requested()))
+    return n
+
