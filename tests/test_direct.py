@@ -204,7 +204,7 @@ def test_fold_stage_scores_nothing_unless_auto(tiny_model: Path, text_file: Path
     size = f"{hi / 1024:.1f}KiB"
     plan = plan_run(tiny_model, tmp_path / "r", "sac", size, cfg(text_file), CandidateConfig(), fold="off")
     rt = Runtime(RuntimeOptions(), RuntimeOptions(), tmp_path / "no-scratch")
-    d = decide_fold(plan, {False: object()}, hi, rt)  # type: ignore[dict-item]
+    d = decide_fold(plan, {False: object()}, {}, hi, rt)  # type: ignore[dict-item]
     assert d == FoldDecision(False) and d.to_json() == {"choice": "off"} and d.metadata() == {}
     assert not (tmp_path / "no-scratch").exists()
 
