@@ -1,5 +1,5 @@
 """`search`: a per-tensor allocation for one model, written as allocation, GGUF and report (and for SAC a
-policy) to a run directory. Its own module: 35 options, two modes and an episode display that no other
+policy) to a run directory. Its own module: 36 options, two modes and an episode display that no other
 command has (`apply` of the policy it trains is apply.py; the options both take are in common.py).
 
 It has two modes, told apart by the options given: the whole-file `--size` mode (uniform, greedy or
@@ -127,6 +127,11 @@ def search(
         ),
     ] = None,
     no_presets: Annotated[bool, typer.Option("--no-presets", help="Skip the preset comparison.")] = False,
+    dry_run: Annotated[
+        bool,
+        _size("--dry-run", help="Print each stage's expected cost (time, RAM, disk, evaluation units, "
+              "quantizer passes) from the model's inventory and a short speed probe; run nothing."),
+    ] = False,
     evaluations: Annotated[
         int, _size("--evaluations", help="sac: real evaluations of the reward chunks.")
     ] = 150,
@@ -229,9 +234,15 @@ def search(
             variant=features_, seed=seed,
         )
         fold_mode = fold_setting(fold, no_fold, SEARCH_FOLD)
+        if dry_run:
+            _plan_sized(model, out_dir, method, size, dcfg, cc, scfg, ropts, calib, presets, sensitivity,
+                        fold_mode, SEARCH_GROUPS)
+            return
         _run_sized(model, out_dir, method, size, dcfg, cc, scfg, ropts, calib, presets, sensitivity,
                    fold_mode, SEARCH_GROUPS)
         return
+    if dry_run:
+        raise RampError("--dry-run plans a --size search; the --budget search has no plan")
     if sensitivity is not None:
         raise RampError("--sensitivity applies to --method greedy/uniform (SAC measures its own reward)")
     if fold_setting(fold, no_fold) in ("auto", "check"):
@@ -284,6 +295,46 @@ def _run_sized(
     out.print(describe(r), soft_wrap=True)
     out.print(cost_line(total(r.costs)), soft_wrap=True)
     out.print(f"allocation {r.allocation}, report {r.report}", soft_wrap=True)
+
+
+def _plan_sized(
+    model: Path, out_dir: Path, method: str, size: str, dcfg: SizedConfig, cc: CandidateConfig,
+    scfg: SizedSearchConfig, ropts: RuntimeOptions, calib: Path | None, presets: tuple[str, ...],
+    sensitivity: str | None, fold: str, gcfg: GroupConfig,
+) -> None:
+    """--dry-run: the plan's checks, a speed probe, and each stage's expected cost as a table; nothing is
+    written (pipeline/estimate.py)."""
+    from rich.table import Table
+
+    from ramp_cpp.pipeline.estimate import estimate, speed_probe, total
+    from ramp_cpp.pipeline.plan import plan_run
+
+    plan = plan_run(model, out_dir, method, size, dcfg, cc, calib, sensitivity, gcfg, scfg, None, None, fold)
+    with err.status("speed probe: one reward chunk decoded, a few rows quantized per type"):
+        probe = speed_probe(plan, ropts, presets)
+    stages = estimate(plan, presets, ropts, probe)
+    t = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0),
+              title=f"{method} at --size {size} on {model.name}: expected costs")
+    for col in ("stage", "time", "RAM", "written", "held", "E", "passes"):
+        t.add_column(col, no_wrap=True, justify="left" if col == "stage" else "right")
+    for s in [*stages, total(stages)]:
+        t.add_row(s.stage + ("*" if s.note else ""), _seconds(s.wall_s), *map(_bytes, (s.peak_rss, s.written,
+                  s.held)), f"{s.E:.2f}", str(s.quant_passes), style="bold" if s.stage == "total" else None)
+    out.print(t)
+    for s in stages:
+        if s.note:
+            out.print(f"* {s.stage}: {s.note}", soft_wrap=True, highlight=False)
+    out.print(f"held: disk the run holds after the stage; E: passes over the {dcfg.chunks} reward chunks. "
+              f"Speed probe {probe.seconds:.1f} s; nothing was run or written (the run would write to "
+              f"{out_dir})", soft_wrap=True, highlight=False)
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.1f} s" if s < 90 else f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"
+
+
+def _bytes(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB" if n < 1000 << 20 else f"{n / (1 << 30):.1f} GiB"
 
 
 def _run_paper(

@@ -1,0 +1,383 @@
+"""A sized run's cost, stage by stage, before any of it runs (`search --size ... --dry-run`).
+
+`speed_probe` measures this machine on this model (`SpeedProbe`): llama.cpp loads it (`load_s`), tokenizes
+the reward text (`tokenize_s`), decodes ONE reward chunk (`token_s` per token) and scores it (`score_s`;
+`base_s`: the base log-probs' top-k and tail samples); gguf-py parses its header (`header_s`);
+`native.quantize_rows` quantizes 32 rows of the first tensor of each (written type, imatrix) the run's
+quantizer passes meet, on `n_threads` threads at once (`quant_s[key]` per weight), and gguf-py dequantizes
+them (`dequant_s[type]`); numpy's proxy and folding arithmetic (`error_s`, `fold_s` per weight); a copy and a
+sha256 of 64 MiB (`copy_bps`, `hash_bps`). `estimate` turns the plan's counts into costs, with N = n_ctx:
+
+    eval(n, f)      load_s + tokenize_s + n·(N·token_s·rel(f) + score_s)      E = n / chunks
+    rel(f)          Σ n_params·DECODE[written type] / Σ n_params: file f's decode time relative to F16's
+                    (CPU backend; 1 with layers offloaded to a GPU)
+    pass(types)     header_s + Σ_quantizable n_params·(quant_s[written, imatrix] + dequant_s[src]/n_threads)
+                    + file/copy_bps                                         one llama.cpp quantizer pass
+    calibrate       load_s + tokenize_s + samples·ctx·token_s·CALIB_DECODE   E = samples·ctx / (chunks·N)
+    fold            3·header_s + file/hash_bps + Σ_linears n_params·fold_s + file/copy_bps
+    base log-probs  per chunk set not cached (reward, fold_eval_config's, GroupConfig.chunks'): eval(n, F16)
+                    + n·base_s
+    presets         pass(preset) per preset in `presets` and the --size one; eval(chunks, preset) if scored
+    tensor cache    per type of cc.requested() ∪ {base}: pass(searched at it) + header_s + (3·file + bin)
+                    /copy_bps (cut, assemble, compare) + 2·header_s; proxy: header_s + Σ_searched n_params·
+                    (dequant_s[src] + Σ_candidates (dequant_s[written] + error_s))
+    group probes    (1 + len(groups_of) + pairs)·(hi/copy_bps + load_s + n_g·(N·token_s·rel(hi) + score_s))
+                    + tokenize_s, n_g = min(GroupConfig.chunks, chunks); pairs counted in full (upper bound)
+    fold decision   check: pass(choice) + 2·eval(n_f, choice); auto: 2·(target/copy_bps + eval(n_f, choice));
+                    choice: every searched tensor at its candidate nearest the target's bits per weight
+    allocate        FIT_TRIES·(2·target/copy_bps + header_s); sac: + its evaluations, eval(chunks, choice)
+    evaluate        eval(chunks, choice)                                     E = 1
+
+RAM: rss_base (the process before a model is loaded) + the model's mmap (its file size) + ctx_bytes (what a
+context of N tokens adds, measured), and from the tensor cache on its files (kept mapped). Disk: from
+resources.disk_needs on top of what the run folder holds; `written` counts disk only (scratch on /dev/shm is
+memory). A calibration, folded copy or base log-probs already there cost nothing; a tensor cache already
+built is not detected (the plan is then an upper bound). A preset --size's target is estimated with every
+tensor at the preset's type. What the run writes after evaluate (reports, pareto.png) is not a stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from ramp_cpp.llama.backend import RuntimeOptions
+from ramp_cpp.llama.evaluate import EvalConfig
+from ramp_cpp.llama.ggufio import TensorInfo
+from ramp_cpp.measure.candidates import searchable, searched_tensors, tensor_candidates
+from ramp_cpp.model.arch import quantizable
+from ramp_cpp.model.ladder import needs_imatrix, tensor_nbytes, type_from_name, written_type
+from ramp_cpp.pipeline.plan import RunPlan
+
+T = GGMLQuantizationType
+CALIB_DECODE = 1.45  # the activation collector's decode over a plain one (demo model, 512 tokens, CPU)
+#: decode time of a file of that type relative to F16, llama.cpp's CPU backend (demo model, x86, 2 threads)
+DECODE = {"F16": 1.0, "BF16": 1.0, "Q8_0": 0.6, "Q4_0": 0.7, "Q4_1": 1.0, "Q5_0": 0.85, "Q5_1": 1.25,
+          "IQ4_NL": 0.55, "Q4_K": 0.7, "Q6_K": 0.75}
+DECODE_OTHER = 0.8
+FIT_TRIES = 2  # the ramp.* metadata usually pushes greedy's first fill past the target: allocated twice
+ROWS = 32
+
+
+@dataclass(frozen=True)
+class SpeedProbe:
+    """This machine on this model (module docstring): seconds, seconds per weight, bytes per second."""
+
+    n_threads: int
+    n_avail: int  # whole chunks of N tokens in the reward text
+    load_s: float
+    tokenize_s: float
+    token_s: float
+    score_s: float
+    base_s: float
+    header_s: float
+    quant_s: Mapping[str, float]  # "Q4_K" / "Q4_K+im" (with an importance matrix)
+    dequant_s: Mapping[str, float]
+    error_s: float
+    fold_s: float
+    copy_bps: float
+    hash_bps: float
+    rss_base: int
+    ctx_bytes: int
+    seconds: float  # the probe's own wall time
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """A stage as the cost meter names it (costs.StageCost): expected wall seconds, peak RSS, bytes written to
+    disk, disk the run holds when it ends; its evaluation units and quantizer passes are exact counts."""
+
+    stage: str
+    wall_s: float
+    peak_rss: int
+    written: int
+    held: int
+    E: float
+    quant_passes: int
+    note: str = ""
+
+
+def _has_im(plan: RunPlan, t: TensorInfo) -> bool:
+    """The calibration records every matmul's input: the linears and the head (token_embd when tied)."""
+    return plan.cfg.imatrix and (t.role != "token_embd" or plan.info.tied_output)
+
+
+def _key(w: T, im: bool) -> str:
+    return f"{w.name}+im" if im else w.name
+
+
+def _preset_type(name: str) -> T:
+    return next((T.__members__[n] for n in (name, name.rsplit("_", 1)[0]) if n in T.__members__), T.Q8_0)
+
+
+def _passes(plan: RunPlan, presets: tuple[str, ...]) -> dict[str, list[dict[str, T]]]:
+    """Every quantizer pass of the tensor cache (the base type first, over every searchable tensor) and of the
+    presets stage: tensor -> asked type, the others at the base type."""
+    cc, s = plan.cc, searched_tensors(plan.info, plan.cc.embeddings)
+    cache = [{t.name: w for t in s if not needs_imatrix(w) or _has_im(plan, t)}
+             for w in dict.fromkeys([cc.base, *cc.requested()])]
+    cache[0] = {t.name: cc.base for t in searchable(plan.info)}
+    pre = [{t.name: _preset_type(p) for t in plan.info.tensors if quantizable(t.name, 2)}
+           for p in dict.fromkeys([*presets, *([plan.preset] if plan.preset else [])])]
+    return {"cache": cache, "presets": pre}
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS:")), 0)
+    except OSError:  # not Linux: RAM is then planned without the process's own
+        return 0
+
+
+def _timed(fn: Callable[..., object], *args: object, reps: int = 1) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn(*args)
+    return (time.perf_counter() - t0) / reps
+
+
+def _quant_rate(pool: ThreadPoolExecutor, n: int, w: T, rows: np.ndarray, im: np.ndarray | None) -> float:
+    """Wall seconds per weight of ggml's quantizer, `n` threads each quantizing `rows` at once."""
+    from ramp_cpp.llama import native
+
+    native.quantize_rows(int(w), rows[:1], im)  # warm-up: the IQ types build their tables once
+    job = lambda _: native.quantize_rows(int(w), rows, im)  # noqa: E731
+    return _timed(lambda: list(pool.map(job, range(n))), reps=3) / (n * rows.size)
+
+
+def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = ()) -> SpeedProbe:
+    """Measure what `estimate` needs (module docstring); nothing is kept (64 MiB are copied in the system
+    temp dir and removed)."""
+    from gguf.quants import dequantize
+
+    from ramp_cpp.llama import native
+    from ramp_cpp.llama.backend import LlamaModel
+    from ramp_cpp.llama.evaluate import _tail_samples, _top_k, chunks, logsumexp_rows
+    from ramp_cpp.llama.ggufio import open_reader
+
+    t_start, cfg, info = time.perf_counter(), plan.cfg, plan.info
+    n_threads = opts.n_threads or os.cpu_count() or 1
+    rss_base = _rss()
+    t0 = time.perf_counter()
+    with LlamaModel(plan.model_path, replace(opts, n_ctx=cfg.n_ctx)) as m:
+        t1 = time.perf_counter()
+        tokens = m.tokenize(plan.text)
+        t2 = time.perf_counter()
+        (c,) = chunks(tokens, EvalConfig(cfg.n_ctx, cfg.first_chunk, 1), m.bos if m.add_bos else None)
+        x = np.array(m.logits(c, len(c) // 2, len(c) - 1))
+        load_s, tokenize_s, token_s = t1 - t0, t2 - t1, (time.perf_counter() - t2) / len(c)
+        ctx_bytes = max(0, _rss() - rss_base - info.file_size)
+    score_s = _timed(logsumexp_rows, x, np.empty_like(x))
+    top = _top_k(x, min(64, x.shape[1] - 1))[0]
+    base_s = _timed(_tail_samples, x, logsumexp_rows(x, np.empty_like(x)), top, 64, np.random.default_rng(0))
+    base_s += _timed(_top_k, x, top.shape[1])
+    t0 = time.perf_counter()
+    data = {t.name: t for t in open_reader(plan.model_path).tensors}
+    header_s = time.perf_counter() - t0
+    todo: dict[str, tuple[T, bool, TensorInfo]] = {}
+    for types in [p for ps in _passes(plan, presets).values() for p in ps]:
+        for t in (t for t in info.tensors if quantizable(t.name, 2)):
+            w = written_type(types.get(t.name, plan.cc.base), t.n_per_row)
+            todo.setdefault(_key(w, _has_im(plan, t)), (w, _has_im(plan, t), t))
+    quant_s: dict[str, float] = {}
+    dequant_s: dict[str, float] = {}
+    rows: dict[str, np.ndarray] = {}
+    with ThreadPoolExecutor(n_threads) as pool:
+        for key, (w, im, t) in todo.items():
+            if t.name not in rows:
+                src, raw = T(int(data[t.name].tensor_type)), np.asarray(data[t.name].data[:ROWS])
+                rows[t.name] = np.asarray(dequantize(raw, src), dtype=np.float32).reshape(len(raw), -1)
+                dequant_s.setdefault(src.name, _timed(dequantize, raw, src) / rows[t.name].size)
+            r = rows[t.name]
+            imx = np.ones(r.shape[1], dtype=np.float32) if im else None
+            quant_s[key] = _quant_rate(pool, n_threads, w, r, imx)
+            q = np.frombuffer(native.quantize_rows(int(w), r, imx), dtype=np.uint8).reshape(len(r), -1)
+            dequant_s.setdefault(w.name, _timed(dequantize, q, w) / r.size)
+    r = next(iter(rows.values()))
+    big, col = np.tile(r, (max(1, (1 << 20) // r.size), 1)), np.ones(r.shape[1])
+    error_s = _timed(lambda: np.square(big - big[::-1]).sum(axis=0, dtype=np.float64) @ col) / big.size
+    fold_s = _timed(lambda: (big.astype(np.float16).astype(np.float32) * col).astype(np.float16)) / big.size
+    n = min(64 << 20, info.file_size)
+    with open(plan.model_path, "rb") as f:
+        blob = f.read(n)
+    hash_bps = n / _timed(lambda: hashlib.sha256(blob).digest())
+    with tempfile.TemporaryDirectory(prefix="ramp-probe-") as d:
+        (Path(d) / "a").write_bytes(blob)
+        copy_bps = n / _timed(shutil.copyfile, Path(d) / "a", Path(d) / "b")
+    return SpeedProbe(
+        n_threads, len(tokens) // cfg.n_ctx, load_s, tokenize_s, token_s, score_s, base_s, header_s, quant_s,
+        dequant_s, error_s, fold_s, copy_bps, hash_bps, rss_base, ctx_bytes, time.perf_counter() - t_start,
+    )
+
+
+def _known_sha(path: str | os.PathLike[str]) -> str | None:
+    """The file's sha256 if store.cache remembers it (read only: a dry run hashes nothing)."""
+    from ramp_cpp.store.cache import cache_dir
+
+    p = Path(path).resolve()
+    st = p.stat()
+    try:
+        return json.loads((cache_dir() / "sha256.json").read_text()).get(f"{p}|{st.st_size}|{st.st_mtime_ns}")
+    except (OSError, ValueError):
+        return None
+
+
+def _base_cached(plan: RunPlan, sha: str | None, ecfg: EvalConfig) -> bool:
+    """evaluate.base_logprobs's cache holds these chunks (the same key)."""
+    from ramp_cpp.store.cache import cache_dir
+
+    text = hashlib.sha256(plan.text.encode()).hexdigest()
+    key = hashlib.sha256(json.dumps({"base": sha, "text": text, "cfg": ecfg.key()}, sort_keys=True).encode())
+    return sha is not None and (cache_dir() / "base-logprobs" / f"{key.hexdigest()[:32]}.npz").is_file()
+
+
+def estimate(
+    plan: RunPlan, presets: tuple[str, ...], opts: RuntimeOptions, probe: SpeedProbe
+) -> list[StagePlan]:
+    """The stages `run.run_direct` will meter for `plan`, in order, with their expected costs (module
+    docstring); E and quantizer passes are the counts the run makes."""
+    from ramp_cpp.fold.source import CALIB
+    from ramp_cpp.measure.candidates import type_for_bpw
+    from ramp_cpp.measure.groups import groups_of
+    from ramp_cpp.pipeline.resources import disk_needs
+    from ramp_cpp.pipeline.stages import fold_eval_config
+    from ramp_cpp.store.cache import scratch_root
+
+    p, info, cfg, cc = probe, plan.info, plan.cfg, plan.cc
+    N, file, chunks = cfg.n_ctx, info.file_size, cfg.chunks
+    needs = disk_needs(info, cc, plan.fold, plan.hi, plan.run_dir, plan.cache_root)
+    on_disk = not str(scratch_root().resolve()).startswith("/dev/shm")  # else scratch writes are memory
+    searched = searched_tensors(info, cc.embeddings)
+    quantized = [t for t in info.tensors if quantizable(t.name, 2)]
+    src_deq = p.dequant_s.get(info.tensors[0].ggml_type, 0.0)
+    pad = lambda n: -(-n // info.alignment) * info.alignment  # noqa: E731
+
+    def written(types: Mapping[str, T]) -> dict[str, T]:
+        return {t.name: written_type(types.get(t.name, cc.base), t.n_per_row) for t in quantized}
+
+    def rel(types: Mapping[str, T]) -> float:
+        ws = written(types)
+        n = sum(t.n_params * DECODE.get(ws[t.name].name, DECODE_OTHER) for t in quantized)
+        return 1.0 if opts.n_gpu_layers else n / max(1, sum(t.n_params for t in quantized))
+
+    def ev(n: float, r: float) -> float:
+        return p.load_s + p.tokenize_s + n * (N * p.token_s * r + p.score_s)
+
+    def qpass(types: Mapping[str, T]) -> tuple[float, int]:
+        ws = written(types)
+        sec = p.header_s + sum(t.n_params * (p.quant_s.get(_key(ws[t.name], _has_im(plan, t)), 0.0)
+                                             + src_deq / p.n_threads) for t in quantized)
+        size = info.data_offset + info.other_bytes + sum(
+            pad(tensor_nbytes(ws[t.name] if t.name in ws else type_from_name(t.ggml_type), t.n_params))
+            for t in info.tensors)
+        return sec + size / p.copy_bps, size
+
+    cands = {t.name: [w for _, w in tensor_candidates(cc, t, _has_im(plan, t))] for t in searched}
+    fixed = plan.lo - sum(min(pad(tensor_nbytes(w, t.n_params)) for w in cands[t.name]) for t in searched)
+    passes = _passes(plan, presets)
+    target = plan.target or qpass(passes["presets"][-1])[1]
+    bpw = 8 * (target - fixed) / max(1, sum(t.n_params for t in searched))
+    choice = {t.name: type_for_bpw(cands[t.name], bpw) for t in searched}
+    r_choice, r_hi = rel(choice), rel({t.name: cands[t.name][-1] for t in searched})
+    out: list[StagePlan] = []
+    held = needs.held
+
+    def add(stage: str, wall: float, ram: int, written: int, grows: int = 0, E: float = 0.0,
+            passes: int = 0, note: str = "") -> None:
+        nonlocal held
+        held += grows
+        out.append(StagePlan(stage, wall, p.rss_base + ram, written, held, E, passes, note))
+
+    loaded = file + p.ctx_bytes
+    sha = _known_sha(plan.model_path)
+    hash_s = 0.0 if sha else file / p.hash_bps
+    if plan.calib is None and not (plan.run_dir / CALIB).is_file():
+        c = cfg.calib
+        stats = 12 * sum(t.n_per_row for t in info.tensors if t.searched or t.role == "output"
+                         or (t.role == "token_embd" and info.tied_output))
+        add("calibrate", p.load_s + p.tokenize_s + c.samples * c.ctx * p.token_s * CALIB_DECODE + hash_s,
+            loaded, stats, stats, c.samples * c.ctx / (chunks * N))
+        hash_s = 0.0
+    folds = True in plan.foldings and not (plan.run_dir / "folded.f16.gguf").is_file()
+    if folds:
+        lin = sum(t.n_params for t in info.searched)
+        add("fold", 3 * p.header_s + file / p.hash_bps + lin * p.fold_s + file / p.copy_bps, file, file,
+            needs.folded)
+    ecfg, fcfg = cfg.eval_config, fold_eval_config(plan)
+    n_fold, n_g = min(fcfg.n_chunks or 0, p.n_avail), min(plan.gcfg.chunks or chunks, chunks)
+    sets = [ecfg, *([fcfg] if plan.fold in ("auto", "check") else []),
+            *([replace(ecfg, n_chunks=n_g)] if plan.sensitivity == "measured" and plan.gcfg.chunks else [])]
+    todo = {json.dumps(s.key()): n_fold if s.up_to else s.n_chunks or 0 for s in sets
+            if not _base_cached(plan, sha, s)}
+    npz = sum(n * (N - N // 2 - 1) * (8 * (ecfg.top_k + ecfg.tail_samples) + 4) for n in todo.values())
+    add("base log-probs", hash_s + sum(ev(n, 1.0) + n * p.base_s for n in todo.values()), loaded * bool(todo),
+        npz, E=sum(todo.values()) / chunks, note="" if todo else "cached")
+    pre = [(*qpass(t), rel(t)) for t in passes["presets"]]
+    scored = len(dict.fromkeys(presets))  # the first of the presets stage's passes; the --size one last
+    add("presets", sum(s + (ev(chunks, r) if i < scored else 0) for i, (s, _, r) in enumerate(pre)),
+        loaded, on_disk * sum(b for _, b, _ in pre), E=scored, passes=len(pre))
+    cache_s, cache_w, cache_bytes = 2 * p.header_s, 0, 0
+    for types in passes["cache"]:
+        sec, size = qpass(types)
+        bins = sum(tensor_nbytes(written_type(w, info.tensor(n).n_per_row), info.tensor(n).n_params)
+                   for n, w in types.items())
+        cache_s += sec + p.header_s + (3 * size + bins) / p.copy_bps
+        cache_w, cache_bytes = cache_w + 2 * size + bins, cache_bytes + bins
+    cache_s += p.header_s + sum(t.n_params * (src_deq + sum(p.dequant_s.get(w.name, 0.0) + p.error_s
+                                                            for w in cands[t.name])) for t in searched)
+    if any(t.role == "token_embd" for t in searched):
+        cache_s += p.load_s + p.tokenize_s  # the proxy's token frequencies: the calibration text tokenized
+    n_probes = 1 + len(groups_of(info, [t.name for t in searched], plan.gcfg.n_buckets)) + plan.gcfg.pairs
+    pairs = f"{n_probes} evaluations" + (f" ({plan.gcfg.pairs} pairs at most)" if plan.gcfg.pairs else "")
+    probe_s = p.tokenize_s + n_probes * (plan.hi / p.copy_bps + p.load_s + n_g * (N * p.token_s * r_hi
+                                                                                  + p.score_s))
+    # the proxy's arrays (MeasureConfig.chunk_elements weights at a time) stay in the process's heap after
+    work, measured = 16 * min(1 << 24, max(t.n_params for t in searched)), plan.sensitivity == "measured"
+    for f in plan.measured_first:
+        what = "folded" if f else "unfolded"
+        add(f"tensor cache + proxy ({what})", cache_s + (file / p.hash_bps if f and folds else 0.0),
+            file + cache_bytes + work, cache_w, cache_bytes, passes=len(passes["cache"]))
+        if measured:
+            add(f"group probes ({what})", probe_s, work + cache_bytes + plan.hi + p.ctx_bytes,
+                on_disk * n_probes * plan.hi, E=n_probes * n_g / chunks, note=pairs)
+    maps = len(plan.measured_first) * cache_bytes
+    ram, scratch = work + maps + target + p.ctx_bytes, on_disk * target
+    if plan.fold == "check":
+        unfolded = f" and group probes ({n_probes * n_g / chunks:g} E, ~{probe_s:.0f} s)" if measured else ""
+        add("fold decision", qpass(choice)[0] + target / p.copy_bps + 2 * ev(n_fold, r_choice),
+            max(ram, work + maps + file), 2 * scratch, 0, 2 * n_fold / chunks, 1,
+            f"if the check keeps the unfolded model: + tensor cache ({len(passes['cache'])} passes, "
+            f"~{cache_s:.0f} s){unfolded}, not counted")
+    elif plan.fold == "auto":
+        add("fold decision", 2 * (target / p.copy_bps + ev(n_fold, r_choice)), ram, 2 * scratch, 0,
+            2 * n_fold / chunks)
+    else:
+        add("fold decision", 0.0, 0, 0)
+    sac, e_sac = plan.sac, 0.0
+    if plan.method == "sac":  # every evaluation real (memo hits are free), the second look's too
+        e_sac = sac.evaluations + (sac.rescore_top > 0) * (sac.rescore_top + 1) * sac.rescore_chunks / chunks
+    note = f"{FIT_TRIES} fits assumed" + (", SAC's evaluations at most, not its updates" if e_sac else "")
+    fit = FIT_TRIES * (2 * target / p.copy_bps + p.header_s)
+    add("allocate", fit + e_sac * (target / p.copy_bps + ev(chunks, r_choice) - p.tokenize_s), ram,
+        FIT_TRIES * (target + scratch), target, e_sac, note=note)
+    add("evaluate", ev(chunks, r_choice), ram, 0, E=1.0)
+    return out
+
+
+def total(stages: list[StagePlan]) -> StagePlan:
+    """Sums, and the maxima of peak RSS and disk held (as costs.total)."""
+    return StagePlan("total", sum(s.wall_s for s in stages), max(s.peak_rss for s in stages),
+                     sum(s.written for s in stages), max(s.held for s in stages), sum(s.E for s in stages),
+                     sum(s.quant_passes for s in stages))
