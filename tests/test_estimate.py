@@ -38,12 +38,11 @@ class Case:
     presets: tuple[str, ...] = ()
     gcfg: GroupConfig = GroupConfig(n_buckets=2, pairs=0, chunks=1)
     own_calib: bool = True  # calibrate in the run (else --calib a saved one)
-    ladder: str = "types"
 
 
 CASES = {
     # the search default's shape: calibrate, fold, probes on fewer chunks, the fold check, a scored preset
-    "greedy-measured-check": Case("greedy", "measured", "check", ("Q4_K_M",), ladder="written"),
+    "greedy-measured-check": Case("greedy", "measured", "check", ("Q4_K_M",)),
     # both foldings measured; the decision scores 2 x FOLD_CHUNKS (as many as the text holds)
     "uniform-auto": Case("uniform", "proxy", "auto"),
     # a given calibration, no folding: neither calibrate nor fold is a stage
@@ -65,7 +64,7 @@ def test_the_plan_counts_what_the_run_meters(
 ) -> None:
     c = CASES[name]
     cfg = SizedConfig(text=str(text_file), n_ctx=64, chunks=2, calib=CalibConfig(str(text_file), 2, 64))
-    cc = CandidateConfig(types=TYPES, ladder=c.ladder)
+    cc = CandidateConfig(types=TYPES)
     lo, hi = size_range(read_inventory(tiny_model), cc)
     size, calib = str((lo + hi) // 2), None if c.own_calib else calib_file
     args: dict[str, Any] = dict(calib=calib, sensitivity=c.sensitivity, gcfg=c.gcfg, fold=c.fold,
