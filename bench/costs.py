@@ -44,9 +44,7 @@ from ramp_cpp.pipeline.run import run_direct  # noqa: E402
 from ramp_cpp.pipeline.sizedconfig import (  # noqa: E402
     SEARCH_FOLD,
     SEARCH_GROUPS,
-    SEARCH_LADDER,
     SEARCH_RECIPE,
-    SEARCH_TYPES,
     SizedConfig,
 )
 from ramp_cpp.store.cache import cache_dir  # noqa: E402
@@ -70,10 +68,7 @@ class Config:
 CONFIGS = {
     "old": Config("paper", CandidateConfig(), GroupConfig(), "auto", ("Q4_K_M", "Q3_K_M")),
     "old-bench": Config("bench", CandidateConfig(), GroupConfig(), "auto", ("Q4_K_M", "Q3_K_M")),
-    "new": Config(
-        SEARCH_RECIPE, CandidateConfig(types=SEARCH_TYPES, ladder=SEARCH_LADDER), SEARCH_GROUPS, SEARCH_FOLD,
-        (),
-    ),
+    "new": Config(SEARCH_RECIPE, CandidateConfig(), SEARCH_GROUPS, SEARCH_FOLD, ()),
 }
 
 

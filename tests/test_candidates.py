@@ -191,22 +191,3 @@ def test_written_types_are_the_candidates(spec: str, models: dict[str, Path], tm
         assert {n: written[n][0] for n in m} == {n: t.name for n, t in m.items()}
         out.unlink()
 
-
-@pytest.mark.parametrize(
-    "n_per_row,want",
-    [
-        # rows that take K-quants: every type as asked
-        (1536, [("Q3_K", "Q3_K"), ("IQ4_XS", "IQ4_XS"), ("Q4_K", "Q4_K"), ("Q5_K", "Q5_K"), ("Q6_K", "Q6_K"),
-                ("Q8_0", "Q8_0")]),
-        # 576-wide rows: llama.cpp's fallbacks, Q6_K's (Q8_0) once
-        (576, [("Q3_K", "Q4_0"), ("IQ4_XS", "IQ4_NL"), ("Q4_K", "Q5_0"), ("Q5_K", "Q5_1"), ("Q6_K", "Q8_0")]),
-    ],
-)
-def test_written_ladder_reaches_every_row_length(n_per_row: int, want: list[tuple[str, str]]) -> None:
-    from ramp_cpp.measure.candidates import CandidateConfig, tensor_candidates
-
-    types = tuple(T[t] for t in ("Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0"))
-    cfg = CandidateConfig(types=types, ladder="written")
-    t = TensorInfo("blk.0.ffn_down.weight", "ffn_down", 0, n_per_row, 64, n_per_row * 64, "F16", 0, True, 6)
-    got = [(a.name, w.name) for a, w in tensor_candidates(cfg, t, have_imatrix=True)]
-    assert got == want

@@ -205,25 +205,20 @@ def search(
     presets = () if no_presets else _presets(presets_) if presets_ else () if sized else PRESETS
     if sized:
         from ramp_cpp.allocate.sac.search import SizedSearchConfig
-        from ramp_cpp.measure.candidates import CandidateConfig, parse_types
+        from ramp_cpp.measure.candidates import DEFAULT_TYPES, CandidateConfig, parse_types
         from ramp_cpp.pipeline.plan import resolve_sensitivity
         from ramp_cpp.pipeline.sizedconfig import (
             SEARCH_FOLD,
             SEARCH_GROUPS,
-            SEARCH_LADDER,
             SEARCH_RECIPE,
-            SEARCH_TYPES,
             SizedConfig,
         )
 
         sensitivity = resolve_sensitivity(method, sensitivity)
         if model is None or size is None:
             raise RampError(f"--method {method} needs --model and a whole-file --size (e.g. 95MiB or Q4_K_M)")
-        # named --types are taken as written (each only where llama.cpp writes it as asked); the default
-        # six reach short rows through llama.cpp's fallbacks
-        ladder = "types" if types else SEARCH_LADDER
-        cand = parse_types(types) if types else SEARCH_TYPES
-        cc = CandidateConfig(types=cand, ladder=ladder, embeddings=not no_embeddings)
+        cand = parse_types(types) if types else DEFAULT_TYPES
+        cc = CandidateConfig(types=cand, embeddings=not no_embeddings)
         dcfg = SizedConfig(
             n_ctx=ctx, chunks=chunks, text=text, fold=not no_fold, imatrix=not no_imatrix,
             calib=load_recipe(recipe or SEARCH_RECIPE),

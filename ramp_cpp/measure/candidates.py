@@ -10,11 +10,6 @@ Two ladders:
   Q5_0.
 - `paper`: the paper's nominal rungs `bits` (3/4/5/6, optionally 2 and 8), each the type llama.cpp really
   writes for the row length, fallbacks included (`ladder.type_for_bits`, as `allocation.costs` prices them).
-- `written`: the types of `CandidateConfig.types` as llama.cpp writes them for the row length, fallbacks
-  included (`ladder.written_type`: Q3_K -> Q4_0, IQ4_XS -> IQ4_NL, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0
-  on rows that are not a multiple of 256), without repeats. Every requested type is then one quantizer pass
-  that serves every tensor (issue 21: `search --size` asks six, where `types` would need the K-quants and
-  the 32-block types apart, ten passes, to give short rows the same range).
 
 A policy's action is a target bits per weight; `type_for_bpw` turns it into each tensor's own candidate
 nearest that target, so a policy trained on one model means the same on models of other widths.
@@ -42,7 +37,6 @@ from ramp_cpp.model.ladder import (
     tensor_nbytes,
     type_for_bits,
     type_from_name,
-    written_type,
 )
 
 T = GGMLQuantizationType
@@ -63,7 +57,7 @@ DEFAULT_TYPES: tuple[GGMLQuantizationType, ...] = (
     T.Q8_0,
 )
 
-LADDERS = ("types", "paper", "written")
+LADDERS = ("types", "paper")
 
 #: Roles that are searched besides the blk.N linears (arch.ROLES names), in visiting position.
 EMBEDDING_ROLES = ("token_embd", "output")
@@ -161,13 +155,6 @@ def tensor_candidates(
     if cfg.ladder == "paper":
         asked = {type_for_bits(b, tensor.n_per_row): NOMINAL_TYPES[b] for b in sorted(set(cfg.bits))}
         return tuple((asked[t], t) for t in paper_candidates(tensor, cfg.bits))
-    if cfg.ladder == "written":
-        first: dict[GGMLQuantizationType, GGMLQuantizationType] = {}  # written -> the first type asking it
-        for t in dict.fromkeys(cfg.types):
-            if have_imatrix or not needs_imatrix(t):
-                first.setdefault(written_type(t, tensor.n_per_row), t)
-        order = sorted(first, key=lambda w: tensor_nbytes(w, tensor.n_params))
-        return tuple((first[w], w) for w in order)
     return tuple((t, t) for t in candidates(tensor, cfg.types, have_imatrix))
 
 
