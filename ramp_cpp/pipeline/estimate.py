@@ -57,7 +57,7 @@ from ramp_cpp.llama.evaluate import EvalConfig
 from ramp_cpp.llama.ggufio import TensorInfo
 from ramp_cpp.measure.candidates import searchable, searched_tensors, tensor_candidates
 from ramp_cpp.model.arch import quantizable
-from ramp_cpp.model.ladder import needs_imatrix, tensor_nbytes, type_from_name, written_type
+from ramp_cpp.model.ladder import bits_per_weight, needs_imatrix, tensor_nbytes, type_from_name, written_type
 from ramp_cpp.pipeline.plan import RunPlan
 
 T = GGMLQuantizationType
@@ -120,8 +120,19 @@ def _key(w: T, im: bool) -> str:
     return f"{w.name}+im" if im else w.name
 
 
-def _preset_type(name: str) -> T:
-    return next((T.__members__[n] for n in (name, name.rsplit("_", 1)[0]) if n in T.__members__), T.Q8_0)
+def _preset(plan: RunPlan, name: str) -> dict[str, T]:
+    """llama.cpp's preset, roughly: its type (Q4_K for Q4_K_M), the head at Q6_K in a K-quant preset, and
+    attn_v and ffn_down at Q6_K (Q4_K for Q3_K_M) in llama.cpp's use_more_bits blocks of an _M or _L one."""
+    main = next((T.__members__[n] for n in (name, name.rsplit("_", 1)[0]) if n in T.__members__), T.Q8_0)
+    info, n = plan.info, plan.info.n_blocks
+    out = {}
+    for t in (t for t in info.tensors if quantizable(t.name, 2)):
+        b = t.block if t.block is not None else -1
+        more = name[-2:] in ("_M", "_L") and t.role in ("attn_v", "ffn_down") and (
+            b < n // 8 or b >= 7 * n // 8 or (b - n // 8) % 3 == 2)
+        head = "_K" in name and (t.role == "output" or (t.role == "token_embd" and info.tied_output))
+        out[t.name] = T.Q6_K if head or (more and main != T.Q3_K) else T.Q4_K if more else main
+    return out
 
 
 def _passes(plan: RunPlan, presets: tuple[str, ...]) -> dict[str, list[dict[str, T]]]:
@@ -131,8 +142,7 @@ def _passes(plan: RunPlan, presets: tuple[str, ...]) -> dict[str, list[dict[str,
     cache = [{t.name: w for t in s if not needs_imatrix(w) or _has_im(plan, t)}
              for w in dict.fromkeys([cc.base, *cc.requested()])]
     cache[0] = {t.name: cc.base for t in searchable(plan.info)}
-    pre = [{t.name: _preset_type(p) for t in plan.info.tensors if quantizable(t.name, 2)}
-           for p in dict.fromkeys([*presets, *([plan.preset] if plan.preset else [])])]
+    pre = [_preset(plan, p) for p in dict.fromkeys([*presets, *([plan.preset] if plan.preset else [])])]
     return {"cache": cache, "presets": pre}
 
 
@@ -270,9 +280,11 @@ def estimate(
     def written(types: Mapping[str, T]) -> dict[str, T]:
         return {t.name: written_type(types.get(t.name, cc.base), t.n_per_row) for t in quantized}
 
-    def rel(types: Mapping[str, T]) -> float:
-        ws = written(types)
-        n = sum(t.n_params * DECODE.get(ws[t.name].name, DECODE_OTHER) for t in quantized)
+    def rel(types: Mapping[str, T], hi: Mapping[str, T] | None = None, a: Mapping[str, float] = {}) -> float:
+        """`types`' decode time over F16's; with `hi`, each tensor a fraction `a` of the way to hi's type."""
+        d = lambda m: {n: DECODE.get(w.name, DECODE_OTHER) for n, w in written(m).items()}  # noqa: E731
+        lo, up = d(types), d(hi or types)
+        n = sum(t.n_params * (lo[t.name] + a.get(t.name, 0.0) * (up[t.name] - lo[t.name])) for t in quantized)
         return 1.0 if opts.n_gpu_layers else n / max(1, sum(t.n_params for t in quantized))
 
     def ev(n: float, r: float) -> float:
@@ -293,7 +305,14 @@ def estimate(
     target = plan.target or qpass(passes["presets"][-1])[1]
     bpw = 8 * (target - fixed) / max(1, sum(t.n_params for t in searched))
     choice = {t.name: type_for_bpw(cands[t.name], bpw) for t in searched}
-    r_choice, r_hi = rel(choice), rel({t.name: cands[t.name][-1] for t in searched})
+    # greedy's mix: each tensor between its candidates just below and above the target's bits per weight
+    below = {n: max((w for w in c if bits_per_weight(w) <= bpw), key=bits_per_weight, default=c[0])
+             for n, c in cands.items()}
+    above = {n: min((w for w in c if bits_per_weight(w) >= bpw), key=bits_per_weight, default=c[-1])
+             for n, c in cands.items()}
+    frac = {n: (bpw - bits_per_weight(below[n])) / (bits_per_weight(above[n]) - bits_per_weight(below[n]))
+            if above[n] != below[n] else 0.0 for n in cands}
+    r_choice, r_hi = rel(below, above, frac), rel({t.name: cands[t.name][-1] for t in searched})
     out: list[StagePlan] = []
     held = needs.held
 
