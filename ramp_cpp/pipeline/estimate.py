@@ -1,12 +1,13 @@
 """A sized run's cost, stage by stage, before any of it runs (`search --size ... --dry-run`).
 
-`speed_probe` measures this machine on this model (`SpeedProbe`): llama.cpp loads it (`load_s`), tokenizes
-the reward text (`tokenize_s`), decodes ONE reward chunk (`token_s` per token) and scores it (`score_s`;
-`base_s`: the base log-probs' top-k and tail samples); gguf-py parses its header (`header_s`);
-`native.quantize_rows` quantizes 32 rows of the first tensor of each (written type, imatrix) the run's
-quantizer passes meet, on `n_threads` threads at once (`quant_s[key]` per weight), and gguf-py dequantizes
-them (`dequant_s[type]`); numpy's proxy and folding arithmetic (`error_s`, `fold_s` per weight); a copy and a
-sha256 of 64 MiB (`copy_bps`, `hash_bps`). `estimate` turns the plan's counts into costs, with N = n_ctx:
+`speed_probe` measures this machine on this model (`SpeedProbe`): llama.cpp loads it and first touches its
+weights (`load_s`), tokenizes the reward text (`tokenize_s`), decodes ONE reward chunk (`token_s` per token)
+and scores it (`score_s`; `base_s`: the base log-probs' top-k and tail samples); gguf-py parses its header
+(`header_s`); `native.quantize_rows` quantizes 32 rows (64k weights at least) of the first tensor of each
+(written type, imatrix) the run's quantizer passes meet, on `n_threads` threads at once (`quant_s[key]` per
+weight, median of 5), and gguf-py dequantizes them (`dequant_s[type]`); numpy's proxy and folding arithmetic
+(`error_s`, `fold_s` per weight); a copy and a sha256 of 64 MiB (`copy_bps`, `hash_bps`). `estimate` turns
+the plan's counts into costs, with N = n_ctx:
 
     eval(n, f)      load_s + tokenize_s + n·(N·token_s·rel(f) + score_s)      E = n / chunks
     rel(f)          Σ n_params·DECODE[written type] / Σ n_params: file f's decode time relative to F16's
@@ -24,16 +25,20 @@ sha256 of 64 MiB (`copy_bps`, `hash_bps`). `estimate` turns the plan's counts in
     group probes    (1 + len(groups_of) + pairs)·(hi/copy_bps + load_s + n_g·(N·token_s·rel(hi) + score_s))
                     + tokenize_s, n_g = min(GroupConfig.chunks, chunks); pairs counted in full (upper bound)
     fold decision   check: pass(choice) + 2·eval(n_f, choice); auto: 2·(target/copy_bps + eval(n_f, choice));
-                    choice: every searched tensor at its candidate nearest the target's bits per weight
+                    choice: greedy's file, every searched tensor at its candidate nearest the target's bits
+                    per weight (its decode: the mix of the candidates just below and above that many bits)
     allocate        FIT_TRIES·(2·target/copy_bps + header_s); sac: + its evaluations, eval(chunks, choice)
     evaluate        eval(chunks, choice)                                     E = 1
 
 RAM: rss_base (the process before a model is loaded) + the model's mmap (its file size) + ctx_bytes (what a
-context of N tokens adds, measured), and from the tensor cache on its files (kept mapped). Disk: from
-resources.disk_needs on top of what the run folder holds; `written` counts disk only (scratch on /dev/shm is
-memory). A calibration, folded copy or base log-probs already there cost nothing; a tensor cache already
-built is not detected (the plan is then an upper bound). A preset --size's target is estimated with every
-tensor at the preset's type. What the run writes after evaluate (reports, pareto.png) is not a stage.
+context of N tokens adds, measured); from the tensor cache on, its .bin files (kept mapped) and the proxy's
+arrays. Disk: what the run folder holds (resources.disk_needs) + calibration, folded copy, one .bin per
+requested type (a fallback type's bytes are stored once per type asking for it) and the GGUF; `written`
+counts disk only (scratch on /dev/shm is memory). A calibration, folded copy or base log-probs already there
+cost nothing; a tensor cache already built is not detected (the plan is then an upper bound). A preset
+--size's target is the preset's file as `_preset` approximates llama.cpp's mixture. The times assume the
+machine stays as loaded as during the probe; what the run does after evaluate (reports, pareto.png) is not a
+stage.
 """
 
 from __future__ import annotations
@@ -167,7 +172,9 @@ def _quant_rate(pool: ThreadPoolExecutor, n: int, w: T, rows: np.ndarray, im: np
 
     native.quantize_rows(int(w), rows[:1], im)  # warm-up: the IQ types build their tables once
     job = lambda _: native.quantize_rows(int(w), rows, im)  # noqa: E731
-    return _timed(lambda: list(pool.map(job, range(n))), reps=3) / (n * rows.size)
+    # the median of 5: one short sample stopped by another process would count ten times its share
+    runs = [_timed(lambda: list(pool.map(job, range(n)))) for _ in range(5)]
+    return float(np.median(runs)) / (n * rows.size)
 
 
 def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = ()) -> SpeedProbe:
@@ -189,8 +196,10 @@ def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = 
         tokens = m.tokenize(plan.text)
         t2 = time.perf_counter()
         (c,) = chunks(tokens, EvalConfig(cfg.n_ctx, cfg.first_chunk, 1), m.bos if m.add_bos else None)
+        warm = _timed(m.logits, c[:8], 0, 8)  # the weights' first touch: part of every load
+        t3 = time.perf_counter()
         x = np.array(m.logits(c, len(c) // 2, len(c) - 1))
-        load_s, tokenize_s, token_s = t1 - t0, t2 - t1, (time.perf_counter() - t2) / len(c)
+        load_s, tokenize_s, token_s = t1 - t0 + warm, t2 - t1, (time.perf_counter() - t3) / len(c)
         ctx_bytes = max(0, _rss() - rss_base - info.file_size)
     score_s = _timed(logsumexp_rows, x, np.empty_like(x))
     top = _top_k(x, min(64, x.shape[1] - 1))[0]
@@ -210,7 +219,8 @@ def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = 
     with ThreadPoolExecutor(n_threads) as pool:
         for key, (w, im, t) in todo.items():
             if t.name not in rows:
-                src, raw = T(int(data[t.name].tensor_type)), np.asarray(data[t.name].data[:ROWS])
+                k = max(ROWS, (1 << 16) // t.n_per_row)  # 64k weights at least: a sample of milliseconds
+                src, raw = T(int(data[t.name].tensor_type)), np.asarray(data[t.name].data[:k])
                 rows[t.name] = np.asarray(dequantize(raw, src), dtype=np.float32).reshape(len(raw), -1)
                 dequant_s.setdefault(src.name, _timed(dequantize, raw, src) / rows[t.name].size)
             r = rows[t.name]
