@@ -319,6 +319,10 @@ def _plan_sized(
     for s in stages:
         if s.note:
             out.print(f"* {s.stage}: {s.note}", soft_wrap=True, highlight=False)
+    if probe.load > 0.5:
+        err.print(f"the CPUs were busy during the speed probe (load {probe.load:.1f} per core): other work "
+                  "slows llama.cpp's threads, F16 decoding most, so these times hold only while it goes on; "
+                  "plan again on an idle machine", soft_wrap=True, highlight=False)
     out.print(f"held: disk the run holds after the stage; E: passes over the {dcfg.chunks} reward chunks. "
               f"Speed probe {probe.seconds:.1f} s; nothing was run or written (the run would write to "
               f"{out_dir})", soft_wrap=True, highlight=False)

@@ -99,6 +99,7 @@ class SpeedProbe:
     rss_base: int
     ctx_bytes: int
     seconds: float  # the probe's own wall time
+    load: float = 0.0  # the 1-minute load average per core as the probe started (others' work slows it)
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = 
 
     t_start, cfg, info = time.perf_counter(), plan.cfg, plan.info
     n_threads = opts.n_threads or os.cpu_count() or 1
+    load = os.getloadavg()[0] / (os.cpu_count() or 1) if hasattr(os, "getloadavg") else 0.0
     rss_base = _rss()
     t0 = time.perf_counter()
     with LlamaModel(plan.model_path, replace(opts, n_ctx=cfg.n_ctx)) as m:
@@ -242,6 +244,7 @@ def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = 
     return SpeedProbe(
         n_threads, len(tokens) // cfg.n_ctx, load_s, tokenize_s, token_s, score_s, base_s, header_s, quant_s,
         dequant_s, error_s, fold_s, copy_bps, hash_bps, rss_base, ctx_bytes, time.perf_counter() - t_start,
+        load,
     )
 
 
