@@ -2,8 +2,8 @@
 when it is not there (issue 21: a run that cannot finish must not start).
 
     folded copy   the F16 model rewritten by Scale Folding (once per run folder; none with --fold off)
-    tensor cache  every searched tensor at every requested type as llama.cpp writes it, plus the base type's
-                  bytes of every searchable tensor, per folding choice measured (two with --fold auto)
+    tensor cache  every searched tensor at every requested type and the base type, as llama.cpp writes it
+                  (fallbacks included), per folding choice measured (two with --fold auto)
     quantizer     llama.cpp's output of one pass, cut into the cache, then removed: at most a Q8_0 model
     output        the GGUF, at most the target
     scratch       probe and fold-check files, two at a time (tmpfs when there is one, else the temp dir)
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.ggufio import ModelInfo
-from ramp_cpp.measure.candidates import CandidateConfig, searched_tensors, tensor_candidates
+from ramp_cpp.measure.candidates import CandidateConfig, searched_tensors
 from ramp_cpp.model.ladder import tensor_nbytes, written_type
 from ramp_cpp.store.cache import disk_bytes, scratch_root
 
@@ -50,10 +50,12 @@ def disk_needs(
         return -(-n // info.alignment) * info.alignment
 
     searched = searched_tensors(info, cc.embeddings)
-    cache = 0
-    for t in searched:
-        kinds = {w for _, w in tensor_candidates(cc, t, True)} | {written_type(cc.base, t.n_per_row)}
-        cache += sum(padded(tensor_nbytes(w, t.n_params)) for w in kinds)
+    # build_cache quantizes every searched tensor at every requested type (and the base), keeping the bytes
+    # llama.cpp writes, fallbacks included: one file per type, each holding every tensor
+    kinds = list(dict.fromkeys([*cc.requested(), cc.base]))
+    cache = sum(
+        padded(tensor_nbytes(written_type(k, t.n_per_row), t.n_params)) for t in searched for k in kinds
+    )
     q8 = sum(padded(tensor_nbytes(written_type(cc.base, t.n_per_row), t.n_params)) for t in info.tensors)
     folded = 0 if fold == "off" or (run_dir / "folded.f16.gguf").is_file() else info.file_size
     return DiskNeeds(
