@@ -25,6 +25,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -228,6 +229,15 @@ def _tail_samples(
     return idx
 
 
+def base_logprobs_file(base_sha256: str, text: str, cfg: EvalConfig) -> Path:
+    """Where `base_logprobs` keeps the log-probs of the model with this sha256 on `text`'s chunks `cfg`."""
+    key_src = json.dumps(
+        {"base": base_sha256, "text": hashlib.sha256(text.encode()).hexdigest(), "cfg": cfg.key()},
+        sort_keys=True,
+    )
+    return cache_dir() / "base-logprobs" / f"{hashlib.sha256(key_src.encode()).hexdigest()[:32]}.npz"
+
+
 def base_logprobs(
     base_path: str | os.PathLike[str],
     text: str,
@@ -237,16 +247,7 @@ def base_logprobs(
 ) -> BaseLogprobs:
     """Base log-probs for the scored tokens, from the on-disk cache when this exact (file, text, chunks,
     n_ctx, k) was computed before."""
-    key_src = json.dumps(
-        {
-            "base": file_sha256_cached(base_path),
-            "text": hashlib.sha256(text.encode()).hexdigest(),
-            "cfg": cfg.key(),
-        },
-        sort_keys=True,
-    )
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
-    path = cache_dir() / "base-logprobs" / f"{key}.npz"
+    path = base_logprobs_file(file_sha256_cached(base_path), text, cfg)
     if path.is_file():
         with np.load(path) as z:
             return BaseLogprobs(str(z["tokens_sha"]), *(z[f] for f in BaseLogprobs.FIELDS[1:]))

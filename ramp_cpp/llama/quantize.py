@@ -134,7 +134,9 @@ def check_imatrix(expected: Mapping[str, tuple[str, int]], imatrix: Mapping[str,
         )
 
 
-def check_source(info: ModelInfo, allow_requantize: bool = False) -> None:
+def check_source(
+    info: ModelInfo, allow_requantize: bool = False, hint: str = ", or pass --allow-requantize"
+) -> None:
     """Refuse an already-quantized model (llama.cpp would requantize it, compounding the error)."""
     if allow_requantize:
         return
@@ -142,7 +144,7 @@ def check_source(info: ModelInfo, allow_requantize: bool = False) -> None:
     if quantized:
         raise RampError(
             f"{info.path} is already quantized ({len(quantized)} tensors, e.g. {quantized[0]} is "
-            f"{info.tensor(quantized[0]).ggml_type}): quantize from F16/F32, or pass --allow-requantize"
+            f"{info.tensor(quantized[0]).ggml_type}): quantize from F16/F32{hint}"
         )
 
 

@@ -64,6 +64,7 @@ from ramp_cpp.measure.candidates import searchable, searched_tensors, tensor_can
 from ramp_cpp.model.arch import quantizable
 from ramp_cpp.model.ladder import bits_per_weight, needs_imatrix, tensor_nbytes, type_from_name, written_type
 from ramp_cpp.pipeline.plan import RunPlan
+from ramp_cpp.store.cache import known_sha256
 
 T = GGMLQuantizationType
 #: Decode time relative to a plain F16 decode, llama.cpp's CPU backend, one thread on an idle x86 core
@@ -248,25 +249,11 @@ def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = 
     )
 
 
-def _known_sha(path: str | os.PathLike[str]) -> str | None:
-    """The file's sha256 if store.cache remembers it (read only: a dry run hashes nothing)."""
-    from ramp_cpp.store.cache import cache_dir
-
-    p = Path(path).resolve()
-    st = p.stat()
-    try:
-        return json.loads((cache_dir() / "sha256.json").read_text()).get(f"{p}|{st.st_size}|{st.st_mtime_ns}")
-    except (OSError, ValueError):
-        return None
-
-
 def _base_cached(plan: RunPlan, sha: str | None, ecfg: EvalConfig) -> bool:
-    """evaluate.base_logprobs's cache holds these chunks (the same key)."""
-    from ramp_cpp.store.cache import cache_dir
+    """evaluate.base_logprobs's cache holds these chunks."""
+    from ramp_cpp.llama.evaluate import base_logprobs_file
 
-    text = hashlib.sha256(plan.text.encode()).hexdigest()
-    key = hashlib.sha256(json.dumps({"base": sha, "text": text, "cfg": ecfg.key()}, sort_keys=True).encode())
-    return sha is not None and (cache_dir() / "base-logprobs" / f"{key.hexdigest()[:32]}.npz").is_file()
+    return sha is not None and base_logprobs_file(sha, plan.text, ecfg).is_file()
 
 
 def estimate(
@@ -336,7 +323,7 @@ def estimate(
         out.append(StagePlan(stage, wall, p.rss_base + ram, written, held, E, passes, note))
 
     loaded = file + p.ctx_bytes
-    sha = _known_sha(plan.model_path)
+    sha = known_sha256(plan.model_path)
     hash_s = 0.0 if sha else file / p.hash_bps
     if plan.calib is None and not (plan.run_dir / CALIB).is_file():
         c = cfg.calib

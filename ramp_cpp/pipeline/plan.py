@@ -113,7 +113,7 @@ def plan_run(
     preset = preset_name(size)
     target = 0 if preset else parse_size(size)
     info = read_inventory(model_path)  # the one read of the model's inventory: the stages get it from here
-    check_source(info)
+    check_source(info, hint=" (search has no --allow-requantize: it measures against this file)")
     lo, hi = size_range(info, cc)
     if not preset:
         check_target(target, lo, hi, f"--size {size}")

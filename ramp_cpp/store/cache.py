@@ -85,20 +85,28 @@ def sweep_scratch(root: Path) -> list[Path]:
 
 
 
-def file_sha256_cached(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) so a 13 GB base is hashed once."""
+def _sha_table(path: str | os.PathLike[str]) -> tuple[Path, str, dict[str, str]]:
     p = Path(path).resolve()
     st = p.stat()
     idx = cache_dir() / "sha256.json"
-    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
-    table: dict[str, str] = {}
-    if idx.is_file():
-        try:
-            table = json.loads(idx.read_text())
-        except ValueError:
-            table = {}
+    try:
+        table: dict[str, str] = json.loads(idx.read_text()) if idx.is_file() else {}
+    except ValueError:
+        table = {}
+    return idx, f"{p}|{st.st_size}|{st.st_mtime_ns}", table
+
+
+def known_sha256(path: str | os.PathLike[str]) -> str | None:
+    """The file's sha256 if it was hashed before (read only: hashes nothing)."""
+    _, key, table = _sha_table(path)
+    return table.get(key)
+
+
+def file_sha256_cached(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) so a 13 GB base is hashed once."""
+    idx, key, table = _sha_table(path)
     if key not in table:
-        table[key] = file_sha256(p)
+        table[key] = file_sha256(path)
         idx.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(idx, force=True) as tmp:
             tmp.write_text(json.dumps(table))
