@@ -8,7 +8,7 @@ NATIVE  := ramp_cpp/lib/libramp_native.so
 # CMAKE_ARGS is read by llama-cpp-python's build: e.g. CMAKE_ARGS="-DGGML_CUDA=on" make install
 export CMAKE_ARGS
 
-.PHONY: install install-eval native demo-model demo test test-fast lint bench clean
+.PHONY: install install-eval install-ray native demo-model demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -30,6 +30,13 @@ $(VENV)/.installed-eval: $(VENV)/.installed
 
 install-eval: $(VENV)/.installed-eval
 
+# Optional: Ray, for `search --workers N` / `--ray ADDRESS` (docs/workers.md); the tests start a local cluster.
+$(VENV)/.installed-ray: $(VENV)/.installed
+	$(VPY) -m pip install -q -e '.[ray]' torch==2.13.0
+	touch $@
+
+install-ray: $(VENV)/.installed-ray
+
 $(NATIVE): native/ramp_native.cpp CMakeLists.txt $(VENV)/.installed
 	cmake -S . -B build -DCMAKE_PREFIX_PATH=$(SITE) -DCMAKE_BUILD_TYPE=Release > build.log 2>&1 || (cat build.log; exit 1)
 	cmake --build build -j2 >> build.log 2>&1 || (cat build.log; exit 1)
@@ -44,7 +51,7 @@ demo-model: install
 demo: demo-model
 	$(VENV)/bin/ramp-cpp demo
 
-test: install install-eval demo-model
+test: install install-eval install-ray demo-model
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 # Everything but the tests marked slow (subprocess runs, transformers comparisons); CI runs `make test`.

@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "ramp_cpp"
 
 # lowest first; a folder may import its own floor and the ones below it
 FLOORS: list[set[str]] = [
-    {"errors", "costs"},
+    {"errors", "costs", "executor"},
     {"store", "model"},
     {"llama"},
     {"calibration"},
@@ -25,7 +25,7 @@ FLOORS: list[set[str]] = [
 ]
 FLOOR = {name: i for i, names in enumerate(FLOORS) for name in names}
 # third-party modules that belong to one edge only
-EDGE_ONLY = {"typer": "cli", "rich": "cli", "llama_cpp": "llama"}
+EDGE_ONLY = {"typer": "cli", "rich": "cli", "llama_cpp": "llama", "ray": "executor"}
 
 
 def _modules() -> dict[str, Path]:

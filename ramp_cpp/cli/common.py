@@ -5,6 +5,7 @@ the command modules never import each other or app.py: no circle, and app.py alo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import sys
@@ -24,6 +25,22 @@ err = Console(stderr=True)
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads (default: all cores).")]
 GpuOpt = Annotated[
     int, typer.Option("--gpu-layers", "-ngl", help="Layers offloaded to the GPU (CUDA/Metal build).")
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers", min=1,
+        help="Run the group probes and the fold decision's evaluations as N parallel jobs on a local Ray "
+        "cluster (pip install 'ramp-cpp[ray]'); each gets --threads CPUs, default cores / N.",
+    ),
+]
+RayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray", envvar="RAY_ADDRESS",
+        help="Join the Ray cluster at this address (auto, host:6379, ray://host:10001) for those jobs; "
+        "every node must see the model, the cache and the run folder at the same paths.",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
@@ -115,6 +132,20 @@ def cost_line(c: Any) -> str:
         f"wrote {c.written / gib:.2f} GiB, disk held {c.held / gib:.2f} GiB, {c.E:.2f} E, "
         f"{c.quant_passes} quantizer passes"
     )
+
+
+@contextlib.contextmanager
+def executor_for(workers: int | None, address: str | None, threads: int | None, gpu_layers: int) -> Any:
+    """The executor --workers/--ray ask for (serial without either), closed when the command ends."""
+    from ramp_cpp.executor import make_executor
+
+    ex = make_executor(workers, address, threads, gpu_layers)
+    if ex.workers > 1 or address:
+        err.print(f"evaluations: {ex.describe()}", highlight=False)
+    try:
+        yield ex
+    finally:
+        ex.close()
 
 
 def cost_printer(p: Progress) -> Callable[[Any], None]:

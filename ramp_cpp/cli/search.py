@@ -28,13 +28,16 @@ from ramp_cpp.cli.common import (
     GpuOpt,
     NoFoldOpt,
     NoImatrixOpt,
+    RayOpt,
     RecipeOpt,
     SizeOpt,
     ThreadsOpt,
+    WorkersOpt,
     bar,
     cost_line,
     cost_printer,
     err,
+    executor_for,
     fold_setting,
     in_panel,
     out,
@@ -189,6 +192,8 @@ def search(
     no_imatrix: Annotated[bool, in_panel(NoImatrixOpt, TEXT)] = False,
     threads: Annotated[int | None, in_panel(ThreadsOpt, RUNTIME)] = None,
     gpu_layers: Annotated[int, in_panel(GpuOpt, RUNTIME)] = 0,
+    workers: Annotated[int | None, in_panel(WorkersOpt, RUNTIME)] = None,
+    ray_address: Annotated[str | None, in_panel(RayOpt, RUNTIME)] = None,
 ) -> None:
     """Search a per-tensor allocation (SAC, or greedy/uniform on the measured sensitivity with a whole-file
     --size, e.g. 95MiB or Q4_K_M for that preset's size); write allocation, GGUF and report to --out."""
@@ -233,9 +238,12 @@ def search(
             _plan_sized(model, out_dir, method, size, dcfg, cc, scfg, ropts, calib, presets, sensitivity,
                         fold_mode, SEARCH_GROUPS)
             return
-        _run_sized(model, out_dir, method, size, dcfg, cc, scfg, ropts, calib, presets, sensitivity,
-                   fold_mode, SEARCH_GROUPS)
+        with executor_for(workers, ray_address, threads, gpu_layers) as ex:
+            _run_sized(model, out_dir, method, size, dcfg, cc, scfg, ropts, calib, presets, sensitivity,
+                       fold_mode, SEARCH_GROUPS, ex)
         return
+    if workers or ray_address:
+        raise RampError("--workers/--ray spread a --size search's evaluations; --budget runs serially")
     if dry_run:
         raise RampError("--dry-run plans a --size search; the --budget search has no plan")
     if sensitivity is not None:
@@ -260,7 +268,7 @@ def search(
 def _run_sized(
     model: Path, out_dir: Path, method: str, size: str, dcfg: SizedConfig, cc: CandidateConfig,
     scfg: SizedSearchConfig, ropts: RuntimeOptions, calib: Path | None, presets: tuple[str, ...],
-    sensitivity: str | None, fold: str, gcfg: GroupConfig,
+    sensitivity: str | None, fold: str, gcfg: GroupConfig, executor: Any = None,
 ) -> None:
     """The --size search with a bar (and for SAC a line per episode); Ctrl-C keeps what is finished."""
     from ramp_cpp.pipeline.run import describe, run_direct
@@ -282,7 +290,7 @@ def _run_sized(
             r = run_direct(
                 model, out_dir, method, size, dcfg, cc, ropts, calib=calib, presets=presets,
                 progress=stage_progress(p), sensitivity=sensitivity, sac=scfg, on_episode=on_sac, fold=fold,
-                on_cost=cost_printer(p), gcfg=gcfg,
+                on_cost=cost_printer(p), gcfg=gcfg, executor=executor,
             )
         except KeyboardInterrupt:
             err.print(f"interrupted: {out_dir} keeps every finished stage and episode; run the command again")

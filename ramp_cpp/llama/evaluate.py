@@ -238,6 +238,15 @@ def base_logprobs_file(base_sha256: str, text: str, cfg: EvalConfig) -> Path:
     return cache_dir() / "base-logprobs" / f"{hashlib.sha256(key_src.encode()).hexdigest()[:32]}.npz"
 
 
+def load_base_logprobs(path: str | os.PathLike[str]) -> BaseLogprobs:
+    """The log-probs `base_logprobs` saved at `path` (where a worker reads what the run computed)."""
+    try:
+        with np.load(path) as z:
+            return BaseLogprobs(str(z["tokens_sha"]), *(z[f] for f in BaseLogprobs.FIELDS[1:]))
+    except (OSError, KeyError, ValueError) as e:
+        raise RampError(f"{path}: cannot read the base log-probs ({e})") from None
+
+
 def base_logprobs(
     base_path: str | os.PathLike[str],
     text: str,
@@ -249,8 +258,7 @@ def base_logprobs(
     n_ctx, k) was computed before."""
     path = base_logprobs_file(file_sha256_cached(base_path), text, cfg)
     if path.is_file():
-        with np.load(path) as z:
-            return BaseLogprobs(str(z["tokens_sha"]), *(z[f] for f in BaseLogprobs.FIELDS[1:]))
+        return load_base_logprobs(path)
     with LlamaModel(base_path, _runtime(opts, cfg)) as model:
         cs = _tokens(model, text, cfg)
         score = _Scorer(model)

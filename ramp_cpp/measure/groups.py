@@ -31,8 +31,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -43,13 +41,13 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ramp_cpp.errors import RampError
+from ramp_cpp.executor import Executor, Serial
 from ramp_cpp.llama.backend import RuntimeOptions
-from ramp_cpp.llama.evaluate import BaseLogprobs, EvalConfig
+from ramp_cpp.llama.evaluate import EvalConfig
 from ramp_cpp.llama.ggufio import ModelInfo
 from ramp_cpp.measure.candidates import type_for_bpw
 from ramp_cpp.measure.sensitivity import Sensitivity, TensorOptions, to_json
 from ramp_cpp.store.atomic import atomic_path
-from ramp_cpp.store.cache import scratch_dir as cache_scratch
 
 Progress = Callable[[int, int], None]  # (evaluations done, evaluations planned)
 FORMAT_VERSION = 1
@@ -224,13 +222,6 @@ def _write_state(path: Path, state: Mapping[str, Any]) -> None:
         tmp.write_text(json.dumps(state))
 
 
-def scratch_dir(parent: str | os.PathLike[str] | None = None) -> Path:
-    """A fresh folder for probe files: under `parent`, else `cache.scratch_dir` (tmpfs when there is one)."""
-    if parent is None:
-        return cache_scratch("groups")
-    return Path(tempfile.mkdtemp(prefix="ramp-groups-", dir=parent))
-
-
 # -- the stage -----------------------------------------------------------------------------------------
 
 
@@ -264,6 +255,7 @@ def calibrate_sensitivity(
     cfg: GroupConfig = GroupConfig(),
     progress: Progress | None = None,
     scratch: str | os.PathLike[str] | None = None,
+    executor: Executor | None = None,
 ) -> tuple[Sensitivity, GroupReport]:
     """`sens` with each group's errors scaled by its measured ratio (module docstring), and the report.
 
@@ -272,9 +264,8 @@ def calibrate_sensitivity(
     the reward text and chunks (validation text: the calibration is part of the search); `scratch`: the
     parent of the temporary probe folder (default: tmpfs). `progress(done, total)` after every evaluation.
     """
-    from ramp_cpp.llama.backend import LlamaModel
-    from ramp_cpp.llama.evaluate import base_logprobs, eval_chunks, kld_loaded, tokens_sha_of
-    from ramp_cpp.measure.tensorcache import assemble
+    from ramp_cpp.llama.evaluate import base_logprobs, base_logprobs_file
+    from ramp_cpp.measure.evaljob import EvalJob, EvalOutcome, run_eval_job
     from ramp_cpp.store.cache import file_sha256_cached
 
     t_start = time.perf_counter()
@@ -311,53 +302,47 @@ def calibrate_sensitivity(
     state = _read_state(path, key)
     evals: dict[str, dict[str, float]] = state["evals"]
     ran = 0
-    base: BaseLogprobs | None = None
-    chunks: list[np.ndarray] | None = None
-    ropts = replace(opts, n_ctx=ecfg.n_ctx)
-    wd = scratch_dir(scratch)
-    try:
+    executor = executor or Serial()
+    ropts = replace(opts, n_ctx=ecfg.n_ctx, n_threads=executor.threads or opts.n_threads)
 
-        def run(label: str, at_probe: Sequence[str], total: int) -> None:
-            nonlocal ran, base, chunks
-            if label in evals:
-                return
-            if base is None:
-                base = base_logprobs(base_path, text, ecfg, ropts)
-            t0 = time.perf_counter()
-            types = {n: (probe[n] if n in at_probe else highest[n]) for n in names}
-            dst = wd / "probe.gguf"
-            assemble(cache, types, dst, force=True)
-            with LlamaModel(dst, ropts) as m:
-                if chunks is None:
-                    chunks = eval_chunks(m, text, ecfg)
-                    if tokens_sha_of(chunks) != base.tokens_sha:
-                        raise RampError(f"{base_path} tokenizes the reward text differently from the probes")
-                r = kld_loaded(m, chunks, base)
-            dst.unlink()
-            evals[label] = {
-                "kld": r.kld_mean,
-                "kld_stderr": r.kld_stderr,
-                "ppl": r.ppl,
-                "seconds": time.perf_counter() - t0,
+    def run(batch: Sequence[tuple[str, Sequence[str]]], total: int) -> None:
+        """Evaluate the (label, tensors at their probe type) not yet saved, through the executor."""
+        nonlocal ran
+        todo = [(label, at) for label, at in batch if label not in evals]
+        if not todo:
+            return
+        base_logprobs(base_path, text, ecfg, ropts)  # computed here once, read by every job
+        base_file = str(base_logprobs_file(file_sha256_cached(base_path), text, ecfg))
+        jobs = [
+            EvalJob(
+                label, cache, {n: (probe[n] if n in set(at) else highest[n]) for n in names}, base_file,
+                text, ecfg, ropts, None if scratch is None else str(scratch),
+            )
+            for label, at in todo
+        ]
+
+        def save(_: int, out: EvalOutcome) -> None:
+            nonlocal ran
+            r = out.result
+            evals[out.label] = {
+                "kld": r.kld_mean, "kld_stderr": r.kld_stderr, "ppl": r.ppl, "seconds": out.seconds,
             }
             ran += 1
             _write_state(path, state)  # before progress: a callback that raises loses nothing
             if progress:
                 progress(len(evals), total)
 
-        planned = 1 + len(probed) + cfg.pairs
-        run(REFERENCE, (), planned)
-        for g in probed:
-            run(g.name, g.tensors, planned)
-        ref = evals[REFERENCE]["kld"]
-        measured = {g.name: evals[g.name]["kld"] - ref for g in probed}
-        pairs = _pairs(groups, measured, cfg.pairs)
-        planned = 1 + len(probed) + len(pairs)
-        members = {g.name: g.tensors for g in groups}
-        for a, b in pairs:
-            run(f"{a}+{b}", (*members[a], *members[b]), planned)
-    finally:
-        shutil.rmtree(wd, ignore_errors=True)
+        executor.map(run_eval_job, jobs, save)
+
+    # the reference and the singles do not depend on each other: one batch; the pairs need the singles
+    planned = 1 + len(probed) + cfg.pairs
+    run([(REFERENCE, ()), *((g.name, g.tensors) for g in probed)], planned)
+    ref = evals[REFERENCE]["kld"]
+    measured = {g.name: evals[g.name]["kld"] - ref for g in probed}
+    pairs = _pairs(groups, measured, cfg.pairs)
+    planned = 1 + len(probed) + len(pairs)
+    members = {g.name: g.tensors for g in groups}
+    run([(f"{a}+{b}", (*members[a], *members[b])) for a, b in pairs], planned)
 
     raw = {g: measured[g] / predicted[g] for g in measured}
     positive = [r for r in raw.values() if r > 0]

@@ -35,6 +35,7 @@ from typing import Any
 
 from ramp_cpp.allocate.sac.search import SizedSearchConfig
 from ramp_cpp.costs import Meter, StageCost
+from ramp_cpp.executor import Executor, Serial
 from ramp_cpp.fold.source import Progress, workdir
 from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.measure.candidates import CandidateConfig
@@ -88,6 +89,7 @@ def run_direct(
     cache_root: str | os.PathLike[str] | None = None,
     fold: str | None = None,
     on_cost: Callable[[StageCost], None] | None = None,
+    executor: Executor | None = None,
 ) -> DirectResult:
     """Measure, allocate with `method` to the whole-file `size`; write GGUF and report to `run_dir`.
     `cfg`: the SizedConfig. `sensitivity`: what greedy
@@ -98,7 +100,9 @@ def run_direct(
     measurements live (default: the run directory's `cache/`); runs of one model may share one. `fold`:
     "on", "off" or "auto" (None: `cfg.fold`); auto prepares both and keeps the one whose allocation
     (greedy's, for SAC) has the lower reward KLD (`choose_fold`). `on_cost`: called with each stage's costs
-    (costs.StageCost) as it ends; all of them go to report.json's "costs" and `DirectResult.costs`."""
+    (costs.StageCost) as it ends; all of them go to report.json's "costs" and `DirectResult.costs`.
+    `executor`: where the group probes and the fold decision's evaluations run (executor.py; default: one
+    after another in this process); the answers do not depend on it."""
     plan = plan_run(
         model_path, run_dir, method, size, cfg, cc, calib, sensitivity, gcfg, sac, policy, cache_root, fold,
     )
@@ -107,7 +111,8 @@ def run_direct(
     held = lambda: disk_bytes(plan.run_dir, plan.cache_root)  # noqa: E731
     meter = Meter(plan.cfg.chunks * plan.cfg.n_ctx, on_cost, held)
     sources = prepare_sources(plan, opts, progress, meter)
-    rt = Runtime(opts, replace(opts, n_ctx=plan.cfg.n_ctx), workdir(), progress, on_episode, meter)
+    eopts = replace(opts, n_ctx=plan.cfg.n_ctx)
+    rt = Runtime(opts, eopts, workdir(), progress, on_episode, meter, executor or Serial())
     try:
         with meter.stage("base log-probs"):
             warm_base(plan, rt)

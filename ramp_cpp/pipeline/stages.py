@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from gguf import GGMLQuantizationType
 from ramp_cpp import __version__
 from ramp_cpp.costs import Meter, stage
 from ramp_cpp.errors import RampError
+from ramp_cpp.executor import Executor, Serial
 from ramp_cpp.fold.source import Progress, Source, calibrated_source, ramp_output_name, staged
 from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.llama.evaluate import KLDResult
@@ -51,6 +52,7 @@ class Runtime:
     progress: Progress | None = None
     on_episode: Callable[[dict[str, Any]], None] | None = None
     meter: Meter | None = None  # each stage's costs (costs.py)
+    executor: Executor = field(default_factory=Serial)  # where batches of evaluations run (executor.py)
 
 
 def prepare_sources(
@@ -168,7 +170,7 @@ def measure_source(plan: RunPlan, folded: bool, source: Source, rt: Runtime) -> 
                 ecfg = replace(ecfg, n_chunks=min(plan.gcfg.chunks, plan.cfg.chunks))
             alloc_sens, groups = calibrate_sensitivity(
                 sens, cache, plan.model_path, plan.text, ecfg, rt.eopts, plan.gcfg,
-                staged(progress, "kld groups"), scratch=rt.scratch,
+                staged(progress, "kld groups"), scratch=rt.scratch, executor=rt.executor,
             )
     return Measured(folded, source, sens, alloc_sens, groups, cache, time.perf_counter() - t0)
 
@@ -186,38 +188,45 @@ def decide_fold(
         (folded,) = measured
         return FoldDecision(folded)
     from ramp_cpp.allocate.allocators import ALLOCATORS
-    from ramp_cpp.llama.evaluate import kld
-    from ramp_cpp.measure.tensorcache import assemble
 
     probe = "greedy" if plan.method in LEARNED else plan.method
-    fcfg = fold_eval_config(plan)
-    per = {}
-    for f, m in measured.items():
-        assemble(m.cache, ALLOCATORS[probe](m.alloc_sens, target), rt.scratch / "fold.gguf", force=True)
-        per[f] = kld(rt.scratch / "fold.gguf", plan.model_path, plan.text, fcfg, rt.eopts).chunk_kld
-    return FoldDecision.auto(probe, FoldEvidence.of(per[True], per[False]))
+    jobs = {
+        str(f): (m.cache, ALLOCATORS[probe](m.alloc_sens, target)) for f, m in measured.items()
+    }
+    per = _score_files(plan, jobs, fold_eval_config(plan), rt)
+    return FoldDecision.auto(probe, FoldEvidence.of(per["True"], per["False"]))
 
 
 def _check_fold(plan: RunPlan, on: Measured, off: Source, target: int, rt: Runtime) -> FoldDecision:
     from ramp_cpp.allocate.allocators import ALLOCATORS
-    from ramp_cpp.llama.evaluate import kld
-    from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
-    from ramp_cpp.measure.tensorcache import assemble
+    from ramp_cpp.measure.evaljob import Quantized
 
     probe = "greedy" if plan.method in LEARNED else plan.method
     choice = ALLOCATORS[probe](on.alloc_sens, target)
-    fcfg = fold_eval_config(plan)
-    assemble(on.cache, choice, rt.scratch / "fold-on.gguf", force=True)
     im = off.cal.imatrix() if plan.cfg.imatrix else None
-    qopts = QuantizeOptions(imatrix=im, n_threads=rt.opts.n_threads, force=True)
-    quantize_map(off.path, rt.scratch / "fold-off.gguf", choice, plan.cc.base, qopts, info=off.info)
-    per = {
-        f: kld(rt.scratch / f"fold-{f}.gguf", plan.model_path, plan.text, fcfg, rt.eopts).chunk_kld
-        for f in ("on", "off")
-    }
-    for f in ("on", "off"):
-        (rt.scratch / f"fold-{f}.gguf").unlink(missing_ok=True)
+    # the unfolded file is the one llama.cpp writes for the same map from the unfolded model
+    jobs = {"on": (on.cache, choice), "off": (Quantized(str(off.path), plan.cc.base, im, off.info), choice)}
+    per = _score_files(plan, jobs, fold_eval_config(plan), rt)
     return FoldDecision.auto(probe, FoldEvidence.of(per["on"], per["off"]), "check")
+
+
+def _score_files(
+    plan: RunPlan, files: Mapping[str, tuple[Any, Choice]], ecfg: Any, rt: Runtime
+) -> dict[str, tuple[float, ...]]:
+    """Each named (origin, type map)'s per-chunk KLD against the unfolded model on `ecfg`'s chunks, as one
+    batch of the run's executor (evaljob.EvalJob: origin a tensor cache or a `Quantized` source)."""
+    from ramp_cpp.llama.evaluate import base_logprobs, base_logprobs_file
+    from ramp_cpp.measure.evaljob import EvalJob, run_eval_job
+    from ramp_cpp.store.cache import file_sha256_cached
+
+    ropts = replace(rt.eopts, n_ctx=ecfg.n_ctx, n_threads=rt.executor.threads or rt.eopts.n_threads)
+    base_logprobs(plan.model_path, plan.text, ecfg, ropts)
+    base_file = str(base_logprobs_file(file_sha256_cached(plan.model_path), plan.text, ecfg))
+    jobs = [
+        EvalJob(label, origin, choice, base_file, plan.text, ecfg, ropts, str(rt.scratch))
+        for label, (origin, choice) in files.items()
+    ]
+    return {o.label: o.result.chunk_kld for o in rt.executor.map(run_eval_job, jobs)}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,198 @@
+"""Where a batch of independent evaluations runs: in this process, one after another (the default: nothing to
+install), or as Ray tasks on local workers or an existing Ray cluster.
+
+A run's expensive steps are batches of jobs that do not depend on each other (the group probes of one
+folding choice, the two files of the fold decision, a benchmark's cells). The run hands a batch to
+`Executor.map(fn, jobs, on_result)` and gets the results back in the jobs' order; `on_result(i, result)` is
+called in the calling process as each one finishes (in completion order), so the caller can save it at once
+and a run interrupted as a whole re-does only the jobs in flight.
+
+Ray (`RayExecutor`):
+
+    placement   every job asks for `cpus` CPUs (its llama.cpp threads) and, with layers offloaded, `gpus`
+                GPUs, so Ray starts no more jobs on a node than it has cores (and GPUs) for
+    faults      a worker that dies mid-job (kill -9, a node removed) costs that job only: Ray runs it again,
+                up to `max_retries` times, on whatever node has room; an exception raised by the job itself
+                is not retried (it is an error of the input, the same everywhere) and reaches the caller
+    costs       the tokens llama.cpp decodes in a worker are counted there; each result carries them back
+                and they are added to this process's `costs.COUNTERS`, so E units stay right
+    files       `fn` and the jobs travel pickled (by reference to an installed ramp_cpp module); paths in a
+                job (tensor cache, base log-probs, model) must name the same files on every node: a shared
+                filesystem, or one node
+
+`fn` must be a module-level function of an installed package (the workers import it by name).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from ramp_cpp.costs import COUNTERS
+from ramp_cpp.errors import RampError
+
+J = TypeVar("J")
+R = TypeVar("R")
+OnResult = Callable[[int, Any], None]
+
+
+class Executor(Protocol):
+    workers: int  # jobs that may run at once (1: serial)
+
+    @property
+    def threads(self) -> int | None:
+        """llama.cpp threads of each job (None: the run's own --threads)."""
+
+    def map(self, fn: Callable[[J], R], jobs: Sequence[J], on_result: OnResult | None = None) -> list[R]: ...
+
+    def describe(self) -> str: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Serial:
+    """Each job in this process, in order: what every run did before there was an executor."""
+
+    workers: int = 1
+    threads: int | None = None
+
+    def map(self, fn: Callable[[J], R], jobs: Sequence[J], on_result: OnResult | None = None) -> list[R]:
+        out = []
+        for i, j in enumerate(jobs):
+            r = fn(j)
+            if on_result:
+                on_result(i, r)
+            out.append(r)
+        return out
+
+    def describe(self) -> str:
+        return "serial"
+
+    def close(self) -> None:
+        pass
+
+
+def _counted(fn: Callable[[Any], Any], job: Any) -> tuple[Any, int, int, str]:
+    """Run `fn(job)` in a worker: its result, the tokens and quantizer passes it counted, and the host."""
+    t, q = COUNTERS.tokens, COUNTERS.quant_passes
+    r = fn(job)
+    return r, COUNTERS.tokens - t, COUNTERS.quant_passes - q, os.uname().nodename
+
+
+@dataclass
+class RayExecutor:
+    """Jobs as Ray tasks. `address`: an existing cluster ("auto", "ray://host:10001", "host:6379"); None
+    starts a local one sized for `workers` jobs of `cpus` CPUs each and stops it at `close()`."""
+
+    workers: int
+    cpus: int = 1
+    gpus: float = 0.0
+    address: str | None = None
+    max_retries: int = 3
+    temp_dir: str | None = None  # a local cluster's session files (Ray's default: /tmp/ray)
+    _started: bool = field(default=False, repr=False)
+    _remote: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.cpus < 1 or self.gpus < 0:
+            raise RampError(f"workers and CPUs per job must be >= 1, got {self.workers} and {self.cpus}")
+        try:
+            import ray
+        except ImportError:
+            raise RampError(
+                "--workers/--ray need Ray: pip install 'ramp-cpp[ray]' (or make install-ray)"
+            ) from None
+        if not ray.is_initialized():
+            kw: dict[str, Any] = {
+                "include_dashboard": False,
+                "logging_level": logging.WARNING,
+                "log_to_driver": False,
+                "configure_logging": True,
+            }
+            if self.address is None:
+                kw.update(num_cpus=self.workers * self.cpus, num_gpus=int(self.gpus * self.workers) or None)
+                if self.temp_dir:
+                    kw["_temp_dir"] = self.temp_dir
+            try:
+                ray.init(address=self.address, **kw)
+            except (ConnectionError, ValueError, RuntimeError) as e:
+                raise RampError(f"cannot join the Ray cluster at {self.address}: {e}") from None
+            self._started = True
+        self._remote = ray.remote(_counted)
+
+    def map(self, fn: Callable[[J], R], jobs: Sequence[J], on_result: OnResult | None = None) -> list[R]:
+        import ray
+        from ray.exceptions import RayTaskError, WorkerCrashedError
+
+        if not jobs:
+            return []
+        task = self._remote.options(
+            num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries, retry_exceptions=False
+        )
+        refs = [task.remote(fn, j) for j in jobs]
+        index = {r.hex(): i for i, r in enumerate(refs)}
+        out: list[Any] = [None] * len(refs)
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            i = index[done[0].hex()]
+            try:
+                r, tokens, passes, _host = ray.get(done[0])
+            except RayTaskError as e:
+                for p in pending:
+                    ray.cancel(p)
+                cause = e.cause if isinstance(e.cause, BaseException) else None
+                if cause is not None:
+                    raise cause from None
+                raise RampError(f"job {i} failed on a Ray worker: {e}") from None
+            except WorkerCrashedError as e:
+                raise RampError(f"job {i}: its worker died {self.max_retries + 1} times ({e})") from None
+            COUNTERS.tokens += tokens
+            COUNTERS.quant_passes += passes
+            out[i] = r
+            if on_result:
+                on_result(i, r)
+        return out
+
+    @property
+    def threads(self) -> int:
+        """A job's llama.cpp threads: the CPUs Ray reserved for it, so that no node is oversubscribed."""
+        return self.cpus
+
+    def nodes(self) -> list[dict[str, Any]]:
+        import ray
+
+        return [n for n in ray.nodes() if n.get("Alive")]
+
+    def describe(self) -> str:
+        where = f"Ray cluster {self.address}" if self.address else "local Ray"
+        gpu = f", {self.gpus:g} GPU" if self.gpus else ""
+        return f"{where}: up to {self.workers} jobs at once, {self.cpus} CPU{gpu} each"
+
+    def close(self) -> None:
+        if self._started:
+            import ray
+
+            ray.shutdown()
+            self._started = False
+
+
+def make_executor(
+    workers: int | None,
+    address: str | None,
+    threads: int | None,
+    gpu_layers: int,
+    temp_dir: str | None = None,
+) -> Executor:
+    """Serial when neither `workers` nor `address` is given; else Ray. Each job gets `threads` CPUs
+    (default: this machine's cores split evenly between the local workers, at least 1) and one GPU when
+    layers are offloaded. A cluster's size is Ray's to know: `workers` there only sizes a local one."""
+    if not workers and not address:
+        return Serial()
+    n = workers or 1
+    cpus = threads or max(1, (os.cpu_count() or 1) // n)
+    return RayExecutor(n, cpus, 1.0 if gpu_layers else 0.0, address, temp_dir=temp_dir)

@@ -1,0 +1,235 @@
+"""Evaluations through an executor (executor.py, measure/evaljob.py): the serial default keeps the order and
+saves each result as it comes; on a Ray cluster started here on the loopback address (a head with no CPU and
+two one-CPU worker nodes) the group probes and --fold auto give the same values, allocation and file as the
+serial run, and a worker killed mid-job costs that job only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import synthetic
+
+from ramp_cpp.calibration.artifact import CalibConfig, save_calibration
+from ramp_cpp.calibration.collect import calibrate
+from ramp_cpp.costs import COUNTERS
+from ramp_cpp.errors import RampError
+from ramp_cpp.executor import RayExecutor, Serial, make_executor
+from ramp_cpp.llama.backend import RuntimeOptions
+from ramp_cpp.llama.evaluate import EvalConfig, base_logprobs
+from ramp_cpp.llama.ggufio import read_inventory
+from ramp_cpp.measure.candidates import CandidateConfig
+from ramp_cpp.measure.groups import GroupConfig, calibrate_sensitivity
+from ramp_cpp.measure.proxy import measure
+from ramp_cpp.measure.tensorcache import build_cache
+from ramp_cpp.pipeline.plan import size_range
+from ramp_cpp.pipeline.run import run_direct
+from ramp_cpp.pipeline.sizedconfig import SizedConfig
+
+ECFG = EvalConfig(n_ctx=128, n_chunks=2)
+OPTS = RuntimeOptions(n_ctx=128, n_threads=1)
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_serial_keeps_order_and_reports_each_result() -> None:
+    seen: list[tuple[int, int]] = []
+    assert Serial().map(_square, [3, 1, 2], lambda i, r: seen.append((i, r))) == [9, 1, 4]
+    assert seen == [(0, 9), (1, 1), (2, 4)]
+
+
+def test_no_workers_means_serial_and_missing_ray_is_one_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert isinstance(make_executor(None, None, None, 0), Serial)
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    with pytest.raises(RampError, match=r"ramp-cpp\[ray\]"):
+        make_executor(2, None, None, 0)
+
+
+# -- a local cluster --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RayExecutor]:
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    # Ray's files (sessions, sockets, its address file) under a short temp dir of the test's own: unix
+    # socket paths must stay under 108 bytes
+    tmp = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TMPDIR", tmp)
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        # every node and this driver on 127.0.0.1, not on the host's own IP
+        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        import ray._private.ray_constants as rc
+
+        mp.setattr(rc, "ENABLE_RAY_CLUSTER", False)
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1"})
+        for _ in range(2):
+            c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        ex = RayExecutor(workers=2, cpus=1, address=c.address)
+        try:
+            assert c.address.startswith("127.0.0.1:")
+            assert [n["NodeManagerAddress"] for n in ex.nodes()] == ["127.0.0.1"] * 3
+            yield ex
+        finally:
+            import ray
+
+            ray.shutdown()
+            c.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    d = tmp_path_factory.mktemp("workers")
+    text_file = d / "words.txt"
+    text_file.write_text(synthetic.text(6000))
+    text = text_file.read_text()
+    cal = calibrate(tiny_model, text, CalibConfig(text=str(text_file), samples=2, ctx=64))
+    im = cal.imatrix()
+    sens = measure(tiny_model, cal, im, cache_root=d / "cache")
+    names = [t.name for t in sens.tensors]
+    cache = build_cache(tiny_model, CandidateConfig().requested(), d / "cache", imatrix=im, searched=names)
+    base_logprobs(tiny_model, text, ECFG, OPTS)  # so that the probes below decode only their own tokens
+    return {"dir": d, "text_file": text_file, "text": text, "sens": sens, "cache": cache}
+
+
+def _probes(m: dict[str, Any], tiny_model: Path, ex: Any) -> tuple[Any, Any, dict[str, Any]]:
+    cfg = GroupConfig(pairs=2)
+    seen: list[int] = []
+    tokens = COUNTERS.tokens
+    scaled, rep = calibrate_sensitivity(
+        m["sens"], m["cache"], tiny_model, m["text"], ECFG, OPTS, cfg, lambda a, b: seen.append(a),
+        executor=ex,
+    )
+    (state,) = Path(m["cache"].directory).glob("groups-*.json")
+    evals = json.loads(state.read_text())["evals"]
+    state.unlink()  # the next run measures again
+    assert rep.evaluated_now == rep.evaluations == len(evals)
+    assert sorted(seen) == list(range(1, len(evals) + 1))
+    # the tokens the workers decoded are counted here: E stays right
+    assert COUNTERS.tokens - tokens == rep.evaluations * ECFG.n_chunks * ECFG.n_ctx
+    return scaled, rep, {k: {f: v for f, v in e.items() if f != "seconds"} for k, e in evals.items()}
+
+
+def test_probes_on_the_cluster_equal_the_serial_ones(
+    cluster: RayExecutor, measured: dict[str, Any], tiny_model: Path
+) -> None:
+    s_scaled, s_rep, s_evals = _probes(measured, tiny_model, Serial())
+    r_scaled, r_rep, r_evals = _probes(measured, tiny_model, cluster)
+    assert r_evals == s_evals  # every KLD, stderr and PPL to the last digit
+    assert r_scaled == s_scaled
+    assert [g.ratio for g in r_rep.groups] == [g.ratio for g in s_rep.groups]
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_fold_auto_run_on_the_cluster_writes_the_serial_file(
+    cluster: RayExecutor, measured: dict[str, Any], tiny_model: Path, tmp_path: Path
+) -> None:
+    tf = measured["text_file"]
+    cfg = SizedConfig(text=str(tf), n_ctx=128, chunks=2, calib=CalibConfig(text=str(tf), samples=2, ctx=64))
+    lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
+    size = f"{(lo + hi) / 2 / 1024:.1f}KiB"
+    runs = {}
+    for name, ex in (("serial", Serial()), ("ray", cluster)):
+        runs[name] = run_direct(
+            tiny_model, tmp_path / name, "greedy", size, cfg, opts=OPTS, presets=(), sensitivity="measured",
+            fold="auto", gcfg=GroupConfig(pairs=1), executor=ex,
+        )
+    s, r = runs["serial"], runs["ray"]
+    assert _sha(s.gguf) == _sha(r.gguf)
+    a_s, a_r = (json.loads(x.allocation.read_text()) for x in (s, r))
+    assert a_s["tensors"] == a_r["tensors"]
+    rep_s, rep_r = (json.loads(x.report.read_text())["summary"] for x in (s, r))
+    assert rep_s["fold"] == rep_r["fold"] and rep_s["fold"]["reward_kld"]["on"] > 0  # both files scored
+    klds = [[g["kld"] for g in rep["kld_groups"]["groups"]] for rep in (rep_s, rep_r)]
+    assert klds[0] == klds[1]
+
+
+def _dies_once(marker: str) -> Any:
+    def job(x: int) -> tuple[int, int]:
+        p = Path(marker) / f"{x}"
+        tries = int(p.read_text()) + 1 if p.exists() else 1
+        p.write_text(str(tries))
+        if x == 1 and tries == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # the worker process dies mid-job
+        return x * 10, tries
+
+    return job
+
+
+def test_a_killed_worker_costs_one_retried_job(cluster: RayExecutor, tmp_path: Path) -> None:
+    seen: list[int] = []
+    out = cluster.map(_dies_once(str(tmp_path)), [0, 1, 2], lambda i, r: seen.append(i))
+    assert [r[0] for r in out] == [0, 10, 20]
+    assert [r[1] for r in out] == [1, 2, 1]  # job 1 ran twice, the others once
+    assert sorted(seen) == [0, 1, 2]
+
+
+def test_an_error_in_a_job_reaches_the_caller_without_retries(cluster: RayExecutor, tmp_path: Path) -> None:
+    def bad(x: int) -> int:
+        (tmp_path / f"ran-{x}-{os.getpid()}").touch()
+        raise RampError(f"job {x} is wrong")
+
+    with pytest.raises(RampError, match="job 0 is wrong"):
+        cluster.map(bad, [0])
+    assert len(list(tmp_path.glob("ran-0-*"))) == 1
+
+
+def test_cli_workers_only_for_a_sized_search(tiny_model: Path, tmp_path: Path) -> None:
+    from test_cli_search import one_error_line
+    from typer.testing import CliRunner
+
+    from ramp_cpp.cli.app import app
+
+    runner = CliRunner()
+    paper = ["search", "--model", str(tiny_model), "--out", str(tmp_path / "r"), "--budget", "4.5"]
+    one_error_line(runner.invoke(app, [*paper, "--workers", "2"]), "--workers/--ray")
+    r = runner.invoke(app, [*paper, "--workers", "0"])
+    assert r.exit_code == 2 and "--workers" in r.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_sized_search_with_workers(
+    cluster: RayExecutor, measured: dict[str, Any], tiny_model: Path, tmp_path: Path
+) -> None:
+    """`search --workers 2` joins the running cluster (as it would start a local one) and writes the file
+    the serial command writes."""
+    from typer.testing import CliRunner
+
+    from ramp_cpp.cli.app import app
+
+    runner = CliRunner()
+    tf = measured["text_file"]
+    cal = calibrate(tiny_model, tf.read_text(), CalibConfig(text=str(tf), samples=2, ctx=64))
+    calib = save_calibration(cal, tmp_path / "calib.safetensors")
+    lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
+    size = f"{(lo + hi) / 2 / 1024:.1f}KiB"
+    args = [
+        "search", "--model", str(tiny_model), "--method", "greedy", "--size", size,
+        "--text", str(tf), "--calib", str(calib), "--chunks", "2", "--ctx", "128", "--threads", "1",
+        "--fold", "auto",
+    ]
+    shas = []
+    for name, extra in (("serial", []), ("ray", ["--workers", "2"])):
+        r = runner.invoke(app, [*args, "--out", str(tmp_path / name), *extra])
+        assert r.exit_code == 0, r.output
+        assert ("up to 2 jobs at once" in r.output) == (name == "ray")
+        (gguf,) = (tmp_path / name).glob("*ramp-*.gguf")
+        shas.append(_sha(gguf))
+    assert shas[0] == shas[1]
