@@ -10,9 +10,11 @@ the fold decision, on warm caches, through its executor:
     workers2    `--workers 2`: a local Ray cluster, two jobs at once, one thread each
     kill        as workers2, and a Ray worker process is killed (SIGKILL) while a probe runs on it
 
+`--seed-from RUN` starts the cold run from another run's calibration and tensor caches (hard-linked).
 Resumable: finished modes are kept in bench/results/workers.json and skipped.
 
     .venv/bin/python bench/workers.py smollm2 --size Q4_K_M --modes cold,serial,workers2,kill
+    .venv/bin/python bench/workers.py - --table        # docs/workers.md's table
 """
 
 from __future__ import annotations
@@ -75,8 +77,20 @@ def killer(stop: threading.Event, killed: list[int], after: float) -> None:
         time.sleep(0.5)
 
 
+def seed_from(src: Path, out: Path) -> None:
+    """Start the cold run from another run of the same model's calibration and tensor caches (hard links:
+    no disk; the probes saved there are not carried over)."""
+    if (out / "cache").exists():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / "cache", out / "cache", copy_function=os.link,
+                    ignore=shutil.ignore_patterns("groups-*.json"))
+    shutil.copy2(src / "calib.safetensors", out / "seed-calib.safetensors")
+
+
 def run(key: str, size: str, mode: str, out: Path) -> dict[str, Any]:
     model = base_path(key)
+    seed = out / "seed-calib.safetensors"
     cold = out / "cold"
     rd = out / mode
     cache = out / "cache"
@@ -100,6 +114,7 @@ def run(key: str, size: str, mode: str, out: Path) -> dict[str, Any]:
         r = run_direct(
             model, rd, "greedy", size, cfg, opts=RuntimeOptions(), presets=(), sensitivity="measured",
             gcfg=SEARCH_GROUPS, fold="auto", cache_root=cache, executor=ex,
+            calib=seed if seed.is_file() else None,
             on_cost=lambda s: log(f"{key} {mode}: {s.stage} {s.wall_s:.0f} s, {s.E:.2f} E"),
         )
     finally:
@@ -126,13 +141,44 @@ def run(key: str, size: str, mode: str, out: Path) -> dict[str, Any]:
     }
 
 
+def table() -> str:
+    """The markdown table of docs/workers.md from bench/results/workers.json."""
+    d = json.loads(RESULTS.read_text())
+    rows = [
+        "| model, size | mode | executor | group probes (unfolded + folded) | fold decision | spread stages "
+        "| vs serial | GGUF sha256 | probe KLDs = cold |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k, v in d.items():
+        model, size, mode = k.split("/")
+        cold = d[f"{model}/{size}/cold"]
+        serial = d.get(f"{model}/{size}/serial", cold)
+        st = v["stages"]
+        probes = st.get("group probes (unfolded)", 0) + st.get("group probes (folded)", 0)
+        killed = f", worker {v['killed_workers'][0]} killed" if v["killed_workers"] else ""
+        rows.append(
+            f"| {model} {size} | {mode} | {v['executor']}{killed} | {probes:.0f} s | "
+            f"{st.get('fold decision', 0):.0f} s | {v['spread_wall_s']:.0f} s | "
+            f"{v['spread_wall_s'] / serial['spread_wall_s']:.2f}× | `{v['gguf_sha256'][:16]}` | "
+            f"{'yes' if v['probe_klds'] == cold['probe_klds'] else 'NO'} |"
+        )
+    return "\n".join(rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
     ap.add_argument("--size", default="Q4_K_M")
     ap.add_argument("--modes", default="cold,serial,workers2,kill")
+    ap.add_argument("--seed-from", type=Path, help="a run folder of the same model (calibration, caches)")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of the results and stop")
     a = ap.parse_args()
+    if a.table:
+        print(table())
+        return 0
     out = HERE / "out" / "workers" / a.model / a.size
+    if a.seed_from:
+        seed_from(a.seed_from, out)
     d = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for mode in a.modes.split(","):
         k = f"{a.model}/{a.size}/{mode}"

@@ -189,10 +189,11 @@ def make_executor(
     temp_dir: str | None = None,
 ) -> Executor:
     """Serial when neither `workers` nor `address` is given; else Ray. Each job gets `threads` CPUs
-    (default: this machine's cores split evenly between the local workers, at least 1) and one GPU when
-    layers are offloaded. A cluster's size is Ray's to know: `workers` there only sizes a local one."""
+    (default: this machine's cores split evenly between the local workers, at least 1; on a cluster, 1) and
+    one GPU when layers are offloaded. A cluster's size is Ray's to know: `workers` only sizes a local one."""
     if not workers and not address:
         return Serial()
     n = workers or 1
-    cpus = threads or max(1, (os.cpu_count() or 1) // n)
+    # on a cluster this machine's cores say nothing about the nodes': one CPU per job unless told
+    cpus = threads or (1 if address else max(1, (os.cpu_count() or 1) // n))
     return RayExecutor(n, cpus, 1.0 if gpu_layers else 0.0, address, temp_dir=temp_dir)

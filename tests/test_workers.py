@@ -12,6 +12,9 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,8 @@ def test_no_workers_means_serial_and_missing_ray_is_one_error(monkeypatch: pytes
 
 # -- a local cluster --------------------------------------------------------------------------------------
 
+_CLUSTER: dict[str, Any] = {}  # the fixture's ray.cluster_utils.Cluster, for the test that removes a node
+
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RayExecutor]:
@@ -79,6 +84,7 @@ def cluster() -> Iterator[RayExecutor]:
         for _ in range(2):
             c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         ex = RayExecutor(workers=2, cpus=1, address=c.address)
+        _CLUSTER["c"] = c
         try:
             assert c.address.startswith("127.0.0.1:")
             assert [n["NodeManagerAddress"] for n in ex.nodes()] == ["127.0.0.1"] * 3
@@ -173,6 +179,22 @@ def _dies_once(marker: str) -> Any:
     return job
 
 
+@pytest.mark.parametrize(
+    "workers,address,threads,gpu_layers,cpus,gpus",
+    [
+        (2, None, None, 0, max(1, (os.cpu_count() or 1) // 2), 0.0),  # local: the cores split between jobs
+        (4, None, 3, 0, 3, 0.0),  # --threads wins
+        (None, "127.0.0.1:1", None, 99, 1, 1.0),  # a cluster: 1 CPU per job unless told, a GPU with layers
+    ],
+)
+def test_what_each_job_asks_ray_for(
+    cluster: RayExecutor, workers: int | None, address: str | None, threads: int | None, gpu_layers: int,
+    cpus: int, gpus: float,
+) -> None:
+    ex = make_executor(workers, address, threads, gpu_layers)  # joins the running cluster: Ray is initialised
+    assert isinstance(ex, RayExecutor) and (ex.cpus, ex.gpus, ex.threads) == (cpus, gpus, cpus)
+
+
 def test_a_killed_worker_costs_one_retried_job(cluster: RayExecutor, tmp_path: Path) -> None:
     seen: list[int] = []
     out = cluster.map(_dies_once(str(tmp_path)), [0, 1, 2], lambda i, r: seen.append(i))
@@ -233,3 +255,28 @@ def test_cli_sized_search_with_workers(
         (gguf,) = (tmp_path / name).glob("*ramp-*.gguf")
         shas.append(_sha(gguf))
     assert shas[0] == shas[1]
+
+
+def _sleeps(marker: str) -> Any:
+    def job(x: int) -> int:
+        (Path(marker) / f"{x}-{os.getpid()}").touch()
+        time.sleep(4)
+        return x
+
+    return job
+
+
+def test_a_removed_node_costs_its_job_only(cluster: RayExecutor, tmp_path: Path) -> None:
+    """Last in this file: a third node joins, each of three jobs gets one node's CPU, the third node is
+    removed while its job runs; that job runs again on a remaining node and the batch finishes."""
+    c = _CLUSTER["c"]
+    node = c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    c.wait_for_nodes()
+    timer = threading.Timer(2.0, lambda: c.remove_node(node, allow_graceful=False))
+    timer.start()
+    try:
+        assert cluster.map(_sleeps(str(tmp_path)), [0, 1, 2]) == [0, 1, 2]
+    finally:
+        timer.join()
+    runs = Counter(p.name.split("-")[0] for p in tmp_path.iterdir())
+    assert sorted(runs.values()) == [1, 1, 2], runs  # one job ran twice: the one on the removed node
