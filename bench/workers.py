@@ -105,7 +105,7 @@ def run(key: str, size: str, mode: str, out: Path) -> dict[str, Any]:
         for g in cache.rglob("groups-*.json"):
             g.unlink()
     ex: Executor = Serial() if mode in ("cold", "serial") else make_executor(2, None, None, 0)
-    stop, killed = threading.Event(), []
+    stop, killed = threading.Event(), list[int]()
     if mode == "kill":
         threading.Thread(target=killer, args=(stop, killed, 20.0), daemon=True).start()
     cfg = SizedConfig(calib=load_recipe(SEARCH_RECIPE))
