@@ -7,6 +7,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from gguf import GGUFWriter, TokenType
@@ -159,3 +160,23 @@ def write(path: Path, spec: Spec = Spec()) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def measured(model: Path, d: Path) -> dict[str, Any]:
+    """A text file of synthetic words in `d`, a tiny calibration on it, the proxy sensitivity and the tensor
+    cache of `model` under `d/cache`: what the tests of the measured sensitivity start from."""
+    from ramp_cpp.calibration.artifact import CalibConfig
+    from ramp_cpp.calibration.collect import calibrate
+    from ramp_cpp.measure.candidates import CandidateConfig
+    from ramp_cpp.measure.proxy import measure
+    from ramp_cpp.measure.tensorcache import build_cache
+
+    text_file = d / "words.txt"
+    text_file.write_text(text(6000))
+    words = text_file.read_text()
+    cal = calibrate(model, words, CalibConfig(text=str(text_file), samples=2, ctx=64))
+    im = cal.imatrix()
+    sens = measure(model, cal, im, cache_root=d / "cache")
+    names = [t.name for t in sens.tensors]
+    cache = build_cache(model, CandidateConfig().requested(), d / "cache", imatrix=im, searched=names)
+    return {"dir": d, "text_file": text_file, "text": words, "cal": cal, "im": im, "sens": sens, "cache": cache}

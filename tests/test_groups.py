@@ -17,7 +17,6 @@ from test_cli_search import one_error_line
 from typer.testing import CliRunner
 
 from ramp_cpp.calibration.artifact import CalibConfig, save_calibration
-from ramp_cpp.calibration.collect import calibrate
 from ramp_cpp.cli.app import app
 from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.llama.evaluate import EvalConfig, kld
@@ -25,9 +24,7 @@ from ramp_cpp.llama.ggufio import read_inventory
 from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
 from ramp_cpp.measure.candidates import CandidateConfig, searched_tensors
 from ramp_cpp.measure.groups import GroupConfig, GroupReport, calibrate_sensitivity, groups_of
-from ramp_cpp.measure.proxy import measure
 from ramp_cpp.measure.sensitivity import Sensitivity
-from ramp_cpp.measure.tensorcache import build_cache
 from ramp_cpp.pipeline.plan import size_range
 from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
@@ -39,23 +36,13 @@ OPTS = RuntimeOptions(n_ctx=128)
 
 @pytest.fixture(scope="module")
 def setup(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    d = tmp_path_factory.mktemp("groups")
-    text_file = d / "words.txt"
-    text_file.write_text(synthetic.text(6000))
-    text = text_file.read_text()
-    cal = calibrate(tiny_model, text, CalibConfig(text=str(text_file), samples=2, ctx=64))
-    im = cal.imatrix()
-    sens = measure(tiny_model, cal, im, cache_root=d / "cache")
-    names = [t.name for t in sens.tensors]
-    cache = build_cache(tiny_model, CandidateConfig().requested(), d / "cache", imatrix=im, searched=names)
+    m = synthetic.measured(tiny_model, tmp_path_factory.mktemp("groups"))
     seen: list[tuple[int, int]] = []
     scaled, report = calibrate_sensitivity(
-        sens, cache, tiny_model, text, ECFG, OPTS, GroupConfig(), progress=lambda a, b: seen.append((a, b))
+        m["sens"], m["cache"], tiny_model, m["text"], ECFG, OPTS, GroupConfig(),
+        progress=lambda a, b: seen.append((a, b)),
     )
-    yield {
-        "dir": d, "text_file": text_file, "text": text, "cal": cal, "im": im, "sens": sens, "cache": cache,
-        "scaled": scaled, "report": report, "progress": seen,
-    }
+    yield {**m, "scaled": scaled, "report": report, "progress": seen}
 
 
 def test_group_scale_is_measured_kld_over_predicted_proxy(setup: dict[str, Any], tiny_model: Path) -> None:

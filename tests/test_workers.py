@@ -32,8 +32,6 @@ from ramp_cpp.llama.evaluate import EvalConfig, base_logprobs
 from ramp_cpp.llama.ggufio import read_inventory
 from ramp_cpp.measure.candidates import CandidateConfig
 from ramp_cpp.measure.groups import GroupConfig, calibrate_sensitivity
-from ramp_cpp.measure.proxy import measure
-from ramp_cpp.measure.tensorcache import build_cache
 from ramp_cpp.pipeline.plan import size_range
 from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
@@ -99,17 +97,9 @@ def cluster() -> Iterator[RayExecutor]:
 
 @pytest.fixture(scope="module")
 def measured(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    d = tmp_path_factory.mktemp("workers")
-    text_file = d / "words.txt"
-    text_file.write_text(synthetic.text(6000))
-    text = text_file.read_text()
-    cal = calibrate(tiny_model, text, CalibConfig(text=str(text_file), samples=2, ctx=64))
-    im = cal.imatrix()
-    sens = measure(tiny_model, cal, im, cache_root=d / "cache")
-    names = [t.name for t in sens.tensors]
-    cache = build_cache(tiny_model, CandidateConfig().requested(), d / "cache", imatrix=im, searched=names)
-    base_logprobs(tiny_model, text, ECFG, OPTS)  # so that the probes below decode only their own tokens
-    return {"dir": d, "text_file": text_file, "text": text, "sens": sens, "cache": cache}
+    m = synthetic.measured(tiny_model, tmp_path_factory.mktemp("workers"))
+    base_logprobs(tiny_model, m["text"], ECFG, OPTS)  # so that the probes below decode only their own tokens
+    return m
 
 
 def _probes(m: dict[str, Any], tiny_model: Path, ex: Any) -> tuple[Any, Any, dict[str, Any]]:
@@ -260,23 +250,30 @@ def test_cli_sized_search_with_workers(
 def _sleeps(marker: str) -> Any:
     def job(x: int) -> int:
         (Path(marker) / f"{x}-{os.getpid()}").touch()
-        time.sleep(4)
+        time.sleep(6)
         return x
 
     return job
 
 
 def test_a_removed_node_costs_its_job_only(cluster: RayExecutor, tmp_path: Path) -> None:
-    """Last in this file: a third node joins, each of three jobs gets one node's CPU, the third node is
-    removed while its job runs; that job runs again on a remaining node and the batch finishes."""
+    """Last in this file: a third node joins, each of three jobs gets one node's CPU, and once all three run
+    the third node is removed; its job runs again on a remaining node and the batch finishes."""
     c = _CLUSTER["c"]
     node = c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     c.wait_for_nodes()
-    timer = threading.Timer(2.0, lambda: c.remove_node(node, allow_graceful=False))
-    timer.start()
+
+    def remove_when_all_run() -> None:
+        deadline = time.time() + 120
+        while len(list(tmp_path.iterdir())) < 3 and time.time() < deadline:
+            time.sleep(0.1)
+        c.remove_node(node, allow_graceful=False)
+
+    remover = threading.Thread(target=remove_when_all_run)
+    remover.start()
     try:
         assert cluster.map(_sleeps(str(tmp_path)), [0, 1, 2]) == [0, 1, 2]
     finally:
-        timer.join()
+        remover.join()
     runs = Counter(p.name.split("-")[0] for p in tmp_path.iterdir())
     assert sorted(runs.values()) == [1, 1, 2], runs  # one job ran twice: the one on the removed node
