@@ -325,6 +325,18 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ramp_cpp.measure.tensorcache, "build_cache", boom)
 
 
+def test_apply_budget_policy_refuses_workers(
+    tiny_model: Path, policy: Path, tmp_path: Path, no_work: None
+) -> None:
+    r = runner.invoke(
+        app, ["apply", str(policy), str(tiny_model), "-o", str(tmp_path / "o.gguf"), "--budget", "4.5",
+              "--workers", "2"],
+    )
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "--workers/--ray" in lines[0], r.output
+    assert not (tmp_path / "o.gguf").exists()
+
+
 def test_apply_checks_the_budget_first(tiny_model: Path, policy: Path, tmp_path: Path, no_work: None) -> None:
     from ramp_cpp.pipeline.apply import ApplyConfig, apply_policy
 

@@ -7,7 +7,7 @@ with `search` live in common.py.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -20,11 +20,14 @@ from ramp_cpp.cli.common import (
     GpuOpt,
     NoFoldOpt,
     NoImatrixOpt,
+    RayOpt,
     RecipeOpt,
     SizeOpt,
     ThreadsOpt,
+    WorkersOpt,
     bar,
     cost_printer,
+    executor_for,
     fold_setting,
     out,
     resolve_budget,
@@ -60,6 +63,8 @@ def apply(
     ] = "wikitext2-valid",
     threads: ThreadsOpt = None,
     gpu_layers: GpuOpt = 0,
+    workers: WorkersOpt = None,
+    ray_address: RayOpt = None,
 ) -> None:
     """Apply a trained policy zero-shot to another model (paper §5.6) and write its GGUF."""
     from ramp_cpp.allocate.sac.policyfile import is_sized, load_policy
@@ -72,9 +77,12 @@ def apply(
         if size is None or budget is not None:
             raise RampError(f"{policy} was trained at a whole-file size: give --size (e.g. Q4_K_M or 95MiB)")
         fold_mode = fold_setting(fold, no_fold, "auto")
-        _apply_sized(policy, model, output, size, sensitivity, fold_mode, no_imatrix, calib, recipe, force,
-                     threads, gpu_layers, text)
+        with executor_for(workers, ray_address, threads, gpu_layers) as ex:
+            _apply_sized(policy, model, output, size, sensitivity, fold_mode, no_imatrix, calib, recipe,
+                         force, threads, gpu_layers, text, ex)
         return
+    if workers or ray_address:
+        raise RampError("--workers/--ray spread a sized policy's evaluations; --budget runs serially")
     if fold_setting(fold, no_fold) == "auto":
         raise RampError("--fold auto applies to a sized policy; a --budget policy takes on or off")
     no_fold = fold_setting(fold, no_fold) == "off"
@@ -100,6 +108,7 @@ def _apply_sized(
     policy: Path, model: Path, output: Path | None, size: str, sensitivity: str, fold: str,
     no_imatrix: bool,
     calib: Path | None, recipe: str | None, force: bool, threads: int | None, gpu_layers: int, text: str,
+    executor: Any = None,
 ) -> None:
     """A sized policy's mean-action rollout on MODEL at --size, through the same stages as search (a run
     directory beside the output, removed afterwards; only the GGUF is kept)."""
@@ -128,7 +137,7 @@ def _apply_sized(
             r = run_direct(
                 model, rd, "policy", size, dcfg, opts=ropts, calib=calib, presets=(),
                 progress=stage_progress(p), sensitivity=sens, policy=policy, fold=fold,
-                on_cost=cost_printer(p),
+                on_cost=cost_printer(p), executor=executor,
             )
         r.gguf.replace(dst)
     finally:
