@@ -32,6 +32,7 @@ from ramp_cpp.llama.evaluate import EvalConfig, base_logprobs
 from ramp_cpp.llama.ggufio import read_inventory
 from ramp_cpp.measure.candidates import CandidateConfig
 from ramp_cpp.measure.groups import GroupConfig, calibrate_sensitivity
+from ramp_cpp.measure.tensorcache import build_cache
 from ramp_cpp.pipeline.plan import size_range
 from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
@@ -128,6 +129,29 @@ def test_probes_on_the_cluster_equal_the_serial_ones(
     assert r_evals == s_evals  # every KLD, stderr and PPL to the last digit
     assert r_scaled == s_scaled
     assert [g.ratio for g in r_rep.groups] == [g.ratio for g in s_rep.groups]
+
+
+def test_tensor_cache_passes_on_the_cluster_write_the_serial_bytes(
+    cluster: RayExecutor, measured: dict[str, Any], tiny_model: Path, tmp_path: Path
+) -> None:
+    """Each candidate type's llama.cpp pass as a job: the same .bin and .json files as the serial build, and
+    the quantizer passes the workers ran are counted here."""
+    m = measured
+    names = [t.name for t in m["sens"].tensors]
+    types = CandidateConfig().requested()
+    built = {}
+    for name, ex in (("serial", Serial()), ("ray", cluster)):
+        passes = COUNTERS.quant_passes
+        built[name] = build_cache(
+            tiny_model, types, tmp_path / name, imatrix=m["cal"].imatrix(), searched=names, executor=ex
+        )
+        assert COUNTERS.quant_passes - passes == len({*built[name].types, built[name].base})
+    files = {
+        name: {p.name: p.read_bytes() for p in sorted(c.directory.iterdir()) if p.suffix in (".bin", ".json")}
+        for name, c in built.items()
+    }
+    assert files["ray"] == files["serial"]
+    assert {f"{t.name}.json" for t in built["ray"].types} <= set(files["ray"])
 
 
 def _sha(p: Path) -> str:

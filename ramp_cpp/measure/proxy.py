@@ -43,6 +43,7 @@ from gguf import GGMLQuantizationType
 
 from ramp_cpp.calibration.artifact import Calibration, check_matches
 from ramp_cpp.errors import RampError
+from ramp_cpp.executor import Executor
 from ramp_cpp.llama.ggufio import ModelInfo, TensorInfo, open_reader, read_inventory
 from ramp_cpp.measure.candidates import CandidateConfig, searched_tensors, tensor_candidates
 from ramp_cpp.measure.sensitivity import Option, Sensitivity, TensorOptions, undominated
@@ -225,6 +226,7 @@ def measure(
     cache_progress: Progress | None = None,
     text: str | None = None,
     info: ModelInfo | None = None,
+    executor: Executor | None = None,
 ) -> Sensitivity:
     """The sensitivity of `src` under `calibration` (measured on `src`, folded or not) with the tensor cache
     quantized with `imatrix` (None: without one) under `cache_root` (default: the user cache's
@@ -274,7 +276,7 @@ def measure(
     names = [t.name for t in tensors]
     cache = build_cache(
         src, cc.requested(), root, imatrix=imatrix, base=cc.base, n_threads=cfg.n_threads,
-        progress=cache_progress, searched=names, info=info,
+        progress=cache_progress, searched=names, info=info, executor=executor,
     )
     align = cache.template.alignment
 

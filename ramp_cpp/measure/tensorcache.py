@@ -41,6 +41,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ramp_cpp.errors import RampError
+from ramp_cpp.executor import Executor, Serial
 from ramp_cpp.llama.ggufio import (
     HeaderTemplate,
     ModelInfo,
@@ -176,11 +177,14 @@ def build_cache(
     progress: Callable[[int, int], None] | None = None,
     searched: Iterable[str] | None = None,
     info: ModelInfo | None = None,
+    executor: Executor | None = None,
 ) -> TensorCache:
     """The tensor cache of `src` for candidate `types` under the root `cache_dir`: reused where this key
     (model sha256, imatrix digest, base) already holds a type for the `searched` tensors (default: the
     blk.N linears; any of `candidates.searchable`), built by one llama.cpp quantization per missing type
-    otherwise. `progress(done, total)` counts the types quantized (never called if none)."""
+    otherwise. `progress(done, total)` counts the types quantized (never called if none). `executor`: where
+    the passes of the types other than the base run (executor.py; each writes only its own files, so they
+    may run at once on nodes that share `cache_dir`)."""
     base_t = _as_type(base)
     wanted = list(dict.fromkeys(_as_type(t) for t in types))
     if not wanted:
@@ -211,30 +215,68 @@ def build_cache(
             todo[t] = [n for n in universe if n in cached or n in set(ns)]
     if layout is None and not todo:
         todo[base_t] = need[base_t]  # the fixed part and header come from any one quantization
-    opts = QuantizeOptions(imatrix=imatrix, n_threads=n_threads)
-    for i, (t, cover) in enumerate(todo.items()):
-        ref = directory / f".ref-{t.name}-{os.getpid()}.gguf"
-        try:
-            quantize_map(src, ref, {n: t for n in cover}, base=base_t, opts=opts, info=info)
-            if _read_layout(directory, key, src) is None:
-                _write_layout(directory, key, ref, info, set(universe))
-            index = extract_tensors(ref, cover, directory / f"{t.name}.bin", force=True)
-            _write_json(
-                directory / f"{t.name}.json",
-                {"key": key, "tensors": {n: [T(ty).name, off, nb] for n, (ty, off, nb) in index.items()}},
-            )
-            try:
-                _check_identical(
-                    _load(directory, key, src, [t], base_t, cover), {n: t for n in cover}, ref
-                )
-            except RampError:
-                (directory / f"{t.name}.json").unlink(missing_ok=True)  # never reuse bytes that failed
-                raise
-        finally:
-            ref.unlink(missing_ok=True)
+    ex = executor or Serial()
+    jobs = [
+        TypePass(str(src), directory, key, t, tuple(cover), base_t, imatrix, ex.threads or n_threads, info,
+                 tuple(universe))
+        for t, cover in todo.items()
+    ]
+    done = 0
+
+    def step(_: int, __: None) -> None:
+        nonlocal done
+        done += 1
         if progress:
-            progress(i + 1, len(todo))
+            progress(done, len(jobs))
+
+    # the base type's pass first, alone: it writes the layout, and every other type's check assembles its
+    # other tensors from the base's bytes; the other passes do not depend on each other
+    first = [j for j in jobs if j.ggml_type == base_t]
+    Serial().map(cache_type, first, step)
+    ex.map(cache_type, [j for j in jobs if j.ggml_type != base_t], step)
     return _load(directory, key, src, wanted, base_t, names)
+
+
+@dataclass(frozen=True)
+class TypePass:
+    """One llama.cpp pass of the cache: `src` with the tensors `cover` at `ggml_type`, the rest at `base`."""
+
+    src: str
+    directory: Path
+    key: Mapping[str, Any]
+    ggml_type: GGMLQuantizationType
+    cover: tuple[str, ...]
+    base: GGMLQuantizationType
+    imatrix: Mapping[str, np.ndarray] | None
+    n_threads: int | None
+    info: ModelInfo
+    universe: tuple[str, ...]
+
+
+def cache_type(job: TypePass) -> None:
+    """Quantize, cut out `<type>.bin` and its index `<type>.json` (written last: it marks the type done), and
+    check that an assembly from them is the file llama.cpp wrote; the check failing leaves no index."""
+    t, d, key = job.ggml_type, job.directory, job.key
+    ref = d / f".ref-{t.name}-{os.getpid()}.gguf"
+    opts = QuantizeOptions(imatrix=job.imatrix, n_threads=job.n_threads)
+    try:
+        quantize_map(job.src, ref, {n: t for n in job.cover}, base=job.base, opts=opts, info=job.info)
+        if _read_layout(d, key, job.src) is None:
+            _write_layout(d, key, ref, job.info, set(job.universe))
+        index = extract_tensors(ref, list(job.cover), d / f"{t.name}.bin", force=True)
+        _write_json(
+            d / f"{t.name}.json",
+            {"key": key, "tensors": {n: [T(ty).name, off, nb] for n, (ty, off, nb) in index.items()}},
+        )
+        try:
+            _check_identical(
+                _load(d, key, job.src, [t], job.base, list(job.cover)), {n: t for n in job.cover}, ref
+            )
+        except RampError:
+            (d / f"{t.name}.json").unlink(missing_ok=True)  # never reuse bytes that failed
+            raise
+    finally:
+        ref.unlink(missing_ok=True)
 
 
 def _write_layout(

@@ -155,11 +155,12 @@ def measure_source(plan: RunPlan, folded: bool, source: Source, rt: Runtime) -> 
     with stage(rt.meter, f"tensor cache + proxy ({what})"):
         sens = measure(
             source.path, source.cal, im, mcfg, plan.cache_root, staged(progress, "measure"),
-            staged(progress, "tensor cache"), text=None, info=source.info,
+            staged(progress, "tensor cache"), text=None, info=source.info, executor=rt.executor,
         )
         cache = build_cache(
             source.path, cc.requested(), plan.cache_root, imatrix=im, base=cc.base,
             n_threads=rt.opts.n_threads, searched=[t.name for t in sens.tensors], info=source.info,
+            executor=rt.executor,
         )
     alloc_sens, groups = sens, None
     if plan.sensitivity == "measured":
