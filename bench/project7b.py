@@ -63,7 +63,6 @@ def main() -> int:
         "calibration (16 x 512)": 8192 / a.gpu_tok_s * 3,  # statistics copied back per layer: 3x a decode
         "fold (13.5 GB copy)": costs["fold"]["wall_s"] * scale_p,
         "presets (1 pass)": costs["presets"]["wall_s"] * scale_p * cpu,
-        "tensor cache + proxy (12 passes)": costs["tensor cache + proxy (folded)"]["wall_s"] * scale_p * cpu,
         "allocate + write": costs["allocate"]["wall_s"] * scale_p * cpu,
         "evaluate + base log-probs": (4 + 14) * 512 / a.gpu_tok_s + 2 * probe["load"],
     }
@@ -80,11 +79,15 @@ def main() -> int:
     print()
     print("| stage | " + " | ".join(f"{g} GPU{'s' if int(g) > 1 else ''}" for g in a.gpus.split(",")) + " |")
     print("|---|" + "---|" * len(a.gpus.split(",")))
+    passes_s = costs["tensor cache + proxy (folded)"]["wall_s"] * scale_p * cpu
     totals = {}
     for g in (int(x) for x in a.gpus.split(",")):
         waves = -(-PROBES_7B // g)
         totals[g] = {
             **serial,
+            # the base type's pass alone, then the other 11 as jobs, one per node (tensorcache.cache_type);
+            # the stage's proxy part is small (its errors are written 28 s after the last pass on Qwen)
+            "tensor cache + proxy (1 + 11 passes)": passes_s / 12 * (1 + -(-11 // g)),
             f"group probes ({PROBES_7B} jobs)": waves * per_probe,
             "fold check (2 jobs)": fold_check * (1 if g > 1 else 2),
         }

@@ -30,8 +30,9 @@ WorkersOpt = Annotated[
     int | None,
     typer.Option(
         "--workers", min=1,
-        help="Run the group probes and the fold decision's evaluations as N parallel jobs on a local Ray "
-        "cluster (pip install 'ramp-cpp[ray]'); each gets --threads CPUs, default cores / N.",
+        help="Run the tensor cache's quantizer passes, the group probes and the fold decision as N "
+        "parallel jobs on a local Ray cluster (pip install 'ramp-cpp[ray]'); each gets --threads CPUs, "
+        "default cores / N.",
     ),
 ]
 RayOpt = Annotated[

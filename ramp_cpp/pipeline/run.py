@@ -101,8 +101,8 @@ def run_direct(
     "on", "off" or "auto" (None: `cfg.fold`); auto prepares both and keeps the one whose allocation
     (greedy's, for SAC) has the lower reward KLD (`choose_fold`). `on_cost`: called with each stage's costs
     (costs.StageCost) as it ends; all of them go to report.json's "costs" and `DirectResult.costs`.
-    `executor`: where the group probes and the fold decision's evaluations run (executor.py; default: one
-    after another in this process); the answers do not depend on it."""
+    `executor`: where the tensor cache's passes, the group probes and the fold decision run (executor.py;
+    default: one after another in this process); the answers do not depend on it."""
     plan = plan_run(
         model_path, run_dir, method, size, cfg, cc, calib, sensitivity, gcfg, sac, policy, cache_root, fold,
     )
