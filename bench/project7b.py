@@ -9,7 +9,7 @@ Inputs (bench/results/*.json):
   log-sum-exp over the vocabulary; scaled to the 7B shape by file bytes and by tokens × vocabulary;
 - costs.json (bench/costs.py, Qwen2.5-Coder-0.5B, today's default): the tensor cache's twelve quantizer passes
   and the proxy (CPU), the fold's copy and the calibration, scaled by parameter count;
-- workers.json: Ray's per-job cost is below 0.1 s (1.2 ms empty, 12 ms with the reward text).
+- bench/ray_overhead.py: Ray's per-job cost is below 0.1 s (0.8 ms empty, 7 ms with the reward text).
 
 The CPU stages are scaled from 2 cores to `--cores` linearly (llama.cpp's quantizer and the proxy are
 multi-threaded; linear is the optimistic bound). Printed as a markdown table.
