@@ -255,6 +255,18 @@ def test_plan_refuses_a_run_the_disk_cannot_hold(
     assert not rd.exists()
 
 
+def test_parallel_jobs_need_a_quantizer_output_and_a_probe_file_each(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    from ramp_cpp.pipeline.resources import disk_needs
+
+    info, cc = read_inventory(tiny_model), CandidateConfig()
+    one, three = (disk_needs(info, cc, "on", 1000, tmp_path / "r", tmp_path / "c", jobs) for jobs in (1, 3))
+    assert one.quantizer > 0 and three.quantizer == 3 * one.quantizer
+    assert (one.scratch, three.scratch) == (2000, 4000)
+    assert three.disk - one.disk == 2 * one.quantizer
+
+
 def test_plan_refuses_quantized_input_and_a_size_above_the_largest_file(
     tiny_model: Path, text_file: Path, tmp_path: Path
 ) -> None:

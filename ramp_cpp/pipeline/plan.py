@@ -85,8 +85,10 @@ def plan_run(
     policy: str | os.PathLike[str] | None = None,
     cache_root: str | os.PathLike[str] | None = None,
     fold: str | None = None,
+    jobs: int = 1,
 ) -> RunPlan:
-    """Check the request (module docstring) and return it as a plan; reads, never writes."""
+    """Check the request (module docstring) and return it as a plan; reads, never writes. `jobs`: how many
+    of the run's jobs may run at once on this machine (resources.disk_needs)."""
     from ramp_cpp.allocate.allocators import ALLOCATORS
     from ramp_cpp.allocate.budget import parse_size
     from ramp_cpp.calibration.collect import check_config
@@ -129,7 +131,7 @@ def plan_run(
     settings = run_settings(str(Path(model_path).resolve()), method, size, cfg, cc, sensitivity, gcfg, extra)
     check_run(rd, settings)
     croot = Path(cache_root) if cache_root is not None else rd / "cache"
-    check_plan_resources(info, cc, fold, hi, rd, croot)
+    check_plan_resources(info, cc, fold, hi, rd, croot, jobs)
     return RunPlan(
         model_path, rd, croot, method, size, preset, target, lo, hi, fold, sensitivity, cfg, cc, gcfg, sac,
         pol, calib, info, text, settings,

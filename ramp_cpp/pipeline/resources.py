@@ -44,8 +44,10 @@ class DiskNeeds:
 
 
 def disk_needs(
-    info: ModelInfo, cc: CandidateConfig, fold: str, hi: int, run_dir: Path, cache_root: Path
+    info: ModelInfo, cc: CandidateConfig, fold: str, hi: int, run_dir: Path, cache_root: Path, jobs: int = 1
 ) -> DiskNeeds:
+    """What the run will write. `jobs`: tensor-cache passes and probes at once on this machine (--workers):
+    each pass holds its own quantizer output in the cache folder, each probe its own file in scratch."""
     def padded(n: int) -> int:
         return -(-n // info.alignment) * info.alignment
 
@@ -62,9 +64,9 @@ def disk_needs(
         folded=folded,
         cache_per_folding=cache,
         foldings_measured=2 if fold == "auto" else 1,
-        quantizer=q8,
+        quantizer=q8 * jobs,
         output=hi,
-        scratch=2 * hi,
+        scratch=(1 + jobs) * hi,
         held=disk_bytes(run_dir, cache_root),
     )
 
@@ -104,9 +106,9 @@ def check_resources(n: DiskNeeds, run_dir: Path, fold: str, n_types: int) -> Non
 
 
 def check_plan_resources(
-    info: ModelInfo, cc: CandidateConfig, fold: str, hi: int, run_dir: Path, cache_root: Path
+    info: ModelInfo, cc: CandidateConfig, fold: str, hi: int, run_dir: Path, cache_root: Path, jobs: int = 1
 ) -> DiskNeeds:
-    n = disk_needs(info, cc, fold, hi, run_dir, cache_root)
+    n = disk_needs(info, cc, fold, hi, run_dir, cache_root, jobs)
     check_resources(n, run_dir, fold, len(cc.requested()))
     return n
 

@@ -105,6 +105,7 @@ def run_direct(
     default: one after another in this process); the answers do not depend on it."""
     plan = plan_run(
         model_path, run_dir, method, size, cfg, cc, calib, sensitivity, gcfg, sac, policy, cache_root, fold,
+        executor.workers if executor else 1,
     )
     write_settings(plan.run_dir, plan.settings)
     # E: one forward pass over the reward chunks; disk held: the run folder and its caches
