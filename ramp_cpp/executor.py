@@ -76,11 +76,11 @@ class Serial:
         pass
 
 
-def _counted(fn: Callable[[Any], Any], job: Any) -> tuple[Any, int, int, str]:
-    """Run `fn(job)` in a worker: its result, the tokens and quantizer passes it counted, and the host."""
+def _counted(fn: Callable[[Any], Any], job: Any) -> tuple[Any, int, int]:
+    """Run `fn(job)` in a worker: its result, and the tokens and quantizer passes it counted."""
     t, q = COUNTERS.tokens, COUNTERS.quant_passes
     r = fn(job)
-    return r, COUNTERS.tokens - t, COUNTERS.quant_passes - q, os.uname().nodename
+    return r, COUNTERS.tokens - t, COUNTERS.quant_passes - q
 
 
 @dataclass
@@ -93,13 +93,15 @@ class RayExecutor:
     gpus: float = 0.0
     address: str | None = None
     max_retries: int = 3
-    temp_dir: str | None = None  # a local cluster's session files (Ray's default: /tmp/ray)
     _started: bool = field(default=False, repr=False)
     _remote: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.cpus < 1 or self.gpus < 0:
-            raise RampError(f"workers and CPUs per job must be >= 1, got {self.workers} and {self.cpus}")
+            raise RampError(
+                f"workers and CPUs per job must be >= 1 and GPUs >= 0, got {self.workers}, {self.cpus}, "
+                f"{self.gpus}"
+            )
         try:
             import ray
         except ImportError:
@@ -115,8 +117,6 @@ class RayExecutor:
             }
             if self.address is None:
                 kw.update(num_cpus=self.workers * self.cpus, num_gpus=int(self.gpus * self.workers) or None)
-                if self.temp_dir:
-                    kw["_temp_dir"] = self.temp_dir
             try:
                 ray.init(address=self.address, **kw)
             except (ConnectionError, ValueError, RuntimeError) as e:
@@ -126,7 +126,7 @@ class RayExecutor:
 
     def map(self, fn: Callable[[J], R], jobs: Sequence[J], on_result: OnResult | None = None) -> list[R]:
         import ray
-        from ray.exceptions import RayTaskError, WorkerCrashedError
+        from ray.exceptions import RayError, RayTaskError
 
         if not jobs:
             return []
@@ -141,7 +141,7 @@ class RayExecutor:
             done, pending = ray.wait(pending, num_returns=1)
             i = index[done[0].hex()]
             try:
-                r, tokens, passes, _host = ray.get(done[0])
+                r, tokens, passes = ray.get(done[0])
             except RayTaskError as e:
                 for p in pending:
                     ray.cancel(p)
@@ -149,8 +149,10 @@ class RayExecutor:
                 if cause is not None:
                     raise cause from None
                 raise RampError(f"job {i} failed on a Ray worker: {e}") from None
-            except WorkerCrashedError as e:
-                raise RampError(f"job {i}: its worker died {self.max_retries + 1} times ({e})") from None
+            except RayError as e:  # its worker or node lost more often than Ray retries
+                for p in pending:
+                    ray.cancel(p)
+                raise RampError(f"job {i} failed after {self.max_retries} retries: {e}") from None
             COUNTERS.tokens += tokens
             COUNTERS.quant_passes += passes
             out[i] = r
@@ -186,7 +188,6 @@ def make_executor(
     address: str | None,
     threads: int | None,
     gpu_layers: int,
-    temp_dir: str | None = None,
 ) -> Executor:
     """Serial when neither `workers` nor `address` is given; else Ray. Each job gets `threads` CPUs
     (default: this machine's cores split evenly between the local workers, at least 1; on a cluster, 1) and
@@ -196,4 +197,4 @@ def make_executor(
     n = workers or 1
     # on a cluster this machine's cores say nothing about the nodes': one CPU per job unless told
     cpus = threads or (1 if address else max(1, (os.cpu_count() or 1) // n))
-    return RayExecutor(n, cpus, 1.0 if gpu_layers else 0.0, address, temp_dir=temp_dir)
+    return RayExecutor(n, cpus, 1.0 if gpu_layers else 0.0, address)

@@ -238,6 +238,17 @@ def base_logprobs_file(base_sha256: str, text: str, cfg: EvalConfig) -> Path:
     return cache_dir() / "base-logprobs" / f"{hashlib.sha256(key_src.encode()).hexdigest()[:32]}.npz"
 
 
+def ensure_base_logprobs(
+    base_path: str | os.PathLike[str], text: str, cfg: EvalConfig, opts: RuntimeOptions = RuntimeOptions()
+) -> Path:
+    """The file `base_logprobs` keeps for these arguments, computed first when it is not there (what the
+    evaluation jobs read, wherever they run)."""
+    path = base_logprobs_file(file_sha256_cached(base_path), text, cfg)
+    if not path.is_file():
+        base_logprobs(base_path, text, cfg, opts)
+    return path
+
+
 def load_base_logprobs(path: str | os.PathLike[str]) -> BaseLogprobs:
     """The log-probs `base_logprobs` saved at `path` (where a worker reads what the run computed)."""
     try:

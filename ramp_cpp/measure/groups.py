@@ -264,7 +264,7 @@ def calibrate_sensitivity(
     the reward text and chunks (validation text: the calibration is part of the search); `scratch`: the
     parent of the temporary probe folder (default: tmpfs). `progress(done, total)` after every evaluation.
     """
-    from ramp_cpp.llama.evaluate import base_logprobs, base_logprobs_file
+    from ramp_cpp.llama.evaluate import ensure_base_logprobs
     from ramp_cpp.measure.evaljob import EvalJob, EvalOutcome, run_eval_job
     from ramp_cpp.store.cache import file_sha256_cached
 
@@ -311,12 +311,11 @@ def calibrate_sensitivity(
         todo = [(label, at) for label, at in batch if label not in evals]
         if not todo:
             return
-        base_logprobs(base_path, text, ecfg, ropts)  # computed here once, read by every job
-        base_file = str(base_logprobs_file(file_sha256_cached(base_path), text, ecfg))
+        base_file = str(ensure_base_logprobs(base_path, text, ecfg, ropts))  # once, read by every job
         jobs = [
             EvalJob(
-                label, cache, {n: (probe[n] if n in set(at) else highest[n]) for n in names}, base_file,
-                text, ecfg, ropts, None if scratch is None else str(scratch),
+                label, cache, {**highest, **{n: probe[n] for n in at}}, base_file, text, ecfg, ropts,
+                None if scratch is None else str(scratch),
             )
             for label, at in todo
         ]
