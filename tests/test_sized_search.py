@@ -349,3 +349,77 @@ def test_rescore_takes_the_best_second_look_and_can_keep_greedy(tmp_path: Path) 
     seen.clear()
     choice, _, table = rescore(sens, out.state, prefers_last, 3, ctx.budget_bytes, g)
     assert choice == seen[-1] and choice != g
+
+
+# --- rounds of K rollouts (--rollouts) ---------------------------------------------------------------------
+
+
+def _log(out: object) -> list[dict[str, object]]:
+    """The search's log without its timings (the only thing a rerun may change)."""
+    return [{k: v for k, v in r.items() if not k.startswith("t_")} for r in out.state.log]  # type: ignore[attr-defined]
+
+
+def test_a_round_scores_its_new_allocations_as_one_batch(tmp_path: Path) -> None:
+    sens = sens_of(list(np.random.default_rng(7).exponential(1.0, 10)))
+    ctx = ctx_of(sens, budget_at(sens, 4.6))
+    _, score = objective(sens, {0: 5.0, 3: 5.0})
+    g = greedy(sens, ctx.budget_bytes)
+    batches: list[list[str]] = []
+
+    def batch(cs: list[dict[str, GGMLQuantizationType]]) -> list[float]:
+        batches.append([",".join(c[t.name].name for t in sens.tensors) for c in cs])
+        return [score(c) for c in cs]  # type: ignore[operator]
+
+    cfg = small_cfg(evaluations=14, rollouts=4, eval_every=0)
+    out = search(ctx, score, g, cfg, tmp_path / "batched", score_batch=batch)  # type: ignore[arg-type]
+    one_by_one = search(ctx, score, g, cfg, tmp_path / "single")  # type: ignore[arg-type]
+    assert _log(out) == _log(one_by_one)  # how a round is scored changes no number
+    keys = [k for b in batches for k in b]
+    assert len(keys) == len(set(keys)) == out.state.evaluations <= 14  # nothing scored twice
+    # the reference alone, then rounds of up to four new allocations (fewer where a draw was a memo hit)
+    assert len(batches[0]) == 1 and max(len(b) for b in batches) == 4
+    # every round of four episodes is logged and checkpointed together
+    eps = [r["episode"] for r in out.state.log if r["kind"] != "final"]
+    assert eps == list(range(len(eps)))
+
+
+def test_one_rollout_per_round_is_the_sequential_search(tmp_path: Path) -> None:
+    """K = 1 draws, scores and updates in the order the sequential search does: the same log as K = 2 would
+    not give (a round of two draws twice from one actor before an update)."""
+    sens = sens_of(list(np.random.default_rng(8).exponential(1.0, 10)))
+    ctx = ctx_of(sens, budget_at(sens, 4.6))
+    _, score = objective(sens, {1: 4.0})
+    g = greedy(sens, ctx.budget_bytes)
+    a = search(ctx, score, g, small_cfg(evaluations=10), tmp_path / "a")  # type: ignore[arg-type]
+    b = search(ctx, score, g, small_cfg(evaluations=10, rollouts=1), tmp_path / "b")  # type: ignore[arg-type]
+    c = search(ctx, score, g, small_cfg(evaluations=10, rollouts=2), tmp_path / "c")  # type: ignore[arg-type]
+    d = search(ctx, score, g, small_cfg(evaluations=10, rollouts=2), tmp_path / "d")  # type: ignore[arg-type]
+    assert _log(a) == _log(b)
+    assert _log(c) == _log(d)  # K = 2 is deterministic for its seed
+    assert _log(a) != _log(c)  # and its own search
+
+
+def test_a_round_killed_mid_batch_resumes_exactly(tmp_path: Path) -> None:
+    sens = sens_of(list(np.random.default_rng(9).exponential(1.0, 10)))
+    ctx = ctx_of(sens, budget_at(sens, 4.6))
+    _, score = objective(sens, {2: 6.0})
+    g = greedy(sens, ctx.budget_bytes)
+    cfg = small_cfg(evaluations=12, rollouts=3)
+    whole = search(ctx, score, g, cfg, tmp_path / "whole")  # type: ignore[arg-type]
+    calls = []
+
+    def dies(cs: list[dict[str, GGMLQuantizationType]]) -> list[float]:
+        calls.append(len(cs))
+        if len(calls) == 3:  # the third batch: a round in flight
+            raise KeyboardInterrupt
+        return [score(c) for c in cs]  # type: ignore[operator]
+
+    with pytest.raises(KeyboardInterrupt):
+        search(ctx, score, g, cfg, tmp_path / "cut", score_batch=dies)  # type: ignore[arg-type]
+    resumed = search(ctx, score, g, cfg, tmp_path / "cut")  # type: ignore[arg-type]
+    assert _log(resumed) == _log(whole)
+
+
+def test_rollouts_must_be_positive() -> None:
+    with pytest.raises(RampError, match="--rollouts"):
+        SizedSearchConfig(rollouts=0)

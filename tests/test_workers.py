@@ -271,6 +271,50 @@ def test_cli_sized_search_with_workers(
     assert shas[0] == shas[1]
 
 
+def test_sac_rounds_on_the_cluster_equal_the_serial_rounds(
+    cluster: RayExecutor, measured: dict[str, Any], tiny_model: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`search --method sac --rollouts 2`: each round's two allocations scored as jobs on two workers give
+    the reward KLDs, the allocation and the file of the same search scored in this process."""
+    from typer.testing import CliRunner
+
+    from ramp_cpp.allocate.sac.scoring import JobScorer
+    from ramp_cpp.allocate.sac.search import CHECKPOINT, load_checkpoint
+    from ramp_cpp.cli.app import app
+
+    batches: list[int] = []
+    spread = JobScorer.__call__
+
+    def counted(self: JobScorer, choices: Any) -> list[float]:
+        batches.append(len(choices))
+        return spread(self, choices)
+
+    monkeypatch.setattr(JobScorer, "__call__", counted)
+    runner = CliRunner()
+    tf = measured["text_file"]
+    cal = calibrate(tiny_model, tf.read_text(), CalibConfig(text=str(tf), samples=2, ctx=64))
+    calib = save_calibration(cal, tmp_path / "calib.safetensors")
+    lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
+    size = f"{(lo + hi) / 2 / 1024:.1f}KiB"
+    args = [
+        "search", "--model", str(tiny_model), "--method", "sac", "--size", size, "--evaluations", "5",
+        "--rollouts", "2", "--text", str(tf), "--calib", str(calib), "--chunks", "2", "--ctx", "128",
+        "--threads", "1", "--fold", "off", "--no-presets",
+    ]
+    runs = []
+    for name, extra in (("serial", []), ("ray", ["--workers", "2"])):
+        r = runner.invoke(app, [*args, "--out", str(tmp_path / name), *extra])
+        assert r.exit_code == 0, r.output
+        (gguf,) = (tmp_path / name).glob("*ramp-*.gguf")
+        sac = json.loads((tmp_path / name / "report.json").read_text())["summary"]["sac"]
+        _, st = load_checkpoint(tmp_path / name / CHECKPOINT)
+        runs.append((_sha(gguf), sac["reward_kld"], [(r["episode"], r["kld"]) for r in st.log]))
+    assert runs[0] == runs[1]
+    assert len(runs[0][2]) > 3  # rounds ran, not only the reference and the final rollout
+    assert max(batches) == 2  # and the cluster run scored them as batches of jobs
+
+
 def _sleeps(marker: str) -> Any:
     def job(x: int) -> int:
         (Path(marker) / f"{x}-{os.getpid()}").touch()

@@ -168,6 +168,11 @@ def search(
     ] = 0,
     features_: Annotated[str, _sac("--features", help="Layer embeddings: ramp or paper.")] = "ramp",
     seed: Annotated[int, _sac("--seed", help="Seed of the search.")] = 0,
+    rollouts: Annotated[
+        int,
+        _sac("--rollouts", min=1, help="--size: episodes per round, scored together (with --workers/--ray: "
+             "at once). 1 = one at a time; another K is its own search (docs/workers.md)."),
+    ] = 1,
     budget: Annotated[float | None, in_panel(BudgetOpt, PAPER)] = None,
     budget_mode: Annotated[str, in_panel(BudgetModeOpt, PAPER)] = "weighted",
     metric: Annotated[str, _paper("--metric", help="Reward quality: ppl (paper) or kld.")] = "ppl",
@@ -231,7 +236,7 @@ def search(
         scfg = SizedSearchConfig(
             evaluations=evaluations, reward=reward, projection=not no_projection,
             warm_start=not no_warm_start, rescore_top=rescore,
-            variant=features_, seed=seed,
+            variant=features_, seed=seed, rollouts=rollouts,
         )
         fold_mode = fold_setting(fold, no_fold, SEARCH_FOLD)
         if dry_run:
@@ -244,6 +249,8 @@ def search(
         return
     if workers or ray_address:
         raise RampError("--workers/--ray spread a --size search's evaluations; --budget runs serially")
+    if rollouts != 1:
+        raise RampError("--rollouts applies to a --size search (--method sac); --budget runs one at a time")
     if dry_run:
         raise RampError("--dry-run plans a --size search; the --budget search has no plan")
     if sensitivity is not None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from gguf import GGMLQuantizationType
 
+from ramp_cpp.executor import Executor, Serial
 from ramp_cpp.fold.source import Source
 from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.measure.sensitivity import Sensitivity
@@ -28,14 +29,15 @@ def learned_allocation(
     eopts: RuntimeOptions,
     scratch: Path,
     on_episode: Callable[[dict[str, Any]], None] | None = None,
+    executor: Executor | None = None,
 ) -> tuple[dict[str, GGMLQuantizationType], dict[str, Any]]:
     """The allocation of `plan.method` (sac or policy) on `sens` at `target`, and what to report of it.
     `eopts`: llama.cpp's options for scoring; `scratch`: where episode files go; `on_episode`: SAC's
-    per-episode callback."""
+    per-episode callback; `executor`: where a SAC round's evaluations run (None or serial: this process)."""
     from ramp_cpp.allocate.allocators import greedy
     from ramp_cpp.allocate.sac.policyfile import save_policy
     from ramp_cpp.allocate.sac.rollout import Context
-    from ramp_cpp.allocate.sac.scoring import RewardScorer, layer_embeddings, policy_episode
+    from ramp_cpp.allocate.sac.scoring import JobScorer, RewardScorer, layer_embeddings, policy_episode
     from ramp_cpp.allocate.sac.search import policy_meta, policy_tensors, rescore, search
 
     if plan.method == "policy":
@@ -48,8 +50,13 @@ def learned_allocation(
                   sac.variant, sac.projection)
     t0 = time.perf_counter()
     scorer = RewardScorer(cache, plan.model_path, text, ecfg, eopts, scratch)
+    # a round of several rollouts goes to the run's workers; one at a time stays in this process, where the
+    # loaded chunks and base log-probs are reused
+    batch = None
+    if executor is not None and not isinstance(executor, Serial) and sac.rollouts > 1:
+        batch = JobScorer(executor, cache, plan.model_path, text, ecfg, eopts, scratch)
     ref = greedy(sens, target)
-    out = search(ctx, scorer, ref, sac, rd, on_episode)
+    out = search(ctx, scorer, ref, sac, rd, on_episode, batch)
     save_policy(policy_tensors(out.agent), policy_meta(ctx, sac, sac.variant), rd / "policy.safetensors")
     choice, second = out.choice, None
     if sac.rescore_top > 0:  # a second look on the next chunks of the reward text (search.rescore)
@@ -66,6 +73,7 @@ def learned_allocation(
             "reward_kld_greedy": out.kld_ref,
             "reward_kld_policy": out.policy_kld,
             "rescored": second,
+            "rollouts": sac.rollouts,
             "t_search": time.perf_counter() - t0,
             "policy": str(rd / "policy.safetensors"),
         }

@@ -125,6 +125,8 @@ def plan_run(
     rd = Path(run_dir)
     # the number of evaluations may grow between runs (a resumed search goes on); everything else must match
     grow = {k: v for k, v in sac.to_json().items() if k not in MAY_CHANGE_ON_RESUME}
+    if grow["rollouts"] == 1:  # what every run was before rounds existed: their run directories still resume
+        del grow["rollouts"]
     extra: dict[str, Any] = {"sac": grow} if method == "sac" else {"policy_sha256": pol.sha256} if pol else {}
     if fold in ("auto", "check"):
         extra["fold"] = fold

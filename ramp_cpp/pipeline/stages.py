@@ -242,7 +242,7 @@ def allocate(plan: RunPlan, m: Measured, target: int, rt: Runtime) -> Allocation
     if plan.method not in LEARNED:
         return Allocation(None, {})
     choice, summary = learned_allocation(
-        plan, m.alloc_sens, m.source, m.cache, target, rt.eopts, rt.scratch, rt.on_episode
+        plan, m.alloc_sens, m.source, m.cache, target, rt.eopts, rt.scratch, rt.on_episode, rt.executor
     )
     return Allocation(choice, summary)
 

@@ -1,11 +1,13 @@
 """The sized search's two connections to the outside: the layer embeddings of the searched tensors (read from
 the GGUF) and the reward, an allocation's mean KLD on the reward chunks, assembled from the tensor cache
-and scored through llama-cpp-python against the base's cached log-probs."""
+and scored through llama-cpp-python against the base's cached log-probs: in this process (`RewardScorer`),
+or a round's allocations as one batch of evaluation jobs on an executor (`JobScorer`, `--workers`)."""
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,9 @@ from ramp_cpp.allocate.sac.rollout import Context, Rollout, rollout
 from ramp_cpp.calibration.artifact import Calibration
 from ramp_cpp.calibration.features import N_STATIC, FeatureConfig, compute_features
 from ramp_cpp.errors import RampError
+from ramp_cpp.executor import Executor
 from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.llama.evaluate import EvalConfig, base_logprobs, eval_chunks, kld_loaded
+from ramp_cpp.llama.evaluate import EvalConfig, base_logprobs, ensure_base_logprobs, eval_chunks, kld_loaded
 from ramp_cpp.llama.ggufio import read_inventory, weight_moments
 from ramp_cpp.measure.sensitivity import Sensitivity
 
@@ -68,6 +71,41 @@ class RewardScorer:
             k = kld_loaded(m, self.chunks, self.base).kld_mean
         self.seconds += time.perf_counter() - t0
         return float(k)
+
+
+class JobScorer:
+    """score_batch(choices) -> each allocation's mean KLD on the reward chunks, as one batch of
+    `evaljob.EvalJob`s on `executor` (each job writes its file into its own folder under `scratch`); the
+    numbers `RewardScorer` gives (the same file, chunks and base log-probs file)."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        cache: object,
+        base_path: str | os.PathLike[str],
+        text: str,
+        ecfg: EvalConfig,
+        opts: RuntimeOptions,
+        scratch: Path,
+    ) -> None:
+        self.executor, self.cache, self.text, self.ecfg = executor, cache, text, ecfg
+        self.opts = replace(opts, n_ctx=ecfg.n_ctx, n_threads=executor.threads or opts.n_threads)
+        self.base = str(ensure_base_logprobs(base_path, text, ecfg, self.opts))
+        self.scratch = str(scratch)
+        self.seconds = 0.0
+
+    def __call__(self, choices: Sequence[Choice]) -> list[float]:
+        from ramp_cpp.measure.evaljob import EvalJob, run_eval_job
+
+        t0 = time.perf_counter()
+        jobs = [
+            EvalJob(f"episode {i}", self.cache, c, self.base, self.text, self.ecfg,  # type: ignore[arg-type]
+                    self.opts, self.scratch)
+            for i, c in enumerate(choices)
+        ]
+        out = [float(o.result.kld_mean) for o in self.executor.map(run_eval_job, jobs)]
+        self.seconds += time.perf_counter() - t0
+        return out
 
 
 def policy_episode(

@@ -28,6 +28,14 @@ transfers zero-shot (`apply`). What it changes, each for a measured reason (issu
    behaviour-cloned on it (tanh(mean) → greedy's executed actions, log_std → ln explore_std), so the search
    starts where greedy ends and spends its evaluations on what the additive proxy cannot see.
 
+Rounds of K rollouts (`rollouts`, ours; default 1). The search goes in rounds: K episodes rolled out from
+the same actor, their new allocations scored as one batch (`ScoreBatch`: an executor's jobs, so K workers
+score them at once), then K · `updates_per_episode` updates. K = 1 is the sequential search above, draw for
+draw. K > 1 is its own search, with its own seed semantics: the K episodes of a round are drawn one after
+another from the seed's one random stream before any is scored, so the result depends on (seed, K) and
+never on how many workers score a round or in which order they finish; it differs from K = 1's for the
+same seed (the actor is updated every K episodes instead of every one).
+
 Evaluations are memoized by allocation; the budget `evaluations` counts real (assembled and scored) ones.
 Every `eval_every`-th episode scores the policy's mean action instead of a sample, and the last evaluation
 is the final mean-action rollout, the allocation `apply` would give. The best allocation by reward KLD
@@ -39,7 +47,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +72,7 @@ CHECKPOINT_KIND = "ramp.sized-search"
 POLICY_KIND = "sized"  # the policy file's `kind`: a rollout.py policy (a budget-relative action)
 
 Score = Callable[[Choice], float]  # an allocation -> its mean KLD on the reward chunks
+ScoreBatch = Callable[[Sequence[Choice]], list[float]]  # several at once (a round's), in their order
 OnEpisode = Callable[[dict[str, Any]], None]
 
 
@@ -104,6 +113,8 @@ class SizedSearchConfig:
     # the same allocation, at Q3_K_M's it picked one 6% worse on held-out text than greedy).
     rescore_top: int = 0
     rescore_chunks: int = 8
+    # Ours: episodes per round, scored as one batch (module docstring); 1 is the sequential search.
+    rollouts: int = 1
     hidden: tuple[int, ...] = SACConfig.hidden  # Table 27
     alpha_lr: float | None = None  # None: the agent's lr (Table 25)
     seed: int = 0
@@ -113,6 +124,8 @@ class SizedSearchConfig:
             raise RampError(f"unknown reward {self.reward!r} (choose from {', '.join(REWARDS)})")
         if self.stall_episodes < 0:
             raise RampError("stall_episodes must be >= 0 (0: never stop early)")
+        if self.rollouts < 1:
+            raise RampError("--rollouts must be >= 1 (1: one episode at a time)")
         if self.evaluations < 2:
             raise RampError("the search needs at least 2 evaluations (the reference and one episode)")
         if not self.explore_std > 0 or not self.span > 0:
@@ -237,9 +250,12 @@ def search(
     cfg: SizedSearchConfig,
     run_dir: Path,
     on_episode: OnEpisode | None = None,
+    score_batch: ScoreBatch | None = None,
 ) -> Outcome:
     """Run (or resume, from `run_dir/sac.safetensors`) the search until `cfg.evaluations` real
-    evaluations; `reference` is greedy's allocation at the same budget."""
+    evaluations; `reference` is greedy's allocation at the same budget. A round's new allocations go to
+    `score_batch` when given (an executor's batch), else to `score` one by one: the same numbers
+    either way."""
     ckpt = run_dir / CHECKPOINT
     run_dir.mkdir(parents=True, exist_ok=True)
     if ckpt.is_file():
@@ -248,16 +264,30 @@ def search(
         agent, st = SAC(ctx.obs_dim, agent_config(cfg)), SearchState()
     target = ctx.target_bpw
     sens = ctx.sens
+    batch = score_batch or (lambda cs: [float(score(c)) for c in cs])
 
-    def evaluate(ep: Rollout, kind: str, store: bool) -> dict[str, Any]:
+    def evaluate(eps: list[tuple[Rollout, str]], store: bool) -> list[dict[str, Any]]:
+        """Score a round's allocations not yet in the memo as one batch, then each episode's record in
+        order (the first of a round's duplicates is the real evaluation, the others memo hits)."""
         t0 = time.perf_counter()
-        key = _key(sens, ep.choice)
-        hit = key in st.memo
-        if not hit:
-            st.memo[key] = float(score(ep.choice))
-            st.evaluations += 1
-        kld = st.memo[key]
-        t1 = time.perf_counter()
+        keys = [_key(sens, ep.choice) for ep, _ in eps]
+        new = list(dict.fromkeys(k for k in keys if k not in st.memo))
+        choices = {k: ep.choice for k, (ep, _) in zip(keys, eps, strict=True)}
+        for k, kld in zip(new, batch([choices[k] for k in new]), strict=True):
+            st.memo[k] = float(kld)
+        t_eval = time.perf_counter() - t0  # the round's: its evaluations ran together
+        recs = []
+        for j, (key, (ep, kind)) in enumerate(zip(keys, eps, strict=True)):
+            hit = key not in new
+            if not hit:
+                new.remove(key)
+                st.evaluations += 1
+            recs.append(_record(ep, kind, st.episode + j, st.memo[key], hit, store, t_eval))
+        return recs
+
+    def _record(
+        ep: Rollout, kind: str, episode: int, kld: float, hit: bool, store: bool, t_eval: float
+    ) -> dict[str, Any]:
         if st.kld_ref is None:
             st.kld_ref = kld
         nbytes = sens.file_bytes(ep.choice)
@@ -271,10 +301,10 @@ def search(
         in_budget = nbytes <= ctx.budget_bytes
         candidate = in_budget and (kind != "reference" or cfg.warm_start)
         if candidate and (st.best is None or kld < st.best["kld"]):
-            st.best = {"kld": kld, "episode": st.episode, "kind": kind, "types": _types(ep.choice)}
+            st.best = {"kld": kld, "episode": episode, "kind": kind, "types": _types(ep.choice)}
         moved = sum(ep.proposed[t.name] != ep.choice[t.name] for t in sens.tensors)
         return {
-            "episode": st.episode,
+            "episode": episode,
             "kind": kind,
             "kld": kld,
             "reward": r,
@@ -285,15 +315,15 @@ def search(
             "projected_tensors": int(moved),
             "best_kld": st.best["kld"] if st.best else None,
             "evaluations": st.evaluations,
-            "t_eval": t1 - t0,
+            "t_eval": 0.0 if hit else t_eval,
         }
 
     if st.episode == 0:  # the reference: greedy's allocation, evaluated once, never trained on when cold
         ref = executed(ctx, reference)
-        rec = evaluate(ref, "reference", store=cfg.warm_start)
+        (rec,) = evaluate([(ref, "reference")], store=cfg.warm_start)
         if cfg.warm_start:
             rec["bc_loss"] = behaviour_clone(agent, ref, cfg)
-        _finish(st, rec, agent, ckpt, on_episode)
+        _finish(st, [rec], agent, ckpt, on_episode)
 
     # a budget that holds every tensor's largest undominated type leaves one allocation (greedy's, which the
     # projection of any action fills back to): nothing to learn, and every episode would be a memo hit
@@ -304,22 +334,30 @@ def search(
         and st.evaluations < cfg.evaluations - 1
         and st.episode < agent.cfg.episodes
     ):
-        random = st.episode <= agent.cfg.warmup_episodes
-        mean = not random and cfg.eval_every > 0 and st.episode % cfg.eval_every == 0
+        # a round never outruns the evaluations left (one is kept for the final rollout) or the episodes
+        k = min(cfg.rollouts, cfg.evaluations - 1 - st.evaluations, agent.cfg.episodes - st.episode)
         st.final = None  # a resumed run with more evaluations rolls the final policy out again
-        ep = rollout(ctx, _random(agent) if random else _acting(agent, mean))
-        rec = evaluate(ep, "random" if random else "mean" if mean else "sample", store=True)
+        eps, learning = [], 0
+        for e in range(st.episode, st.episode + k):
+            random = e <= agent.cfg.warmup_episodes
+            mean = not random and cfg.eval_every > 0 and e % cfg.eval_every == 0
+            learning += not random
+            eps.append((rollout(ctx, _random(agent) if random else _acting(agent, mean)),
+                        "random" if random else "mean" if mean else "sample"))
+        recs = evaluate(eps, store=True)
         t0 = time.perf_counter()
-        if not random and len(agent.buffer) >= agent.cfg.batch_size:
-            rec.update(agent.updates(cfg.updates_per_episode))
-        rec["t_update"] = time.perf_counter() - t0
-        _finish(st, rec, agent, ckpt, on_episode)
+        if learning and len(agent.buffer) >= agent.cfg.batch_size:
+            recs[-1].update(agent.updates(cfg.updates_per_episode * learning))
+        for r in recs:
+            r["t_update"] = 0.0
+        recs[-1]["t_update"] = time.perf_counter() - t0
+        _finish(st, recs, agent, ckpt, on_episode)
 
     if st.final is None:  # the allocation `apply` would give: the mean action, projected
         ep = rollout(ctx, _acting(agent, True))
-        rec = evaluate(ep, "final", store=False)
+        (rec,) = evaluate([(ep, "final")], store=False)
         st.final = {"kld": rec["kld"], "types": _types(ep.choice)}
-        _finish(st, rec, agent, ckpt, on_episode, count=False)
+        _finish(st, [rec], agent, ckpt, on_episode, count=False)
     if st.best is None or st.kld_ref is None:
         raise RampError("the search evaluated no allocation within the budget")
     return Outcome(
@@ -375,19 +413,21 @@ def _random(agent: SAC) -> Policy:
 
 def _finish(
     st: SearchState,
-    rec: dict[str, Any],
+    recs: list[dict[str, Any]],
     agent: SAC,
     ckpt: Path,
     on_episode: OnEpisode | None,
     count: bool = True,
 ) -> None:
-    """Log, checkpoint, report. The final rollout is not counted as an episode: a run resumed with more
-    evaluations then follows the same episode schedule as one that never stopped."""
-    st.log.append(rec)
-    st.episode += int(count)
+    """Log, checkpoint, report a round. One checkpoint per round: a resumed search starts the interrupted
+    round again from the actor that drew it. The final rollout is not counted as an episode: a run resumed
+    with more evaluations then follows the same episode schedule as one that never stopped."""
+    st.log.extend(recs)
+    st.episode += len(recs) if count else 0
     save_checkpoint(ckpt, agent, st)
     if on_episode:
-        on_episode(rec)
+        for r in recs:
+            on_episode(r)
 
 
 def policy_tensors(agent: SAC) -> dict[str, torch.Tensor]:
