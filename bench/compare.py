@@ -14,6 +14,14 @@ Protocol (the README's "Benchmark protocol"):
 
     .venv/bin/python bench/compare.py smollm2 --sizes Q3_K_M,Q4_K_S,Q4_K_M --methods uniform,greedy
     .venv/bin/python bench/compare.py qwen0.5b --sizes Q4_K_M --bases offgrid
+    .venv/bin/python bench/compare.py smollm2 --workers 2          # cells as jobs on a local Ray
+    .venv/bin/python bench/compare.py smollm2 --ray auto           # or on a cluster (same paths everywhere)
+
+Cells fan out (`fan_out`): a `Cell` is a job `ramp_cpp.executor` runs anywhere. First the preset cells (they
+set each size's target bytes), then every other cell, each batch on the executor; what cells share (the folded
+copy, the sensitivity, the tensor cache, the base log-probs) is made once, before, in this process
+(`warm`), so no two jobs write the same file. Every job writes its cell through `Results` (merged under a
+lock), so a cell finished on a worker is kept if the run dies.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -34,7 +43,9 @@ from models import MODELS, base_path  # noqa: E402
 
 from ramp_cpp.calibration.artifact import Calibration, load_calibration, save_calibration  # noqa: E402
 from ramp_cpp.calibration.collect import calibrate, load_recipe  # noqa: E402
+from ramp_cpp.executor import Executor, Serial, make_executor  # noqa: E402
 from ramp_cpp.fold.folding import FoldConfig, fold, folded_calibration_from_file  # noqa: E402
+from ramp_cpp.llama.backend import RuntimeOptions  # noqa: E402
 from ramp_cpp.llama.evaluate import EvalConfig, kld  # noqa: E402
 from ramp_cpp.llama.quantize import QuantizeOptions, QuantizeResult, quantize_preset  # noqa: E402
 from ramp_cpp.store.atomic import atomic_path  # noqa: E402
@@ -43,6 +54,9 @@ from ramp_cpp.store.texts import load_text  # noqa: E402
 HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
 TOLERANCE = 0.005  # every allocated file within 0.5% below its target
+#: llama.cpp's options for every cell this process runs; a cell run as a job sets its threads (`run_cell`), so
+#: that two jobs on one machine do not both take all its cores
+RUN = RuntimeOptions()
 
 
 def log(msg: str) -> None:
@@ -122,8 +136,8 @@ class Results:
     """bench/results/<model>.json: cell key -> row. Every save merges into what is on disk under a lock
     (the cells and commands this process added win), so two processes on one model lose nothing."""
 
-    def __init__(self, key: str) -> None:
-        self.path = HERE / "results" / f"{key}.json"
+    def __init__(self, key: str, folder: str | None = None) -> None:
+        self.path = (Path(folder) if folder else HERE / "results") / f"{key}.json"
         self.data: dict[str, Any] = self._read()
         self._cells: dict[str, Any] = {}  # what this process put
         self._commands: list[str] = []
@@ -159,7 +173,7 @@ class Results:
 
 def evaluate(path: Path, b: Base, chunks: int) -> dict[str, Any]:
     text, _ = load_text("wikitext2-test")
-    k = kld(path, b.path, text, EvalConfig(n_chunks=chunks))
+    k = kld(path, b.path, text, EvalConfig(n_chunks=chunks), RUN)
     return {
         "ppl": k.ppl,
         "base_ppl": k.base_ppl,
@@ -194,7 +208,7 @@ def preset_cell(
     q = b.out / f"{preset}.{folded.tag}.{kind}.gguf"
     log(f"{b.key}/{b.name}: {preset}{' + imatrix' if imatrix else ''} ({folded.tag})")
     im = cal.imatrix() if imatrix else None
-    r = quantize_preset(src, q, preset, QuantizeOptions(imatrix=im, force=True))
+    r = quantize_preset(src, q, preset, QuantizeOptions(imatrix=im, force=True, n_threads=RUN.n_threads))
     row = {
         "method": f"{preset}{' + imatrix' if imatrix else ''}",
         "base": b.name,
@@ -215,7 +229,7 @@ REWARD = EvalConfig(n_ctx=512, n_chunks=4)  # the search's reward chunks: wikite
 
 def reward_kld(path: Path, b: Base) -> float:
     """KLD on the reward chunks (validation text): what `--fold auto` compares, never the held-out text."""
-    return kld(path, b.path, load_text("wikitext2-valid")[0], REWARD).kld_mean
+    return kld(path, b.path, load_text("wikitext2-valid")[0], REWARD, RUN).kld_mean
 
 
 def group_config(method: str) -> Any:
@@ -252,7 +266,7 @@ def calibrated(b: Base, src: Path, cal: Calibration, sens: Any, gcfg: Any = None
     cache = tensor_cache(b, src, cal, sens)
     log(f"{b.key}/{b.name}: group calibration on {src.name}")
     return calibrate_sensitivity(sens, cache, b.path, load_text("wikitext2-valid")[0], REWARD,
-                                 cfg=gcfg or GroupConfig())
+                                 cfg=gcfg or GroupConfig(), opts=RUN)
 
 
 def sac_settings(method: str) -> Any:
@@ -313,7 +327,7 @@ def transfer_cell(
     ep = policy_episode(pol, src, cal, sens, target)
 
     cache = tensor_cache(b, src, cal, sens)
-    q = b.out / f"{method}.{preset}.gguf"
+    q = b.out / f"{method}.{preset}.{folded.tag}.gguf"
     log(f"{b.key}/{b.name}: {method} at {preset}'s size ({target / MIB:.2f} MiB)")
     assemble(cache, ep.choice, q, force=True)
     size = q.stat().st_size
@@ -353,7 +367,6 @@ def sac_cell(
     from ramp_cpp.allocate.sac.scoring import RewardScorer, layer_embeddings
     from ramp_cpp.allocate.sac.search import policy_meta, policy_tensors, search
     from ramp_cpp.fold.source import cleanup, workdir
-    from ramp_cpp.llama.backend import RuntimeOptions
     from ramp_cpp.measure.proxy import measure
     from ramp_cpp.measure.tensorcache import assemble
 
@@ -379,14 +392,14 @@ def sac_cell(
                 f"evals {r['evaluations']} R {r['reward']:+.4f} moved {r['projected_tensors']}")
 
     try:
-        scorer = RewardScorer(cache, b.path, load_text("wikitext2-valid")[0], REWARD, RuntimeOptions(), wd)
+        scorer = RewardScorer(cache, b.path, load_text("wikitext2-valid")[0], REWARD, RUN, wd)
         out = search(ctx, scorer, ref, scfg, rd, on_episode)
         t_search = time.perf_counter() - t0
         meta = policy_meta(ctx, scfg, scfg.variant)
         save_policy(policy_tensors(out.agent), meta, rd / "policy.safetensors")
         rows: dict[str, Any] = {}
         for label, choice in (("", out.choice), ("policy_", out.policy_choice)):
-            q = b.out / f"{method}.{preset}.gguf"
+            q = b.out / f"{method}.{preset}.{folded.tag}.gguf"
             assemble(cache, choice, q, force=True)
             size = q.stat().st_size
             if size > target:
@@ -444,11 +457,12 @@ def alloc_cell(
     t1 = time.perf_counter()
     choice = ALLOCATORS[method.split("-")[0]](sens, target)
     t2 = time.perf_counter()
-    q = b.out / f"{method}.{preset}.gguf"
+    q = b.out / f"{method}.{preset}.{folded.tag}.gguf"
     log(
         f"{b.key}/{b.name}: {method} at {preset}'s size ({target / MIB:.2f} MiB)({folded.tag})"
     )
-    r = quantize_map(src, q, choice, base="Q8_0", opts=QuantizeOptions(imatrix=cal.imatrix(), force=True))
+    qo = QuantizeOptions(imatrix=cal.imatrix(), force=True, n_threads=RUN.n_threads)
+    r = quantize_map(src, q, choice, base="Q8_0", opts=qo)
     if r.file_size > target:
         raise SystemExit(f"{method}: {r.file_size} bytes is over the target {target}")
     # below the tolerance only when every larger candidate is dominated (measured no better): on a base
@@ -482,6 +496,91 @@ def alloc_cell(
     return row
 
 
+# -- cells as jobs ---------------------------------------------------------------------------------------
+
+CELLS = {"alloc": alloc_cell, "sac": sac_cell, "transfer": transfer_cell}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of a base, as a job: `kind` is preset, preset-noimatrix (llama.cpp's preset without the
+    imatrix), or the method's kind (alloc, sac, transfer); `target` the whole-file bytes (0 for presets)."""
+
+    model: str
+    base: str
+    seed: int
+    recipe: str
+    kind: str
+    method: str
+    preset: str
+    target: int
+    fold: float | None
+    chunks: int
+    results: str | None = None  # Results' folder (None: bench/results)
+    threads: int | None = None  # llama.cpp's threads in the job (None: all cores)
+
+    @classmethod
+    def of(cls, b: Base, recipe: str, method: str, preset: str, target: int, folded: Fold, chunks: int,
+           results: str | None = None) -> Cell:
+        first = method.split("-")[0]
+        kind = method if first == "preset" else first if first in CELLS else "alloc"
+        return cls(b.key, b.name, b.seed, recipe, kind, method, preset, target, folded.power, chunks, results)
+
+
+def run_cell(c: Cell) -> dict[str, Any]:
+    """The cell's row: computed here (on whatever worker runs the job) or read back when it is stored."""
+    global RUN
+    RUN = RuntimeOptions(n_threads=c.threads)
+    res, b, folded = Results(c.model, c.results), prepare(c.model, c.base, c.seed, c.recipe), Fold(c.fold)
+    if c.kind.startswith("preset"):
+        return preset_cell(res, b, c.preset, folded, c.chunks, imatrix=c.kind == "preset")
+    return CELLS[c.kind](res, b, c.method, c.preset, c.target, folded, c.chunks)
+
+
+def warm(b: Base, folds: list[Fold], methods: list[str], chunks: int) -> None:
+    """What the cells of `b` share, made once in this process before they fan out: each folding's model
+    and sensitivity, the tensor cache where a method reads it, the base's log-probs on the held-out and the
+    reward chunks."""
+    from ramp_cpp.llama.evaluate import ensure_base_logprobs
+    from ramp_cpp.measure.proxy import measure
+
+    ensure_base_logprobs(b.path, load_text("wikitext2-test")[0], EvalConfig(n_chunks=chunks))
+    ensure_base_logprobs(b.path, load_text("wikitext2-valid")[0], REWARD)
+    cached = any(MEASURED in m or m.split("-")[0] in ("sac", "transfer") for m in methods)
+    for folded in folds:
+        src, cal = b.model(folded)
+        if methods:
+            sens = measure(src, cal, cal.imatrix(), cache_root=b.out / "cache")
+            if cached:
+                tensor_cache(b, src, cal, sens)
+
+
+def fan_out(ex: Executor, cells: list[Cell]) -> list[dict[str, Any]]:
+    """Each cell's row, in the cells' order; the cells run as one batch of `ex` with its threads each."""
+    jobs = [Cell(**{**c.__dict__, "threads": ex.threads}) for c in cells]
+
+    def done(i: int, row: dict[str, Any]) -> None:
+        c = cells[i]
+        log(f"cell {c.method} {c.preset} ({Fold(c.fold).tag}): done")
+
+    return ex.map(run_cell, jobs, done if ex.workers > 1 else None)
+
+
+def add_executor_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--workers", type=int, default=None, help="cells as Ray jobs on N local workers")
+    ap.add_argument("--ray", default=os.environ.get("RAY_ADDRESS"),
+                    help="a Ray cluster's address (RAY_ADDRESS); bench/ must be at the same path there")
+    ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads per cell job")
+
+
+def executor_of(a: argparse.Namespace) -> Executor:
+    if a.workers is not None and a.workers < 1:
+        raise SystemExit("--workers must be >= 1")
+    if not a.workers and not a.ray:
+        return Serial(threads=a.threads)
+    return make_executor(a.workers, a.ray, a.threads, 0, pythonpath=(str(HERE),))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", choices=list(MODELS))
@@ -493,22 +592,28 @@ def main() -> None:
                     help="folding settings to run: off, on (power 0.5), pX (power X), comma-separated")
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--recipe", default=str(HERE.parent / "calib" / "bench.toml"))
+    ap.add_argument("--results", default=None, help="the results folder (default: bench/results)")
+    add_executor_args(ap)
     a = ap.parse_args()
-    res = Results(a.model)
+    ex = executor_of(a)
+    res = Results(a.model, a.results)
     res.command(sys.argv[1:])
     folds = [Fold.parse(f) for f in a.fold.split(",")]
-    for base in a.bases.split(","):
-        b = prepare(a.model, base, a.seed, a.recipe)
-        for preset in a.sizes.split(","):
-            target = preset_cell(res, b, preset, Fold(None), a.chunks)["file_bytes"]
-            for folded in folds:
-                if folded:
-                    preset_cell(res, b, preset, folded, a.chunks)
-                for method in [m for m in a.methods.split(",") if m]:
-                    kind = method.split("-")[0]
-                    cell = {"sac": sac_cell, "transfer": transfer_cell}.get(kind, alloc_cell)
-                    cell(res, b, method, preset, target, folded, a.chunks)
-    print(json.dumps(res.data["cells"], indent=1))
+    methods = [m for m in a.methods.split(",") if m]
+    sizes = a.sizes.split(",")
+    try:
+        for base in a.bases.split(","):
+            b = prepare(a.model, base, a.seed, a.recipe)
+            warm(b, folds, methods, a.chunks)
+            presets = [Cell.of(b, a.recipe, "preset", p, 0, f, a.chunks, a.results)
+                       for p in sizes for f in [Fold(None), *(f for f in folds if f)]]
+            rows = fan_out(ex, presets)
+            target = {c.preset: r["file_bytes"] for c, r in zip(presets, rows, strict=True) if c.fold is None}
+            fan_out(ex, [Cell.of(b, a.recipe, m, p, target[p], f, a.chunks, a.results)
+                         for p in sizes for f in folds for m in methods])
+    finally:
+        ex.close()
+    print(json.dumps(Results(a.model, a.results).data["cells"], indent=1))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 `bench/results/<model>.png`, written from the cells alone.
 
     .venv/bin/python bench/run.py smollm2 [--stages presets,alloc,sac,report] [--fold on]
-        [--sac-evaluations 150]
+        [--sac-evaluations 150] [--workers N | --ray ADDRESS]
     make bench MODEL=smollm2
+
+With `--workers N` (local Ray) or `--ray ADDRESS` the cells run as jobs (`compare.fan_out`): the presets as
+one batch, then the allocators' and SAC's cells as another.
 
 The cells are `bench/compare.py`'s (its protocol: off-grid base, one calibration, folding choice and imatrix
 per base, held-out `wikitext2-test` chunks 0..15 of 512, whole-file bytes):
@@ -30,9 +33,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import HERE, Fold, Results, alloc_cell, log, prepare, preset_cell, sac_cell  # noqa: E402
+from compare import (  # noqa: E402
+    HERE,
+    Cell,
+    Fold,
+    Results,
+    add_executor_args,
+    executor_of,
+    fan_out,
+    log,
+    prepare,
+    warm,
+)
 from table import groups_table, sac_table, strength_table, table  # noqa: E402
 
+from ramp_cpp.executor import Executor  # noqa: E402
 from ramp_cpp.store.atomic import atomic_path  # noqa: E402
 
 PRESETS = ("Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
@@ -51,23 +66,30 @@ def sac_method(evaluations: int) -> str:
     return "sac" if evaluations == 150 else f"sac-e{evaluations}"
 
 
-def run_cells(model: str, stages: set[str], fold: Fold, evaluations: int, chunks: int, recipe: str) -> None:
+def run_cells(
+    model: str, stages: set[str], fold: Fold, evaluations: int, chunks: int, recipe: str, ex: Executor
+) -> None:
+    """The cells of `stages` on `ex`: the presets (which set each size's target) as one batch, then the
+    allocators' and SAC's cells as another."""
     res = Results(model)
     res.command(sys.argv[1:], "bench/run.py")
     b = prepare(model, "offgrid", 0, recipe)
-    if "presets" in stages:
-        for p in PRESETS:
-            for im in (False, True):
-                preset_cell(res, b, p, Fold(None), chunks, imatrix=im)
-    for size in SIZES:
-        target = preset_cell(res, b, size, Fold(None), chunks)["file_bytes"]
-        if fold:
-            preset_cell(res, b, size, fold, chunks)
-        if "alloc" in stages:
-            for m in ALLOCATORS:
-                alloc_cell(res, b, m, size, target, fold, chunks)
-        if "sac" in stages:
-            sac_cell(res, b, sac_method(evaluations), size, target, fold, chunks)
+    methods = [*(ALLOCATORS if "alloc" in stages else ())]
+    methods += [sac_method(evaluations)] if "sac" in stages else []
+    folds = [Fold(None), *([fold] if fold else [])]
+    warm(b, [fold] if fold else [Fold(None)], methods, chunks)
+
+    def cell(method: str, preset: str, folded: Fold, target: int = 0) -> Cell:
+        return Cell.of(b, recipe, method, preset, target, folded, chunks)
+
+    presets = [cell(k, p, Fold(None)) for p in PRESETS for k in ("preset-noimatrix", "preset")
+               if "presets" in stages]
+    presets += [cell("preset", s, f) for s in SIZES for f in folds]
+    presets = list(dict.fromkeys(presets))  # a size's own preset is one of the sweep's: one job
+    rows = fan_out(ex, presets)
+    target = {c.preset: r["file_bytes"] for c, r in zip(presets, rows, strict=True)
+              if c.fold is None and c.kind == "preset"}
+    fan_out(ex, [cell(m, s, fold, target[s]) for s in SIZES for m in methods])
 
 
 # -- report -------------------------------------------------------------------------------------------
@@ -306,6 +328,7 @@ def main() -> None:
     ap.add_argument("--sac-evaluations", type=int, default=150)
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--recipe", default=str(HERE.parent / "calib" / "bench.toml"))
+    add_executor_args(ap)
     a = ap.parse_args()
     stages = set(a.stages.split(","))
     if stages - set(STAGES):
@@ -313,7 +336,11 @@ def main() -> None:
         raise SystemExit(f"unknown stage(s) {bad}; stages: {', '.join(STAGES)}")
     fold = Fold.parse(a.fold)
     if stages - {"report"}:
-        run_cells(a.model, stages, fold, a.sac_evaluations, a.chunks, a.recipe)
+        ex = executor_of(a)
+        try:
+            run_cells(a.model, stages, fold, a.sac_evaluations, a.chunks, a.recipe, ex)
+        finally:
+            ex.close()
     if "report" in stages:
         log(f"wrote {report(a.model, fold, a.sac_evaluations, a.chunks)}")
 

@@ -20,7 +20,9 @@ Ray (`RayExecutor`):
                 job (tensor cache, base log-probs, model) must name the same files on every node: a shared
                 filesystem, or one node
 
-`fn` must be a module-level function of an installed package (the workers import it by name).
+`fn` must be a module-level function the workers can import by name: of an installed package, or of a
+folder named in `pythonpath` (the benchmark scripts': each job's PYTHONPATH gets it, through Ray's runtime
+environment, so it must be the same path on every node).
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class RayExecutor:
     gpus: float = 0.0
     address: str | None = None
     max_retries: int = 3
+    pythonpath: tuple[str, ...] = ()  # folders the jobs import `fn` from besides the installed packages
     _started: bool = field(default=False, repr=False)
     _remote: Any = field(default=None, repr=False)
 
@@ -130,9 +133,14 @@ class RayExecutor:
 
         if not jobs:
             return []
-        task = self._remote.options(
-            num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries, retry_exceptions=False
-        )
+        kw: dict[str, Any] = {
+            "num_cpus": self.cpus, "num_gpus": self.gpus, "max_retries": self.max_retries,
+            "retry_exceptions": False,
+        }
+        if self.pythonpath:
+            path = [*self.pythonpath, *filter(None, [os.environ.get("PYTHONPATH")])]
+            kw["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(path)}}
+        task = self._remote.options(**kw)
         refs = [task.remote(fn, j) for j in jobs]
         index = {r.hex(): i for i, r in enumerate(refs)}
         out: list[Any] = [None] * len(refs)
@@ -188,6 +196,7 @@ def make_executor(
     address: str | None,
     threads: int | None,
     gpu_layers: int,
+    pythonpath: tuple[str, ...] = (),
 ) -> Executor:
     """Serial when neither `workers` nor `address` is given; else Ray. Each job gets `threads` CPUs
     (default: this machine's cores split evenly between the local workers, at least 1; on a cluster, 1) and
@@ -197,4 +206,4 @@ def make_executor(
     n = workers or 1
     # on a cluster this machine's cores say nothing about the nodes': one CPU per job unless told
     cpus = threads or (1 if address else max(1, (os.cpu_count() or 1) // n))
-    return RayExecutor(n, cpus, 1.0 if gpu_layers else 0.0, address)
+    return RayExecutor(n, cpus, 1.0 if gpu_layers else 0.0, address, pythonpath=pythonpath)

@@ -142,3 +142,46 @@ def test_depth_correlation_across_models(a, b, want):
     (pair,) = depth.across_models(data)
     assert pair[:3] == ("m1", "m2", "greedy (measured)")
     assert pair[3] == (None if want is None else pytest.approx(want))
+
+
+# -- cells as jobs (compare.fan_out) -------------------------------------------------------------------------
+
+
+def _base(home: Path) -> object:
+    return compare.Base("m", "offgrid", 0, home / "none.gguf", None, home / "out")
+
+
+@pytest.mark.parametrize(
+    "method,kind",
+    [("preset", "preset"), ("preset-noimatrix", "preset-noimatrix"), ("uniform", "alloc"),
+     ("greedy-measured-b3", "alloc"), ("sac-e20-s1", "sac"), ("transfer-qwen0.5b", "transfer")],
+)
+def test_a_cell_job_knows_which_cell_it_runs(method, kind, tmp_path):
+    c = compare.Cell.of(_base(tmp_path), "r.toml", method, "Q4_K_M", 123, compare.Fold(0.5), 4)
+    assert (c.kind, c.method, c.target, c.fold, c.chunks) == (kind, method, 123, 0.5, 4)
+    assert hash(c) == hash(compare.Cell.of(_base(tmp_path), "r.toml", method, "Q4_K_M", 123,
+                                            compare.Fold(0.5), 4))  # a batch can drop a repeated cell
+
+
+def test_fan_out_gives_each_cells_row_in_order_and_its_threads(results_home, monkeypatch):
+    """Stored cells come back as they are, in the batch's order, without touching a model; the job runs
+    with the executor's threads."""
+    from ramp_cpp.executor import Serial
+
+    res = compare.Results("m")
+    res.put("offgrid-s0|nofold|preset+imatrix|Q4_K_M|4", {"file_bytes": 10})
+    res.put("offgrid-s0|fold|greedy|Q4_K_M|4", {"kld_mean": 0.5})
+    monkeypatch.setattr(compare, "prepare", lambda *a: _base(results_home))
+    seen = []
+
+    def results(key, folder=None):
+        seen.append(compare.RUN.n_threads)  # what the cell's llama.cpp calls will get
+        return res
+
+    monkeypatch.setattr(compare, "Results", results)
+    b = _base(results_home)
+    cells = [compare.Cell.of(b, "r", "greedy", "Q4_K_M", 10, compare.Fold(0.5), 4),
+             compare.Cell.of(b, "r", "preset", "Q4_K_M", 0, compare.Fold(None), 4)]
+    rows = compare.fan_out(Serial(threads=1), cells)
+    assert rows == [{"kld_mean": 0.5}, {"file_bytes": 10}]
+    assert seen == [1, 1]

@@ -209,6 +209,23 @@ def test_what_each_job_asks_ray_for(
     assert isinstance(ex, RayExecutor) and (ex.cpus, ex.gpus, ex.threads) == (cpus, gpus, cpus)
 
 
+def test_jobs_import_their_function_from_the_pythonpath_folders(cluster: RayExecutor, tmp_path: Path) -> None:
+    """The benchmark scripts' cells are functions of bench/, not of an installed package: `pythonpath` puts
+    the folder on each job's PYTHONPATH, where a worker started without it could not import them."""
+    (tmp_path / "cellmod_a3f.py").write_text("def triple(x):\n    return 3 * x\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import cellmod_a3f  # type: ignore[import-not-found]
+
+        with_path = RayExecutor(workers=2, cpus=1, address=cluster.address, pythonpath=(str(tmp_path),))
+        assert with_path.map(cellmod_a3f.triple, [1, 2, 3]) == [3, 6, 9]
+        with pytest.raises(Exception, match="cellmod_a3f"):
+            cluster.map(cellmod_a3f.triple, [1])  # the same job without the folder: no such module there
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("cellmod_a3f", None)
+
+
 def test_a_killed_worker_costs_one_retried_job(cluster: RayExecutor, tmp_path: Path) -> None:
     seen: list[int] = []
     out = cluster.map(_dies_once(str(tmp_path)), [0, 1, 2], lambda i, r: seen.append(i))

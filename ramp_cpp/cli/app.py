@@ -15,7 +15,7 @@ import typer
 from ramp_cpp import __version__
 from ramp_cpp.cli import apply, calibrate, demo, measure, models, quantize, search
 from ramp_cpp.cli.common import err, out
-from ramp_cpp.errors import RampError
+from ramp_cpp.errors import RampError, from_os_error
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="RAMP mixed-precision quantization for llama.cpp."
@@ -57,6 +57,9 @@ def guarded(fn: Callable[..., None]) -> Callable[..., None]:
             fn(*args, **kwargs)
         except RampError as e:
             err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as e:  # the environment's (a full disk, a permission): one line too
+            err.print(f"[red]error:[/] {from_os_error(e)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted")

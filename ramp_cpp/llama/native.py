@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ramp_cpp.errors import RampError
+from ramp_cpp.errors import RampError, out_of_space
 from ramp_cpp.llama.backend import InputStats, RuntimeOptions, StatsModel, _llama
 
 ABI_VERSION = 2
@@ -146,6 +146,9 @@ def quantize_model(
         len(err),
     )
     if rc != 0:
+        full = out_of_space(dst)  # llama.cpp reports a failed write as an iostream error
+        if full is not None:
+            raise full
         msg = " ".join(err.value.decode(errors="replace").split()) or "see RAMP_VERBOSE=1"
         raise RampError(f"llama.cpp quantization of {src} failed: {msg[-400:]}")
 

@@ -54,6 +54,7 @@ from ramp_cpp.pipeline.stages import (
     prepare_sources,
     warm_base,
 )
+from ramp_cpp.store.atomic import sweep_temps
 from ramp_cpp.store.cache import disk_bytes
 
 
@@ -108,6 +109,8 @@ def run_direct(
         executor.workers if executor else 1,
     )
     write_settings(plan.run_dir, plan.settings)
+    for folder in (plan.run_dir, plan.cache_root):  # what a run killed here before left half-written
+        sweep_temps(folder)
     # E: one forward pass over the reward chunks; disk held: the run folder and its caches
     held = lambda: disk_bytes(plan.run_dir, plan.cache_root)  # noqa: E731
     meter = Meter(plan.cfg.chunks * plan.cfg.n_ctx, on_cost, held)

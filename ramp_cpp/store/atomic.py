@@ -1,9 +1,12 @@
-"""Write-to-temp-then-rename, so no command ever leaves a half-written output behind."""
+"""Write-to-temp-then-rename, so no command ever leaves a half-written output behind: a temp file is
+`.NAME.tmp-PID` beside its destination, and one whose process was killed (SIGKILL runs no cleanup) is
+removed by the next run over that folder (`sweep_temps`)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,3 +33,33 @@ def atomic_path(dst: str | os.PathLike[str], force: bool = False) -> Iterator[Pa
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def pid_gone(pid: int) -> bool:
+    """No process `pid` runs (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def sweep_temps(root: str | os.PathLike[str]) -> list[Path]:
+    """Remove the `.NAME.tmp-PID` files and folders under `root` whose process no longer runs (what a killed
+    run left half-written); return them. A live process's temp files are left alone."""
+    gone: list[Path] = []
+    base = Path(root)
+    if not base.is_dir():
+        return gone
+    for p in base.rglob(".*.tmp-*"):
+        pid = p.name.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and pid_gone(int(pid)):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            gone.append(p)
+    return gone

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ramp_cpp.store.atomic import atomic_path
+from ramp_cpp.store.atomic import atomic_path, pid_gone
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
@@ -72,15 +72,9 @@ def sweep_scratch(root: Path) -> list[Path]:
     gone = []
     for d in root.glob("ramp-*-*-*"):
         pid = d.name.split("-")[2]
-        if not pid.isdigit() or not d.is_dir():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if pid.isdigit() and d.is_dir() and pid_gone(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
             gone.append(d)
-        except PermissionError:  # alive, another user's
-            pass
     return gone
 
 
