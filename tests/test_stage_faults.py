@@ -132,23 +132,25 @@ def _tmpfs(path: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
-def test_out_of_disk_mid_tensor_cache_is_one_line_and_the_rerun_finishes(
-    job: dict[str, Any], tmp_path: Path
+@pytest.mark.parametrize("stage", ["tensor cache + proxy (folded)", "group probes (folded)", "allocate"])
+def test_out_of_disk_mid_stage_is_one_line_and_the_rerun_finishes(
+    job: dict[str, Any], tmp_path: Path, stage: str
 ) -> None:
+    """The run folder and the probe files' scratch on one small file system, filled when `stage` starts."""
     disk = tmp_path / "disk"
     if os.geteuid() != 0 or not shutil.which("mount") or not _tmpfs(disk, "64m"):
         pytest.skip("needs a tmpfs of its own (root and mount)")
     try:
-        run, env = disk / "run", _env(tmp_path)
+        run, env = disk / "run", {**_env(tmp_path), "RAMP_SCRATCH_DIR": str(disk / "scratch")}
         args = [*job["args"], "--out", str(run)]
         launch = [sys.executable, str(job["root"] / "launch.py")]
-        full = subprocess.run([*launch, "tensor cache + proxy (folded)", "fill", str(disk), *args], env=env,
-                              capture_output=True, text=True)
+        full = subprocess.run([*launch, stage, "fill", str(disk), *args], env=env, capture_output=True,
+                              text=True)
         assert full.returncode == 2
         errors = [ln for ln in full.stderr.splitlines() if ln.startswith("error:")]
         assert len(errors) == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
         assert "out of disk space" in errors[0], errors[0]
-        assert not _leftovers(run)
+        assert not _leftovers(run, disk / "scratch")
         (disk / "filler").unlink()
         again = subprocess.run([sys.executable, "-c", "from ramp_cpp.cli.app import main; main()", *args],
                                env=env, capture_output=True, text=True)

@@ -258,6 +258,16 @@ def test_cli_workers_only_for_a_sized_search(tiny_model: Path, tmp_path: Path) -
     assert not (tmp_path / "r").exists()
 
 
+def _cli_inputs(measured: dict[str, Any], tiny_model: Path, tmp_path: Path) -> tuple[Path, Path, str]:
+    """A CLI search's text file, a tiny calibration of the model, and a --size between its smallest and
+    largest files."""
+    tf = measured["text_file"]
+    cal = calibrate(tiny_model, tf.read_text(), CalibConfig(text=str(tf), samples=2, ctx=64))
+    calib = save_calibration(cal, tmp_path / "calib.safetensors")
+    lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
+    return tf, calib, f"{(lo + hi) / 2 / 1024:.1f}KiB"
+
+
 def test_cli_sized_search_with_workers(
     cluster: RayExecutor, measured: dict[str, Any], tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -268,11 +278,7 @@ def test_cli_sized_search_with_workers(
     from ramp_cpp.cli.app import app
 
     runner = CliRunner()
-    tf = measured["text_file"]
-    cal = calibrate(tiny_model, tf.read_text(), CalibConfig(text=str(tf), samples=2, ctx=64))
-    calib = save_calibration(cal, tmp_path / "calib.safetensors")
-    lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
-    size = f"{(lo + hi) / 2 / 1024:.1f}KiB"
+    tf, calib, size = _cli_inputs(measured, tiny_model, tmp_path)
     args = [
         "search", "--model", str(tiny_model), "--method", "greedy", "--size", size,
         "--text", str(tf), "--calib", str(calib), "--chunks", "2", "--ctx", "128", "--threads", "1",
@@ -309,11 +315,7 @@ def test_sac_rounds_on_the_cluster_equal_the_serial_rounds(
 
     monkeypatch.setattr(JobScorer, "__call__", counted)
     runner = CliRunner()
-    tf = measured["text_file"]
-    cal = calibrate(tiny_model, tf.read_text(), CalibConfig(text=str(tf), samples=2, ctx=64))
-    calib = save_calibration(cal, tmp_path / "calib.safetensors")
-    lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
-    size = f"{(lo + hi) / 2 / 1024:.1f}KiB"
+    tf, calib, size = _cli_inputs(measured, tiny_model, tmp_path)
     args = [
         "search", "--model", str(tiny_model), "--method", "sac", "--size", size, "--evaluations", "5",
         "--rollouts", "2", "--text", str(tf), "--calib", str(calib), "--chunks", "2", "--ctx", "128",
@@ -330,6 +332,36 @@ def test_sac_rounds_on_the_cluster_equal_the_serial_rounds(
     assert runs[0] == runs[1]
     assert len(runs[0][2]) > 3  # rounds ran, not only the reference and the final rollout
     assert max(batches) == 2  # and the cluster run scored them as batches of jobs
+
+
+def test_cli_measure_kld_groups_with_workers(
+    cluster: RayExecutor, measured: dict[str, Any], tiny_model: Path, tmp_path: Path
+) -> None:
+    """`measure --kld-groups --workers 2` (each run with its own cache, so both compute every probe) gives
+    the serial command's group KLDs."""
+    from typer.testing import CliRunner
+
+    from ramp_cpp.cli.app import app
+    from ramp_cpp.errors import RampError
+    from ramp_cpp.store.texts import load_text
+
+    try:
+        load_text("wikitext2-valid")
+    except RampError:
+        pytest.skip("wikitext2-valid is not available offline")
+    _, calib, _ = _cli_inputs(measured, tiny_model, tmp_path)
+    got = {}
+    for name, extra in (("serial", []), ("ray", ["--workers", "2"])):
+        r = CliRunner().invoke(app, [
+            "measure", str(tiny_model), "--calib", str(calib), "-o", str(tmp_path / f"{name}.json"),
+            "--cache-dir", str(tmp_path / f"{name}-cache"), "--kld-groups", "--chunks", "1", "--ctx", "64",
+            "--threads", "1", "--json", *extra,
+        ])
+        assert r.exit_code == 0, r.output
+        d = json.loads(r.output[r.output.index("{"):])
+        assert d["kld_groups"]["evaluated_now"] > 1
+        got[name] = [(g["name"], g["kld"]) for g in d["kld_groups"]["groups"]]
+    assert got["serial"] == got["ray"]
 
 
 def _sleeps(marker: str) -> Any:

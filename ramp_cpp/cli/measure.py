@@ -11,7 +11,19 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ramp_cpp.cli.common import ForceOpt, JsonOpt, ThreadsOpt, bar, chunk_progress, emit, out, parse_bits
+from ramp_cpp.cli.common import (
+    ForceOpt,
+    JsonOpt,
+    RayOpt,
+    ThreadsOpt,
+    WorkersOpt,
+    bar,
+    chunk_progress,
+    emit,
+    executor_for,
+    out,
+    parse_bits,
+)
 from ramp_cpp.errors import RampError
 
 REWARD_TEXT = "wikitext2-valid"  # the search's reward text; wikitext2-test stays held out
@@ -53,6 +65,8 @@ def measure(
     ctx: Annotated[int, typer.Option("--ctx", help="--kld-groups: tokens per chunk.")] = 512,
     force: ForceOpt = False,
     threads: ThreadsOpt = None,
+    workers: WorkersOpt = None,
+    ray_address: RayOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Bytes and importance-weighted error of every searched tensor at every candidate type, measured on the
@@ -89,7 +103,7 @@ def measure(
         with LlamaModel(model, RuntimeOptions(n_ctx=64, n_threads=threads)) as lm:
             eval_chunks(lm, reward_text, EvalConfig(n_ctx=ctx, n_chunks=chunks))
     t0 = time.perf_counter()
-    with bar("measure") as p:
+    with bar("measure") as p, executor_for(workers, ray_address, threads, 0) as ex:
         sens = run_measure(
             model,
             cal,
@@ -98,6 +112,7 @@ def measure(
             cache_dir,
             progress=chunk_progress(p, "tensors"),
             cache_progress=chunk_progress(p, "tensor cache (types)"),
+            executor=ex,
         )
         report = None
         if kld_groups:
@@ -108,11 +123,11 @@ def measure(
             cache = build_cache(
                 model, cc.requested(), cache_dir or default_cache_root(),
                 imatrix=cal.imatrix() if use_imatrix else None, base=cc.base, n_threads=threads,
-                searched=[t.name for t in sens.tensors],
+                searched=[t.name for t in sens.tensors], executor=ex,
             )
             _, report = calibrate_sensitivity(
                 sens, cache, model, reward_text, EvalConfig(n_ctx=ctx, n_chunks=chunks),
-                RuntimeOptions(n_threads=threads), progress=chunk_progress(p, "KLD evaluations"),
+                RuntimeOptions(n_threads=threads), progress=chunk_progress(p, "KLD evaluations"), executor=ex,
             )
     seconds = time.perf_counter() - t0
     save(sens, output, force)
