@@ -363,6 +363,15 @@ def eval_chunks(model: LlamaModel, text: str, cfg: EvalConfig) -> list[np.ndarra
     return _tokens(model, text, cfg)
 
 
+def reward_chunks(
+    base_path: str | os.PathLike[str], text: str, cfg: EvalConfig, opts: RuntimeOptions = RuntimeOptions()
+) -> tuple[np.ndarray, ...]:
+    """`eval_chunks` of the model at `base_path`: the tokens every evaluation job of a batch scores, made
+    once by the caller so that no job tokenizes the text again (0.5 s of SmolLM2's 9.6 s evaluation)."""
+    with LlamaModel(base_path, _runtime(opts, cfg)) as model:
+        return tuple(_tokens(model, text, cfg))
+
+
 def forward_seconds(model: LlamaModel, cs: list[np.ndarray]) -> float:
     """Wall time of the bare forward passes over `cs`, same logits requested as scoring: the floor an
     evaluation can reach."""

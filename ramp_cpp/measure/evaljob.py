@@ -1,7 +1,8 @@
 """One evaluation as a job an executor can run anywhere: a type map in, the reward KLD and its cost out.
 
     EvalJob      the file to score (a type map over a tensor cache, or over a source llama.cpp quantizes),
-                 the base log-probs file it is compared with, the reward text and chunks, llama.cpp's options
+                 the base log-probs file it is compared with, the scored tokens (`evaluate.reward_chunks`,
+                 tokenized once by the caller), llama.cpp's options
     run_eval_job writes the file into a fresh scratch folder (removed however the job ends), loads it,
                  scores the chunks against the base log-probs, and returns the `KLDResult` with its seconds
 
@@ -26,7 +27,7 @@ from gguf import GGMLQuantizationType
 
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.backend import RuntimeOptions
-from ramp_cpp.llama.evaluate import EvalConfig, KLDResult
+from ramp_cpp.llama.evaluate import KLDResult
 from ramp_cpp.llama.ggufio import ModelInfo
 from ramp_cpp.measure.tensorcache import TensorCache
 from ramp_cpp.store.cache import scratch_dir
@@ -48,9 +49,8 @@ class EvalJob:
     origin: TensorCache | Quantized  # where the file's bytes come from
     types: Mapping[str, GGMLQuantizationType]  # tensors named here get their type, the others the base
     base_logprobs: str  # evaluate.base_logprobs_file: the reference the KLD is measured against
-    text: str
-    ecfg: EvalConfig
-    opts: RuntimeOptions  # at the chunks' context (n_ctx = ecfg.n_ctx)
+    chunks: tuple[np.ndarray, ...]  # the reward chunks' tokens (evaluate.reward_chunks of the base)
+    opts: RuntimeOptions  # at the chunks' context
     scratch: str | None = None  # parent of the job's temporary folder where it exists, else cache.scratch_dir
 
 
@@ -70,12 +70,15 @@ def _workdir(parent: str | None) -> Path:
 def run_eval_job(job: EvalJob) -> EvalOutcome:
     """Write, load and score `job`'s file (module docstring)."""
     from ramp_cpp.llama.backend import LlamaModel
-    from ramp_cpp.llama.evaluate import eval_chunks, kld_loaded, load_base_logprobs, tokens_sha_of
+    from ramp_cpp.llama.evaluate import kld_loaded, load_base_logprobs, tokens_sha_of
     from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
     from ramp_cpp.measure.tensorcache import assemble
 
     t0 = time.perf_counter()
     base = load_base_logprobs(job.base_logprobs)
+    chunks = list(job.chunks)
+    if tokens_sha_of(chunks) != base.tokens_sha:
+        raise RampError(f"{job.label}: the job's tokens are not the ones the base log-probs were computed on")
     wd = _workdir(job.scratch)
     try:
         dst = wd / "eval.gguf"
@@ -86,9 +89,6 @@ def run_eval_job(job: EvalJob) -> EvalOutcome:
         else:
             assemble(o, job.types, dst, force=True)
         with LlamaModel(dst, job.opts) as m:
-            chunks = eval_chunks(m, job.text, job.ecfg)
-            if tokens_sha_of(chunks) != base.tokens_sha:
-                raise RampError(f"{job.label}: the file tokenizes the reward text differently from the base")
             r = kld_loaded(m, chunks, base)
     finally:
         shutil.rmtree(wd, ignore_errors=True)

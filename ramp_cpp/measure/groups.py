@@ -264,7 +264,7 @@ def calibrate_sensitivity(
     the reward text and chunks (validation text: the calibration is part of the search); `scratch`: the
     parent of the temporary probe folder (default: tmpfs). `progress(done, total)` after every evaluation.
     """
-    from ramp_cpp.llama.evaluate import ensure_base_logprobs
+    from ramp_cpp.llama.evaluate import ensure_base_logprobs, reward_chunks
     from ramp_cpp.measure.evaljob import EvalJob, EvalOutcome, run_eval_job
     from ramp_cpp.store.cache import file_sha256_cached
 
@@ -312,9 +312,10 @@ def calibrate_sensitivity(
         if not todo:
             return
         base_file = str(ensure_base_logprobs(base_path, text, ecfg, ropts))  # once, read by every job
+        chunks = reward_chunks(base_path, text, ecfg, ropts)
         jobs = [
             EvalJob(
-                label, cache, {**highest, **{n: probe[n] for n in at}}, base_file, text, ecfg, ropts,
+                label, cache, {**highest, **{n: probe[n] for n in at}}, base_file, chunks, ropts,
                 None if scratch is None else str(scratch),
             )
             for label, at in todo

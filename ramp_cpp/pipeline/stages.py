@@ -216,13 +216,14 @@ def _score_files(
 ) -> dict[str, tuple[float, ...]]:
     """Each named (origin, type map)'s per-chunk KLD against the unfolded model on `ecfg`'s chunks, as one
     batch of the run's executor (evaljob.EvalJob: origin a tensor cache or a `Quantized` source)."""
-    from ramp_cpp.llama.evaluate import ensure_base_logprobs
+    from ramp_cpp.llama.evaluate import ensure_base_logprobs, reward_chunks
     from ramp_cpp.measure.evaljob import EvalJob, run_eval_job
 
     ropts = replace(rt.eopts, n_ctx=ecfg.n_ctx, n_threads=rt.executor.threads or rt.eopts.n_threads)
     base_file = str(ensure_base_logprobs(plan.model_path, plan.text, ecfg, ropts))
+    chunks = reward_chunks(plan.model_path, plan.text, ecfg, ropts)
     jobs = [
-        EvalJob(label, origin, choice, base_file, plan.text, ecfg, ropts, str(rt.scratch))
+        EvalJob(label, origin, choice, base_file, chunks, ropts, str(rt.scratch))
         for label, (origin, choice) in files.items()
     ]
     return {o.label: o.result.chunk_kld for o in rt.executor.map(run_eval_job, jobs)}

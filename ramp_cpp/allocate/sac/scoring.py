@@ -21,7 +21,14 @@ from ramp_cpp.calibration.features import N_STATIC, FeatureConfig, compute_featu
 from ramp_cpp.errors import RampError
 from ramp_cpp.executor import Executor
 from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.llama.evaluate import EvalConfig, base_logprobs, ensure_base_logprobs, eval_chunks, kld_loaded
+from ramp_cpp.llama.evaluate import (
+    EvalConfig,
+    base_logprobs,
+    ensure_base_logprobs,
+    eval_chunks,
+    kld_loaded,
+    reward_chunks,
+)
 from ramp_cpp.llama.ggufio import read_inventory, weight_moments
 from ramp_cpp.measure.sensitivity import Sensitivity
 
@@ -88,9 +95,10 @@ class JobScorer:
         opts: RuntimeOptions,
         scratch: Path,
     ) -> None:
-        self.executor, self.cache, self.text, self.ecfg = executor, cache, text, ecfg
+        self.executor, self.cache = executor, cache
         self.opts = replace(opts, n_ctx=ecfg.n_ctx, n_threads=executor.threads or opts.n_threads)
         self.base = str(ensure_base_logprobs(base_path, text, ecfg, self.opts))
+        self.chunks = reward_chunks(base_path, text, ecfg, self.opts)
         self.scratch = str(scratch)
         self.seconds = 0.0
 
@@ -99,8 +107,8 @@ class JobScorer:
 
         t0 = time.perf_counter()
         jobs = [
-            EvalJob(f"episode {i}", self.cache, c, self.base, self.text, self.ecfg,  # type: ignore[arg-type]
-                    self.opts, self.scratch)
+            EvalJob(f"episode {i}", self.cache, c, self.base, self.chunks, self.opts,  # type: ignore[arg-type]
+                    self.scratch)
             for i, c in enumerate(choices)
         ]
         out = [float(o.result.kld_mean) for o in self.executor.map(run_eval_job, jobs)]
