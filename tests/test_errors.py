@@ -55,11 +55,12 @@ def test_sweep_removes_a_dead_process_temp_file_only(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
     stale = tmp_path / "cache" / f".a.bin.tmp-{dead}"
+    derived = tmp_path / "cache" / f".ref-Q4_0.gguf.tmp-{dead}.assembled"  # made from a temp file
     live = tmp_path / f".b.gguf.tmp-{os.getpid()}"
     stale.parent.mkdir()
-    stale.write_bytes(b"half")
-    live.write_bytes(b"being written")
+    for p in (stale, derived, live):
+        p.write_bytes(b"half")
     keep = tmp_path / "c.gguf"
     keep.write_bytes(b"done")
-    assert sweep_temps(tmp_path) == [stale]
-    assert not stale.exists() and live.exists() and keep.exists()
+    assert sorted(sweep_temps(tmp_path)) == sorted([stale, derived])
+    assert not stale.exists() and not derived.exists() and live.exists() and keep.exists()

@@ -55,7 +55,7 @@ from ramp_cpp.llama.ggufio import (
 from ramp_cpp.llama.quantize import QuantizeOptions, complete_map, file_type_for, quantize_map
 from ramp_cpp.measure.candidates import searchable
 from ramp_cpp.model.ladder import needs_imatrix, type_from_name, written_type
-from ramp_cpp.store.atomic import atomic_path
+from ramp_cpp.store.atomic import atomic_path, temp_name
 from ramp_cpp.store.cache import file_sha256_cached
 
 T = GGMLQuantizationType
@@ -257,7 +257,7 @@ def cache_type(job: TypePass) -> None:
     """Quantize, cut out `<type>.bin` and its index `<type>.json` (written last: it marks the type done), and
     check that an assembly from them is the file llama.cpp wrote; the check failing leaves no index."""
     t, d, key = job.ggml_type, job.directory, job.key
-    ref = d / f".ref-{t.name}-{os.getpid()}.gguf"
+    ref = d / temp_name(f"ref-{t.name}.gguf")  # a killed pass leaves it to the next run's sweep_temps
     opts = QuantizeOptions(imatrix=job.imatrix, n_threads=job.n_threads)
     try:
         quantize_map(job.src, ref, {n: t for n in job.cover}, base=job.base, opts=opts, info=job.info)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ def check_output(dst: str | os.PathLike[str], force: bool) -> Path:
 def atomic_path(dst: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `dst`; rename it onto `dst` only if the block succeeds."""
     p = check_output(dst, force)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    tmp = p.with_name(temp_name(p.name))
     try:
         yield tmp
         os.replace(tmp, p)
@@ -46,16 +47,22 @@ def pid_gone(pid: int) -> bool:
     return False
 
 
+def temp_name(name: str) -> str:
+    """The name of a temp file for `name` of this process: `.NAME.tmp-PID`, what `sweep_temps` finds."""
+    return f".{name}.tmp-{os.getpid()}"
+
+
 def sweep_temps(root: str | os.PathLike[str]) -> list[Path]:
-    """Remove the `.NAME.tmp-PID` files and folders under `root` whose process no longer runs (what a killed
-    run left half-written); return them. A live process's temp files are left alone."""
+    """Remove the `.NAME.tmp-PID…` files and folders under `root` whose process no longer runs (what a killed
+    run left half-written, and what was derived from it, e.g. `.x.tmp-PID.assembled`); return them. A live
+    process's temp files are left alone."""
     gone: list[Path] = []
     base = Path(root)
     if not base.is_dir():
         return gone
     for p in base.rglob(".*.tmp-*"):
-        pid = p.name.rsplit(".tmp-", 1)[1]
-        if pid.isdigit() and pid_gone(int(pid)):
+        pid = re.search(r"\.tmp-(\d+)", p.name)
+        if pid is not None and pid_gone(int(pid.group(1))):
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
