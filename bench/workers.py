@@ -7,7 +7,8 @@ saved probe evaluations (groups-*.json) and runs the same request again, so it r
 the fold decision, on warm caches, through its executor:
 
     serial      in this process, llama.cpp on all cores (what `search` does without --workers)
-    workers2    `--workers 2`: a local Ray cluster, two jobs at once, one thread each
+    workersN    `--workers N`: a local Ray cluster, N jobs at once, cores / N threads each; with --gpu-layers,
+                the machine's one GPU shared by the N jobs (1/N each): workers1,workers2,workers4,workers8
     kill        as workers2, and a Ray worker process is killed (SIGKILL) while a probe runs on it
 
 `--seed-from RUN` starts the cold run from another run's calibration and tensor caches (hard-linked).
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import base_path  # noqa: E402
 
 from ramp_cpp.calibration.collect import load_recipe  # noqa: E402
-from ramp_cpp.executor import Executor, Serial, make_executor  # noqa: E402
+from ramp_cpp.executor import Executor, RayExecutor, Serial  # noqa: E402
 from ramp_cpp.llama.backend import RuntimeOptions  # noqa: E402
 from ramp_cpp.pipeline.run import run_direct  # noqa: E402
 from ramp_cpp.pipeline.sizedconfig import SEARCH_GROUPS, SEARCH_RECIPE, SizedConfig  # noqa: E402
@@ -88,7 +89,7 @@ def seed_from(src: Path, out: Path) -> None:
     shutil.copy2(src / "calib.safetensors", out / "seed-calib.safetensors")
 
 
-def run(key: str, size: str, mode: str, out: Path) -> dict[str, Any]:
+def run(key: str, size: str, mode: str, out: Path, gpu_layers: int = 0) -> dict[str, Any]:
     model = base_path(key)
     seed = out / "seed-calib.safetensors"
     cold = out / "cold"
@@ -104,7 +105,10 @@ def run(key: str, size: str, mode: str, out: Path) -> dict[str, Any]:
         )
         for g in cache.rglob("groups-*.json"):
             g.unlink()
-    ex: Executor = Serial() if mode in ("cold", "serial") else make_executor(2, None, None, 0)
+    n = int(mode.removeprefix("workers")) if mode.startswith("workers") else 2
+    ex: Executor = Serial()
+    if mode not in ("cold", "serial"):
+        ex = RayExecutor(n, max(1, (os.cpu_count() or 1) // n), 1.0 / n if gpu_layers else 0.0)
     stop, killed = threading.Event(), list[int]()
     if mode == "kill":
         threading.Thread(target=killer, args=(stop, killed, 20.0), daemon=True).start()
@@ -112,7 +116,8 @@ def run(key: str, size: str, mode: str, out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         r = run_direct(
-            model, rd, "greedy", size, cfg, opts=RuntimeOptions(), presets=(), sensitivity="measured",
+            model, rd, "greedy", size, cfg, opts=RuntimeOptions(n_gpu_layers=gpu_layers), presets=(),
+            sensitivity="measured",
             gcfg=SEARCH_GROUPS, fold="auto", cache_root=cache, executor=ex,
             calib=seed if seed.is_file() else None,
             on_cost=lambda s: log(f"{key} {mode}: {s.stage} {s.wall_s:.0f} s, {s.E:.2f} E"),
@@ -171,6 +176,7 @@ def main() -> int:
     ap.add_argument("--size", default="Q4_K_M")
     ap.add_argument("--modes", default="cold,serial,workers2,kill")
     ap.add_argument("--seed-from", type=Path, help="a run folder of the same model (calibration, caches)")
+    ap.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded (a CUDA build)")
     ap.add_argument("--table", action="store_true", help="print the markdown table of the results and stop")
     a = ap.parse_args()
     if a.table:
@@ -185,7 +191,9 @@ def main() -> int:
         if k in d:
             log(f"{k}: done")
             continue
-        d[k] = run(a.model, a.size, mode, out)
+        if mode not in ("cold", "serial", "kill") and not mode.removeprefix("workers").isdigit():
+            raise SystemExit(f"unknown mode {mode!r}: cold, serial, workersN, kill")
+        d[k] = run(a.model, a.size, mode, out, a.gpu_layers)
         log(f"{k}: {json.dumps({x: d[k][x] for x in ('gguf_sha256', 'spread_wall_s', 'killed_workers')})}")
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         tmp = RESULTS.with_suffix(".tmp")
