@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -557,7 +557,7 @@ def warm(b: Base, folds: list[Fold], methods: list[str], chunks: int) -> None:
 
 def fan_out(ex: Executor, cells: list[Cell]) -> list[dict[str, Any]]:
     """Each cell's row, in the cells' order; the cells run as one batch of `ex` with its threads each."""
-    jobs = [Cell(**{**c.__dict__, "threads": ex.threads}) for c in cells]
+    jobs = [replace(c, threads=ex.threads) for c in cells]
 
     def done(i: int, row: dict[str, Any]) -> None:
         c = cells[i]

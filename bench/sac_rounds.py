@@ -63,7 +63,7 @@ def main() -> None:
 
     from ramp_cpp.allocate.allocators import greedy
     from ramp_cpp.allocate.sac.rollout import Context
-    from ramp_cpp.allocate.sac.scoring import JobScorer, RewardScorer, layer_embeddings
+    from ramp_cpp.allocate.sac.scoring import RewardScorer, layer_embeddings
     from ramp_cpp.allocate.sac.search import SizedSearchConfig, search
     from ramp_cpp.executor import make_executor
     from ramp_cpp.fold.source import cleanup, workdir
@@ -91,7 +91,7 @@ def main() -> None:
         ex = make_executor(a.workers, None, None, 0) if mode.endswith("workers") else None
         try:
             scorer = RewardScorer(cache, b.path, text, REWARD, RUN, wd)
-            batch = JobScorer(ex, cache, b.path, text, REWARD, RUN, wd) if ex is not None else None
+            batch = scorer.on(ex) if ex is not None else None
             log(f"{a.model}: {mode}, {a.evaluations} evaluations")
             t0 = time.perf_counter()
             out = search(ctx, scorer, ref, cfg, rd, None, batch)

@@ -64,3 +64,15 @@ def test_apply_bad_policy(tiny_model: Path, tmp_path: Path) -> None:
         runner.invoke(app, ["apply", str(pol), str(tiny_model), "-o", str(out)]), "not a ramp-cpp policy"
     )
     assert not out.exists()
+
+
+def test_rollouts_only_for_the_sized_sac_search(tiny_model: Path, tmp_path: Path) -> None:
+    """--rollouts shapes SAC's rounds: refused, before any work, where no sized SAC search runs."""
+    out = ["--model", str(tiny_model), "--out", str(tmp_path / "r")]
+    greedy = ["search", *out, "--method", "greedy", "--size", "1MiB"]
+    one_error_line(runner.invoke(app, [*greedy, "--rollouts", "2"]), "--rollouts applies to --method sac")
+    one_error_line(runner.invoke(app, ["search", *out, "--budget", "4.5", "--rollouts", "2"]),
+                   "--rollouts applies to a --size search")
+    r = runner.invoke(app, ["search", *out, "--size", "1MiB", "--rollouts", "0"])
+    assert r.exit_code == 2 and "--rollouts" in r.output
+    assert not (tmp_path / "r").exists()

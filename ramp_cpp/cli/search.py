@@ -225,6 +225,8 @@ def search(
         )
 
         sensitivity = resolve_sensitivity(method, sensitivity)
+        if rollouts != 1 and method != "sac":
+            raise RampError(f"--rollouts applies to --method sac (the search's rounds), not {method}")
         if model is None or size is None:
             raise RampError(f"--method {method} needs --model and a whole-file --size (e.g. 95MiB or Q4_K_M)")
         cand = parse_types(types) if types else DEFAULT_TYPES

@@ -37,7 +37,7 @@ def learned_allocation(
     from ramp_cpp.allocate.allocators import greedy
     from ramp_cpp.allocate.sac.policyfile import save_policy
     from ramp_cpp.allocate.sac.rollout import Context
-    from ramp_cpp.allocate.sac.scoring import JobScorer, RewardScorer, layer_embeddings, policy_episode
+    from ramp_cpp.allocate.sac.scoring import RewardScorer, layer_embeddings, policy_episode
     from ramp_cpp.allocate.sac.search import policy_meta, policy_tensors, rescore, search
 
     if plan.method == "policy":
@@ -54,7 +54,7 @@ def learned_allocation(
     # loaded chunks and base log-probs are reused
     batch = None
     if executor is not None and not isinstance(executor, Serial) and sac.rollouts > 1:
-        batch = JobScorer(executor, cache, plan.model_path, text, ecfg, eopts, scratch)
+        batch = scorer.on(executor)
     ref = greedy(sens, target)
     out = search(ctx, scorer, ref, sac, rd, on_episode, batch)
     save_policy(policy_tensors(out.agent), policy_meta(ctx, sac, sac.variant), rd / "policy.safetensors")

@@ -109,8 +109,10 @@ def run_direct(
         executor.workers if executor else 1,
     )
     write_settings(plan.run_dir, plan.settings)
-    for folder in (plan.run_dir, plan.cache_root):  # what a run killed here before left half-written
-        sweep_temps(folder)
+    # what a run killed here before left half-written (a cache inside the run folder is swept with it)
+    sweep_temps(plan.run_dir)
+    if not plan.cache_root.is_relative_to(plan.run_dir):
+        sweep_temps(plan.cache_root)
     # E: one forward pass over the reward chunks; disk held: the run folder and its caches
     held = lambda: disk_bytes(plan.run_dir, plan.cache_root)  # noqa: E731
     meter = Meter(plan.cfg.chunks * plan.cfg.n_ctx, on_cost, held)

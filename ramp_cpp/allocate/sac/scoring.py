@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,9 @@ from ramp_cpp.executor import Executor
 from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
 from ramp_cpp.llama.evaluate import (
     EvalConfig,
-    base_logprobs,
     ensure_base_logprobs,
-    eval_chunks,
     kld_loaded,
+    load_base_logprobs,
     reward_chunks,
 )
 from ramp_cpp.llama.ggufio import read_inventory, weight_moments
@@ -50,7 +49,8 @@ def layer_embeddings(
 class RewardScorer:
     """score(choice) -> mean KLD of the allocation on the reward chunks (`ecfg` of `text`) against
     `base_path`. The episode file lives in `scratch` (tmpfs where there is one) and is overwritten each
-    time; `seconds` accumulates assembly + load + scoring time."""
+    time; `seconds` accumulates assembly + load + scoring time. `on(executor)` scores batches of allocations
+    as evaluation jobs instead, with the same base log-probs file and tokens."""
 
     def __init__(
         self,
@@ -63,9 +63,10 @@ class RewardScorer:
     ) -> None:
         self.cache = cache
         self.opts = replace(opts, n_ctx=ecfg.n_ctx)
-        self.base = base_logprobs(base_path, text, ecfg, self.opts)
-        with LlamaModel(base_path, self.opts) as m:
-            self.chunks = eval_chunks(m, text, ecfg)
+        self.base_file = str(ensure_base_logprobs(base_path, text, ecfg, self.opts))
+        self.base = load_base_logprobs(self.base_file)
+        self.chunks = reward_chunks(base_path, text, ecfg, self.opts)
+        self.scratch = scratch
         self.dst = scratch / "episode.gguf"
         self.seconds = 0.0
 
@@ -75,40 +76,34 @@ class RewardScorer:
         t0 = time.perf_counter()
         assemble(self.cache, choice, self.dst, force=True)  # type: ignore[arg-type]
         with LlamaModel(self.dst, self.opts) as m:
-            k = kld_loaded(m, self.chunks, self.base).kld_mean
+            k = kld_loaded(m, list(self.chunks), self.base).kld_mean
         self.seconds += time.perf_counter() - t0
         return float(k)
 
+    def on(self, executor: Executor) -> JobScorer:
+        """This scorer's batches as jobs of `executor` (each with the executor's threads)."""
+        return JobScorer(self, executor)
 
+
+@dataclass
 class JobScorer:
     """score_batch(choices) -> each allocation's mean KLD on the reward chunks, as one batch of
-    `evaljob.EvalJob`s on `executor` (each job writes its file into its own folder under `scratch`); the
-    numbers `RewardScorer` gives (the same file, chunks and base log-probs file)."""
+    `evaljob.EvalJob`s on `executor` (each job writes its file into its own folder under the scorer's
+    scratch); the numbers `scorer` gives one by one."""
 
-    def __init__(
-        self,
-        executor: Executor,
-        cache: object,
-        base_path: str | os.PathLike[str],
-        text: str,
-        ecfg: EvalConfig,
-        opts: RuntimeOptions,
-        scratch: Path,
-    ) -> None:
-        self.executor, self.cache = executor, cache
-        self.opts = replace(opts, n_ctx=ecfg.n_ctx, n_threads=executor.threads or opts.n_threads)
-        self.base = str(ensure_base_logprobs(base_path, text, ecfg, self.opts))
-        self.chunks = reward_chunks(base_path, text, ecfg, self.opts)
-        self.scratch = str(scratch)
-        self.seconds = 0.0
+    scorer: RewardScorer
+    executor: Executor
+    seconds: float = 0.0
 
     def __call__(self, choices: Sequence[Choice]) -> list[float]:
         from ramp_cpp.measure.evaljob import EvalJob, run_eval_job
 
         t0 = time.perf_counter()
+        sc = self.scorer
+        opts = replace(sc.opts, n_threads=self.executor.threads or sc.opts.n_threads)
         jobs = [
-            EvalJob(f"episode {i}", self.cache, c, self.base, self.chunks, self.opts,  # type: ignore[arg-type]
-                    self.scratch)
+            EvalJob(f"episode {i}", sc.cache, c, sc.base_file, sc.chunks, opts,  # type: ignore[arg-type]
+                    str(sc.scratch))
             for i, c in enumerate(choices)
         ]
         out = [float(o.result.kld_mean) for o in self.executor.map(run_eval_job, jobs)]
