@@ -95,7 +95,7 @@ class Fold:
 @dataclass
 class Base:
     key: str
-    name: str  # offgrid | dequant
+    name: str  # offgrid | dequant | permuted
     seed: int
     path: Path
     cal: Calibration
@@ -119,7 +119,7 @@ class Base:
 
 def prepare(key: str, base: str, seed: int, recipe: str) -> Base:
     path = base_path(key, base, seed)
-    out = HERE / "out" / key / f"{base}-s{seed}" if base == "offgrid" else HERE / "out" / key / base
+    out = HERE / "out" / key / (base if base == "dequant" else f"{base}-s{seed}")
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_recipe(recipe)
     cp = out / f"calib-{cfg.samples}x{cfg.ctx}-s{cfg.seed}.safetensors"
@@ -224,6 +224,7 @@ def preset_cell(
 
 
 MEASURED = "-measured"
+TRANSFERRED = "greedy-transferred"  # greedy on the other benchmark models' group ratios (issue 23)
 REWARD = EvalConfig(n_ctx=512, n_chunks=4)  # the search's reward chunks: wikitext2-valid, never the test text
 
 
@@ -454,6 +455,14 @@ def alloc_cell(
     if MEASURED in method:  # the proxy calibrated per group by KLD on the reward chunks (groups.py)
         sens, report = calibrated(b, src, cal, sens, group_config(method))
         extra = {"kld_groups": report.to_json()}
+    elif method == TRANSFERRED:  # the other models' measured groups (bench/ratios.py): no evaluation here
+        from ratios import leave_out
+
+        from ramp_cpp.llama.ggufio import read_inventory
+
+        table = leave_out(b.key)
+        sens = sens.scaled(table.factors(read_inventory(src), [t.name for t in sens.tensors]))
+        extra = {"ratio_sources": list(table.sources), "evaluations": 0}
     t1 = time.perf_counter()
     choice = ALLOCATORS[method.split("-")[0]](sens, target)
     t2 = time.perf_counter()

@@ -16,7 +16,7 @@ Configs: `old` is the default of `search --method greedy --size` before issue 21
 recipe, 128 x 2048 tokens; the twelve default candidate types; `--fold auto`, both foldings measured; group
 probes of 4 depth buckets with 3 pair checks on the 4 reward chunks; presets Q4_K_M and Q3_K_M scored).
 `old-bench` is the same with the benchmarks' 16 x 512 calibration (what bench/compare.py's cells used). `new`
-is today's default (ramp_cpp.pipeline.sizedconfig.SEARCH_*).
+is today's default (ramp_cpp.pipeline.sizedconfig.SEARCH_*); `new-b4` the same with 4 depth buckets per role.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import fcntl
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,8 @@ CONFIGS = {
     "old": Config("paper", CandidateConfig(), GroupConfig(), "auto", ("Q4_K_M", "Q3_K_M")),
     "old-bench": Config("bench", CandidateConfig(), GroupConfig(), "auto", ("Q4_K_M", "Q3_K_M")),
     "new": Config(SEARCH_RECIPE, CandidateConfig(), SEARCH_GROUPS, SEARCH_FOLD, ()),
+    # today's default but 4 depth buckets, as the earlier default: is the coarser grouping what costs quality?
+    "new-b4": Config(SEARCH_RECIPE, CandidateConfig(), replace(SEARCH_GROUPS, n_buckets=4), SEARCH_FOLD, ()),
 }
 
 

@@ -48,17 +48,22 @@ MODELS: dict[str, PackagedModel] = {
     )
 }
 
-BASES = ("offgrid", "dequant")
+BASES = ("offgrid", "dequant", "permuted")
 
 
 def base_path(key: str, base: str = "offgrid", seed: int = 0) -> Path:
-    """The F16 base of model `key`: `dequant` (on the source's grid) or `offgrid` (seeded rescale of it)."""
+    """The F16 base of model `key`: `dequant` (on the source's grid), `offgrid` (seeded rescale of it) or
+    `permuted` (the same rescale and a permutation of the residual channels: token_embd / output off the
+    grid too; issue 23)."""
     f16 = fetch_f16(MODELS[key], progress=lambda s: print(s, file=sys.stderr))
     if base == "dequant":
         return f16
-    out = f16.with_name(f16.name.removesuffix(".f16.gguf") + f".offgrid-s{seed}.f16.gguf")
+    if base not in BASES:
+        raise SystemExit(f"unknown base {base!r} (choose from {', '.join(BASES)})")
+    tag = f"offgrid-s{seed}" + ("-perm" if base == "permuted" else "")
+    out = f16.with_name(f16.name.removesuffix(".f16.gguf") + f".{tag}.f16.gguf")
     if not out.is_file():
-        offgrid(f16, out, OffgridConfig(seed=seed))
+        offgrid(f16, out, OffgridConfig(seed=seed, permute=base == "permuted"))
     return out
 
 

@@ -13,9 +13,24 @@ from typer.testing import CliRunner
 
 from ramp_cpp.cli.app import app
 from ramp_cpp.errors import RampError
-from ramp_cpp.fold.offgrid import KEY_SEED, KEY_SOURCE, OffgridConfig, offgrid, plan_scales
+from ramp_cpp.fold.offgrid import (
+    KEY_PERMUTED,
+    KEY_SEED,
+    KEY_SOURCE,
+    OffgridConfig,
+    offgrid,
+    plan_permutation,
+    plan_scales,
+)
 from ramp_cpp.llama.evaluate import EvalConfig, kld
-from ramp_cpp.llama.ggufio import TensorRewrite, field_value, open_reader, read_inventory, rewrite_gguf
+from ramp_cpp.llama.ggufio import (
+    TensorRewrite,
+    field_value,
+    open_reader,
+    read_inventory,
+    rewrite_gguf,
+    tensor_types,
+)
 from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map, quantize_preset
 from ramp_cpp.store.cache import file_sha256
 
@@ -126,3 +141,61 @@ def test_cli_offgrid(models: dict[str, Path], tmp_path: Path) -> None:
         and lines[0].startswith("error:")
         and not (tmp_path / "x.gguf").exists()
     )
+
+
+# -- the residual permutation (offgrid --permute, issue 23) ------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_permuted_same_function_embeddings_moved(
+    kind: str, models: dict[str, Path], tiny_text: str, tmp_path: Path
+) -> None:
+    src = models[kind]
+    plain = offgrid(src, tmp_path / "plain.gguf", OffgridConfig(seed=3))
+    perm = offgrid(src, tmp_path / "perm.gguf", OffgridConfig(seed=3, permute=True))
+    assert field_value(open_reader(perm), KEY_PERMUTED) is True
+    pm = plan_permutation(src, OffgridConfig(seed=3, permute=True))
+    assert pm is not None and sorted(pm.order) == list(range(SPECS[kind].n_embd))
+    # the same factors as without --permute, then the channels reordered: readers by column, the rest by row
+    for name in pm.cols:
+        np.testing.assert_array_equal(fvals(perm, name), fvals(plain, name)[:, pm.order])
+    for name in pm.rows:
+        np.testing.assert_array_equal(fvals(perm, name), fvals(plain, name)[pm.order])
+    assert "token_embd.weight" in pm.cols and "output_norm.weight" in pm.rows
+    if not SPECS[kind].tied:
+        assert "output.weight" in pm.cols
+    assert not np.array_equal(fvals(perm, "token_embd.weight"), fvals(src, "token_embd.weight"))
+    k = kld(perm, src, tiny_text, CFG)
+    assert abs(k.kld_mean) < 1e-4 and k.kld_max < 1e-2
+    assert rel_rms(logits(src, tiny_text), logits(perm, tiny_text)) < 1e-2
+
+
+@pytest.mark.parametrize("left_alone", ["blk.0.attn_norm.weight", "blk.1.ffn_up.weight", "output_norm.weight",
+                                        "blk.0.post_ffw_norm.weight"])
+def test_a_tensor_left_out_of_the_permutation_changes_the_function(
+    left_alone: str, models: dict[str, Path], tiny_text: str, tmp_path: Path
+) -> None:
+    """Control for the test above: permuting every residual tensor but one is detected, for a norm, a reader
+    and gemma3's post-norm (the records name each of them for a reason)."""
+    src = models["gemma3" if "post_" in left_alone else "llama"]
+    pm = plan_permutation(src, OffgridConfig(seed=3, permute=True))
+    assert pm is not None and left_alone in pm.cols | pm.rows
+    types = tensor_types(src)
+
+    def permuted(n: str) -> TensorRewrite:
+        order = pm.order
+        fn = (lambda w: w[:, order]) if n in pm.cols else (lambda w: w[order])
+        return TensorRewrite(T[types[n][0]], fn)
+
+    whole = {n: permuted(n) for n in pm.cols | pm.rows}
+    rewrite_gguf(src, tmp_path / "all.gguf", whole)
+    rewrite_gguf(src, tmp_path / "bad.gguf", {n: r for n, r in whole.items() if n != left_alone})
+    assert rel_rms(logits(src, tiny_text), logits(tmp_path / "all.gguf", tiny_text)) < 1e-2
+    assert rel_rms(logits(src, tiny_text), logits(tmp_path / "bad.gguf", tiny_text)) > 1e-2
+
+
+def test_cli_offgrid_permute(models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "p.gguf"
+    r = CliRunner().invoke(app, ["offgrid", str(models["llama"]), "-o", str(out), "--permute"])
+    assert r.exit_code == 0, r.output
+    assert field_value(open_reader(out), KEY_PERMUTED) is True

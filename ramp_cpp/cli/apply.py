@@ -54,7 +54,10 @@ def apply(
     force: ForceOpt = False,
     sensitivity: Annotated[
         str,
-        typer.Option("--sensitivity", help="Sized policies: the sensitivity, measured (default) or proxy."),
+        typer.Option(
+            "--sensitivity",
+            help="Sized policies: the sensitivity, measured (default), proxy or transferred (no evaluation).",
+        ),
     ] = "measured",
     text: Annotated[
         str,
@@ -76,7 +79,8 @@ def apply(
     if is_sized(load_policy(policy).meta):
         if size is None or budget is not None:
             raise RampError(f"{policy} was trained at a whole-file size: give --size (e.g. Q4_K_M or 95MiB)")
-        fold_mode = fold_setting(fold, no_fold, "auto")
+        # transferred: as in search, no fold decision (it would be the only evaluations)
+        fold_mode = fold_setting(fold, no_fold, "on" if sensitivity == "transferred" else "auto")
         with executor_for(workers, ray_address, threads, gpu_layers) as ex:
             _apply_sized(policy, model, output, size, sensitivity, fold_mode, no_imatrix, calib, recipe,
                          force, threads, gpu_layers, text, ex)

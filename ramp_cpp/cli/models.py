@@ -53,6 +53,11 @@ def offgrid_(
     output: Annotated[Path, typer.Option("--output", "-o", help="Off-grid GGUF.")],
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random channel factors.")] = 0,
     spread: Annotated[float, typer.Option("--spread", help="Factors exp(U(-spread, spread)).")] = 0.3,
+    permute: Annotated[
+        bool,
+        typer.Option("--permute", help="Also permute the residual stream's channels: moves token_embd and "
+                     "output off the source's grid too."),
+    ] = False,
     force: ForceOpt = False,
 ) -> None:
     """The same model off any quantization grid: a function-preserving random channel rescale, for benchmarks
@@ -62,6 +67,7 @@ def offgrid_(
 
     check_output(output, force)
     with bar("off-grid") as p:
-        cfg = OffgridConfig(seed, spread)
+        cfg = OffgridConfig(seed, spread, permute)
         offgrid(model, output, cfg, force=force, progress=chunk_progress(p, "tensors"))
-    out.print(f"wrote {output} (seed {seed}, spread {spread:g})", soft_wrap=True)
+    how = f"seed {seed}, spread {spread:g}{', permuted' if permute else ''}"
+    out.print(f"wrote {output} ({how})", soft_wrap=True)

@@ -142,8 +142,9 @@ def search(
         str | None,
         _size(
             "--sensitivity",
-            help="greedy: proxy, or measured (default: the proxy rescaled per role x depth group by "
-            "KLD measured on the reward chunks).",
+            help="greedy: proxy; measured (default: the proxy rescaled per role x depth group by "
+            "KLD measured on the reward chunks); or transferred (rescaled by the shipped table of other "
+            "models' measured groups: no evaluation, and --fold on unless --fold says otherwise).",
         ),
     ] = None,
     types: Annotated[
@@ -240,7 +241,9 @@ def search(
             warm_start=not no_warm_start, rescore_top=rescore,
             variant=features_, seed=seed, rollouts=rollouts,
         )
-        fold_mode = fold_setting(fold, no_fold, SEARCH_FOLD)
+        # transferred: a fold decision would be the run's only evaluations; folding won every measured
+        # decision on the benchmark models (policies/README.md)
+        fold_mode = fold_setting(fold, no_fold, "on" if sensitivity == "transferred" else SEARCH_FOLD)
         if dry_run:
             _plan_sized(model, out_dir, method, size, dcfg, cc, scfg, ropts, calib, presets, sensitivity,
                         fold_mode, SEARCH_GROUPS)

@@ -15,6 +15,9 @@ function (up to one F16 rounding):
 The norm groups are those of scale folding (`arch.FOLD_ARCHS`); the producer -> consumer pairs come from
 `arch.RESCALE_ARCHS`. `token_embd` and `output` have no such rescale: they keep the source's grid (the bench
 reports their source type). Pairs of a fused attn_qkv are left alone (V's rows are inside the fused tensor).
+
+With `permute` (issue 23) the residual stream's channels are also permuted (`arch.ResidualStream`): that moves
+token_embd and output too, since which values share a quantization block along a row changes.
 """
 
 from __future__ import annotations
@@ -38,12 +41,27 @@ KEY_SEED = "ramp.offgrid.seed"
 KEY_SPREAD = "ramp.offgrid.spread"
 KEY_VERSION = "ramp.offgrid.version"
 KEY_SOURCE = "ramp.offgrid.source"
+KEY_PERMUTED = "ramp.offgrid.permuted"
 
 
 @dataclass(frozen=True)
 class OffgridConfig:
     seed: int = 0
     spread: float = 0.3  # |log f| ≤ spread: factors in [0.74, 1.35], far above F16's 1e-3 relative step
+    # issue 23: also permute the residual stream's channels (`arch.ResidualStream`), the one change that
+    # moves token_embd / output off the source's grid (a rescale cannot: nothing before the embedding or
+    # after the head absorbs the factors). Off by default: the earlier bases stay as they were.
+    permute: bool = False
+
+
+@dataclass(frozen=True)
+class Permutation:
+    """Hidden channel j of the copy is channel `order[j]` of the source: `cols` are taken in that order
+    along their input columns, `rows` (writers' rows and biases, 1-D norm weights) along their first axis."""
+
+    order: np.ndarray
+    cols: frozenset[str]
+    rows: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -110,12 +128,38 @@ def plan_scales(path: str | os.PathLike[str], cfg: OffgridConfig = OffgridConfig
     return Scales(cols, rows, norms)
 
 
+def plan_permutation(path: str | os.PathLike[str], cfg: OffgridConfig) -> Permutation | None:
+    """The residual permutation of the model at `path` (None unless cfg.permute). It has its own generator,
+    seeded by (seed, 1), so the rescale's factors are those of the same seed without it."""
+    if not cfg.permute:
+        return None
+    info = read_inventory(path)
+    res = rescale_arch(info.arch).residual
+    names = set(tensor_types(path))
+    n_embd = info.metadata.get(f"{info.arch}.embedding_length")
+    if not isinstance(n_embd, int):
+        raise RampError(f"{Path(path).name}: no {info.arch}.embedding_length to permute")
+    blocks = [f"blk.{b}." for b in range(info.n_blocks)]
+
+    def present(roles: tuple[str, ...], suffixes: tuple[str, ...]) -> frozenset[str]:
+        cands = {f"{p}{r}.{x}" for r in roles for x in suffixes for p in ("", *blocks)}
+        return frozenset(cands & names)
+
+    order = np.random.default_rng([cfg.seed, 1]).permutation(n_embd)
+    return Permutation(
+        order, present(res.readers, ("weight",)), present(res.writers, ("weight", "bias"))
+        | present(res.norms, ("weight", "bias")),
+    )
+
+
 def _rewrite(
     name: str,
     qt: GGMLQuantizationType,
     col: np.ndarray | None,
     row: np.ndarray | None,
     norm: np.ndarray | None,
+    perm_col: np.ndarray | None = None,
+    perm_row: np.ndarray | None = None,
 ) -> Callable[[np.ndarray], np.ndarray]:
     def fn(w: np.ndarray) -> np.ndarray:
         out = w.astype(np.float64)
@@ -125,6 +169,11 @@ def _rewrite(
             out = out * col[None, :]
         if row is not None:
             out = out / (row[:, None] if out.ndim == 2 else row)
+        # the permutation last: the factors above are indexed by the source's channels
+        if perm_col is not None:
+            out = out[:, perm_col]
+        if perm_row is not None:
+            out = out[perm_row]
         if qt == GGMLQuantizationType.F16 and float(np.abs(out).max()) > F16_MAX:
             raise RampError(f"{name}: a rescaled weight exceeds the F16 range; use a smaller --spread")
         return out.astype(np.float32)
@@ -143,22 +192,30 @@ def offgrid(
     if not cfg.spread > 0:
         raise RampError(f"--spread must be > 0, got {cfg.spread}")
     sc = plan_scales(src, cfg)
+    pm = plan_permutation(src, cfg)
+    pcols, prows = (pm.cols, pm.rows) if pm else (frozenset(), frozenset())
     types = tensor_types(src)
     rewrites = {}
-    for name in sorted({*sc.cols, *sc.rows, *sc.norms}):
+    for name in sorted({*sc.cols, *sc.rows, *sc.norms, *pcols, *prows}):
         qt = GGMLQuantizationType[types[name][0]]
         if qt not in REWRITABLE:
             raise RampError(
                 f"{Path(src).name}: {name} is {qt.name}; the off-grid rescale needs float weights: "
                 f"dequantize first (`ramp-cpp quantize {src} --preset F16 --allow-requantize -o M.f16.gguf`)"
             )
+        order = pm.order if pm else None
         rewrites[name] = TensorRewrite(
-            qt, _rewrite(name, qt, sc.cols.get(name), sc.rows.get(name), sc.norms.get(name))
+            qt,
+            _rewrite(
+                name, qt, sc.cols.get(name), sc.rows.get(name), sc.norms.get(name),
+                order if name in pcols else None, order if name in prows else None,
+            ),
         )
     kv = {
         KEY_SEED: int(cfg.seed),
         KEY_SPREAD: float(cfg.spread),
         KEY_VERSION: OFFGRID_VERSION,
         KEY_SOURCE: f"{Path(src).name} sha256 {file_sha256(src)}",
+        **({KEY_PERMUTED: True} if cfg.permute else {}),
     }
     return rewrite_gguf(src, dst, rewrites, kv, force=force, progress=progress)

@@ -30,6 +30,7 @@ from gguf import GGMLQuantizationType
 
 from ramp_cpp.errors import RampError
 from ramp_cpp.store.atomic import atomic_path
+from ramp_cpp.store.jsonfile import check_header
 
 FORMAT_VERSION = 1
 KIND = "ramp.sensitivity"
@@ -145,12 +146,7 @@ def _type(name: Any, where: str) -> GGMLQuantizationType:
 
 def from_json(d: Any, where: str = "sensitivity") -> Sensitivity:
     """A Sensitivity from `to_json`'s form; one RampError for anything else or a broken invariant."""
-    if not isinstance(d, dict) or d.get("kind") != KIND:
-        raise RampError(f"{where}: not a ramp-cpp sensitivity file")
-    if d.get("format") != FORMAT_VERSION:
-        raise RampError(
-            f"{where}: sensitivity format {d.get('format')} (this ramp-cpp reads {FORMAT_VERSION})"
-        )
+    d = check_header(d, KIND, FORMAT_VERSION, where, "sensitivity file")
     try:
         tensors = []
         for t in d["tensors"]:

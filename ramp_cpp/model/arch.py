@@ -8,7 +8,7 @@ so the role of a tensor follows from its name; one table serves llama, qwen2, ge
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ramp_cpp.errors import RampError
 
@@ -170,12 +170,35 @@ UP_TO_DOWN = ChannelPair("ffn_up", "ffn_down", per_head=False)
 
 
 @dataclass(frozen=True)
+class ResidualStream:
+    """Every tensor that touches the residual stream's n_embd channels, by role: `readers`' input columns
+    are those channels (the embeddings' rows, the head's and the normed-input linears' columns), `writers`'
+    output rows (and biases) are, and `norms` are 1-D weights over them. RMSNorm's mean of squares does not
+    depend on the channels' order, so one permutation π applied to all of them (reader column j := column
+    π_j, writer row j := row π_j, norm weight j := weight π_j) leaves the network's function unchanged."""
+
+    readers: tuple[str, ...]
+    writers: tuple[str, ...]
+    norms: tuple[str, ...]
+
+
+LLAMA_RESIDUAL = ResidualStream(
+    readers=("token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_qkv", "ffn_gate", "ffn_up",
+             "ffn_gate_inp"),
+    writers=("attn_output", "ffn_down"),
+    norms=("attn_norm", "ffn_norm", "output_norm"),
+)
+
+
+@dataclass(frozen=True)
 class RescaleArch:
     """Which function-preserving channel rescales apply to an architecture: the norm groups of its
-    `FOLD_ARCHS` record (norm weight / s, the group's input columns · s) and these producer→consumer pairs."""
+    `FOLD_ARCHS` record (norm weight / s, the group's input columns · s), these producer→consumer pairs, and
+    the tensors of its residual stream (a permutation of its channels: `offgrid --permute`)."""
 
     arch: str
     pairs: tuple[ChannelPair, ...]
+    residual: ResidualStream = LLAMA_RESIDUAL
     source: str = ""
 
 
@@ -187,7 +210,15 @@ RESCALE_ARCHS: dict[str, RescaleArch] = {
         RescaleArch("qwen2", (V_TO_O, UP_TO_DOWN), source="src/models/qwen2.cpp"),
         # q/k norms act on q and k, post_attention_norm / post_ffw_norm on the outputs of attn_output and
         # ffn_down: none sees a rescaled channel
-        RescaleArch("gemma3", (V_TO_O, UP_TO_DOWN), source="src/models/gemma3.cpp"),
+        # post_attention_norm / post_ffw_norm normalize what attn_output / ffn_down add to the residual:
+        # weights over its channels, permuted with them
+        RescaleArch(
+            "gemma3", (V_TO_O, UP_TO_DOWN),
+            residual=replace(
+                LLAMA_RESIDUAL, norms=(*LLAMA_RESIDUAL.norms, "post_attention_norm", "post_ffw_norm")
+            ),
+            source="src/models/gemma3.cpp",
+        ),
     )
 }
 

@@ -26,7 +26,7 @@ from ramp_cpp.pipeline.sizedconfig import SizedConfig, check_run
 
 #: The methods whose allocation is learned (the SAC search, a trained policy's rollout), not computed.
 LEARNED = ("sac", "policy")
-SENSITIVITIES = ("proxy", "measured")
+SENSITIVITIES = ("proxy", "measured", "transferred")
 MIB = 1 << 20
 
 
@@ -47,7 +47,7 @@ class RunPlan:
     lo: int
     hi: int
     fold: str  # folddecision.FOLDS
-    sensitivity: str | None  # proxy, measured, or None for uniform
+    sensitivity: str | None  # proxy, measured, transferred, or None for uniform
     cfg: SizedConfig
     cc: CandidateConfig
     gcfg: GroupConfig
@@ -57,6 +57,7 @@ class RunPlan:
     info: ModelInfo
     text: str
     settings: dict[str, Any]
+    ratios: Any = None  # transfer.RatioTable of the transferred sensitivity, else None
 
     @property
     def foldings(self) -> tuple[bool, ...]:
@@ -108,6 +109,11 @@ def plan_run(
             raise RampError("method 'policy' needs a policy file")
         pol = load_sized_policy(policy)  # a bad file fails before any work
     sensitivity = resolve_sensitivity(method, sensitivity)
+    ratios = None
+    if sensitivity == "transferred":
+        from ramp_cpp.measure import transfer
+
+        ratios = transfer.load()  # a damaged table fails before any work
     fold = fold or ("on" if cfg.fold else "off")
     if fold not in FOLDS:
         raise RampError(f"unknown --fold {fold!r} (choose from {', '.join(FOLDS)})")
@@ -130,13 +136,17 @@ def plan_run(
     extra: dict[str, Any] = {"sac": grow} if method == "sac" else {"policy_sha256": pol.sha256} if pol else {}
     if fold in ("auto", "check"):
         extra["fold"] = fold
+    if ratios is not None:
+        from ramp_cpp.measure import transfer
+
+        extra["ratios"] = transfer.to_json(ratios)["records"]
     settings = run_settings(str(Path(model_path).resolve()), method, size, cfg, cc, sensitivity, gcfg, extra)
     check_run(rd, settings)
     croot = Path(cache_root) if cache_root is not None else rd / "cache"
     check_plan_resources(info, cc, fold, hi, rd, croot, jobs)
     return RunPlan(
         model_path, rd, croot, method, size, preset, target, lo, hi, fold, sensitivity, cfg, cc, gcfg, sac,
-        pol, calib, info, text, settings,
+        pol, calib, info, text, settings, ratios,
     )
 
 
@@ -152,9 +162,9 @@ def run_settings(
         "size": size,
         "search": cfg.to_json(),
         "candidates": cc.key(),
-        # only when measured: run directories made before the option (proxy) stay reusable
+        # only when not proxy: run directories made before the option (proxy) stay reusable
         **({"sensitivity": sensitivity, "kld_groups": _groups_key(gcfg)} if sensitivity == "measured"
-           else {}),
+           else {"sensitivity": sensitivity} if sensitivity == "transferred" else {}),
         **(extra or {}),
     }
 

@@ -68,6 +68,8 @@ def write_reports(
         sens = m.alloc_sens
         summary["predicted_kld"] = m.groups.reference_kld + sens.error(out.choice) - sens.error(top)
         summary["kld_groups"] = m.groups.to_json()
+    if plan.ratios is not None:  # transferred: which models' measured groups scaled the proxy
+        summary["ratio_sources"] = list(plan.ratios.sources)
     allocation = plan.run_dir / "allocation.json"
     with atomic_path(allocation, force=True) as tmp:
         tmp.write_text(json.dumps({**summary, "tensors": rows}, indent=2))

@@ -163,6 +163,8 @@ def measure_source(plan: RunPlan, folded: bool, source: Source, rt: Runtime) -> 
             executor=rt.executor,
         )
     alloc_sens, groups = sens, None
+    if plan.sensitivity == "transferred":  # other models' group ratios: no evaluation (transfer.py)
+        alloc_sens = sens.scaled(plan.ratios.factors(source.info, [t.name for t in sens.tensors]))
     if plan.sensitivity == "measured":
         # against the unfolded model: the folded source computes the same function
         with stage(rt.meter, f"group probes ({what})"):
