@@ -75,15 +75,16 @@ def source_types(key: str) -> dict[str, str]:
     return {n: types[n][0] for n in ("token_embd.weight", "output.weight") if n in types}
 
 
-def equivalence(key: str, seed: int, chunks: int) -> dict[str, float]:
-    """Mean KLD of the off-grid base against the dequantized base on held-out text (same function: ~1e-5)."""
+def equivalence(key: str, seed: int, chunks: int, base: str = "offgrid") -> dict[str, float]:
+    """Mean KLD of the off-grid (or permuted) base against the dequantized base on held-out text (same
+    function: ~1e-5)."""
     from ramp_cpp.llama.backend import RuntimeOptions
     from ramp_cpp.llama.evaluate import EvalConfig, kld
     from ramp_cpp.store.texts import load_text
 
     text, _ = load_text("wikitext2-test")
     k = kld(
-        base_path(key, "offgrid", seed),
+        base_path(key, base, seed),
         base_path(key, "dequant"),
         text,
         EvalConfig(n_chunks=chunks),
@@ -108,7 +109,8 @@ def main() -> None:
     for key in MODELS if a.model == "all" else [a.model]:
         row: dict[str, object] = {"model": key, "path": str(base_path(key, a.base, a.seed)), "seed": a.seed}
         if a.check:
-            row |= {"source_types": source_types(key), "equivalence": equivalence(key, a.seed, a.chunks)}
+            eq = equivalence(key, a.seed, a.chunks, a.base)
+            row |= {"base": a.base, "source_types": source_types(key), "equivalence": eq}
         print(json.dumps(row))
 
 

@@ -49,10 +49,27 @@ def leave_out(key: str) -> transfer.RatioTable:
     return table(tuple(m for m in MODELS if m != key))
 
 
+def correlations() -> list[tuple[str, str, float, int]]:
+    """Pearson correlation of two models' centred log-ratios over the (role, bucket) keys both have: does a
+    group's ratio carry over from one model to another?"""
+    import numpy as np
+
+    cent = {k: {(r.role, r.bucket): r.log_ratio for r in table((k,)).records} for k in MODELS}
+    out = []
+    for i, a in enumerate(MODELS):
+        for b in MODELS[i + 1 :]:
+            keys = sorted(set(cent[a]) & set(cent[b]), key=str)
+            x, y = (np.array([cent[m][k] for k in keys]) for m in (a, b))
+            out.append((a, b, float(np.corrcoef(x, y)[0, 1]), len(keys)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", action="store_true", help=f"write {transfer.SHIPPED}")
     a = ap.parse_args()
+    for m1, m2, r, n in correlations():
+        print(f"{m1} vs {m2}: correlation of centred log-ratios {r:+.2f} over {n} groups")
     t = table(MODELS)
     for r in t.records:
         where = "" if r.bucket is None else f"@q{r.bucket}"

@@ -13,6 +13,10 @@ Candidates (all zero evaluations on the target but `measured`):
     transferred    the proxy × the other two models' centred group ratios (bench/ratios.py)
     relative-w     each tensor's errors divided by its error at its highest option (≈ relative error, since
                    the highest type's relative error is about the same everywhere), times n_params^w
+    pattern        no errors read either: each tensor at the option nearest L + o_k bits per weight, o_k the
+                   mean offset from the linears' mean bpw of group k (role × depth quarter) in the other
+                   models' measured greedy allocations at the same size; L the highest level that fits
+    pattern-own    the same with this model's own offsets (what the pattern alone can carry, not zero-eval)
 
     .venv/bin/python bench/zeroeval.py [--models smollm2,qwen0.5b,gemma270m]
 """
@@ -35,6 +39,7 @@ from ramp_cpp.llama.ggufio import read_inventory  # noqa: E402
 from ramp_cpp.measure.groups import groups_of  # noqa: E402
 from ramp_cpp.measure.proxy import measure  # noqa: E402
 from ramp_cpp.measure.sensitivity import Sensitivity  # noqa: E402
+from ramp_cpp.measure.transfer import TIED_EMBD  # noqa: E402
 
 SIZES = ("Q4_K_M", "Q3_K_M")
 
@@ -42,7 +47,7 @@ SIZES = ("Q4_K_M", "Q3_K_M")
 def measured_factors(cells: dict[str, Any], info: Any, names: list[str]) -> dict[str, float]:
     rep = cells[CELL]["kld_groups"]
     by_name = {g["name"]: g["ratio"] for g in rep["groups"]}
-    out = {}
+    out: dict[str, float] = {}
     for g in groups_of(info, names, rep["config"]["n_buckets"]):
         out.update((n, float(by_name[g.name])) for n in g.tensors)
     return out
@@ -52,12 +57,53 @@ def relative(sens: Sensitivity, w: float) -> Sensitivity:
     return sens.scaled({t.name: t.n_params**w / t.options[-1].error for t in sens.tensors})
 
 
+def group_keys(info: Any, names: list[str]) -> dict[str, tuple[str, int | None]]:
+    out: dict[str, tuple[str, int | None]] = {}
+    for g in groups_of(info, names, 4):
+        role = TIED_EMBD if g.role == "token_embd" and info.tied_output else g.role
+        out.update((n, (role, g.bucket)) for n in g.tensors)
+    return out
+
+
+def offsets(sens: Sensitivity, keys: dict[str, Any], choice: dict[str, Any]) -> dict[Any, float]:
+    """Mean bpw of each group in `choice` minus the linears' parameter-weighted mean bpw."""
+    bpw = {t.name: 8 * t.option(choice[t.name]).nbytes / t.n_params for t in sens.tensors}
+    lin = [t for t in sens.tensors if keys[t.name][1] is not None]
+    mean = sum(bpw[t.name] * t.n_params for t in lin) / sum(t.n_params for t in lin)
+    per: dict[Any, list[float]] = {}
+    for t in sens.tensors:
+        per.setdefault(keys[t.name], []).append(bpw[t.name] - mean)
+    return {k: sum(v) / len(v) for k, v in per.items()}
+
+
+def pattern(sens: Sensitivity, keys: dict[str, Any], off: dict[Any, float], target: int) -> dict[str, Any]:
+    """Each tensor at the option nearest L + off[its group] bpw, L bisected to the highest that fits."""
+    def picks(level: float) -> list[int]:
+        out = []
+        for t in sens.tensors:
+            want = level + off.get(keys[t.name], 0.0)
+            bp = [8 * o.nbytes / t.n_params for o in t.options]
+            out.append(min(range(len(bp)), key=lambda k: (abs(bp[k] - want), bp[k])))  # noqa: B023
+        return out
+
+    def nbytes(p: list[int]) -> int:
+        return sens.fixed_bytes + sum(t.options[k].nbytes for t, k in zip(sens.tensors, p, strict=True))
+
+    lo, hi = -10.0, 20.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if nbytes(picks(mid)) <= target else (lo, mid)
+    return {t.name: t.options[k].ggml_type for t, k in zip(sens.tensors, picks(lo), strict=True)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2,qwen0.5b,gemma270m")
     a = ap.parse_args()
     rows = []
-    for key in a.models.split(","):
+    models = a.models.split(",")
+    loaded = {}
+    for key in models:
         cells = json.loads((HERE / "results" / f"{key}.json").read_text())["cells"]
         b = prepare(key, "offgrid", 0, str(HERE.parent / "calib" / "bench.toml"))
         src, cal = b.model(Fold.parse("on"))
@@ -65,6 +111,9 @@ def main() -> None:
         info = read_inventory(src)
         names = [t.name for t in sens.tensors]
         judge = sens.scaled(measured_factors(cells, info, names))
+        loaded[key] = (cells, sens, info, names, judge, group_keys(info, names))
+    for key in models:
+        cells, sens, info, names, judge, keys = loaded[key]
         top = {t.name: t.options[-1].ggml_type for t in sens.tensors}
         cands = {
             "proxy": sens,
@@ -77,6 +126,18 @@ def main() -> None:
             row = {"model": key, "size": size}
             pick = {"uniform": ALLOCATORS["uniform"](sens, target)}
             pick |= {n: ALLOCATORS["greedy"](s, target) for n, s in cands.items()}
+
+            def measured_offsets(m: str, size: str = size) -> dict[Any, float]:
+                c, s, _, _, j, k = loaded[m]
+                t = c[f"offgrid-s0|nofold|preset+imatrix|{size}|16"]["file_bytes"]
+                return offsets(s, k, ALLOCATORS["greedy"](j, t))
+
+            others = [measured_offsets(m) for m in models if m != key]
+            if others:
+                mean = {k: sum(o[k] for o in others if k in o) / sum(k in o for o in others)
+                        for k in set().union(*others)}
+                pick["pattern"] = pattern(sens, keys, mean, target)
+            pick["pattern-own"] = pattern(sens, keys, measured_offsets(key), target)
             for n, choice in pick.items():
                 row[n] = judge.error(choice) - judge.error(top)
             rows.append(row)
