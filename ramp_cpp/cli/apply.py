@@ -79,8 +79,9 @@ def apply(
     if is_sized(load_policy(policy).meta):
         if size is None or budget is not None:
             raise RampError(f"{policy} was trained at a whole-file size: give --size (e.g. Q4_K_M or 95MiB)")
-        # transferred: as in search, no fold decision (it would be the only evaluations)
-        fold_mode = fold_setting(fold, no_fold, "on" if sensitivity == "transferred" else "auto")
+        from ramp_cpp.pipeline.plan import default_fold
+
+        fold_mode = fold_setting(fold, no_fold, default_fold(sensitivity, "auto"))
         with executor_for(workers, ray_address, threads, gpu_layers) as ex:
             _apply_sized(policy, model, output, size, sensitivity, fold_mode, no_imatrix, calib, recipe,
                          force, threads, gpu_layers, text, ex)

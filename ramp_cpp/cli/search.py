@@ -217,7 +217,7 @@ def search(
     if sized:
         from ramp_cpp.allocate.sac.search import SizedSearchConfig
         from ramp_cpp.measure.candidates import DEFAULT_TYPES, CandidateConfig, parse_types
-        from ramp_cpp.pipeline.plan import resolve_sensitivity
+        from ramp_cpp.pipeline.plan import default_fold, resolve_sensitivity
         from ramp_cpp.pipeline.sizedconfig import (
             SEARCH_FOLD,
             SEARCH_GROUPS,
@@ -241,9 +241,7 @@ def search(
             warm_start=not no_warm_start, rescore_top=rescore,
             variant=features_, seed=seed, rollouts=rollouts,
         )
-        # transferred: a fold decision would be the run's only evaluations; folding won every measured
-        # decision on the benchmark models (policies/README.md)
-        fold_mode = fold_setting(fold, no_fold, "on" if sensitivity == "transferred" else SEARCH_FOLD)
+        fold_mode = fold_setting(fold, no_fold, default_fold(sensitivity, SEARCH_FOLD))
         if dry_run:
             _plan_sized(model, out_dir, method, size, dcfg, cc, scfg, ropts, calib, presets, sensitivity,
                         fold_mode, SEARCH_GROUPS)

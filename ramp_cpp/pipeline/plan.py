@@ -19,6 +19,7 @@ from ramp_cpp import __version__
 from ramp_cpp.allocate.sac.search import MAY_CHANGE_ON_RESUME, SizedSearchConfig
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.ggufio import ModelInfo
+from ramp_cpp.measure import transfer
 from ramp_cpp.measure.candidates import CandidateConfig
 from ramp_cpp.measure.groups import GroupConfig
 from ramp_cpp.pipeline.folddecision import FOLDS
@@ -111,8 +112,6 @@ def plan_run(
     sensitivity = resolve_sensitivity(method, sensitivity)
     ratios = None
     if sensitivity == "transferred":
-        from ramp_cpp.measure import transfer
-
         ratios = transfer.load()  # a damaged table fails before any work
     fold = fold or ("on" if cfg.fold else "off")
     if fold not in FOLDS:
@@ -137,8 +136,6 @@ def plan_run(
     if fold in ("auto", "check"):
         extra["fold"] = fold
     if ratios is not None:
-        from ramp_cpp.measure import transfer
-
         extra["ratios"] = transfer.to_json(ratios)["records"]
     settings = run_settings(str(Path(model_path).resolve()), method, size, cfg, cc, sensitivity, gcfg, extra)
     check_run(rd, settings)
@@ -183,6 +180,13 @@ def preset_name(spec: str) -> str | None:
 
     key = spec.strip().upper()
     return key if key in presets() else None
+
+
+def default_fold(sensitivity: str | None, otherwise: str) -> str:
+    """The --fold a request gets when it names none: `on` for the transferred sensitivity (a fold decision
+    would be its only evaluations; folding won every measured decision on the benchmark models), else
+    `otherwise` (the command's own default)."""
+    return "on" if sensitivity == "transferred" else otherwise
 
 
 def resolve_sensitivity(method: str, sensitivity: str | None) -> str | None:
