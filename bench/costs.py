@@ -17,6 +17,9 @@ recipe, 128 x 2048 tokens; the twelve default candidate types; `--fold auto`, bo
 probes of 4 depth buckets with 3 pair checks on the 4 reward chunks; presets Q4_K_M and Q3_K_M scored).
 `old-bench` is the same with the benchmarks' 16 x 512 calibration (what bench/compare.py's cells used). `new`
 is today's default (ramp_cpp.pipeline.sizedconfig.SEARCH_*); `new-b4` the same with 4 depth buckets per role.
+`new-mem` / `new-disk` are `new` with `--tensor-cache memory` / `disk` (the `new` cells stored before the
+in-memory cache existed ran with it on disk); `new-rs4` is `new-mem` with the proxy measured on every 4th span
+of 16 rows (`--row-sample 4`); `new-b4-rs4` that with 4 depth buckets.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ class Config:
     gcfg: GroupConfig
     fold: str
     presets: tuple[str, ...]
+    tensor_cache: str = "auto"
+    row_sample: int = 1
 
 
 CONFIGS = {
@@ -71,6 +76,16 @@ CONFIGS = {
     "new": Config(SEARCH_RECIPE, CandidateConfig(), SEARCH_GROUPS, SEARCH_FOLD, ()),
     # today's default but 4 depth buckets, as the earlier default: is the coarser grouping what costs quality?
     "new-b4": Config(SEARCH_RECIPE, CandidateConfig(), replace(SEARCH_GROUPS, n_buckets=4), SEARCH_FOLD, ()),
+    # today's default with the tensor cache in memory (the base type on disk only) or on disk, as `new` had
+    # it before the in-memory cache existed: the same files, other costs
+    "new-mem": Config(SEARCH_RECIPE, CandidateConfig(), SEARCH_GROUPS, SEARCH_FOLD, (), "memory"),
+    "new-disk": Config(SEARCH_RECIPE, CandidateConfig(), SEARCH_GROUPS, SEARCH_FOLD, (), "disk"),
+    # the proxy on every 4th span of 16 rows of each linear (in memory: a quarter of its quantization work)
+    "new-rs4": Config(SEARCH_RECIPE, CandidateConfig(), SEARCH_GROUPS, SEARCH_FOLD, (), "memory", 4),
+    # both, and 4 depth buckets: the probes' 3.5 E more paid by the base log-probs decoded once (1.5 E less)
+    "new-b4-rs4": Config(
+        SEARCH_RECIPE, CandidateConfig(), replace(SEARCH_GROUPS, n_buckets=4), SEARCH_FOLD, (), "memory", 4
+    ),
 }
 
 
@@ -96,12 +111,19 @@ def run(key: str, config: str, size: str, evaluate: bool, threads: int | None) -
     r = run_direct(
         model, rd, "greedy", size, cfg, c.cc, RuntimeOptions(n_threads=threads), presets=c.presets,
         sensitivity="measured", gcfg=c.gcfg, fold=c.fold, cache_root=rd / "cache",
+        tensor_cache=c.tensor_cache, row_sample=c.row_sample,
         on_cost=lambda s: log(f"{key} {config} {size}: {s.stage} {s.wall_s:.0f} s, {s.E:.2f} E, "
-                                f"{s.quant_passes} passes, held {s.held / GIB:.2f} GiB"),
+                                f"{s.quant_passes} passes, {s.quant_weights / 1e6:.0f}M weights in memory, "
+                                f"held {s.held / GIB:.2f} GiB"),
     )
+    from ramp_cpp.llama.ggufio import read_inventory
+    from ramp_cpp.measure.candidates import searched_tensors
+
+    searched = sum(t.n_params for t in searched_tensors(read_inventory(model), c.cc.embeddings))
     cell: dict[str, Any] = {
         "model": model.name,
         "f16_bytes": model.stat().st_size,
+        "searched_params": searched,
         "file_bytes": r.file_bytes,
         "target_bytes": r.target_bytes,
         "reward_kld": r.kld,
@@ -132,24 +154,30 @@ def table() -> str:
     for key, cell in d.items():
         costs = [StageCost(**s) for s in cell["costs"]]
         f16 = cell["f16_bytes"]
+
+        def mem(w: int, n: int = cell.get("searched_params", 0)) -> str:
+            return f"{w / n:.1f}" if w and n else "0" if n else "-"
+
         lines += [
             f"\n**{key}** ({cell['model']}, F16 {f16 / GIB:.2f} GiB; fold: {cell['fold']['choice']}"
             + (f"; held-out KLD {cell['kld']:.4f} ± {cell['kld_stderr']:.4f}" if "kld" in cell else "")
             + ")\n",
-            "| stage | wall s | CPU s | peak RSS GiB | written GiB | held GiB | E | quantizer passes |",
-            "|---|---|---|---|---|---|---|---|",
+            "| stage | wall s | CPU s | peak RSS GiB | written GiB | held GiB | E | quantizer passes "
+            "| in memory (passes' worth) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for s in costs:
             lines.append(
                 f"| {s.stage} | {s.wall_s:.0f} | {s.cpu_s:.0f} | {s.peak_rss / GIB:.2f} "
-                f"| {s.written / GIB:.2f} | {s.held / GIB:.2f} | {s.E:.2f} | {s.quant_passes} |"
+                f"| {s.written / GIB:.2f} | {s.held / GIB:.2f} | {s.E:.2f} | {s.quant_passes} "
+                f"| {mem(s.quant_weights)} |"
             )
         held = max(s.held for s in costs)
         lines.append(
             f"| **total** | {sum(s.wall_s for s in costs):.0f} | {sum(s.cpu_s for s in costs):.0f} | "
             f"{max(s.peak_rss for s in costs) / GIB:.2f} | {sum(s.written for s in costs) / GIB:.2f} | "
             f"{held / GIB:.2f} ({held / f16:.2f}x F16) | {sum(s.E for s in costs):.1f} | "
-            f"{sum(s.quant_passes for s in costs)} |"
+            f"{sum(s.quant_passes for s in costs)} | {mem(sum(s.quant_weights for s in costs))} |"
         )
     return "\n".join(lines)
 

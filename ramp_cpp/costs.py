@@ -1,8 +1,10 @@
 """What a run costs, counted where the work happens and read per stage.
 
-Two counters are kept for the whole process, by the code that does the work: `COUNTERS.tokens`, tokens
-decoded through llama.cpp (each `llama_decode` of the llama edge adds its batch), and `COUNTERS.quant_passes`,
-calls of llama.cpp's quantizer over a model. A `Meter` reads them around each stage of a run, together with
+Three counters are kept for the whole process, by the code that does the work: `COUNTERS.tokens`, tokens
+decoded through llama.cpp (each `llama_decode` of the llama edge adds its batch), `COUNTERS.quant_passes`,
+calls of llama.cpp's quantizer over a model, and `COUNTERS.quant_weights`, weights the in-memory tensor cache
+quantized (tensorcache module doc; quant_weights over the model's searched weights is that work in passes).
+A `Meter` reads them around each stage of a run, together with
 
     wall_s      wall-clock seconds                      cpu_s     user + system seconds of this process
     peak_rss    the stage's peak resident set (VmHWM, reset at the stage's start where Linux allows it;
@@ -30,6 +32,7 @@ from typing import Any
 class Counters:
     tokens: int = 0
     quant_passes: int = 0
+    quant_weights: int = 0
 
 
 COUNTERS = Counters()
@@ -83,6 +86,7 @@ class StageCost:
     tokens: int
     E: float
     quant_passes: int
+    quant_weights: int = 0  # stages stored before the in-memory cache have none
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,6 +104,7 @@ def total(s: Sequence[StageCost]) -> StageCost:
         tokens=sum(c.tokens for c in s),
         E=sum(c.E for c in s),
         quant_passes=sum(c.quant_passes for c in s),
+        quant_weights=sum(c.quant_weights for c in s),
     )
 
 
@@ -121,7 +126,7 @@ class Meter:
     def stage(self, name: str) -> Iterator[None]:
         _reset_peak_rss()  # where it cannot, VmHWM is the process's peak so far: an upper bound
         t0, c0, w0 = time.perf_counter(), _cpu_seconds(), written_bytes()
-        tok0, q0 = COUNTERS.tokens, COUNTERS.quant_passes
+        tok0, q0, w0q = COUNTERS.tokens, COUNTERS.quant_passes, COUNTERS.quant_weights
         try:
             yield
         finally:
@@ -136,6 +141,7 @@ class Meter:
                 tokens=tokens,
                 E=tokens / self.eval_tokens if self.eval_tokens else 0.0,
                 quant_passes=COUNTERS.quant_passes - q0,
+                quant_weights=COUNTERS.quant_weights - w0q,
             )
             self.stages.append(cost)
             if self.on_stage is not None:

@@ -78,11 +78,12 @@ class Serial:
         pass
 
 
-def _counted(fn: Callable[[Any], Any], job: Any) -> tuple[Any, int, int]:
-    """Run `fn(job)` in a worker: its result, and the tokens and quantizer passes it counted."""
-    t, q = COUNTERS.tokens, COUNTERS.quant_passes
+def _counted(fn: Callable[[Any], Any], job: Any) -> tuple[Any, int, int, int]:
+    """Run `fn(job)` in a worker: its result, and the tokens, quantizer passes and weights quantized in
+    memory it counted."""
+    t, q, w = COUNTERS.tokens, COUNTERS.quant_passes, COUNTERS.quant_weights
     r = fn(job)
-    return r, COUNTERS.tokens - t, COUNTERS.quant_passes - q
+    return r, COUNTERS.tokens - t, COUNTERS.quant_passes - q, COUNTERS.quant_weights - w
 
 
 @dataclass
@@ -149,7 +150,7 @@ class RayExecutor:
             done, pending = ray.wait(pending, num_returns=1)
             i = index[done[0].hex()]
             try:
-                r, tokens, passes = ray.get(done[0])
+                r, tokens, passes, weights = ray.get(done[0])
             except RayTaskError as e:
                 for p in pending:
                     ray.cancel(p)
@@ -163,6 +164,7 @@ class RayExecutor:
                 raise RampError(f"job {i} failed after {self.max_retries} retries: {e}") from None
             COUNTERS.tokens += tokens
             COUNTERS.quant_passes += passes
+            COUNTERS.quant_weights += weights
             out[i] = r
             if on_result:
                 on_result(i, r)

@@ -97,3 +97,34 @@ def test_chunk_subset(tiny_model: Path, tiny_text: str) -> None:
     a = perplexity(tiny_model, tiny_text, EvalConfig(n_ctx=128, n_chunks=1, first_chunk=2))
     b = perplexity(tiny_model, tiny_text, EvalConfig(n_ctx=128, n_chunks=1, first_chunk=3))
     assert a.n_tokens == b.n_tokens == 63 and a.ppl != b.ppl
+
+
+def test_base_logprob_sets_cut_from_the_largest_equal_sets_computed_alone(
+    tiny_model: Path, tiny_text: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Reference: each set computed on its own (in another cache) against the sets cut from the largest one;
+    the cut decodes only the largest set's chunks."""
+    from ramp_cpp.llama import evaluate
+
+    big = EvalConfig(n_ctx=128, n_chunks=4, top_k=8, tail_samples=8, up_to=True)
+    sets = [EvalConfig(n_ctx=128, n_chunks=2, top_k=8, tail_samples=8), big,
+            EvalConfig(n_ctx=128, n_chunks=1, top_k=8, tail_samples=8),
+            EvalConfig(n_ctx=128, n_chunks=1, first_chunk=2, top_k=8, tail_samples=8)]  # not a prefix
+    decoded: list[int] = []
+    real = evaluate.base_logprobs
+
+    def counting(path: object, text: str, cfg: EvalConfig, *a: object, **k: object) -> object:
+        if not evaluate.base_logprobs_file(evaluate.file_sha256_cached(path), text, cfg).is_file():
+            decoded.append(cfg.n_chunks or 0)
+        return real(path, text, cfg, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(evaluate, "base_logprobs", counting)
+    evaluate.base_logprobs_sets(tiny_model, tiny_text, sets)
+    assert sorted(decoded) == [1, 4]  # the largest set and the one that is not its first chunks
+    cut = {c: real(tiny_model, tiny_text, c) for c in sets}
+    monkeypatch.setenv("RAMP_CACHE_DIR", str(tmp_path / "alone"))
+    for c in sets:
+        alone = real(tiny_model, tiny_text, c)
+        for f in evaluate.BaseLogprobs.FIELDS:
+            assert np.array_equal(getattr(alone, f), getattr(cut[c], f)), (c, f)
+    assert len(list((tmp_path / "alone" / "base-logprobs").glob("*.npz"))) == len(sets)  # computed, not read

@@ -342,3 +342,68 @@ def test_template_writer_checks_blob_sizes(caches: Any, tmp_path: Path) -> None:
     with pytest.raises(RampError, match="tensors"):
         write_from_template(tmp_path / "x.gguf", tpl, 7, types[:-1], blobs)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def memory_caches(
+    models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[tuple[str, bool], tuple[TensorCache, dict[str, np.ndarray] | None, Path]]]:
+    """The in-memory cache of each case (base type on disk, every other type made when asked)."""
+    root = tmp_path_factory.mktemp("tc-memory")
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAMP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+        for k, with_im in CASES:
+            info = read_inventory(models[k])
+            im = _imatrix(info, seed=len(k)) if with_im else None
+            names = [t.name for t in searchable(info)]
+            d = root / k / str(with_im)
+            c = build_cache(models[k], LADDER, d, imatrix=im, searched=names, in_memory=True)
+            out[(k, with_im)] = (c, im, d)
+    yield out
+
+
+@pytest.mark.parametrize(("spec", "with_im"), CASES, ids=[f"{k}-{'im' if i else 'plain'}" for k, i in CASES])
+def test_in_memory_cache_writes_llama_cpp_bytes_and_keeps_only_the_base(
+    spec: str, with_im: bool, models: dict[str, Path], memory_caches: Any, tmp_path: Path
+) -> None:
+    """Reference check: ggml's row quantizer in memory gives the file llama.cpp's quantizer writes, for maps
+    over the whole ladder (fallbacks and embeddings included), and the cache folder holds only the base."""
+    cache, im, root = memory_caches[(spec, with_im)]
+    assert cache.in_memory
+    bins = sorted(p.name for p in root.rglob("*.bin"))
+    assert bins == ["Q8_0.bin", "fixed.bin", "header.bin"], bins
+    rng = np.random.default_rng(100 + CASES.index((spec, with_im)))
+    maps = [_random_map(cache.info, rng), _random_map(cache.info, rng, 0.5)]
+    maps.append({t.name: name for t, name in zip(searchable(cache.info), LADDER * 9, strict=False)})
+    for i, m in enumerate(maps):
+        ref, out = tmp_path / f"ref{i}.gguf", tmp_path / f"asm{i}.gguf"
+        quantize_map(models[spec], ref, m, opts=QuantizeOptions(imatrix=im))
+        assert assemble(cache, m, out).file_size == ref.stat().st_size
+        assert out.read_bytes() == ref.read_bytes(), f"map {i} of {spec}"
+
+
+def test_in_memory_rows_and_sizes_match_the_disk_cache(caches: Any, memory_caches: Any) -> None:
+    """The proxy's reads (dequantized rows, byte counts) are the same from either cache."""
+    disk, _ = caches[("narrow", True)]
+    mem, _, _ = memory_caches[("narrow", True)]
+    for (name, wt), blob in sorted(disk.searched.items(), key=lambda kv: (kv[0][0], kv[0][1].name))[::7]:
+        n = disk.info.tensor(name).n_rows
+        a, b = n // 3, n // 3 + 5
+        assert tensorcache.blob_nbytes(mem, name, wt) == blob.nbytes
+        got = tensorcache.dequantized_rows(mem, name, wt, a, b)
+        np.testing.assert_array_equal(got, tensorcache.dequantized_rows(disk, name, wt, a, b))
+
+
+def test_in_memory_cache_reuses_types_on_disk_and_refuses_unsearched(
+    models: dict[str, Path], caches: Any, tmp_path: Path
+) -> None:
+    disk, _ = caches[("default", False)]
+    names = list(disk.names)
+    again = build_cache(models["default"], LADDER, disk.directory.parent, searched=names, in_memory=True)
+    assert set(again.searched) == set(disk.searched)  # a full build's bytes are read, not made again
+    q0 = ["blk.0.attn_q.weight"]
+    few = build_cache(models["default"], ["Q4_K"], tmp_path / "c", searched=q0, in_memory=True)
+    with pytest.raises(RampError, match="not a searched tensor"):
+        assemble(few, {"blk.1.attn_q.weight": "Q4_K"}, tmp_path / "x.gguf")
+    assert not tensorcache.has_bytes(few, "blk.1.attn_q.weight", T.Q4_K)

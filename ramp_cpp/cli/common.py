@@ -132,6 +132,7 @@ def cost_line(c: Any) -> str:
         f"{c.stage}: {c.wall_s:.1f} s (CPU {c.cpu_s:.1f} s), peak RSS {c.peak_rss / gib:.2f} GiB, "
         f"wrote {c.written / gib:.2f} GiB, disk held {c.held / gib:.2f} GiB, {c.E:.2f} E, "
         f"{c.quant_passes} quantizer passes"
+        + (f", {c.quant_weights / 1e6:,.0f}M weights quantized in memory" if c.quant_weights else "")
     )
 
 

@@ -155,6 +155,23 @@ def search(
     ] = False,
     fold: Annotated[str | None, in_panel(FoldOpt, SIZE)] = None,
     no_fold: Annotated[bool, in_panel(NoFoldOpt, SIZE)] = False,
+    tensor_cache: Annotated[
+        str,
+        _size(
+            "--tensor-cache",
+            help="Where the candidate types' bytes live: disk (all of them, ≈ 61 bits per weight), memory "
+            "(the base type on disk, the others quantized when asked: the same bytes) or auto (memory; "
+            "disk for sac when it fits).",
+        ),
+    ] = "auto",
+    row_sample: Annotated[
+        int | None,
+        _size(
+            "--row-sample",
+            help="Measure each linear's proxy error on every Nth span of 16 rows (1: all rows; default "
+            "SEARCH_ROW_SAMPLE, docs/costs.md).",
+        ),
+    ] = None,
     reward: Annotated[
         str, _sac("--reward", help="--size: relative (ln greedy's KLD / KLD) or paper (Eq. 19-21).")
     ] = "relative",
@@ -222,6 +239,7 @@ def search(
             SEARCH_FOLD,
             SEARCH_GROUPS,
             SEARCH_RECIPE,
+            SEARCH_ROW_SAMPLE,
             SizedConfig,
         )
 
@@ -242,13 +260,14 @@ def search(
             variant=features_, seed=seed, rollouts=rollouts,
         )
         fold_mode = fold_setting(fold, no_fold, default_fold(sensitivity, SEARCH_FOLD))
+        rows = SEARCH_ROW_SAMPLE if row_sample is None else row_sample
         if dry_run:
             _plan_sized(model, out_dir, method, size, dcfg, cc, scfg, ropts, calib, presets, sensitivity,
-                        fold_mode, SEARCH_GROUPS)
+                        fold_mode, SEARCH_GROUPS, tensor_cache, rows)
             return
         with executor_for(workers, ray_address, threads, gpu_layers) as ex:
             _run_sized(model, out_dir, method, size, dcfg, cc, scfg, ropts, calib, presets, sensitivity,
-                       fold_mode, SEARCH_GROUPS, ex)
+                       fold_mode, SEARCH_GROUPS, ex, tensor_cache, rows)
         return
     if workers or ray_address:
         raise RampError("--workers/--ray spread a --size search's evaluations; --budget runs serially")
@@ -258,6 +277,10 @@ def search(
         raise RampError("--dry-run plans a --size search; the --budget search has no plan")
     if sensitivity is not None:
         raise RampError("--sensitivity applies to --method greedy/uniform (SAC measures its own reward)")
+    if row_sample is not None:
+        raise RampError("--row-sample applies to a --size search; the --budget search measures no proxy")
+    if tensor_cache != "auto":
+        raise RampError("--tensor-cache applies to a --size search; the --budget search keeps its on disk")
     if fold_setting(fold, no_fold) in ("auto", "check"):
         raise RampError(f"--fold {fold} applies to a --size search; the --budget search takes on or off")
     no_fold = fold_setting(fold, no_fold) == "off"
@@ -278,7 +301,8 @@ def search(
 def _run_sized(
     model: Path, out_dir: Path, method: str, size: str, dcfg: SizedConfig, cc: CandidateConfig,
     scfg: SizedSearchConfig, ropts: RuntimeOptions, calib: Path | None, presets: tuple[str, ...],
-    sensitivity: str | None, fold: str, gcfg: GroupConfig, executor: Any = None,
+    sensitivity: str | None, fold: str, gcfg: GroupConfig, executor: Any = None, tensor_cache: str = "auto",
+    row_sample: int = 1,
 ) -> None:
     """The --size search with a bar (and for SAC a line per episode); Ctrl-C keeps what is finished."""
     from ramp_cpp.pipeline.run import describe, run_direct
@@ -300,7 +324,8 @@ def _run_sized(
             r = run_direct(
                 model, out_dir, method, size, dcfg, cc, ropts, calib=calib, presets=presets,
                 progress=stage_progress(p), sensitivity=sensitivity, sac=scfg, on_episode=on_sac, fold=fold,
-                on_cost=cost_printer(p), gcfg=gcfg, executor=executor,
+                on_cost=cost_printer(p), gcfg=gcfg, executor=executor, tensor_cache=tensor_cache,
+                row_sample=row_sample,
             )
         except KeyboardInterrupt:
             err.print(f"interrupted: {out_dir} keeps every finished stage and episode; run the command again")
@@ -313,7 +338,7 @@ def _run_sized(
 def _plan_sized(
     model: Path, out_dir: Path, method: str, size: str, dcfg: SizedConfig, cc: CandidateConfig,
     scfg: SizedSearchConfig, ropts: RuntimeOptions, calib: Path | None, presets: tuple[str, ...],
-    sensitivity: str | None, fold: str, gcfg: GroupConfig,
+    sensitivity: str | None, fold: str, gcfg: GroupConfig, tensor_cache: str = "auto", row_sample: int = 1,
 ) -> None:
     """--dry-run: the plan's checks, a speed probe, and each stage's expected cost as a table; nothing is
     written (pipeline/estimate.py)."""
@@ -322,7 +347,8 @@ def _plan_sized(
     from ramp_cpp.pipeline.estimate import estimate, speed_probe, total
     from ramp_cpp.pipeline.plan import plan_run
 
-    plan = plan_run(model, out_dir, method, size, dcfg, cc, calib, sensitivity, gcfg, scfg, None, None, fold)
+    plan = plan_run(model, out_dir, method, size, dcfg, cc, calib, sensitivity, gcfg, scfg, None, None, fold,
+                    tensor_cache=tensor_cache, row_sample=row_sample)
     with err.status("speed probe: one reward chunk decoded, a few rows quantized per type"):
         probe = speed_probe(plan, ropts, presets)
     stages = estimate(plan, presets, ropts, probe)

@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -238,6 +238,57 @@ def base_logprobs_file(base_sha256: str, text: str, cfg: EvalConfig) -> Path:
     return cache_dir() / "base-logprobs" / f"{hashlib.sha256(key_src.encode()).hexdigest()[:32]}.npz"
 
 
+def is_prefix(small: EvalConfig, big: EvalConfig) -> bool:
+    """Whether `small`'s chunks can be the first ones of `big`'s (same context, first chunk, top-k and tail
+    samples, no more chunks); `base_logprobs_sets` checks the tokens themselves."""
+    same = (small.n_ctx, small.first_chunk, small.top_k, small.tail_samples) == (
+        big.n_ctx, big.first_chunk, big.top_k, big.tail_samples)
+    return same and big.n_chunks is not None and small.n_chunks is not None and small.n_chunks <= big.n_chunks
+
+
+def base_logprobs_sets(
+    base_path: str | os.PathLike[str],
+    text: str,
+    cfgs: Sequence[EvalConfig],
+    opts: RuntimeOptions = RuntimeOptions(),
+    progress: Progress | None = None,
+) -> None:
+    """The base log-probs of every chunk set in `cfgs`, each chunk decoded once: the set with the most chunks
+    is computed (`base_logprobs`), and a set whose chunks are its first ones is cut out of it. A chunk's rows
+    do not depend on the other chunks (each is its own context, its tail samples are seeded by its index
+    first_chunk + i), so the cut equals what `base_logprobs` computes for that set alone."""
+    sha = file_sha256_cached(base_path)
+    todo = [c for c in dict.fromkeys(cfgs) if not base_logprobs_file(sha, text, c).is_file()]
+    if not todo:
+        return
+    big = max(cfgs, key=lambda c: c.n_chunks or 0)
+    full = base_logprobs(base_path, text, big, opts, progress)
+    rest = [c for c in todo if c != big]
+    cut = [c for c in rest if is_prefix(c, big)]
+    if cut:
+        with LlamaModel(base_path, _runtime(opts, big)) as model:
+            tokens = model.tokenize(text)
+            bos = model.bos if model.add_bos else None
+        cs_big = chunks(tokens, big, bos)
+        rows = full.target_lp.size // max(1, len(cs_big))
+        for c in cut:
+            cs = chunks(tokens, c, bos)
+            same = all(np.array_equal(a, b) for a, b in zip(cs, cs_big, strict=False))
+            if len(cs) > len(cs_big) or not same:
+                continue
+            n = len(cs) * rows
+            part = BaseLogprobs(tokens_sha_of(cs), *(getattr(full, f)[:n] for f in BaseLogprobs.FIELDS[1:]))
+            _save_base(part, base_logprobs_file(sha, text, c))
+    for c in rest:
+        base_logprobs(base_path, text, c, opts, progress)  # what could not be cut (or was): computed or read
+
+
+def _save_base(out: BaseLogprobs, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, force=True) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{name: getattr(out, name) for name in BaseLogprobs.FIELDS})
+
+
 def ensure_base_logprobs(
     base_path: str | os.PathLike[str], text: str, cfg: EvalConfig, opts: RuntimeOptions = RuntimeOptions()
 ) -> Path:
@@ -287,9 +338,7 @@ def base_logprobs(
             if progress:
                 progress(i + 1, len(cs))
     out = BaseLogprobs(tokens_sha_of(cs), *(np.concatenate(parts[f]) for f in BaseLogprobs.FIELDS[1:]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, force=True) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **{name: getattr(out, name) for name in BaseLogprobs.FIELDS})
+    _save_base(out, path)
     return out
 
 

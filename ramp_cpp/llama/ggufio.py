@@ -458,6 +458,34 @@ def write_from_template(
     `recycle` (with `force`) moves an existing `dst` to the temp name and overwrites its pages in place,
     which on tmpfs saves allocating and freeing them (about 2x faster); only for a `dst` that nothing maps
     any more (a llama.cpp model loaded from it must be closed), as its old bytes change under a mapping."""
+    size, iov = template_pieces(template, file_type, types, data)
+    return write_pieces(dst, size, iov, force, recycle)
+
+
+def write_pieces(
+    dst: str | os.PathLike[str], size: int, iov: list[bytes | bytearray | memoryview], force: bool = False,
+    recycle: bool = False,
+) -> int:
+    """Write the buffers `iov` (`size` bytes in all) as the file `dst` (temp file, then rename; `recycle`:
+    see write_from_template); return `size`."""
+    with atomic_path(dst, force) as tmp:
+        reuse = recycle and force and Path(dst).is_file() and not Path(dst).is_symlink()
+        if reuse:
+            os.replace(dst, tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | (0 if reuse else os.O_TRUNC), 0o644)
+        try:
+            _writev_all(fd, iov)
+            if reuse:
+                os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+    return size
+
+
+def template_pieces(
+    template: HeaderTemplate, file_type: int, types: list[int], data: list[memoryview]
+) -> tuple[int, list[bytes | bytearray | memoryview]]:
+    """The file `write_from_template` writes, as its size and the buffers that make it up in order."""
     n = len(template.tensors)
     if len(types) != n or len(data) != n:
         raise RampError(f"template has {n} tensors, got {len(types)} types and {len(data)} blobs")
@@ -479,19 +507,24 @@ def write_from_template(
         if pad:
             iov.append(zeros[:pad])
         offset += nbytes + pad
-    size = len(meta) + offset
-    with atomic_path(dst, force) as tmp:
-        reuse = recycle and force and Path(dst).is_file() and not Path(dst).is_symlink()
-        if reuse:
-            os.replace(dst, tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | (0 if reuse else os.O_TRUNC), 0o644)
-        try:
-            _writev_all(fd, iov)
-            if reuse:
-                os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
-    return size
+    return len(meta) + offset, iov
+
+
+def file_equals(
+    path: str | os.PathLike[str], size: int, pieces: list[bytes | bytearray | memoryview]
+) -> bool:
+    """Whether the file at `path` is exactly the concatenation of `pieces` (`size` bytes in all), read in
+    step with them: comparing an assembly with llama.cpp's file needs no second copy on disk."""
+    if Path(path).stat().st_size != size:
+        return False
+    with open(path, "rb") as f:
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            for a in range(0, view.nbytes, 1 << 24):
+                part = view[a : a + (1 << 24)]
+                if f.read(part.nbytes) != part:
+                    return False
+    return True
 
 
 def _writev_all(fd: int, bufs: list[bytes | bytearray | memoryview]) -> None:

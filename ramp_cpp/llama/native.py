@@ -153,16 +153,37 @@ def quantize_model(
         raise RampError(f"llama.cpp quantization of {src} failed: {msg[-400:]}")
 
 
-def quantize_rows(ggml_type: int, rows: np.ndarray, imatrix: np.ndarray | None = None) -> bytes:
-    """ggml_quantize_chunk over a 2-D float32 array (n_rows, n_per_row): the bytes llama.cpp stores."""
+def quantize_rows(
+    ggml_type: int, rows: np.ndarray, imatrix: np.ndarray | None = None, n_threads: int = 1
+) -> bytes:
+    """ggml_quantize_chunk over a 2-D float32 array (n_rows, n_per_row): the bytes llama.cpp stores.
+    `n_threads` > 1 splits the rows into that many runs quantized at once (rows are independent, and ctypes
+    releases the GIL during each call), as llama.cpp's quantizer splits a tensor among its threads."""
     h = lib()
     src = np.ascontiguousarray(rows, dtype=np.float32)
     n_rows, n_per_row = src.shape
-    out = np.empty(h.ramp_row_size(ggml_type, n_per_row) * n_rows, dtype=np.uint8)
+    row_bytes = h.ramp_row_size(ggml_type, n_per_row)
+    out = np.empty(row_bytes * n_rows, dtype=np.uint8)
     im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
-    n = h.ramp_quantize_rows(
-        ggml_type, src.ctypes.data, out.ctypes.data, n_rows, n_per_row, None if im is None else im.ctypes.data
-    )
+    im_ptr = None if im is None else im.ctypes.data
+
+    def run(span: tuple[int, int]) -> int:
+        a, b = span
+        return int(h.ramp_quantize_rows(
+            ggml_type, src.ctypes.data + a * n_per_row * 4, out.ctypes.data + a * row_bytes, b - a, n_per_row,
+            im_ptr,
+        ))
+
+    k = max(1, min(n_threads, n_rows))
+    cuts = [n_rows * i // k for i in range(k + 1)]
+    spans = [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+    if len(spans) <= 1:
+        n = sum(run(s) for s in spans)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(spans)) as pool:
+            n = sum(pool.map(run, spans))
     return out[:n].tobytes()
 
 

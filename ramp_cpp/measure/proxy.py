@@ -60,6 +60,12 @@ class MeasureConfig:
     save_every: int = 8  # tensors measured between two saves of the partial measurement
     chunk_elements: int = 1 << 24  # weights dequantized at once per type: bounds memory on large tensors
     n_threads: int | None = None  # llama.cpp's quantizer threads (None: all cores)
+    in_memory: bool = False  # the tensor cache keeps only the base type on disk (tensorcache module doc)
+    # issue 21: a linear's error from every `row_sample`-th span of SAMPLE_SPAN rows, scaled up (1: all rows).
+    # With the cache in memory the candidates' bytes are made for the sampled rows only, which is most of
+    # the measurement's quantization work; embeddings are always measured whole (their rows are weighted by
+    # token frequency)
+    row_sample: int = 1
 
 
 def default_cache_root() -> Path:
@@ -142,6 +148,21 @@ def weighting(
     return Weighting(mean_sq(tensor.name), None)
 
 
+SAMPLE_SPAN = 16  # rows per sampled span: whole spans keep the row quantizer's calls few
+
+
+def row_spans(n_rows: int, sample: int, step: int) -> tuple[list[tuple[int, int]], float]:
+    """The (start, stop) row ranges measured, in pieces of at most `step` rows, and the scale n_rows / rows
+    measured: all rows for `sample` 1, else the spans of SAMPLE_SPAN rows numbered 0, k, 2k, ... (k =
+    `sample`), offset to the middle of their k-span stride so that first and last rows are not favoured."""
+    if sample <= 1:
+        return [(a, min(n_rows, a + step)) for a in range(0, n_rows, step)], 1.0
+    stride = SAMPLE_SPAN * sample
+    starts = range(min((stride - SAMPLE_SPAN) // 2, max(0, n_rows - SAMPLE_SPAN)), n_rows, stride)
+    spans = [(a, min(n_rows, a + SAMPLE_SPAN)) for a in starts]
+    return spans, n_rows / sum(b - a for a, b in spans)
+
+
 def tensor_errors(
     source: Any,
     tensor: TensorInfo,
@@ -149,19 +170,21 @@ def tensor_errors(
     weights: Weighting,
     rows_of: Callable[[GGMLQuantizationType, int, int], np.ndarray],
     chunk_elements: int = 1 << 24,
+    row_sample: int = 1,
 ) -> list[float]:
     """error_t for each type of `written`: `source` is the tensor's data as gguf-py reads it (one row per
     output), `rows_of(t, start, stop)` the dequantized rows of its type-t copy. Rows are processed in
-    chunks of about `chunk_elements` weights."""
+    chunks of about `chunk_elements` weights. `row_sample` k > 1 (linears only): the rows of `row_spans`,
+    the sum scaled by n_rows / rows measured, an unbiased estimate of the whole tensor's error."""
     from gguf.quants import dequantize
 
     src_type = T(int(source.tensor_type))
     data = np.asarray(source.data)
     n_rows, n_in = tensor.n_rows, tensor.n_per_row
     step = max(1, chunk_elements // n_in)
+    spans, scale = row_spans(n_rows, row_sample if weights.rows is None else 1, step)
     acc = np.zeros(len(written), dtype=np.float64)
-    for r0 in range(0, n_rows, step):
-        r1 = min(n_rows, r0 + step)
+    for r0, r1 in spans:
         w = np.asarray(dequantize(data[r0:r1], src_type), dtype=np.float32).reshape(r1 - r0, n_in)
         for k, t in enumerate(written):
             d = rows_of(t, r0, r1)
@@ -171,7 +194,7 @@ def tensor_errors(
                 acc[k] += float(d.sum(axis=0, dtype=np.float64) @ weights.columns)
             if weights.rows is not None:
                 acc[k] += float(d.sum(axis=1, dtype=np.float64) @ weights.rows[r0:r1])
-    return [float(x) for x in acc]
+    return [float(x) * scale for x in acc]
 
 
 # -- the stage -----------------------------------------------------------------------------------------
@@ -233,7 +256,13 @@ def measure(
     tensorcache/, the layout `build_cache` uses, so a search's cache is reused). `progress(done, total)`
     counts tensors measured, `cache_progress` the types llama.cpp quantizes for the cache; `text` is the
     calibration text's body when it is not to be loaded by name."""
-    from ramp_cpp.measure.tensorcache import build_cache, dequantized_rows, directory_for, imatrix_digest
+    from ramp_cpp.measure.tensorcache import (
+        blob_nbytes,
+        build_cache,
+        dequantized_rows,
+        directory_for,
+        imatrix_digest,
+    )
     from ramp_cpp.store.cache import file_sha256_cached
 
     if cfg.save_every < 1:
@@ -255,6 +284,8 @@ def measure(
         "calibration_digest": calibration_digest(calibration),
         "imatrix_digest": digest,
         **cc.key(),
+        # only when sampling: measurements of every row made before the option stay reusable
+        **({"row_sample": cfg.row_sample} if cfg.row_sample > 1 else {}),
     }
     directory = directory_for(root, sha, digest, cc.base)
     path = _state_path(directory, key)
@@ -276,7 +307,7 @@ def measure(
     names = [t.name for t in tensors]
     cache = build_cache(
         src, cc.requested(), root, imatrix=imatrix, base=cc.base, n_threads=cfg.n_threads,
-        progress=cache_progress, searched=names, info=info, executor=executor,
+        progress=cache_progress, searched=names, info=info, executor=executor, in_memory=cfg.in_memory,
     )
     align = cache.template.alignment
 
@@ -317,9 +348,10 @@ def measure(
             return dequantized_rows(cache, name, wt, a, b)
 
         errs = tensor_errors(
-            source[t.name], t, written, weighting(t, info, calibration, freqs), rows_of, cfg.chunk_elements
+            source[t.name], t, written, weighting(t, info, calibration, freqs), rows_of, cfg.chunk_elements,
+            cfg.row_sample,
         )
-        nbytes = [padded(cache.searched[(t.name, w)].nbytes) for w in written]
+        nbytes = [padded(blob_nbytes(cache, t.name, w)) for w in written]
         state["rows"][t.name] = [
             t.n_params, [[w.name, nb, e] for w, nb, e in zip(written, nbytes, errs, strict=True)]
         ]

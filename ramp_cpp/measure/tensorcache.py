@@ -22,24 +22,34 @@ On disk, one directory per key (model sha256, imatrix digest, base type) under t
 
 Every file is written to a temp name and renamed, so an interrupted build leaves whole types or none, and
 the next `build_cache` quantizes only the types still missing.
+
+In memory (`build_cache(..., in_memory=True)`, issue 21's disk bound at 7B): only the base type's pass is
+kept on disk; the bytes of any other (tensor, written type) are made when an assembly or the proxy asks, by
+ggml's row quantizer (`native.quantize_rows`: ggml_quantize_chunk, the call llama.cpp's quantizer makes per
+tensor) on the source's rows with the tensor's imatrix columns. They are the same bytes
+(`bench/lazy_cache.py`: 1,266 of 1,266 blobs of SmolLM2's cache; tests/test_tensorcache.py checks every type
+against llama.cpp's file). The disk then holds ≈ 8.5 bits per searched weight instead of ≈ 61 with twelve
+types; the price is the quantization time per assembly (a group probe changes about 1/30 of the model), which
+`_MEMO` saves on repeated asks. Types already on disk from a full build are read from there.
 """
 
 from __future__ import annotations
 
-import filecmp
 import hashlib
 import json
 import mmap
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from ramp_cpp.costs import COUNTERS
 from ramp_cpp.errors import RampError
 from ramp_cpp.executor import Executor, Serial
 from ramp_cpp.llama.ggufio import (
@@ -48,13 +58,16 @@ from ramp_cpp.llama.ggufio import (
     TensorInfo,
     TensorSlot,
     extract_tensors,
+    file_equals,
+    open_reader,
     read_header_template,
     read_inventory,
-    write_from_template,
+    template_pieces,
+    write_pieces,
 )
 from ramp_cpp.llama.quantize import QuantizeOptions, complete_map, file_type_for, quantize_map
 from ramp_cpp.measure.candidates import searchable
-from ramp_cpp.model.ladder import needs_imatrix, type_from_name, written_type
+from ramp_cpp.model.ladder import needs_imatrix, tensor_nbytes, type_from_name, written_type
 from ramp_cpp.store.atomic import atomic_path, temp_name
 from ramp_cpp.store.cache import file_sha256_cached
 
@@ -86,6 +99,10 @@ class TensorCache:
     searched: Mapping[tuple[str, GGMLQuantizationType], Blob]  # (searchable tensor, written type) -> bytes
     fixed: Mapping[str, Blob]  # every non-searchable tensor, as llama.cpp writes it with `base`
     names: tuple[str, ...] = ()  # the tensors searched through this cache (others only at `base`)
+    in_memory: bool = False  # (name, type) pairs not in `searched` are quantized when asked (module doc)
+    src: str = ""  # the source model, read by the in-memory quantizer
+    imatrix: Mapping[str, np.ndarray] | None = None  # the importance matrix the cache was quantized with
+    n_threads: int = 1  # the in-memory quantizer's threads
 
 
 @dataclass(frozen=True)
@@ -178,13 +195,15 @@ def build_cache(
     searched: Iterable[str] | None = None,
     info: ModelInfo | None = None,
     executor: Executor | None = None,
+    in_memory: bool = False,
 ) -> TensorCache:
     """The tensor cache of `src` for candidate `types` under the root `cache_dir`: reused where this key
     (model sha256, imatrix digest, base) already holds a type for the `searched` tensors (default: the
     blk.N linears; any of `candidates.searchable`), built by one llama.cpp quantization per missing type
     otherwise. `progress(done, total)` counts the types quantized (never called if none). `executor`: where
     the passes of the types other than the base run (executor.py; each writes only its own files, so they
-    may run at once on nodes that share `cache_dir`)."""
+    may run at once on nodes that share `cache_dir`). `in_memory`: quantize only the base type by llama.cpp
+    and the others when asked (module docstring)."""
     base_t = _as_type(base)
     wanted = list(dict.fromkeys(_as_type(t) for t in types))
     if not wanted:
@@ -205,7 +224,7 @@ def build_cache(
         )
     # the base type first: its bytes of every searchable tensor fill the others' assemblies
     need = {base_t: cacheable(universe, base_t, imatrix)}
-    for t in wanted:
+    for t in [] if in_memory else wanted:
         need[t] = list(dict.fromkeys([*need.get(t, []), *cacheable(names, t, imatrix)]))
     todo: dict[GGMLQuantizationType, list[str]] = {}
     for t, ns in need.items():
@@ -234,7 +253,13 @@ def build_cache(
     first = [j for j in jobs if j.ggml_type == base_t]
     Serial().map(cache_type, first, step)
     ex.map(cache_type, [j for j in jobs if j.ggml_type != base_t], step)
-    return _load(directory, key, src, wanted, base_t, names)
+    cache = _load(directory, key, src, wanted, base_t, names, lenient=in_memory)
+    if not in_memory:
+        return cache
+    return replace(
+        cache, in_memory=True, src=str(src), imatrix=imatrix,
+        n_threads=max(1, ex.threads or n_threads or os.cpu_count() or 1),
+    )
 
 
 @dataclass(frozen=True)
@@ -329,9 +354,11 @@ def _load(
     types: list[GGMLQuantizationType],
     base: GGMLQuantizationType,
     names: list[str],
+    lenient: bool = False,
 ) -> TensorCache:
     """The cache artifact of `directory` for searching `names` as `types`: their bytes of each type, and the
-    base type's bytes of every searchable tensor."""
+    base type's bytes of every searchable tensor. `lenient`: a type without bytes on disk is no error (the
+    in-memory cache makes them when asked)."""
     layout = _read_layout(directory, key, src)
     if layout is None:
         raise RampError(f"{directory}: tensor cache has no usable layout.json (rerun build_cache)")
@@ -352,6 +379,8 @@ def _load(
     wanted = set(names)
     for t in dict.fromkeys([base, *types]):
         index = _read_json(directory / f"{t.name}.json", key)
+        if index is None and lenient and t != base:
+            continue
         if index is None:
             raise RampError(f"{directory}: tensor cache lacks type {t.name} (rerun build_cache)")
         for n, (ty, off, nb) in index["tensors"].items():
@@ -372,17 +401,143 @@ def _load(
 
 
 def _check_identical(cache: TensorCache, types: Mapping[str, GGMLQuantizationType], ref: Path) -> None:
-    """The assembled file for `types` must equal llama.cpp's own (`ref`), header and padding included."""
-    probe = ref.with_name(ref.name + ".assembled")
-    try:
-        assemble(cache, types, probe, force=True)
-        if not filecmp.cmp(probe, ref, shallow=False):
+    """The assembled file for `types` must equal llama.cpp's own (`ref`), header and padding included;
+    compared piece by piece, so the check writes nothing (at 7B a second copy would be gigabytes)."""
+    with _pieces(cache, types) as (size, pieces):
+        same = file_equals(ref, size, pieces)
+    if not same:
+        raise RampError(
+            f"assembled file differs from llama.cpp's quantization of {cache.info.path}: "
+            "this GGUF layout is not supported by the tensor cache"
+        )
+
+
+#: In-memory quantizations, (cache directory, tensor, written type) -> bytes, least recently used last
+#: dropped beyond _MEMO_BYTES: a pair probes or an episode ask again costs nothing the second time.
+_MEMO: dict[tuple[str, str, GGMLQuantizationType], bytes] = {}
+_MEMO_BYTES = 1 << 30
+
+
+def _source_rows(src: str, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop-1 of `name` in the (F16/BF16/F32) source, as float32: what llama.cpp's quantizer
+    converts a tensor to before quantizing it."""
+    from gguf.quants import dequantize
+
+    t = _reader(src).tensors_by_name[name]
+    return np.asarray(dequantize(np.asarray(t.data)[start:stop], t.tensor_type), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class _Reader:
+    tensors_by_name: Mapping[str, Any]
+
+
+_READERS: dict[tuple[str, int, int], _Reader] = {}
+
+
+def _reader(src: str) -> _Reader:
+    """The source's tensors, its header parsed once per file version (a 7B's vocabulary takes seconds)."""
+    st = Path(src).stat()
+    key = (src, st.st_ino, st.st_mtime_ns)
+    r = _READERS.get(key)
+    if r is None:
+        _READERS.clear()
+        r = _READERS[key] = _Reader({t.name: t for t in open_reader(src).tensors})
+    return r
+
+
+def _quantize(cache: TensorCache, name: str, wt: GGMLQuantizationType, start: int, stop: int) -> bytes:
+    """Rows start..stop-1 of `name` as llama.cpp writes them in type `wt`, made in memory."""
+    from ramp_cpp.llama.native import quantize_rows
+
+    if needs_imatrix(wt) and name not in (cache.imatrix or {}):
+        raise RampError(f"{name}: {wt.name} needs an importance matrix entry for it")
+    im = (cache.imatrix or {}).get(name)
+    rows = _source_rows(cache.src, name, start, stop)
+    COUNTERS.quant_weights += rows.size
+    return quantize_rows(int(wt), rows, im, cache.n_threads)
+
+
+def blob_bytes(cache: TensorCache, name: str, wt: GGMLQuantizationType) -> bytes:
+    """The whole of `name` in written type `wt`, made in memory (`_MEMO` keeps recent ones)."""
+    key = (str(cache.directory), name, wt)
+    got = _MEMO.pop(key, None)
+    if got is None:
+        got = _quantize(cache, name, wt, 0, cache.info.tensor(name).n_rows)
+    _MEMO[key] = got
+    total = sum(len(b) for b in _MEMO.values())
+    for k in list(_MEMO):
+        if total <= _MEMO_BYTES or k == key:
+            break
+        total -= len(_MEMO.pop(k))
+    return got
+
+
+def has_bytes(cache: TensorCache, name: str, wt: GGMLQuantizationType) -> bool:
+    """Whether the cache can give `name` in written type `wt` (on disk, or made when asked)."""
+    if (name, wt) in cache.searched:
+        return True
+    covered = not needs_imatrix(wt) or name in (cache.imatrix or {})
+    return cache.in_memory and name in cache.names and covered
+
+
+def blob_nbytes(cache: TensorCache, name: str, wt: GGMLQuantizationType) -> int:
+    """The bytes of `name` in written type `wt` (unpadded), whether on disk or made when asked."""
+    blob = cache.searched.get((name, wt))
+    if blob is not None:
+        return blob.nbytes
+    if not has_bytes(cache, name, wt):
+        raise RampError(f"{name}: no cached bytes for {wt.name}")
+    return tensor_nbytes(wt, cache.info.tensor(name).n_params)
+
+
+@contextmanager
+def _pieces(
+    cache: TensorCache, types: Mapping[str, str | GGMLQuantizationType]
+) -> Iterator[tuple[int, list[bytes | bytearray | memoryview]]]:
+    """The file `assemble` writes for `types`, as its size and buffers (views of the cache's maps, valid
+    inside the block only)."""
+    info = cache.info
+    full = complete_map(info, {n: _as_type(t) for n, t in types.items()}, cache.base)
+    row = {t.name: t.n_per_row for t in info.tensors}
+    chosen: list[Blob | tuple[str, GGMLQuantizationType]] = []
+    searched = set(cache.names)
+    for slot in cache.template.tensors:
+        asked = full.get(slot.name)
+        if slot.name not in searched and asked is not None and asked != cache.base:
             raise RampError(
-                f"assembled file differs from llama.cpp's quantization of {cache.info.path}: "
-                "this GGUF layout is not supported by the tensor cache"
+                f"{slot.name} is not a searched tensor: the cache holds it only as {cache.base.name}"
             )
+        if slot.name in cache.fixed:
+            chosen.append(cache.fixed[slot.name])
+            continue
+        wt = written_type(full[slot.name], row[slot.name])
+        blob = cache.searched.get((slot.name, wt))
+        if blob is None and has_bytes(cache, slot.name, wt):
+            chosen.append((slot.name, wt))
+            continue
+        if blob is None:
+            have = sorted({t.name for (n, t) in cache.searched if n == slot.name})
+            raise RampError(
+                f"{slot.name}: no cached bytes for {wt.name} "
+                f"(asked {full[slot.name].name}; cached: {', '.join(have)})"
+            )
+        chosen.append(blob)
+    files = {b.file for b in chosen if isinstance(b, Blob)}
+    maps = {f: memoryview(_mapped(cache.directory / f)) for f in files}
+    views: list[memoryview] = []
+    try:
+        for b in chosen:
+            if isinstance(b, Blob):
+                views.append(maps[b.file][b.offset : b.offset + b.nbytes])
+            else:
+                views.append(memoryview(blob_bytes(cache, *b)))
+        kinds = [int(b.ggml_type) if isinstance(b, Blob) else int(b[1]) for b in chosen]
+        yield template_pieces(cache.template, file_type_for(full), kinds, views)
     finally:
-        probe.unlink(missing_ok=True)
+        # no view may outlive this block: _mapped closes maps it evicts
+        for v in [*views, *maps.values()]:
+            v.release()
 
 
 def assemble(
@@ -397,40 +552,8 @@ def assemble(
     for; llama.cpp's row-length fallback (ladder.written_type) picks the bytes. `recycle`: overwrite an
     existing `dst` in place (see ggufio.write_from_template; only once nothing maps it)."""
     t0 = time.perf_counter()
-    info = cache.info
-    full = complete_map(info, {n: _as_type(t) for n, t in types.items()}, cache.base)
-    row = {t.name: t.n_per_row for t in info.tensors}
-    chosen: list[Blob] = []
-    searched = set(cache.names)
-    for slot in cache.template.tensors:
-        asked = full.get(slot.name)
-        if slot.name not in searched and asked is not None and asked != cache.base:
-            raise RampError(
-                f"{slot.name} is not a searched tensor: the cache holds it only as {cache.base.name}"
-            )
-        if slot.name in cache.fixed:
-            chosen.append(cache.fixed[slot.name])
-            continue
-        wt = written_type(full[slot.name], row[slot.name])
-        blob = cache.searched.get((slot.name, wt))
-        if blob is None:
-            have = sorted({t.name for (n, t) in cache.searched if n == slot.name})
-            raise RampError(
-                f"{slot.name}: no cached bytes for {wt.name} "
-                f"(asked {full[slot.name].name}; cached: {', '.join(have)})"
-            )
-        chosen.append(blob)
-    maps = {f: memoryview(_mapped(cache.directory / f)) for f in {b.file for b in chosen}}
-    views = [maps[b.file][b.offset : b.offset + b.nbytes] for b in chosen]
-    try:
-        size = write_from_template(
-            dst, cache.template, file_type_for(full), [int(b.ggml_type) for b in chosen], views, force,
-            recycle,
-        )
-    finally:
-        # no view may outlive this call: _mapped closes maps it evicts
-        for v in [*views, *maps.values()]:
-            v.release()
+    with _pieces(cache, types) as (size, pieces):
+        write_pieces(dst, size, pieces, force, recycle)
     return AssembleResult(str(dst), size, time.perf_counter() - t0)
 
 
@@ -441,13 +564,16 @@ def dequantized_rows(
     llama.cpp writes), dequantized by gguf-py: float32, shape (stop - start, n_per_row)."""
     from gguf.quants import dequantize
 
-    blob = cache.searched.get((name, written))
-    if blob is None:
-        raise RampError(f"{name}: no cached bytes for {written.name}")
     n_rows = cache.info.tensor(name).n_rows
-    row_bytes = blob.nbytes // n_rows
     if not 0 <= start <= stop <= n_rows:
         raise RampError(f"{name}: rows {start}..{stop} outside 0..{n_rows}")
+    blob = cache.searched.get((name, written))
+    if blob is None:
+        if not has_bytes(cache, name, written):
+            raise RampError(f"{name}: no cached bytes for {written.name}")
+        raw = np.frombuffer(_quantize(cache, name, written, start, stop), dtype=np.uint8)
+        return np.asarray(dequantize(raw.reshape(stop - start, -1), written), dtype=np.float32)
+    row_bytes = blob.nbytes // n_rows
     view = memoryview(_mapped(cache.directory / blob.file))
     try:
         part = view[blob.offset + start * row_bytes : blob.offset + stop * row_bytes]

@@ -30,6 +30,10 @@ the plan's counts into costs, with N = n_ctx:
     allocate        FIT_TRIES·(2·target/copy_bps + header_s); sac: + its evaluations, eval(chunks, choice)
     evaluate        eval(chunks, choice)                                     E = 1
 
+With the tensor cache in memory (plan.in_memory) the cache stage runs the base type's pass only and the proxy
+adds Σ_searched n_params·Σ_candidates quant_s[written, imatrix]; every assembly (a probe's group, the fold
+decision's and the fits' files) adds memq(types) = Σ_searched, not at base n_params·quant_s[written, imatrix].
+
 RAM: rss_base (the process before a model is loaded) + the model's mmap (its file size) + ctx_bytes (what a
 context of N tokens adds, measured); from the tensor cache on, its .bin files (kept mapped) and the proxy's
 arrays. Disk: what the run folder holds (resources.disk_needs) + calibration, folded copy, one .bin per
@@ -58,7 +62,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ramp_cpp.llama.backend import RuntimeOptions
-from ramp_cpp.llama.evaluate import EvalConfig
+from ramp_cpp.llama.evaluate import EvalConfig, is_prefix
 from ramp_cpp.llama.ggufio import TensorInfo
 from ramp_cpp.measure.candidates import searchable, searched_tensors, tensor_candidates
 from ramp_cpp.model.arch import quantizable
@@ -75,7 +79,7 @@ CALIB_DECODE = 1.2
 DECODE = {"F16": 1.0, "BF16": 1.0, "Q8_0": 1.3, "Q4_0": 1.1, "Q4_1": 2.3, "Q5_0": 1.75, "Q5_1": 2.85,
           "IQ4_NL": 1.05, "IQ4_XS": 1.25, "Q2_K": 1.05, "Q3_K": 1.0, "Q4_K": 0.65, "Q5_K": 0.6, "Q6_K": 0.8}
 DECODE_OTHER = 1.5
-FIT_TRIES = 2  # the ramp.* metadata usually pushes greedy's first fill past the target: allocated twice
+FIT_TRIES = 1  # stages.fit_and_write allocates under a bound on the metadata it adds: one assembly
 ROWS = 32
 
 
@@ -270,7 +274,7 @@ def estimate(
 
     p, info, cfg, cc = probe, plan.info, plan.cfg, plan.cc
     N, file, chunks = cfg.n_ctx, info.file_size, cfg.chunks
-    needs = disk_needs(info, cc, plan.fold, plan.hi, plan.run_dir, plan.cache_root)
+    needs = disk_needs(info, cc, plan.fold, plan.hi, plan.run_dir, plan.cache_root, in_memory=plan.in_memory)
     on_disk = not str(scratch_root().resolve()).startswith("/dev/shm")  # else scratch writes are memory
     searched = searched_tensors(info, cc.embeddings)
     quantized = [t for t in info.tensors if quantizable(t.name, 2)]
@@ -298,6 +302,14 @@ def estimate(
             pad(tensor_nbytes(ws[t.name] if t.name in ws else type_from_name(t.ggml_type), t.n_params))
             for t in info.tensors)
         return sec + size / p.copy_bps, size
+
+    def memq(types: Mapping[str, T]) -> float:
+        """Seconds the in-memory cache spends making `types`' bytes (its base type is on disk)."""
+        if not plan.in_memory:
+            return 0.0
+        ws = {t.name: written_type(types.get(t.name, cc.base), t.n_per_row) for t in searched}
+        return sum(t.n_params * p.quant_s.get(_key(ws[t.name], _has_im(plan, t)), 0.0)
+                   for t in searched if types.get(t.name, cc.base) != cc.base)
 
     cands = {t.name: [w for _, w in tensor_candidates(cc, t, _has_im(plan, t))] for t in searched}
     fixed = plan.lo - sum(min(pad(tensor_nbytes(w, t.n_params)) for w in cands[t.name]) for t in searched)
@@ -341,16 +353,23 @@ def estimate(
     n_fold, n_g = min(fcfg.n_chunks or 0, p.n_avail), min(plan.gcfg.chunks or chunks, chunks)
     sets = [ecfg, *([fcfg] if plan.fold in ("auto", "check") else []),
             *([replace(ecfg, n_chunks=n_g)] if plan.sensitivity == "measured" and plan.gcfg.chunks else [])]
-    todo = {json.dumps(s.key()): n_fold if s.up_to else s.n_chunks or 0 for s in sets
-            if not _base_cached(plan, sha, s)}
-    npz = sum(n * (N - N // 2 - 1) * (8 * (ecfg.top_k + ecfg.tail_samples) + 4) for n in todo.values())
+    missing = {json.dumps(s.key()): s for s in sets if not _base_cached(plan, sha, s)}
+    n_of = {k: n_fold if s.up_to else s.n_chunks or 0 for k, s in missing.items()}
+    # evaluate.base_logprobs_sets decodes the largest set and cuts the sets that are its first chunks
+    big = max(sets, key=lambda s: n_fold if s.up_to else s.n_chunks or 0)
+    todo = {k: n_of[k] for k, s in missing.items() if s == big or not is_prefix(s, big)}
+    npz = sum(n * (N - N // 2 - 1) * (8 * (ecfg.top_k + ecfg.tail_samples) + 4) for n in n_of.values())
     add("base log-probs", hash_s + sum(ev(n, 1.0) + n * p.base_s for n in todo.values()), loaded * bool(todo),
-        npz, E=sum(todo.values()) / chunks, note="" if todo else "cached")
+        npz, E=sum(todo.values()) / chunks, note="" if missing else "cached")
     pre = [(*qpass(t), rel(t)) for t in passes["presets"]]
     scored = len(dict.fromkeys(presets))  # the first of the presets stage's passes; the --size one last
     add("presets", sum(s + (ev(chunks, r) if i < scored else 0) for i, (s, _, r) in enumerate(pre)),
         loaded, on_disk * sum(b for _, b, _ in pre), E=scored, passes=len(pre))
     cache_s, cache_w, cache_bytes = 2 * p.header_s, 0, 0
+    if plan.in_memory:  # the base type's pass only; the proxy quantizes each candidate in memory
+        passes["cache"] = passes["cache"][:1]
+        cache_s += sum(t.n_params * sum(p.quant_s.get(_key(w, _has_im(plan, t)), 0.0)
+                                        for w in cands[t.name] if w != cc.base) for t in searched)
     for types in passes["cache"]:
         sec, size = qpass(types)
         bins = sum(tensor_nbytes(written_type(w, info.tensor(n).n_per_row), info.tensor(n).n_params)
@@ -365,6 +384,7 @@ def estimate(
     pairs = f"{n_probes} evaluations" + (f" ({plan.gcfg.pairs} pairs at most)" if plan.gcfg.pairs else "")
     probe_s = p.tokenize_s + n_probes * (plan.hi / p.copy_bps + p.load_s + n_g * (N * p.token_s * r_hi
                                                                                   + p.score_s))
+    probe_s += memq(choice)  # in memory: each group's tensors quantized once for its probe
     # the proxy's arrays (MeasureConfig.chunk_elements weights at a time) stay in the process's heap after
     work, measured = 16 * min(1 << 24, max(t.n_params for t in searched)), plan.sensitivity == "measured"
     for f in plan.measured_first:
@@ -378,20 +398,20 @@ def estimate(
     ram, scratch = work + maps + target + p.ctx_bytes, on_disk * target
     if plan.fold == "check":
         unfolded = f" and group probes ({n_probes * n_g / chunks:g} E, ~{probe_s:.0f} s)" if measured else ""
-        add("fold decision", qpass(choice)[0] + target / p.copy_bps + 2 * ev(n_fold, r_choice),
+        add("fold decision", qpass(choice)[0] + target / p.copy_bps + 2 * ev(n_fold, r_choice) + memq(choice),
             max(ram, work + maps + file), 2 * scratch, 0, 2 * n_fold / chunks, 1,
             f"if the check keeps the unfolded model: + tensor cache ({len(passes['cache'])} passes, "
             f"~{cache_s:.0f} s){unfolded}, not counted")
     elif plan.fold == "auto":
-        add("fold decision", 2 * (target / p.copy_bps + ev(n_fold, r_choice)), ram, 2 * scratch, 0,
-            2 * n_fold / chunks)
+        add("fold decision", 2 * (target / p.copy_bps + ev(n_fold, r_choice) + memq(choice)), ram,
+            2 * scratch, 0, 2 * n_fold / chunks)
     else:
         add("fold decision", 0.0, 0, 0)
     sac, e_sac = plan.sac, 0.0
     if plan.method == "sac":  # every evaluation real (memo hits are free), the second look's too
         e_sac = sac.evaluations + (sac.rescore_top > 0) * (sac.rescore_top + 1) * sac.rescore_chunks / chunks
     note = f"{FIT_TRIES} fits assumed" + (", SAC's evaluations at most, not its updates" if e_sac else "")
-    fit = FIT_TRIES * (2 * target / p.copy_bps + p.header_s)
+    fit = FIT_TRIES * (2 * target / p.copy_bps + p.header_s + memq(choice))
     add("allocate", fit + e_sac * (target / p.copy_bps + ev(chunks, r_choice) - p.tokenize_s), ram,
         FIT_TRIES * (target + scratch), target, e_sac, note=note)
     add("evaluate", ev(chunks, r_choice), ram, 0, E=1.0)

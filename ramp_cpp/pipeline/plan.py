@@ -28,6 +28,10 @@ from ramp_cpp.pipeline.sizedconfig import SizedConfig, check_run
 #: The methods whose allocation is learned (the SAC search, a trained policy's rollout), not computed.
 LEARNED = ("sac", "policy")
 SENSITIVITIES = ("proxy", "measured", "transferred")
+#: Where the tensor cache's candidate types live (tensorcache module doc): on disk, made in memory when
+#: asked, or auto: in memory, but on disk for the SAC search when the disk has room (its episodes change
+#: every tensor, so each would quantize most of the model again; greedy's probes change one group).
+TENSOR_CACHES = ("auto", "disk", "memory")
 MIB = 1 << 20
 
 
@@ -59,6 +63,8 @@ class RunPlan:
     text: str
     settings: dict[str, Any]
     ratios: Any = None  # transfer.RatioTable of the transferred sensitivity, else None
+    in_memory: bool = False  # the tensor cache keeps only the base type on disk (TENSOR_CACHES)
+    row_sample: int = 1  # the proxy measures every k-th span of rows of a linear (proxy.MeasureConfig)
 
     @property
     def foldings(self) -> tuple[bool, ...]:
@@ -88,6 +94,8 @@ def plan_run(
     cache_root: str | os.PathLike[str] | None = None,
     fold: str | None = None,
     jobs: int = 1,
+    tensor_cache: str = "auto",
+    row_sample: int = 1,
 ) -> RunPlan:
     """Check the request (module docstring) and return it as a plan; reads, never writes. `jobs`: how many
     of the run's jobs may run at once on this machine (resources.disk_needs)."""
@@ -96,11 +104,15 @@ def plan_run(
     from ramp_cpp.calibration.collect import check_config
     from ramp_cpp.llama.ggufio import read_inventory
     from ramp_cpp.llama.quantize import check_source
-    from ramp_cpp.pipeline.resources import check_plan_resources
+    from ramp_cpp.pipeline.resources import check_plan_resources, disk_needs, fits
     from ramp_cpp.store.texts import load_text
 
     if method not in (*ALLOCATORS, *LEARNED):
         raise RampError(f"unknown method {method!r} (choose from {', '.join([*ALLOCATORS, 'sac'])})")
+    if row_sample < 1:
+        raise RampError(f"--row-sample must be at least 1 (every row), got {row_sample}")
+    if tensor_cache not in TENSOR_CACHES:
+        raise RampError(f"unknown --tensor-cache {tensor_cache!r} (choose from {', '.join(TENSOR_CACHES)})")
     sac = sac or SizedSearchConfig()
     pol = None
     if method == "policy":
@@ -137,13 +149,19 @@ def plan_run(
         extra["fold"] = fold
     if ratios is not None:
         extra["ratios"] = transfer.to_json(ratios)["records"]
+    if row_sample > 1:  # only when sampling: run directories made before the option stay reusable
+        extra["row_sample"] = row_sample
     settings = run_settings(str(Path(model_path).resolve()), method, size, cfg, cc, sensitivity, gcfg, extra)
     check_run(rd, settings)
     croot = Path(cache_root) if cache_root is not None else rd / "cache"
-    check_plan_resources(info, cc, fold, hi, rd, croot, jobs)
+    in_memory = tensor_cache == "memory" or (
+        tensor_cache == "auto"
+        and (method != "sac" or not fits(disk_needs(info, cc, fold, hi, rd, croot, jobs), rd))
+    )
+    check_plan_resources(info, cc, fold, hi, rd, croot, jobs, in_memory)
     return RunPlan(
         model_path, rd, croot, method, size, preset, target, lo, hi, fold, sensitivity, cfg, cc, gcfg, sac,
-        pol, calib, info, text, settings, ratios,
+        pol, calib, info, text, settings, ratios, in_memory, row_sample,
     )
 
 

@@ -3,7 +3,8 @@ when it is not there (issue 21: a run that cannot finish must not start).
 
     folded copy   the F16 model rewritten by Scale Folding (once per run folder; none with --fold off)
     tensor cache  every searched tensor at every requested type and the base type, as llama.cpp writes it
-                  (fallbacks included), per folding choice measured (two with --fold auto)
+                  (fallbacks included), per folding choice measured (two with --fold auto); in memory
+                  (--tensor-cache memory) the base type only
     quantizer     llama.cpp's output of one pass, cut into the cache, then removed: at most a Q8_0 model
     output        the GGUF, at most the target
     scratch       probe and fold-check files, two at a time (tmpfs when there is one, else the temp dir)
@@ -44,17 +45,19 @@ class DiskNeeds:
 
 
 def disk_needs(
-    info: ModelInfo, cc: CandidateConfig, fold: str, hi: int, run_dir: Path, cache_root: Path, jobs: int = 1
+    info: ModelInfo, cc: CandidateConfig, fold: str, hi: int, run_dir: Path, cache_root: Path, jobs: int = 1,
+    in_memory: bool = False,
 ) -> DiskNeeds:
     """What the run will write. `jobs`: tensor-cache passes and probes at once on this machine (--workers):
-    each pass holds its own quantizer output in the cache folder, each probe its own file in scratch."""
+    each pass holds its own quantizer output in the cache folder, each probe its own file in scratch.
+    `in_memory`: the cache keeps the base type only (tensorcache module doc)."""
     def padded(n: int) -> int:
         return -(-n // info.alignment) * info.alignment
 
     searched = searched_tensors(info, cc.embeddings)
     # build_cache quantizes every searched tensor at every requested type (and the base), keeping the bytes
     # llama.cpp writes, fallbacks included: one file per type, each holding every tensor
-    kinds = list(dict.fromkeys([*cc.requested(), cc.base]))
+    kinds = [cc.base] if in_memory else list(dict.fromkeys([*cc.requested(), cc.base]))
     cache = sum(
         padded(tensor_nbytes(written_type(k, t.n_per_row), t.n_params)) for t in searched for k in kinds
     )
@@ -78,16 +81,19 @@ def _free(path: Path) -> int:
     return shutil.disk_usage(p).free
 
 
-def check_resources(n: DiskNeeds, run_dir: Path, fold: str, n_types: int) -> None:
-    """Refuse, in one line naming what would make it fit, a run whose disk or scratch space is not there."""
+def check_resources(
+    n: DiskNeeds, run_dir: Path, fold: str, n_types: int, memory_saves: int = 0
+) -> None:
+    """Refuse, in one line naming what would make it fit, a run whose disk or scratch space is not there.
+    `memory_saves`: what --tensor-cache memory would save (0 when the run already keeps it in memory)."""
     free = _free(run_dir)
     if n.disk > free:
-        saves = []
+        saves = [f"--tensor-cache memory saves {memory_saves / GIB:.1f} GiB"] if memory_saves else []
         if n.folded:
             saves.append(f"--fold off saves {n.folded / GIB:.1f} GiB")
         if fold == "auto":
             saves.append(f"--fold check saves {n.cache_per_folding / GIB:.1f} GiB")
-        if n_types > 2:
+        if n_types > 2 and not memory_saves:
             per = n.cache_per_folding * n.foldings_measured / n_types
             saves.append(f"each --types dropped saves ~{per / GIB:.1f} GiB")
         raise RampError(
@@ -105,10 +111,19 @@ def check_resources(n: DiskNeeds, run_dir: Path, fold: str, n_types: int) -> Non
         )
 
 
-def check_plan_resources(
-    info: ModelInfo, cc: CandidateConfig, fold: str, hi: int, run_dir: Path, cache_root: Path, jobs: int = 1
-) -> DiskNeeds:
-    n = disk_needs(info, cc, fold, hi, run_dir, cache_root, jobs)
-    check_resources(n, run_dir, fold, len(cc.requested()))
-    return n
+def fits(n: DiskNeeds, run_dir: Path) -> bool:
+    """Whether the disk has room for what the run will write."""
+    return n.disk <= _free(run_dir)
 
+
+def check_plan_resources(
+    info: ModelInfo, cc: CandidateConfig, fold: str, hi: int, run_dir: Path, cache_root: Path, jobs: int = 1,
+    in_memory: bool = False,
+) -> DiskNeeds:
+    n = disk_needs(info, cc, fold, hi, run_dir, cache_root, jobs, in_memory)
+    saves = 0
+    if not in_memory:
+        m = disk_needs(info, cc, fold, hi, run_dir, cache_root, jobs, True)
+        saves = n.disk - m.disk
+    check_resources(n, run_dir, fold, len(cc.requested()), saves)
+    return n

@@ -91,6 +91,8 @@ def run_direct(
     fold: str | None = None,
     on_cost: Callable[[StageCost], None] | None = None,
     executor: Executor | None = None,
+    tensor_cache: str = "auto",
+    row_sample: int = 1,
 ) -> DirectResult:
     """Measure, allocate with `method` to the whole-file `size`; write GGUF and report to `run_dir`.
     `cfg`: the SizedConfig. `sensitivity`: what greedy
@@ -103,10 +105,12 @@ def run_direct(
     (greedy's, for SAC) has the lower reward KLD (`choose_fold`). `on_cost`: called with each stage's costs
     (costs.StageCost) as it ends; all of them go to report.json's "costs" and `DirectResult.costs`.
     `executor`: where the tensor cache's passes, the group probes and the fold decision run (executor.py;
-    default: one after another in this process); the answers do not depend on it."""
+    default: one after another in this process); the answers do not depend on it. `tensor_cache`: where the
+    candidate types' bytes live (plan.TENSOR_CACHES); the files do not depend on it either. `row_sample`: the
+    proxy measures every k-th span of a linear's rows (proxy.MeasureConfig; 1: all rows)."""
     plan = plan_run(
         model_path, run_dir, method, size, cfg, cc, calib, sensitivity, gcfg, sac, policy, cache_root, fold,
-        executor.workers if executor else 1,
+        executor.workers if executor else 1, tensor_cache, row_sample,
     )
     write_settings(plan.run_dir, plan.settings)
     # what a run killed here before left half-written (a cache inside the run folder is swept with it)

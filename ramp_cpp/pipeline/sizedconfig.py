@@ -89,6 +89,7 @@ class SizedConfig:
 SEARCH_RECIPE = "bench"
 SEARCH_GROUPS = GroupConfig(n_buckets=3, pairs=0, chunks=2)
 SEARCH_FOLD = "check"
+SEARCH_ROW_SAMPLE = 1
 
 #: run_direct's default configuration
 DEFAULTS = SizedConfig()

@@ -17,6 +17,7 @@ Each takes the plan, what earlier stages made (frozen artifacts: `Source`, `Pres
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -79,15 +80,15 @@ class Presets:
 
 def warm_base(plan: RunPlan, rt: Runtime) -> None:
     """The unfolded model's log-probs on every chunk the run scores (the reward chunks; with --fold auto the
-    fold decision's too), computed once into the user cache so the stages after only read them."""
-    from ramp_cpp.llama.evaluate import base_logprobs
+    fold decision's too; the probes' first chunks), computed once into the user cache so the stages after
+    only read them; each chunk is decoded once (a set that is the first chunks of another is cut from it)."""
+    from ramp_cpp.llama.evaluate import base_logprobs_sets
 
     ecfg = plan.cfg.eval_config
     cfgs = [ecfg, *([fold_eval_config(plan)] if plan.fold in ("auto", "check") else [])]
     if plan.sensitivity == "measured" and plan.gcfg.chunks is not None:
         cfgs.append(replace(ecfg, n_chunks=min(plan.gcfg.chunks, plan.cfg.chunks)))
-    for c in cfgs:
-        base_logprobs(plan.model_path, plan.text, c, rt.eopts)
+    base_logprobs_sets(plan.model_path, plan.text, cfgs, rt.eopts)
 
 
 def fold_eval_config(plan: RunPlan) -> Any:
@@ -150,7 +151,9 @@ def measure_source(plan: RunPlan, folded: bool, source: Source, rt: Runtime) -> 
     im = source.cal.imatrix() if plan.cfg.imatrix else None
     t0 = time.perf_counter()
     cc, progress = plan.cc, rt.progress
-    mcfg = MeasureConfig(candidates=cc, n_threads=rt.opts.n_threads)
+    mcfg = MeasureConfig(
+        candidates=cc, n_threads=rt.opts.n_threads, in_memory=plan.in_memory, row_sample=plan.row_sample
+    )
     what = "folded" if folded else "unfolded"
     with stage(rt.meter, f"tensor cache + proxy ({what})"):
         sens = measure(
@@ -160,7 +163,7 @@ def measure_source(plan: RunPlan, folded: bool, source: Source, rt: Runtime) -> 
         cache = build_cache(
             source.path, cc.requested(), plan.cache_root, imatrix=im, base=cc.base,
             n_threads=rt.opts.n_threads, searched=[t.name for t in sens.tensors], info=source.info,
-            executor=rt.executor,
+            executor=rt.executor, in_memory=plan.in_memory,
         )
     alloc_sens, groups = sens, None
     if plan.sensitivity == "transferred":  # other models' group ratios: no evaluation (transfer.py)
@@ -263,8 +266,10 @@ def fit_and_write(
     plan: RunPlan, m: Measured, alloc: Allocation, target: int, decision: FoldDecision, rt: Runtime
 ) -> Written:
     """Allocate at `target` (or project the learned allocation onto it), assemble the GGUF from the tensor
-    cache with its ramp.* metadata; the metadata grows the header after the allocation was made, so while
-    the file is over the target, allocate again with the budget lowered by the overshoot (3 tries)."""
+    cache with its ramp.* metadata. The metadata grows the header after the allocation was made, so the
+    allocation is made for `target` less a bound on that growth (`metadata_bound`) before anything is
+    assembled; if the file is still over the target, allocate again with the budget lowered by the
+    overshoot (3 tries). One assembly where there were two: at 7B each one quantizes gigabytes."""
     from ramp_cpp.allocate.allocators import ALLOCATORS, project
     from ramp_cpp.llama.ggufio import add_metadata
     from ramp_cpp.measure.tensorcache import assemble
@@ -272,8 +277,8 @@ def fit_and_write(
     cfg = replace(plan.cfg, fold=m.folded)
     gguf = plan.run_dir / ramp_output_name(plan.model_path, plan.preset or plan.size.strip())
     out = rt.scratch / "out.gguf"
-    budget = target
-    for _ in range(3):
+
+    def fill(budget: int) -> tuple[Choice, dict[str, Any]]:
         if alloc.learned is not None:
             choice = project(m.alloc_sens, alloc.learned, budget)
         else:
@@ -283,6 +288,15 @@ def fit_and_write(
             plan.sensitivity or "none",
         )
         meta.update(decision.metadata())
+        return choice, meta
+
+    choice, meta = fill(target)
+    bound = metadata_bound(meta, m.cache.template.alignment)
+    budget = target
+    if m.alloc_sens.file_bytes(choice) + bound > target:
+        budget = target - bound
+        choice, meta = fill(budget)
+    for _ in range(3):
         assemble(m.cache, choice, out, force=True)
         add_metadata(out, gguf, meta, force=True)
         over = gguf.stat().st_size - target
@@ -291,7 +305,22 @@ def fit_and_write(
         # below this allocation's own bytes: a greedy that left slack under `budget` would otherwise
         # return the same allocation for `budget - over`
         budget = min(budget, m.alloc_sens.file_bytes(choice)) - over
+        choice, meta = fill(budget)
     raise RampError(f"could not fit {gguf.name} under {target} bytes")
+
+
+def metadata_bound(meta: Mapping[str, Any], alignment: int) -> int:
+    """An upper bound on the bytes `meta` adds to a GGUF header: a key is 8 bytes of length, its name and 4
+    bytes of type (≤ 16 + name); a scalar or string value ≤ 16 + 2·len(its JSON) (a string is 8 bytes of
+    length and its UTF-8 text, which JSON's escapes never undercount; a number at most 8 bytes); an array 12
+    bytes and its items; plus the header's padding, < `alignment`."""
+
+    def size(v: Any) -> int:
+        if isinstance(v, (list, tuple)):
+            return 12 + sum(size(x) for x in v)
+        return 16 + 2 * len(json.dumps(v, default=str))
+
+    return sum(16 + len(k.encode()) + size(v) for k, v in meta.items()) + alignment
 
 
 def metadata(
