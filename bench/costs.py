@@ -15,11 +15,12 @@ bench/results/costs.json and skipped; an interrupted run resumes from its run fo
 Configs: `old` is the default of `search --method greedy --size` before issue 21 (the paper's calibration
 recipe, 128 x 2048 tokens; the twelve default candidate types; `--fold auto`, both foldings measured; group
 probes of 4 depth buckets with 3 pair checks on the 4 reward chunks; presets Q4_K_M and Q3_K_M scored).
-`old-bench` is the same with the benchmarks' 16 x 512 calibration (what bench/compare.py's cells used). `new`
-is today's default (ramp_cpp.pipeline.sizedconfig.SEARCH_*); `new-b4` the same with 4 depth buckets per role.
-`new-mem` / `new-disk` are `new` with `--tensor-cache memory` / `disk` (the `new` cells stored before the
-in-memory cache existed ran with it on disk); `new-rs4` is `new-mem` with the proxy measured on every 4th span
-of 16 rows (`--row-sample 4`); `new-b4-rs4` that with 4 depth buckets.
+`old-bench` is the same with the benchmarks' 16 x 512 calibration (what bench/compare.py's cells used).
+`new` is today's default (ramp_cpp.pipeline.sizedconfig.SEARCH_*). `new-3b` is the previous one (3 depth
+buckets, the tensor cache on disk, the proxy on every row; its cells were stored as `new` until 2026-12-02);
+`new-b4` that with 4 depth buckets; `new-mem` / `new-disk` that with `--tensor-cache memory` / `disk`;
+`new-rs4` `new-mem` with the proxy on every 4th span of 16 rows (`--row-sample 4`); `new-b4-rs4` that with 4
+depth buckets (today's default, spelled out).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -48,6 +50,7 @@ from ramp_cpp.pipeline.sizedconfig import (  # noqa: E402
     SEARCH_FOLD,
     SEARCH_GROUPS,
     SEARCH_RECIPE,
+    SEARCH_ROW_SAMPLE,
     SizedConfig,
 )
 from ramp_cpp.store.cache import cache_dir  # noqa: E402
@@ -70,22 +73,27 @@ class Config:
     row_sample: int = 1
 
 
+#: the default of `search --size` before the in-memory cache: 3 depth buckets, the cache on disk, every row
+PREV_GROUPS = GroupConfig(n_buckets=3, pairs=0, chunks=2)
+B4 = replace(PREV_GROUPS, n_buckets=4)
+
 CONFIGS = {
-    "old": Config("paper", CandidateConfig(), GroupConfig(), "auto", ("Q4_K_M", "Q3_K_M")),
-    "old-bench": Config("bench", CandidateConfig(), GroupConfig(), "auto", ("Q4_K_M", "Q3_K_M")),
-    "new": Config(SEARCH_RECIPE, CandidateConfig(), SEARCH_GROUPS, SEARCH_FOLD, ()),
-    # today's default but 4 depth buckets, as the earlier default: is the coarser grouping what costs quality?
-    "new-b4": Config(SEARCH_RECIPE, CandidateConfig(), replace(SEARCH_GROUPS, n_buckets=4), SEARCH_FOLD, ()),
-    # today's default with the tensor cache in memory (the base type on disk only) or on disk, as `new` had
-    # it before the in-memory cache existed: the same files, other costs
-    "new-mem": Config(SEARCH_RECIPE, CandidateConfig(), SEARCH_GROUPS, SEARCH_FOLD, (), "memory"),
-    "new-disk": Config(SEARCH_RECIPE, CandidateConfig(), SEARCH_GROUPS, SEARCH_FOLD, (), "disk"),
-    # the proxy on every 4th span of 16 rows of each linear (in memory: a quarter of its quantization work)
-    "new-rs4": Config(SEARCH_RECIPE, CandidateConfig(), SEARCH_GROUPS, SEARCH_FOLD, (), "memory", 4),
+    "old": Config("paper", CandidateConfig(), GroupConfig(), "auto", ("Q4_K_M", "Q3_K_M"), "disk"),
+    "old-bench": Config("bench", CandidateConfig(), GroupConfig(), "auto", ("Q4_K_M", "Q3_K_M"), "disk"),
+    # today's default (ramp_cpp.pipeline.sizedconfig.SEARCH_*)
+    "new": Config(SEARCH_RECIPE, CandidateConfig(), SEARCH_GROUPS, SEARCH_FOLD, (),
+                  row_sample=SEARCH_ROW_SAMPLE),
+    # the previous default (stop 27): 3 depth buckets, the tensor cache on disk, the proxy on every row
+    "new-3b": Config(SEARCH_RECIPE, CandidateConfig(), PREV_GROUPS, SEARCH_FOLD, (), "disk"),
+    # that with 4 depth buckets: is the coarser grouping what costs quality?
+    "new-b4": Config(SEARCH_RECIPE, CandidateConfig(), B4, SEARCH_FOLD, (), "disk"),
+    # new-3b with the tensor cache in memory (the base type on disk only) or on disk: the same files
+    "new-mem": Config(SEARCH_RECIPE, CandidateConfig(), PREV_GROUPS, SEARCH_FOLD, (), "memory"),
+    "new-disk": Config(SEARCH_RECIPE, CandidateConfig(), PREV_GROUPS, SEARCH_FOLD, (), "disk"),
+    # new-mem with the proxy on every 4th span of 16 rows of each linear (a quarter of its quantization work)
+    "new-rs4": Config(SEARCH_RECIPE, CandidateConfig(), PREV_GROUPS, SEARCH_FOLD, (), "memory", 4),
     # both, and 4 depth buckets: the probes' 3.5 E more paid by the base log-probs decoded once (1.5 E less)
-    "new-b4-rs4": Config(
-        SEARCH_RECIPE, CandidateConfig(), replace(SEARCH_GROUPS, n_buckets=4), SEARCH_FOLD, (), "memory", 4
-    ),
+    "new-b4-rs4": Config(SEARCH_RECIPE, CandidateConfig(), B4, SEARCH_FOLD, (), "memory", 4),
 }
 
 
@@ -102,19 +110,55 @@ def model_path(key: str) -> Path:
     return base_path(key)
 
 
+def predict(
+    key: str, config: str, size: str, threads: int | None, rd: Path | None = None
+) -> list[dict[str, Any]]:
+    """What `search --dry-run` expects of each stage (pipeline/estimate.py, with its speed probe) for the run
+    folder `rd` (default: a fresh temporary one, so that it can be asked after a run too)."""
+    import tempfile
+
+    from ramp_cpp.pipeline.estimate import estimate, speed_probe
+    from ramp_cpp.pipeline.plan import plan_run
+
+    c = CONFIGS[config]
+    with tempfile.TemporaryDirectory() as d:
+        cfg = SizedConfig(calib=load_recipe(c.recipe))
+        plan = plan_run(model_path(key), rd or Path(d) / "run", "greedy", size, cfg, c.cc, None, "measured",
+                        c.gcfg, None, None, None, c.fold, 1, c.tensor_cache, c.row_sample)
+        opts = RuntimeOptions(n_threads=threads)
+        stages = estimate(plan, c.presets, opts, speed_probe(plan, opts, c.presets))
+    return [{"stage": s.stage, "wall_s": s.wall_s, "E": s.E, "passes": s.quant_passes, "held": s.held,
+             "peak_rss": s.peak_rss} for s in stages]
+
+
 def run(key: str, config: str, size: str, evaluate: bool, threads: int | None) -> dict[str, Any]:
+    """One cold run. Before it starts, the dry run's prediction goes to the run folder (`predicted.json`, made
+    once, so a resumed run keeps the first one); every finished stage is appended to `stages.jsonl` with the
+    process that ran it, so a run resumed across interruptions keeps what each attempt spent."""
     c = CONFIGS[config]
     model = model_path(key)
     rd = HERE / "out" / "costs" / key / f"{config}-{size}"
     cfg = SizedConfig(calib=load_recipe(c.recipe))
+    pred = rd / "predicted.json"
+    if not pred.is_file():
+        p = predict(key, config, size, threads, rd)
+        rd.mkdir(parents=True, exist_ok=True)
+        tmp = pred.with_suffix(".tmp")
+        tmp.write_text(json.dumps(p, indent=1))
+        tmp.replace(pred)
+    pid = os.getpid()
+
+    def on_cost(s: StageCost) -> None:
+        log(f"{key} {config} {size}: {s.stage} {s.wall_s:.0f} s, {s.E:.2f} E, {s.quant_passes} passes, "
+            f"{s.quant_weights / 1e6:.0f}M weights in memory, held {s.held / GIB:.2f} GiB")
+        with open(rd / "stages.jsonl", "a") as f:
+            f.write(json.dumps({"pid": pid, "time": time.time(), **s.to_json()}) + "\n")
+
     t0 = time.perf_counter()
     r = run_direct(
         model, rd, "greedy", size, cfg, c.cc, RuntimeOptions(n_threads=threads), presets=c.presets,
         sensitivity="measured", gcfg=c.gcfg, fold=c.fold, cache_root=rd / "cache",
-        tensor_cache=c.tensor_cache, row_sample=c.row_sample,
-        on_cost=lambda s: log(f"{key} {config} {size}: {s.stage} {s.wall_s:.0f} s, {s.E:.2f} E, "
-                                f"{s.quant_passes} passes, {s.quant_weights / 1e6:.0f}M weights in memory, "
-                                f"held {s.held / GIB:.2f} GiB"),
+        tensor_cache=c.tensor_cache, row_sample=c.row_sample, on_cost=on_cost,
     )
     from ramp_cpp.llama.ggufio import read_inventory
     from ramp_cpp.measure.candidates import searched_tensors
@@ -130,11 +174,22 @@ def run(key: str, config: str, size: str, evaluate: bool, threads: int | None) -
         "wall_s": time.perf_counter() - t0,
         "costs": [s.to_json() for s in r.costs],
         "fold": json.loads(r.report.read_text())["summary"]["fold"],
+        "predicted": json.loads(pred.read_text()),
+        "attempts": _attempts(rd / "stages.jsonl"),
     }
     if evaluate:
         k = kld(r.gguf, model, load_text("wikitext2-test")[0], EvalConfig(n_chunks=16))
         cell |= {"kld": k.kld_mean, "kld_stderr": k.kld_stderr, "ppl": k.ppl}
     return cell
+
+
+def _attempts(path: Path) -> list[list[dict[str, Any]]]:
+    """The stages each process finished, in order (one list per attempt)."""
+    by: dict[int, list[dict[str, Any]]] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        d = json.loads(line)
+        by.setdefault(d.pop("pid"), []).append(d)
+    return list(by.values())
 
 
 def save(key: str, cell: dict[str, Any]) -> None:
@@ -148,11 +203,37 @@ def save(key: str, cell: dict[str, Any]) -> None:
         tmp.replace(RESULTS)
 
 
+def ratio(actual: float, predicted: float | None) -> str:
+    if predicted is None:
+        return "-"
+    return f"{predicted:.0f} ({actual / predicted:.2f})" if predicted > 0.5 else f"{predicted:.0f}"
+
+
+SUMMED = ("wall_s", "cpu_s", "written", "tokens", "E", "quant_passes", "quant_weights")
+
+
+def _combined(attempts: list[list[dict[str, Any]]]) -> list[StageCost]:
+    """Each stage over every attempt of a resumed run: times, E and passes summed (an attempt that finds a
+    stage done spends ~0 on it; a stage killed midway is not counted), peak RSS and disk held the maxima."""
+    out: dict[str, dict[str, Any]] = {}
+    for a in attempts:
+        for st in a:
+            d = {k: v for k, v in st.items() if k in StageCost.__dataclass_fields__}
+            have = out.setdefault(d["stage"], dict(d, **dict.fromkeys(SUMMED, 0)))
+            for k in SUMMED:
+                have[k] += d.get(k, 0)
+            for k in ("peak_rss", "held"):
+                have[k] = max(have[k], d[k])
+    return [StageCost(**v) for v in out.values()]
+
+
 def table() -> str:
     d = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     lines = []
     for key, cell in d.items():
-        costs = [StageCost(**s) for s in cell["costs"]]
+        attempts = cell.get("attempts", [])
+        costs = _combined(attempts) if len(attempts) > 1 else [StageCost(**s) for s in cell["costs"]]
+        pred = {p["stage"]: p["wall_s"] for p in cell.get("predicted", [])}
         f16 = cell["f16_bytes"]
 
         def mem(w: int, n: int = cell.get("searched_params", 0)) -> str:
@@ -162,19 +243,22 @@ def table() -> str:
             f"\n**{key}** ({cell['model']}, F16 {f16 / GIB:.2f} GiB; fold: {cell['fold']['choice']}"
             + (f"; held-out KLD {cell['kld']:.4f} ± {cell['kld_stderr']:.4f}" if "kld" in cell else "")
             + ")\n",
-            "| stage | wall s | CPU s | peak RSS GiB | written GiB | held GiB | E | quantizer passes "
-            "| in memory (passes' worth) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| stage | wall s | --dry-run's s (actual / predicted) | CPU s | peak RSS GiB | written GiB "
+            "| held GiB | E | quantizer passes | in memory (passes' worth) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in costs:
             lines.append(
-                f"| {s.stage} | {s.wall_s:.0f} | {s.cpu_s:.0f} | {s.peak_rss / GIB:.2f} "
+                f"| {s.stage} | {s.wall_s:.0f} | {ratio(s.wall_s, pred.get(s.stage))} | {s.cpu_s:.0f} "
+                f"| {s.peak_rss / GIB:.2f} "
                 f"| {s.written / GIB:.2f} | {s.held / GIB:.2f} | {s.E:.2f} | {s.quant_passes} "
                 f"| {mem(s.quant_weights)} |"
             )
         held = max(s.held for s in costs)
+        wall = sum(s.wall_s for s in costs)
         lines.append(
-            f"| **total** | {sum(s.wall_s for s in costs):.0f} | {sum(s.cpu_s for s in costs):.0f} | "
+            f"| **total** | {wall:.0f} | {ratio(wall, sum(pred.values()) if pred else None)} "
+            f"| {sum(s.cpu_s for s in costs):.0f} | "
             f"{max(s.peak_rss for s in costs) / GIB:.2f} | {sum(s.written for s in costs) / GIB:.2f} | "
             f"{held / GIB:.2f} ({held / f16:.2f}x F16) | {sum(s.E for s in costs):.1f} | "
             f"{sum(s.quant_passes for s in costs)} | {mem(sum(s.quant_weights for s in costs))} |"
@@ -190,6 +274,8 @@ def main() -> int:
     ap.add_argument("--no-eval", action="store_true", help="no held-out KLD (a shape's means nothing)")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--predict", action="store_true",
+                    help="finished cells without one: the dry run's prediction, asked now for a cold folder")
     a = ap.parse_args()
     if a.table:
         print(table())
@@ -200,6 +286,10 @@ def main() -> int:
     for config in a.configs.split(","):
         for size in a.sizes.split(","):
             key = f"{a.model}|{config}|{size}"
+            if key in done and a.predict and "predicted" not in done[key]:
+                log(f"{key}: predicting")
+                save(key, done[key] | {"predicted": predict(a.model, config, size, a.threads)})
+                continue
             if key in done:
                 log(f"{key}: done")
                 continue

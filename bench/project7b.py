@@ -44,7 +44,7 @@ def main() -> int:
     jp = json.loads((RESULTS / "jobparts.json").read_text())[QWEN]
     costs = {
         c["stage"]: c
-        for c in json.loads((RESULTS / "costs.json").read_text())["qwen0.5b|new|Q4_K_M"]["costs"]
+        for c in json.loads((RESULTS / "costs.json").read_text())["qwen0.5b|new-3b|Q4_K_M"]["costs"]
     }
     scale_p = P_7B / P_QWEN
     cpu = 2 / a.cores  # 2-core measurements to a node's cores

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from gguf import GGMLQuantizationType
 
 from ramp_cpp.costs import COUNTERS, Meter
@@ -55,14 +56,18 @@ def test_counters_are_process_wide(tiny_model: Path) -> None:
     assert COUNTERS.tokens - before == 16
 
 
-def test_a_sized_run_reports_what_each_stage_cost(tiny_model: Path, text_file: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tensor_cache", ["disk", "memory"])
+def test_a_sized_run_reports_what_each_stage_cost(
+    tensor_cache: str, tiny_model: Path, text_file: Path, tmp_path: Path
+) -> None:
     """Costs are counted, not estimated: a cold greedy run quantizes once per candidate type for its tensor
-    cache and once for its preset, and its last stage scores exactly the reward chunks (1 E); a second run on
-    the same folder and caches computes nothing."""
+    cache on disk (in memory: the base type's pass, and every other candidate's weights counted), once for its
+    preset, and its last stage scores exactly the reward chunks (1 E); a second run on the same folder and
+    caches computes nothing."""
     import json
 
     from ramp_cpp.calibration.artifact import CalibConfig
-    from ramp_cpp.measure.candidates import CandidateConfig
+    from ramp_cpp.measure.candidates import CandidateConfig, searched_tensors
     from ramp_cpp.pipeline.plan import size_range
     from ramp_cpp.pipeline.run import run_direct
     from ramp_cpp.pipeline.sizedconfig import SizedConfig
@@ -74,7 +79,7 @@ def test_a_sized_run_reports_what_each_stage_cost(tiny_model: Path, text_file: P
     shown = []
     r = run_direct(
         tiny_model, tmp_path / "run", "greedy", size, cfg, cc, presets=("Q4_K_M",), on_cost=shown.append,
-        fold="on", cache_root=tmp_path / "cache",
+        fold="on", cache_root=tmp_path / "cache", tensor_cache=tensor_cache,
     )
     by = {c.stage: c for c in r.costs}
     assert shown == list(r.costs)
@@ -83,7 +88,12 @@ def test_a_sized_run_reports_what_each_stage_cost(tiny_model: Path, text_file: P
         "allocate", "evaluate",
     ]
     assert by["presets"].quant_passes == 1
-    assert by["tensor cache + proxy (folded)"].quant_passes == 3  # Q8_0 is both a candidate and the base
+    cache = by["tensor cache + proxy (folded)"]
+    searched = sum(t.n_params for t in searched_tensors(read_inventory(tiny_model), True))
+    if tensor_cache == "disk":  # Q8_0 is both a candidate and the base
+        assert (cache.quant_passes, cache.quant_weights) == (3, 0)
+    else:  # the proxy reads Q4_0 and Q5_0 of every searched tensor, made in memory
+        assert (cache.quant_passes, cache.quant_weights) == (1, 2 * searched)
     assert by["calibrate"].tokens == 2 * 64 and by["calibrate"].E == 1.0
     assert by["evaluate"].E == 1.0 and by["allocate"].E == 0 and by["fold decision"].E == 0
     assert by["fold"].held >= (tmp_path / "run" / "folded.f16.gguf").stat().st_size
@@ -91,7 +101,7 @@ def test_a_sized_run_reports_what_each_stage_cost(tiny_model: Path, text_file: P
     assert report["costs"]["total"]["quant_passes"] == sum(c.quant_passes for c in r.costs)
     again = run_direct(
         tiny_model, tmp_path / "run", "greedy", size, cfg, cc, presets=(), fold="on",
-        cache_root=tmp_path / "cache",
+        cache_root=tmp_path / "cache", tensor_cache=tensor_cache,
     )
     assert sum(c.quant_passes for c in again.costs) == 0
     assert [c.stage for c in again.costs if c.tokens] == ["evaluate"]  # base log-probs: from the cache

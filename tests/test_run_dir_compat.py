@@ -120,7 +120,12 @@ def test_a_run_directory_of_the_previous_code_resumes(
     assert set(after) == set(before)  # and nothing new
     assert files(cache) == cache_before  # base log-probs and file hashes reused
     assert (rd / "run.json").read_text() == old_settings  # same settings, same layout
-    assert res.gguf == gguf and after[gguf.name][1] == before[gguf.name][1]  # the same file, byte for byte
+    # the file is the one today's code writes from the same settings in a fresh folder: since 2026-12-02 the
+    # allocation is made under a bound on the ramp.* metadata (stages.fit_and_write), so it may differ from
+    # the previous code's by the few tensors that bound moves; every measured artifact above was reused
+    fresh = run_direct(tiny_model, tmp_path / "fresh", "greedy", size, cfg, presets=(),
+                       sensitivity="measured", fold="auto")
+    assert res.gguf == gguf and after[gguf.name][1] == files(tmp_path / "fresh")[fresh.gguf.name][1]
     new_alloc = json.loads(res.allocation.read_text())
-    assert new_alloc["tensors"] == old_alloc["tensors"]
-    assert new_alloc["fold"] == old_alloc["fold"] and new_alloc["predicted_kld"] == old_alloc["predicted_kld"]
+    assert new_alloc["fold"] == old_alloc["fold"]
+    assert len(new_alloc["tensors"]) == len(old_alloc["tensors"]) and res.file_bytes <= res.target_bytes

@@ -31,7 +31,8 @@ the plan's counts into costs, with N = n_ctx:
     evaluate        eval(chunks, choice)                                     E = 1
 
 With the tensor cache in memory (plan.in_memory) the cache stage runs the base type's pass only and the proxy
-adds Σ_searched n_params·Σ_candidates quant_s[written, imatrix]; every assembly (a probe's group, the fold
+adds Σ_searched n_params·Σ_candidates quant_s[written, imatrix]; with --row-sample K the proxy's terms count a
+linear's n_params / K (the rows it reads); every assembly (a probe's group, the fold
 decision's and the fits' files) adds memq(types) = Σ_searched, not at base n_params·quant_s[written, imatrix].
 
 RAM: rss_base (the process before a model is loaded) + the model's mmap (its file size) + ctx_bytes (what a
@@ -366,18 +367,24 @@ def estimate(
     add("presets", sum(s + (ev(chunks, r) if i < scored else 0) for i, (s, _, r) in enumerate(pre)),
         loaded, on_disk * sum(b for _, b, _ in pre), E=scored, passes=len(pre))
     cache_s, cache_w, cache_bytes = 2 * p.header_s, 0, 0
+
+    def measured_params(t: TensorInfo) -> float:
+        """The weights the proxy reads of `t`: a linear's sampled rows (proxy.row_spans); embeddings whole."""
+        return t.n_params if t.role == "token_embd" else t.n_params / plan.row_sample
+
     if plan.in_memory:  # the base type's pass only; the proxy quantizes each candidate in memory
         passes["cache"] = passes["cache"][:1]
-        cache_s += sum(t.n_params * sum(p.quant_s.get(_key(w, _has_im(plan, t)), 0.0)
-                                        for w in cands[t.name] if w != cc.base) for t in searched)
+        cache_s += sum(measured_params(t) * sum(p.quant_s.get(_key(w, _has_im(plan, t)), 0.0)
+                                                for w in cands[t.name] if w != cc.base) for t in searched)
     for types in passes["cache"]:
         sec, size = qpass(types)
         bins = sum(tensor_nbytes(written_type(w, info.tensor(n).n_per_row), info.tensor(n).n_params)
                    for n, w in types.items())
         cache_s += sec + p.header_s + (3 * size + bins) / p.copy_bps
         cache_w, cache_bytes = cache_w + 2 * size + bins, cache_bytes + bins
-    cache_s += p.header_s + sum(t.n_params * (src_deq + sum(p.dequant_s.get(w.name, 0.0) + p.error_s
-                                                            for w in cands[t.name])) for t in searched)
+    cache_s += p.header_s + sum(
+        measured_params(t) * (src_deq + sum(p.dequant_s.get(w.name, 0.0) + p.error_s for w in cands[t.name]))
+        for t in searched)
     if any(t.role == "token_embd" for t in searched):
         cache_s += p.load_s + p.tokenize_s  # the proxy's token frequencies: the calibration text tokenized
     n_probes = 1 + len(groups_of(info, [t.name for t in searched], plan.gcfg.n_buckets)) + plan.gcfg.pairs

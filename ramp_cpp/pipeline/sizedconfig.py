@@ -80,16 +80,19 @@ class SizedConfig:
 
 
 #: `ramp-cpp search --size`'s defaults (issue 21; run_direct's own stay those of the library and the
-#: benchmarks). Measured on the demo model at Q4_K_M's size (docs/costs.md): the bench calibration (16 x 512
-#: tokens, 4 E; the paper's 128 x 2048 is 128 E); group probes of 3 depth buckets on 2 of the 4 reward chunks
-#: without the pair diagnostics (11.5 E instead of 33 E per folding, held-out KLD 0.0243 either way); the fold
-#: check (one allocation quantized from both models, 1 pass and 4 E) in place of a second measurement. The
-#: candidate types stay the default twelve: six that reach short rows through llama.cpp's fallbacks, one pass
-#: each, cost 10% of held-out KLD on the demo model (0.0268 against 0.0243).
+#: benchmarks). Measured on the demo model and Qwen2.5-Coder-0.5B (docs/costs.md, bench/costs.py):
+#: - the bench calibration (16 x 512 tokens, 4 E; the paper's 128 x 2048 is 128 E);
+#: - group probes of 4 depth buckets on 2 of the 4 reward chunks without the pair diagnostics (15 E instead of
+#:   33 E per folding; 3 buckets, 11.5 E, cost SmolLM2 4% of held-out KLD at Q3_K_M's size);
+#: - the fold check (one allocation quantized from both models, 1 pass and 4 E), not a second measurement;
+#: - each linear's proxy on every 4th span of 16 rows (SmolLM2 held out, Q4_K_M / Q3_K_M: 0.0243 / 0.0496
+#:   against 0.0243 / 0.0499 on every row, for a quarter of the proxy's quantization).
+#: The candidate types stay the default twelve: six that reach short rows through llama.cpp's fallbacks cost
+#: 10% of held-out KLD on the demo model (0.0268 against 0.0243).
 SEARCH_RECIPE = "bench"
-SEARCH_GROUPS = GroupConfig(n_buckets=3, pairs=0, chunks=2)
+SEARCH_GROUPS = GroupConfig(n_buckets=4, pairs=0, chunks=2)
 SEARCH_FOLD = "check"
-SEARCH_ROW_SAMPLE = 1
+SEARCH_ROW_SAMPLE = 4
 
 #: run_direct's default configuration
 DEFAULTS = SizedConfig()
