@@ -57,23 +57,31 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]
     yield {k: synthetic.write(d / f"{k}.f16.gguf", spec) for k, spec in SPECS.items()}
 
 
-@pytest.fixture(scope="module")
-def caches(
-    models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[tuple[str, bool], tuple[TensorCache, dict[str, np.ndarray] | None]]]:
-    """The cache over the ladder of each case, linears and embeddings searched (built once for the
-    module)."""
-    root = tmp_path_factory.mktemp("tc-cache")
+def _build_all(
+    models: dict[str, Path], factory: pytest.TempPathFactory, folder: str, in_memory: bool
+) -> dict[tuple[str, bool], tuple[TensorCache, dict[str, np.ndarray] | None, Path]]:
+    """The cache over the ladder of each case, linears and embeddings searched, each in its own folder."""
+    root = factory.mktemp(folder)
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         # the autouse per-test cache isolation does not reach module fixtures
-        mp.setenv("RAMP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+        mp.setenv("RAMP_CACHE_DIR", str(factory.getbasetemp() / "cache"))
         for k, with_im in CASES:
             info = read_inventory(models[k])
             im = _imatrix(info, seed=len(k)) if with_im else None
             names = [t.name for t in searchable(info)]
-            out[(k, with_im)] = (build_cache(models[k], LADDER, root, imatrix=im, searched=names), im)
-    yield out
+            d = root / k / str(with_im)
+            out[(k, with_im)] = (build_cache(models[k], LADDER, d, imatrix=im, searched=names,
+                                             in_memory=in_memory), im, d)
+    return out
+
+
+@pytest.fixture(scope="module")
+def caches(
+    models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[tuple[str, bool], tuple[TensorCache, dict[str, np.ndarray] | None]]]:
+    """The cache on disk of each case (built once for the module)."""
+    yield {k: (c, im) for k, (c, im, _) in _build_all(models, tmp_path_factory, "tc-cache", False).items()}
 
 
 @pytest.mark.parametrize(
@@ -349,18 +357,7 @@ def memory_caches(
     models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[tuple[str, bool], tuple[TensorCache, dict[str, np.ndarray] | None, Path]]]:
     """The in-memory cache of each case (base type on disk, every other type made when asked)."""
-    root = tmp_path_factory.mktemp("tc-memory")
-    out = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAMP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-        for k, with_im in CASES:
-            info = read_inventory(models[k])
-            im = _imatrix(info, seed=len(k)) if with_im else None
-            names = [t.name for t in searchable(info)]
-            d = root / k / str(with_im)
-            c = build_cache(models[k], LADDER, d, imatrix=im, searched=names, in_memory=True)
-            out[(k, with_im)] = (c, im, d)
-    yield out
+    yield _build_all(models, tmp_path_factory, "tc-memory", True)
 
 
 @pytest.mark.parametrize(("spec", "with_im"), CASES, ids=[f"{k}-{'im' if i else 'plain'}" for k, i in CASES])
