@@ -279,8 +279,9 @@ def base_logprobs_sets(
             n = len(cs) * rows
             part = BaseLogprobs(tokens_sha_of(cs), *(getattr(full, f)[:n] for f in BaseLogprobs.FIELDS[1:]))
             _save_base(part, base_logprobs_file(sha, text, c))
-    for c in rest:
-        base_logprobs(base_path, text, c, opts, progress)  # what could not be cut (or was): computed or read
+    for c in rest:  # what could not be cut is computed (a cut set's file is there now: not read back)
+        if not base_logprobs_file(sha, text, c).is_file():
+            base_logprobs(base_path, text, c, opts, progress)
 
 
 def _save_base(out: BaseLogprobs, path: Path) -> None:

@@ -423,27 +423,21 @@ def _source_rows(src: str, name: str, start: int, stop: int) -> np.ndarray:
     converts a tensor to before quantizing it."""
     from gguf.quants import dequantize
 
-    t = _reader(src).tensors_by_name[name]
+    t = _tensors(src)[name]
     return np.asarray(dequantize(np.asarray(t.data)[start:stop], t.tensor_type), dtype=np.float32)
 
 
-@dataclass(frozen=True)
-class _Reader:
-    tensors_by_name: Mapping[str, Any]
+#: The source's tensors by name, its header parsed once per file version (a 7B's vocabulary takes seconds).
+_READERS: dict[tuple[str, int, int], dict[str, Any]] = {}
 
 
-_READERS: dict[tuple[str, int, int], _Reader] = {}
-
-
-def _reader(src: str) -> _Reader:
-    """The source's tensors, its header parsed once per file version (a 7B's vocabulary takes seconds)."""
+def _tensors(src: str) -> dict[str, Any]:
     st = Path(src).stat()
     key = (src, st.st_ino, st.st_mtime_ns)
-    r = _READERS.get(key)
-    if r is None:
+    if key not in _READERS:
         _READERS.clear()
-        r = _READERS[key] = _Reader({t.name: t for t in open_reader(src).tensors})
-    return r
+        _READERS[key] = {t.name: t for t in open_reader(src).tensors}
+    return _READERS[key]
 
 
 def _quantize(cache: TensorCache, name: str, wt: GGMLQuantizationType, start: int, stop: int) -> bytes:
