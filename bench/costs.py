@@ -58,6 +58,14 @@ from ramp_cpp.store.texts import load_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "costs.json"
+#: a run's small results, kept in git (--state): a 7B-shaped run takes longer than one session of this 2-core
+#: machine, and a new session may get a fresh machine, so the results that cost decoding and quantizing are
+#: carried across (everything large - the folded copy, the tensor cache's base type - is made again)
+STATE = HERE / "state"
+STATE_FILES = (
+    "run.json", "predicted.json", "stages.jsonl", "calib.safetensors", "presets.json", "scores.json",
+)
+STATE_GLOBS = ("cache/*/measure-*.json", "cache/*/groups-*.json")
 GIB = 1 << 30
 SHAPES = {"7b": "shape-7b.f16.gguf", "1b": "shape-1b.f16.gguf"}  # written by bench/shapes.py
 
@@ -131,7 +139,69 @@ def predict(
              "peak_rss": s.peak_rss} for s in stages]
 
 
-def run(key: str, config: str, size: str, evaluate: bool, threads: int | None) -> dict[str, Any]:
+def _plan(key: str, config: str, size: str, rd: Path) -> Any:
+    from ramp_cpp.pipeline.plan import plan_run
+
+    c = CONFIGS[config]
+    cfg = SizedConfig(calib=load_recipe(c.recipe))
+    return plan_run(model_path(key), rd, "greedy", size, cfg, c.cc, None, "measured", c.gcfg, None, None,
+                    rd / "cache", c.fold, 1, c.tensor_cache, c.row_sample)
+
+
+def _state_pairs(key: str, config: str, size: str, rd: Path) -> list[tuple[Path, Path]]:
+    """(file in the run, its copy under STATE) for every small result of the run: the run folder's own, the
+    proxy's and probes' saved states, and the base log-probs of the chunk sets it scores (user cache)."""
+    from ramp_cpp.llama.evaluate import base_logprobs_file
+    from ramp_cpp.pipeline.stages import scored_chunk_sets
+    from ramp_cpp.store.cache import file_sha256_cached
+
+    st = STATE / key / f"{config}-{size}"
+    pairs = [(rd / n, st / n) for n in STATE_FILES]
+    for where, root in ((rd, rd), (st, rd)):  # what the run has, and what the state has for it
+        pairs += [(root / p.relative_to(where), st / p.relative_to(where))
+                  for g in STATE_GLOBS for p in where.glob(g)]
+    if (key, config, size) not in _BASE_FILES:  # planned once, before the run (its plan checks free disk)
+        plan = _plan(key, config, size, rd)
+        sha = file_sha256_cached(plan.model_path)
+        sets = scored_chunk_sets(plan)
+        _BASE_FILES[key, config, size] = [base_logprobs_file(sha, plan.text, c) for c in sets]
+    pairs += [(f, st / "base-logprobs" / f.name) for f in _BASE_FILES[key, config, size]]
+    return list(dict.fromkeys(pairs))
+
+
+_BASE_FILES: dict[tuple[str, str, str], list[Path]] = {}
+
+
+def save_state(key: str, config: str, size: str) -> None:
+    """Copy the run's small results to STATE (each atomically; files already there and the same are left)."""
+    import shutil
+
+    rd = HERE / "out" / "costs" / key / f"{config}-{size}"
+    for src, dst in _state_pairs(key, config, size, rd):
+        if src.is_file() and not (dst.is_file() and dst.read_bytes() == src.read_bytes()):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst.with_suffix(".part"))
+            dst.with_suffix(".part").replace(dst)
+
+
+def restore_state(key: str, config: str, size: str) -> int:
+    """Copy STATE's results into a run folder (and user cache) that lacks them; how many were copied."""
+    import shutil
+
+    rd = HERE / "out" / "costs" / key / f"{config}-{size}"
+    rd.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for dst, src in _state_pairs(key, config, size, rd):
+        if src.is_file() and not dst.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst.with_suffix(".part"))
+            dst.with_suffix(".part").replace(dst)
+            n += 1
+    return n
+
+
+def run(key: str, config: str, size: str, evaluate: bool, threads: int | None,
+        state: bool = False) -> dict[str, Any]:
     """One cold run. Before it starts, the dry run's prediction goes to the run folder (`predicted.json`, made
     once, so a resumed run keeps the first one); every finished stage is appended to `stages.jsonl` with the
     process that ran it, so a run resumed across interruptions keeps what each attempt spent."""
@@ -153,6 +223,11 @@ def run(key: str, config: str, size: str, evaluate: bool, threads: int | None) -
             f"{s.quant_weights / 1e6:.0f}M weights in memory, held {s.held / GIB:.2f} GiB")
         with open(rd / "stages.jsonl", "a") as f:
             f.write(json.dumps({"pid": pid, "time": time.time(), **s.to_json()}) + "\n")
+        if state:
+            try:
+                save_state(key, config, size)
+            except OSError as e:  # the run goes on; --save-state can be asked again
+                log(f"state not saved: {e}")
 
     t0 = time.perf_counter()
     r = run_direct(
@@ -274,6 +349,9 @@ def main() -> int:
     ap.add_argument("--no-eval", action="store_true", help="no held-out KLD (a shape's means nothing)")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--state", action="store_true",
+                    help="carry the run's small results in bench/state/ (restored, then saved per stage)")
+    ap.add_argument("--save-state", action="store_true", help="save them now (after a run was stopped)")
     ap.add_argument("--predict", action="store_true",
                     help="finished cells without one: the dry run's prediction, asked now for a cold folder")
     a = ap.parse_args()
@@ -293,8 +371,14 @@ def main() -> int:
             if key in done:
                 log(f"{key}: done")
                 continue
+            if a.save_state:
+                save_state(a.model, config, size)
+                log(f"{key}: state saved under {STATE / a.model}")
+                continue
+            if a.state:
+                log(f"{key}: {restore_state(a.model, config, size)} files restored from {STATE / a.model}")
             log(f"{key}: running")
-            save(key, run(a.model, config, size, not a.no_eval and a.model not in SHAPES, a.threads))
+            save(key, run(a.model, config, size, not a.no_eval and a.model not in SHAPES, a.threads, a.state))
     print(table())
     return 0
 

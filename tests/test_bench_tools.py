@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import multiprocessing as mp
+import shutil
 import sys
 from pathlib import Path
 
@@ -185,3 +186,33 @@ def test_fan_out_gives_each_cells_row_in_order_and_its_threads(results_home, mon
     rows = compare.fan_out(Serial(threads=1), cells)
     assert rows == [{"kld_mean": 0.5}, {"file_bytes": 10}]
     assert seen == [1, 1]
+
+
+def test_a_long_runs_small_results_are_carried_to_a_fresh_machine(tmp_path, monkeypatch):
+    """bench/costs.py --state: the run folder's small results, the proxy's and probes' saved states and the
+    base log-probs go to bench/state/ and come back into an empty run folder and user cache; the large files
+    (GGUFs, the tensor cache's bytes and per-tensor indexes, which would point at missing bytes) do not."""
+    costs = _load("costs")
+    monkeypatch.setattr(costs, "HERE", tmp_path)
+    monkeypatch.setattr(costs, "STATE", tmp_path / "state")
+    rd = tmp_path / "out" / "costs" / "m" / "new-Q4_K_M"
+    base = tmp_path / "user" / "base-logprobs" / "abc.npz"
+    monkeypatch.setitem(costs._BASE_FILES, ("m", "new", "Q4_K_M"), [base])
+    small = {"run.json": b"{}", "calib.safetensors": b"calib", "stages.jsonl": b"{}\n",
+             "cache/k1/measure-0123.json": b"m", "cache/k1/groups-4567.json": b"g"}
+    large = ["folded.f16.gguf", "cache/k1/Q8_0.bin", "cache/k1/blk.0.attn_q.weight.json",
+             "cache/k1/layout.json"]
+    for name, data in {**small, **dict.fromkeys(large, b"x")}.items():
+        (rd / name).parent.mkdir(parents=True, exist_ok=True)
+        (rd / name).write_bytes(data)
+    base.parent.mkdir(parents=True)
+    base.write_bytes(b"npz")
+    costs.save_state("m", "new", "Q4_K_M")
+    st = tmp_path / "state" / "m" / "new-Q4_K_M"
+    kept = sorted(str(p.relative_to(st)) for p in st.rglob("*") if p.is_file())
+    assert kept == sorted([*small, "base-logprobs/abc.npz"])
+    shutil.rmtree(tmp_path / "out")
+    base.unlink()
+    assert costs.restore_state("m", "new", "Q4_K_M") == len(small) + 1
+    assert {n: (rd / n).read_bytes() for n in small} == small and base.read_bytes() == b"npz"
+    assert costs.restore_state("m", "new", "Q4_K_M") == 0  # what the run has is never overwritten

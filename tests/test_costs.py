@@ -105,3 +105,42 @@ def test_a_sized_run_reports_what_each_stage_cost(
     )
     assert sum(c.quant_passes for c in again.costs) == 0
     assert [c.stage for c in again.costs if c.tokens] == ["evaluate"]  # base log-probs: from the cache
+
+
+def test_a_resumed_run_quantizes_and_scores_its_presets_and_fold_check_once(
+    tiny_model: Path, text_file: Path, tmp_path: Path
+) -> None:
+    """The presets' sizes and scores and the fold check's per-chunk KLDs are kept with the run: the same
+    command again (a run resumed after a kill) makes no quantizer pass and decodes no token for them, and
+    reports the same figures; a file of them saved for another model is not read."""
+    import json
+
+    from ramp_cpp.calibration.artifact import CalibConfig
+    from ramp_cpp.pipeline.run import run_direct
+    from ramp_cpp.pipeline.sizedconfig import SizedConfig
+    from ramp_cpp.pipeline.stages import PRESETS, SCORES
+
+    cfg = SizedConfig(text=str(text_file), n_ctx=64, chunks=2, calib=CalibConfig(str(text_file), 2, 64))
+
+    def go() -> tuple[dict[str, object], dict[str, object]]:
+        r = run_direct(tiny_model, tmp_path / "run", "greedy", "Q4_K_M", cfg, presets=("Q4_K_M", "Q5_K_M"),
+                       fold="check", cache_root=tmp_path / "cache")
+        report = json.loads(r.report.read_text())
+        points = [p for p in report["points"] if p["kind"] == "preset"]
+        return {c.stage: c for c in r.costs}, {"target": r.target_bytes, "fold": report["summary"]["fold"],
+                                               "points": points}
+
+    cold, first = go()
+    assert cold["presets"].quant_passes == 2 and cold["fold decision"].tokens > 0
+    warm, again = go()
+    assert (warm["presets"].quant_passes, warm["presets"].tokens) == (0, 0)
+    assert (warm["fold decision"].quant_passes, warm["fold decision"].tokens) == (0, 0)
+    assert again == first
+    for name in (PRESETS, SCORES):  # saved under another model's sha256: computed again
+        f = tmp_path / "run" / name
+        d = json.loads(f.read_text())
+        d["key"] = {**d["key"], "model_sha256": "0" * 64} if name == PRESETS else {"format": 0}
+        f.write_text(json.dumps(d))
+    cold2, third = go()
+    assert cold2["presets"].quant_passes == 2 and cold2["fold decision"].tokens > 0
+    assert third == first

@@ -267,6 +267,19 @@ def test_parallel_jobs_need_a_quantizer_output_and_a_probe_file_each(
     assert three.disk - one.disk == 2 * one.quantizer
 
 
+@pytest.mark.parametrize("output_vs_quantizer", [0.5, 2.0])
+def test_the_disk_peak_holds_the_quantizer_output_or_the_gguf_never_both(
+    output_vs_quantizer: float, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The quantizer's output is removed once cut into the cache, before the GGUF is written."""
+    from ramp_cpp.pipeline.resources import disk_needs
+
+    info, cc = read_inventory(tiny_model), CandidateConfig()
+    q = disk_needs(info, cc, "on", 1, tmp_path / "r", tmp_path / "c").quantizer
+    n = disk_needs(info, cc, "on", int(q * output_vs_quantizer), tmp_path / "r", tmp_path / "c")
+    assert n.disk == n.folded + n.cache_per_folding + max(q, n.output) > 0
+
+
 def test_plan_refuses_quantized_input_and_a_size_above_the_largest_file(
     tiny_model: Path, text_file: Path, tmp_path: Path
 ) -> None:

@@ -413,9 +413,9 @@ def _check_identical(cache: TensorCache, types: Mapping[str, GGMLQuantizationTyp
 
 
 #: In-memory quantizations, (cache directory, tensor, written type) -> bytes, least recently used last
-#: dropped beyond _MEMO_BYTES: a pair probes or an episode ask again costs nothing the second time.
+#: dropped beyond MEMO_BYTES: a pair probes or an episode ask again costs nothing the second time.
 _MEMO: dict[tuple[str, str, GGMLQuantizationType], bytes] = {}
-_MEMO_BYTES = 1 << 30
+MEMO_BYTES = 1 << 30
 
 
 def _source_rows(src: str, name: str, start: int, stop: int) -> np.ndarray:
@@ -461,7 +461,7 @@ def blob_bytes(cache: TensorCache, name: str, wt: GGMLQuantizationType) -> bytes
     _MEMO[key] = got
     total = sum(len(b) for b in _MEMO.values())
     for k in list(_MEMO):
-        if total <= _MEMO_BYTES or k == key:
+        if total <= MEMO_BYTES or k == key:
             break
         total -= len(_MEMO.pop(k))
     return got

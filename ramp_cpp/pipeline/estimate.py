@@ -27,7 +27,9 @@ the plan's counts into costs, with N = n_ctx:
     fold decision   check: pass(choice) + 2·eval(n_f, choice); auto: 2·(target/copy_bps + eval(n_f, choice));
                     choice: greedy's file, every searched tensor at its candidate nearest the target's bits
                     per weight (its decode: the mix of the candidates just below and above that many bits)
-    allocate        FIT_TRIES·(2·target/copy_bps + header_s); sac: + its evaluations, eval(chunks, choice)
+    allocate        FIT_TRIES·(2·target/copy_bps + header_s + (1 - kept)·memq(choice)), kept: the share of
+                    greedy's searched bytes the in-memory cache's memo (1 GiB) still holds from the fold
+                    decision's file (0 without one); sac: + its evaluations, eval(chunks, choice)
     evaluate        eval(chunks, choice)                                     E = 1
 
 With the tensor cache in memory (plan.in_memory) the cache stage runs the base type's pass only and the proxy
@@ -66,6 +68,7 @@ from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.llama.evaluate import EvalConfig, is_prefix
 from ramp_cpp.llama.ggufio import TensorInfo
 from ramp_cpp.measure.candidates import searchable, searched_tensors, tensor_candidates
+from ramp_cpp.measure.tensorcache import MEMO_BYTES
 from ramp_cpp.model.arch import quantizable
 from ramp_cpp.model.ladder import bits_per_weight, needs_imatrix, tensor_nbytes, type_from_name, written_type
 from ramp_cpp.pipeline.plan import RunPlan
@@ -418,7 +421,11 @@ def estimate(
     if plan.method == "sac":  # every evaluation real (memo hits are free), the second look's too
         e_sac = sac.evaluations + (sac.rescore_top > 0) * (sac.rescore_top + 1) * sac.rescore_chunks / chunks
     note = f"{FIT_TRIES} fits assumed" + (", SAC's evaluations at most, not its updates" if e_sac else "")
-    fit = FIT_TRIES * (2 * target / p.copy_bps + p.header_s + memq(choice))
+    # the fold decision assembled greedy's file just before: what of it the memo still holds is not made again
+    made = {t.name: written_type(choice[t.name], t.n_per_row) for t in searched}
+    choice_bytes = sum(tensor_nbytes(made[t.name], t.n_params) for t in searched)
+    kept = min(1.0, MEMO_BYTES / max(1, choice_bytes)) if plan.fold in ("auto", "check") else 0.0
+    fit = FIT_TRIES * (2 * target / p.copy_bps + p.header_s + (1 - kept) * memq(choice))
     add("allocate", fit + e_sac * (target / p.copy_bps + ev(chunks, r_choice) - p.tokenize_s), ram,
         FIT_TRIES * (target + scratch), target, e_sac, note=note)
     add("evaluate", ev(chunks, r_choice), ram, 0, E=1.0)

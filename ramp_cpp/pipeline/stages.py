@@ -17,6 +17,7 @@ Each takes the plan, what earlier stages made (frozen artifacts: `Source`, `Pres
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -38,8 +39,12 @@ from ramp_cpp.pipeline.folddecision import FOLD_CHECK_CHUNKS, FOLD_CHUNKS, FoldD
 from ramp_cpp.pipeline.learned import learned_allocation
 from ramp_cpp.pipeline.plan import LEARNED, RunPlan, check_target
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
+from ramp_cpp.store.jsonfile import read_keyed, write_keyed
 
 Choice = dict[str, GGMLQuantizationType]
+
+PRESETS = "presets.json"  # the presets' sizes and scores, kept with the run (measure_presets)
+SCORES = "scores.json"  # the fold decision's per-chunk KLDs, kept with the run (_score_files)
 
 
 @dataclass(frozen=True)
@@ -84,11 +89,16 @@ def warm_base(plan: RunPlan, rt: Runtime) -> None:
     only read them; each chunk is decoded once (a set that is the first chunks of another is cut from it)."""
     from ramp_cpp.llama.evaluate import base_logprobs_sets
 
+    base_logprobs_sets(plan.model_path, plan.text, scored_chunk_sets(plan), rt.eopts)
+
+
+def scored_chunk_sets(plan: RunPlan) -> list[Any]:
+    """The evaluate.EvalConfig of every chunk set the run scores files on (warm_base's)."""
     ecfg = plan.cfg.eval_config
     cfgs = [ecfg, *([fold_eval_config(plan)] if plan.fold in ("auto", "check") else [])]
     if plan.sensitivity == "measured" and plan.gcfg.chunks is not None:
         cfgs.append(replace(ecfg, n_chunks=min(plan.gcfg.chunks, plan.cfg.chunks)))
-    base_logprobs_sets(plan.model_path, plan.text, cfgs, rt.eopts)
+    return cfgs
 
 
 def fold_eval_config(plan: RunPlan) -> Any:
@@ -102,28 +112,39 @@ def fold_eval_config(plan: RunPlan) -> Any:
 def measure_presets(plan: RunPlan, presets: tuple[str, ...], base_cal: Any, rt: Runtime) -> Presets:
     """Quantize and score each of `presets` with the unfolded model's imatrix (`base_cal`'s), as a llama.cpp
     user would; the preset a --size names is quantized too, for its file size (the target), and scored only
-    when it is among `presets`."""
+    when it is among `presets`. Each preset's size and score are saved in the run directory (PRESETS) as it
+    ends: a 7B preset is a quantizer pass and a decode of the reward chunks, not paid again on resume."""
     from ramp_cpp.llama.evaluate import kld
     from ramp_cpp.llama.quantize import QuantizeOptions, quantize_preset
+    from ramp_cpp.measure.tensorcache import imatrix_digest
+    from ramp_cpp.store.cache import file_sha256_cached
 
     base_im = base_cal.imatrix() if plan.cfg.imatrix else None
+    key = {"model_sha256": file_sha256_cached(plan.model_path), "imatrix_digest": imatrix_digest(base_im),
+           "eval": plan.cfg.eval_config.key()}
+    saved = read_keyed(plan.run_dir / PRESETS, key)
     target, points = plan.target, []
     for name in dict.fromkeys([*presets, *([plan.preset] if plan.preset else [])]):
-        q = rt.scratch / f"{name}.gguf"
-        qopts = QuantizeOptions(imatrix=base_im, n_threads=rt.opts.n_threads)
-        r = quantize_preset(plan.model_path, q, name, qopts, info=plan.info)
-        if name == plan.preset:
-            target = r.file_size
-            check_target(target, plan.lo, plan.hi, f"{name}'s size")
-        if name not in presets:  # quantized for its size only: no reference point was asked for
+        scored = name in presets  # else quantized for its size only: no reference point was asked for
+        have = saved.get(name)
+        if not have or (scored and have.get("point") is None):
+            q = rt.scratch / f"{name}.gguf"
+            qopts = QuantizeOptions(imatrix=base_im, n_threads=rt.opts.n_threads)
+            r = quantize_preset(plan.model_path, q, name, qopts, info=plan.info)
+            have = {"file_size": r.file_size, "point": None}
+            if scored:
+                k = kld(q, plan.model_path, plan.text, plan.cfg.eval_config, rt.eopts)
+                label = f"{name}+imatrix" if base_im is not None else name
+                have["point"] = {"label": label, "file_bytes": r.file_size, "quality": k.kld_mean,
+                                 "ppl": k.ppl, "kind": "preset"}
             q.unlink(missing_ok=True)
-            continue
-        k = kld(q, plan.model_path, plan.text, plan.cfg.eval_config, rt.eopts)
-        label = f"{name}+imatrix" if base_im is not None else name
-        points.append(
-            {"label": label, "file_bytes": r.file_size, "quality": k.kld_mean, "ppl": k.ppl, "kind": "preset"}
-        )
-        q.unlink(missing_ok=True)
+            saved[name] = have
+            write_keyed(plan.run_dir / PRESETS, key, saved)
+        if name == plan.preset:
+            target = have["file_size"]
+            check_target(target, plan.lo, plan.hi, f"{name}'s size")
+        if scored:
+            points.append(have["point"])
     return Presets(target, tuple(points))
 
 
@@ -220,18 +241,46 @@ def _score_files(
     plan: RunPlan, files: Mapping[str, tuple[Any, Choice]], ecfg: Any, rt: Runtime
 ) -> dict[str, tuple[float, ...]]:
     """Each named (origin, type map)'s per-chunk KLD against the unfolded model on `ecfg`'s chunks, as one
-    batch of the run's executor (evaljob.EvalJob: origin a tensor cache or a `Quantized` source)."""
+    batch of the run's executor (evaljob.EvalJob: origin a tensor cache or a `Quantized` source). Scores are
+    saved in the run directory (SCORES) under what they were computed from, so a resumed run scores only the
+    files it has not."""
     from ramp_cpp.llama.evaluate import ensure_base_logprobs, reward_chunks
     from ramp_cpp.measure.evaljob import EvalJob, run_eval_job
 
     ropts = replace(rt.eopts, n_ctx=ecfg.n_ctx, n_threads=rt.executor.threads or rt.eopts.n_threads)
     base_file = str(ensure_base_logprobs(plan.model_path, plan.text, ecfg, ropts))
-    chunks = reward_chunks(plan.model_path, plan.text, ecfg, ropts)
-    jobs = [
-        EvalJob(label, origin, choice, base_file, chunks, ropts, str(rt.scratch))
-        for label, (origin, choice) in files.items()
-    ]
-    return {o.label: o.result.chunk_kld for o in rt.executor.map(run_eval_job, jobs)}
+    keys = {label: _score_key(origin, choice, base_file) for label, (origin, choice) in files.items()}
+    saved = read_keyed(plan.run_dir / SCORES, {"format": 1})
+    todo = {label: f for label, f in files.items() if keys[label] not in saved}
+    if todo:
+        chunks = reward_chunks(plan.model_path, plan.text, ecfg, ropts)
+        jobs = [
+            EvalJob(label, origin, choice, base_file, chunks, ropts, str(rt.scratch))
+            for label, (origin, choice) in todo.items()
+        ]
+        for o in rt.executor.map(run_eval_job, jobs):
+            saved[keys[o.label]] = list(o.result.chunk_kld)
+            write_keyed(plan.run_dir / SCORES, {"format": 1}, saved)
+    return {label: tuple(saved[keys[label]]) for label in files}
+
+
+def _score_key(origin: Any, choice: Choice, base_file: str) -> str:
+    """What a score was computed from: the bytes' origin (a tensor cache's model, imatrix and base type, or
+    the source llama.cpp quantizes with its imatrix), the type map, and the base log-probs it is compared with
+    (their file name holds the base's sha256, the text and the chunks)."""
+    from ramp_cpp.measure.evaljob import Quantized
+    from ramp_cpp.measure.tensorcache import imatrix_digest
+    from ramp_cpp.store.cache import file_sha256_cached
+
+    if isinstance(origin, Quantized):
+        src = {"source": file_sha256_cached(origin.source), "imatrix": imatrix_digest(origin.imatrix),
+               "base": origin.base.name, "by": "llama.cpp"}
+    else:
+        src = {"source": origin.model_sha256, "imatrix": origin.imatrix_digest, "base": origin.base.name,
+               "by": "cache"}
+    types = {n: t.name for n, t in sorted(choice.items())}
+    d = {**src, "types": types, "base_logprobs": Path(base_file).name}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
