@@ -281,6 +281,28 @@ def test_metadata_and_untouched_bytes(models: dict[str, Path], tmp_path: Path) -
     assert "blk.0.attn_q.bias" in {t.name for t in a.tensors} - folded
 
 
+def test_the_folded_copys_hash_is_remembered_for_the_stages_after(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """At 7B a sha256 reads 13 GB: the fold hashes its copy once and records it against (path, size, mtime,
+    inode), so a resumed run's folded_calibration_from_file reads the index instead; and a rewritten copy is
+    not taken for the old one."""
+    import hashlib
+
+    from ramp_cpp.store.cache import known_sha256
+
+    src = models["llama"]
+    cal = random_cal(src)
+    r = fold(src, cal, tmp_path / "f.gguf")
+    want = hashlib.sha256(Path(r.path).read_bytes()).hexdigest()
+    assert known_sha256(r.path) == want == r.calibration.model_sha256
+    assert known_sha256(src) == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert folded_calibration_from_file(cal, r.path).model_sha256 == want
+    r2 = fold(src, random_cal(src, sigma=2.0), tmp_path / "f.gguf", force=True)
+    want2 = hashlib.sha256(Path(r2.path).read_bytes()).hexdigest()
+    assert want2 != want and known_sha256(r2.path) == want2 == r2.calibration.model_sha256
+
+
 def test_fold_twice_refused_unless_forced(models: dict[str, Path], tmp_path: Path) -> None:
     src = models["llama"]
     cal = random_cal(src)

@@ -43,7 +43,7 @@ from ramp_cpp.llama.ggufio import (
     tensor_types,
 )
 from ramp_cpp.model.arch import FoldArch, FoldGroup, fold_arch
-from ramp_cpp.store.cache import file_sha256
+from ramp_cpp.store.cache import file_sha256_cached
 
 FOLD_VERSION = 1  # ramp.fold.version: bump when the transformation or its metadata change
 
@@ -249,7 +249,7 @@ def fold(
             qt = GGMLQuantizationType.F32 if f32 else GGMLQuantizationType[types[t][0]]
             rewrites[t] = TensorRewrite(qt, _linear_fn(t, g.s, qt))
 
-    description = f"{cal.describe()}; source sha256 {file_sha256(model_path)}"
+    description = f"{cal.describe()}; source sha256 {file_sha256_cached(model_path)}"
     kv: dict[str, bool | int | float | str] = {
         KEY_FOLDED: True,
         KEY_CALIBRATION: description,
@@ -258,7 +258,8 @@ def fold(
     }
     out = rewrite_gguf(model_path, dst, rewrites, kv, force=force, progress=progress)
     fcal = folded_calibration(cal, {t: g.s for g in groups for t in g.linears})
-    fcal = replace(fcal, model_name=out.name, model_sha256=file_sha256(out))
+    # remembered by (path, size, mtime, inode): a resumed run and later stages ask again; at 7B it reads 13 GB
+    fcal = replace(fcal, model_name=out.name, model_sha256=file_sha256_cached(out))
     linear_types = {rewrites[t].ggml_type.name for g in groups for t in g.linears}
     return FoldResult(
         path=str(out),
@@ -315,7 +316,7 @@ def folded_calibration_from_file(
             f"not {cal.describe()}"
         )
     fcal = folded_calibration(cal, {t: g.s for g in groups for t in g.linears})
-    return replace(fcal, model_name=name, model_sha256=file_sha256(folded_path))
+    return replace(fcal, model_name=name, model_sha256=file_sha256_cached(folded_path))
 
 
 def _norm_fn(s: np.ndarray, offset: float) -> Callable[[np.ndarray], np.ndarray]:
