@@ -64,7 +64,11 @@ RESULTS = HERE / "results" / "costs.json"
 STATE = HERE / "state"
 STATE_FILES = (
     "run.json", "predicted.json", "stages.jsonl", "calib.safetensors", "presets.json", "scores.json",
+    "pauses.jsonl",
 )
+#: a run stopped (SIGSTOP) while other work had the cores, one line each: {"stop": t, "cont": t, "why": "..."}
+#: (epoch seconds, appended by whoever stops it); the table takes each stage's overlap with them off its wall
+PAUSES = "pauses.jsonl"
 STATE_GLOBS = ("cache/*/measure-*.json", "cache/*/groups-*.json")
 GIB = 1 << 30
 SHAPES = {"7b": "shape-7b.f16.gguf", "1b": "shape-1b.f16.gguf"}  # written by bench/shapes.py
@@ -251,6 +255,7 @@ def run(key: str, config: str, size: str, evaluate: bool, threads: int | None,
         "fold": json.loads(r.report.read_text())["summary"]["fold"],
         "predicted": json.loads(pred.read_text()),
         "attempts": _attempts(rd / "stages.jsonl"),
+        "pauses": _pauses(rd / PAUSES),
     }
     if evaluate:
         k = kld(r.gguf, model, load_text("wikitext2-test")[0], EvalConfig(n_chunks=16))
@@ -265,6 +270,25 @@ def _attempts(path: Path) -> list[list[dict[str, Any]]]:
         d = json.loads(line)
         by.setdefault(d.pop("pid"), []).append(d)
     return list(by.values())
+
+
+def _pauses(path: Path) -> list[dict[str, Any]]:
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+Lines = list[dict[str, Any]]
+
+
+def _unpaused(attempts: list[Lines], pauses: Lines) -> list[Lines]:
+    """Each stage line's wall time less its overlap with the pauses: the line ends at `time` and began wall_s
+    before it."""
+
+    def paused(st: dict[str, Any]) -> float:
+        a, b = st["time"] - st["wall_s"], st["time"]
+        return sum(max(0.0, min(b, p["cont"]) - max(a, p["stop"])) for p in pauses)
+
+    return [[st | {"wall_s": st["wall_s"] - paused(st)} for st in a] for a in attempts]
 
 
 def save(key: str, cell: dict[str, Any]) -> None:
@@ -306,8 +330,9 @@ def table() -> str:
     d = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     lines = []
     for key, cell in d.items():
-        attempts = cell.get("attempts", [])
-        costs = _combined(attempts) if len(attempts) > 1 else [StageCost(**s) for s in cell["costs"]]
+        attempts, pauses = cell.get("attempts", []), cell.get("pauses", [])
+        costs = (_combined(_unpaused(attempts, pauses)) if len(attempts) > 1 or pauses
+                 else [StageCost(**s) for s in cell["costs"]])
         pred = {p["stage"]: p["wall_s"] for p in cell.get("predicted", [])}
         f16 = cell["f16_bytes"]
 
@@ -316,6 +341,8 @@ def table() -> str:
 
         lines += [
             f"\n**{key}** ({cell['model']}, F16 {f16 / GIB:.2f} GiB; fold: {cell['fold']['choice']}"
+            + (f"; {len(attempts)} attempts" if len(attempts) > 1 else "")
+            + (f"; paused {sum(p['cont'] - p['stop'] for p in pauses):.0f} s, not counted" if pauses else "")
             + (f"; held-out KLD {cell['kld']:.4f} ± {cell['kld_stderr']:.4f}" if "kld" in cell else "")
             + ")\n",
             "| stage | wall s | --dry-run's s (actual / predicted) | CPU s | peak RSS GiB | written GiB "

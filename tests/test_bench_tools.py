@@ -198,7 +198,7 @@ def test_a_long_runs_small_results_are_carried_to_a_fresh_machine(tmp_path, monk
     rd = tmp_path / "out" / "costs" / "m" / "new-Q4_K_M"
     base = tmp_path / "user" / "base-logprobs" / "abc.npz"
     monkeypatch.setitem(costs._BASE_FILES, ("m", "new", "Q4_K_M"), [base])
-    small = {"run.json": b"{}", "calib.safetensors": b"calib", "stages.jsonl": b"{}\n",
+    small = {"run.json": b"{}", "calib.safetensors": b"calib", "stages.jsonl": b"{}\n", "pauses.jsonl": b"p",
              "cache/k1/measure-0123.json": b"m", "cache/k1/groups-4567.json": b"g"}
     large = ["folded.f16.gguf", "cache/k1/Q8_0.bin", "cache/k1/blk.0.attn_q.weight.json",
              "cache/k1/layout.json"]
@@ -216,3 +216,21 @@ def test_a_long_runs_small_results_are_carried_to_a_fresh_machine(tmp_path, monk
     assert costs.restore_state("m", "new", "Q4_K_M") == len(small) + 1
     assert {n: (rd / n).read_bytes() for n in small} == small and base.read_bytes() == b"npz"
     assert costs.restore_state("m", "new", "Q4_K_M") == 0  # what the run has is never overwritten
+
+
+@pytest.mark.parametrize(("pauses", "want"), [
+    ([], [50.0, 20.0]),
+    ([(60, 70)], [40.0, 20.0]),  # inside the first stage
+    ([(90, 110)], [40.0, 10.0]),  # across the boundary: 10 s off each
+    ([(0, 40), (130, 150)], [50.0, 20.0]),  # before the run, after it
+    ([(55, 60), (65, 70), (100, 120)], [40.0, 0.0]),  # two in one stage; one over a whole stage
+])
+def test_a_paused_runs_stages_are_counted_without_the_pauses(pauses, want):
+    """bench/costs.py's table takes each stage's overlap with pauses.jsonl off its wall time (a stage line
+    ends at `time` and began `wall_s` before it)."""
+    costs = _load("costs")
+    attempts = [[{"stage": "a", "time": 100.0, "wall_s": 50.0},
+                 {"stage": "b", "time": 120.0, "wall_s": 20.0}]]
+    got = costs._unpaused(attempts, [{"stop": a, "cont": b, "why": "t"} for a, b in pauses])
+    assert [st["wall_s"] for st in got[0]] == want
+    assert attempts[0][0]["wall_s"] == 50.0  # the stored lines are left as they are

@@ -284,8 +284,8 @@ def test_metadata_and_untouched_bytes(models: dict[str, Path], tmp_path: Path) -
 def test_the_folded_copys_hash_is_remembered_for_the_stages_after(
     models: dict[str, Path], tmp_path: Path
 ) -> None:
-    """At 7B a sha256 reads 13 GB: the fold hashes its copy once and records it against (path, size, mtime,
-    inode), so a resumed run's folded_calibration_from_file reads the index instead; and a rewritten copy is
+    """At 7B a sha256 reads 13 GB: the fold hashes its copy once and records it against (path, size,
+    mtime), so a resumed run's folded_calibration_from_file reads the index instead; and a rewritten copy is
     not taken for the old one."""
     import hashlib
 

@@ -37,6 +37,7 @@ NATIVE = REPO / "ramp_cpp" / "lib" / "libramp_native.so"
 COMPUTING = {"calibrate", "fold", "measure", "tensor cache", "kld groups"}
 #: what every run writes again (outputs and settings); everything else in the run directory must stay
 REWRITTEN = {"run.json", "allocation.json", "report.json", "pareto.png"}
+HASHES = "sha256.json"  # store.cache's index of file hashes, in the user cache
 
 OLD_RUN = """
 import json, sys
@@ -103,6 +104,7 @@ def test_a_run_directory_of_the_previous_code_resumes(
     before = files(rd)
     cache = Path(os.environ["RAMP_CACHE_DIR"])
     cache_before = files(cache)
+    hashes_before = json.loads((cache / HASHES).read_text())
     old_settings = (rd / "run.json").read_text()
     old_alloc = json.loads((rd / "allocation.json").read_text())
 
@@ -120,7 +122,18 @@ def test_a_run_directory_of_the_previous_code_resumes(
     assert {k: after.get(k) for k in kept} == kept  # calibration, folded model, caches: not touched
     # and nothing new but the fold decision's scores, which today's code keeps with the run (stages.SCORES)
     assert set(after) - set(before) == {SCORES}
-    assert files(cache) == cache_before  # base log-probs and file hashes reused
+    # base log-probs and file hashes reused; the hash index may gain the folded copy's, which the previous
+    # code hashed again whenever asked and today's remembers (folding.fold)
+    hashes = json.loads((cache / HASHES).read_text())
+    assert {k: hashes.get(k) for k in hashes_before} == hashes_before
+    folded = (rd / "folded.f16.gguf").resolve()
+    key = f"{folded}|{folded.stat().st_size}|{folded.stat().st_mtime_ns}"
+    assert {k: hashes[k] for k in set(hashes) - set(hashes_before)} in (
+        {}, {key: hashlib.sha256(folded.read_bytes()).hexdigest()}
+    )
+    assert {k: v for k, v in files(cache).items() if k != HASHES} == {
+        k: v for k, v in cache_before.items() if k != HASHES
+    }
     assert (rd / "run.json").read_text() == old_settings  # same settings, same layout
     # the file is the one today's code writes from the same settings in a fresh folder: since 2026-12-02 the
     # allocation is made under a bound on the ramp.* metadata (stages.fit_and_write), so it may differ from

@@ -258,7 +258,7 @@ def fold(
     }
     out = rewrite_gguf(model_path, dst, rewrites, kv, force=force, progress=progress)
     fcal = folded_calibration(cal, {t: g.s for g in groups for t in g.linears})
-    # remembered by (path, size, mtime, inode): a resumed run and later stages ask again; at 7B it reads 13 GB
+    # remembered by (path, size, mtime): a resumed run and later stages ask again; at 7B it reads 13 GB
     fcal = replace(fcal, model_name=out.name, model_sha256=file_sha256_cached(out))
     linear_types = {rewrites[t].ggml_type.name for g in groups for t in g.linears}
     return FoldResult(

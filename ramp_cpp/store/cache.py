@@ -87,8 +87,7 @@ def _sha_table(path: str | os.PathLike[str]) -> tuple[Path, str, dict[str, str]]
         table: dict[str, str] = json.loads(idx.read_text()) if idx.is_file() else {}
     except ValueError:
         table = {}
-    # the inode too: a file rewritten (temp file, then rename) within the mtime's granularity is a new inode
-    return idx, f"{p}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}", table
+    return idx, f"{p}|{st.st_size}|{st.st_mtime_ns}", table
 
 
 def known_sha256(path: str | os.PathLike[str]) -> str | None:
@@ -98,7 +97,7 @@ def known_sha256(path: str | os.PathLike[str]) -> str | None:
 
 
 def file_sha256_cached(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file, remembered per (path, size, mtime, inode) so a 13 GB base is hashed once."""
+    """sha256 of a file, remembered per (path, size, mtime) so a 13 GB base is hashed once."""
     idx, key, table = _sha_table(path)
     if key not in table:
         table[key] = file_sha256(path)
