@@ -16,8 +16,8 @@ the plan's counts into costs, with N = n_ctx:
     pass(types)     header_s + Σ_quantizable n_params·(quant_s[written, imatrix] + dequant_s[src]/n_threads)
                     + file/copy_bps                                         one llama.cpp quantizer pass
     calibrate       load_s + tokenize_s + samples·ctx·token_s·CALIB_DECODE   E = samples·ctx / (chunks·N)
-    fold            2·header_s + hashes·file/hash_bps + Σ_linears n_params·fold_s + file/copy_bps, hashes:
-                    the folded copy's, and the source's unless known
+    fold            2·header_s + file/hash_bps + Σ_linears n_params·fold_s + file/copy_bps (+ the source's
+                    hash when no calibrate stage made it first)
     base log-probs  per chunk set not cached (reward, fold_eval_config's, GroupConfig.chunks'): eval(n, F16)
                     + n·base_s
     presets         pass(preset) per preset in `presets` and the --size one; eval(chunks, preset) if scored
@@ -359,9 +359,10 @@ def estimate(
     folds = True in plan.foldings and not (plan.run_dir / "folded.f16.gguf").is_file()
     if folds:
         lin = sum(t.n_params for t in info.searched)
-        hashes = 1 + (sha is None)  # the folded copy's, and the source's unless it is known
-        wall = 2 * p.header_s + hashes * file / p.hash_bps + lin * p.fold_s + file / p.copy_bps
+        # the folded copy's hash (remembered for the stages after), and the source's if calibrate did not
+        wall = 2 * p.header_s + hash_s + file / p.hash_bps + lin * p.fold_s + file / p.copy_bps
         add("fold", wall, file, file, needs.folded)
+        hash_s = 0.0
     ecfg, fcfg = cfg.eval_config, fold_eval_config(plan)
     n_fold, n_g = min(fcfg.n_chunks or 0, p.n_avail), min(plan.gcfg.chunks or chunks, chunks)
     sets = [ecfg, *([fcfg] if plan.fold in ("auto", "check") else []),
@@ -408,7 +409,7 @@ def estimate(
     work, measured = 16 * min(1 << 24, max(t.n_params for t in searched)), plan.sensitivity == "measured"
     for f in plan.measured_first:
         what = "folded" if f else "unfolded"
-        add(f"tensor cache + proxy ({what})", cache_s + (file / p.hash_bps if f and folds else 0.0),
+        add(f"tensor cache + proxy ({what})", cache_s,
             file + cache_bytes + work, cache_w, cache_bytes, passes=len(passes["cache"]))
         if measured:
             add(f"group probes ({what})", probe_s, work + cache_bytes + plan.hi + p.ctx_bytes,
