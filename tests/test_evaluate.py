@@ -128,3 +128,22 @@ def test_base_logprob_sets_cut_from_the_largest_equal_sets_computed_alone(
         for f in evaluate.BaseLogprobs.FIELDS:
             assert np.array_equal(getattr(alone, f), getattr(cut[c], f)), (c, f)
     assert len(list((tmp_path / "alone" / "base-logprobs").glob("*.npz"))) == len(sets)  # computed, not read
+
+
+@pytest.mark.parametrize(
+    ("env", "amx", "repack"),
+    [(None, False, True), (None, True, False), ("1", True, True), ("0", False, False), ("", True, False)],
+)
+def test_weight_repacking_is_off_on_amx_cpus_unless_asked(
+    monkeypatch: pytest.MonkeyPatch, env: str | None, amx: bool, repack: bool
+) -> None:
+    """llama.cpp's AMX matmul segfaults on some shapes (its issue 20824): models load without the extra
+    buffer types there, RAMP_REPACK overriding either way."""
+    from ramp_cpp.llama import backend
+
+    if env is None:
+        monkeypatch.delenv("RAMP_REPACK", raising=False)
+    else:
+        monkeypatch.setenv("RAMP_REPACK", env)
+    monkeypatch.setattr(backend, "_cpu_has_amx", lambda: amx)
+    assert backend.repack_weights() is repack

@@ -18,7 +18,7 @@ from ramp_cpp.cli.app import app
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.ggufio import TensorInfo, read_inventory
 from ramp_cpp.measure.candidates import CandidateConfig
-from ramp_cpp.measure.proxy import SAMPLE_SPAN, Weighting, row_spans, tensor_errors
+from ramp_cpp.measure.proxy import SAMPLE_SPAN, Weighting, row_spans, span_batches, tensor_errors
 from ramp_cpp.pipeline.plan import plan_run, size_range
 from ramp_cpp.pipeline.resources import disk_needs
 from ramp_cpp.pipeline.run import run_direct
@@ -53,7 +53,22 @@ class _Source:
 def _errors(w: np.ndarray, noise: np.ndarray, cols: np.ndarray, sample: int) -> float:
     t = TensorInfo("blk.0.ffn_up.weight", "ffn_up", 0, w.shape[1], w.shape[0], w.size, "F32", 0, True, 0)
     return tensor_errors(_Source(w), t, [T.Q4_K], Weighting(cols, None),
-                         lambda _t, a, b: (w[a:b] + noise[a:b]).copy(), 1 << 12, sample)[0]
+                         lambda _t, spans, _w: np.concatenate([w[a:b] + noise[a:b] for a, b in spans]),
+                         1 << 12, sample)[0]
+
+
+@pytest.mark.parametrize(
+    ("spans", "step", "batches"),
+    [
+        ([(0, 16), (64, 80), (128, 144)], 32, [[(0, 16), (64, 80)], [(128, 144)]]),
+        ([(0, 16), (64, 80), (128, 144)], 48, [[(0, 16), (64, 80), (128, 144)]]),
+        ([(0, 40), (40, 80), (80, 100)], 40, [[(0, 40)], [(40, 80)], [(80, 100)]]),  # pieces of `step`
+        ([(0, 50), (60, 70)], 40, [[(0, 50)], [(60, 70)]]),  # a span longer than a batch goes alone
+        ([], 40, []),
+    ],
+)
+def test_span_batches(spans: list[tuple[int, int]], step: int, batches: list[list[tuple[int, int]]]) -> None:
+    assert span_batches(spans, step) == batches
 
 
 def test_sampled_error_estimates_the_whole_tensor() -> None:

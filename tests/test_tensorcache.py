@@ -390,6 +390,11 @@ def test_in_memory_rows_and_sizes_match_the_disk_cache(caches: Any, memory_cache
         assert tensorcache.blob_nbytes(mem, name, wt) == blob.nbytes
         got = tensorcache.dequantized_rows(mem, name, wt, a, b)
         np.testing.assert_array_equal(got, tensorcache.dequantized_rows(disk, name, wt, a, b))
+        # several spans at once (the proxy's sampled rows): the rows read one span at a time, in order
+        spans = [(0, 2), (a, b), (n - 3, n)]
+        one_by_one = np.concatenate([tensorcache.dequantized_rows(disk, name, wt, x, y) for x, y in spans])
+        for cache in (disk, mem):
+            np.testing.assert_array_equal(tensorcache.dequantized_spans(cache, name, wt, spans), one_by_one)
 
 
 def test_in_memory_cache_reuses_types_on_disk_and_refuses_unsearched(

@@ -72,6 +72,24 @@ def llama_lib_dir() -> Path:
     return Path(llama_cpp.__file__).parent / "lib"
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_int8" in line for line in f)
+    except OSError:  # not Linux: no AMX build of llama.cpp to avoid
+        return False
+
+
+def repack_weights() -> bool:
+    """Whether llama.cpp may put weights in its extra buffer types (runtime repacking: AMX on Xeons from
+    Sapphire Rapids on, the AVX2/NEON Q4_0 and IQ4_NL layouts elsewhere). Off on a CPU with AMX unless
+    RAMP_REPACK=1: llama.cpp's AMX matrix multiply segfaults on some tensor shapes (llama.cpp issue 20824,
+    open; this project's test models crash in it), and with F16 weights its buffer is a second, anonymous
+    copy of the model besides the mapped file. RAMP_REPACK=0 turns repacking off everywhere."""
+    env = os.environ.get("RAMP_REPACK", "")
+    return env not in ("0", "") if env else not _cpu_has_amx()
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """How llama.cpp runs: context per chunk, CPU threads, layers offloaded to a GPU build."""
@@ -93,6 +111,7 @@ class LlamaModel:
             raise RampError(f"{path}: no such file")
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = opts.n_gpu_layers
+        mparams.use_extra_bufts = repack_weights()
         self._model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not self._model:
             raise RampError(

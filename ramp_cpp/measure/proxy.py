@@ -44,7 +44,7 @@ from gguf import GGMLQuantizationType
 from ramp_cpp.calibration.artifact import Calibration, check_matches
 from ramp_cpp.errors import RampError
 from ramp_cpp.executor import Executor
-from ramp_cpp.llama.ggufio import ModelInfo, TensorInfo, open_reader, read_inventory
+from ramp_cpp.llama.ggufio import ModelInfo, TensorInfo, read_inventory
 from ramp_cpp.measure.candidates import CandidateConfig, searched_tensors, tensor_candidates
 from ramp_cpp.measure.sensitivity import Option, Sensitivity, TensorOptions, undominated
 from ramp_cpp.model.ladder import written_type
@@ -163,19 +163,34 @@ def row_spans(n_rows: int, sample: int, step: int) -> tuple[list[tuple[int, int]
     return spans, n_rows / sum(b - a for a, b in spans)
 
 
+def span_batches(spans: Sequence[tuple[int, int]], step: int) -> list[list[tuple[int, int]]]:
+    """`spans` in order, cut into runs of at most `step` rows (a span longer than that alone): each run is
+    read, quantized and compared in one call per type."""
+    out: list[list[tuple[int, int]]] = []
+    rows = step
+    for a, b in spans:
+        if rows + b - a > step or not out:
+            out.append([])
+            rows = 0
+        out[-1].append((a, b))
+        rows += b - a
+    return out
+
+
 def tensor_errors(
     source: Any,
     tensor: TensorInfo,
     written: Sequence[GGMLQuantizationType],
     weights: Weighting,
-    rows_of: Callable[[GGMLQuantizationType, int, int], np.ndarray],
+    rows_of: Callable[[GGMLQuantizationType, Sequence[tuple[int, int]], np.ndarray], np.ndarray],
     chunk_elements: int = 1 << 24,
     row_sample: int = 1,
 ) -> list[float]:
     """error_t for each type of `written`: `source` is the tensor's data as gguf-py reads it (one row per
-    output), `rows_of(t, start, stop)` the dequantized rows of its type-t copy. Rows are processed in
-    chunks of about `chunk_elements` weights. `row_sample` k > 1 (linears only): the rows of `row_spans`,
-    the sum scaled by n_rows / rows measured, an unbiased estimate of the whole tensor's error."""
+    output), `rows_of(t, spans, w)` the dequantized rows of its type-t copy in the (start, stop) `spans`,
+    one after another, `w` the source's same rows as float32. Rows are processed in batches of about
+    `chunk_elements` weights. `row_sample` k > 1 (linears only): the rows of `row_spans`, the sum scaled by
+    n_rows / rows measured, an unbiased estimate of the whole tensor's error."""
     from gguf.quants import dequantize
 
     src_type = T(int(source.tensor_type))
@@ -184,16 +199,19 @@ def tensor_errors(
     step = max(1, chunk_elements // n_in)
     spans, scale = row_spans(n_rows, row_sample if weights.rows is None else 1, step)
     acc = np.zeros(len(written), dtype=np.float64)
-    for r0, r1 in spans:
-        w = np.asarray(dequantize(data[r0:r1], src_type), dtype=np.float32).reshape(r1 - r0, n_in)
+    for batch in span_batches(spans, max(step, SAMPLE_SPAN)):
+        (a0, b0), *more = batch
+        raw = np.concatenate([data[a:b] for a, b in batch]) if more else data[a0:b0]
+        w = np.asarray(dequantize(raw, src_type), dtype=np.float32).reshape(len(raw), n_in)
+        row_w = None if weights.rows is None else np.concatenate([weights.rows[a:b] for a, b in batch])
         for k, t in enumerate(written):
-            d = rows_of(t, r0, r1)
+            d = rows_of(t, batch, w)
             d -= w
             np.square(d, out=d)
             if weights.columns is not None:
                 acc[k] += float(d.sum(axis=0, dtype=np.float64) @ weights.columns)
-            if weights.rows is not None:
-                acc[k] += float(d.sum(axis=1, dtype=np.float64) @ weights.rows[r0:r1])
+            if row_w is not None:
+                acc[k] += float(d.sum(axis=1, dtype=np.float64) @ row_w)
     return [float(x) * scale for x in acc]
 
 
@@ -259,9 +277,10 @@ def measure(
     from ramp_cpp.measure.tensorcache import (
         blob_nbytes,
         build_cache,
-        dequantized_rows,
+        dequantized_spans,
         directory_for,
         imatrix_digest,
+        source_tensors,
     )
     from ramp_cpp.store.cache import file_sha256_cached
 
@@ -338,14 +357,15 @@ def measure(
     if any(t.role == "token_embd" for t in todo):
         emb = next(t for t in todo if t.role == "token_embd")
         freqs = token_frequencies(src, calibration, emb.n_rows, text)
-    reader = open_reader(src)
-    source = {t.name: t for t in reader.tensors}
+    source = source_tensors(src)
     since_save = 0
     for t in todo:
         written = [w for _, w in cands[t.name]]
 
-        def rows_of(wt: GGMLQuantizationType, a: int, b: int, name: str = t.name) -> np.ndarray:
-            return dequantized_rows(cache, name, wt, a, b)
+        def rows_of(
+            wt: GGMLQuantizationType, spans: Sequence[tuple[int, int]], w: np.ndarray, name: str = t.name
+        ) -> np.ndarray:
+            return dequantized_spans(cache, name, wt, spans, w)
 
         errs = tensor_errors(
             source[t.name], t, written, weighting(t, info, calibration, freqs), rows_of, cfg.chunk_elements,
