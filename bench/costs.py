@@ -140,7 +140,7 @@ def predict(
         opts = RuntimeOptions(n_threads=threads)
         stages = estimate(plan, c.presets, opts, speed_probe(plan, opts, c.presets))
     return [{"stage": s.stage, "wall_s": s.wall_s, "E": s.E, "passes": s.quant_passes, "held": s.held,
-             "peak_rss": s.peak_rss} for s in stages]
+             "peak_rss": s.peak_rss, "if_unfolded": s.if_unfolded} for s in stages]
 
 
 def _plan(key: str, config: str, size: str, rd: Path) -> Any:
@@ -334,6 +334,10 @@ def table() -> str:
         costs = (_combined(_unpaused(attempts, pauses)) if len(attempts) > 1 or pauses
                  else [StageCost(**s) for s in cell["costs"]])
         pred = {p["stage"]: p["wall_s"] for p in cell.get("predicted", [])}
+        # the plan's total: its stages the run makes whichever way the fold check goes, and those it made
+        ran = {s.stage for s in costs}
+        planned = sum(p["wall_s"] for p in cell.get("predicted", [])
+                      if not p.get("if_unfolded") or p["stage"] in ran)
         f16 = cell["f16_bytes"]
 
         def mem(w: int, n: int = cell.get("searched_params", 0)) -> str:
@@ -359,7 +363,7 @@ def table() -> str:
         held = max(s.held for s in costs)
         wall = sum(s.wall_s for s in costs)
         lines.append(
-            f"| **total** | {wall:.0f} | {ratio(wall, sum(pred.values()) if pred else None)} "
+            f"| **total** | {wall:.0f} | {ratio(wall, planned if pred else None)} "
             f"| {sum(s.cpu_s for s in costs):.0f} | "
             f"{max(s.peak_rss for s in costs) / GIB:.2f} | {sum(s.written for s in costs) / GIB:.2f} | "
             f"{held / GIB:.2f} ({held / f16:.2f}x F16) | {sum(s.E for s in costs):.1f} | "

@@ -15,6 +15,7 @@ import functools
 import json
 import signal
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -356,13 +357,20 @@ def _plan_sized(
               title=f"{method} at --size {size} on {model.name}: expected costs")
     for col in ("stage", "time", "RAM", "written", "held", "E", "passes"):
         t.add_column(col, no_wrap=True, justify="left" if col == "stage" else "right")
-    for s in [*stages, total(stages)]:
-        t.add_row(s.stage + ("*" if s.note else ""), _seconds(s.wall_s), *map(_bytes, (s.peak_rss, s.written,
-                  s.held)), f"{s.E:.2f}", str(s.quant_passes), style="bold" if s.stage == "total" else None)
+    rows = [*stages, total(stages)]
+    if any(s.if_unfolded for s in stages):
+        rows.append(replace(total(stages, unfolded=True), stage="total†"))
+    for s in rows:
+        name = s.stage + ("†" if s.if_unfolded else "") + ("*" if s.note else "")
+        t.add_row(name, _seconds(s.wall_s), *map(_bytes, (s.peak_rss, s.written, s.held)), f"{s.E:.2f}",
+                  str(s.quant_passes), style="bold" if s.stage.startswith("total") else None)
     out.print(t)
     for s in stages:
         if s.note:
             out.print(f"* {s.stage}: {s.note}", soft_wrap=True, highlight=False)
+    if len(rows) > len(stages) + 1:
+        out.print("† only if the fold check keeps the unfolded model (total†: the run's cost then)",
+                  soft_wrap=True, highlight=False)
     if probe.load > 0.5:
         err.print(f"the CPUs were busy during the speed probe (load {probe.load:.1f} per core): other work "
                   "slows llama.cpp's threads, F16 decoding most, so these times hold only while it goes on; "

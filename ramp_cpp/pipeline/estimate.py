@@ -26,7 +26,9 @@ the plan's counts into costs, with N = n_ctx:
                     (dequant_s[src] + Σ_candidates (dequant_s[written] + error_s))
     group probes    (1 + len(groups_of) + pairs)·(hi/copy_bps + load_s + n_g·(N·token_s·rel(hi) + score_s))
                     + tokenize_s, n_g = min(GroupConfig.chunks, chunks); pairs counted in full (upper bound)
-    fold decision   check: pass(choice) + 2·eval(n_f, choice); auto: 2·(target/copy_bps + eval(n_f, choice));
+    fold decision   check: pass(choice) + 2·eval(n_f, choice), then (if_unfolded: only when the check keeps
+                    the unfolded model; `total(stages, unfolded=True)`) tensor cache and group probes again;
+                    auto: 2·(target/copy_bps + eval(n_f, choice));
                     choice: greedy's file, every searched tensor at its candidate nearest the target's bits
                     per weight (its decode: the mix of the candidates just below and above that many bits)
     allocate        FIT_TRIES·(2·target/copy_bps + header_s + (1 - kept)·memq(choice)), kept: the share of
@@ -127,6 +129,8 @@ class StagePlan:
     E: float
     quant_passes: int
     note: str = ""
+    #: the run makes this stage only if `--fold check` keeps the unfolded model; `total` leaves it out
+    if_unfolded: bool = False
 
 
 def _has_im(plan: RunPlan, t: TensorInfo) -> bool:
@@ -417,11 +421,18 @@ def estimate(
     maps = len(plan.measured_first) * cache_bytes
     ram, scratch = work + maps + target + p.ctx_bytes, on_disk * target
     if plan.fold == "check":
-        unfolded = f" and group probes ({n_probes * n_g / chunks:g} E, ~{probe_s:.0f} s)" if measured else ""
         add("fold decision", qpass(choice)[0] + target / p.copy_bps + 2 * ev(n_fold, r_choice) + memq(choice),
             max(ram, work + maps + file), 2 * scratch, 0, 2 * n_fold / chunks, 1,
-            f"if the check keeps the unfolded model: + tensor cache ({len(passes['cache'])} passes, "
-            f"~{cache_s:.0f} s){unfolded}, not counted")
+            "if the check keeps the unfolded model, the stages marked † follow")
+        # the unfolded model measured as the folded one was: made only when the check keeps it
+        out.append(StagePlan("tensor cache + proxy (unfolded)", cache_s,
+                             p.rss_base + file + cache_bytes + work, cache_w, held + cache_bytes, 0.0,
+                             len(passes["cache"]), if_unfolded=True))
+        if measured:
+            out.append(StagePlan("group probes (unfolded)", probe_s,
+                                 p.rss_base + work + cache_bytes + plan.hi + p.ctx_bytes,
+                                 on_disk * n_probes * plan.hi, held + cache_bytes, n_probes * n_g / chunks, 0,
+                                 pairs, if_unfolded=True))
     elif plan.fold == "auto":
         add("fold decision", 2 * (target / p.copy_bps + ev(n_fold, r_choice) + memq(choice)), ram,
             2 * scratch, 0, 2 * n_fold / chunks)
@@ -442,8 +453,10 @@ def estimate(
     return out
 
 
-def total(stages: list[StagePlan]) -> StagePlan:
-    """Sums, and the maxima of peak RSS and disk held (as costs.total)."""
+def total(stages: list[StagePlan], unfolded: bool = False) -> StagePlan:
+    """Sums, and the maxima of peak RSS and disk held (as costs.total), of the stages the run makes when the
+    fold check keeps the folded model (`unfolded`: the unfolded one)."""
+    stages = [s for s in stages if unfolded or not s.if_unfolded]
     return StagePlan("total", sum(s.wall_s for s in stages), max(s.peak_rss for s in stages),
                      sum(s.written for s in stages), max(s.held for s in stages), sum(s.E for s in stages),
                      sum(s.quant_passes for s in stages))
