@@ -118,3 +118,22 @@ def wikitext() -> Callable[[str], str]:
         pytest.skip(f"{name} is not available on this machine ({missing[name]})")
 
     return get
+
+
+@pytest.fixture
+def plain_llama(monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama_cpp.Llama, the runtime a user loads our files with, with ramp-cpp's choice of weight repacking
+    (backend.repack_weights: off on AMX CPUs, where llama.cpp's AMX matmul segfaults on the test models;
+    Llama's constructor has no argument for it)."""
+    import llama_cpp.llama_cpp as lc
+
+    from ramp_cpp.llama.backend import repack_weights
+
+    default = lc.llama_model_default_params
+
+    def params():  # type: ignore[no-untyped-def]
+        p = default()
+        p.use_extra_bufts = repack_weights()
+        return p
+
+    monkeypatch.setattr(lc, "llama_model_default_params", params)

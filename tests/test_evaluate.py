@@ -34,6 +34,7 @@ def _reference_nll(model: Path, text: str, n_ctx: int, n_chunks: int) -> np.ndar
     return np.asarray(out)
 
 
+@pytest.mark.usefixtures("plain_llama")
 def test_ppl_matches_independent_loop(tiny_model: Path, tiny_text: str) -> None:
     r = perplexity(tiny_model, tiny_text, CFG)
     ref = _reference_nll(tiny_model, tiny_text, CFG.n_ctx, 4)

@@ -54,6 +54,7 @@ def trained(tiny_model: Path, text_file: Path, tmp_path_factory: pytest.TempPath
     return search(tiny_model, run, small(text_file, eval_every=1), SAC_SMALL, presets=("Q4_K_M",))
 
 
+@pytest.mark.usefixtures("plain_llama")
 def test_end_to_end(trained: Any) -> None:
     res, run = trained, trained.run_dir
     assert res.state.episode == 5 and len(res.state.log) == 5
