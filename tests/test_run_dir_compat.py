@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from ramp_cpp.calibration.artifact import CalibConfig
+from ramp_cpp.llama.backend import repack_weights
 from ramp_cpp.llama.ggufio import read_inventory
 from ramp_cpp.measure.candidates import CandidateConfig
 from ramp_cpp.pipeline.plan import size_range
@@ -48,6 +49,15 @@ from ramp_cpp.calibration import CalibConfig
 from ramp_cpp.direct import run_direct
 from ramp_cpp.search import SearchConfig
 a = json.loads(sys.argv[1])
+# the previous code predates backend.repack_weights (llama.cpp's AMX matmul segfaults on these models):
+# today's choice, applied to the model parameters it asks llama_cpp for
+import llama_cpp
+_default = llama_cpp.llama_model_default_params
+def _params():
+    p = _default()
+    p.use_extra_bufts = a["repack"]
+    return p
+llama_cpp.llama_model_default_params = _params
 cfg = SearchConfig(budget_mode="size", metric="kld", text=a["text"], n_ctx=128, chunks=2,
                    calib=CalibConfig(text=a["text"], samples=2, ctx=64))
 r = run_direct(a["model"], a["run_dir"], "greedy", a["size"], cfg, presets=(), sensitivity="measured",
@@ -93,7 +103,8 @@ def test_a_run_directory_of_the_previous_code_resumes(
     rd = tmp_path / "run"
     lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
     size = f"{(lo + hi) / 2 / 1024:.1f}KiB"
-    args = {"model": str(tiny_model), "run_dir": str(rd), "size": size, "text": str(text_file)}
+    args = {"model": str(tiny_model), "run_dir": str(rd), "size": size, "text": str(text_file),
+            "repack": repack_weights()}
     # the session's RAMP_CACHE_DIR / RAMP_SCRATCH_DIR (conftest) are inherited: one base log-probs cache
     env = {**os.environ, "PYTHONPATH": str(old), "RAMP_NATIVE_LIB": str(NATIVE)}
     r = subprocess.run(
