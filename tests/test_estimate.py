@@ -21,7 +21,7 @@ from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.llama.ggufio import read_inventory
 from ramp_cpp.measure.candidates import CandidateConfig
 from ramp_cpp.measure.groups import GroupConfig
-from ramp_cpp.pipeline.estimate import estimate, speed_probe, total
+from ramp_cpp.pipeline.estimate import StagePlan, estimate, speed_probe, total
 from ramp_cpp.pipeline.plan import plan_run, size_range
 from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
@@ -115,3 +115,17 @@ def test_dry_run_prints_every_stage_and_writes_nothing(
         assert stage in r.output, stage
     one_error_line(runner.invoke(app, ["search", "--model", str(tiny_model), "--budget", "4.5",
                                        "--dry-run"]), "--dry-run")
+
+
+def test_the_second_total_keeps_the_unfolded_cache_to_the_end() -> None:
+    """total(unfolded=True): the † stages' time and E counted, and the disk their cache adds held by every
+    stage after them (the 7B shape's run: 23.0 GiB planned at allocate, 29.7 GiB held with the 2nd cache)."""
+
+    def st(name: str, held: int, wall: float = 1.0, cond: bool = False) -> StagePlan:
+        return StagePlan(name, wall, 1, 0, held, 1.0, 0, "", cond)
+
+    stages = [st("fold decision", 20), st("cache (unfolded)", 27, 5.0, True),
+              st("probes (unfolded)", 27, 7.0, True), st("allocate", 23), st("evaluate", 23)]
+    folded, unfolded = total(stages), total(stages, unfolded=True)
+    assert (folded.wall_s, folded.E, folded.held) == (3.0, 3.0, 23)
+    assert (unfolded.wall_s, unfolded.E, unfolded.held) == (15.0, 5.0, 30)

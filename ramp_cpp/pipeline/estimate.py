@@ -456,7 +456,14 @@ def estimate(
 def total(stages: list[StagePlan], unfolded: bool = False) -> StagePlan:
     """Sums, and the maxima of peak RSS and disk held (as costs.total), of the stages the run makes when the
     fold check keeps the folded model (`unfolded`: the unfolded one)."""
+    held, grown = 0, 0
+    for s in stages:  # the unfolded model's cache stays to the end of the run: held after it, by as much
+        if s.if_unfolded and not unfolded:
+            continue
+        if s.if_unfolded:
+            grown = max(grown, s.held - held)
+        held = max(held, s.held + (0 if s.if_unfolded else grown))
     stages = [s for s in stages if unfolded or not s.if_unfolded]
     return StagePlan("total", sum(s.wall_s for s in stages), max(s.peak_rss for s in stages),
-                     sum(s.written for s in stages), max(s.held for s in stages), sum(s.E for s in stages),
+                     sum(s.written for s in stages), held, sum(s.E for s in stages),
                      sum(s.quant_passes for s in stages))
