@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,7 @@ def llama_lib_dir() -> Path:
     return Path(llama_cpp.__file__).parent / "lib"
 
 
+@functools.cache
 def _cpu_has_amx() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -87,7 +89,7 @@ def repack_weights() -> bool:
     open; this project's test models crash in it), and with F16 weights its buffer is a second, anonymous
     copy of the model besides the mapped file. RAMP_REPACK=0 turns repacking off everywhere."""
     env = os.environ.get("RAMP_REPACK", "")
-    return env not in ("0", "") if env else not _cpu_has_amx()
+    return env != "0" if env else not _cpu_has_amx()
 
 
 @dataclass(frozen=True)

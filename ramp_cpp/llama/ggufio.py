@@ -292,13 +292,16 @@ def rewrite_gguf(
     set_kv: Mapping[str, Any] | None = None,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    keep: Callable[[str], bool] | None = None,
 ) -> Path:
     """Copy `src` to `dst` (temp file, then rename) with `rewrites` applied to the named tensors and the
     metadata keys `set_kv` (bool, int, float, str, or lists of one of them) added or replaced. Every
     other key keeps its GGUF type and
     value, every other tensor its type and bytes, all in the source's order. Tensors are streamed one at a
-    time, so memory stays at one tensor. `progress(done, total)` counts tensors written."""
+    time, so memory stays at one tensor. `progress(done, total)` counts tensors written. `keep(name)`: the
+    tensors copied (default all; the others are left out, e.g. a model's last blocks with block_count cut)."""
     reader = open_reader(src)
+    tensors = [t for t in reader.tensors if keep is None or keep(t.name)]
     if reader.endianess != GGUFEndian.LITTLE and rewrites:
         raise RampError(f"{src}: a big-endian GGUF cannot be rewritten")
     by_name = {t.name: t for t in reader.tensors}
@@ -328,7 +331,7 @@ def rewrite_gguf(
             w.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
         for k, v in new_kv.items():
             w.add_key_value(k, *_kv_item(k, v))
-        for t in reader.tensors:
+        for t in tensors:
             rw = rewrites.get(t.name)
             if rw is None:
                 w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
@@ -339,14 +342,14 @@ def rewrite_gguf(
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for i, t in enumerate(reader.tensors):
+        for i, t in enumerate(tensors):
             rw = rewrites.get(t.name)
             if rw is None:
                 w.write_tensor_data(t.data, tensor_endianess=reader.endianess)
             else:
                 w.write_tensor_data(_rewritten(t, rw))
             if progress:
-                progress(i + 1, len(reader.tensors))
+                progress(i + 1, len(tensors))
         w.close()
     return Path(dst)
 

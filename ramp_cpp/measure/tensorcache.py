@@ -442,19 +442,14 @@ def source_tensors(src: str | os.PathLike[str]) -> dict[str, Any]:
     return _READERS[key]
 
 
-def _quantize(
-    cache: TensorCache, name: str, wt: GGMLQuantizationType, start: int, stop: int,
-    rows: np.ndarray | None = None,
-) -> bytes:
-    """Rows start..stop-1 of `name` as llama.cpp writes them in type `wt`, made in memory; `rows`: the
-    source's rows to quantize instead, already read as float32 (`dequantized_spans`)."""
+def _quantize(cache: TensorCache, name: str, wt: GGMLQuantizationType, rows: np.ndarray) -> bytes:
+    """`rows` of `name` (the source's, as float32: `_source_rows`) as llama.cpp writes them in type `wt`, made
+    in memory."""
     from ramp_cpp.llama.native import quantize_rows
 
     if needs_imatrix(wt) and name not in (cache.imatrix or {}):
         raise RampError(f"{name}: {wt.name} needs an importance matrix entry for it")
     im = (cache.imatrix or {}).get(name)
-    if rows is None:
-        rows = _source_rows(cache.src, name, start, stop)
     COUNTERS.quant_weights += rows.size
     return quantize_rows(int(wt), rows, im, cache.n_threads)
 
@@ -464,7 +459,7 @@ def blob_bytes(cache: TensorCache, name: str, wt: GGMLQuantizationType) -> bytes
     key = (str(cache.directory), name, wt)
     got = _MEMO.pop(key, None)
     if got is None:
-        got = _quantize(cache, name, wt, 0, cache.info.tensor(name).n_rows)
+        got = _quantize(cache, name, wt, _source_rows(cache.src, name, 0, cache.info.tensor(name).n_rows))
     _MEMO[key] = got
     total = sum(len(b) for b in _MEMO.values())
     for k in list(_MEMO):
@@ -593,7 +588,7 @@ def dequantized_spans(
             raise RampError(f"{name}: no cached bytes for {written.name}")
         if source is None:
             source = np.concatenate([_source_rows(cache.src, name, a, b) for a, b in spans])
-        raw = np.frombuffer(_quantize(cache, name, written, 0, 0, source), dtype=np.uint8)
+        raw = np.frombuffer(_quantize(cache, name, written, source), dtype=np.uint8)
         return np.asarray(dequantize(raw.reshape(n, -1), written), dtype=np.float32)
     row_bytes = blob.nbytes // n_rows
     raw = np.empty((n, row_bytes), dtype=np.uint8)

@@ -7,12 +7,14 @@ the median of up to 5 decodes while they take under DECODE_PROBE_S in all) and s
 (`header_s`); `native.quantize_rows` quantizes 32 rows (64k weights at least) of the first tensor of each
 (written type, imatrix) the run's quantizer passes meet, on `n_threads` threads at once (`quant_s[key]` per
 weight, median of 5), and gguf-py dequantizes them (`dequant_s[type]`); numpy's proxy and folding arithmetic
-(`error_s`, `fold_s` per weight); a copy and a sha256 of 64 MiB (`copy_bps`, `hash_bps`). `estimate` turns
-the plan's counts into costs, with N = n_ctx:
+(`error_s`, `fold_s` per weight); a copy and a sha256 of 64 MiB (`copy_bps`, `hash_bps`); and each written
+type the plan's files hold decodes a copy of the model's first blocks (`decode`, `decode_ratios`): what a
+type's decode costs against F16 differs between CPUs 2-4x (AMX, VNNI), so a fixed table mispredicted every
+evaluating stage. `estimate` turns the plan's counts into costs, with N = n_ctx:
 
     eval(n, f)      load_s + tokenize_s + n·(N·token_s·rel(f) + score_s)      E = n / chunks
-    rel(f)          Σ n_params·DECODE[written type] / Σ n_params: file f's decode time relative to F16's
-                    (CPU backend; 1 with layers offloaded to a GPU)
+    rel(f)          Σ n_params·ratio[written type] / Σ n_params: file f's decode time relative to F16's, the
+                    ratio measured (`decode`), else DECODE's (CPU backend; 1 with layers offloaded to a GPU)
     pass(types)     header_s + Σ_quantizable n_params·(quant_s[written, imatrix] + dequant_s[src]/n_threads)
                     + file/copy_bps                                         one llama.cpp quantizer pass
     calibrate       load_s + tokenize_s + samples·ctx·token_s·CALIB_DECODE   E = samples·ctx / (chunks·N)
@@ -62,7 +64,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +81,7 @@ from ramp_cpp.pipeline.plan import RunPlan
 from ramp_cpp.store.cache import known_sha256
 
 T = GGMLQuantizationType
+#: The fallback when a type's ratio is not measured (`decode_ratios`).
 #: Decode time relative to a plain F16 decode, llama.cpp's CPU backend, one thread on an idle x86 core
 #: (demo model, 512 tokens): the activation collector's, and a file's per written type (a K-quant's from a
 #: file with it on the 1536-wide rows, the 576-wide ones at its fallback). Threads that wait on a busy CPU
@@ -114,6 +117,9 @@ class SpeedProbe:
     ctx_bytes: int
     seconds: float  # the probe's own wall time
     load: float = 0.0  # the 1-minute load average per core as the probe started (others' work slows it)
+    #: written type -> decode time over F16's, measured on a copy of the model's first blocks
+    #: (`decode_ratios`); a type not here is read from the DECODE table
+    decode: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,68 @@ def _passes(plan: RunPlan, presets: tuple[str, ...]) -> dict[str, list[dict[str,
     return {"cache": cache, "presets": pre}
 
 
+def _quantized(plan: RunPlan) -> list[TensorInfo]:
+    return [t for t in plan.info.tensors if quantizable(t.name, 2)]
+
+
+def _written(plan: RunPlan, types: Mapping[str, T]) -> dict[str, T]:
+    """Every quantizable tensor -> the type llama.cpp writes for it (`types`, else the cache's base type)."""
+    return {t.name: written_type(types.get(t.name, plan.cc.base), t.n_per_row) for t in _quantized(plan)}
+
+
+def _file_bytes(plan: RunPlan, types: Mapping[str, T]) -> int:
+    info, ws = plan.info, _written(plan, types)
+    pad = lambda n: -(-n // info.alignment) * info.alignment  # noqa: E731
+    return info.data_offset + info.other_bytes + sum(
+        pad(tensor_nbytes(ws[t.name] if t.name in ws else type_from_name(t.ggml_type), t.n_params))
+        for t in info.tensors)
+
+
+@dataclass(frozen=True)
+class _Mixes:
+    """The files whose decode the plan reads: greedy's `choice` (each searched tensor at its candidate
+    nearest the target's bits per weight; its decode the mix of the candidates just `below` and `above` that
+    many bits, a fraction `frac` of the way up), the probes' `hi` (each at its highest candidate) and the
+    presets."""
+
+    target: int
+    cands: dict[str, list[T]]
+    choice: dict[str, T]
+    below: dict[str, T]
+    above: dict[str, T]
+    frac: dict[str, float]
+    hi: dict[str, T]
+    presets: list[dict[str, T]]
+
+
+def _mixes(plan: RunPlan, presets: tuple[str, ...]) -> _Mixes:
+    from ramp_cpp.measure.candidates import type_for_bpw
+
+    info, cc = plan.info, plan.cc
+    searched = searched_tensors(info, cc.embeddings)
+    pad = lambda n: -(-n // info.alignment) * info.alignment  # noqa: E731
+    cands = {t.name: [w for _, w in tensor_candidates(cc, t, _has_im(plan, t))] for t in searched}
+    fixed = plan.lo - sum(min(pad(tensor_nbytes(w, t.n_params)) for w in cands[t.name]) for t in searched)
+    pre = _passes(plan, presets)["presets"]
+    target = plan.target or _file_bytes(plan, pre[-1])
+    bpw = 8 * (target - fixed) / max(1, sum(t.n_params for t in searched))
+    below = {n: max((w for w in c if bits_per_weight(w) <= bpw), key=bits_per_weight, default=c[0])
+             for n, c in cands.items()}
+    above = {n: min((w for w in c if bits_per_weight(w) >= bpw), key=bits_per_weight, default=c[-1])
+             for n, c in cands.items()}
+    frac = {n: (bpw - bits_per_weight(below[n])) / (bits_per_weight(above[n]) - bits_per_weight(below[n]))
+            if above[n] != below[n] else 0.0 for n in cands}
+    return _Mixes(target, cands, {n: type_for_bpw(c, bpw) for n, c in cands.items()}, below, above, frac,
+                  {n: c[-1] for n, c in cands.items()}, pre)
+
+
+def decode_types(plan: RunPlan, presets: tuple[str, ...] = ()) -> list[T]:
+    """The written types whose decode speed the plan reads (`_Mixes`), F16 and BF16 aside."""
+    m = _mixes(plan, presets)
+    seen = {w for mix in (m.below, m.above, m.hi, *m.presets) for w in _written(plan, mix).values()}
+    return sorted((w for w in seen if w not in (T.F16, T.BF16, T.F32)), key=lambda w: w.name)
+
+
 def _rss() -> int:
     try:
         with open("/proc/self/status") as f:
@@ -192,6 +260,70 @@ def _quant_rate(pool: ThreadPoolExecutor, n: int, w: T, rows: np.ndarray, im: np
     # the median of 5: one short sample stopped by another process would count ten times its share
     runs = [_timed(lambda: list(pool.map(job, range(n)))) for _ in range(5)]
     return float(np.median(runs)) / (n * rows.size)
+
+
+DECODE_SHARE = 0.1  # a type on less of the copy's weights than this keeps the table's ratio (noise / share)
+
+
+def _decode_s(path: Path, opts: RuntimeOptions, chunk: np.ndarray) -> float:
+    """Wall seconds of one decode of `chunk` by the model at `path`, after its weights' first touch (the
+    median of up to 3 decodes while they take under DECODE_PROBE_S / 2 in all)."""
+    from ramp_cpp.llama.backend import LlamaModel
+
+    with LlamaModel(str(path), opts) as m:
+        m.logits(chunk[:8], 0, 8)
+        runs: list[float] = []
+        while not runs or (sum(runs) < DECODE_PROBE_S / 2 and len(runs) < 3):
+            runs.append(_timed(m.logits, chunk, len(chunk) // 2, len(chunk) - 1))
+    return float(np.median(runs))
+
+
+def decode_ratios(
+    plan: RunPlan, opts: RuntimeOptions, chunk: np.ndarray, types: list[T], work: Path
+) -> dict[str, float]:
+    """Each written type's decode time over the source's, on this machine, from a copy of the model's first
+    k blocks (k: the fewest whose weights outweigh the rest of the model's, so that the blocks' matmuls
+    weigh in the decode about as they do in the whole model; at most all of them), decoded as it is (T_src)
+    and requantized with every quantizable tensor that keeps w at its row length at w, the rest at F16 (T_w):
+
+        ratio(w) = 1 + (T_w / T_src - 1) / share_w
+        share_w  = the copy's weights at w / its quantizable weights
+
+    the tensors not at w decoding as in the source. A type on less than DECODE_SHARE of the copy's weights,
+    one that needs an importance matrix, or a copy llama.cpp will not load, keeps the DECODE table's ratio."""
+    import re
+
+    from ramp_cpp.errors import RampError
+    from ramp_cpp.llama import native
+    from ramp_cpp.llama.ggufio import rewrite_gguf
+    from ramp_cpp.llama.quantize import file_type_for
+
+    info = plan.info
+    blk = re.compile(r"blk\.(\d+)\.")
+    per_block = sum(t.n_params for t in info.tensors if t.block == 0)
+    rest = sum(t.n_params for t in info.tensors if t.block is None)
+    k = min(info.n_blocks, max(1, -(-rest // max(1, per_block))))
+    kept = lambda name: (b := blk.match(name)) is None or int(b.group(1)) < k  # noqa: E731
+    copy = [t for t in _quantized(plan) if kept(t.name)]
+    total_w = sum(t.n_params for t in copy)
+    out: dict[str, float] = {}
+    try:
+        src = rewrite_gguf(plan.model_path, work / "src.gguf", {}, {f"{info.arch}.block_count": k}, keep=kept)
+        t_src = _decode_s(src, opts, chunk)
+        for w in types:
+            at = {t.name for t in copy if written_type(w, t.n_per_row) == w}
+            share = sum(t.n_params for t in copy if t.name in at) / max(1, total_w)
+            if needs_imatrix(w) or share < DECODE_SHARE:
+                continue
+            full = {t.name: w if t.name in at else T.F16 for t in copy}
+            dst = work / f"{w.name}.gguf"
+            native.quantize_model(str(src), str(dst), file_type_for(full), True, {n: int(x) for n, x in
+                                  full.items()}, None, opts.n_threads or os.cpu_count() or 1, False)
+            out[w.name] = max(0.05, 1.0 + (_decode_s(dst, opts, chunk) / t_src - 1.0) / share)
+            dst.unlink()
+    except RampError:  # an architecture whose copy llama.cpp refuses: the table it is
+        return out
+    return out
 
 
 def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = ()) -> SpeedProbe:
@@ -262,10 +394,13 @@ def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = 
     with tempfile.TemporaryDirectory(prefix="ramp-probe-") as d:
         (Path(d) / "a").write_bytes(blob)
         copy_bps = n / _timed(shutil.copyfile, Path(d) / "a", Path(d) / "b")
+        for copied in Path(d).iterdir():
+            copied.unlink()
+        decode = decode_ratios(plan, replace(opts, n_ctx=cfg.n_ctx), c, decode_types(plan, presets), Path(d))
     return SpeedProbe(
         n_threads, len(tokens) // cfg.n_ctx, load_s, tokenize_s, token_s, score_s, base_s, header_s, quant_s,
         dequant_s, error_s, fold_s, copy_bps, hash_bps, rss_base, ctx_bytes, time.perf_counter() - t_start,
-        load,
+        load, decode,
     )
 
 
@@ -282,7 +417,6 @@ def estimate(
     """The stages `run.run_direct` will meter for `plan`, in order, with their expected costs (module
     docstring); E and quantizer passes are the counts the run makes."""
     from ramp_cpp.fold.source import CALIB
-    from ramp_cpp.measure.candidates import type_for_bpw
     from ramp_cpp.measure.groups import groups_of
     from ramp_cpp.pipeline.resources import disk_needs
     from ramp_cpp.pipeline.stages import fold_eval_config
@@ -293,30 +427,28 @@ def estimate(
     needs = disk_needs(info, cc, plan.fold, plan.hi, plan.run_dir, plan.cache_root, in_memory=plan.in_memory)
     on_disk = not str(scratch_root().resolve()).startswith("/dev/shm")  # else scratch writes are memory
     searched = searched_tensors(info, cc.embeddings)
-    quantized = [t for t in info.tensors if quantizable(t.name, 2)]
+    quantized = _quantized(plan)
     src_deq = p.dequant_s.get(info.tensors[0].ggml_type, 0.0)
-    pad = lambda n: -(-n // info.alignment) * info.alignment  # noqa: E731
 
-    def written(types: Mapping[str, T]) -> dict[str, T]:
-        return {t.name: written_type(types.get(t.name, cc.base), t.n_per_row) for t in quantized}
+    def ratio(w: T) -> float:
+        if w.name in p.decode:
+            return p.decode[w.name]
+        return 1.0 if opts.n_gpu_layers else DECODE.get(w.name, DECODE_OTHER)
 
     def rel(types: Mapping[str, T], hi: Mapping[str, T] | None = None, a: Mapping[str, float] = {}) -> float:
         """`types`' decode time over F16's; with `hi`, each tensor a fraction `a` of the way to hi's type."""
-        d = lambda m: {n: DECODE.get(w.name, DECODE_OTHER) for n, w in written(m).items()}  # noqa: E731
+        d = lambda m: {n: ratio(w) for n, w in _written(plan, m).items()}  # noqa: E731
         lo, up = d(types), d(hi or types)
         n = sum(t.n_params * (lo[t.name] + a.get(t.name, 0.0) * (up[t.name] - lo[t.name])) for t in quantized)
-        return 1.0 if opts.n_gpu_layers else n / max(1, sum(t.n_params for t in quantized))
+        return n / max(1, sum(t.n_params for t in quantized))
 
     def ev(n: float, r: float) -> float:
         return p.load_s + p.tokenize_s + n * (N * p.token_s * r + p.score_s)
 
     def qpass(types: Mapping[str, T]) -> tuple[float, int]:
-        ws = written(types)
+        ws, size = _written(plan, types), _file_bytes(plan, types)
         sec = p.header_s + sum(t.n_params * (p.quant_s.get(_key(ws[t.name], _has_im(plan, t)), 0.0)
                                              + src_deq / p.n_threads) for t in quantized)
-        size = info.data_offset + info.other_bytes + sum(
-            pad(tensor_nbytes(ws[t.name] if t.name in ws else type_from_name(t.ggml_type), t.n_params))
-            for t in info.tensors)
         return sec + size / p.copy_bps, size
 
     def memq(types: Mapping[str, T]) -> float:
@@ -327,20 +459,9 @@ def estimate(
         return sum(t.n_params * p.quant_s.get(_key(ws[t.name], _has_im(plan, t)), 0.0)
                    for t in searched if types.get(t.name, cc.base) != cc.base)
 
-    cands = {t.name: [w for _, w in tensor_candidates(cc, t, _has_im(plan, t))] for t in searched}
-    fixed = plan.lo - sum(min(pad(tensor_nbytes(w, t.n_params)) for w in cands[t.name]) for t in searched)
-    passes = _passes(plan, presets)
-    target = plan.target or qpass(passes["presets"][-1])[1]
-    bpw = 8 * (target - fixed) / max(1, sum(t.n_params for t in searched))
-    choice = {t.name: type_for_bpw(cands[t.name], bpw) for t in searched}
-    # greedy's mix: each tensor between its candidates just below and above the target's bits per weight
-    below = {n: max((w for w in c if bits_per_weight(w) <= bpw), key=bits_per_weight, default=c[0])
-             for n, c in cands.items()}
-    above = {n: min((w for w in c if bits_per_weight(w) >= bpw), key=bits_per_weight, default=c[-1])
-             for n, c in cands.items()}
-    frac = {n: (bpw - bits_per_weight(below[n])) / (bits_per_weight(above[n]) - bits_per_weight(below[n]))
-            if above[n] != below[n] else 0.0 for n in cands}
-    r_choice, r_hi = rel(below, above, frac), rel({t.name: cands[t.name][-1] for t in searched})
+    m = _mixes(plan, presets)
+    cands, passes, target, choice = m.cands, _passes(plan, presets), m.target, m.choice
+    r_choice, r_hi = rel(m.below, m.above, m.frac), rel(m.hi)
     out: list[StagePlan] = []
     held = needs.held
 
@@ -411,6 +532,7 @@ def estimate(
     probe_s += memq(choice)  # in memory: each group's tensors quantized once for its probe
     # the proxy's arrays (MeasureConfig.chunk_elements weights at a time) stay in the process's heap after
     work, measured = 16 * min(1 << 24, max(t.n_params for t in searched)), plan.sensitivity == "measured"
+    first = len(out)
     for f in plan.measured_first:
         what = "folded" if f else "unfolded"
         add(f"tensor cache + proxy ({what})", cache_s,
@@ -424,15 +546,9 @@ def estimate(
         add("fold decision", qpass(choice)[0] + target / p.copy_bps + 2 * ev(n_fold, r_choice) + memq(choice),
             max(ram, work + maps + file), 2 * scratch, 0, 2 * n_fold / chunks, 1,
             "if the check keeps the unfolded model, the stages marked † follow")
-        # the unfolded model measured as the folded one was: made only when the check keeps it
-        out.append(StagePlan("tensor cache + proxy (unfolded)", cache_s,
-                             p.rss_base + file + cache_bytes + work, cache_w, held + cache_bytes, 0.0,
-                             len(passes["cache"]), if_unfolded=True))
-        if measured:
-            out.append(StagePlan("group probes (unfolded)", probe_s,
-                                 p.rss_base + work + cache_bytes + plan.hi + p.ctx_bytes,
-                                 on_disk * n_probes * plan.hi, held + cache_bytes, n_probes * n_g / chunks, 0,
-                                 pairs, if_unfolded=True))
+        # the unfolded model measured as the folded one was, its cache held too: only if the check keeps it
+        out += [replace(s, stage=s.stage.replace("(folded)", "(unfolded)"), held=held + cache_bytes,
+                        if_unfolded=True) for s in out[first:-1]]
     elif plan.fold == "auto":
         add("fold decision", 2 * (target / p.copy_bps + ev(n_fold, r_choice) + memq(choice)), ram,
             2 * scratch, 0, 2 * n_fold / chunks)
