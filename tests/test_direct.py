@@ -295,3 +295,58 @@ def test_plan_refuses_quantized_input_and_a_size_above_the_largest_file(
     with pytest.raises(RampError, match="above the largest file"):
         plan_run(tiny_model, tmp_path / "b", "greedy", "50GiB", cfg(text_file), CandidateConfig())
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_fold_check_that_keeps_the_unfolded_model_frees_the_folded_files_and_resumes_without_them(
+    tiny_model: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the check kept the unfolded model (its folded copy and cache deleted), the same run
+    resumes from the saved decision: it neither folds nor measures the folded model again."""
+    from ramp_cpp.pipeline import folddecision, run
+
+    lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
+    size, rd = f"{(lo + hi) / 2 / 1024:.1f}KiB", tmp_path / "run"
+    monkeypatch.setattr(folddecision, "choose_fold", lambda ev, margin=0.0: False)
+    real, folded_cache = run.measure_source, []
+
+    def killed_before_the_unfolded_model(plan: Any, folded: bool, source: Any, rt: Any) -> Any:
+        if not folded:
+            raise KeyboardInterrupt
+        m = real(plan, folded, source, rt)
+        folded_cache.append(m.cache.directory)
+        return m
+
+    monkeypatch.setattr(run, "measure_source", killed_before_the_unfolded_model)
+    with pytest.raises(KeyboardInterrupt):
+        run_direct(tiny_model, rd, "greedy", size, cfg(text_file), presets=(), fold="check")
+    assert (rd / folddecision.KEPT_UNFOLDED).is_file()
+    assert not (rd / "folded.f16.gguf").exists() and folded_cache and not folded_cache[0].exists()
+
+    def no_second_decision(ev: Any, margin: float = 0.0) -> bool:
+        raise AssertionError("the saved decision is used")
+
+    monkeypatch.setattr(folddecision, "choose_fold", no_second_decision)
+    monkeypatch.setattr(run, "measure_source", real)
+    r = run_direct(tiny_model, rd, "greedy", size, cfg(text_file), presets=(), fold="check")
+    stages = [c.stage for c in r.costs]
+    assert "fold" not in stages and not any("(folded)" in s for s in stages)
+    assert "tensor cache + proxy (unfolded)" in stages and not (rd / "folded.f16.gguf").exists()
+    fold = json.loads(r.report.read_text())["summary"]["fold"]
+    assert (fold["choice"], fold["mode"], fold["allocator"]) == ("off", "check", "greedy")
+
+
+@pytest.mark.parametrize("cache_in_run", [True, False])
+def test_the_fold_checks_disk_peak_is_the_larger_measurement_not_their_sum(
+    cache_in_run: bool, tiny_model: Path, tmp_path: Path
+) -> None:
+    """--fold check deletes the folded copy (and its cache, when it is in the run folder) before it measures
+    the unfolded model: peak = max(F + C, 2C - C·in_run) + max(quantizer, GGUF), F the F16 file."""
+    from ramp_cpp.pipeline.resources import disk_needs
+
+    info, cc, rd = read_inventory(tiny_model), CandidateConfig(), tmp_path / "r"
+    root = rd / "cache" if cache_in_run else tmp_path / "c"
+    n, on = disk_needs(info, cc, "check", 1, rd, root), disk_needs(info, cc, "on", 1, rd, root)
+    c, q = n.cache_per_folding, max(n.quantizer, n.output)
+    assert n.folded == info.file_size and n.foldings_measured == 2
+    assert n.disk == max(info.file_size + c, c + c * (not cache_in_run)) + q
+    assert n.disk == on.disk if cache_in_run else n.disk >= on.disk

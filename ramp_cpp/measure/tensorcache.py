@@ -170,6 +170,17 @@ def _mapped(path: Path) -> mmap.mmap:
     return m
 
 
+def remove_cache(cache: TensorCache) -> None:
+    """Delete `cache`'s directory, its open maps closed first (their pages would keep the space held): for a
+    run that no longer needs it (`--fold check` kept the other model)."""
+    import shutil
+
+    inside = str(cache.directory) + os.sep
+    for k in [k for k in _MAPS if k[0].startswith(inside)]:
+        _MAPS.pop(k).close()
+    shutil.rmtree(cache.directory, ignore_errors=True)
+
+
 def _read_json(path: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
     """A cache index, or None when absent, unreadable or written for another key."""
     try:

@@ -29,7 +29,8 @@ evaluating stage. `estimate` turns the plan's counts into costs, with N = n_ctx:
     group probes    (1 + len(groups_of) + pairs)·(hi/copy_bps + load_s + n_g·(N·token_s·rel(hi) + score_s))
                     + tokenize_s, n_g = min(GroupConfig.chunks, chunks); pairs counted in full (upper bound)
     fold decision   check: pass(choice) + 2·eval(n_f, choice), then (if_unfolded: only when the check keeps
-                    the unfolded model; `total(stages, unfolded=True)`) tensor cache and group probes again;
+                    the unfolded model; `total(stages, unfolded=True)`) tensor cache and group probes again,
+                    the folded copy and (in the run folder) the folded cache deleted first;
                     auto: 2·(target/copy_bps + eval(n_f, choice));
                     choice: greedy's file, every searched tensor at its candidate nearest the target's bits
                     per weight (its decode: the mix of the candidates just below and above that many bits)
@@ -546,9 +547,12 @@ def estimate(
         add("fold decision", qpass(choice)[0] + target / p.copy_bps + 2 * ev(n_fold, r_choice) + memq(choice),
             max(ram, work + maps + file), 2 * scratch, 0, 2 * n_fold / chunks, 1,
             "if the check keeps the unfolded model, the stages marked † follow")
-        # the unfolded model measured as the folded one was, its cache held too: only if the check keeps it
-        out += [replace(s, stage=s.stage.replace("(folded)", "(unfolded)"), held=held + cache_bytes,
-                        if_unfolded=True) for s in out[first:-1]]
+        # the unfolded model measured as the folded one was, only if the check keeps it: after the folded copy
+        # and (in the run folder) the folded cache are deleted (stages.release_folded)
+        in_run = plan.cache_root.resolve().is_relative_to(plan.run_dir.resolve())
+        held_u = held - file + cache_bytes * (not in_run)
+        out += [replace(s, stage=s.stage.replace("(folded)", "(unfolded)"), held=held_u, if_unfolded=True)
+                for s in out[first:-1]]
     elif plan.fold == "auto":
         add("fold decision", 2 * (target / p.copy_bps + ev(n_fold, r_choice) + memq(choice)), ram,
             2 * scratch, 0, 2 * n_fold / chunks)

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ramp_cpp.errors import RampError
+from ramp_cpp.store.jsonfile import read_keyed, write_keyed
 
 FOLDS = ("on", "off", "auto", "check")
 
@@ -110,3 +112,24 @@ class FoldDecision:
                 f"difference {e['delta']:+.3g} ± {e['stderr']:.2g} over {e['chunks']} chunks)"
             )
         }
+
+
+#: --fold check's decision when it kept the unfolded model, saved in the run folder before the folded copy and
+#: cache are deleted (stages.release_folded), so that a resumed run does not make them again
+KEPT_UNFOLDED = "fold-check.json"
+
+
+def save_kept(path: Path, decision: FoldDecision) -> None:
+    ev = decision.evidence
+    if ev is None:
+        raise RampError("only a fold check's decision, with its evidence, is saved")
+    write_keyed(path, {"format": 1}, {"allocator": decision.allocator, "on": list(ev.on_chunks),
+                                      "off": list(ev.off_chunks)})
+
+
+def load_kept(path: Path) -> FoldDecision | None:
+    """The decision `save_kept` saved (the unfolded model kept), or None when there is none."""
+    d = read_keyed(path, {"format": 1})
+    if not d:
+        return None
+    return FoldDecision(False, d["allocator"], FoldEvidence.of(d["on"], d["off"]), "check")

@@ -3,8 +3,9 @@ when it is not there (issue 21: a run that cannot finish must not start).
 
     folded copy   the F16 model rewritten by Scale Folding (once per run folder; none with --fold off)
     tensor cache  every searched tensor at every requested type and the base type, as llama.cpp writes it
-                  (fallbacks included), per folding choice measured (two with --fold auto); in memory
-                  (--tensor-cache memory) the base type only
+                  (fallbacks included), per folding choice measured (two with --fold auto; with --fold
+                  check the unfolded model's only after the folded copy and, when it is in the run folder,
+                  the folded cache are deleted); in memory (--tensor-cache memory) the base type only
     quantizer     llama.cpp's output of one pass, cut into the cache, then removed: at most a Q8_0 model
     output        the GGUF, at most the largest file; written after the last quantizer output is removed, so
                   the peak counts the larger of the two
@@ -17,13 +18,14 @@ the run folder and cache already hold counts as done (a resumed run needs only t
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.ggufio import ModelInfo
 from ramp_cpp.measure.candidates import CandidateConfig, searched_tensors
 from ramp_cpp.model.ladder import tensor_nbytes, written_type
+from ramp_cpp.pipeline.folddecision import KEPT_UNFOLDED
 from ramp_cpp.store.cache import disk_bytes, scratch_root
 
 GIB = 1 << 30
@@ -38,14 +40,19 @@ class DiskNeeds:
     output: int
     scratch: int
     held: int  # already on disk in the run folder and cache
+    #: deleted before the second folding is measured: --fold check's folded copy, and its cache when that is
+    #: in the run folder (stages.release_folded)
+    released: int = 0
 
     @property
     def disk(self) -> int:
-        """The peak: folded copy + caches + max(quantizer, output). The quantizer's output is cut into the
-        cache and removed before the GGUF is written (the cache stages end before the fit), so the two are
-        never on disk together; counting both made a 7B run ask for 2.6x its F16 file instead of 2.07x."""
-        caches = self.cache_per_folding * self.foldings_measured
-        total = self.folded + caches + max(self.quantizer, self.output)
+        """The peak: max(folded copy + one cache, folded copy + every cache - released) + max(quantizer,
+        output). The quantizer's output is cut into the cache and removed before the GGUF is written (the
+        cache stages end before the fit), so the two are never on disk together; counting both made a 7B run
+        ask for 2.6x its F16 file instead of 2.07x."""
+        first = self.folded + self.cache_per_folding
+        every = self.folded + self.cache_per_folding * self.foldings_measured - self.released
+        total = max(first, every) + max(self.quantizer, self.output)
         return max(0, total - self.held)
 
 
@@ -67,17 +74,20 @@ def disk_needs(
         padded(tensor_nbytes(written_type(k, t.n_per_row), t.n_params)) for t in searched for k in kinds
     )
     q8 = sum(padded(tensor_nbytes(written_type(cc.base, t.n_per_row), t.n_params)) for t in info.tensors)
-    folded = 0 if fold == "off" or (run_dir / "folded.f16.gguf").is_file() else info.file_size
+    kept = fold == "check" and (run_dir / KEPT_UNFOLDED).is_file()  # resumed: the folded ones are gone
+    folded = 0 if fold == "off" or kept or (run_dir / "folded.f16.gguf").is_file() else info.file_size
+    in_run = cache_root.resolve().is_relative_to(run_dir.resolve())
     return DiskNeeds(
         folded=folded,
         cache_per_folding=cache,
-        # check: the unfolded model is measured too when the check keeps it (the 7B shape's did, and held
-        # 29.7 GiB at its end against the 26.0 GiB this bound counted with one cache)
-        foldings_measured=2 if fold in ("auto", "check") else 1,
+        # check: the unfolded model is measured too when the check keeps it (the 7B shape's was), after the
+        # folded copy and (in the run folder) the folded cache are deleted
+        foldings_measured=2 if fold == "auto" or (fold == "check" and not kept) else 1,
         quantizer=q8 * jobs,
         output=hi,
         scratch=(1 + jobs) * hi,
         held=disk_bytes(run_dir, cache_root),
+        released=info.file_size + cache * in_run if fold == "check" and not kept else 0,
     )
 
 
@@ -98,8 +108,9 @@ def check_resources(
         saves = [f"--tensor-cache memory saves {memory_saves / GIB:.1f} GiB"] if memory_saves else []
         if n.folded:
             saves.append(f"--fold off saves {n.folded / GIB:.1f} GiB")
-        if fold in ("auto", "check"):
-            saves.append(f"--fold on saves {n.cache_per_folding / GIB:.1f} GiB")
+        one = replace(n, foldings_measured=1, released=0).disk
+        if fold in ("auto", "check") and one < n.disk:
+            saves.append(f"--fold on saves {(n.disk - one) / GIB:.1f} GiB")
         if n_types > 2 and not memory_saves:
             per = n.cache_per_folding * n.foldings_measured / n_types
             saves.append(f"each --types dropped saves ~{per / GIB:.1f} GiB")

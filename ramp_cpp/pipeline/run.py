@@ -6,7 +6,9 @@ sized policy (`method="policy"`). `run_direct` is the whole run, a pipeline of s
     prepare_sources   stages.py        calibrate → fold (fold/source.py) → Source per folding choice
     measure_presets   stages.py        llama.cpp's presets with the unfolded model's imatrix → Presets
     measure_source    stages.py        the sensitivity and tensor cache of each folding choice → Measured
-    decide_fold       stages.py        --fold auto's choice (folddecision.py) → FoldDecision
+    decide_fold       stages.py        --fold auto's choice (folddecision.py) → FoldDecision; when --fold
+                                       check keeps the unfolded model, release_folded deletes the folded copy
+                                       and cache before the unfolded model is measured
     allocate          stages.py        SAC or a policy's rollout (learned.py) → Allocation
     fit_and_write     stages.py        the GGUF from the tensor cache with ramp.* metadata → Written
     evaluate          stages.py        its KLD and PPL on the reward chunks
@@ -49,9 +51,11 @@ from ramp_cpp.pipeline.stages import (
     decide_fold,
     evaluate,
     fit_and_write,
+    kept_unfolded,
     measure_presets,
     measure_source,
     prepare_sources,
+    release_folded,
     warm_base,
 )
 from ramp_cpp.store.atomic import sweep_temps
@@ -120,7 +124,8 @@ def run_direct(
     # E: one forward pass over the reward chunks; disk held: the run folder and its caches
     held = lambda: disk_bytes(plan.run_dir, plan.cache_root)  # noqa: E731
     meter = Meter(plan.cfg.chunks * plan.cfg.n_ctx, on_cost, held)
-    sources = prepare_sources(plan, opts, progress, meter)
+    decided = kept_unfolded(plan)  # resumed after the fold check kept the unfolded model: no folded copy
+    sources = prepare_sources(plan, opts, progress, meter, (False,) if decided else None)
     eopts = replace(opts, n_ctx=plan.cfg.n_ctx)
     rt = Runtime(opts, eopts, workdir(), progress, on_episode, meter, executor or Serial())
     try:
@@ -128,10 +133,13 @@ def run_direct(
             warm_base(plan, rt)
         with meter.stage("presets"):
             base = measure_presets(plan, presets, next(iter(sources.values())).base_cal, rt)
-        measured = {f: measure_source(plan, f, sources[f], rt) for f in plan.measured_first}
+        first = () if decided else plan.measured_first
+        measured = {f: measure_source(plan, f, sources[f], rt) for f in first}
         with meter.stage("fold decision"):
-            decision = decide_fold(plan, measured, sources, base.target, rt)
+            decision = decided or decide_fold(plan, measured, sources, base.target, rt)
         if decision.folded not in measured:  # --fold check kept the unfolded model: measured only now
+            if True in measured:
+                release_folded(plan, measured.pop(True), decision)
             measured[decision.folded] = measure_source(plan, decision.folded, sources[decision.folded], rt)
         m = measured[decision.folded]
         with meter.stage("allocate"):

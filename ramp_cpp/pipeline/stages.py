@@ -35,7 +35,15 @@ from ramp_cpp.fold.source import Progress, Source, calibrated_source, ramp_outpu
 from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.llama.evaluate import KLDResult
 from ramp_cpp.measure.sensitivity import Sensitivity
-from ramp_cpp.pipeline.folddecision import FOLD_CHECK_CHUNKS, FOLD_CHUNKS, FoldDecision, FoldEvidence
+from ramp_cpp.pipeline.folddecision import (
+    FOLD_CHECK_CHUNKS,
+    FOLD_CHUNKS,
+    KEPT_UNFOLDED,
+    FoldDecision,
+    FoldEvidence,
+    load_kept,
+    save_kept,
+)
 from ramp_cpp.pipeline.learned import learned_allocation
 from ramp_cpp.pipeline.plan import LEARNED, RunPlan, check_target
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
@@ -62,16 +70,17 @@ class Runtime:
 
 
 def prepare_sources(
-    plan: RunPlan, opts: RuntimeOptions, progress: Progress | None = None, meter: Meter | None = None
+    plan: RunPlan, opts: RuntimeOptions, progress: Progress | None = None, meter: Meter | None = None,
+    foldings: tuple[bool, ...] | None = None,
 ) -> dict[bool, Source]:
-    """The source of each folding choice the plan prepares (unfolded first), on one calibration: the run's
-    own, `plan.calib`'s, or a new one; the folded model is written once and reused."""
+    """The source of each folding choice the plan prepares (unfolded first; `foldings`: only these), on one
+    calibration: the run's own, `plan.calib`'s, or a new one; the folded model is written once and reused."""
     return {
         f: calibrated_source(
             plan.model_path, plan.run_dir, replace(plan.cfg, fold=f), opts, plan.calib, progress, plan.info,
             meter,
         )
-        for f in plan.foldings
+        for f in (plan.foldings if foldings is None else foldings)
     }
 
 
@@ -222,6 +231,26 @@ def decide_fold(
     }
     per = _score_files(plan, jobs, fold_eval_config(plan), rt)
     return FoldDecision.auto(probe, FoldEvidence.of(per["True"], per["False"]))
+
+
+def kept_unfolded(plan: RunPlan) -> FoldDecision | None:
+    """A resumed run's --fold check that already kept the unfolded model (`release_folded`), else None."""
+    return load_kept(plan.run_dir / KEPT_UNFOLDED) if plan.fold == "check" else None
+
+
+def release_folded(plan: RunPlan, folded: Measured, decision: FoldDecision) -> None:
+    """--fold check kept the unfolded model: save the decision, then delete the folded copy and (when it lives
+    in the run folder, not in a cache root other runs share) the folded model's tensor cache, before the
+    unfolded model is measured. The run's disk then peaks at the larger of the two measurements, not at
+    their sum (the 7B shape's run held 29.7 GiB, 2.37x its F16 file, with both)."""
+    from ramp_cpp.measure.tensorcache import remove_cache
+
+    save_kept(plan.run_dir / KEPT_UNFOLDED, decision)
+    run = plan.run_dir.resolve()
+    if folded.cache.directory.resolve().is_relative_to(run):
+        remove_cache(folded.cache)
+    if folded.source.path.resolve().parent == run:
+        folded.source.path.unlink(missing_ok=True)
 
 
 def _check_fold(plan: RunPlan, on: Measured, off: Source, target: int, rt: Runtime) -> FoldDecision:
