@@ -22,7 +22,15 @@ from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
 from ramp_cpp.llama.ggufio import read_inventory
 from ramp_cpp.measure.candidates import CandidateConfig
 from ramp_cpp.measure.groups import GroupConfig
-from ramp_cpp.pipeline.estimate import StagePlan, decode_ratios, decode_types, estimate, speed_probe, total
+from ramp_cpp.pipeline.estimate import (
+    DECODE_BLOCKS_OVER_REST,
+    StagePlan,
+    decode_mixes,
+    decode_ratios,
+    estimate,
+    speed_probe,
+    total,
+)
 from ramp_cpp.pipeline.plan import plan_run, size_range
 from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
@@ -144,32 +152,33 @@ def test_decode_ratios_come_from_a_copy_of_the_first_blocks(
     tiny_model: Path, text_file: Path, tmp_path: Path
 ) -> None:
     plan = _greedy_plan(tiny_model, text_file, tmp_path)
-    types = decode_types(plan, ("Q4_K_M",))
-    assert types and GGMLQuantizationType.F16 not in types
+    mixes = decode_mixes(plan, ("Q4_K_M",))
+    assert {"below", "above", "hi", "preset 0"} <= set(mixes)
     opts = RuntimeOptions(n_threads=1, n_ctx=64)
     with LlamaModel(tiny_model, opts) as m:
         chunk = np.asarray(m.tokenize(text_file.read_text())[:64])
-    iq = GGMLQuantizationType.IQ2_XS  # needs an importance matrix: its ratio stays the table's
-    got = decode_ratios(plan, opts, chunk, [*types, iq], tmp_path)
-    assert set(got) <= {w.name for w in types} and got and all(0.05 <= r < 50 for r in got.values())
+    # a type that needs an importance matrix: that file is left out (the table's ratio then)
+    iq = {n: GGMLQuantizationType.IQ2_XS for n in mixes["hi"]}
+    got = decode_ratios(plan, opts, chunk, {**mixes, "iq": iq}, tmp_path)
+    assert set(got) == set(mixes) and all(0.05 < r < 50 for r in got.values())
     info, copy = plan.info, read_inventory(tmp_path / "src.gguf")
     per_block = sum(t.n_params for t in info.tensors if t.block == 0)
-    rest = sum(t.n_params for t in info.tensors if t.block is None)
-    # the blocks kept outweigh the rest (or are all of them), and one fewer would not
+    rest = DECODE_BLOCKS_OVER_REST * sum(t.n_params for t in info.tensors if t.block is None)
+    # the blocks kept outweigh the rest so many times (or are all of them), and one fewer would not
     k = copy.n_blocks
     assert k == info.n_blocks or k * per_block >= rest > (k - 1) * per_block
     assert {t.name for t in copy.tensors} == {t.name for t in info.tensors if t.block is None
                                               or t.block < copy.n_blocks}
-    assert sorted(p.name for p in tmp_path.glob("*.gguf")) == ["src.gguf"]  # each type's copy removed
+    assert sorted(p.name for p in tmp_path.glob("*.gguf")) == ["src.gguf"]  # each mix's copy removed
 
 
 def test_the_plan_decodes_at_the_measured_ratios(tiny_model: Path, text_file: Path, tmp_path: Path) -> None:
-    """The evaluate stage is load + tokenize + chunks·(N·token_s·rel + score): every written type at ratio 10
+    """The evaluate stage is load + tokenize + chunks·(N·token_s·rel + score): every measured file at ratio 10
     instead of 1 adds 9·chunks·N·token_s, whatever the table says."""
     plan = _greedy_plan(tiny_model, text_file, tmp_path)
     opts = RuntimeOptions(n_threads=1)
     probe = speed_probe(plan, opts)
-    names = [w.name for w in decode_types(plan)]
+    names = list(decode_mixes(plan))
     plans = {r: estimate(plan, (), opts, replace(probe, decode=dict.fromkeys(names, r))) for r in (1.0, 10.0)}
     evaluate = {r: next(s.wall_s for s in st if s.stage == "evaluate") for r, st in plans.items()}
     want = 9 * plan.cfg.chunks * plan.cfg.n_ctx * probe.token_s

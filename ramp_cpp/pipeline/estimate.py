@@ -7,14 +7,15 @@ the median of up to 5 decodes while they take under DECODE_PROBE_S in all) and s
 (`header_s`); `native.quantize_rows` quantizes 32 rows (64k weights at least) of the first tensor of each
 (written type, imatrix) the run's quantizer passes meet, on `n_threads` threads at once (`quant_s[key]` per
 weight, median of 5), and gguf-py dequantizes them (`dequant_s[type]`); numpy's proxy and folding arithmetic
-(`error_s`, `fold_s` per weight); a copy and a sha256 of 64 MiB (`copy_bps`, `hash_bps`); and each written
-type the plan's files hold decodes a copy of the model's first blocks (`decode`, `decode_ratios`): what a
-type's decode costs against F16 differs between CPUs 2-4x (AMX, VNNI), so a fixed table mispredicted every
-evaluating stage. `estimate` turns the plan's counts into costs, with N = n_ctx:
+(`error_s`, `fold_s` per weight); a copy and a sha256 of 64 MiB (`copy_bps`, `hash_bps`); and a copy of the
+model's first blocks decodes as it is and with the types of each file the plan decodes (`decode`,
+`decode_ratios`): what a type's decode costs against F16 differs between CPUs 2-4x (AMX, VNNI), so a fixed
+table mispredicted every evaluating stage. `estimate` turns the plan's counts into costs, with N = n_ctx:
 
     eval(n, f)      load_s + tokenize_s + n·(N·token_s·rel(f) + score_s)      E = n / chunks
-    rel(f)          Σ n_params·ratio[written type] / Σ n_params: file f's decode time relative to F16's, the
-                    ratio measured (`decode`), else DECODE's (CPU backend; 1 with layers offloaded to a GPU)
+    rel(f)          file f's decode time relative to F16's: measured on the copy (`decode`; greedy's file the
+                    share ā = Σ n_params·frac / Σ n_params of the way from "below" to "above"), else
+                    Σ n_params·DECODE[written type] / Σ n_params (CPU; 1 with layers offloaded to a GPU)
     pass(types)     header_s + Σ_quantizable n_params·(quant_s[written, imatrix] + dequant_s[src]/n_threads)
                     + file/copy_bps                                         one llama.cpp quantizer pass
     calibrate       load_s + tokenize_s + samples·ctx·token_s·CALIB_DECODE   E = samples·ctx / (chunks·N)
@@ -118,8 +119,8 @@ class SpeedProbe:
     ctx_bytes: int
     seconds: float  # the probe's own wall time
     load: float = 0.0  # the 1-minute load average per core as the probe started (others' work slows it)
-    #: written type -> decode time over F16's, measured on a copy of the model's first blocks
-    #: (`decode_ratios`); a type not here is read from the DECODE table
+    #: a file's decode time over the source's ("below", "above", "hi", "preset i": `decode_mixes`), measured
+    #: on a copy of the model's first blocks (`decode_ratios`); a file not here is read from the DECODE table
     decode: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -230,11 +231,11 @@ def _mixes(plan: RunPlan, presets: tuple[str, ...]) -> _Mixes:
                   {n: c[-1] for n, c in cands.items()}, pre)
 
 
-def decode_types(plan: RunPlan, presets: tuple[str, ...] = ()) -> list[T]:
-    """The written types whose decode speed the plan reads (`_Mixes`), F16 and BF16 aside."""
+def decode_mixes(plan: RunPlan, presets: tuple[str, ...] = ()) -> dict[str, dict[str, T]]:
+    """The files whose decode the plan reads (`_Mixes`), by label: tensor -> requested type."""
     m = _mixes(plan, presets)
-    seen = {w for mix in (m.below, m.above, m.hi, *m.presets) for w in _written(plan, mix).values()}
-    return sorted((w for w in seen if w not in (T.F16, T.BF16, T.F32)), key=lambda w: w.name)
+    pre = {f"preset {i}": p for i, p in enumerate(m.presets)}
+    return {"below": m.below, "above": m.above, "hi": m.hi, **pre}
 
 
 def _rss() -> int:
@@ -263,16 +264,18 @@ def _quant_rate(pool: ThreadPoolExecutor, n: int, w: T, rows: np.ndarray, im: np
     return float(np.median(runs)) / (n * rows.size)
 
 
-DECODE_SHARE = 0.1  # a type on less of the copy's weights than this keeps the table's ratio (noise / share)
+#: The copy's blocks hold at least this many times the rest's weights (embeddings, head), or are all of them.
+DECODE_BLOCKS_OVER_REST = 1
 
 
 def _decode_s(path: Path, opts: RuntimeOptions, chunk: np.ndarray) -> float:
-    """Wall seconds of one decode of `chunk` by the model at `path`, after its weights' first touch (the
-    median of up to 3 decodes while they take under DECODE_PROBE_S / 2 in all)."""
+    """Wall seconds of one decode of `chunk` by the model at `path`: the median of up to 3 decodes while they
+    take under DECODE_PROBE_S / 2 in all, after one that is not timed (the first decode after a load ran up to
+    1.3x slower on Qwen2.5-Coder-0.5B's copy)."""
     from ramp_cpp.llama.backend import LlamaModel
 
     with LlamaModel(str(path), opts) as m:
-        m.logits(chunk[:8], 0, 8)
+        m.logits(chunk, len(chunk) // 2, len(chunk) - 1)
         runs: list[float] = []
         while not runs or (sum(runs) < DECODE_PROBE_S / 2 and len(runs) < 3):
             runs.append(_timed(m.logits, chunk, len(chunk) // 2, len(chunk) - 1))
@@ -280,18 +283,19 @@ def _decode_s(path: Path, opts: RuntimeOptions, chunk: np.ndarray) -> float:
 
 
 def decode_ratios(
-    plan: RunPlan, opts: RuntimeOptions, chunk: np.ndarray, types: list[T], work: Path
+    plan: RunPlan, opts: RuntimeOptions, chunk: np.ndarray, mixes: Mapping[str, Mapping[str, T]], work: Path
 ) -> dict[str, float]:
-    """Each written type's decode time over the source's, on this machine, from a copy of the model's first
-    k blocks (k: the fewest whose weights outweigh the rest of the model's, so that the blocks' matmuls
-    weigh in the decode about as they do in the whole model; at most all of them), decoded as it is (T_src)
-    and requantized with every quantizable tensor that keeps w at its row length at w, the rest at F16 (T_w):
+    """Each mix's decode time over the source's, on this machine: a copy of the model's first k blocks (the
+    fewest whose weights are DECODE_BLOCKS_OVER_REST times the rest's, or all of them, so that the blocks and
+    the head weigh in its decode about as in the whole model's) is decoded as it is (T_src) and quantized by
+    llama.cpp with the mix's types (T_mix, fallbacks and all):
 
-        ratio(w) = 1 + (T_w / T_src - 1) / share_w
-        share_w  = the copy's weights at w / its quantizable weights
+        ratio(mix) = T_mix / T_src
 
-    the tensors not at w decoding as in the source. A type on less than DECODE_SHARE of the copy's weights,
-    one that needs an importance matrix, or a copy llama.cpp will not load, keeps the DECODE table's ratio."""
+    What a type costs against F16 differs between CPUs 2-4x (AMX, VNNI) and between tensors of one model (a
+    per-type table weighted by weights was 1.24x off on Qwen2.5-Coder-0.5B's written file), so the mixes the
+    run will decode are decoded. A mix with a type that needs an importance matrix, or a copy llama.cpp will
+    not load, is left out (the DECODE table then)."""
     import re
 
     from ramp_cpp.errors import RampError
@@ -302,30 +306,31 @@ def decode_ratios(
     info = plan.info
     blk = re.compile(r"blk\.(\d+)\.")
     per_block = sum(t.n_params for t in info.tensors if t.block == 0)
-    rest = sum(t.n_params for t in info.tensors if t.block is None)
+    rest = DECODE_BLOCKS_OVER_REST * sum(t.n_params for t in info.tensors if t.block is None)
     k = min(info.n_blocks, max(1, -(-rest // max(1, per_block))))
     kept = lambda name: (b := blk.match(name)) is None or int(b.group(1)) < k  # noqa: E731
     copy = [t for t in _quantized(plan) if kept(t.name)]
-    total_w = sum(t.n_params for t in copy)
     out: dict[str, float] = {}
+    seen: dict[tuple[tuple[str, T], ...], float] = {}
+    chunk = chunk[: max(8, len(chunk) // 2)]  # half a chunk: the ratio, not the time, is what is kept
     try:
         src = rewrite_gguf(plan.model_path, work / "src.gguf", {}, {f"{info.arch}.block_count": k}, keep=kept)
         t_src = _decode_s(src, opts, chunk)
-        for w in types:
-            at = {t.name for t in copy if written_type(w, t.n_per_row) == w}
-            share = sum(t.n_params for t in copy if t.name in at) / max(1, total_w)
-            if needs_imatrix(w) or share < DECODE_SHARE:
-                continue
-            full = {t.name: w if t.name in at else T.F16 for t in copy}
-            dst = work / f"{w.name}.gguf"
-            native.quantize_model(str(src), str(dst), file_type_for(full), True, {n: int(x) for n, x in
-                                  full.items()}, None, opts.n_threads or os.cpu_count() or 1, False)
-            out[w.name] = max(0.05, 1.0 + (_decode_s(dst, opts, chunk) / t_src - 1.0) / share)
-            dst.unlink()
+        for label, mix in mixes.items():
+            full = {t.name: mix.get(t.name, plan.cc.base) for t in copy}
+            key = tuple(sorted(full.items()))
+            if key not in seen and not any(needs_imatrix(w) for w in full.values()):
+                dst = work / "mix.gguf"
+                native.quantize_model(str(src), str(dst), file_type_for(full), True,
+                                      {n: int(w) for n, w in full.items()}, None,
+                                      opts.n_threads or os.cpu_count() or 1, False)
+                seen[key] = _decode_s(dst, opts, chunk) / t_src
+                dst.unlink()
+            if key in seen:
+                out[label] = seen[key]
     except RampError:  # an architecture whose copy llama.cpp refuses: the table it is
         return out
     return out
-
 
 def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = ()) -> SpeedProbe:
     """Measure what `estimate` needs (module docstring); nothing is kept (64 MiB are copied in the system
@@ -397,7 +402,7 @@ def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = 
         copy_bps = n / _timed(shutil.copyfile, Path(d) / "a", Path(d) / "b")
         for copied in Path(d).iterdir():
             copied.unlink()
-        decode = decode_ratios(plan, replace(opts, n_ctx=cfg.n_ctx), c, decode_types(plan, presets), Path(d))
+        decode = decode_ratios(plan, replace(opts, n_ctx=cfg.n_ctx), c, decode_mixes(plan, presets), Path(d))
     return SpeedProbe(
         n_threads, len(tokens) // cfg.n_ctx, load_s, tokenize_s, token_s, score_s, base_s, header_s, quant_s,
         dequant_s, error_s, fold_s, copy_bps, hash_bps, rss_base, ctx_bytes, time.perf_counter() - t_start,
@@ -431,14 +436,12 @@ def estimate(
     quantized = _quantized(plan)
     src_deq = p.dequant_s.get(info.tensors[0].ggml_type, 0.0)
 
-    def ratio(w: T) -> float:
-        if w.name in p.decode:
-            return p.decode[w.name]
-        return 1.0 if opts.n_gpu_layers else DECODE.get(w.name, DECODE_OTHER)
-
     def rel(types: Mapping[str, T], hi: Mapping[str, T] | None = None, a: Mapping[str, float] = {}) -> float:
-        """`types`' decode time over F16's; with `hi`, each tensor a fraction `a` of the way to hi's type."""
-        d = lambda m: {n: ratio(w) for n, w in _written(plan, m).items()}  # noqa: E731
+        """`types`' decode time over F16's by the DECODE table; with `hi`, each tensor a fraction `a` of the
+        way to hi's type."""
+        if opts.n_gpu_layers:
+            return 1.0
+        d = lambda m: {n: DECODE.get(w.name, DECODE_OTHER) for n, w in _written(plan, m).items()}  # noqa: E731
         lo, up = d(types), d(hi or types)
         n = sum(t.n_params * (lo[t.name] + a.get(t.name, 0.0) * (up[t.name] - lo[t.name])) for t in quantized)
         return n / max(1, sum(t.n_params for t in quantized))
@@ -462,7 +465,11 @@ def estimate(
 
     m = _mixes(plan, presets)
     cands, passes, target, choice = m.cands, _passes(plan, presets), m.target, m.choice
-    r_choice, r_hi = rel(m.below, m.above, m.frac), rel(m.hi)
+    r_choice, r_hi = rel(m.below, m.above, m.frac), p.decode.get("hi", rel(m.hi))
+    if "below" in p.decode and "above" in p.decode:  # measured: greedy's file a share of the way up
+        n_q = max(1, sum(t.n_params for t in quantized))
+        up = sum(t.n_params * m.frac.get(t.name, 0.0) for t in quantized) / n_q
+        r_choice = p.decode["below"] + up * (p.decode["above"] - p.decode["below"])
     out: list[StagePlan] = []
     held = needs.held
 
@@ -501,7 +508,7 @@ def estimate(
     npz = sum(n * (N - N // 2 - 1) * (8 * (ecfg.top_k + ecfg.tail_samples) + 4) for n in n_of.values())
     add("base log-probs", hash_s + sum(ev(n, 1.0) + n * p.base_s for n in todo.values()), loaded * bool(todo),
         npz, E=sum(todo.values()) / chunks, note="" if missing else "cached")
-    pre = [(*qpass(t), rel(t)) for t in passes["presets"]]
+    pre = [(*qpass(t), p.decode.get(f"preset {i}", rel(t))) for i, t in enumerate(passes["presets"])]
     scored = len(dict.fromkeys(presets))  # the first of the presets stage's passes; the --size one last
     add("presets", sum(s + (ev(chunks, r) if i < scored else 0) for i, (s, _, r) in enumerate(pre)),
         loaded, on_disk * sum(b for _, b, _ in pre), E=scored, passes=len(pre))
@@ -569,7 +576,11 @@ def estimate(
     fit = FIT_TRIES * (2 * target / p.copy_bps + p.header_s + (1 - kept) * memq(choice))
     add("allocate", fit + e_sac * (target / p.copy_bps + ev(chunks, r_choice) - p.tokenize_s), ram,
         FIT_TRIES * (target + scratch), target, e_sac, note=note)
-    add("evaluate", ev(chunks, r_choice), ram, 0, E=1.0)
+    # greedy's types are not known before it runs, and their decode is not their bits': measured mixes span
+    # 0.85x (the preset) to 2.7x (every tensor just below the target) F16's on Qwen2.5-Coder-0.5B
+    span = [v for k, v in p.decode.items() if k in ("below", "above") or k.startswith("preset")]
+    add("evaluate", ev(chunks, r_choice), ram, 0, E=1.0,
+        note=f"{ev(chunks, min(span)):.0f}-{ev(chunks, max(span)):.0f} s by the types chosen" if span else "")
     return out
 
 
