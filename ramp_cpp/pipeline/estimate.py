@@ -333,8 +333,8 @@ def decode_ratios(
     return out
 
 def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = ()) -> SpeedProbe:
-    """Measure what `estimate` needs (module docstring); nothing is kept (64 MiB are copied in the system
-    temp dir and removed)."""
+    """Measure what `estimate` needs (module docstring); nothing is kept (64 MiB and the copy of the first
+    blocks, 1.3 GB for a 7B model, are written in the system temp dir and removed)."""
     from gguf.quants import dequantize
 
     from ramp_cpp.llama import native
