@@ -17,6 +17,12 @@ Candidates (all zero evaluations on the target but `measured`):
                    mean offset from the linears' mean bpw of group k (role × depth quarter) in the other
                    models' measured greedy allocations at the same size; L the highest level that fits
     pattern-own    the same with this model's own offsets (what the pattern alone can carry, not zero-eval)
+    learned        a per-tensor pattern: each tensor's offset from the linears' mean bpw in the other models'
+                   measured greedy allocations at the same size, regressed (ridge, standardized features) on
+                   what costs no evaluation: role, relative depth (and its square), log row length and row
+                   count, the proxy's log error ratio lowest/highest option and its log error at the
+                   highest option centred on the model's median; behaviour cloning of the measured greedy
+    learned-half   the same offsets halved (towards uniform)
 
     .venv/bin/python bench/zeroeval.py [--models smollm2,qwen0.5b,gemma270m]
 """
@@ -28,6 +34,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -96,6 +104,41 @@ def pattern(sens: Sensitivity, keys: dict[str, Any], off: dict[Any, float], targ
     return {t.name: t.options[k].ggml_type for t, k in zip(sens.tensors, picks(lo), strict=True)}
 
 
+RIDGE = 1.0
+
+
+def features(sens: Sensitivity, info: Any, keys: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+    """One row of zero-evaluation features per searched tensor (module doc, `learned`)."""
+    roles = sorted({"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
+                    "token_embd", "output", TIED_EMBD})
+    top = np.log([t.options[-1].error for t in sens.tensors])
+    rows = []
+    for t, lt in zip(sens.tensors, top, strict=True):
+        ti = info.tensor(t.name)
+        role = keys[t.name][0]
+        d = (ti.block / max(1, info.n_blocks - 1)) if ti.block is not None else -1.0
+        rows.append([*(float(role == r) for r in roles), d, d * d, np.log2(ti.n_per_row), np.log2(ti.n_rows),
+                     np.log(t.options[0].error / t.options[-1].error), lt - np.median(top)])
+    return [t.name for t in sens.tensors], np.array(rows)
+
+
+def per_tensor_offsets(sens: Sensitivity, keys: dict[str, Any], choice: dict[str, Any]) -> dict[str, float]:
+    """Each tensor's own offset (`offsets` with one group per tensor; the bucket kept: the linears' mean)."""
+    off = offsets(sens, {n: (n, k[1]) for n, k in keys.items()}, choice)
+    return {n: off[n, k[1]] for n, k in keys.items()}
+
+
+def ridge_offsets(train: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.ndarray:
+    """Ridge regression of the offsets on standardized features, fitted on `train`, predicted for `x`."""
+    xs = np.vstack([a for a, _ in train])
+    ys = np.concatenate([b for _, b in train])
+    mu, sd = xs.mean(axis=0), xs.std(axis=0)
+    sd[sd == 0] = 1.0
+    z = np.hstack([(xs - mu) / sd, np.ones((len(xs), 1))])
+    w = np.linalg.solve(z.T @ z + RIDGE * np.eye(z.shape[1]), z.T @ ys)
+    return np.hstack([(x - mu) / sd, np.ones((len(x), 1))]) @ w
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2,qwen0.5b,gemma270m")
@@ -138,6 +181,19 @@ def main() -> None:
                         for k in set().union(*others)}
                 pick["pattern"] = pattern(sens, keys, mean, target)
             pick["pattern-own"] = pattern(sens, keys, measured_offsets(key), target)
+            train = []
+            for m in (m for m in models if m != key):
+                c, s, inf, _, j, k = loaded[m]
+                t = c[f"offgrid-s0|nofold|preset+imatrix|{size}|16"]["file_bytes"]
+                off = per_tensor_offsets(s, k, ALLOCATORS["greedy"](j, t))
+                nm, x = features(s, inf, k)
+                train.append((x, np.array([off[n] for n in nm])))
+            if train:
+                nm, x = features(sens, info, keys)
+                pred = dict(zip(nm, ridge_offsets(train, x), strict=True))
+                ident = {n: (n, None) for n in nm}
+                for name, f in (("learned", 1.0), ("learned-half", 0.5)):
+                    pick[name] = pattern(sens, ident, {(n, None): f * v for n, v in pred.items()}, target)
             for n, choice in pick.items():
                 row[n] = judge.error(choice) - judge.error(top)
             rows.append(row)
