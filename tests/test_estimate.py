@@ -183,3 +183,30 @@ def test_the_plan_decodes_at_the_measured_ratios(tiny_model: Path, text_file: Pa
     evaluate = {r: next(s.wall_s for s in st if s.stage == "evaluate") for r, st in plans.items()}
     want = 9 * plan.cfg.chunks * plan.cfg.n_ctx * probe.token_s
     assert evaluate[10.0] - evaluate[1.0] == pytest.approx(want, rel=1e-6)
+
+
+def test_a_run_resumed_after_the_check_freed_the_folded_files_is_planned_without_them(
+    tiny_model: Path, text_file: Path, tmp_path: Path
+) -> None:
+    """After `release_folded` (fold-check.json in the run folder), the plan has no fold, no folded
+    measurement, no † stages and a fold decision that costs nothing: what the resumed run then does."""
+    from ramp_cpp.pipeline.folddecision import KEPT_UNFOLDED, FoldDecision, FoldEvidence, save_kept
+
+    cfg = SizedConfig(text=str(text_file), n_ctx=64, chunks=2, calib=CalibConfig(str(text_file), 2, 64))
+    cc = CandidateConfig(types=TYPES)
+    lo, hi = size_range(read_inventory(tiny_model), cc)
+    rd = tmp_path / "run"
+    plan = plan_run(tiny_model, rd, "greedy", str((lo + hi) // 2), cfg, cc, None, "measured",
+                    GroupConfig(n_buckets=2, pairs=0, chunks=1), None, None, tmp_path / "cache", "check")
+    opts = RuntimeOptions(n_threads=1)
+    probe = speed_probe(plan, opts)
+    before = [s.stage for s in estimate(plan, (), opts, probe)]
+    assert "fold" in before and "tensor cache + proxy (folded)" in before
+    rd.mkdir()
+    save_kept(rd / KEPT_UNFOLDED, FoldDecision(False, "greedy", FoldEvidence.of([0.2], [0.1]), "check"))
+    after = estimate(plan, (), opts, probe)
+    assert [s.stage for s in after if s.stage != "calibrate"] == [
+        "base log-probs", "presets", "tensor cache + proxy (unfolded)", "group probes (unfolded)",
+        "fold decision", "allocate", "evaluate"]
+    assert not any(s.if_unfolded for s in after)
+    assert next(s for s in after if s.stage == "fold decision").wall_s == 0.0

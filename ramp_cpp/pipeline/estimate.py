@@ -424,6 +424,7 @@ def estimate(
     docstring); E and quantizer passes are the counts the run makes."""
     from ramp_cpp.fold.source import CALIB
     from ramp_cpp.measure.groups import groups_of
+    from ramp_cpp.pipeline.folddecision import KEPT_UNFOLDED
     from ramp_cpp.pipeline.resources import disk_needs
     from ramp_cpp.pipeline.stages import fold_eval_config
     from ramp_cpp.store.cache import scratch_root
@@ -489,7 +490,9 @@ def estimate(
         add("calibrate", p.load_s + p.tokenize_s + c.samples * c.ctx * p.token_s * CALIB_DECODE + hash_s,
             loaded, stats, stats, c.samples * c.ctx / (chunks * N))
         hash_s = 0.0
-    folds = True in plan.foldings and not (plan.run_dir / "folded.f16.gguf").is_file()
+    # a run resumed after its fold check kept the unfolded model (stages.release_folded) makes no folded files
+    freed = plan.fold == "check" and (plan.run_dir / KEPT_UNFOLDED).is_file()
+    folds = True in plan.foldings and not freed and not (plan.run_dir / "folded.f16.gguf").is_file()
     if folds:
         lin = sum(t.n_params for t in info.searched)
         # the folded copy's hash (remembered for the stages after), and the source's if calibrate did not
@@ -541,7 +544,7 @@ def estimate(
     # the proxy's arrays (MeasureConfig.chunk_elements weights at a time) stay in the process's heap after
     work, measured = 16 * min(1 << 24, max(t.n_params for t in searched)), plan.sensitivity == "measured"
     first = len(out)
-    for f in plan.measured_first:
+    for f in (False,) if freed else plan.measured_first:
         what = "folded" if f else "unfolded"
         add(f"tensor cache + proxy ({what})", cache_s,
             file + cache_bytes + work, cache_w, cache_bytes, passes=len(passes["cache"]))
@@ -550,7 +553,7 @@ def estimate(
                 on_disk * n_probes * plan.hi, E=n_probes * n_g / chunks, note=pairs)
     maps = len(plan.measured_first) * cache_bytes
     ram, scratch = work + maps + target + p.ctx_bytes, on_disk * target
-    if plan.fold == "check":
+    if plan.fold == "check" and not freed:
         add("fold decision", qpass(choice)[0] + target / p.copy_bps + 2 * ev(n_fold, r_choice) + memq(choice),
             max(ram, work + maps + file), 2 * scratch, 0, 2 * n_fold / chunks, 1,
             "if the check keeps the unfolded model, the stages marked † follow")
@@ -572,7 +575,8 @@ def estimate(
     # the fold decision assembled greedy's file just before: what of it the memo still holds is not made again
     made = {t.name: written_type(choice[t.name], t.n_per_row) for t in searched}
     choice_bytes = sum(tensor_nbytes(made[t.name], t.n_params) for t in searched)
-    kept = min(1.0, MEMO_BYTES / max(1, choice_bytes)) if plan.fold in ("auto", "check") else 0.0
+    decided = plan.fold in ("auto", "check") and not freed
+    kept = min(1.0, MEMO_BYTES / max(1, choice_bytes)) if decided else 0.0
     fit = FIT_TRIES * (2 * target / p.copy_bps + p.header_s + (1 - kept) * memq(choice))
     add("allocate", fit + e_sac * (target / p.copy_bps + ev(chunks, r_choice) - p.tokenize_s), ram,
         FIT_TRIES * (target + scratch), target, e_sac, note=note)
