@@ -185,11 +185,14 @@ def _written(plan: RunPlan, types: Mapping[str, T]) -> dict[str, T]:
     return {t.name: written_type(types.get(t.name, plan.cc.base), t.n_per_row) for t in _quantized(plan)}
 
 
+def _pad(plan: RunPlan, n: int) -> int:
+    return -(-n // plan.info.alignment) * plan.info.alignment
+
+
 def _file_bytes(plan: RunPlan, types: Mapping[str, T]) -> int:
     info, ws = plan.info, _written(plan, types)
-    pad = lambda n: -(-n // info.alignment) * info.alignment  # noqa: E731
     return info.data_offset + info.other_bytes + sum(
-        pad(tensor_nbytes(ws[t.name] if t.name in ws else type_from_name(t.ggml_type), t.n_params))
+        _pad(plan, tensor_nbytes(ws[t.name] if t.name in ws else type_from_name(t.ggml_type), t.n_params))
         for t in info.tensors)
 
 
@@ -215,9 +218,9 @@ def _mixes(plan: RunPlan, presets: tuple[str, ...]) -> _Mixes:
 
     info, cc = plan.info, plan.cc
     searched = searched_tensors(info, cc.embeddings)
-    pad = lambda n: -(-n // info.alignment) * info.alignment  # noqa: E731
     cands = {t.name: [w for _, w in tensor_candidates(cc, t, _has_im(plan, t))] for t in searched}
-    fixed = plan.lo - sum(min(pad(tensor_nbytes(w, t.n_params)) for w in cands[t.name]) for t in searched)
+    lowest = {t.name: min(_pad(plan, tensor_nbytes(w, t.n_params)) for w in cands[t.name]) for t in searched}
+    fixed = plan.lo - sum(lowest.values())
     pre = _passes(plan, presets)["presets"]
     target = plan.target or _file_bytes(plan, pre[-1])
     bpw = 8 * (target - fixed) / max(1, sum(t.n_params for t in searched))
@@ -299,9 +302,8 @@ def decode_ratios(
     import re
 
     from ramp_cpp.errors import RampError
-    from ramp_cpp.llama import native
-    from ramp_cpp.llama.ggufio import rewrite_gguf
-    from ramp_cpp.llama.quantize import file_type_for
+    from ramp_cpp.llama.ggufio import read_inventory, rewrite_gguf
+    from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
 
     info = plan.info
     blk = re.compile(r"blk\.(\d+)\.")
@@ -315,15 +317,14 @@ def decode_ratios(
     chunk = chunk[: max(8, len(chunk) // 2)]  # half a chunk: the ratio, not the time, is what is kept
     try:
         src = rewrite_gguf(plan.model_path, work / "src.gguf", {}, {f"{info.arch}.block_count": k}, keep=kept)
-        t_src = _decode_s(src, opts, chunk)
+        t_src, src_info = _decode_s(src, opts, chunk), read_inventory(src)
+        qopts = QuantizeOptions(n_threads=opts.n_threads, force=True)
         for label, mix in mixes.items():
             full = {t.name: mix.get(t.name, plan.cc.base) for t in copy}
             key = tuple(sorted(full.items()))
             if key not in seen and not any(needs_imatrix(w) for w in full.values()):
                 dst = work / "mix.gguf"
-                native.quantize_model(str(src), str(dst), file_type_for(full), True,
-                                      {n: int(w) for n, w in full.items()}, None,
-                                      opts.n_threads or os.cpu_count() or 1, False)
+                quantize_map(src, dst, full, plan.cc.base, qopts, info=src_info)
                 seen[key] = _decode_s(dst, opts, chunk) / t_src
                 dst.unlink()
             if key in seen:
