@@ -10,6 +10,7 @@ bench/results/costs.json and skipped; an interrupted run resumes from its run fo
 
     .venv/bin/python bench/costs.py smollm2 --configs old,new --sizes Q4_K_M,Q3_K_M
     .venv/bin/python bench/costs.py 7b --configs new --sizes Q4_K_M --no-eval    # bench/shapes.py's model
+    .venv/bin/python bench/costs.py 7b --configs new --sizes Q4_K_M --no-eval --tail  # its last stages again
     .venv/bin/python bench/costs.py --table                                        # the markdown tables
 
 Configs: `old` is the default of `search --method greedy --size` before issue 21 (the paper's calibration
@@ -152,14 +153,24 @@ def _plan(key: str, config: str, size: str, rd: Path) -> Any:
                     rd / "cache", c.fold, 1, c.tensor_cache, c.row_sample)
 
 
-def _state_pairs(key: str, config: str, size: str, rd: Path) -> list[tuple[Path, Path]]:
+def cell_name(config: str, size: str, tail: bool = False) -> str:
+    """The cell's folder under bench/out/costs/<model>/ and bench/state/<model>/."""
+    return f"{config}-{size}" + ("-tail" if tail else "")
+
+
+#: what a --tail cell leaves out of the finished run's state: its plan and stage lines (the tail has its own)
+#: and the fold check's scores, so that the fold decision is made again
+TAIL_DROPPED = ("predicted.json", "stages.jsonl", "pauses.jsonl", "scores.json")
+
+
+def _state_pairs(key: str, config: str, size: str, rd: Path, tail: bool = False) -> list[tuple[Path, Path]]:
     """(file in the run, its copy under STATE) for every small result of the run: the run folder's own, the
     proxy's and probes' saved states, and the base log-probs of the chunk sets it scores (user cache)."""
     from ramp_cpp.llama.evaluate import base_logprobs_file
     from ramp_cpp.pipeline.stages import scored_chunk_sets
     from ramp_cpp.store.cache import file_sha256_cached
 
-    st = STATE / key / f"{config}-{size}"
+    st = STATE / key / cell_name(config, size, tail)
     pairs = [(rd / n, st / n) for n in STATE_FILES]
     for where, root in ((rd, rd), (st, rd)):  # what the run has, and what the state has for it
         pairs += [(root / p.relative_to(where), st / p.relative_to(where))
@@ -176,26 +187,35 @@ def _state_pairs(key: str, config: str, size: str, rd: Path) -> list[tuple[Path,
 _BASE_FILES: dict[tuple[str, str, str], list[Path]] = {}
 
 
-def save_state(key: str, config: str, size: str) -> None:
+def save_state(key: str, config: str, size: str, tail: bool = False) -> None:
     """Copy the run's small results to STATE (each atomically; files already there and the same are left)."""
     import shutil
 
-    rd = HERE / "out" / "costs" / key / f"{config}-{size}"
-    for src, dst in _state_pairs(key, config, size, rd):
+    rd = HERE / "out" / "costs" / key / cell_name(config, size, tail)
+    for src, dst in _state_pairs(key, config, size, rd, tail):
         if src.is_file() and not (dst.is_file() and dst.read_bytes() == src.read_bytes()):
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst.with_suffix(".part"))
             dst.with_suffix(".part").replace(dst)
 
 
-def restore_state(key: str, config: str, size: str) -> int:
-    """Copy STATE's results into a run folder (and user cache) that lacks them; how many were copied."""
+def restore_state(key: str, config: str, size: str, tail: bool = False) -> int:
+    """Copy STATE's results into a run folder (and user cache) that lacks them; how many were copied. A tail
+    cell's state starts as the finished run's, less TAIL_DROPPED."""
     import shutil
 
-    rd = HERE / "out" / "costs" / key / f"{config}-{size}"
+    rd = HERE / "out" / "costs" / key / cell_name(config, size, tail)
+    st = STATE / key / cell_name(config, size, tail)
+    if tail and not st.exists():
+        full = STATE / key / cell_name(config, size)
+        if not (full / "run.json").is_file():
+            raise SystemExit(f"{full} holds no finished run to take the tail of")
+        shutil.copytree(full, st.with_suffix(".part"),
+                        ignore=lambda d, names: [n for n in names if n in TAIL_DROPPED and Path(d) == full])
+        st.with_suffix(".part").replace(st)
     rd.mkdir(parents=True, exist_ok=True)
     n = 0
-    for dst, src in _state_pairs(key, config, size, rd):
+    for dst, src in _state_pairs(key, config, size, rd, tail):
         if src.is_file() and not dst.is_file():
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst.with_suffix(".part"))
@@ -205,13 +225,13 @@ def restore_state(key: str, config: str, size: str) -> int:
 
 
 def run(key: str, config: str, size: str, evaluate: bool, threads: int | None,
-        state: bool = False) -> dict[str, Any]:
+        state: bool = False, tail: bool = False) -> dict[str, Any]:
     """One cold run. Before it starts, the dry run's prediction goes to the run folder (`predicted.json`, made
     once, so a resumed run keeps the first one); every finished stage is appended to `stages.jsonl` with the
     process that ran it, so a run resumed across interruptions keeps what each attempt spent."""
     c = CONFIGS[config]
     model = model_path(key)
-    rd = HERE / "out" / "costs" / key / f"{config}-{size}"
+    rd = HERE / "out" / "costs" / key / cell_name(config, size, tail)
     cfg = SizedConfig(calib=load_recipe(c.recipe))
     pred = rd / "predicted.json"
     if not pred.is_file():
@@ -229,7 +249,7 @@ def run(key: str, config: str, size: str, evaluate: bool, threads: int | None,
             f.write(json.dumps({"pid": pid, "time": time.time(), **s.to_json()}) + "\n")
         if state:
             try:
-                save_state(key, config, size)
+                save_state(key, config, size, tail)
             except OSError as e:  # the run goes on; --save-state can be asked again
                 log(f"state not saved: {e}")
 
@@ -326,6 +346,34 @@ def _combined(attempts: list[list[dict[str, Any]]]) -> list[StageCost]:
     return [StageCost(**v) for v in out.values()]
 
 
+def probe_clocks(key: str, pauses: Lines) -> dict[str, float]:
+    """Each group-probe stage's seconds by its evaluations' own clocks, less their overlap with `pauses`:
+    groups.py saves every evaluation with its wall time and end, so an attempt lost with its machine, which
+    left no stage line, still counts. A stage with an evaluation saved without its end (before 2026-12-03)
+    is left out when the run was paused: its clock may hold a pause. A cache directory is the unfolded
+    model's when its proxy was measured on the file the probes compare against."""
+    model, config, size, *tail = key.split("|")
+    cell = cell_name(config, size, bool(tail))
+    out: dict[str, float] = {}
+
+    def paused(e: dict[str, Any]) -> float:
+        a, b = e["ended"] - e["seconds"], e["ended"]
+        return sum(max(0.0, min(b, p["cont"]) - max(a, p["stop"])) for p in pauses)
+
+    for root in (STATE / model / cell, HERE / "out" / "costs" / model / cell):
+        for g in root.glob("cache/*/groups-*.json"):
+            d = json.loads(g.read_text())
+            evals = list(d["evals"].values())
+            if pauses and not all("ended" in e for e in evals):
+                continue
+            m = next(g.parent.glob("measure-*.json"), None)
+            src = json.loads(m.read_text())["key"]["model_sha256"] if m else None
+            stage = f"group probes ({'unfolded' if src == d['key']['base_sha256'] else 'folded'})"
+            clock = sum(e.get("seconds", 0.0) - (paused(e) if pauses else 0.0) for e in evals)
+            out[stage] = max(out.get(stage, 0.0), clock)
+    return out
+
+
 def table() -> str:
     d = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     lines = []
@@ -333,7 +381,14 @@ def table() -> str:
         attempts, pauses = cell.get("attempts", []), cell.get("pauses", [])
         costs = (_combined(_unpaused(attempts, pauses)) if len(attempts) > 1 or pauses
                  else [StageCost(**s) for s in cell["costs"]])
+        clocks = probe_clocks(key, pauses)
+        # a stage line lost with its machine: the evaluations' own clocks, where they say more
+        costs = [replace(s, wall_s=clocks[s.stage]) if clocks.get(s.stage, 0.0) > s.wall_s * 1.05 else s
+                 for s in costs]
+        recounted = [s.stage for s in costs if s.wall_s == clocks.get(s.stage)]
         pred = {p["stage"]: p["wall_s"] for p in cell.get("predicted", [])}
+        # a cell planned again after its run (today's plan) keeps the plan made before it
+        first = {p["stage"]: p["wall_s"] for p in cell.get("predicted_first", [])}
         # the plan's total: its stages the run makes whichever way the fold check goes, and those it made
         ran = {s.stage for s in costs}
         planned = sum(p["wall_s"] for p in cell.get("predicted", [])
@@ -347,15 +402,21 @@ def table() -> str:
             f"\n**{key}** ({cell['model']}, F16 {f16 / GIB:.2f} GiB; fold: {cell['fold']['choice']}"
             + (f"; {len(attempts)} attempts" if len(attempts) > 1 else "")
             + (f"; paused {sum(p['cont'] - p['stop'] for p in pauses):.0f} s, not counted" if pauses else "")
+            + (f"; {', '.join(recounted)} by the evaluations' own clocks" if recounted else "")
             + (f"; held-out KLD {cell['kld']:.4f} ± {cell['kld_stderr']:.4f}" if "kld" in cell else "")
             + ")\n",
             "| stage | wall s | --dry-run's s (actual / predicted) | CPU s | peak RSS GiB | written GiB "
             "| held GiB | E | quantizer passes | in memory (passes' worth) |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
+        if first:
+            lines[-2] = lines[-2].replace("predicted)", "predicted): today's plan; the one before the run")
         for s in costs:
+            planned_s = ratio(s.wall_s, pred.get(s.stage))
+            if first:
+                planned_s += f"; {ratio(s.wall_s, first.get(s.stage))}"
             lines.append(
-                f"| {s.stage} | {s.wall_s:.0f} | {ratio(s.wall_s, pred.get(s.stage))} | {s.cpu_s:.0f} "
+                f"| {s.stage} | {s.wall_s:.0f} | {planned_s} | {s.cpu_s:.0f} "
                 f"| {s.peak_rss / GIB:.2f} "
                 f"| {s.written / GIB:.2f} | {s.held / GIB:.2f} | {s.E:.2f} | {s.quant_passes} "
                 f"| {mem(s.quant_weights)} |"
@@ -383,6 +444,10 @@ def main() -> int:
     ap.add_argument("--state", action="store_true",
                     help="carry the run's small results in bench/state/ (restored, then saved per stage)")
     ap.add_argument("--save-state", action="store_true", help="save them now (after a run was stopped)")
+    ap.add_argument("--tail", action="store_true",
+                    help="the stages after the measurement again (fold decision, allocate, evaluate) in a "
+                         "cell of their own: the finished run's state less its plan, stage lines and fold "
+                         "check (implies --state)")
     ap.add_argument("--predict", action="store_true",
                     help="finished cells without one: the dry run's prediction, asked now for a cold folder")
     a = ap.parse_args()
@@ -394,7 +459,7 @@ def main() -> int:
     done = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for config in a.configs.split(","):
         for size in a.sizes.split(","):
-            key = f"{a.model}|{config}|{size}"
+            key = f"{a.model}|{config}|{size}" + ("|tail" if a.tail else "")
             if key in done and a.predict and "predicted" not in done[key]:
                 log(f"{key}: predicting")
                 save(key, done[key] | {"predicted": predict(a.model, config, size, a.threads)})
@@ -403,13 +468,15 @@ def main() -> int:
                 log(f"{key}: done")
                 continue
             if a.save_state:
-                save_state(a.model, config, size)
+                save_state(a.model, config, size, a.tail)
                 log(f"{key}: state saved under {STATE / a.model}")
                 continue
-            if a.state:
-                log(f"{key}: {restore_state(a.model, config, size)} files restored from {STATE / a.model}")
+            if a.state or a.tail:
+                n = restore_state(a.model, config, size, a.tail)
+                log(f"{key}: {n} files restored from {STATE / a.model}")
             log(f"{key}: running")
-            save(key, run(a.model, config, size, not a.no_eval and a.model not in SHAPES, a.threads, a.state))
+            save(key, run(a.model, config, size, not a.no_eval and a.model not in SHAPES, a.threads,
+                          a.state or a.tail, a.tail))
     print(table())
     return 0
 

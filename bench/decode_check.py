@@ -25,6 +25,7 @@ from costs import CONFIGS, model_path  # noqa: E402
 from ramp_cpp.calibration.collect import load_recipe  # noqa: E402
 from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions  # noqa: E402
 from ramp_cpp.llama.evaluate import EvalConfig, chunks  # noqa: E402
+from ramp_cpp.llama.ggufio import open_reader  # noqa: E402
 from ramp_cpp.pipeline import estimate  # noqa: E402
 from ramp_cpp.pipeline.plan import plan_run  # noqa: E402
 from ramp_cpp.pipeline.sizedconfig import SizedConfig  # noqa: E402
@@ -45,13 +46,17 @@ def main() -> None:
             (ch,) = chunks(m.tokenize(plan.text), EvalConfig(512, 0, 1), m.bos if m.add_bos else None)
         chunk = np.asarray(ch)
         t0 = time.perf_counter()
-        r = estimate.decode_ratios(plan, opts, chunk, estimate.decode_mixes(plan, c.presets), Path(d))
+        # the speed probe's candidate errors: greedy's guess reads the types on each tensor's frontier
+        errs = estimate._type_errors(plan, {t.name: t for t in open_reader(plan.model_path).tensors}, {})
+        r = estimate.decode_ratios(plan, opts, chunk, estimate.decode_mixes(plan, c.presets, errs), Path(d))
         probe_s = time.perf_counter() - t0
-        mx, q = estimate._mixes(plan, c.presets), estimate._quantized(plan)
+        mx, q = estimate._mixes(plan, c.presets, errs), estimate._quantized(plan)
         up = sum(t.n_params * mx.frac.get(t.name, 0.0) for t in q) / sum(t.n_params for t in q)
         t_src = estimate._decode_s(Path(plan.model_path), opts, chunk)
         t_file = estimate._decode_s(Path(a.gguf), opts, chunk)
-    print(json.dumps({"copy_ratios": r, "planned_greedy": r["below"] + up * (r["above"] - r["below"]),
+    guessed = sorted({w.name for m in (mx.below, mx.above) for w in m.values()})
+    print(json.dumps({"copy_ratios": r, "guessed_types": guessed,
+                      "planned_greedy": r["below"] + up * (r["above"] - r["below"]),
                       "written_file": t_file / t_src, "f16_chunk_s": t_src, "file_chunk_s": t_file,
                       "copy_seconds": probe_s}, indent=1))
 

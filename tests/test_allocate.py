@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ramp_cpp.allocate.allocators import ALLOCATORS, GreedySettings, exact, greedy, lower_bound, uniform
+from ramp_cpp.allocate.allocators import (
+    ALLOCATORS,
+    GreedySettings,
+    exact,
+    frontier,
+    greedy,
+    lower_bound,
+    uniform,
+)
 from ramp_cpp.errors import RampError
 from ramp_cpp.measure.sensitivity import Option, Sensitivity, TensorOptions
 
@@ -353,3 +361,30 @@ def test_greedy_hand_cases(
     assert list(greedy(sens, budget, GreedySettings(max_exchanges=0)).values()) == picks
     assert list(greedy(sens, budget).values()) == [LABELS[k] for k in full]
     assert sens.error(greedy(sens, budget)) == brute_force(sens, budget)
+
+
+
+def _kept_by_brute_force(opts: list[Option], o: Option, slack: float) -> bool:
+    """Nothing costs no more and errs less, and o errs at most (1 + slack) x the lowest chord between two
+    front options around its bytes (none around it: an end, kept)."""
+    def dominated(p: Option) -> bool:
+        return any(q.nbytes <= p.nbytes and q.error < p.error for q in opts if q is not p)
+
+    if dominated(o):
+        return False
+    front = [p for p in opts if not dominated(p)]
+    chords = [a.error + (b.error - a.error) * (o.nbytes - a.nbytes) / (b.nbytes - a.nbytes)
+              for a in front for b in front if a.nbytes < o.nbytes < b.nbytes]
+    return not chords or o.error <= (1 + slack) * min(chords) + 1e-12
+
+
+@pytest.mark.parametrize("slack", [0.0, 0.05, 0.3])
+def test_frontier_is_the_lower_convex_envelope_by_brute_force(slack: float) -> None:
+    """allocators.frontier against its definition, on random option lists."""
+    rng = np.random.default_rng(5)
+    types = list(GGMLQuantizationType)[:8]
+    for _ in range(200):
+        n = int(rng.integers(2, 8))
+        nbytes = sorted(int(b) for b in rng.choice(np.arange(1, 60), n, replace=False))
+        opts = [Option(types[k], b, float(rng.uniform(0.0, 10.0))) for k, b in enumerate(nbytes)]
+        assert frontier(opts, slack) == [o for o in opts if _kept_by_brute_force(opts, o, slack)]

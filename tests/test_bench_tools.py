@@ -234,3 +234,50 @@ def test_a_paused_runs_stages_are_counted_without_the_pauses(pauses, want):
     got = costs._unpaused(attempts, [{"stop": a, "cont": b, "why": "t"} for a, b in pauses])
     assert [st["wall_s"] for st in got[0]] == want
     assert attempts[0][0]["wall_s"] == 50.0  # the stored lines are left as they are
+
+
+def test_a_tail_cell_starts_from_the_finished_runs_state_less_its_plan_and_fold_check(tmp_path, monkeypatch):
+    """bench/costs.py --tail: the cell's own state is the finished run's without the files that would make its
+    plan, stage lines or fold decision the old run's; the finished run's state is left as it was."""
+    costs = _load("costs")
+    monkeypatch.setattr(costs, "HERE", tmp_path)
+    monkeypatch.setattr(costs, "STATE", tmp_path / "state")
+    monkeypatch.setitem(costs._BASE_FILES, ("m", "new", "Q4_K_M"), [])
+    full = tmp_path / "state" / "m" / "new-Q4_K_M"
+    files = ["run.json", "calib.safetensors", "presets.json", "cache/k1/groups-1.json", *costs.TAIL_DROPPED]
+    for name in files:
+        (full / name).parent.mkdir(parents=True, exist_ok=True)
+        (full / name).write_text(name)
+    assert costs.restore_state("m", "new", "Q4_K_M", tail=True) == 4
+    rd = tmp_path / "out" / "costs" / "m" / "new-Q4_K_M-tail"
+    assert sorted(str(p.relative_to(rd)) for p in rd.rglob("*") if p.is_file()) == sorted(files[:4])
+    assert sorted(str(p.relative_to(full)) for p in full.rglob("*") if p.is_file()) == sorted(files)
+    with pytest.raises(SystemExit):  # nothing finished to take the tail of
+        costs.restore_state("other", "new", "Q4_K_M", tail=True)
+
+
+@pytest.mark.parametrize(("pauses", "ended", "want"), [
+    ([], (100.0, 200.0), {"group probes (folded)": 60.0, "group probes (unfolded)": 40.0}),
+    ([(90, 95)], (100.0, 200.0), {"group probes (folded)": 55.0, "group probes (unfolded)": 40.0}),
+    # an evaluation saved without its end: its stage is not recounted once the run was paused
+    ([(90, 95)], (None, 200.0), {"group probes (unfolded)": 40.0}),
+    ([], (None, 200.0), {"group probes (folded)": 60.0, "group probes (unfolded)": 40.0}),
+])
+def test_the_probe_stages_are_recounted_by_their_evaluations_clocks(
+    tmp_path, monkeypatch, pauses, ended, want
+):
+    """A probe stage's line lost with its machine: the table counts its saved evaluations' seconds, less their
+    overlap with the pauses; the unfolded model's cache is the one whose proxy was measured on the base."""
+    costs = _load("costs")
+    monkeypatch.setattr(costs, "HERE", tmp_path)
+    monkeypatch.setattr(costs, "STATE", tmp_path / "state")
+    root = tmp_path / "state" / "m" / "new-Q4_K_M"
+    for d, src, secs, end in (("f", "folded-sha", (30.0, 30.0), ended[0]), ("u", "base", (40.0,), ended[1])):
+        (root / "cache" / d).mkdir(parents=True)
+        (root / "cache" / d / "measure-1.json").write_text(json.dumps({"key": {"model_sha256": src}}))
+        evals = {f"g{i}": {"seconds": s, **({"ended": end - 30 * i} if end else {})}
+                 for i, s in enumerate(secs)}
+        (root / "cache" / d / "groups-1.json").write_text(json.dumps({"key": {"base_sha256": "base"},
+                                                                      "evals": evals}))
+    lines = [{"stop": a, "cont": b, "why": "t"} for a, b in pauses]
+    assert costs.probe_clocks("m|new|Q4_K_M", lines) == want

@@ -185,6 +185,30 @@ def test_the_plan_decodes_at_the_measured_ratios(tiny_model: Path, text_file: Pa
     assert evaluate[10.0] - evaluate[1.0] == pytest.approx(want, rel=1e-6)
 
 
+def test_greedys_guess_reads_only_the_types_on_each_tensors_frontier(
+    tiny_model: Path, text_file: Path, tmp_path: Path
+) -> None:
+    """The probe's errors of each row length's candidates, on the same rows, fall with the bits (the
+    quantizer's own order); a type whose error is well above the lower convex hull of (bytes, error) is not in
+    the files the plan decodes for greedy; one on it or near it is, as every candidate is without errors."""
+    plan = _greedy_plan(tiny_model, text_file, tmp_path)
+    lengths = {t.n_per_row for t in plan.info.searched}
+    probe = speed_probe(plan, RuntimeOptions(n_threads=1))
+    for n in lengths:
+        errs = [probe.type_error[f"{w}@{n}"] for w in ("Q4_0", "Q5_0", "Q8_0")]
+        assert errs[0] > errs[1] > errs[2] > 0
+    # Q5_0 saves a tenth of Q4_0's error for 1 bit; Q8_0 the rest for 3 more: Q5_0 lies above the chord
+    bent = {f"{w}@{n}": e for n in lengths for w, e in (("Q4_0", 1.0), ("Q5_0", 0.9), ("Q8_0", 0.0))}
+    guessed = {label: set(m.values()) for label, m in decode_mixes(plan, (), bent).items()}
+    assert GGMLQuantizationType.Q5_0 not in guessed["below"] | guessed["above"]
+    plain = {label: set(m.values()) for label, m in decode_mixes(plan).items()}
+    assert GGMLQuantizationType.Q5_0 in plain["below"] | plain["above"]  # the target lies next to it
+    # on the hull, or within TYPE_ERROR_SLACK above its chord (0.75 at Q5_0's bytes): as without errors
+    for q5 in (0.3, 0.78):
+        near = {k: q5 if k.startswith("Q5_0") else e for k, e in bent.items()}
+        assert {label: set(m.values()) for label, m in decode_mixes(plan, (), near).items()} == plain
+
+
 def test_a_run_resumed_after_the_check_freed_the_folded_files_is_planned_without_them(
     tiny_model: Path, text_file: Path, tmp_path: Path
 ) -> None:

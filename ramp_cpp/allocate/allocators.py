@@ -138,6 +138,25 @@ def _hull(front: Sequence[Option]) -> list[int]:
     return h
 
 
+def frontier(options: Sequence[Option], slack: float = 0.0) -> list[Option]:
+    """The options greedy's Lagrangian steps between: the Pareto front's lower convex hull in the (nbytes,
+    error) plane. A type off it (more error per byte saved than a neighbour on it) is taken only by the fill
+    or an exchange, so a plan that guesses greedy's types before it runs (`pipeline.estimate`) guesses from
+    these. With `slack`, a front option whose error is at most (1 + slack) times the hull's chord at its
+    bytes is kept too: errors measured roughly may put one just above a hull that exact ones put it on."""
+    front = _pruned(options)
+    hull = _hull(front)
+    keep = []
+    for k, o in enumerate(front):
+        i, j = max(h for h in hull if h <= k), min(h for h in hull if h >= k)
+        a, b = front[i], front[j]
+        t = 0.0 if i == j else (o.nbytes - a.nbytes) / (b.nbytes - a.nbytes)
+        chord = a.error + t * (b.error - a.error)
+        if o.error <= (1 + slack) * chord:
+            keep.append(o)
+    return keep
+
+
 @dataclass(frozen=True)
 class _Relaxation:
     fronts: list[list[Option]]

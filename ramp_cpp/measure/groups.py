@@ -324,8 +324,10 @@ def calibrate_sensitivity(
         def save(_: int, out: EvalOutcome) -> None:
             nonlocal ran
             r = out.result
+            # `ended` (epoch seconds): a run stopped during this evaluation can take the pause off its clock
             evals[out.label] = {
                 "kld": r.kld_mean, "kld_stderr": r.kld_stderr, "ppl": r.ppl, "seconds": out.seconds,
+                "ended": time.time(),
             }
             ran += 1
             _write_state(path, state)  # before progress: a callback that raises loses nothing

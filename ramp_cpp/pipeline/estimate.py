@@ -7,10 +7,12 @@ the median of up to 5 decodes while they take under DECODE_PROBE_S in all) and s
 (`header_s`); `native.quantize_rows` quantizes 32 rows (64k weights at least) of the first tensor of each
 (written type, imatrix) the run's quantizer passes meet, on `n_threads` threads at once (`quant_s[key]` per
 weight, median of 5), and gguf-py dequantizes them (`dequant_s[type]`); numpy's proxy and folding arithmetic
-(`error_s`, `fold_s` per weight); a copy and a sha256 of 64 MiB (`copy_bps`, `hash_bps`); and a copy of the
-model's first blocks decodes as it is and with the types of each file the plan decodes (`decode`,
-`decode_ratios`): what a type's decode costs against F16 differs between CPUs 2-4x (AMX, VNNI), so a fixed
-table mispredicted every evaluating stage. `estimate` turns the plan's counts into costs, with N = n_ctx:
+(`error_s`, `fold_s` per weight); a copy and a sha256 of 64 MiB (`copy_bps`, `hash_bps`); each candidate's
+relative error on the rows of the first searched linear of its row length (`type_error`: which types greedy
+can take); and a copy of the model's first blocks decodes as it is and with the types of each file the plan
+decodes (`decode`, `decode_ratios`): what a type's decode costs against F16 differs between CPUs 2-4x (AMX,
+VNNI), so a fixed table mispredicted every evaluating stage. `estimate` turns the plan's counts into costs,
+with N = n_ctx:
 
     eval(n, f)      load_s + tokenize_s + n·(N·token_s·rel(f) + score_s)      E = n / chunks
     rel(f)          file f's decode time relative to F16's: measured on the copy (`decode`; greedy's file the
@@ -34,7 +36,9 @@ table mispredicted every evaluating stage. `estimate` turns the plan's counts in
                     the folded copy and (in the run folder) the folded cache deleted first;
                     auto: 2·(target/copy_bps + eval(n_f, choice));
                     choice: greedy's file, every searched tensor at its candidate nearest the target's bits
-                    per weight (its decode: the mix of the candidates just below and above that many bits)
+                    per weight (its decode: the mix of the candidates just below and above that many bits),
+                    among the candidates on the tensor's frontier by `type_error` (allocators.frontier:
+                    greedy's Lagrangian steps between those)
     allocate        FIT_TRIES·(2·target/copy_bps + header_s + (1 - kept)·memq(choice)), kept: the share of
                     greedy's searched bytes the in-memory cache's memo (1 GiB) still holds from the fold
                     decision's file (0 without one); sac: + its evaluations, eval(chunks, choice)
@@ -68,6 +72,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -95,6 +100,10 @@ DECODE_OTHER = 1.5
 DECODE_PROBE_S = 4.0  # the probe decodes its chunk again (up to 5 times) while it has taken less
 FIT_TRIES = 1  # stages.fit_and_write allocates under a bound on the metadata it adds: one assembly
 ROWS = 32
+#: `type_error` is one linear's rows without the imatrix, greedy's the activation-weighted proxy of every
+#: tensor: on Qwen2.5-Coder-0.5B's 896-wide rows Q5_1 lay 2% above the probe's hull, and greedy wrote 44% of
+#: the weights at it. A type this near the hull counts as on it (`allocators.frontier`'s slack).
+TYPE_ERROR_SLACK = 0.1
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,9 @@ class SpeedProbe:
     #: a file's decode time over the source's ("below", "above", "hi", "preset i": `decode_mixes`), measured
     #: on a copy of the model's first blocks (`decode_ratios`); a file not here is read from the DECODE table
     decode: Mapping[str, float] = field(default_factory=dict)
+    #: each candidate's relative squared error ‖Ŵ − W‖² / ‖W‖² on the rows of the first searched linear of
+    #: its row length ("Q4_K@4096"), to guess which types greedy takes (`_mixes`)
+    type_error: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -213,13 +225,35 @@ class _Mixes:
     presets: list[dict[str, T]]
 
 
-def _mixes(plan: RunPlan, presets: tuple[str, ...]) -> _Mixes:
+def _error_key(w: T, n_per_row: int) -> str:
+    return f"{w.name}@{n_per_row}"
+
+
+def _frontier(plan: RunPlan, t: TensorInfo, cands: list[T], type_error: Mapping[str, float]) -> list[T]:
+    """`t`'s candidates greedy steps between (allocators.frontier) by the probe's errors; all of them when one
+    has no error measured."""
+    from ramp_cpp.allocate.allocators import frontier
+    from ramp_cpp.measure.sensitivity import Option
+
+    err = [type_error.get(_error_key(w, t.n_per_row)) for w in cands]
+    if any(e is None for e in err):
+        return cands
+    opts = [Option(w, _pad(plan, tensor_nbytes(w, t.n_params)), float(e or 0.0))
+            for w, e in zip(cands, err, strict=True)]
+    return [o.ggml_type for o in frontier(opts, TYPE_ERROR_SLACK)]
+
+
+def _mixes(plan: RunPlan, presets: tuple[str, ...], type_error: Mapping[str, float] = {}) -> _Mixes:
+    """`_Mixes` of `plan`; with `type_error` (`SpeedProbe.type_error`) greedy's guess reads only the types on
+    each tensor's frontier: on the 7B shape the nearest candidates below the target (Q4_0, Q4_1) decode at
+    ~2.8x F16's where the file greedy wrote, of K-quants and IQ4, decoded at ~0.4-0.8x."""
     from ramp_cpp.measure.candidates import type_for_bpw
 
     info, cc = plan.info, plan.cc
     searched = searched_tensors(info, cc.embeddings)
-    cands = {t.name: [w for _, w in tensor_candidates(cc, t, _has_im(plan, t))] for t in searched}
-    lowest = {t.name: min(_pad(plan, tensor_nbytes(w, t.n_params)) for w in cands[t.name]) for t in searched}
+    every = {t.name: [w for _, w in tensor_candidates(cc, t, _has_im(plan, t))] for t in searched}
+    cands = {t.name: _frontier(plan, t, every[t.name], type_error) for t in searched}
+    lowest = {t.name: min(_pad(plan, tensor_nbytes(w, t.n_params)) for w in every[t.name]) for t in searched}
     fixed = plan.lo - sum(lowest.values())
     pre = _passes(plan, presets)["presets"]
     target = plan.target or _file_bytes(plan, pre[-1])
@@ -230,13 +264,15 @@ def _mixes(plan: RunPlan, presets: tuple[str, ...]) -> _Mixes:
              for n, c in cands.items()}
     frac = {n: (bpw - bits_per_weight(below[n])) / (bits_per_weight(above[n]) - bits_per_weight(below[n]))
             if above[n] != below[n] else 0.0 for n in cands}
-    return _Mixes(target, cands, {n: type_for_bpw(c, bpw) for n, c in cands.items()}, below, above, frac,
+    return _Mixes(target, every, {n: type_for_bpw(c, bpw) for n, c in cands.items()}, below, above, frac,
                   {n: c[-1] for n, c in cands.items()}, pre)
 
 
-def decode_mixes(plan: RunPlan, presets: tuple[str, ...] = ()) -> dict[str, dict[str, T]]:
+def decode_mixes(
+    plan: RunPlan, presets: tuple[str, ...] = (), type_error: Mapping[str, float] = {}
+) -> dict[str, dict[str, T]]:
     """The files whose decode the plan reads (`_Mixes`), by label: tensor -> requested type."""
-    m = _mixes(plan, presets)
+    m = _mixes(plan, presets, type_error)
     pre = {f"preset {i}": p for i, p in enumerate(m.presets)}
     return {"below": m.below, "above": m.above, "hi": m.hi, **pre}
 
@@ -333,6 +369,42 @@ def decode_ratios(
         return out
     return out
 
+def _rows(tensor: Any, t: TensorInfo) -> np.ndarray:
+    """The first rows of `t` (64k weights at least, ROWS rows at least) as float32, from gguf-py's reader."""
+    from gguf.quants import dequantize
+
+    k = max(ROWS, (1 << 16) // t.n_per_row)
+    raw = np.asarray(tensor.data[:k])
+    return np.asarray(dequantize(raw, T(int(tensor.tensor_type))), dtype=np.float32).reshape(len(raw), -1)
+
+
+def _type_errors(plan: RunPlan, data: Mapping[str, Any], rows: dict[str, np.ndarray]) -> dict[str, float]:
+    """‖Ŵ − W‖² / ‖W‖² of every candidate of each row length, all on the rows of its first searched linear
+    (`SpeedProbe.type_error`): the same rows for every type, so that their order is the types' own. Not the
+    embeddings' rows while a linear has that length: a base dequantized from a GGUF can keep them on its
+    source's grid (Qwen2.5-Coder-0.5B's off-grid base: Q5_0 at 1e-8 there, 0.2x Q5_1's elsewhere)."""
+    from gguf.quants import dequantize
+
+    from ramp_cpp.llama import native
+
+    out: dict[str, float] = {}
+    # linears first, so that a row length's sample is a linear's where one has it
+    searched = sorted(searched_tensors(plan.info, plan.cc.embeddings),
+                      key=lambda x: x.role in ("token_embd", "output"))
+    for t in searched:
+        for _, w in tensor_candidates(plan.cc, t, _has_im(plan, t)):
+            key = _error_key(w, t.n_per_row)
+            if key in out or needs_imatrix(w):
+                continue
+            first = next(x for x in searched if x.n_per_row == t.n_per_row)
+            r = rows.setdefault(first.name, _rows(data[first.name], first))
+            q = np.frombuffer(native.quantize_rows(int(w), r, None), dtype=np.uint8).reshape(len(r), -1)
+            d = np.asarray(dequantize(q, w), dtype=np.float32).reshape(r.shape) - r
+            norm = max(1e-30, float(np.square(r).sum(dtype=np.float64)))
+            out[key] = float(np.square(d).sum(dtype=np.float64)) / norm
+    return out
+
+
 def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = ()) -> SpeedProbe:
     """Measure what `estimate` needs (module docstring); nothing is kept (64 MiB and the copy of the first
     blocks, 1.3 GB for a 7B model, are written in the system temp dir and removed)."""
@@ -383,13 +455,14 @@ def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = 
             if t.name not in rows:
                 k = max(ROWS, (1 << 16) // t.n_per_row)  # 64k weights at least: a sample of milliseconds
                 src, raw = T(int(data[t.name].tensor_type)), np.asarray(data[t.name].data[:k])
-                rows[t.name] = np.asarray(dequantize(raw, src), dtype=np.float32).reshape(len(raw), -1)
+                rows[t.name] = _rows(data[t.name], t)
                 dequant_s.setdefault(src.name, _timed(dequantize, raw, src) / rows[t.name].size)
             r = rows[t.name]
             imx = np.ones(r.shape[1], dtype=np.float32) if im else None
             quant_s[key] = _quant_rate(pool, n_threads, w, r, imx)
             q = np.frombuffer(native.quantize_rows(int(w), r, imx), dtype=np.uint8).reshape(len(r), -1)
             dequant_s.setdefault(w.name, _timed(dequantize, q, w) / r.size)
+    type_error = _type_errors(plan, data, rows)
     r = next(iter(rows.values()))
     big, col = np.tile(r, (max(1, (1 << 20) // r.size), 1)), np.ones(r.shape[1])
     error_s = _timed(lambda: np.square(big - big[::-1]).sum(axis=0, dtype=np.float64) @ col) / big.size
@@ -403,11 +476,12 @@ def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = 
         copy_bps = n / _timed(shutil.copyfile, Path(d) / "a", Path(d) / "b")
         for copied in Path(d).iterdir():
             copied.unlink()
-        decode = decode_ratios(plan, replace(opts, n_ctx=cfg.n_ctx), c, decode_mixes(plan, presets), Path(d))
+        mixes = decode_mixes(plan, presets, type_error)
+        decode = decode_ratios(plan, replace(opts, n_ctx=cfg.n_ctx), c, mixes, Path(d))
     return SpeedProbe(
         n_threads, len(tokens) // cfg.n_ctx, load_s, tokenize_s, token_s, score_s, base_s, header_s, quant_s,
         dequant_s, error_s, fold_s, copy_bps, hash_bps, rss_base, ctx_bytes, time.perf_counter() - t_start,
-        load, decode,
+        load, decode, type_error,
     )
 
 
@@ -465,7 +539,7 @@ def estimate(
         return sum(t.n_params * p.quant_s.get(_key(ws[t.name], _has_im(plan, t)), 0.0)
                    for t in searched if types.get(t.name, cc.base) != cc.base)
 
-    m = _mixes(plan, presets)
+    m = _mixes(plan, presets, p.type_error)
     cands, passes, target, choice = m.cands, _passes(plan, presets), m.target, m.choice
     r_choice, r_hi = rel(m.below, m.above, m.frac), p.decode.get("hi", rel(m.hi))
     if "below" in p.decode and "above" in p.decode:  # measured: greedy's file a share of the way up
