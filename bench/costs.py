@@ -130,8 +130,9 @@ def predict(
     folder `rd` (default: a fresh temporary one, so that it can be asked after a run too)."""
     import tempfile
 
-    from ramp_cpp.pipeline.estimate import estimate, speed_probe
+    from ramp_cpp.pipeline.estimate import estimate
     from ramp_cpp.pipeline.plan import plan_run
+    from ramp_cpp.pipeline.speedprobe import speed_probe
 
     c = CONFIGS[config]
     with tempfile.TemporaryDirectory() as d:

@@ -1,5 +1,5 @@
 """The dry run's decode ratios against a written file's own (issue 21): the speed probe's copy of the first
-blocks decodes the files the plan reads (`estimate.decode_ratios`), the plan's guess for greedy's file is
+blocks decodes the files the plan reads (`speedprobe.decode_ratios`), the plan's guess for greedy's file is
 interpolated between the candidates just below and above the target, and the run's real GGUF and the F16 base
 are decoded whole (one 512-token reward chunk, median of up to 3 after an untimed one).
 
@@ -26,7 +26,7 @@ from ramp_cpp.calibration.collect import load_recipe  # noqa: E402
 from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions  # noqa: E402
 from ramp_cpp.llama.evaluate import EvalConfig, chunks  # noqa: E402
 from ramp_cpp.llama.ggufio import open_reader  # noqa: E402
-from ramp_cpp.pipeline import estimate  # noqa: E402
+from ramp_cpp.pipeline import mixes, speedprobe  # noqa: E402
 from ramp_cpp.pipeline.plan import plan_run  # noqa: E402
 from ramp_cpp.pipeline.sizedconfig import SizedConfig  # noqa: E402
 
@@ -47,13 +47,13 @@ def main() -> None:
         chunk = np.asarray(ch)
         t0 = time.perf_counter()
         # the speed probe's candidate errors: greedy's guess reads the types on each tensor's frontier
-        errs = estimate._type_errors(plan, {t.name: t for t in open_reader(plan.model_path).tensors}, {})
-        r = estimate.decode_ratios(plan, opts, chunk, estimate.decode_mixes(plan, c.presets, errs), Path(d))
+        errs = speedprobe._type_errors(plan, {t.name: t for t in open_reader(plan.model_path).tensors}, {})
+        r = speedprobe.decode_ratios(plan, opts, chunk, mixes.decode_mixes(plan, c.presets, errs), Path(d))
         probe_s = time.perf_counter() - t0
-        mx, q = estimate._mixes(plan, c.presets, errs), estimate._quantized(plan)
+        mx, q = mixes.plan_mixes(plan, c.presets, errs), mixes.quantizable_tensors(plan)
         up = sum(t.n_params * mx.frac.get(t.name, 0.0) for t in q) / sum(t.n_params for t in q)
-        t_src = estimate._decode_s(Path(plan.model_path), opts, chunk)
-        t_file = estimate._decode_s(Path(a.gguf), opts, chunk)
+        t_src = speedprobe._decode_s(Path(plan.model_path), opts, chunk)
+        t_file = speedprobe._decode_s(Path(a.gguf), opts, chunk)
     guessed = sorted({w.name for m in (mx.below, mx.above) for w in m.values()})
     print(json.dumps({"copy_ratios": r, "guessed_types": guessed,
                       "planned_greedy": r["below"] + up * (r["above"] - r["below"]),

@@ -22,18 +22,12 @@ from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
 from ramp_cpp.llama.ggufio import read_inventory
 from ramp_cpp.measure.candidates import CandidateConfig
 from ramp_cpp.measure.groups import GroupConfig
-from ramp_cpp.pipeline.estimate import (
-    DECODE_BLOCKS_OVER_REST,
-    StagePlan,
-    decode_mixes,
-    decode_ratios,
-    estimate,
-    speed_probe,
-    total,
-)
+from ramp_cpp.pipeline.estimate import StagePlan, estimate, total
+from ramp_cpp.pipeline.mixes import decode_mixes
 from ramp_cpp.pipeline.plan import plan_run, size_range
 from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
+from ramp_cpp.pipeline.speedprobe import DECODE_BLOCKS_OVER_REST, decode_ratios, speed_probe
 
 runner = CliRunner()
 TYPES = tuple(GGMLQuantizationType[t] for t in ("Q4_0", "Q5_0", "Q8_0"))

@@ -141,7 +141,7 @@ def _hull(front: Sequence[Option]) -> list[int]:
 def frontier(options: Sequence[Option], slack: float = 0.0) -> list[Option]:
     """The options greedy's Lagrangian steps between: the Pareto front's lower convex hull in the (nbytes,
     error) plane. A type off it (more error per byte saved than a neighbour on it) is taken only by the fill
-    or an exchange, so a plan that guesses greedy's types before it runs (`pipeline.estimate`) guesses from
+    or an exchange, so a plan that guesses greedy's types before it runs (`pipeline.mixes`) guesses from
     these. With `slack`, a front option whose error is at most (1 + slack) times the hull's chord at its
     bytes is kept too: errors measured roughly may put one just above a hull that exact ones put it on."""
     front = _pruned(options)

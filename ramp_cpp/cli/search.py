@@ -345,8 +345,9 @@ def _plan_sized(
     written (pipeline/estimate.py)."""
     from rich.table import Table
 
-    from ramp_cpp.pipeline.estimate import estimate, speed_probe, total
+    from ramp_cpp.pipeline.estimate import estimate, total
     from ramp_cpp.pipeline.plan import plan_run
+    from ramp_cpp.pipeline.speedprobe import speed_probe
 
     plan = plan_run(model, out_dir, method, size, dcfg, cc, calib, sensitivity, gcfg, scfg, None, None, fold,
                     tensor_cache=tensor_cache, row_sample=row_sample)

@@ -1,18 +1,7 @@
 """A sized run's cost, stage by stage, before any of it runs (`search --size ... --dry-run`).
 
-`speed_probe` measures this machine on this model (`SpeedProbe`): llama.cpp loads it and first touches its
-weights (`load_s`), tokenizes the reward text (`tokenize_s`), decodes one reward chunk (`token_s` per token,
-the median of up to 5 decodes while they take under DECODE_PROBE_S in all) and scores it (`score_s`;
-`base_s`: the base log-probs' top-k and tail samples); gguf-py parses its header
-(`header_s`); `native.quantize_rows` quantizes 32 rows (64k weights at least) of the first tensor of each
-(written type, imatrix) the run's quantizer passes meet, on `n_threads` threads at once (`quant_s[key]` per
-weight, median of 5), and gguf-py dequantizes them (`dequant_s[type]`); numpy's proxy and folding arithmetic
-(`error_s`, `fold_s` per weight); a copy and a sha256 of 64 MiB (`copy_bps`, `hash_bps`); each candidate's
-relative error on the rows of the first searched linear of its row length (`type_error`: which types greedy
-can take); and a copy of the model's first blocks decodes as it is and with the types of each file the plan
-decodes (`decode`, `decode_ratios`): what a type's decode costs against F16 differs between CPUs 2-4x (AMX,
-VNNI), so a fixed table mispredicted every evaluating stage. `estimate` turns the plan's counts into costs,
-with N = n_ctx:
+`speedprobe.speed_probe` measures this machine on this model (`SpeedProbe`); `estimate` turns the plan's
+counts into costs, with N = n_ctx:
 
     eval(n, f)      load_s + tokenize_s + n·(N·token_s·rel(f) + score_s)      E = n / chunks
     rel(f)          file f's decode time relative to F16's: measured on the copy (`decode`; greedy's file the
@@ -62,32 +51,30 @@ stage.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
-import time
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any
-
-import numpy as np
-from gguf import GGMLQuantizationType
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.llama.evaluate import EvalConfig, is_prefix
 from ramp_cpp.llama.ggufio import TensorInfo
-from ramp_cpp.measure.candidates import searchable, searched_tensors, tensor_candidates
+from ramp_cpp.measure.candidates import searched_tensors
 from ramp_cpp.measure.tensorcache import MEMO_BYTES
-from ramp_cpp.model.arch import quantizable
-from ramp_cpp.model.ladder import bits_per_weight, needs_imatrix, tensor_nbytes, type_from_name, written_type
+from ramp_cpp.model.ladder import tensor_nbytes, written_type
+from ramp_cpp.pipeline.mixes import (
+    T,
+    file_bytes,
+    has_imatrix,
+    plan_mixes,
+    quant_key,
+    quantizable_tensors,
+    quantizer_passes,
+    written,
+)
 from ramp_cpp.pipeline.plan import RunPlan
+from ramp_cpp.pipeline.speedprobe import SpeedProbe
 from ramp_cpp.store.cache import known_sha256
 
-T = GGMLQuantizationType
 #: The fallback when a type's ratio is not measured (`decode_ratios`).
 #: Decode time relative to a plain F16 decode, llama.cpp's CPU backend, one thread on an idle x86 core
 #: (demo model, 512 tokens): the activation collector's, and a file's per written type (a K-quant's from a
@@ -97,43 +84,7 @@ CALIB_DECODE = 1.2
 DECODE = {"F16": 1.0, "BF16": 1.0, "Q8_0": 1.3, "Q4_0": 1.1, "Q4_1": 2.3, "Q5_0": 1.75, "Q5_1": 2.85,
           "IQ4_NL": 1.05, "IQ4_XS": 1.25, "Q2_K": 1.05, "Q3_K": 1.0, "Q4_K": 0.65, "Q5_K": 0.6, "Q6_K": 0.8}
 DECODE_OTHER = 1.5
-DECODE_PROBE_S = 4.0  # the probe decodes its chunk again (up to 5 times) while it has taken less
 FIT_TRIES = 1  # stages.fit_and_write allocates under a bound on the metadata it adds: one assembly
-ROWS = 32
-#: `type_error` is one linear's rows without the imatrix, greedy's the activation-weighted proxy of every
-#: tensor: on Qwen2.5-Coder-0.5B's 896-wide rows Q5_1 lay 2% above the probe's hull, and greedy wrote 44% of
-#: the weights at it. A type this near the hull counts as on it (`allocators.frontier`'s slack).
-TYPE_ERROR_SLACK = 0.1
-
-
-@dataclass(frozen=True)
-class SpeedProbe:
-    """This machine on this model (module docstring): seconds, seconds per weight, bytes per second."""
-
-    n_threads: int
-    n_avail: int  # whole chunks of N tokens in the reward text
-    load_s: float
-    tokenize_s: float
-    token_s: float
-    score_s: float
-    base_s: float
-    header_s: float
-    quant_s: Mapping[str, float]  # "Q4_K" / "Q4_K+im" (with an importance matrix)
-    dequant_s: Mapping[str, float]
-    error_s: float
-    fold_s: float
-    copy_bps: float
-    hash_bps: float
-    rss_base: int
-    ctx_bytes: int
-    seconds: float  # the probe's own wall time
-    load: float = 0.0  # the 1-minute load average per core as the probe started (others' work slows it)
-    #: a file's decode time over the source's ("below", "above", "hi", "preset i": `decode_mixes`), measured
-    #: on a copy of the model's first blocks (`decode_ratios`); a file not here is read from the DECODE table
-    decode: Mapping[str, float] = field(default_factory=dict)
-    #: each candidate's relative squared error ‖Ŵ − W‖² / ‖W‖² on the rows of the first searched linear of
-    #: its row length ("Q4_K@4096"), to guess which types greedy takes (`_mixes`)
-    type_error: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -152,337 +103,6 @@ class StagePlan:
     #: the run makes this stage only if `--fold check` keeps the unfolded model; `total` leaves it out
     if_unfolded: bool = False
 
-
-def _has_im(plan: RunPlan, t: TensorInfo) -> bool:
-    """The calibration records every matmul's input: the linears and the head (token_embd when tied)."""
-    return plan.cfg.imatrix and (t.role != "token_embd" or plan.info.tied_output)
-
-
-def _key(w: T, im: bool) -> str:
-    return f"{w.name}+im" if im else w.name
-
-
-def _preset(plan: RunPlan, name: str) -> dict[str, T]:
-    """llama.cpp's preset, roughly: its type (Q4_K for Q4_K_M), the head at Q6_K in a K-quant preset, and
-    attn_v and ffn_down at Q6_K (Q4_K for Q3_K_M) in llama.cpp's use_more_bits blocks of an _M or _L one."""
-    main = next((T.__members__[n] for n in (name, name.rsplit("_", 1)[0]) if n in T.__members__), T.Q8_0)
-    info, n = plan.info, plan.info.n_blocks
-    out = {}
-    for t in (t for t in info.tensors if quantizable(t.name, 2)):
-        b = t.block if t.block is not None else -1
-        more = name[-2:] in ("_M", "_L") and t.role in ("attn_v", "ffn_down") and (
-            b < n // 8 or b >= 7 * n // 8 or (b - n // 8) % 3 == 2)
-        head = "_K" in name and (t.role == "output" or (t.role == "token_embd" and info.tied_output))
-        out[t.name] = T.Q6_K if head or (more and main != T.Q3_K) else T.Q4_K if more else main
-    return out
-
-
-def _passes(plan: RunPlan, presets: tuple[str, ...]) -> dict[str, list[dict[str, T]]]:
-    """Every quantizer pass of the tensor cache (the base type first, over every searchable tensor) and of the
-    presets stage: tensor -> asked type, the others at the base type."""
-    cc, s = plan.cc, searched_tensors(plan.info, plan.cc.embeddings)
-    cache = [{t.name: w for t in s if not needs_imatrix(w) or _has_im(plan, t)}
-             for w in dict.fromkeys([cc.base, *cc.requested()])]
-    cache[0] = {t.name: cc.base for t in searchable(plan.info)}
-    pre = [_preset(plan, p) for p in dict.fromkeys([*presets, *([plan.preset] if plan.preset else [])])]
-    return {"cache": cache, "presets": pre}
-
-
-def _quantized(plan: RunPlan) -> list[TensorInfo]:
-    return [t for t in plan.info.tensors if quantizable(t.name, 2)]
-
-
-def _written(plan: RunPlan, types: Mapping[str, T]) -> dict[str, T]:
-    """Every quantizable tensor -> the type llama.cpp writes for it (`types`, else the cache's base type)."""
-    return {t.name: written_type(types.get(t.name, plan.cc.base), t.n_per_row) for t in _quantized(plan)}
-
-
-def _pad(plan: RunPlan, n: int) -> int:
-    return -(-n // plan.info.alignment) * plan.info.alignment
-
-
-def _file_bytes(plan: RunPlan, types: Mapping[str, T]) -> int:
-    info, ws = plan.info, _written(plan, types)
-    return info.data_offset + info.other_bytes + sum(
-        _pad(plan, tensor_nbytes(ws[t.name] if t.name in ws else type_from_name(t.ggml_type), t.n_params))
-        for t in info.tensors)
-
-
-@dataclass(frozen=True)
-class _Mixes:
-    """The files whose decode the plan reads: greedy's `choice` (each searched tensor at its candidate
-    nearest the target's bits per weight; its decode the mix of the candidates just `below` and `above` that
-    many bits, a fraction `frac` of the way up), the probes' `hi` (each at its highest candidate) and the
-    presets."""
-
-    target: int
-    cands: dict[str, list[T]]
-    choice: dict[str, T]
-    below: dict[str, T]
-    above: dict[str, T]
-    frac: dict[str, float]
-    hi: dict[str, T]
-    presets: list[dict[str, T]]
-
-
-def _error_key(w: T, n_per_row: int) -> str:
-    return f"{w.name}@{n_per_row}"
-
-
-def _frontier(plan: RunPlan, t: TensorInfo, cands: list[T], type_error: Mapping[str, float]) -> list[T]:
-    """`t`'s candidates greedy steps between (allocators.frontier) by the probe's errors; all of them when one
-    has no error measured."""
-    from ramp_cpp.allocate.allocators import frontier
-    from ramp_cpp.measure.sensitivity import Option
-
-    err = [type_error.get(_error_key(w, t.n_per_row)) for w in cands]
-    if any(e is None for e in err):
-        return cands
-    opts = [Option(w, _pad(plan, tensor_nbytes(w, t.n_params)), float(e or 0.0))
-            for w, e in zip(cands, err, strict=True)]
-    return [o.ggml_type for o in frontier(opts, TYPE_ERROR_SLACK)]
-
-
-def _mixes(plan: RunPlan, presets: tuple[str, ...], type_error: Mapping[str, float] = {}) -> _Mixes:
-    """`_Mixes` of `plan`; with `type_error` (`SpeedProbe.type_error`) greedy's guess reads only the types on
-    each tensor's frontier: on the 7B shape the nearest candidates below the target (Q4_0, Q4_1) decode at
-    ~2.8x F16's where the file greedy wrote, of K-quants and IQ4, decoded at ~0.4-0.8x."""
-    from ramp_cpp.measure.candidates import type_for_bpw
-
-    info, cc = plan.info, plan.cc
-    searched = searched_tensors(info, cc.embeddings)
-    every = {t.name: [w for _, w in tensor_candidates(cc, t, _has_im(plan, t))] for t in searched}
-    cands = {t.name: _frontier(plan, t, every[t.name], type_error) for t in searched}
-    lowest = {t.name: min(_pad(plan, tensor_nbytes(w, t.n_params)) for w in every[t.name]) for t in searched}
-    fixed = plan.lo - sum(lowest.values())
-    pre = _passes(plan, presets)["presets"]
-    target = plan.target or _file_bytes(plan, pre[-1])
-    bpw = 8 * (target - fixed) / max(1, sum(t.n_params for t in searched))
-    below = {n: max((w for w in c if bits_per_weight(w) <= bpw), key=bits_per_weight, default=c[0])
-             for n, c in cands.items()}
-    above = {n: min((w for w in c if bits_per_weight(w) >= bpw), key=bits_per_weight, default=c[-1])
-             for n, c in cands.items()}
-    frac = {n: (bpw - bits_per_weight(below[n])) / (bits_per_weight(above[n]) - bits_per_weight(below[n]))
-            if above[n] != below[n] else 0.0 for n in cands}
-    return _Mixes(target, every, {n: type_for_bpw(c, bpw) for n, c in cands.items()}, below, above, frac,
-                  {n: c[-1] for n, c in cands.items()}, pre)
-
-
-def decode_mixes(
-    plan: RunPlan, presets: tuple[str, ...] = (), type_error: Mapping[str, float] = {}
-) -> dict[str, dict[str, T]]:
-    """The files whose decode the plan reads (`_Mixes`), by label: tensor -> requested type."""
-    m = _mixes(plan, presets, type_error)
-    pre = {f"preset {i}": p for i, p in enumerate(m.presets)}
-    return {"below": m.below, "above": m.above, "hi": m.hi, **pre}
-
-
-def _rss() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            return next((int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS:")), 0)
-    except OSError:  # not Linux: RAM is then planned without the process's own
-        return 0
-
-
-def _timed(fn: Callable[..., object], *args: object, reps: int = 1) -> float:
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn(*args)
-    return (time.perf_counter() - t0) / reps
-
-
-def _quant_rate(pool: ThreadPoolExecutor, n: int, w: T, rows: np.ndarray, im: np.ndarray | None) -> float:
-    """Wall seconds per weight of ggml's quantizer, `n` threads each quantizing `rows` at once."""
-    from ramp_cpp.llama import native
-
-    native.quantize_rows(int(w), rows[:1], im)  # warm-up: the IQ types build their tables once
-    job = lambda _: native.quantize_rows(int(w), rows, im)  # noqa: E731
-    # the median of 5: one short sample stopped by another process would count ten times its share
-    runs = [_timed(lambda: list(pool.map(job, range(n)))) for _ in range(5)]
-    return float(np.median(runs)) / (n * rows.size)
-
-
-#: The copy's blocks hold at least this many times the rest's weights (embeddings, head), or are all of them.
-DECODE_BLOCKS_OVER_REST = 1
-
-
-def _decode_s(path: Path, opts: RuntimeOptions, chunk: np.ndarray) -> float:
-    """Wall seconds of one decode of `chunk` by the model at `path`: the median of up to 3 decodes while they
-    take under DECODE_PROBE_S / 2 in all, after one that is not timed (the first decode after a load ran up to
-    1.3x slower on Qwen2.5-Coder-0.5B's copy)."""
-    from ramp_cpp.llama.backend import LlamaModel
-
-    with LlamaModel(str(path), opts) as m:
-        m.logits(chunk, len(chunk) // 2, len(chunk) - 1)
-        runs: list[float] = []
-        while not runs or (sum(runs) < DECODE_PROBE_S / 2 and len(runs) < 3):
-            runs.append(_timed(m.logits, chunk, len(chunk) // 2, len(chunk) - 1))
-    return float(np.median(runs))
-
-
-def decode_ratios(
-    plan: RunPlan, opts: RuntimeOptions, chunk: np.ndarray, mixes: Mapping[str, Mapping[str, T]], work: Path
-) -> dict[str, float]:
-    """Each mix's decode time over the source's, on this machine: a copy of the model's first k blocks (the
-    fewest whose weights are DECODE_BLOCKS_OVER_REST times the rest's, or all of them, so that the blocks and
-    the head weigh in its decode about as in the whole model's) is decoded as it is (T_src) and quantized by
-    llama.cpp with the mix's types (T_mix, fallbacks and all):
-
-        ratio(mix) = T_mix / T_src
-
-    What a type costs against F16 differs between CPUs 2-4x (AMX, VNNI) and between tensors of one model (a
-    per-type table weighted by weights was 1.24x off on Qwen2.5-Coder-0.5B's written file), so the mixes the
-    run will decode are decoded. A mix with a type that needs an importance matrix, or a copy llama.cpp will
-    not load, is left out (the DECODE table then)."""
-    import re
-
-    from ramp_cpp.errors import RampError
-    from ramp_cpp.llama.ggufio import read_inventory, rewrite_gguf
-    from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
-
-    info = plan.info
-    blk = re.compile(r"blk\.(\d+)\.")
-    per_block = sum(t.n_params for t in info.tensors if t.block == 0)
-    rest = DECODE_BLOCKS_OVER_REST * sum(t.n_params for t in info.tensors if t.block is None)
-    k = min(info.n_blocks, max(1, -(-rest // max(1, per_block))))
-    kept = lambda name: (b := blk.match(name)) is None or int(b.group(1)) < k  # noqa: E731
-    copy = [t for t in _quantized(plan) if kept(t.name)]
-    out: dict[str, float] = {}
-    seen: dict[tuple[tuple[str, T], ...], float] = {}
-    chunk = chunk[: max(8, len(chunk) // 2)]  # half a chunk: the ratio, not the time, is what is kept
-    try:
-        src = rewrite_gguf(plan.model_path, work / "src.gguf", {}, {f"{info.arch}.block_count": k}, keep=kept)
-        t_src, src_info = _decode_s(src, opts, chunk), read_inventory(src)
-        qopts = QuantizeOptions(n_threads=opts.n_threads, force=True)
-        for label, mix in mixes.items():
-            full = {t.name: mix.get(t.name, plan.cc.base) for t in copy}
-            key = tuple(sorted(full.items()))
-            if key not in seen and not any(needs_imatrix(w) for w in full.values()):
-                dst = work / "mix.gguf"
-                quantize_map(src, dst, full, plan.cc.base, qopts, info=src_info)
-                seen[key] = _decode_s(dst, opts, chunk) / t_src
-                dst.unlink()
-            if key in seen:
-                out[label] = seen[key]
-    except RampError:  # an architecture whose copy llama.cpp refuses: the table it is
-        return out
-    return out
-
-def _rows(tensor: Any, t: TensorInfo) -> np.ndarray:
-    """The first rows of `t` (64k weights at least, ROWS rows at least) as float32, from gguf-py's reader."""
-    from gguf.quants import dequantize
-
-    k = max(ROWS, (1 << 16) // t.n_per_row)
-    raw = np.asarray(tensor.data[:k])
-    return np.asarray(dequantize(raw, T(int(tensor.tensor_type))), dtype=np.float32).reshape(len(raw), -1)
-
-
-def _type_errors(plan: RunPlan, data: Mapping[str, Any], rows: dict[str, np.ndarray]) -> dict[str, float]:
-    """‖Ŵ − W‖² / ‖W‖² of every candidate of each row length, all on the rows of its first searched linear
-    (`SpeedProbe.type_error`): the same rows for every type, so that their order is the types' own. Not the
-    embeddings' rows while a linear has that length: a base dequantized from a GGUF can keep them on its
-    source's grid (Qwen2.5-Coder-0.5B's off-grid base: Q5_0 at 1e-8 there, 0.2x Q5_1's elsewhere)."""
-    from gguf.quants import dequantize
-
-    from ramp_cpp.llama import native
-
-    out: dict[str, float] = {}
-    # linears first, so that a row length's sample is a linear's where one has it
-    searched = sorted(searched_tensors(plan.info, plan.cc.embeddings),
-                      key=lambda x: x.role in ("token_embd", "output"))
-    for t in searched:
-        for _, w in tensor_candidates(plan.cc, t, _has_im(plan, t)):
-            key = _error_key(w, t.n_per_row)
-            if key in out or needs_imatrix(w):
-                continue
-            first = next(x for x in searched if x.n_per_row == t.n_per_row)
-            r = rows.setdefault(first.name, _rows(data[first.name], first))
-            q = np.frombuffer(native.quantize_rows(int(w), r, None), dtype=np.uint8).reshape(len(r), -1)
-            d = np.asarray(dequantize(q, w), dtype=np.float32).reshape(r.shape) - r
-            norm = max(1e-30, float(np.square(r).sum(dtype=np.float64)))
-            out[key] = float(np.square(d).sum(dtype=np.float64)) / norm
-    return out
-
-
-def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = ()) -> SpeedProbe:
-    """Measure what `estimate` needs (module docstring); nothing is kept (64 MiB and the copy of the first
-    blocks, 1.3 GB for a 7B model, are written in the system temp dir and removed)."""
-    from gguf.quants import dequantize
-
-    from ramp_cpp.llama import native
-    from ramp_cpp.llama.backend import LlamaModel
-    from ramp_cpp.llama.evaluate import _tail_samples, _top_k, chunks, logsumexp_rows
-    from ramp_cpp.llama.ggufio import open_reader
-
-    t_start, cfg, info = time.perf_counter(), plan.cfg, plan.info
-    n_threads = opts.n_threads or os.cpu_count() or 1
-    load = os.getloadavg()[0] / (os.cpu_count() or 1) if hasattr(os, "getloadavg") else 0.0
-    rss_base = _rss()
-    t0 = time.perf_counter()
-    with LlamaModel(plan.model_path, replace(opts, n_ctx=cfg.n_ctx)) as m:
-        t1 = time.perf_counter()
-        tokens = m.tokenize(plan.text)
-        t2 = time.perf_counter()
-        (c,) = chunks(tokens, EvalConfig(cfg.n_ctx, cfg.first_chunk, 1), m.bos if m.add_bos else None)
-        warm = _timed(m.logits, c[:8], 0, 8)  # the weights' first touch: part of every load
-        decodes: list[float] = []
-        # a small model's one chunk is a second or two, and the first decode after a load runs ~1.5x slow
-        # (the demo model's evaluation stages came out at 0.6-0.7x the plan): decode again while that is cheap
-        while not decodes or (sum(decodes) < DECODE_PROBE_S and len(decodes) < 5):
-            t3 = time.perf_counter()
-            x = np.array(m.logits(c, len(c) // 2, len(c) - 1))
-            decodes.append(time.perf_counter() - t3)
-        load_s, tokenize_s, token_s = t1 - t0 + warm, t2 - t1, float(np.median(decodes)) / len(c)
-        ctx_bytes = max(0, _rss() - rss_base - info.file_size)
-    score_s = _timed(logsumexp_rows, x, np.empty_like(x))
-    top = _top_k(x, min(64, x.shape[1] - 1))[0]
-    base_s = _timed(_tail_samples, x, logsumexp_rows(x, np.empty_like(x)), top, 64, np.random.default_rng(0))
-    base_s += _timed(_top_k, x, top.shape[1])
-    t0 = time.perf_counter()
-    data = {t.name: t for t in open_reader(plan.model_path).tensors}
-    header_s = time.perf_counter() - t0
-    todo: dict[str, tuple[T, bool, TensorInfo]] = {}
-    for types in [p for ps in _passes(plan, presets).values() for p in ps]:
-        for t in (t for t in info.tensors if quantizable(t.name, 2)):
-            w = written_type(types.get(t.name, plan.cc.base), t.n_per_row)
-            todo.setdefault(_key(w, _has_im(plan, t)), (w, _has_im(plan, t), t))
-    quant_s: dict[str, float] = {}
-    dequant_s: dict[str, float] = {}
-    rows: dict[str, np.ndarray] = {}
-    with ThreadPoolExecutor(n_threads) as pool:
-        for key, (w, im, t) in todo.items():
-            if t.name not in rows:
-                k = max(ROWS, (1 << 16) // t.n_per_row)  # 64k weights at least: a sample of milliseconds
-                src, raw = T(int(data[t.name].tensor_type)), np.asarray(data[t.name].data[:k])
-                rows[t.name] = _rows(data[t.name], t)
-                dequant_s.setdefault(src.name, _timed(dequantize, raw, src) / rows[t.name].size)
-            r = rows[t.name]
-            imx = np.ones(r.shape[1], dtype=np.float32) if im else None
-            quant_s[key] = _quant_rate(pool, n_threads, w, r, imx)
-            q = np.frombuffer(native.quantize_rows(int(w), r, imx), dtype=np.uint8).reshape(len(r), -1)
-            dequant_s.setdefault(w.name, _timed(dequantize, q, w) / r.size)
-    type_error = _type_errors(plan, data, rows)
-    r = next(iter(rows.values()))
-    big, col = np.tile(r, (max(1, (1 << 20) // r.size), 1)), np.ones(r.shape[1])
-    error_s = _timed(lambda: np.square(big - big[::-1]).sum(axis=0, dtype=np.float64) @ col) / big.size
-    fold_s = _timed(lambda: (big.astype(np.float16).astype(np.float32) * col).astype(np.float16)) / big.size
-    n = min(64 << 20, info.file_size)
-    with open(plan.model_path, "rb") as f:
-        blob = f.read(n)
-    hash_bps = n / _timed(lambda: hashlib.sha256(blob).digest())
-    with tempfile.TemporaryDirectory(prefix="ramp-probe-") as d:
-        (Path(d) / "a").write_bytes(blob)
-        copy_bps = n / _timed(shutil.copyfile, Path(d) / "a", Path(d) / "b")
-        for copied in Path(d).iterdir():
-            copied.unlink()
-        mixes = decode_mixes(plan, presets, type_error)
-        decode = decode_ratios(plan, replace(opts, n_ctx=cfg.n_ctx), c, mixes, Path(d))
-    return SpeedProbe(
-        n_threads, len(tokens) // cfg.n_ctx, load_s, tokenize_s, token_s, score_s, base_s, header_s, quant_s,
-        dequant_s, error_s, fold_s, copy_bps, hash_bps, rss_base, ctx_bytes, time.perf_counter() - t_start,
-        load, decode, type_error,
-    )
 
 
 def _base_cached(plan: RunPlan, sha: str | None, ecfg: EvalConfig) -> bool:
@@ -509,7 +129,7 @@ def estimate(
     needs = disk_needs(info, cc, plan.fold, plan.hi, plan.run_dir, plan.cache_root, in_memory=plan.in_memory)
     on_disk = not str(scratch_root().resolve()).startswith("/dev/shm")  # else scratch writes are memory
     searched = searched_tensors(info, cc.embeddings)
-    quantized = _quantized(plan)
+    quantized = quantizable_tensors(plan)
     src_deq = p.dequant_s.get(info.tensors[0].ggml_type, 0.0)
 
     def rel(types: Mapping[str, T], hi: Mapping[str, T] | None = None, a: Mapping[str, float] = {}) -> float:
@@ -517,7 +137,7 @@ def estimate(
         way to hi's type."""
         if opts.n_gpu_layers:
             return 1.0
-        d = lambda m: {n: DECODE.get(w.name, DECODE_OTHER) for n, w in _written(plan, m).items()}  # noqa: E731
+        d = lambda m: {n: DECODE.get(w.name, DECODE_OTHER) for n, w in written(plan, m).items()}  # noqa: E731
         lo, up = d(types), d(hi or types)
         n = sum(t.n_params * (lo[t.name] + a.get(t.name, 0.0) * (up[t.name] - lo[t.name])) for t in quantized)
         return n / max(1, sum(t.n_params for t in quantized))
@@ -526,8 +146,8 @@ def estimate(
         return p.load_s + p.tokenize_s + n * (N * p.token_s * r + p.score_s)
 
     def qpass(types: Mapping[str, T]) -> tuple[float, int]:
-        ws, size = _written(plan, types), _file_bytes(plan, types)
-        sec = p.header_s + sum(t.n_params * (p.quant_s.get(_key(ws[t.name], _has_im(plan, t)), 0.0)
+        ws, size = written(plan, types), file_bytes(plan, types)
+        sec = p.header_s + sum(t.n_params * (p.quant_s.get(quant_key(ws[t.name], has_imatrix(plan, t)), 0.0)
                                              + src_deq / p.n_threads) for t in quantized)
         return sec + size / p.copy_bps, size
 
@@ -536,11 +156,11 @@ def estimate(
         if not plan.in_memory:
             return 0.0
         ws = {t.name: written_type(types.get(t.name, cc.base), t.n_per_row) for t in searched}
-        return sum(t.n_params * p.quant_s.get(_key(ws[t.name], _has_im(plan, t)), 0.0)
+        return sum(t.n_params * p.quant_s.get(quant_key(ws[t.name], has_imatrix(plan, t)), 0.0)
                    for t in searched if types.get(t.name, cc.base) != cc.base)
 
-    m = _mixes(plan, presets, p.type_error)
-    cands, passes, target, choice = m.cands, _passes(plan, presets), m.target, m.choice
+    m = plan_mixes(plan, presets, p.type_error)
+    cands, passes, target, choice = m.cands, quantizer_passes(plan, presets), m.target, m.choice
     r_choice, r_hi = rel(m.below, m.above, m.frac), p.decode.get("hi", rel(m.hi))
     if "below" in p.decode and "above" in p.decode:  # measured: greedy's file a share of the way up
         n_q = max(1, sum(t.n_params for t in quantized))
@@ -598,7 +218,7 @@ def estimate(
 
     if plan.in_memory:  # the base type's pass only; the proxy quantizes each candidate in memory
         passes["cache"] = passes["cache"][:1]
-        cache_s += sum(measured_params(t) * sum(p.quant_s.get(_key(w, _has_im(plan, t)), 0.0)
+        cache_s += sum(measured_params(t) * sum(p.quant_s.get(quant_key(w, has_imatrix(plan, t)), 0.0)
                                                 for w in cands[t.name] if w != cc.base) for t in searched)
     for types in passes["cache"]:
         sec, size = qpass(types)
@@ -677,3 +297,4 @@ def total(stages: list[StagePlan], unfolded: bool = False) -> StagePlan:
     return StagePlan("total", sum(s.wall_s for s in stages), max(s.peak_rss for s in stages),
                      sum(s.written for s in stages), held, sum(s.E for s in stages),
                      sum(s.quant_passes for s in stages))
+
