@@ -347,12 +347,13 @@ def _combined(attempts: list[list[dict[str, Any]]]) -> list[StageCost]:
     return [StageCost(**v) for v in out.values()]
 
 
-def probe_clocks(key: str, pauses: Lines) -> dict[str, float]:
+def probe_clocks(key: str, pauses: Lines, since: float) -> dict[str, float]:
     """Each group-probe stage's seconds by its evaluations' own clocks, less their overlap with `pauses`:
     groups.py saves every evaluation with its wall time and end, so an attempt lost with its machine, which
-    left no stage line, still counts. A stage with an evaluation saved without its end (before 2026-12-03)
-    is left out when the run was paused: its clock may hold a pause. A cache directory is the unfolded
-    model's when its proxy was measured on the file the probes compare against."""
+    left no stage line, still counts. Only evaluations that ended after `since` (the cell's first stage
+    began) are this cell's: a state restored from another run (--tail) or saved before the end was recorded
+    (2026-12-03 night) is left to the stage lines. A cache directory is the unfolded model's when its proxy
+    was measured on the file the probes compare against."""
     model, config, size, *tail = key.split("|")
     cell = cell_name(config, size, bool(tail))
     out: dict[str, float] = {}
@@ -364,13 +365,13 @@ def probe_clocks(key: str, pauses: Lines) -> dict[str, float]:
     for root in (STATE / model / cell, HERE / "out" / "costs" / model / cell):
         for g in root.glob("cache/*/groups-*.json"):
             d = json.loads(g.read_text())
-            evals = list(d["evals"].values())
-            if pauses and not all("ended" in e for e in evals):
+            evals = [e for e in d["evals"].values() if e.get("ended", 0.0) > since]
+            if not evals:
                 continue
             m = next(g.parent.glob("measure-*.json"), None)
             src = json.loads(m.read_text())["key"]["model_sha256"] if m else None
             stage = f"group probes ({'unfolded' if src == d['key']['base_sha256'] else 'folded'})"
-            clock = sum(e.get("seconds", 0.0) - (paused(e) if pauses else 0.0) for e in evals)
+            clock = sum(e["seconds"] - paused(e) for e in evals)
             out[stage] = max(out.get(stage, 0.0), clock)
     return out
 
@@ -382,7 +383,9 @@ def table() -> str:
         attempts, pauses = cell.get("attempts", []), cell.get("pauses", [])
         costs = (_combined(_unpaused(attempts, pauses)) if len(attempts) > 1 or pauses
                  else [StageCost(**s) for s in cell["costs"]])
-        clocks = probe_clocks(key, pauses)
+        lines_ = [st for a in attempts for st in a]
+        since = min((st["time"] - st["wall_s"] for st in lines_), default=float("inf"))
+        clocks = probe_clocks(key, pauses, since)
         # a stage line lost with its machine: the evaluations' own clocks, where they say more
         costs = [replace(s, wall_s=clocks[s.stage]) if clocks.get(s.stage, 0.0) > s.wall_s * 1.05 else s
                  for s in costs]

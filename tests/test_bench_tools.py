@@ -256,18 +256,22 @@ def test_a_tail_cell_starts_from_the_finished_runs_state_less_its_plan_and_fold_
         costs.restore_state("other", "new", "Q4_K_M", tail=True)
 
 
-@pytest.mark.parametrize(("pauses", "ended", "want"), [
-    ([], (100.0, 200.0), {"group probes (folded)": 60.0, "group probes (unfolded)": 40.0}),
-    ([(90, 95)], (100.0, 200.0), {"group probes (folded)": 55.0, "group probes (unfolded)": 40.0}),
-    # an evaluation saved without its end: its stage is not recounted once the run was paused
-    ([(90, 95)], (None, 200.0), {"group probes (unfolded)": 40.0}),
-    ([], (None, 200.0), {"group probes (folded)": 60.0, "group probes (unfolded)": 40.0}),
+@pytest.mark.parametrize(("pauses", "ended", "since", "want"), [
+    ([], (100.0, 200.0), 0.0, {"group probes (folded)": 60.0, "group probes (unfolded)": 40.0}),
+    ([(90, 95)], (100.0, 200.0), 0.0, {"group probes (folded)": 55.0, "group probes (unfolded)": 40.0}),
+    # evaluations saved without their end cannot be placed: left to the stage lines
+    ([(90, 95)], (None, 200.0), 0.0, {"group probes (unfolded)": 40.0}),
+    ([], (None, 200.0), 0.0, {"group probes (unfolded)": 40.0}),
+    # the folded ones ended at 70 and 100, before this cell began (a state restored from another run)
+    ([], (100.0, 200.0), 150.0, {"group probes (unfolded)": 40.0}),
+    ([], (100.0, 200.0), 80.0, {"group probes (folded)": 30.0, "group probes (unfolded)": 40.0}),
 ])
 def test_the_probe_stages_are_recounted_by_their_evaluations_clocks(
-    tmp_path, monkeypatch, pauses, ended, want
+    tmp_path, monkeypatch, pauses, ended, since, want
 ):
-    """A probe stage's line lost with its machine: the table counts its saved evaluations' seconds, less their
-    overlap with the pauses; the unfolded model's cache is the one whose proxy was measured on the base."""
+    """A probe stage's line lost with its machine: the table counts the seconds of its evaluations that ended
+    after the cell began, less their overlap with the pauses; the unfolded model's cache is the one whose
+    proxy was measured on the base."""
     costs = _load("costs")
     monkeypatch.setattr(costs, "HERE", tmp_path)
     monkeypatch.setattr(costs, "STATE", tmp_path / "state")
@@ -280,4 +284,4 @@ def test_the_probe_stages_are_recounted_by_their_evaluations_clocks(
         (root / "cache" / d / "groups-1.json").write_text(json.dumps({"key": {"base_sha256": "base"},
                                                                       "evals": evals}))
     lines = [{"stop": a, "cont": b, "why": "t"} for a, b in pauses]
-    assert costs.probe_clocks("m|new|Q4_K_M", lines) == want
+    assert costs.probe_clocks("m|new|Q4_K_M", lines, since) == want
