@@ -383,8 +383,8 @@ def table() -> str:
         attempts, pauses = cell.get("attempts", []), cell.get("pauses", [])
         costs = (_combined(_unpaused(attempts, pauses)) if len(attempts) > 1 or pauses
                  else [StageCost(**s) for s in cell["costs"]])
-        lines_ = [st for a in attempts for st in a]
-        since = min((st["time"] - st["wall_s"] for st in lines_), default=float("inf"))
+        began = [st["time"] - st["wall_s"] for a in attempts for st in a]
+        since = min(began, default=float("inf"))
         clocks = probe_clocks(key, pauses, since)
         # a stage line lost with its machine: the evaluations' own clocks, where they say more
         costs = [replace(s, wall_s=clocks[s.stage]) if clocks.get(s.stage, 0.0) > s.wall_s * 1.05 else s

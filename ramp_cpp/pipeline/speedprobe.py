@@ -173,12 +173,16 @@ def decode_ratios(
         return out
     return out
 
+def _raw(tensor: Any, t: TensorInfo) -> np.ndarray:
+    """The first rows of `t` as stored: 64k weights at least, ROWS rows at least (milliseconds of work)."""
+    return np.asarray(tensor.data[: max(ROWS, (1 << 16) // t.n_per_row)])
+
+
 def _rows(tensor: Any, t: TensorInfo) -> np.ndarray:
-    """The first rows of `t` (64k weights at least, ROWS rows at least) as float32, from gguf-py's reader."""
+    """`_raw`'s rows as float32, from gguf-py's reader."""
     from gguf.quants import dequantize
 
-    k = max(ROWS, (1 << 16) // t.n_per_row)
-    raw = np.asarray(tensor.data[:k])
+    raw = _raw(tensor, t)
     return np.asarray(dequantize(raw, T(int(tensor.tensor_type))), dtype=np.float32).reshape(len(raw), -1)
 
 
@@ -195,13 +199,18 @@ def _type_errors(plan: RunPlan, data: Mapping[str, Any], rows: dict[str, np.ndar
     # linears first, so that a row length's sample is a linear's where one has it
     searched = sorted(searched_tensors(plan.info, plan.cc.embeddings),
                       key=lambda x: x.role in ("token_embd", "output"))
+    first: dict[int, TensorInfo] = {}
+    for t in searched:
+        first.setdefault(t.n_per_row, t)
     for t in searched:
         for _, w in tensor_candidates(plan.cc, t, has_imatrix(plan, t)):
             key = error_key(w, t.n_per_row)
             if key in out or needs_imatrix(w):
                 continue
-            first = next(x for x in searched if x.n_per_row == t.n_per_row)
-            r = rows.setdefault(first.name, _rows(data[first.name], first))
+            f = first[t.n_per_row]
+            if f.name not in rows:
+                rows[f.name] = _rows(data[f.name], f)
+            r = rows[f.name]
             q = np.frombuffer(native.quantize_rows(int(w), r, None), dtype=np.uint8).reshape(len(r), -1)
             d = np.asarray(dequantize(q, w), dtype=np.float32).reshape(r.shape) - r
             norm = max(1e-30, float(np.square(r).sum(dtype=np.float64)))
@@ -257,8 +266,7 @@ def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = 
     with ThreadPoolExecutor(n_threads) as pool:
         for key, (w, im, t) in todo.items():
             if t.name not in rows:
-                k = max(ROWS, (1 << 16) // t.n_per_row)  # 64k weights at least: a sample of milliseconds
-                src, raw = T(int(data[t.name].tensor_type)), np.asarray(data[t.name].data[:k])
+                src, raw = T(int(data[t.name].tensor_type)), _raw(data[t.name], t)
                 rows[t.name] = _rows(data[t.name], t)
                 dequant_s.setdefault(src.name, _timed(dequantize, raw, src) / rows[t.name].size)
             r = rows[t.name]
