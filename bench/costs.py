@@ -11,6 +11,7 @@ bench/results/costs.json and skipped; an interrupted run resumes from its run fo
     .venv/bin/python bench/costs.py smollm2 --configs old,new --sizes Q4_K_M,Q3_K_M
     .venv/bin/python bench/costs.py 7b --configs new --sizes Q4_K_M --no-eval    # bench/shapes.py's model
     .venv/bin/python bench/costs.py 7b --configs new --sizes Q4_K_M --no-eval --tail  # its last stages again
+    .venv/bin/python bench/costs.py 7b --configs new --sizes Q4_K_M --no-eval --again --state  # all again
     .venv/bin/python bench/costs.py --table                                        # the markdown tables
 
 Configs: `old` is the default of `search --method greedy --size` before issue 21 (the paper's calibration
@@ -154,9 +155,14 @@ def _plan(key: str, config: str, size: str, rd: Path) -> Any:
                     rd / "cache", c.fold, 1, c.tensor_cache, c.row_sample)
 
 
-def cell_name(config: str, size: str, tail: bool = False) -> str:
+#: a cell's variants beside the plain run: "tail" (the stages after the measurement again, from the finished
+#: run's state) and "again" (the whole run again, cold, in a folder of its own: a second plan and its run)
+VARIANTS = ("tail", "again")
+
+
+def cell_name(config: str, size: str, variant: str = "") -> str:
     """The cell's folder under bench/out/costs/<model>/ and bench/state/<model>/."""
-    return f"{config}-{size}" + ("-tail" if tail else "")
+    return f"{config}-{size}" + (f"-{variant}" if variant else "")
 
 
 #: what a --tail cell leaves out of the finished run's state: its plan and stage lines (the tail has its own)
@@ -164,14 +170,14 @@ def cell_name(config: str, size: str, tail: bool = False) -> str:
 TAIL_DROPPED = ("predicted.json", "stages.jsonl", "pauses.jsonl", "scores.json")
 
 
-def _state_pairs(key: str, config: str, size: str, rd: Path, tail: bool = False) -> list[tuple[Path, Path]]:
+def _state_pairs(key: str, config: str, size: str, rd: Path, variant: str = "") -> list[tuple[Path, Path]]:
     """(file in the run, its copy under STATE) for every small result of the run: the run folder's own, the
     proxy's and probes' saved states, and the base log-probs of the chunk sets it scores (user cache)."""
     from ramp_cpp.llama.evaluate import base_logprobs_file
     from ramp_cpp.pipeline.stages import scored_chunk_sets
     from ramp_cpp.store.cache import file_sha256_cached
 
-    st = STATE / key / cell_name(config, size, tail)
+    st = STATE / key / cell_name(config, size, variant)
     pairs = [(rd / n, st / n) for n in STATE_FILES]
     for where, root in ((rd, rd), (st, rd)):  # what the run has, and what the state has for it
         pairs += [(root / p.relative_to(where), st / p.relative_to(where))
@@ -188,26 +194,26 @@ def _state_pairs(key: str, config: str, size: str, rd: Path, tail: bool = False)
 _BASE_FILES: dict[tuple[str, str, str], list[Path]] = {}
 
 
-def save_state(key: str, config: str, size: str, tail: bool = False) -> None:
+def save_state(key: str, config: str, size: str, variant: str = "") -> None:
     """Copy the run's small results to STATE (each atomically; files already there and the same are left)."""
     import shutil
 
-    rd = HERE / "out" / "costs" / key / cell_name(config, size, tail)
-    for src, dst in _state_pairs(key, config, size, rd, tail):
+    rd = HERE / "out" / "costs" / key / cell_name(config, size, variant)
+    for src, dst in _state_pairs(key, config, size, rd, variant):
         if src.is_file() and not (dst.is_file() and dst.read_bytes() == src.read_bytes()):
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst.with_suffix(".part"))
             dst.with_suffix(".part").replace(dst)
 
 
-def restore_state(key: str, config: str, size: str, tail: bool = False) -> int:
+def restore_state(key: str, config: str, size: str, variant: str = "") -> int:
     """Copy STATE's results into a run folder (and user cache) that lacks them; how many were copied. A tail
     cell's state starts as the finished run's, less TAIL_DROPPED."""
     import shutil
 
-    rd = HERE / "out" / "costs" / key / cell_name(config, size, tail)
-    st = STATE / key / cell_name(config, size, tail)
-    if tail and not st.exists():
+    rd = HERE / "out" / "costs" / key / cell_name(config, size, variant)
+    st = STATE / key / cell_name(config, size, variant)
+    if variant == "tail" and not st.exists():
         full = STATE / key / cell_name(config, size)
         if not (full / "run.json").is_file():
             raise SystemExit(f"{full} holds no finished run to take the tail of")
@@ -216,7 +222,7 @@ def restore_state(key: str, config: str, size: str, tail: bool = False) -> int:
         st.with_suffix(".part").replace(st)
     rd.mkdir(parents=True, exist_ok=True)
     n = 0
-    for dst, src in _state_pairs(key, config, size, rd, tail):
+    for dst, src in _state_pairs(key, config, size, rd, variant):
         if src.is_file() and not dst.is_file():
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst.with_suffix(".part"))
@@ -226,13 +232,13 @@ def restore_state(key: str, config: str, size: str, tail: bool = False) -> int:
 
 
 def run(key: str, config: str, size: str, evaluate: bool, threads: int | None,
-        state: bool = False, tail: bool = False) -> dict[str, Any]:
+        state: bool = False, variant: str = "") -> dict[str, Any]:
     """One cold run. Before it starts, the dry run's prediction goes to the run folder (`predicted.json`, made
     once, so a resumed run keeps the first one); every finished stage is appended to `stages.jsonl` with the
     process that ran it, so a run resumed across interruptions keeps what each attempt spent."""
     c = CONFIGS[config]
     model = model_path(key)
-    rd = HERE / "out" / "costs" / key / cell_name(config, size, tail)
+    rd = HERE / "out" / "costs" / key / cell_name(config, size, variant)
     cfg = SizedConfig(calib=load_recipe(c.recipe))
     pred = rd / "predicted.json"
     if not pred.is_file():
@@ -250,7 +256,7 @@ def run(key: str, config: str, size: str, evaluate: bool, threads: int | None,
             f.write(json.dumps({"pid": pid, "time": time.time(), **s.to_json()}) + "\n")
         if state:
             try:
-                save_state(key, config, size, tail)
+                save_state(key, config, size, variant)
             except OSError as e:  # the run goes on; --save-state can be asked again
                 log(f"state not saved: {e}")
 
@@ -354,8 +360,8 @@ def probe_clocks(key: str, pauses: Lines, since: float) -> dict[str, float]:
     began) are this cell's: a state restored from another run (--tail) or saved before the end was recorded
     (2026-12-03 night) is left to the stage lines. A cache directory is the unfolded model's when its proxy
     was measured on the file the probes compare against."""
-    model, config, size, *tail = key.split("|")
-    cell = cell_name(config, size, bool(tail))
+    model, config, size, *variant = key.split("|")
+    cell = cell_name(config, size, *variant)
     out: dict[str, float] = {}
 
     def paused(e: dict[str, Any]) -> float:
@@ -452,9 +458,15 @@ def main() -> int:
                     help="the stages after the measurement again (fold decision, allocate, evaluate) in a "
                          "cell of their own: the finished run's state less its plan, stage lines and fold "
                          "check (implies --state)")
+    ap.add_argument("--again", action="store_true",
+                    help="the whole run again, cold, in a cell of its own (a second plan checked by a second "
+                         "run; with --state it is carried across sessions)")
     ap.add_argument("--predict", action="store_true",
                     help="finished cells without one: the dry run's prediction, asked now for a cold folder")
     a = ap.parse_args()
+    if a.tail and a.again:
+        ap.error("--tail or --again, not both")
+    variant = "tail" if a.tail else "again" if a.again else ""
     if a.table:
         print(table())
         return 0
@@ -463,7 +475,7 @@ def main() -> int:
     done = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for config in a.configs.split(","):
         for size in a.sizes.split(","):
-            key = f"{a.model}|{config}|{size}" + ("|tail" if a.tail else "")
+            key = "|".join([a.model, config, size] + ([variant] if variant else []))
             if key in done and a.predict and "predicted" not in done[key]:
                 log(f"{key}: predicting")
                 save(key, done[key] | {"predicted": predict(a.model, config, size, a.threads)})
@@ -472,15 +484,15 @@ def main() -> int:
                 log(f"{key}: done")
                 continue
             if a.save_state:
-                save_state(a.model, config, size, a.tail)
+                save_state(a.model, config, size, variant)
                 log(f"{key}: state saved under {STATE / a.model}")
                 continue
             if a.state or a.tail:
-                n = restore_state(a.model, config, size, a.tail)
+                n = restore_state(a.model, config, size, variant)
                 log(f"{key}: {n} files restored from {STATE / a.model}")
             log(f"{key}: running")
             save(key, run(a.model, config, size, not a.no_eval and a.model not in SHAPES, a.threads,
-                          a.state or a.tail, a.tail))
+                          a.state or a.tail, variant))
     print(table())
     return 0
 

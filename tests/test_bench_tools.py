@@ -248,12 +248,15 @@ def test_a_tail_cell_starts_from_the_finished_runs_state_less_its_plan_and_fold_
     for name in files:
         (full / name).parent.mkdir(parents=True, exist_ok=True)
         (full / name).write_text(name)
-    assert costs.restore_state("m", "new", "Q4_K_M", tail=True) == 4
+    assert costs.restore_state("m", "new", "Q4_K_M", variant="tail") == 4
     rd = tmp_path / "out" / "costs" / "m" / "new-Q4_K_M-tail"
     assert sorted(str(p.relative_to(rd)) for p in rd.rglob("*") if p.is_file()) == sorted(files[:4])
     assert sorted(str(p.relative_to(full)) for p in full.rglob("*") if p.is_file()) == sorted(files)
     with pytest.raises(SystemExit):  # nothing finished to take the tail of
-        costs.restore_state("other", "new", "Q4_K_M", tail=True)
+        costs.restore_state("other", "new", "Q4_K_M", variant="tail")
+    # --again runs the whole cell cold: nothing of the finished run comes into its folder
+    assert costs.restore_state("m", "new", "Q4_K_M", variant="again") == 0
+    assert not any((tmp_path / "out" / "costs" / "m" / "new-Q4_K_M-again").rglob("*"))
 
 
 @pytest.mark.parametrize(("pauses", "ended", "since", "want"), [
