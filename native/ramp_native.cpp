@@ -159,6 +159,8 @@ struct stats_entry {
     int64_t             rows  = 0;  // rows of x seen (tokens)
     std::vector<float>  max_abs;
     std::vector<double> sum_sq;
+    std::vector<double> rel_sq;    // sum over rows of x[j]^2 / ms(h), h the residual row of the same token
+    int64_t             rel_rows = 0;
 };
 
 struct stats_collector {
@@ -167,6 +169,9 @@ struct stats_collector {
     std::unordered_map<std::string, size_t> index;
     std::vector<char>                       host_copy;  // src1 copied out of device memory
     std::string                             error;      // first problem seen; collection continues
+    std::vector<std::string>                watch;      // graph-node name prefixes recorded besides weights
+    std::vector<std::string>                residual;   // watched prefixes that are the residual stream
+    std::vector<double>                     ms;         // mean square of each row of the last residual node
 };
 
 // "CUDA0#blk.0.attn_k.weight#0" (a scheduler copy) -> "blk.0.attn_k.weight", as imatrix.cpp's
@@ -203,39 +208,31 @@ RAMP_API void ramp_stats_reset(void * c) {
     s->entries.clear();
     s->index.clear();
     s->error.clear();
+    s->ms.clear();
 }
 
 // The eval callback: pass its address as llama_context_params.cb_eval and the collector as
 // cb_eval_user_data. With ask=true the scheduler asks whether we want a node's result (it then splits the
 // graph after that node); with ask=false the node has been computed and its inputs are readable.
-RAMP_API bool ramp_stats_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
-    auto * s = static_cast<stats_collector *>(user_data);
-    if (t->op != GGML_OP_MUL_MAT || !t->src[0] || !t->src[1]) {
-        return false;
-    }
-    const ggml_tensor * src0 = t->src[0];
-    const ggml_tensor * src1 = t->src[1];
-    const std::string   name = weight_name(src0->name);
-    if (!is_weight(name)) {
-        return false;
-    }
-    if (ask) {
-        return true;
-    }
-    std::lock_guard<std::mutex> lock(s->mutex);
-    if (src1->type != GGML_TYPE_F32 || src1->nb[0] != sizeof(float)) {
+namespace {
+
+// Accumulate x = the rows of `x` (F32, one row per token) into the entry `name`. With `residual`, x is the
+// residual stream: each row's mean square is kept, and the rows of the weights' inputs that follow (the same
+// tokens, until the next residual node) are also summed divided by it (rel_sq).
+void accumulate(stats_collector * s, const std::string & name, const ggml_tensor * x, bool residual) {
+    if (x->type != GGML_TYPE_F32 || x->nb[0] != sizeof(float)) {
         if (s->error.empty()) {
-            s->error = "input of " + name + " is " + ggml_type_name(src1->type) + ", not contiguous F32";
+            s->error = "input of " + name + " is " + ggml_type_name(x->type) + ", not contiguous F32";
         }
-        return true;
+        return;
     }
-    const char * data = static_cast<const char *>(src1->data);
-    if (!ggml_backend_buffer_is_host(src1->buffer)) {
-        s->host_copy.resize(ggml_nbytes(src1));
-        ggml_backend_tensor_get(src1, s->host_copy.data(), 0, s->host_copy.size());
+    const char * data = static_cast<const char *>(x->data);
+    if (!ggml_backend_buffer_is_host(x->buffer)) {
+        s->host_copy.resize(ggml_nbytes(x));
+        ggml_backend_tensor_get(x, s->host_copy.data(), 0, s->host_copy.size());
         data = s->host_copy.data();
     }
-    const int64_t ne0 = src1->ne[0];
+    const int64_t ne0 = x->ne[0];
     auto          it  = s->index.find(name);
     if (it == s->index.end()) {
         it = s->index.emplace(name, s->entries.size()).first;
@@ -244,6 +241,7 @@ RAMP_API bool ramp_stats_eval_callback(struct ggml_tensor * t, bool ask, void * 
         e.width = ne0;
         e.max_abs.assign(ne0, 0.0f);
         e.sum_sq.assign(ne0, 0.0);
+        e.rel_sq.assign(ne0, 0.0);
         s->entries.push_back(std::move(e));
     }
     stats_entry & e = s->entries[it->second];
@@ -251,25 +249,100 @@ RAMP_API bool ramp_stats_eval_callback(struct ggml_tensor * t, bool ask, void * 
         if (s->error.empty()) {
             s->error = name + " seen with " + std::to_string(e.width) + " and " + std::to_string(ne0) + " columns";
         }
-        return true;
+        return;
     }
-    float *  mx = e.max_abs.data();
-    double * sq = e.sum_sq.data();
-    for (int64_t i3 = 0; i3 < src1->ne[3]; ++i3) {
-        for (int64_t i2 = 0; i2 < src1->ne[2]; ++i2) {
-            for (int64_t i1 = 0; i1 < src1->ne[1]; ++i1) {
-                const auto * x = reinterpret_cast<const float *>(data + i1 * src1->nb[1] + i2 * src1->nb[2] +
-                                                                 i3 * src1->nb[3]);
+    const int64_t n_rows = x->ne[1] * x->ne[2] * x->ne[3];
+    // the residual rows of the same tokens (a row count that differs, e.g. the last block's output rows only,
+    // leaves rel_sq out for this batch)
+    const bool    rel    = !residual && (int64_t) s->ms.size() == n_rows;
+    if (residual) {
+        s->ms.assign(n_rows, 0.0);
+    }
+    float *  mx  = e.max_abs.data();
+    double * sq  = e.sum_sq.data();
+    double * rsq = e.rel_sq.data();
+    int64_t  row = 0;
+    for (int64_t i3 = 0; i3 < x->ne[3]; ++i3) {
+        for (int64_t i2 = 0; i2 < x->ne[2]; ++i2) {
+            for (int64_t i1 = 0; i1 < x->ne[1]; ++i1, ++row) {
+                const auto * r = reinterpret_cast<const float *>(data + i1 * x->nb[1] + i2 * x->nb[2] + i3 * x->nb[3]);
+                double       row_sq = 0.0;
                 for (int64_t j = 0; j < ne0; ++j) {
-                    const float v = x[j];
+                    const float v = r[j];
                     mx[j]         = std::max(mx[j], std::fabs(v));
                     sq[j] += (double) v * (double) v;
+                    row_sq += (double) v * (double) v;
+                }
+                if (residual) {
+                    s->ms[row] = row_sq / (double) ne0;
+                } else if (rel && s->ms[row] > 0.0) {
+                    const double inv = 1.0 / s->ms[row];
+                    for (int64_t j = 0; j < ne0; ++j) {
+                        rsq[j] += (double) r[j] * (double) r[j] * inv;
+                    }
                 }
             }
         }
     }
-    e.rows += src1->ne[1] * src1->ne[2] * src1->ne[3];
+    e.rows += n_rows;
+    if (rel) {
+        e.rel_rows += n_rows;
+    }
+}
+
+bool starts(const std::vector<std::string> & prefixes, const std::string & name) {
+    return std::any_of(prefixes.begin(), prefixes.end(), [&](const std::string & p) { return name.rfind(p, 0) == 0; });
+}
+
+}  // namespace
+
+// The eval callback: pass its address as llama_context_params.cb_eval and the collector as
+// cb_eval_user_data. With ask=true the scheduler asks whether we want a node's result (it then splits the
+// graph after that node); with ask=false the node has been computed and its inputs are readable.
+// A MUL_MAT on a weight records its input x under the weight's name; any other node whose graph name starts
+// with a watched prefix (ramp_stats_watch, e.g. "l_out-": the residual stream after each block) records its
+// own result under that name.
+RAMP_API bool ramp_stats_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
+    auto * s = static_cast<stats_collector *>(user_data);
+    if (t->op != GGML_OP_MUL_MAT || !t->src[0] || !t->src[1]) {
+        if (s->watch.empty() || t->op == GGML_OP_NONE) {
+            return false;
+        }
+        const std::string name = weight_name(t->name);
+        if (!starts(s->watch, name)) {
+            return false;
+        }
+        if (!ask) {
+            std::lock_guard<std::mutex> lock(s->mutex);
+            accumulate(s, name, t, starts(s->residual, name));
+        }
+        return true;
+    }
+    const std::string name = weight_name(t->src[0]->name);
+    if (!is_weight(name)) {
+        return false;
+    }
+    if (!ask) {
+        std::lock_guard<std::mutex> lock(s->mutex);
+        accumulate(s, name, t->src[1], false);
+        if (name == "output.weight" || name == "token_embd.weight") {
+            // the head ends the graph: the next batch's first weights have no residual row of theirs until a
+            // residual node of that batch is met (a model whose embeddings node is not watched)
+            s->ms.clear();
+        }
+    }
     return true;
+}
+
+// Watch the graph nodes whose name starts with `prefix` too (kept across resets); `residual` != 0: they are
+// the residual stream, whose rows' mean squares divide the weights' inputs that follow (rel_sq).
+RAMP_API void ramp_stats_watch(void * c, const char * prefix, int32_t residual) {
+    auto * s = static_cast<stats_collector *>(c);
+    std::lock_guard<std::mutex> lock(s->mutex);
+    s->watch.emplace_back(prefix);
+    if (residual) {
+        s->residual.emplace_back(prefix);
+    }
 }
 
 RAMP_API int32_t ramp_stats_count(void * c) {
@@ -304,11 +377,24 @@ RAMP_API int32_t ramp_stats_copy(void * c, int32_t i, float * max_abs, double * 
     return 0;
 }
 
+// Copy entry i's rel_sq (double[width]) and the rows it holds; returns 0, or 1 for a bad index.
+RAMP_API int32_t ramp_stats_copy_rel(void * c, int32_t i, double * rel_sq, int64_t * rel_rows) {
+    auto * s = static_cast<stats_collector *>(c);
+    std::lock_guard<std::mutex> lock(s->mutex);
+    if (i < 0 || (size_t) i >= s->entries.size()) {
+        return 1;
+    }
+    const stats_entry & e = s->entries[i];
+    std::copy(e.rel_sq.begin(), e.rel_sq.end(), rel_sq);
+    *rel_rows = e.rel_rows;
+    return 0;
+}
+
 // The first problem the callback met since the last reset ("" if none).
 RAMP_API const char * ramp_stats_error(void * c) {
     return static_cast<stats_collector *>(c)->error.c_str();
 }
 
 RAMP_API int32_t ramp_abi_version(void) {
-    return 2;
+    return 3;
 }

@@ -145,6 +145,66 @@ def test_pieces_keep_the_kv_cache(tiny_model: Path, tiny_text: str) -> None:
         np.testing.assert_allclose(got[48][name].max_abs, s.max_abs, rtol=TINY_RTOL, err_msg=name)
 
 
+def hf_relative(path: Path, ws: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """GGUF name -> Σ_t x_tj² / ms(h_t) / T of every nn.Linear's input x, h_t the token's residual row where
+    the linear's branch adds (the decoder layer's input for the attention, the post-attention norm's input for
+    the MLP; the final norm's input for the head), ms its mean square, by transformers in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    ms: list[torch.Tensor] = []
+    acc: dict[str, list] = {}
+
+    def residual(_mod, inp) -> None:
+        h = inp[0].detach().double().reshape(-1, inp[0].shape[-1])
+        ms[:] = [(h * h).mean(1)]
+
+    def linear(name: str):
+        def f(_mod, inp, _out) -> None:
+            x = inp[0].detach().double().reshape(-1, inp[0].shape[-1])
+            a = acc.setdefault(name, [torch.zeros(x.shape[1], dtype=torch.float64), 0])
+            a[0] = a[0] + (x * x / ms[0][:, None]).sum(0)
+            a[1] += x.shape[0]
+
+        return f
+
+    for n, m in hf.named_modules():
+        if n.endswith(("input_layernorm", "post_attention_layernorm")) or n == "model.norm":
+            m.register_forward_pre_hook(residual)
+        elif isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(linear(_gguf_name(n)))
+    with torch.no_grad():
+        for w in ws:
+            hf(torch.tensor(w[None, :], dtype=torch.long))
+    return {k: (sq / c).numpy() for k, (sq, c) in acc.items()}
+
+
+def test_relative_stats_agree_with_transformers(tiny_model: Path, tiny_text: str) -> None:
+    """The collector's residual-relative sums (rel_sq: each token's input row over its residual row's mean
+    square, bench/relproxy.py's weighting) against PyTorch hooks on the same tokens; without the residual
+    nodes named, the weights' own statistics are the same as ever and nothing is divided."""
+    ws = _windows_of(tiny_model, tiny_text, TINY)
+    ref = hf_relative(tiny_model, ws)
+    got, plain = {}, {}
+    for residual, out in ((("embd", "ffn_inp-", "l_out-"), got), ((), plain)):
+        with stats_model(tiny_model, RuntimeOptions(n_ctx=TINY.ctx), residual=residual) as m:
+            for w in ws:
+                m.run(w)
+            out.update(stats=m.stats(), rel=m.collector.relative())  # type: ignore[union-attr]
+    n_tokens = TINY.samples * TINY.ctx
+    assert set(ref) <= set(got["rel"]) and {"embd", "ffn_inp-1", "l_out-1"} <= set(got["stats"])
+    for name, want in ref.items():
+        rel, rows = got["rel"][name]
+        assert rows == n_tokens, name
+        np.testing.assert_allclose(rel / rows, want, rtol=2 * TINY_RTOL, err_msg=name)
+        np.testing.assert_array_equal(got["stats"][name].sum_sq, plain["stats"][name].sum_sq)
+        assert plain["rel"][name][1] == 0
+    # the check can fail: one block's residual in place of another's is far outside it
+    rel, rows = got["rel"]["blk.1.ffn_up.weight"]
+    assert np.abs(rel / rows / ref["blk.1.attn_q.weight"] - 1).max() > 20 * TINY_RTOL
+
+
 @pytest.mark.slow
 @pytest.mark.demo
 def test_demo_stats_agree_with_transformers(demo_model: Path, wikitext: Callable[[str], str]) -> None:

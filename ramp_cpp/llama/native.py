@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ import numpy as np
 from ramp_cpp.errors import RampError, out_of_space
 from ramp_cpp.llama.backend import InputStats, RuntimeOptions, StatsModel, _llama
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 _LIB: ctypes.CDLL | None = None
 
 
@@ -102,6 +102,11 @@ def lib() -> ctypes.CDLL:
     h.ramp_stats_copy.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p]
     h.ramp_stats_error.restype = ctypes.c_char_p
     h.ramp_stats_error.argtypes = [ctypes.c_void_p]
+    h.ramp_stats_watch.restype = None
+    h.ramp_stats_watch.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]
+    h.ramp_stats_copy_rel.restype = ctypes.c_int32
+    h.ramp_stats_copy_rel.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
+                                      ctypes.POINTER(ctypes.c_int64)]
     _LIB = h
     return h
 
@@ -189,13 +194,18 @@ def quantize_rows(
 
 class ActivationCollector:
     """The native activation-statistics collector: llama.cpp's eval callback accumulates, per weight tensor
-    met in a MUL_MAT, max |x| and sum x^2 per input column and the rows seen (ramp_native.cpp)."""
+    met in a MUL_MAT, max |x| and sum x^2 per input column and the rows seen (ramp_native.cpp). `watch`:
+    graph-node name prefixes whose own results are accumulated the same way, under the node's name (e.g.
+    "l_out-": the residual stream after each block); `residual`: those of them that are the residual stream,
+    whose tokens' mean squares ms(h) weight the inputs that follow (`relative`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, watch: Sequence[str] = (), residual: Sequence[str] = ()) -> None:
         self._h = lib()
         self.handle: int | None = self._h.ramp_stats_new()
         if not self.handle:
             raise RampError("native helper could not allocate an activation collector")
+        for prefix in dict.fromkeys([*watch, *residual]):
+            self._h.ramp_stats_watch(self.handle, prefix.encode(), int(prefix in residual))
 
     @property
     def callback_address(self) -> int:
@@ -224,6 +234,21 @@ class ActivationCollector:
             out[name.decode()] = InputStats(max_abs=mx, sum_sq=sq, count=int(rows.value))
         return out
 
+    def relative(self) -> dict[str, tuple[np.ndarray, int]]:
+        """Per entry, Σ_t x_tj² / ms(h_t) over the rows met after a residual node of the same tokens (h_t that
+        token's row of the residual stream, ms its mean square), and how many rows that is."""
+        h = self._h
+        out: dict[str, tuple[np.ndarray, int]] = {}
+        width, rows = ctypes.c_int64(), ctypes.c_int64()
+        for i in range(h.ramp_stats_count(self.handle)):
+            name = h.ramp_stats_entry(self.handle, i, ctypes.byref(width), ctypes.byref(rows))
+            rel = np.empty(width.value, dtype=np.float64)
+            n = ctypes.c_int64()
+            if name is None or h.ramp_stats_copy_rel(self.handle, i, rel.ctypes.data, ctypes.byref(n)) != 0:
+                raise RampError(f"native activation collector lost entry {i}")
+            out[name.decode()] = (rel, int(n.value))
+        return out
+
     def close(self) -> None:
         if self.handle:
             self._h.ramp_stats_free(self.handle)
@@ -231,7 +256,11 @@ class ActivationCollector:
 
 
 def stats_model(
-    path: str | os.PathLike[str], opts: RuntimeOptions = RuntimeOptions(), piece: int = StatsModel.PIECE
+    path: str | os.PathLike[str],
+    opts: RuntimeOptions = RuntimeOptions(),
+    piece: int = StatsModel.PIECE,
+    watch: Sequence[str] = (),
+    residual: Sequence[str] = (),
 ) -> StatsModel:
     """A GGUF loaded with the native activation collector on llama.cpp's eval callback (StatsModel)."""
-    return StatsModel(path, ActivationCollector(), opts, piece)
+    return StatsModel(path, ActivationCollector(watch, residual), opts, piece)
