@@ -77,6 +77,8 @@ def test_apply_sized_policy_zero_shot(run: dict[str, Any], tiny_model: Path) -> 
     assert not list(run["dir"].glob(".ramp-apply-*"))  # the run directory is gone
     meta = {f.name: f.contents() for f in GGUFReader(out).fields.values() if f.name.startswith("ramp.")}
     assert meta["ramp.method"] == "policy"
+    # a zero-evaluation apply folds by the rule (default_fold): no fold decision was evaluated
+    assert "ramp.fold_choice" not in meta and meta["ramp.scale_folding"] in (True, 1)
     one_error_line(runner.invoke(app, ["apply", str(pol), str(tiny_model), "--budget", "4.5"]), "--size")
 
 

@@ -30,7 +30,7 @@ from ramp_cpp.measure.candidates import CandidateConfig, searched_tensors
 from ramp_cpp.measure.groups import groups_of
 from ramp_cpp.measure.transfer import SourceGroup, build_table
 from ramp_cpp.model.arch import ROLES
-from ramp_cpp.pipeline.plan import size_range
+from ramp_cpp.pipeline.plan import default_fold, size_range
 from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
@@ -213,3 +213,22 @@ def test_dry_run_transferred_plans_no_probe_and_folds(
     assert "group probes" not in r.output and "unfolded" not in r.output
     m = runner.invoke(app, [*args, "--sensitivity", "measured"], env={"COLUMNS": "200"})
     assert m.exit_code == 0 and "group probes" in m.output  # the control: the default plans them
+    assert "unfolded" in m.output  # and the fold check, whose unfolded stages are marked
+    for extra in (["--sensitivity", "proxy"], ["--method", "uniform"]):  # the other zero-evaluation runs
+        z = runner.invoke(app, [*args, *extra], env={"COLUMNS": "200"})
+        assert z.exit_code == 0, z.output
+        assert "group probes" not in z.output and "unfolded" not in z.output, extra
+
+
+@pytest.mark.parametrize(("sensitivity", "method", "want"), [
+    ("transferred", "greedy", "on"),
+    ("proxy", "greedy", "on"),
+    (None, "uniform", "on"),
+    ("proxy", "policy", "on"),  # apply: the policy's rollout evaluates nothing
+    ("measured", "greedy", "check"),
+    ("measured", "policy", "check"),
+    ("proxy", "sac", "check"),  # the search's own evaluations: a fold decision is a small share of them
+    ("transferred", "sac", "check"),
+])
+def test_fold_is_on_by_default_only_where_nothing_else_evaluates(sensitivity, method, want) -> None:
+    assert default_fold(sensitivity, "check", method) == want

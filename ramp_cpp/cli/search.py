@@ -260,7 +260,7 @@ def search(
             warm_start=not no_warm_start, rescore_top=rescore,
             variant=features_, seed=seed, rollouts=rollouts,
         )
-        fold_mode = fold_setting(fold, no_fold, default_fold(sensitivity, SEARCH_FOLD))
+        fold_mode = fold_setting(fold, no_fold, default_fold(sensitivity, SEARCH_FOLD, method))
         rows = SEARCH_ROW_SAMPLE if row_sample is None else row_sample
         if dry_run:
             _plan_sized(model, out_dir, method, size, dcfg, cc, scfg, ropts, calib, presets, sensitivity,

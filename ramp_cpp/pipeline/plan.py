@@ -200,11 +200,16 @@ def preset_name(spec: str) -> str | None:
     return key if key in presets() else None
 
 
-def default_fold(sensitivity: str | None, otherwise: str) -> str:
-    """The --fold a request gets when it names none: `on` for the transferred sensitivity (a fold decision
-    would be its only evaluations; folding won every measured decision on the benchmark models), else
-    `otherwise` (the command's own default)."""
-    return "on" if sensitivity == "transferred" else otherwise
+#: the sensitivities that cost no evaluation (uniform's None reads no error at all)
+ZERO_EVAL = (None, "proxy", "transferred")
+
+
+def default_fold(sensitivity: str | None, otherwise: str, method: str = "policy") -> str:
+    """The --fold a request gets when it names none: `on` when nothing else in the run evaluates (a
+    sensitivity in ZERO_EVAL and an allocator that makes no evaluation of its own: any but the SAC search), so
+    that a fold decision is not its only evaluations (folding won every measured decision on the benchmark
+    models: docs/search.md); else `otherwise` (the command's own default)."""
+    return "on" if sensitivity in ZERO_EVAL and method != "sac" else otherwise
 
 
 def resolve_sensitivity(method: str, sensitivity: str | None) -> str | None:
