@@ -15,12 +15,15 @@ over the same calibration windows as the proxy (calib/bench.toml, on the folded 
 measured). Candidates (all zero evaluations on the target but `measured`), allocated by greedy at the
 whole-file sizes of Q4_K_M and Q3_K_M + imatrix, scored by the measured sensitivity (zeroeval.py's judge):
 
+    uniform        no errors read
     proxy          the proxy as it is
     rel            the relative proxy
     rel^α          the proxy × (relative proxy / proxy)^α per tensor (α = 0.25, 0.5, 0.75)
     rel-roles      the relative proxy × each role's factor (measured / relative proxy) in the other models,
                    their geometric mean, each model centred on its own median (a leave-one-out transfer)
     rel-groups     the same per (role, depth quarter)
+    proxy±k, rel±k greedy on the proxy (the relative proxy) with each tensor's options cut to those within k
+                   steps of uniform's choice (k = 1, 2): a trust region around uniform
     measured       the judge itself (the measured greedy: what the zero-evaluation rules are to reach)
 
     .venv/bin/python bench/relproxy.py [--models smollm2,qwen0.5b,gemma270m]
@@ -97,6 +100,15 @@ def same_types(sens: Sensitivity, like: Sensitivity) -> Sensitivity:
         for t in sens.tensors))
 
 
+def around(sens: Sensitivity, base: dict[str, Any], k: int) -> Sensitivity:
+    """`sens` with each tensor's options cut to those within k steps of its type in `base`."""
+    out = []
+    for t in sens.tensors:
+        i = [o.ggml_type for o in t.options].index(base[t.name])
+        out.append(TensorOptions(t.name, t.n_params, t.options[max(0, i - k) : i + k + 1]))
+    return replace(sens, tensors=tuple(out))
+
+
 def log_factors(
     judge: Sensitivity, rel: Sensitivity, keys: dict[str, Any], by_bucket: bool
 ) -> dict[Any, float]:
@@ -149,8 +161,14 @@ def main() -> None:
         for size in SIZES:
             target = cells[f"offgrid-s0|nofold|preset+imatrix|{size}|16"]["file_bytes"]
             row: dict[str, Any] = {"model": key, "size": size}
+            uniform = ALLOCATORS["uniform"](sens, target)
+            row["uniform"] = judge.error(uniform) - judge.error(top)
             for n, s in cands.items():
                 row[n] = judge.error(ALLOCATORS["greedy"](s, target)) - judge.error(top)
+            for k in (1, 2):
+                for n, s in (("proxy", sens), ("rel", rel)):
+                    near = ALLOCATORS["greedy"](around(s, uniform, k), target)
+                    row[f"{n}±{k}"] = judge.error(near) - judge.error(top)
             rows.append(row)
             ref = row["measured"]
             print(f"{key:9s} {size}: " + "  ".join(f"{n} {v / ref:.2f}×" for n, v in row.items()
