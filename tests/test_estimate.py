@@ -228,3 +228,59 @@ def test_a_run_resumed_after_the_check_freed_the_folded_files_is_planned_without
         "fold decision", "allocate", "evaluate"]
     assert not any(s.if_unfolded for s in after)
     assert next(s for s in after if s.stage == "fold decision").wall_s == 0.0
+
+
+def test_a_resumed_run_is_planned_for_what_is_left(tiny_model: Path, text_file: Path, tmp_path: Path) -> None:
+    """After a finished run, the same command's plan counts the proxy's measurement (its tensor cache built
+    with it) and the saved group probes as done; with one saved evaluation removed, only that one is left.
+    With --fold check, the † stages (the unfolded model measured if the check keeps it) stay counted in full
+    while the folded measurement is done, and a check that kept the unfolded model leaves that one done."""
+    import json
+
+    from ramp_cpp.pipeline.folddecision import KEPT_UNFOLDED
+
+    cfg = SizedConfig(text=str(text_file), n_ctx=64, chunks=2, calib=CalibConfig(str(text_file), 2, 64))
+    cc = CandidateConfig(types=TYPES)
+    lo, hi = size_range(read_inventory(tiny_model), cc)
+    size, gcfg = str((lo + hi) // 2), GroupConfig(n_buckets=2, pairs=0, chunks=1)
+    opts = RuntimeOptions(n_threads=1)
+
+    def plan(fold: str) -> Any:
+        return plan_run(tiny_model, tmp_path / fold, "greedy", size, cfg, cc, None, "measured", gcfg, None,
+                        None, tmp_path / f"cache-{fold}", fold)
+
+    probe = speed_probe(plan("on"), opts)
+
+    def planned(fold: str) -> dict[str, StagePlan]:
+        return {s.stage + "†" * s.if_unfolded: s for s in estimate(plan(fold), (), opts, probe)}
+
+    def run(fold: str) -> None:
+        run_direct(tiny_model, tmp_path / fold, "greedy", size, cfg, cc, opts, presets=(),
+                   sensitivity="measured", gcfg=gcfg, fold=fold, cache_root=tmp_path / f"cache-{fold}")
+
+    cold = planned("on")
+    run("on")
+    warm = planned("on")
+    measure, probes = "tensor cache + proxy (folded)", "group probes (folded)"
+    assert cold[measure].wall_s > 0 and cold[measure].quant_passes > 0 and cold[probes].E > 0
+    assert (warm[measure].wall_s, warm[measure].quant_passes, warm[measure].note) == (0.0, 0, "built")
+    assert (warm[probes].wall_s, warm[probes].E) == (0.0, 0.0)
+    (state,) = (tmp_path / "cache-on").rglob("groups-*.json")
+    d = json.loads(state.read_text())
+    n = len(d["evals"])
+    d["evals"].pop(next(iter(d["evals"])))
+    state.write_text(json.dumps(d))
+    part = planned("on")
+    assert pytest.approx(cold[probes].E / n) == part[probes].E
+    assert part[probes].wall_s == pytest.approx(cold[probes].wall_s / n)
+
+    run("check")
+    check = planned("check")
+    if (tmp_path / "check" / KEPT_UNFOLDED).is_file():  # the check kept the unfolded model: measured, done
+        assert check["tensor cache + proxy (unfolded)"].wall_s == 0.0
+        assert not any(k.endswith("†") for k in check)
+        assert check["group probes (unfolded)"].E == 0.0
+    else:
+        assert check[measure].wall_s == 0.0 and check[probes].E == 0.0
+        assert check["tensor cache + proxy (unfolded)†"].wall_s == pytest.approx(cold[measure].wall_s)
+        assert pytest.approx(cold[probes].E) == check["group probes (unfolded)†"].E

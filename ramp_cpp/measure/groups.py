@@ -201,6 +201,25 @@ def _sensitivity_digest(sens: Sensitivity) -> str:
     return hashlib.sha256(json.dumps(to_json(sens), sort_keys=True).encode()).hexdigest()
 
 
+def probe_key(
+    sens: Sensitivity, base_sha256: str, text: str, ecfg: EvalConfig, cfg: GroupConfig
+) -> dict[str, Any]:
+    """What the saved probe evaluations are keyed by (`calibrate_sensitivity`'s state file)."""
+    return {
+        "format": FORMAT_VERSION,
+        "sensitivity": _sensitivity_digest(sens),
+        "base_sha256": base_sha256,
+        "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "eval": ecfg.key(),
+        **cfg.key(),
+    }
+
+
+def saved_probes(directory: Path, key: Mapping[str, Any]) -> int:
+    """How many probe evaluations the state file of `key` in the cache directory holds (0 without one)."""
+    return len(_read_state(state_path(directory, key), key)["evals"])
+
+
 def state_path(directory: Path, key: Mapping[str, Any]) -> Path:
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return directory / f"groups-{h[:16]}.json"
@@ -290,14 +309,7 @@ def calibrate_sensitivity(
     predicted = {g.name: sum(delta(n) for n in g.tensors) for g in groups}
     probed = [g for g in groups if predicted[g.name] > 0]  # predicted 0: every tensor's probe is its highest
 
-    key = {
-        "format": FORMAT_VERSION,
-        "sensitivity": _sensitivity_digest(sens),
-        "base_sha256": file_sha256_cached(base_path),
-        "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
-        "eval": ecfg.key(),
-        **cfg.key(),
-    }
+    key = probe_key(sens, file_sha256_cached(base_path), text, ecfg, cfg)
     path = state_path(Path(cache.directory), key)
     state = _read_state(path, key)
     evals: dict[str, dict[str, float]] = state["evals"]

@@ -218,6 +218,40 @@ def tensor_errors(
 # -- the stage -----------------------------------------------------------------------------------------
 
 
+def measure_key(
+    model_sha256: str, calibration: Calibration, imatrix: Mapping[str, np.ndarray] | None, cfg: MeasureConfig
+) -> dict[str, Any]:
+    """What a saved measurement is keyed by (`measure`'s state file)."""
+    from ramp_cpp.measure.tensorcache import imatrix_digest
+
+    return {
+        "format": FORMAT_VERSION,
+        "model_sha256": model_sha256,
+        "calibration_digest": calibration_digest(calibration),
+        "imatrix_digest": imatrix_digest(imatrix),
+        **cfg.candidates.key(),
+        # only when sampling: measurements of every row made before the option stay reusable
+        **({"row_sample": cfg.row_sample} if cfg.row_sample > 1 else {}),
+    }
+
+
+def saved_sensitivity(
+    model_sha256: str,
+    calibration: Calibration,
+    imatrix: Mapping[str, np.ndarray] | None,
+    cfg: MeasureConfig,
+    cache_root: str | os.PathLike[str],
+) -> tuple[Sensitivity, Path] | None:
+    """A finished measurement `measure` saved for these inputs (its tensor cache built with it), and the
+    cache's key directory; None if there is none. Reads the state file only: no model, no hashing."""
+    from ramp_cpp.measure.tensorcache import directory_for, imatrix_digest
+
+    key = measure_key(model_sha256, calibration, imatrix, cfg)
+    directory = directory_for(cache_root, model_sha256, imatrix_digest(imatrix), cfg.candidates.base)
+    state = _read_state(_state_path(directory, key), key)
+    return (_sensitivity(state, key), directory) if state is not None and state.get("complete") else None
+
+
 def _state_path(directory: Path, key: Mapping[str, Any]) -> Path:
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return directory / f"measure-{h[:16]}.json"
@@ -297,15 +331,7 @@ def measure(
             f"{calibration.model_sha256[:12]}), not on {Path(src).name} ({sha[:12]}): calibrate this file"
         )
     digest = imatrix_digest(imatrix)
-    key = {
-        "format": FORMAT_VERSION,
-        "model_sha256": sha,
-        "calibration_digest": calibration_digest(calibration),
-        "imatrix_digest": digest,
-        **cc.key(),
-        # only when sampling: measurements of every row made before the option stay reusable
-        **({"row_sample": cfg.row_sample} if cfg.row_sample > 1 else {}),
-    }
+    key = measure_key(sha, calibration, imatrix, cfg)
     directory = directory_for(root, sha, digest, cc.base)
     path = _state_path(directory, key)
     state = _read_state(path, key)

@@ -42,8 +42,9 @@ RAM: rss_base (the process before a model is loaded) + the model's mmap (its fil
 context of N tokens adds, measured); from the tensor cache on, its .bin files (kept mapped) and the proxy's
 arrays. Disk: what the run folder holds (resources.disk_needs) + calibration, folded copy, one .bin per
 requested type (a fallback type's bytes are stored once per type asking for it) and the GGUF; `written`
-counts disk only (scratch on /dev/shm is memory). A calibration, folded copy or base log-probs already there
-cost nothing; a tensor cache already built is not detected (the plan is then an upper bound). A preset
+counts disk only (scratch on /dev/shm is memory). A calibration, folded copy, base log-probs, a finished proxy
+measurement (its tensor cache built with it) or saved group probes already there cost nothing (`_resumed`: a
+resumed run is planned for what is left; a cache built but not yet measured is counted in full). A preset
 --size's target is the preset's file as `_preset` approximates llama.cpp's mixture. The times assume the
 machine stays as loaded as during the probe; what the run does after evaluate (reports, pareto.png) is not a
 stage.
@@ -110,6 +111,40 @@ def _base_cached(plan: RunPlan, sha: str | None, ecfg: EvalConfig) -> bool:
     from ramp_cpp.llama.evaluate import base_logprobs_file
 
     return sha is not None and base_logprobs_file(sha, plan.text, ecfg).is_file()
+
+
+def _resumed(plan: RunPlan, folded: bool) -> tuple[bool, int]:
+    """For a run folder that holds them: whether the proxy of this folding is measured (its tensor cache built
+    with it), and how many group probes are saved, from the state files the stages keep (proxy.measure,
+    groups.calibrate_sensitivity). (False, 0) when they cannot be found without work: no calibration in the
+    run folder yet, no folded copy, or a model whose hash is not remembered."""
+    from ramp_cpp.errors import RampError
+    from ramp_cpp.fold.source import CALIB, calibrated_source
+    from ramp_cpp.measure.groups import probe_key, saved_probes
+    from ramp_cpp.measure.proxy import MeasureConfig, saved_sensitivity
+
+    if plan.calib is None and not (plan.run_dir / CALIB).is_file():
+        return False, 0
+    if folded and not (plan.run_dir / "folded.f16.gguf").is_file():
+        return False, 0
+    try:  # both files are there: calibrated_source only reads them
+        src = calibrated_source(plan.model_path, plan.run_dir, replace(plan.cfg, fold=folded),
+                                RuntimeOptions(), plan.calib, original=plan.info)
+    except (RampError, OSError, ValueError):
+        return False, 0
+    sha, base_sha = known_sha256(src.path), known_sha256(plan.model_path)
+    if sha is None:
+        return False, 0
+    mcfg = MeasureConfig(candidates=plan.cc, in_memory=plan.in_memory, row_sample=plan.row_sample)
+    im = src.cal.imatrix() if plan.cfg.imatrix else None
+    got = saved_sensitivity(sha, src.cal, im, mcfg, plan.cache_root)
+    if got is None or plan.sensitivity != "measured" or base_sha is None:
+        return got is not None, 0
+    sens, directory = got
+    ecfg = plan.cfg.eval_config
+    if plan.gcfg.chunks is not None:
+        ecfg = replace(ecfg, n_chunks=min(plan.gcfg.chunks, plan.cfg.chunks))
+    return True, saved_probes(directory, probe_key(sens, base_sha, plan.text, ecfg, plan.gcfg))
 
 
 def estimate(
@@ -238,14 +273,22 @@ def estimate(
     probe_s += memq(choice)  # in memory: each group's tensors quantized once for its probe
     # the proxy's arrays (MeasureConfig.chunk_elements weights at a time) stay in the process's heap after
     work, measured = 16 * min(1 << 24, max(t.n_params for t in searched)), plan.sensitivity == "measured"
-    first = len(out)
+    full: list[StagePlan] = []  # the measurement's stages as a cold run makes them
     for f in (False,) if freed else plan.measured_first:
         what = "folded" if f else "unfolded"
-        add(f"tensor cache + proxy ({what})", cache_s,
-            file + cache_bytes + work, cache_w, cache_bytes, passes=len(passes["cache"]))
+        built, saved = _resumed(plan, f)
+        cache_ram, probe_ram = file + cache_bytes + work, work + cache_bytes + plan.hi + p.ctx_bytes
+        n_cache, e_probes = len(passes["cache"]), n_probes * n_g / chunks
+        full.append(StagePlan(f"tensor cache + proxy ({what})", cache_s, p.rss_base + cache_ram, cache_w, 0,
+                              0.0, n_cache))
+        add(full[-1].stage, 0.0 if built else cache_s, cache_ram, 0 if built else cache_w,
+            0 if built else cache_bytes, passes=0 if built else n_cache, note="built" if built else "")
         if measured:
-            add(f"group probes ({what})", probe_s, work + cache_bytes + plan.hi + p.ctx_bytes,
-                on_disk * n_probes * plan.hi, E=n_probes * n_g / chunks, note=pairs)
+            full.append(StagePlan(f"group probes ({what})", probe_s, p.rss_base + probe_ram,
+                                  on_disk * n_probes * plan.hi, 0, e_probes, 0, pairs))
+            left = max(0, n_probes - saved)  # a resumed run's saved evaluations are not made again
+            add(full[-1].stage, probe_s * left / n_probes, probe_ram, on_disk * left * plan.hi,
+                E=e_probes * left / n_probes, note=pairs + (f", {saved} saved" if saved else ""))
     maps = len(plan.measured_first) * cache_bytes
     ram, scratch = work + maps + target + p.ctx_bytes, on_disk * target
     if plan.fold == "check" and not freed:
@@ -257,7 +300,7 @@ def estimate(
         in_run = plan.cache_root.resolve().is_relative_to(plan.run_dir.resolve())
         held_u = held - file + cache_bytes * (not in_run)
         out += [replace(s, stage=s.stage.replace("(folded)", "(unfolded)"), held=held_u, if_unfolded=True)
-                for s in out[first:-1]]
+                for s in full]  # made afresh whatever the folded measurement had saved
     elif plan.fold == "auto":
         add("fold decision", 2 * (target / p.copy_bps + ev(n_fold, r_choice) + memq(choice)), ram,
             2 * scratch, 0, 2 * n_fold / chunks)
