@@ -42,14 +42,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import HERE, Fold, prepare  # noqa: E402
-from zeroeval import SIZES, group_keys, measured_factors  # noqa: E402
+from compare import HERE  # noqa: E402
+from zeroeval import SIZES, group_keys, judged  # noqa: E402
 
 from ramp_cpp.allocate.allocators import ALLOCATORS  # noqa: E402
 from ramp_cpp.calibration.artifact import Calibration  # noqa: E402
 from ramp_cpp.calibration.collect import windows  # noqa: E402
 from ramp_cpp.llama.backend import InputStats, RuntimeOptions  # noqa: E402
-from ramp_cpp.llama.ggufio import read_inventory  # noqa: E402
 from ramp_cpp.llama.native import ActivationCollector, stats_model  # noqa: E402
 from ramp_cpp.measure.proxy import measure  # noqa: E402
 from ramp_cpp.measure.sensitivity import Sensitivity, TensorOptions  # noqa: E402
@@ -131,15 +130,11 @@ def main() -> None:
     models = a.models.split(",")
     loaded = {}
     for key in models:
-        cells = json.loads((HERE / "results" / f"{key}.json").read_text())["cells"]
-        b = prepare(key, "offgrid", 0, str(HERE.parent / "calib" / "bench.toml"))
-        src, cal = b.model(Fold.parse("on"))
-        sens = measure(src, cal, cal.imatrix(), cache_root=b.out / "cache")
-        info = read_inventory(src)
-        names = [t.name for t in sens.tensors]
-        judge = sens.scaled(measured_factors(cells, info, names))
-        relcal = relative_calibration(cal, relative_stats(src, cal, b.out / "relstats.npz"))
-        rel = same_types(measure(src, relcal, cal.imatrix(), cache_root=b.out / "cache"), judge)
+        j = judged(key)
+        cells, sens, judge, names = j.cells, j.sens, j.judge, j.names
+        relcal = relative_calibration(j.cal, relative_stats(j.src, j.cal, j.base.out / "relstats.npz"))
+        rel = same_types(measure(j.src, relcal, j.cal.imatrix(), cache_root=j.base.out / "cache"), judge)
+        info = j.info
         loaded[key] = (cells, sens, judge, rel, group_keys(info, names))
     rows = []
     for key in models:
@@ -165,10 +160,10 @@ def main() -> None:
             row["uniform"] = judge.error(uniform) - judge.error(top)
             for n, s in cands.items():
                 row[n] = judge.error(ALLOCATORS["greedy"](s, target)) - judge.error(top)
-            for k in (1, 2):
+            for steps in (1, 2):
                 for n, s in (("proxy", sens), ("rel", rel)):
-                    near = ALLOCATORS["greedy"](around(s, uniform, k), target)
-                    row[f"{n}±{k}"] = judge.error(near) - judge.error(top)
+                    near = ALLOCATORS["greedy"](around(s, uniform, steps), target)
+                    row[f"{n}±{steps}"] = judge.error(near) - judge.error(top)
             rows.append(row)
             ref = row["measured"]
             print(f"{key:9s} {size}: " + "  ".join(f"{n} {v / ref:.2f}×" for n, v in row.items()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,31 @@ def measured_factors(cells: dict[str, Any], info: Any, names: list[str]) -> dict
     for g in groups_of(info, names, rep["config"]["n_buckets"]):
         out.update((n, float(by_name[g.name])) for n in g.tensors)
     return out
+
+
+@dataclass(frozen=True)
+class Judged:
+    """A benchmark model's folded off-grid base as bench/compare.py measured it: its cells, the bench's
+    calibration, the proxy `sens` and the `judge` (the proxy rescaled by the model's own measured groups)."""
+
+    cells: dict[str, Any]
+    base: Any  # compare.Base
+    src: Path
+    cal: Any  # Calibration
+    sens: Sensitivity
+    info: Any  # ModelInfo
+    names: list[str]
+    judge: Sensitivity
+
+
+def judged(key: str) -> Judged:
+    cells = json.loads((HERE / "results" / f"{key}.json").read_text())["cells"]
+    b = prepare(key, "offgrid", 0, str(HERE.parent / "calib" / "bench.toml"))
+    src, cal = b.model(Fold.parse("on"))
+    sens = measure(src, cal, cal.imatrix(), cache_root=b.out / "cache")
+    info = read_inventory(src)
+    names = [t.name for t in sens.tensors]
+    return Judged(cells, b, src, cal, sens, info, names, sens.scaled(measured_factors(cells, info, names)))
 
 
 def relative(sens: Sensitivity, w: float) -> Sensitivity:
@@ -147,14 +173,8 @@ def main() -> None:
     models = a.models.split(",")
     loaded = {}
     for key in models:
-        cells = json.loads((HERE / "results" / f"{key}.json").read_text())["cells"]
-        b = prepare(key, "offgrid", 0, str(HERE.parent / "calib" / "bench.toml"))
-        src, cal = b.model(Fold.parse("on"))
-        sens = measure(src, cal, cal.imatrix(), cache_root=b.out / "cache")
-        info = read_inventory(src)
-        names = [t.name for t in sens.tensors]
-        judge = sens.scaled(measured_factors(cells, info, names))
-        loaded[key] = (cells, sens, info, names, judge, group_keys(info, names))
+        m = judged(key)
+        loaded[key] = (m.cells, m.sens, m.info, m.names, m.judge, group_keys(m.info, m.names))
     for key in models:
         cells, sens, info, names, judge, keys = loaded[key]
         top = {t.name: t.options[-1].ggml_type for t in sens.tensors}
