@@ -395,6 +395,13 @@ RAMP_API const char * ramp_stats_error(void * c) {
     return static_cast<stats_collector *>(c)->error.c_str();
 }
 
+// The ABI: a changed export bumps the version (every older caller refuses the library); an added one bumps
+// the minor only, so code that predates it (tests/test_run_dir_compat.py runs such code) still loads it.
 RAMP_API int32_t ramp_abi_version(void) {
-    return 3;
+    return 2;
+}
+
+// 1: graph-node watching and the residual-relative sums (ramp_stats_watch, ramp_stats_copy_rel).
+RAMP_API int32_t ramp_abi_minor(void) {
+    return 1;
 }

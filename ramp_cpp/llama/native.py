@@ -16,7 +16,9 @@ import numpy as np
 from ramp_cpp.errors import RampError, out_of_space
 from ramp_cpp.llama.backend import InputStats, RuntimeOptions, StatsModel, _llama
 
-ABI_VERSION = 3
+ABI_VERSION = 2
+#: exports added since (ramp_native.cpp's ramp_abi_minor): a library older than this lacks them
+ABI_MINOR = 1
 _LIB: ctypes.CDLL | None = None
 
 
@@ -54,9 +56,14 @@ def lib() -> ctypes.CDLL:
     except OSError as e:
         raise RampError(f"cannot load the native helper {path}: {e} (rebuild with `make native`)") from None
     h.ramp_abi_version.restype = ctypes.c_int32
-    if h.ramp_abi_version() != ABI_VERSION:
+    minor = getattr(h, "ramp_abi_minor", None)
+    if minor is not None:
+        minor.restype = ctypes.c_int32
+    have = (h.ramp_abi_version(), minor() if minor is not None else 0)
+    if have[0] != ABI_VERSION or have[1] < ABI_MINOR:
         raise RampError(
-            f"native helper {path} is stale (ABI {h.ramp_abi_version()} != {ABI_VERSION}): `make native`"
+            f"native helper {path} is stale (ABI {have[0]}.{have[1]}, this code needs "
+            f"{ABI_VERSION}.{ABI_MINOR}): `make native`"
         )
     h.ramp_quantize_model.restype = ctypes.c_int
     h.ramp_quantize_model.argtypes = [
