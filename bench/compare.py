@@ -305,7 +305,9 @@ def transfer_cell(
     res: Results, b: Base, method: str, preset: str, target: int, folded: Fold, chunks: int
 ) -> dict[str, Any]:
     """`transfer-KEY`: the policy of `sac` at this size on model KEY (its bench run), rolled out zero-shot
-    (mean action, projected) on this model's measured sensitivity; no search evaluation."""
+    (mean action, projected) on this model's measured sensitivity; no search evaluation.
+    `transfer-across`: the policy `bench/across.py` trained on the other benchmark models, rolled out on
+    this model's proxy sensitivity (issue 23: no evaluation on this model at all)."""
     cell = f"{b.name}-s{b.seed}|{folded.tag}|{method}|{preset}|{chunks}"
     row = res.get(cell)
     if row is not None:
@@ -315,14 +317,18 @@ def transfer_cell(
     from ramp_cpp.measure.tensorcache import assemble
 
     key = method.split("-", 1)[1]
+    across = key == "across"
     runs = HERE / "out" / key / "offgrid-s0" / "sac"
     pol_path = runs / f"fold-sac-{preset}" / "policy.safetensors"
-    if not pol_path.is_file():  # a sized policy acts relative to the budget: Q4_K_M's serves any size
+    if across:
+        pol_path = HERE / "out" / "across" / f"leave-{b.key}" / "policy.safetensors"
+    elif not pol_path.is_file():  # a sized policy acts relative to the budget: Q4_K_M's serves any size
         pol_path = runs / "fold-sac-Q4_K_M" / "policy.safetensors"
     pol = load_sized_policy(pol_path)
     src, cal = b.model(folded)
     sens = measure(src, cal, cal.imatrix(), cache_root=b.out / "cache")
-    sens, report = calibrated(b, src, cal, sens)
+    if not across:
+        sens, report = calibrated(b, src, cal, sens)
     from ramp_cpp.allocate.sac.scoring import policy_episode
 
     ep = policy_episode(pol, src, cal, sens, target)

@@ -6,10 +6,11 @@ Every row is a cell of `bench/compare.py` (same off-grid base, calibration `cali
 imatrix; held-out `wikitext2-test` chunks 0–15): run the missing ones first,
 
     .venv/bin/python bench/compare.py MODEL --bases offgrid --fold on --sizes Q4_K_M,Q3_K_M \\
-        --methods greedy,greedy-transferred,greedy-measured
+        --methods greedy,greedy-transferred,greedy-measured,transfer-across
     .venv/bin/python bench/transfer.py            # prints the table, writes bench/results/transfer.md
 
-`greedy-transferred` reads the other two models' measured groups only (bench/ratios.py: leave-one-out).
+`greedy-transferred` reads the other two models' measured groups only (bench/ratios.py: leave-one-out);
+`transfer-across` is the policy `bench/across.py` trained on the other two (run it first).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ ROWS = (
     ("uniform", "uniform", "fold", 0),
     ("proxy greedy", "greedy", "fold", 0),
     ("transferred-ratio greedy (leave-one-out)", "greedy-transferred", "fold", 0),
+    ("zero-evaluation policy (SAC across the other two)", "transfer-across", "fold", 0),
     ("measured greedy", "greedy-measured", "fold", "kld_groups"),
 )
 
@@ -45,7 +47,7 @@ def table(
         "Held-out `wikitext2-test` chunks 0–15 × 512, off-grid bases, calibration `calib/bench.toml`, folded "
         "(but the preset row: llama.cpp as users run it). Evaluations: forward passes over the reward chunks "
         "on the target model before its file is written (the fold decision not counted: every row folds). "
-        "The zero-evaluation *policy* (issue 23 item 1) is not trained yet: no row.",
+        "The zero-evaluation policy is `bench/across.py`'s, trained without the model of its row.",
         "",
         "| model | size | method | MiB | mean KLD | × measured greedy | × proxy greedy | evaluations |",
         "|---|---|---|---|---|---|---|---|",

@@ -82,6 +82,23 @@ def test_apply_sized_policy_zero_shot(run: dict[str, Any], tiny_model: Path) -> 
     one_error_line(runner.invoke(app, ["apply", str(pol), str(tiny_model), "--budget", "4.5"]), "--size")
 
 
+def test_apply_takes_the_policys_sensitivity(run: dict[str, Any], tiny_model: Path) -> None:
+    """A policy trained across models (allocate/sac/across.py) learned on proxy states: `apply` without
+    --sensitivity rolls it out on the proxy, with no evaluation before the file is written."""
+    from ramp_cpp.allocate.sac.policyfile import save_policy
+    from ramp_cpp.store import stfile
+
+    tensors, meta = stfile.read(run["dir"] / "run" / "policy.safetensors", "ramp.policy", "policy",
+                                framework="pt")
+    pol = save_policy(tensors, {**meta, "sensitivity": "proxy"}, run["dir"] / "across.policy.safetensors")
+    out = run["dir"] / "across.gguf"
+    r = runner.invoke(app, ["apply", str(pol), str(tiny_model), "-o", str(out), "--size", run["size"],
+                            "--calib", str(run["calib"]), "--text", run["common"][3]])
+    assert r.exit_code == 0, r.output
+    meta = {f.name: f.contents() for f in GGUFReader(out).fields.values() if f.name.startswith("ramp.")}
+    assert meta["ramp.sensitivity"] == "proxy" and "ramp.fold_choice" not in meta
+
+
 def test_bad_sac_options_fail_before_work(tiny_model: Path, tmp_path: Path) -> None:
     base = ["search", "--model", str(tiny_model), "--out", str(tmp_path / "r"), "--method", "sac",
             "--size", "1MiB"]

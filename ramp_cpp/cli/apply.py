@@ -53,12 +53,13 @@ def apply(
     recipe: RecipeOpt = "paper",
     force: ForceOpt = False,
     sensitivity: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--sensitivity",
-            help="Sized policies: the sensitivity, measured (default), proxy or transferred (no evaluation).",
+            help="Sized policies: the sensitivity, measured, proxy or transferred (no evaluation); default: "
+            "the one the policy was trained with (measured; proxy for one trained across models).",
         ),
-    ] = "measured",
+    ] = None,
     text: Annotated[
         str,
         typer.Option("--text", help="Sized policies: the text of the measured sensitivity and of --fold auto "
@@ -76,7 +77,10 @@ def apply(
     from ramp_cpp.llama.backend import RuntimeOptions
     from ramp_cpp.pipeline.apply import ApplyConfig, apply_policy
 
-    if is_sized(load_policy(policy).meta):
+    meta = load_policy(policy).meta
+    if is_sized(meta):
+        # the rollout's state reads the sensitivity: apply with the one the policy learned on
+        sensitivity = sensitivity or str(meta.get("sensitivity", "measured"))
         if size is None or budget is not None:
             raise RampError(f"{policy} was trained at a whole-file size: give --size (e.g. Q4_K_M or 95MiB)")
         from ramp_cpp.pipeline.plan import default_fold
