@@ -38,11 +38,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ramp_cpp.allocate.allocators import Choice
-from ramp_cpp.allocate.sac.agent import SAC, SACConfig
+from ramp_cpp.allocate.sac.agent import SAC, SACConfig, clone_actor
 from ramp_cpp.allocate.sac.rollout import Context, Rollout, rollout
 from ramp_cpp.errors import RampError
 
@@ -120,20 +118,9 @@ def uniform(ctx: Context) -> Rollout:
 
 
 def warm_start(agent: SAC, eps: Sequence[Rollout], cfg: AcrossConfig) -> float:
-    """Behaviour cloning of the actor on the tasks' uniform episodes: min mean (tanh(mean) − a)² +
-    mean (log_std − ln explore_std)²; returns the final loss."""
-    s = torch.from_numpy(np.vstack([e.states for e in eps]))
-    a = torch.from_numpy(np.concatenate([e.actions for e in eps]))[:, None]
-    want = math.log(cfg.explore_std)
-    opt = torch.optim.Adam(agent.actor.parameters(), lr=cfg.bc_lr)
-    loss = torch.zeros(())
-    for _ in range(cfg.bc_steps):
-        mean, log_std = agent.actor(s)
-        loss = F.mse_loss(torch.tanh(mean), a) + F.mse_loss(log_std, torch.full_like(log_std, want))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return float(loss.item())
+    """Behaviour cloning of the actor on the tasks' uniform episodes (`agent.clone_actor`); the final loss."""
+    states, actions = np.vstack([e.states for e in eps]), np.concatenate([e.actions for e in eps])
+    return clone_actor(agent.actor, states, actions, cfg.explore_std, cfg.bc_steps, cfg.bc_lr)
 
 
 def episode_return(judge: Score, ref_score: float, choice: Choice) -> float:

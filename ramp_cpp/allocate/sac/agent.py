@@ -166,6 +166,29 @@ class Actor(nn.Module):
         return torch.tanh(mean).numpy()
 
 
+def clone_actor(
+    actor: Actor, states: np.ndarray, actions: np.ndarray, std: float, steps: int, lr: float
+) -> float:
+    """Behaviour cloning (a warm start, not part of the paper's agent): full-batch Adam on
+
+        mean (tanh(mean(s)) − a)² + mean (log_std(s) − ln std)²
+
+    over the given states and actions, with an optimizer of its own (the agent's Adam state is left as a
+    fresh run would have it); returns the final loss."""
+    s = torch.from_numpy(np.asarray(states, np.float32))
+    a = torch.from_numpy(np.asarray(actions, np.float32)).reshape(len(s), -1)
+    want = math.log(std)
+    opt = torch.optim.Adam(actor.parameters(), lr=lr)
+    loss = torch.zeros(())
+    for _ in range(steps):
+        mean, log_std = actor(s)
+        loss = F.mse_loss(torch.tanh(mean), a) + F.mse_loss(log_std, torch.full_like(log_std, want))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(loss.item())
+
+
 class SoftQNetwork(nn.Module):
     """Q(s, a): the actor's trunk over s concatenated with a, then FC-1 (Table 27)."""
 

@@ -54,10 +54,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ramp_cpp.allocate.allocators import Choice
-from ramp_cpp.allocate.sac.agent import SAC, SACConfig
+from ramp_cpp.allocate.sac.agent import SAC, SACConfig, clone_actor
 from ramp_cpp.allocate.sac.checkpoint import checkpoint_tensors, from_checkpoint
 from ramp_cpp.allocate.sac.policyfile import actor_tensors
 from ramp_cpp.allocate.sac.reward import RewardConfig, kld_reward
@@ -174,21 +173,8 @@ def episode_reward(
 
 
 def behaviour_clone(agent: SAC, ep: Rollout, cfg: SizedSearchConfig) -> float:
-    """Fit the actor to greedy's executed actions: min mean (tanh(mean) − a)² + mean (log_std − ln σ)²
-    over the episode's states; returns the final loss. Its own optimizer: the agent's Adam state is left
-    as a fresh run would have it."""
-    s = torch.from_numpy(ep.states)
-    a = torch.from_numpy(ep.actions)[:, None]
-    want = math.log(cfg.explore_std)
-    opt = torch.optim.Adam(agent.actor.parameters(), lr=cfg.bc_lr)
-    loss = torch.zeros(())
-    for _ in range(cfg.bc_steps):
-        mean, log_std = agent.actor(s)
-        loss = F.mse_loss(torch.tanh(mean), a) + F.mse_loss(log_std, torch.full_like(log_std, want))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return float(loss.item())
+    """Fit the actor to greedy's executed actions (`agent.clone_actor`), log_std to ln explore_std."""
+    return clone_actor(agent.actor, ep.states, ep.actions, cfg.explore_std, cfg.bc_steps, cfg.bc_lr)
 
 
 # -- the search -----------------------------------------------------------------------------------------
