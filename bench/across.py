@@ -38,7 +38,7 @@ from ramp_cpp.allocate.sac.across import (  # noqa: E402
     across_meta,
     mean_action,
     train_across,
-    uniform,
+    zero_action,
 )
 from ramp_cpp.allocate.sac.policyfile import save_policy  # noqa: E402
 from ramp_cpp.allocate.sac.rollout import Context  # noqa: E402
@@ -111,7 +111,7 @@ def main() -> None:
             ctx = context(m, z, size, cfg)
             picks = {
                 "uniform": ALLOCATORS["uniform"](m.sens, ctx.budget_bytes),
-                "a = 0": uniform(ctx).choice,
+                "a = 0": zero_action(ctx).choice,
                 "proxy greedy": ALLOCATORS["greedy"](m.sens, ctx.budget_bytes),
                 "policy": mean_action(out.agent, ctx).choice,
                 "measured greedy": ALLOCATORS["greedy"](m.judge, ctx.budget_bytes),

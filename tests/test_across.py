@@ -15,7 +15,7 @@ from ramp_cpp.allocate.sac.across import (
     episode_return,
     mean_action,
     train_across,
-    uniform,
+    zero_action,
 )
 from ramp_cpp.allocate.sac.rollout import Context
 from ramp_cpp.calibration.features import N_STATIC
@@ -58,7 +58,7 @@ def test_a_policy_trained_on_two_models_beats_uniform_on_a_third() -> None:
     train = [task(1), task(2)]
     out = train_across(train, CFG)
     held = task(3)
-    ref = uniform(held.ctx)
+    ref = zero_action(held.ctx)
     got = mean_action(out.agent, held.ctx)
     assert held.ctx.sens.file_bytes(got.choice) <= held.ctx.budget_bytes
     r = episode_return(held.judge, held.judge(ref.choice), got.choice)
@@ -81,7 +81,7 @@ def test_the_warm_start_is_uniform() -> None:
     cfg = AcrossConfig(episodes=1, updates_per_episode=0, hidden=(64, 64), bc_steps=200)
     t = task(1)
     out = train_across([t], cfg)
-    assert mean_action(out.agent, t.ctx).choice == uniform(t.ctx).choice
+    assert mean_action(out.agent, t.ctx).choice == zero_action(t.ctx).choice
 
 
 @pytest.mark.parametrize("kw", [{"episodes": 0}, {"updates_per_episode": -1}, {"explore_std": 0.0},

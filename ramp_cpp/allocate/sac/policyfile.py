@@ -105,7 +105,13 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     return Policy(actor=actor, meta=meta, sha256=h)
 
 
-SIZED = "sized"  # sacsearch.POLICY_KIND: a policy of `search --method sac --size`
+SIZED = "sized"  # a policy of `search --method sac --size` or of training across models (`sized_meta`)
+
+
+def sized_meta(variant: str, span: float, obs_dim: int, features: str) -> dict[str, Any]:
+    """What `apply` needs to rebuild a sized policy's rollout (rollout.Context) on another model."""
+    return {"kind": SIZED, "features": features, "variant": variant, "span": span, "obs_dim": obs_dim,
+            "bits": []}
 
 
 def is_sized(meta: dict[str, Any]) -> bool:

@@ -58,7 +58,7 @@ import torch
 from ramp_cpp.allocate.allocators import Choice
 from ramp_cpp.allocate.sac.agent import SAC, SACConfig, clone_actor
 from ramp_cpp.allocate.sac.checkpoint import checkpoint_tensors, from_checkpoint
-from ramp_cpp.allocate.sac.policyfile import actor_tensors
+from ramp_cpp.allocate.sac.policyfile import actor_tensors, sized_meta
 from ramp_cpp.allocate.sac.reward import RewardConfig, kld_reward
 from ramp_cpp.allocate.sac.rollout import Context, Policy, Rollout, executed, rollout
 from ramp_cpp.errors import RampError
@@ -68,7 +68,6 @@ from ramp_cpp.store import stfile
 REWARDS = ("relative", "paper")
 CHECKPOINT = "sac.safetensors"
 CHECKPOINT_KIND = "ramp.sized-search"
-POLICY_KIND = "sized"  # the policy file's `kind`: a rollout.py policy (a budget-relative action)
 
 Score = Callable[[Choice], float]  # an allocation -> its mean KLD on the reward chunks
 ScoreBatch = Callable[[Sequence[Choice]], list[float]]  # several at once (a round's), in their order
@@ -423,13 +422,5 @@ def policy_tensors(agent: SAC) -> dict[str, torch.Tensor]:
 
 
 def policy_meta(ctx: Context, cfg: SizedSearchConfig, features: str) -> dict[str, Any]:
-    """What `apply` needs to rebuild the rollout on another model."""
-    return {
-        "kind": POLICY_KIND,
-        "features": features,
-        "variant": ctx.variant,
-        "span": ctx.span,
-        "obs_dim": ctx.obs_dim,
-        "bits": [],
-        "search": cfg.to_json(),
-    }
+    """What `apply` needs to rebuild the rollout on another model, and the search's settings."""
+    return sized_meta(ctx.variant, ctx.span, ctx.obs_dim, features) | {"search": cfg.to_json()}
