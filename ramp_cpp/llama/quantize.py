@@ -228,6 +228,12 @@ def quantize_map(
     return _run(info, dst, file_type_for(full), full, opts, progress, f"{len(full)} tensors by map")
 
 
+def ftype_label(full: Mapping[str, GGMLQuantizationType]) -> str:
+    """The name of `file_type_for(full)` (Q4_K_M, Q8_0, ...), as llama-quantize's command line takes it."""
+    code = file_type_for(full)
+    return next(k for k, v in sorted(_ftypes().items()) if v == code)
+
+
 def file_type_for(full: Mapping[str, GGMLQuantizationType]) -> int:
     """general.file_type of a map's output: the llama.cpp file type of its most common quantized type
     (first met wins a tie), Q8_0 when there is none. Every tensor is matched by the map, so the file type

@@ -1,0 +1,119 @@
+"""The model card a run writes beside its GGUF: `README.md` in the Hugging Face model-card format (a YAML
+header with `base_model`, `quantized_by` and the tags `gguf`, `llama.cpp`), made from what the run already
+wrote (report.json, allocation.json) and its recipe, so it can be made again from a finished run folder.
+
+It says what the file is (size against the target, types per role), how good it is as measured — on the
+reward text by the run (labelled so: it is the search's own text, not held-out), and on held-out text only
+where `ramp-cpp eval` results are passed in — and how to make it again (the command and the llama-quantize
+recipe).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ramp_cpp.llama.recipe import Recipe
+from ramp_cpp.model.arch import classify
+from ramp_cpp.store.atomic import atomic_path
+
+MIB = 1 << 20
+
+
+def _yaml_list(key: str, items: Sequence[str]) -> list[str]:
+    return [f"{key}:", *(f"- {x}" for x in items)]
+
+
+def roles_mix(rows: Sequence[Mapping[str, Any]]) -> dict[str, Counter[str]]:
+    """role -> Counter of types over allocation.json's tensor rows."""
+    out: dict[str, Counter[str]] = defaultdict(Counter)
+    for r in rows:
+        out[classify(r["name"])[0].name][r["type"]] += 1
+    return dict(out)
+
+
+def card_text(
+    report: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    gguf_name: str,
+    recipe: Recipe | None = None,
+    command: str | None = None,
+    held_out: Sequence[Mapping[str, Any]] = (),
+) -> str:
+    """The card as markdown. `report`: report.json; `rows`: allocation.json's "tensors"; `held_out`: rows of
+    {"label", "file_bytes", "kld", "ppl", "text"} measured on held-out text, if any."""
+    s = report["summary"]
+    q = s.get("quality", {})
+    head = [
+        "---",
+        f"base_model: {s['model']}",
+        "quantized_by: ramp-cpp",
+        *_yaml_list("tags", ["gguf", "llama.cpp", "ramp-cpp", "mixed-precision"]),
+        "---",
+        "",
+        f"# {gguf_name}",
+        "",
+        f"A per-tensor mixed-precision GGUF of `{s['model']}` made by ramp-cpp (method `{s['method']}`) "
+        f"at the whole-file size of `{s['size']}`: {s['file_bytes'] / MIB:.2f} MiB "
+        f"(target {s['target_bytes'] / MIB:.2f} MiB), {s['bpw_file']:.3f} bits per weight. "
+        "It runs in stock llama.cpp and ollama.",
+        "",
+        "## Types per role",
+        "",
+        "| role | tensors | types |",
+        "|---|---|---|",
+    ]
+    for role, mix in sorted(roles_mix(rows).items()):
+        kinds = ", ".join(f"{t} ×{n}" for t, n in mix.most_common())
+        head.append(f"| {role} | {sum(mix.values())} | {kinds} |")
+    body = ["", "## Quality", ""]
+    pts = [p for p in report.get("points", []) if p.get("quality") is not None]
+    if pts:
+        body += [
+            f"KLD to the unquantized model on the search's reward text ({q.get('text', '?')}, "
+            f"{q.get('chunks', '?')} chunks; not held-out):",
+            "",
+            "| file | MiB | KLD | PPL |",
+            "|---|---|---|---|",
+            *(
+                f"| {p['label']} | {p['file_bytes'] / MIB:.2f} | {p['quality']:.4f} | "
+                f"{p['ppl']:.3f} |" if p.get("ppl") is not None else
+                f"| {p['label']} | {p['file_bytes'] / MIB:.2f} | {p['quality']:.4f} | |"
+                for p in sorted(pts, key=lambda p: p["file_bytes"])
+            ),
+        ]
+    if held_out:
+        body += [
+            "",
+            f"Held-out ({held_out[0].get('text', '?')}):",
+            "",
+            "| file | MiB | KLD | PPL |",
+            "|---|---|---|---|",
+            *(
+                f"| {h['label']} | {h['file_bytes'] / MIB:.2f} | {h['kld']:.4f} | {h['ppl']:.3f} |"
+                for h in held_out
+            ),
+        ]
+    else:
+        body += ["", "Not evaluated on held-out text: `ramp-cpp eval FILE --kld --base MODEL` does that."]
+    how = ["", "## How it was made", ""]
+    if command:
+        how += ["```bash", command, "```", ""]
+    if recipe is not None:
+        how += [
+            f"The same tensors with stock `llama-quantize` (the type map: `{recipe.types_file.name}`):",
+            "",
+            "```bash",
+            recipe.shell(),
+            "```",
+        ]
+    return "\n".join(head + body + how) + "\n"
+
+
+def write_card(dst: str | os.PathLike[str], text: str) -> Path:
+    with atomic_path(dst, force=True) as tmp:
+        tmp.write_text(text)
+    return Path(dst)
