@@ -1,5 +1,5 @@
 """llama.cpp's own command-line tools for the tests that compare against them (llama-quantize,
-llama-imatrix), built once from the vendored source of the llama-cpp-python sdist by bench/llama_tools.py,
+llama-imatrix), built once from the vendored source of the llama-cpp-python sdist by bench.llama_tools,
 into a folder of their own in the user's real cache (the session's cache is a temp dir, and a second
 session would build again). Building takes minutes on 2 cores; a test that needs a tool is skipped, saying
 why, when it cannot be built."""
@@ -42,9 +42,8 @@ def tool(name: str) -> Path:
     if os.access(exe, os.X_OK):
         return exe
     env = {**os.environ, "RAMP_CACHE_DIR": str(root), "HOME": _real_home()}  # pip's cache holds the sdist
-    cmd = [sys.executable, str(ROOT / "bench" / "llama_tools.py"), "--targets", ",".join(TARGETS),
-           "--jobs", "2", "--nice", "10"]  # fmt: skip
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "bench.llama_tools", "--targets", ",".join(TARGETS), "--jobs", "2", "--nice", "10"]
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0 or not os.access(exe, os.X_OK):
         why = (r.stderr or r.stdout)[-300:]
         pytest.skip(f"{name} could not be built ({' '.join(cmd[1:])}): {why}")
