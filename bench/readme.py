@@ -43,7 +43,8 @@ INTRO = (
     "held-out `wikitext2-test` chunks 0–15 of 512, mean KLD against the F16 base ± its standard error. "
     "`greedy` is the knapsack on the measured sensitivity (the default of `--method greedy`), "
     "`greedy (proxy)` on the proxy alone, `SAC` the search warm-started from greedy (150 evaluations where "
-    "not stated), `transfer` SmolLM2's SAC policy applied zero-shot (no evaluation)."
+    "not stated), `transfer` SmolLM2's SAC policy applied zero-shot (no search; rolled out on the model's "
+    "measured sensitivity, for which its group probes ran first)."
 )
 ROWS = (
     ("Q4_K_M", "nofold", "preset"),
@@ -231,8 +232,8 @@ def block() -> str:
         calibration_table([k for k, _ in MODELS]), "",
         "**Every SAC run in detail** (same calibration, folding, imatrix and tensor cache as its greedy):",
         "", *sac_tables(),
-        "**Transfer**: SmolLM2's SAC policy (Q4_K_M) applied zero-shot, no evaluation, against the direct "
-        "search on each model (Gemma at Q2_K's size: at Q4_K_M's every searched tensor already fits at "
+        "**Transfer**: SmolLM2's SAC policy (Q4_K_M) applied zero-shot (no search; rolled out on each model's "
+        "measured sensitivity, for which its group probes ran first), against the direct search on each model (Gemma at Q2_K's size: at Q4_K_M's every searched tensor already fits at "
         "Q8_0). Where the bits go along depth in each: [bench/results/depth.md](bench/results/depth.md).", "",
         transfer_table(), "",
         f"Per model, every cell, plot and command: {links}. Downstream accuracy: "
