@@ -232,9 +232,10 @@ def block() -> str:
         calibration_table([k for k, _ in MODELS]), "",
         "**Every SAC run in detail** (same calibration, folding, imatrix and tensor cache as its greedy):",
         "", *sac_tables(),
-        "**Transfer**: SmolLM2's SAC policy (Q4_K_M) applied zero-shot (no search; rolled out on each model's "
-        "measured sensitivity, for which its group probes ran first), against the direct search on each model (Gemma at Q2_K's size: at Q4_K_M's every searched tensor already fits at "
-        "Q8_0). Where the bits go along depth in each: [bench/results/depth.md](bench/results/depth.md).", "",
+        "**Transfer**: SmolLM2's SAC policy (Q4_K_M) applied zero-shot (no search; rolled out on each "
+        "model's measured sensitivity, for which its group probes ran first), against the direct search on "
+        "each model (Gemma at Q2_K's size: at Q4_K_M's every searched tensor already fits at Q8_0). Where "
+        "the bits go along depth in each: [bench/results/depth.md](bench/results/depth.md).", "",
         transfer_table(), "",
         f"Per model, every cell, plot and command: {links}. Downstream accuracy: "
         "[bench/results/downstream.md](bench/results/downstream.md); llama.cpp's own tools as referee: "

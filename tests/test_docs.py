@@ -41,7 +41,8 @@ def prose(text: str, code_spans: bool = False) -> list[tuple[int, str]]:
 
 
 def anchors(page: Path) -> set[str]:
-    return {slug(line.lstrip("#")) for _, line in prose(page.read_text(), code_spans=True) if line.startswith("#")}
+    lines = prose(page.read_text(), code_spans=True)
+    return {slug(line.lstrip("#")) for _, line in lines if line.startswith("#")}
 
 
 def links(page: Path) -> list[tuple[int, str]]:
@@ -75,7 +76,9 @@ def test_slug_is_githubs(heading, want):
 
 def test_the_link_check_sees_a_broken_link(tmp_path):
     page = tmp_path / "p.md"
-    page.write_text("# Top `x`\n\n[ok](p.md#top-x) [gone](missing.md) `[code](x.md)`\n```\n[fenced](y.md)\n# no\n```\n")
+    page.write_text(
+        "# Top `x`\n\n[ok](p.md#top-x) [gone](missing.md) `[code](x.md)`\n```\n[fenced](y.md)\n# no\n```\n"
+    )
     assert [t for _, t in links(page)] == ["p.md#top-x", "missing.md"]
     assert anchors(page) == {"top-x"}
 
@@ -110,7 +113,7 @@ def between(path: Path, begin: str, end: str) -> str:
 
 
 def test_generated_tables_are_current():
-    """Edit bench/results/*.json, bench/summary.md or bench/readme.py, then run bench/readme.py --no-reports."""
+    """Edited bench/results/*.json, bench/summary.md or bench/readme.py: run bench/readme.py --no-reports."""
     mod = bench_readme()
     assert between(README, mod.HEADLINE_BEGIN, mod.HEADLINE_END) == mod.headline()
     assert between(mod.RESULTS, mod.BEGIN, mod.END) == mod.relink(mod.block(), "../")
