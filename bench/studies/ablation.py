@@ -1,6 +1,6 @@
 """Ablation on the demo model: uniform low-bit allocations x {folding off, on} x {imatrix off, on}.
 
-    .venv/bin/python bench/ablation.py --calib bench/out/SmolLM2-135M-Instruct.f16.calib.safetensors
+    .venv/bin/python -m bench.studies.ablation --calib bench/out/SmolLM2-135M-Instruct.f16.calib.safetensors
 
 Every searched tensor gets the 3-bit (Q3_K, falling back to Q4_0 on 576-wide rows) or 4-bit (Q4_K -> Q5_0)
 rung; other tensors Q8_0. Folding uses the calibration's max |x|; the imatrix is the calibration's E[x^2],
@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from bench.paths import BENCH
 from ramp_cpp.calibration.artifact import load_calibration
 from ramp_cpp.fold.folding import fold, folded_calibration_from_file
 from ramp_cpp.llama.evaluate import EvalConfig, kld
@@ -25,7 +26,7 @@ from ramp_cpp.model.ladder import NOMINAL_TYPES
 from ramp_cpp.pipeline.demo import demo_model_path
 from ramp_cpp.store.texts import load_text
 
-OUT = Path(__file__).parent / "out" / "ablation"
+OUT = BENCH / "out" / "ablation"
 
 
 def main() -> int:

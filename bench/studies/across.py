@@ -1,7 +1,8 @@
 """Issue 23 item 1: one sized SAC policy trained across models on zero-evaluation states
 (`ramp_cpp.allocate.sac.across`), leave-one-out, screened offline with the held-out model's measured
-sensitivity as the judge (as `bench/zeroeval.py` screens its rules), then saved for `bench/compare.py`'s
-`policy-across` cells (the held-out KLD through llama.cpp) and, trained on all three, for `policies/`.
+sensitivity as the judge (as `bench/studies/zeroeval.py` screens its rules), then saved for
+`bench/compare.py`'s `policy-across` cells (the held-out KLD through llama.cpp) and, trained on all three,
+for `policies/`.
 
 Tasks: each training model's folded off-grid base (`bench/compare.py`, calibration `calib/bench.toml`) at the
 whole-file sizes of llama.cpp's Q3_K_M, Q4_K_S, Q4_K_M and Q5_K_M (+ imatrix, unfolded: the sizes users
@@ -11,9 +12,9 @@ its highest option) as a multiple of the measured greedy's, beside `uniform` (th
 bytes filled in model order) and `a = 0` (the policy's reference: each tensor nearest the target's bits, the
 rest filled by the projection, which reads the proxy).
 
-    .venv/bin/python bench/across.py                    # the three leave-one-out policies + the screen
-    .venv/bin/python bench/across.py --all              # + the policy on all three -> policies/
-    .venv/bin/python bench/across.py --raw              # returns not standardized per task (the ablation)
+    .venv/bin/python -m bench.studies.across          # the three leave-one-out policies + the screen
+    .venv/bin/python -m bench.studies.across --all    # + the policy on all three -> policies/
+    .venv/bin/python -m bench.studies.across --raw    # returns not standardized per task (the ablation)
 Writes bench/results/across.json and bench/out/across/<name>/policy.safetensors (+ log.jsonl); with --raw,
 across-raw in both places.
 """
@@ -22,17 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from zeroeval import Judged, judged  # noqa: E402
-
-from ramp_cpp.allocate.allocators import ALLOCATORS  # noqa: E402
-from ramp_cpp.allocate.sac.across import (  # noqa: E402
+from bench.judge import Judged, judged
+from bench.paths import BENCH
+from ramp_cpp.allocate.allocators import ALLOCATORS
+from ramp_cpp.allocate.sac.across import (
     AcrossConfig,
     Task,
     across_meta,
@@ -40,12 +37,12 @@ from ramp_cpp.allocate.sac.across import (  # noqa: E402
     train_across,
     zero_action,
 )
-from ramp_cpp.allocate.sac.policyfile import save_policy  # noqa: E402
-from ramp_cpp.allocate.sac.rollout import Context  # noqa: E402
-from ramp_cpp.allocate.sac.scoring import layer_embeddings  # noqa: E402
-from ramp_cpp.allocate.sac.search import policy_tensors  # noqa: E402
+from ramp_cpp.allocate.sac.policyfile import save_policy
+from ramp_cpp.allocate.sac.rollout import Context
+from ramp_cpp.allocate.sac.scoring import layer_embeddings
+from ramp_cpp.allocate.sac.search import policy_tensors
 
-HERE = Path(__file__).resolve().parent
+HERE = BENCH
 MODELS = ("smollm2", "qwen0.5b", "gemma270m")
 TRAIN_SIZES = ("Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M")
 HELD_SIZES = ("Q4_K_M", "Q3_K_M")

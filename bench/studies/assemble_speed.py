@@ -1,7 +1,7 @@
 """Cost of one search episode's model file: assembling a GGUF from the tensor cache, against rerunning
 llama.cpp's quantizer, and the llama.cpp load that follows either.
 
-    .venv/bin/python bench/assemble_speed.py [MODEL.gguf] [--maps 10] [--dst-dir /dev/shm]
+    .venv/bin/python -m bench.studies.assemble_speed [MODEL.gguf] [--maps 10] [--dst-dir /dev/shm]
 
 Builds (or reuses) the tensor cache of MODEL for Q2_K..Q8_0 under bench/out/tensorcache, then for random
 maps over those types times `assemble` into --dst-dir (a fresh file renamed over the last one, and with
@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.paths import BENCH
 from ramp_cpp.llama.backend import LlamaModel
 from ramp_cpp.llama.ggufio import read_inventory
 from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
 from ramp_cpp.measure.tensorcache import assemble, build_cache
 from ramp_cpp.pipeline.demo import demo_model_path
 
-OUT = Path(__file__).parent / "out"
+OUT = BENCH / "out"
 LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 
 

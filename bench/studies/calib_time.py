@@ -1,7 +1,7 @@
 """Cost of calibration: decode time of the same windows with and without the activation collector
 (llama.cpp's eval callback), min of interleaved repeats, on the demo model by default.
 
-    .venv/bin/python bench/calib_time.py [MODEL.gguf] [--windows 2] [--ctx 2048] [--repeats 2]
+    .venv/bin/python -m bench.studies.calib_time [MODEL.gguf] [--windows 2] [--ctx 2048] [--repeats 2]
 
 The collector makes the scheduler stop after every weight matmul (to hand us its input), so this measures
 that overhead together with the statistics loop itself. Extrapolate to the paper recipe (128 windows)

@@ -2,7 +2,8 @@
 backend (`lm_eval.models.huggingface.HFLM`, transformers fp32 on CPU, the model loaded from the same GGUF
 with `gguf_file=`), on the same task items through the same lm-eval task config and local data.
 
-    .venv/bin/python bench/check_lmeval_hf.py [MODEL.f16.gguf] [--task piqa] [--limit 100] [--threads 1]
+    .venv/bin/python -m bench.studies.check_lmeval_hf [MODEL.f16.gguf] [--task piqa] [--limit 100]
+        [--threads 1]
 
 Reports both backends' acc / acc_norm, whether they tokenize every request the same, and the per-item
 agreement of the choices' log-likelihoods (max and mean |difference|, same chosen answer). Writes the JSON to
@@ -20,12 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from bench.paths import BENCH
 from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
 from ramp_cpp.llama.downstream import DownstreamConfig, evaluate_downstream, items, run_tasks, scores
 from ramp_cpp.pipeline.demo import fetch_demo_base
 from ramp_cpp.store.atomic import atomic_path
 
-RESULTS = Path(__file__).parent / "results" / "check_lmeval_hf.json"
+RESULTS = BENCH / "results" / "check_lmeval_hf.json"
 
 
 def hf_lm(model: Path, threads: int) -> Any:

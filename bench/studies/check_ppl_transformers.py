@@ -1,7 +1,8 @@
 """Correctness anchor: in-process llama.cpp PPL vs an independent PyTorch fp32 computation by transformers
 (model loaded from the same GGUF with `gguf_file=`), on the very same tokens and chunks.
 
-    .venv/bin/python bench/check_ppl_transformers.py [MODEL.f16.gguf] [--chunks 8] [--text wikitext2-test]
+    .venv/bin/python -m bench.studies.check_ppl_transformers [MODEL.f16.gguf] [--chunks 8]
+        [--text wikitext2-test]
 """
 
 from __future__ import annotations

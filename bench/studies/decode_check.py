@@ -3,7 +3,7 @@ blocks decodes the files the plan reads (`speedprobe.decode_ratios`), the plan's
 interpolated between the candidates just below and above the target, and the run's real GGUF and the F16 base
 are decoded whole (one 512-token reward chunk, median of up to 3 after an untimed one).
 
-    .venv/bin/python bench/decode_check.py qwen0.5b Q4_K_M \
+    .venv/bin/python -m bench.studies.decode_check qwen0.5b Q4_K_M \
         bench/out/costs/qwen0.5b/new-Q4_K_M/Qwen2.5-Coder-0.5B.offgrid-s0.ramp-Q4_K_M.gguf
 """
 
@@ -11,24 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from costs import CONFIGS, model_path  # noqa: E402
-
-from ramp_cpp.calibration.collect import load_recipe  # noqa: E402
-from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions  # noqa: E402
-from ramp_cpp.llama.evaluate import EvalConfig, chunks  # noqa: E402
-from ramp_cpp.llama.ggufio import open_reader  # noqa: E402
-from ramp_cpp.pipeline import mixes, speedprobe  # noqa: E402
-from ramp_cpp.pipeline.plan import plan_run  # noqa: E402
-from ramp_cpp.pipeline.sizedconfig import SizedConfig  # noqa: E402
+from bench.costs import CONFIGS, model_path
+from ramp_cpp.calibration.collect import load_recipe
+from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
+from ramp_cpp.llama.evaluate import EvalConfig, chunks
+from ramp_cpp.llama.ggufio import open_reader
+from ramp_cpp.pipeline import mixes, speedprobe
+from ramp_cpp.pipeline.plan import plan_run
+from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
 
 def main() -> None:

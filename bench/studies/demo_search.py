@@ -3,8 +3,8 @@
 Resumable: the search runs in --run (rerun the same command to continue after a crash), preset files and
 held-out results are kept under bench/out/ and reused.
 
-    .venv/bin/python bench/demo_search.py --run bench/out/demo-run --budget 5.5 --episodes 200
-    .venv/bin/python bench/demo_search.py --run bench/out/demo-run-kld --budget 5.5 --metric kld
+    .venv/bin/python -m bench.studies.demo_search --run bench/out/demo-run --budget 5.5 --episodes 200
+    .venv/bin/python -m bench.studies.demo_search --run bench/out/demo-run-kld --budget 5.5 --metric kld
 
 Held-out: wikitext2-test, --test-chunks chunks of 512 tokens from chunk 0 (never seen by calibration or
 the reward, which use wikitext2-valid). Episode cost: mean (assemble + load + evaluate) and mean total
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.paths import BENCH
 from ramp_cpp.allocate.sac.agent import SACConfig
 from ramp_cpp.allocate.sac.paper import SearchConfig, load_checkpoint
 from ramp_cpp.calibration.artifact import load_calibration
@@ -34,7 +35,7 @@ from ramp_cpp.pipeline.demo import demo_model_path
 from ramp_cpp.pipeline.paper import search
 from ramp_cpp.store.texts import load_text
 
-OUT = Path(__file__).parent / "out"
+OUT = BENCH / "out"
 
 
 def main() -> int:

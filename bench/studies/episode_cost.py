@@ -1,6 +1,6 @@
 """Episode cost vs the bare forward pass, same loaded model, interleaved repeats (min of each).
 
-    .venv/bin/python bench/episode_cost.py RUN/ [--repeats 3]
+    .venv/bin/python -m bench.studies.episode_cost RUN/ [--repeats 3]
 
 For a finished search run: the scoring loop of an episode (llama.cpp forward + log-softmax + PPL/KLD terms
 against the cached base) and the bare forward pass (same chunks, same logits requested) on the run's GGUF,

@@ -1,7 +1,7 @@
 """Speed of the in-process PPL loop against its limit: a bare llama_decode loop over the same tokens
 (same chunks, same logits requested, nothing done with them).
 
-    .venv/bin/python bench/eval_speed.py [MODEL.gguf] [--chunks 8] [--repeats 3]
+    .venv/bin/python -m bench.studies.eval_speed [MODEL.gguf] [--chunks 8] [--repeats 3]
 
 Prints tokens/s of both and the overhead ratio (ours / bare wall time); the minimum of the repeats is used
 for each, interleaved so that machine noise hits both alike.

@@ -1,7 +1,7 @@
 """The benchmark's cells fanned out over Ray workers give the serial run's rows (issue 22, item 5).
 
-    .venv/bin/python bench/fanout.py smollm2 [--workers 2] [--sizes Q4_K_M,Q3_K_M] [--methods uniform,greedy]
-        [--chunks 4]
+    .venv/bin/python -m bench.studies.fanout smollm2 [--workers 2] [--sizes Q4_K_M,Q3_K_M]
+        [--methods uniform,greedy] [--chunks 4]
 
 Runs `bench/compare.py MODEL --bases offgrid --fold on ...` three times, each into its own results folder
 under bench/out/fanout/: `warm` (serially, so that the shared files, folded copy, sensitivity and base
@@ -18,10 +18,11 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+from bench.paths import BENCH
+
+HERE = BENCH
 TIMINGS = ("t_measure", "t_allocate", "t_search", "t_eval_mean", "t_update_mean")
 
 
@@ -29,12 +30,12 @@ def run(model: str, mode: str, a: argparse.Namespace) -> tuple[float, dict[str, 
     out = HERE / "out" / "fanout" / mode
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    cmd = [sys.executable, str(HERE / "compare.py"), model, "--bases", "offgrid", "--fold", "on",
+    cmd = [sys.executable, "-m", "bench.compare", model, "--bases", "offgrid", "--fold", "on",
            "--sizes", a.sizes, "--methods", a.methods, "--chunks", str(a.chunks), "--results", str(out)]
     if mode.startswith("workers"):
         cmd += ["--workers", str(a.workers)]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=HERE.parent)  # where `bench` imports
     wall = time.perf_counter() - t0
     return wall, json.loads((out / f"{model}.json").read_text())["cells"]
 
@@ -57,7 +58,7 @@ def main() -> None:
         cells.append({"cell": key, "kld_mean": s["kld_mean"], "file_bytes": s["file_bytes"],
                       "differ": differ})
     result = {
-        "command": " ".join([".venv/bin/python", "bench/fanout.py", *sys.argv[1:]]),
+        "command": " ".join([".venv/bin/python", "-m", "bench.studies.fanout", *sys.argv[1:]]),
         "model": a.model,
         "wall_s": {"serial": t_serial, f"workers{a.workers}": t_par},
         "ratio": t_par / t_serial,

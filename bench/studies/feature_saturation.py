@@ -1,6 +1,6 @@
 """How many of Table 24's static dims are constant or saturated, per model and feature variant.
 
-    .venv/bin/python bench/feature_saturation.py MODEL.gguf [MODEL2.gguf ...] [--samples 8 --ctx 512]
+    .venv/bin/python -m bench.studies.feature_saturation MODEL.gguf [MODEL2.gguf ...] [--samples 8 --ctx 512]
 
 Each model is calibrated on wikitext2-valid (or `--calib-dir` holds `<stem>.calib.safetensors` to reuse);
 output: per dim the fraction of tensors at the clip value and whether the dim is useless (constant or >= 95%
@@ -14,13 +14,14 @@ import json
 import sys
 from pathlib import Path
 
+from bench.paths import BENCH
 from ramp_cpp.calibration.artifact import CalibConfig, load_calibration, save_calibration
 from ramp_cpp.calibration.collect import calibrate
 from ramp_cpp.calibration.features import FeatureConfig, model_features, saturation
 from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.store.texts import load_text
 
-OUT = Path(__file__).parent / "out"
+OUT = BENCH / "out"
 
 
 def main() -> int:

@@ -5,7 +5,7 @@ Folding is exact in real arithmetic (W·diag(s) @ (x/s) = W @ x); what remains i
 weights are rounded to the storage type once more, and llama.cpp's kernels round the 1/s-scaled activations
 differently. The KLD measured here is that rounding's cost.
 
-    .venv/bin/python bench/fold_check.py [MODEL.f16.gguf ...] [--calib CALIB.safetensors]
+    .venv/bin/python -m bench.studies.fold_check [MODEL.f16.gguf ...] [--calib CALIB.safetensors]
         [--samples 16 --calib-ctx 512] [--calib-dir DIR] [--chunks 8 --ctx 512] [--json OUT.json]
 
 Without --calib, a quick calibration (samples x calib-ctx tokens of wikitext2-valid) is measured through

@@ -7,7 +7,7 @@ decision rule of `ramp_cpp.pipeline.folddecision.choose_fold` is then replayed o
 chunks and set against the held-out `wikitext2-test` KLDs of the two cells: a choice is wrong when the other
 setting is better on held-out text by more than the larger of the two cells' standard errors.
 
-    .venv/bin/python bench/fold_decision.py smollm2 --sizes Q3_K_M,Q4_K_S,Q4_K_M [--chunks 16]
+    .venv/bin/python -m bench.studies.fold_decision smollm2 --sizes Q3_K_M,Q4_K_S,Q4_K_M [--chunks 16]
 
 Resumable: each (size, fold) scoring is kept in bench/results/<model>.fold.json; the table goes to
 bench/results/<model>.fold.md.
@@ -18,20 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from compare import HERE, Fold, Results, calibrated, log, prepare  # noqa: E402
-
-from ramp_cpp.allocate.allocators import greedy  # noqa: E402
-from ramp_cpp.llama.evaluate import EvalConfig, kld  # noqa: E402
-from ramp_cpp.measure.proxy import MeasureConfig, measure  # noqa: E402
-from ramp_cpp.measure.tensorcache import assemble, build_cache  # noqa: E402
-from ramp_cpp.pipeline.folddecision import FoldEvidence, choose_fold  # noqa: E402
-from ramp_cpp.store.atomic import atomic_path  # noqa: E402
-from ramp_cpp.store.texts import load_text  # noqa: E402
+from bench.compare import HERE, Fold, Results, calibrated, log, prepare
+from ramp_cpp.allocate.allocators import greedy
+from ramp_cpp.llama.evaluate import EvalConfig, kld
+from ramp_cpp.measure.proxy import MeasureConfig, measure
+from ramp_cpp.measure.tensorcache import assemble, build_cache
+from ramp_cpp.pipeline.folddecision import FoldEvidence, choose_fold
+from ramp_cpp.store.atomic import atomic_path
+from ramp_cpp.store.texts import load_text
 
 
 def score(b: Any, folded: bool, target: int, chunks: int) -> list[float]:
@@ -97,7 +93,7 @@ def main() -> None:
                 f"| {size} | 0–{n - 1} | {ev.off:.5f} | {ev.on:.5f} | {ev.delta:+.5f} ± {ev.stderr:.5f} | "
                 f"{'on' if on else 'off'} | {h_off:.4f} | {h_on:.4f} | {right} |"
             )
-    lines.append(f"\nCommand: `.venv/bin/python bench/fold_decision.py {' '.join(sys.argv[1:])}`")
+    lines.append(f"\nCommand: `.venv/bin/python -m bench.studies.fold_decision {' '.join(sys.argv[1:])}`")
     md = HERE / "results" / f"{a.model}.fold.md"
     with atomic_path(md, force=True) as tmp:
         tmp.write_text("\n".join(lines) + "\n")

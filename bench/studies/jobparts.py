@@ -4,7 +4,7 @@ alone. CPU seconds are given beside wall seconds: the single-threaded parts (ass
 the same CPU time when other jobs share the cores, so they project to other machines better than wall time on
 a busy one.
 
-    .venv/bin/python bench/jobparts.py bench/out/workers/qwen0.5b/Q4_K_M    # a bench/workers.py folder
+    .venv/bin/python -m bench.studies.jobparts bench/out/workers/qwen0.5b/Q4_K_M  # bench.studies.workers'
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.paths import BENCH
 from ramp_cpp.calibration.artifact import load_calibration
 from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
 from ramp_cpp.llama.evaluate import (
@@ -81,7 +82,7 @@ def main() -> int:
                 "tokens": float(sum(len(c) for c in cs)), "n_vocab": float(m.n_vocab)}
         m.close()
     dst.unlink()
-    res = Path(__file__).resolve().parent / "results" / "jobparts.json"
+    res = BENCH / "results" / "jobparts.json"
     d = json.loads(res.read_text()) if res.is_file() else {}
     d[Path(model).name] = out
     tmp = res.with_suffix(".tmp")

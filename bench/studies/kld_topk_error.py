@@ -1,6 +1,6 @@
 """How far the cached top-k KLD is from the exact KLD (full distributions of both models in memory).
 
-.venv/bin/python bench/kld_topk_error.py QUANT.gguf BASE.gguf [--chunks 8] [--k 16 64 256]
+.venv/bin/python -m bench.studies.kld_topk_error QUANT.gguf BASE.gguf [--chunks 8] [--k 16 64 256]
 """
 
 from __future__ import annotations

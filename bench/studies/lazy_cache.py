@@ -11,7 +11,7 @@ file with `quantize_rows` and the tensor's imatrix column weights, and compares 
 in-memory quantization (one thread), beside one llama.cpp pass of the same type over the whole model
 (`quantize_map`, all cores).
 
-    .venv/bin/python bench/lazy_cache.py smollm2
+    .venv/bin/python -m bench.studies.lazy_cache smollm2
 
 Writes bench/results/lazy_cache.json.
 """
@@ -29,9 +29,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from compare import HERE, Fold, prepare, tensor_cache  # noqa: E402
+from bench.compare import HERE, Fold, prepare, tensor_cache
 
 
 def main() -> None:
@@ -89,7 +87,7 @@ def main() -> None:
         for t, (k, n) in sorted(same.items())
     }
     result = {
-        "command": " ".join([".venv/bin/python", "bench/lazy_cache.py", *sys.argv[1:]]),
+        "command": " ".join([".venv/bin/python", "-m", "bench.studies.lazy_cache", *sys.argv[1:]]),
         "model": a.model,
         "types": rows,
         "mismatched": mismatched[:20],

@@ -5,25 +5,26 @@ pp512, the order llama.cpp's CUDA benchmarks report for one data-centre GPU, PR 
 printed for it.
 
 Inputs (bench/results/*.json):
-- jobparts.json (bench/jobparts.py on Qwen2.5-Coder-0.5B): one probe's assemble, load, KLD arithmetic and
-  log-sum-exp over the vocabulary; scaled to the 7B shape by file bytes and by tokens × vocabulary;
+- jobparts.json (bench/studies/jobparts.py on Qwen2.5-Coder-0.5B): one probe's assemble, load, KLD arithmetic
+  and log-sum-exp over the vocabulary; scaled to the 7B shape by file bytes and by tokens × vocabulary;
 - costs.json (bench/costs.py, Qwen2.5-Coder-0.5B, today's default): the tensor cache's twelve quantizer passes
   and the proxy (CPU), the fold's copy and the calibration, scaled by parameter count;
-- bench/ray_overhead.py: Ray's per-job cost is below 0.1 s (0.8 ms empty, 7 ms with the reward text).
+- bench/studies/ray_overhead.py: Ray's per-job cost is below 0.1 s (0.8 ms empty, 7 ms with the reward text).
 
 The CPU stages are scaled from 2 cores to `--cores` linearly (llama.cpp's quantizer and the proxy are
 multi-threaded; linear is the optimistic bound). Printed as a markdown table.
 
-    .venv/bin/python bench/project7b.py --gpus 1,8 --cores 16
+    .venv/bin/python -m bench.studies.project7b --gpus 1,8 --cores 16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.paths import BENCH
+
+RESULTS = BENCH / "results"
 QWEN = "Qwen2.5-Coder-0.5B.offgrid-s0.f16.gguf"
 P_QWEN, P_7B = 0.494e9, 6.74e9  # parameters
 VOCAB_7B = 32000

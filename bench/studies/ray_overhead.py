@@ -1,7 +1,7 @@
 """Ray's cost per job (docs/workers.md): a local Ray with 2 one-CPU workers, 200 empty jobs, then 50 jobs that
 each carry a 1.1 MB string (the size of the reward text every evaluation job takes along).
 
-    .venv/bin/python bench/ray_overhead.py
+    .venv/bin/python -m bench.studies.ray_overhead
 """
 
 from __future__ import annotations

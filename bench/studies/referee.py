@@ -1,6 +1,6 @@
 """llama.cpp's own tools as the referee of ramp-cpp's in-process PPL and KLD, and a generation smoke test.
 
-.venv/bin/python bench/referee.py MODEL.gguf [MODEL2.gguf ...] --base BASE.f16.gguf [--chunks 16]
+.venv/bin/python -m bench.studies.referee MODEL.gguf [MODEL2.gguf ...] --base BASE.f16.gguf [--chunks 16]
 
 Per model, on the held-out `wikitext2-test` written byte for byte to a temporary file:
   (a) `llama-perplexity -m MODEL -f TEXT -c 512 --chunks N`, its "Final estimate: PPL";
@@ -32,10 +32,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import llama_tools  # noqa: E402  (a sibling script, not a package)
+from bench import llama_tools
+from bench.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = ROOT
 RESULTS = ROOT / "bench" / "results"
 RAW = ROOT / "bench" / "out" / "referee"
 RAMP = ROOT / ".venv" / "bin" / "ramp-cpp"
@@ -281,8 +281,8 @@ def markdown(recs: list[dict[str, Any]]) -> str:
     lines = [
         "# llama.cpp's own tools as the referee",
         "",
-        "Written by `bench/referee.py` (tools built by `bench/llama_tools.py` from the llama.cpp that",
-        "the llama-cpp-python 0.3.36 sdist vendors). Held-out `wikitext2-test`, chunks of 512 tokens,",
+        "Written by `bench/studies/referee.py` (tools built by `bench/llama_tools.py` from the llama.cpp",
+        "that the llama-cpp-python 0.3.36 sdist vendors). Held-out `wikitext2-test`, chunks of 512 tokens,",
         "`--threads 2`.",
         "PPLs agree when they differ by at most half a unit in the 4th significant digit. KLD Δ/err is",
         "(ramp-cpp − llama-perplexity) in units of llama-perplexity's printed uncertainty of its mean; both",

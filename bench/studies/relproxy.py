@@ -26,33 +26,29 @@ whole-file sizes of Q4_K_M and Q3_K_M + imatrix, scored by the measured sensitiv
                    steps of uniform's choice (k = 1, 2): a trust region around uniform
     measured       the judge itself (the measured greedy: what the zero-evaluation rules are to reach)
 
-    .venv/bin/python bench/relproxy.py [--models smollm2,qwen0.5b,gemma270m]
+    .venv/bin/python -m bench.studies.relproxy [--models smollm2,qwen0.5b,gemma270m]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from compare import HERE  # noqa: E402
-from zeroeval import SIZES, group_keys, judged  # noqa: E402
-
-from ramp_cpp.allocate.allocators import ALLOCATORS  # noqa: E402
-from ramp_cpp.calibration.artifact import Calibration  # noqa: E402
-from ramp_cpp.calibration.collect import windows  # noqa: E402
-from ramp_cpp.llama.backend import InputStats, RuntimeOptions  # noqa: E402
-from ramp_cpp.llama.native import ActivationCollector, stats_model  # noqa: E402
-from ramp_cpp.measure.proxy import measure  # noqa: E402
-from ramp_cpp.measure.sensitivity import Sensitivity, TensorOptions  # noqa: E402
-from ramp_cpp.store.texts import load_text  # noqa: E402
+from bench.compare import HERE
+from bench.judge import SIZES, group_keys, judged
+from ramp_cpp.allocate.allocators import ALLOCATORS
+from ramp_cpp.calibration.artifact import Calibration
+from ramp_cpp.calibration.collect import windows
+from ramp_cpp.llama.backend import InputStats, RuntimeOptions
+from ramp_cpp.llama.native import ActivationCollector, stats_model
+from ramp_cpp.measure.proxy import measure
+from ramp_cpp.measure.sensitivity import Sensitivity, TensorOptions
+from ramp_cpp.store.texts import load_text
 
 #: graph nodes that are the residual stream, by the names llama.cpp's graph gives them: the embeddings (the
 #: callback meets them as "embd"; gemma3 scales them: inp_scaled), the residual after the attention's add

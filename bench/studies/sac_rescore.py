@@ -4,29 +4,25 @@ chunks 4-11 by default; the reward used 0-3), the best of them evaluated on the 
 `bench/results/<model>.rescored.json` under the cell's key (a file of its own: compare.py may be writing the
 cells' file meanwhile).
 
-    .venv/bin/python bench/sac_rescore.py smollm2 'offgrid-s0|fold|sac|Q4_K_M|16' [--top 5]
+    .venv/bin/python -m bench.studies.sac_rescore smollm2 'offgrid-s0|fold|sac|Q4_K_M|16' [--top 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import HERE, REWARD, Fold, Results, calibrated, evaluate, log, prepare  # noqa: E402
-
-from ramp_cpp.allocate.allocators import greedy  # noqa: E402
-from ramp_cpp.allocate.sac.scoring import RewardScorer  # noqa: E402
-from ramp_cpp.allocate.sac.search import CHECKPOINT, load_checkpoint, rescore  # noqa: E402
-from ramp_cpp.fold.source import cleanup, workdir  # noqa: E402
-from ramp_cpp.llama.backend import RuntimeOptions  # noqa: E402
-from ramp_cpp.llama.evaluate import EvalConfig  # noqa: E402
-from ramp_cpp.measure.proxy import MeasureConfig, measure  # noqa: E402
-from ramp_cpp.measure.tensorcache import assemble, build_cache  # noqa: E402
-from ramp_cpp.store.atomic import atomic_path  # noqa: E402
-from ramp_cpp.store.texts import load_text  # noqa: E402
+from bench.compare import HERE, REWARD, Fold, Results, calibrated, evaluate, log, prepare
+from ramp_cpp.allocate.allocators import greedy
+from ramp_cpp.allocate.sac.scoring import RewardScorer
+from ramp_cpp.allocate.sac.search import CHECKPOINT, load_checkpoint, rescore
+from ramp_cpp.fold.source import cleanup, workdir
+from ramp_cpp.llama.backend import RuntimeOptions
+from ramp_cpp.llama.evaluate import EvalConfig
+from ramp_cpp.measure.proxy import MeasureConfig, measure
+from ramp_cpp.measure.tensorcache import assemble, build_cache
+from ramp_cpp.store.atomic import atomic_path
+from ramp_cpp.store.texts import load_text
 
 
 def main() -> None:

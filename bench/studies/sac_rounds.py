@@ -1,7 +1,7 @@
 """SAC in rounds of K rollouts on a real model (issue 22, item 2): K = 2 scored on two Ray workers gives the
 K = 2 search scored in this process, episode for episode; the wall time of K = 1 (today's search) beside it.
 
-    .venv/bin/python bench/sac_rounds.py smollm2 --size Q4_K_M --evaluations 30 [--workers 2]
+    .venv/bin/python -m bench.studies.sac_rounds smollm2 --size Q4_K_M --evaluations 30 [--workers 2]
 
 On the benchmark's off-grid base, folded (power 0.5), measured sensitivity, tensor cache and reward chunks
 (`bench/compare.py`'s, made first when missing; nothing of it is timed). Modes, each a fresh search, seed 0:
@@ -22,12 +22,9 @@ import json
 import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from compare import (  # noqa: E402
+from bench.compare import (
     HERE,
     REWARD,
     RUN,
@@ -40,8 +37,7 @@ from compare import (  # noqa: E402
     preset_cell,
     tensor_cache,
 )
-
-from ramp_cpp.store.texts import load_text  # noqa: E402
+from ramp_cpp.store.texts import load_text
 
 MODES = ("k1", "k2", "k2-workers")
 
@@ -118,7 +114,7 @@ def main() -> None:
         log(f"  {mode}: {wall:.0f} s, {out.state.evaluations} evaluations, best reward KLD {out.kld:.5f}, "
             f"held-out {held_out:.5f}, log {rows[mode]['log_digest']}")
     result = {
-        "command": " ".join([".venv/bin/python", "bench/sac_rounds.py", *sys.argv[1:]]),
+        "command": " ".join([".venv/bin/python", "-m", "bench.studies.sac_rounds", *sys.argv[1:]]),
         "model": a.model,
         "size": a.size,
         "target_bytes": target,

@@ -7,25 +7,22 @@ relative term per allocation (what the reward chunks' idiosyncrasies look like t
 search's best and its final mean-action policy as a ratio of greedy's true KLD, mean over seeds, with SAC
 updates and without (`updates_per_episode=0`: the behaviour-cloned actor only samples around greedy).
 
-    .venv/bin/python bench/sac_synthetic.py [--evaluations 60] [--seeds 4] [--hidden 3] [--noise 0.1]
+    .venv/bin/python -m bench.studies.sac_synthetic [--evaluations 60] [--seeds 4] [--hidden 3] [--noise 0.1]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_sized_search import budget_at, ctx_of, sens_of, small_cfg  # noqa: E402
-
-from ramp_cpp.allocate.allocators import greedy  # noqa: E402
-from ramp_cpp.allocate.sac.search import search  # noqa: E402
+from ramp_cpp.allocate.allocators import greedy
+from ramp_cpp.allocate.sac.search import search
+from tests.test_sized_search import budget_at, ctx_of, sens_of, small_cfg
 
 
 def run(seed: int, evaluations: int, hidden: float, noise: float, updates: int) -> tuple[float, float]:

@@ -1,7 +1,7 @@
 """Does llama.cpp's KLD depend on the thread count? (docs/workers.md): SmolLM2-135M's Q4_1 file against its
 F16 on 2 reward chunks with 1, 2 and again 1 thread; prints each run's per-chunk KLDs, which were identical.
 
-    .venv/bin/python bench/threads_kld.py
+    .venv/bin/python -m bench.studies.threads_kld
 """
 
 from __future__ import annotations

@@ -5,12 +5,12 @@ target model.
 Every row is a cell of `bench/compare.py` (same off-grid base, calibration `calib/bench.toml`, folding and
 imatrix; held-out `wikitext2-test` chunks 0–15): run the missing ones first,
 
-    .venv/bin/python bench/compare.py MODEL --bases offgrid --fold on --sizes Q4_K_M,Q3_K_M \\
+    .venv/bin/python -m bench.compare MODEL --bases offgrid --fold on --sizes Q4_K_M,Q3_K_M \\
         --methods greedy,greedy-transferred,greedy-measured,transfer-across
-    .venv/bin/python bench/transfer.py            # prints the table, writes bench/results/transfer.md
+    .venv/bin/python -m bench.studies.transfer            # prints the table, writes bench/results/transfer.md
 
 `greedy-transferred` reads the other two models' measured groups only (bench/ratios.py: leave-one-out);
-`transfer-across` is the policy `bench/across.py` trained on the other two (run it first).
+`transfer-across` is the policy `bench/studies/across.py` trained on the other two (run it first).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+from bench.paths import BENCH
+
+HERE = BENCH
 MODELS = ("smollm2", "qwen0.5b", "gemma270m")
 SIZES = ("Q4_K_M", "Q3_K_M")
 #: (label, cell method, folding tag, evaluations on the target model: a number, or a cell key to read)
@@ -42,12 +44,13 @@ def table(
     results: Path = HERE / "results", base: str = "offgrid-s0", models: tuple[str, ...] = MODELS
 ) -> str:
     lines = [
-        f"# Zero-evaluation allocators, leave-one-out, base `{base}` (written by `bench/transfer.py`)",
+        f"# Zero-evaluation allocators, leave-one-out, base `{base}` (written by "
+        "`bench/studies/transfer.py`)",
         "",
         "Held-out `wikitext2-test` chunks 0–15 × 512, off-grid bases, calibration `calib/bench.toml`, folded "
         "(but the preset row: llama.cpp as users run it). Evaluations: forward passes over the reward chunks "
         "on the target model before its file is written (the fold decision not counted: every row folds). "
-        "The zero-evaluation policy is `bench/across.py`'s, trained without the model of its row.",
+        "The zero-evaluation policy is `bench/studies/across.py`'s, trained without the model of its row.",
         "",
         "| model | size | method | MiB | mean KLD | × measured greedy | × proxy greedy | evaluations |",
         "|---|---|---|---|---|---|---|---|",

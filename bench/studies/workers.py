@@ -14,8 +14,8 @@ the fold decision, on warm caches, through its executor:
 `--seed-from RUN` starts the cold run from another run's calibration and tensor caches (hard-linked).
 Resumable: finished modes are kept in bench/results/workers.json and skipped.
 
-    .venv/bin/python bench/workers.py smollm2 --size Q4_K_M --modes cold,serial,workers2,kill
-    .venv/bin/python bench/workers.py - --table        # docs/workers.md's table
+    .venv/bin/python -m bench.studies.workers smollm2 --size Q4_K_M --modes cold,serial,workers2,kill
+    .venv/bin/python -m bench.studies.workers - --table        # docs/workers.md's table
 """
 
 from __future__ import annotations
@@ -33,17 +33,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.models import base_path
+from bench.paths import BENCH
+from ramp_cpp.calibration.collect import load_recipe
+from ramp_cpp.executor import Executor, RayExecutor, Serial
+from ramp_cpp.llama.backend import RuntimeOptions
+from ramp_cpp.pipeline.run import run_direct
+from ramp_cpp.pipeline.sizedconfig import SEARCH_GROUPS, SEARCH_RECIPE, SizedConfig
 
-from models import base_path  # noqa: E402
-
-from ramp_cpp.calibration.collect import load_recipe  # noqa: E402
-from ramp_cpp.executor import Executor, RayExecutor, Serial  # noqa: E402
-from ramp_cpp.llama.backend import RuntimeOptions  # noqa: E402
-from ramp_cpp.pipeline.run import run_direct  # noqa: E402
-from ramp_cpp.pipeline.sizedconfig import SEARCH_GROUPS, SEARCH_RECIPE, SizedConfig  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
+HERE = BENCH
 RESULTS = HERE / "results" / "workers.json"
 SPREAD = ("group probes (folded)", "group probes (unfolded)", "fold decision")
 

@@ -24,79 +24,27 @@ Candidates (all zero evaluations on the target but `measured`):
                    highest option centred on the model's median; behaviour cloning of the measured greedy
     learned-half   the same offsets halved (towards uniform)
 
-    .venv/bin/python bench/zeroeval.py [--models smollm2,qwen0.5b,gemma270m]
+    .venv/bin/python -m bench.studies.zeroeval [--models smollm2,qwen0.5b,gemma270m]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from compare import HERE, Fold, prepare  # noqa: E402
-from ratios import CELL, leave_out  # noqa: E402
-
-from ramp_cpp.allocate.allocators import ALLOCATORS  # noqa: E402
-from ramp_cpp.llama.ggufio import read_inventory  # noqa: E402
-from ramp_cpp.measure.groups import groups_of  # noqa: E402
-from ramp_cpp.measure.proxy import measure  # noqa: E402
-from ramp_cpp.measure.sensitivity import Sensitivity  # noqa: E402
-from ramp_cpp.measure.transfer import TIED_EMBD  # noqa: E402
-
-SIZES = ("Q4_K_M", "Q3_K_M")
-
-
-def measured_factors(cells: dict[str, Any], info: Any, names: list[str]) -> dict[str, float]:
-    rep = cells[CELL]["kld_groups"]
-    by_name = {g["name"]: g["ratio"] for g in rep["groups"]}
-    out: dict[str, float] = {}
-    for g in groups_of(info, names, rep["config"]["n_buckets"]):
-        out.update((n, float(by_name[g.name])) for n in g.tensors)
-    return out
-
-
-@dataclass(frozen=True)
-class Judged:
-    """A benchmark model's folded off-grid base as bench/compare.py measured it: its cells, the bench's
-    calibration, the proxy `sens` and the `judge` (the proxy rescaled by the model's own measured groups)."""
-
-    cells: dict[str, Any]
-    base: Any  # compare.Base
-    src: Path
-    cal: Any  # Calibration
-    sens: Sensitivity
-    info: Any  # ModelInfo
-    names: list[str]
-    judge: Sensitivity
-
-
-def judged(key: str) -> Judged:
-    cells = json.loads((HERE / "results" / f"{key}.json").read_text())["cells"]
-    b = prepare(key, "offgrid", 0, str(HERE.parent / "calib" / "bench.toml"))
-    src, cal = b.model(Fold.parse("on"))
-    sens = measure(src, cal, cal.imatrix(), cache_root=b.out / "cache")
-    info = read_inventory(src)
-    names = [t.name for t in sens.tensors]
-    return Judged(cells, b, src, cal, sens, info, names, sens.scaled(measured_factors(cells, info, names)))
+from bench.compare import HERE
+from bench.judge import SIZES, group_keys, judged
+from bench.ratios import leave_out
+from ramp_cpp.allocate.allocators import ALLOCATORS
+from ramp_cpp.measure.sensitivity import Sensitivity
+from ramp_cpp.measure.transfer import TIED_EMBD
 
 
 def relative(sens: Sensitivity, w: float) -> Sensitivity:
     return sens.scaled({t.name: t.n_params**w / t.options[-1].error for t in sens.tensors})
-
-
-def group_keys(info: Any, names: list[str]) -> dict[str, tuple[str, int | None]]:
-    out: dict[str, tuple[str, int | None]] = {}
-    for g in groups_of(info, names, 4):
-        role = TIED_EMBD if g.role == "token_embd" and info.tied_output else g.role
-        out.update((n, (role, g.bucket)) for n in g.tensors)
-    return out
 
 
 def offsets(sens: Sensitivity, keys: dict[str, Any], choice: dict[str, Any]) -> dict[Any, float]:
