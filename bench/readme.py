@@ -6,7 +6,7 @@
   whole-file size and one line of SAC against greedy;
 - every model's `bench/results/<model>.md` / `.png` (unless `--no-reports`).
 
-    .venv/bin/python bench/readme.py [--no-reports]
+    .venv/bin/python -m bench.readme [--no-reports]
 """
 
 from __future__ import annotations
@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import Fold  # noqa: E402
-from depth import SETTINGS as TRANSFER  # noqa: E402
-from run import _longest_sac, report  # noqa: E402
-from table import HERE, calibration_table, fold_choice, sac_table  # noqa: E402
+from bench.compare import Fold
+from bench.depth import SETTINGS as TRANSFER
+from bench.run import _longest_sac, report
+from bench.table import HERE, calibration_table, fold_choice, sac_table
 
 README = HERE.parent / "README.md"
 RESULTS = HERE.parent / "docs" / "results.md"
