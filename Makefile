@@ -58,10 +58,10 @@ test: install install-eval install-ray demo-model
 test-fast: install demo-model
 	$(VPY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# The benchmark of one model (bench/run.py; resumable, hours on 2 cores): make bench MODEL=smollm2
+# The benchmark of one model (python -m bench.run; resumable, hours on 2 cores): make bench MODEL=smollm2
 MODEL ?= smollm2
 bench: demo-model
-	$(VPY) bench/run.py $(MODEL)
+	$(VPY) -m bench.run $(MODEL)
 
 lint: install
 	$(VENV)/bin/ruff check ramp_cpp tests bench

@@ -12,10 +12,10 @@ Protocol (the README's "Benchmark protocol"):
   allocated file must land within 0.5% below it;
 - quality: mean KLD (and PPL, same-top %) against the base F16 on `wikitext2-test` chunks 0..N-1 of 512.
 
-    .venv/bin/python bench/compare.py smollm2 --sizes Q3_K_M,Q4_K_S,Q4_K_M --methods uniform,greedy
-    .venv/bin/python bench/compare.py qwen0.5b --sizes Q4_K_M --bases offgrid
-    .venv/bin/python bench/compare.py smollm2 --workers 2          # cells as jobs on a local Ray
-    .venv/bin/python bench/compare.py smollm2 --ray auto           # or on a cluster (same paths everywhere)
+    .venv/bin/python -m bench.compare smollm2 --sizes Q3_K_M,Q4_K_S,Q4_K_M --methods uniform,greedy
+    .venv/bin/python -m bench.compare qwen0.5b --sizes Q4_K_M --bases offgrid
+    .venv/bin/python -m bench.compare smollm2 --workers 2          # cells as jobs on a local Ray
+    .venv/bin/python -m bench.compare smollm2 --ray auto           # or on a cluster (same paths everywhere)
 
 Cells fan out (`fan_out`): a `Cell` is a job `ramp_cpp.executor` runs anywhere. First the preset cells (they
 set each size's target bytes), then every other cell, each batch on the executor; what cells share (the folded
@@ -37,19 +37,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from models import MODELS, base_path  # noqa: E402
-
-from ramp_cpp.calibration.artifact import Calibration, load_calibration, save_calibration  # noqa: E402
-from ramp_cpp.calibration.collect import calibrate, load_recipe  # noqa: E402
-from ramp_cpp.executor import Executor, Serial, make_executor  # noqa: E402
-from ramp_cpp.fold.folding import FoldConfig, fold, folded_calibration_from_file  # noqa: E402
-from ramp_cpp.llama.backend import RuntimeOptions  # noqa: E402
-from ramp_cpp.llama.evaluate import EvalConfig, kld  # noqa: E402
-from ramp_cpp.llama.quantize import QuantizeOptions, QuantizeResult, quantize_preset  # noqa: E402
-from ramp_cpp.store.atomic import atomic_path  # noqa: E402
-from ramp_cpp.store.texts import load_text  # noqa: E402
+from bench.models import MODELS, base_path
+from ramp_cpp.calibration.artifact import Calibration, load_calibration, save_calibration
+from ramp_cpp.calibration.collect import calibrate, load_recipe
+from ramp_cpp.executor import Executor, Serial, make_executor
+from ramp_cpp.fold.folding import FoldConfig, fold, folded_calibration_from_file
+from ramp_cpp.llama.backend import RuntimeOptions
+from ramp_cpp.llama.evaluate import EvalConfig, kld
+from ramp_cpp.llama.quantize import QuantizeOptions, QuantizeResult, quantize_preset
+from ramp_cpp.store.atomic import atomic_path
+from ramp_cpp.store.texts import load_text
 
 HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
@@ -148,7 +145,7 @@ class Results:
         data.setdefault("commands", [])
         return data
 
-    def command(self, argv: list[str], script: str = "bench/compare.py") -> None:
+    def command(self, argv: list[str], script: str = "-m bench.compare") -> None:
         self._commands.append(" ".join([".venv/bin/python", script, *argv]))
         self.save()
 
@@ -306,8 +303,8 @@ def transfer_cell(
 ) -> dict[str, Any]:
     """`transfer-KEY`: the policy of `sac` at this size on model KEY (its bench run), rolled out zero-shot
     (mean action, projected) on this model's measured sensitivity; no search evaluation.
-    `transfer-across`: the policy `bench/across.py` trained on the other benchmark models, rolled out on
-    this model's proxy sensitivity (issue 23: no evaluation on this model at all)."""
+    `transfer-across`: the policy `bench/studies/across.py` trained on the other benchmark models, rolled
+    out on this model's proxy sensitivity (issue 23: no evaluation on this model at all)."""
     cell = f"{b.name}-s{b.seed}|{folded.tag}|{method}|{preset}|{chunks}"
     row = res.get(cell)
     if row is not None:
@@ -462,8 +459,7 @@ def alloc_cell(
         sens, report = calibrated(b, src, cal, sens, group_config(method))
         extra = {"kld_groups": report.to_json()}
     elif method == TRANSFERRED:  # the other models' measured groups (bench/ratios.py): no evaluation here
-        from ratios import leave_out
-
+        from bench.ratios import leave_out
         from ramp_cpp.llama.ggufio import read_inventory
 
         table = leave_out(b.key)
@@ -584,7 +580,7 @@ def fan_out(ex: Executor, cells: list[Cell]) -> list[dict[str, Any]]:
 def add_executor_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--workers", type=int, default=None, help="cells as Ray jobs on N local workers")
     ap.add_argument("--ray", default=os.environ.get("RAY_ADDRESS"),
-                    help="a Ray cluster's address (RAY_ADDRESS); bench/ must be at the same path there")
+                    help="a Ray cluster's address (RAY_ADDRESS); the checkout must be at the same path there")
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads per cell job")
 
 
@@ -593,7 +589,8 @@ def executor_of(a: argparse.Namespace) -> Executor:
         raise SystemExit("--workers must be >= 1")
     if not a.workers and not a.ray:
         return Serial(threads=a.threads)
-    return make_executor(a.workers, a.ray, a.threads, 0, pythonpath=(str(HERE),))
+    # the jobs import `bench.compare` from the checkout's root
+    return make_executor(a.workers, a.ray, a.threads, 0, pythonpath=(str(HERE.parent),))
 
 
 def main() -> None:

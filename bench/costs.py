@@ -8,11 +8,11 @@ the held-out KLD is the written GGUF against the base on `wikitext2-test` chunks
 bench/compare.py scores every cell. Resumable: a finished (model, config, size) is kept in
 bench/results/costs.json and skipped; an interrupted run resumes from its run folder.
 
-    .venv/bin/python bench/costs.py smollm2 --configs old,new --sizes Q4_K_M,Q3_K_M
-    .venv/bin/python bench/costs.py 7b --configs new --sizes Q4_K_M --no-eval    # bench/shapes.py's model
-    .venv/bin/python bench/costs.py 7b --configs new --sizes Q4_K_M --no-eval --tail  # its last stages again
-    .venv/bin/python bench/costs.py 7b --configs new --sizes Q4_K_M --no-eval --again --state  # all again
-    .venv/bin/python bench/costs.py --table                                        # the markdown tables
+    .venv/bin/python -m bench.costs smollm2 --configs old,new --sizes Q4_K_M,Q3_K_M
+    .venv/bin/python -m bench.costs 7b --configs new --sizes Q4_K_M --no-eval    # bench/shapes.py's model
+    .venv/bin/python -m bench.costs 7b --configs new --sizes Q4_K_M --no-eval --tail  # its last stages again
+    .venv/bin/python -m bench.costs 7b --configs new --sizes Q4_K_M --no-eval --again --state  # all again
+    .venv/bin/python -m bench.costs --table                                        # the markdown tables
 
 Configs: `old` is the default of `search --method greedy --size` before issue 21 (the paper's calibration
 recipe, 128 x 2048 tokens; the twelve default candidate types; `--fold auto`, both foldings measured; group
@@ -37,33 +37,32 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from models import MODELS, base_path  # noqa: E402
-
-from ramp_cpp.calibration.collect import load_recipe  # noqa: E402
-from ramp_cpp.costs import StageCost  # noqa: E402
-from ramp_cpp.llama.backend import RuntimeOptions  # noqa: E402
-from ramp_cpp.llama.evaluate import EvalConfig, kld  # noqa: E402
-from ramp_cpp.measure.candidates import CandidateConfig  # noqa: E402
-from ramp_cpp.measure.groups import GroupConfig  # noqa: E402
-from ramp_cpp.pipeline.run import run_direct  # noqa: E402
-from ramp_cpp.pipeline.sizedconfig import (  # noqa: E402
+from bench.models import MODELS, base_path
+from ramp_cpp.calibration.collect import load_recipe
+from ramp_cpp.costs import StageCost
+from ramp_cpp.llama.backend import RuntimeOptions
+from ramp_cpp.llama.evaluate import EvalConfig, kld
+from ramp_cpp.measure.candidates import CandidateConfig
+from ramp_cpp.measure.groups import GroupConfig
+from ramp_cpp.pipeline.run import run_direct
+from ramp_cpp.pipeline.sizedconfig import (
     SEARCH_FOLD,
     SEARCH_GROUPS,
     SEARCH_RECIPE,
     SEARCH_ROW_SAMPLE,
     SizedConfig,
 )
-from ramp_cpp.store.cache import cache_dir  # noqa: E402
-from ramp_cpp.store.texts import load_text  # noqa: E402
+from ramp_cpp.store.cache import cache_dir
+from ramp_cpp.store.texts import load_text
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "costs.json"
-#: a run's small results, kept in git (--state): a 7B-shaped run takes longer than one session of this 2-core
-#: machine, and a new session may get a fresh machine, so the results that cost decoding and quantizing are
-#: carried across (everything large - the folded copy, the tensor cache's base type - is made again)
-STATE = HERE / "state"
+#: a run's small results (--state): a 7B-shaped run takes longer than one session of a 2-core machine, so the
+#: results that cost decoding and quantizing are carried across sessions (everything large - the folded copy,
+#: the tensor cache's base type - is made again). Kept under the user cache, not in git (14 MB a cell, most of
+#: it the calibration): $RAMP_BENCH_STATE, else ~/.cache/ramp-cpp/bench-state ($RAMP_CACHE_DIR's when set);
+#: copy that folder to carry a run to another machine.
+STATE = Path(os.environ.get("RAMP_BENCH_STATE") or cache_dir() / "bench-state")
 STATE_FILES = (
     "run.json", "predicted.json", "stages.jsonl", "calib.safetensors", "presets.json", "scores.json",
     "pauses.jsonl",
@@ -161,7 +160,7 @@ VARIANTS = ("tail", "again")
 
 
 def cell_name(config: str, size: str, variant: str = "") -> str:
-    """The cell's folder under bench/out/costs/<model>/ and bench/state/<model>/."""
+    """The cell's folder under bench/out/costs/<model>/ and STATE/<model>/."""
     return f"{config}-{size}" + (f"-{variant}" if variant else "")
 
 
@@ -452,7 +451,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--state", action="store_true",
-                    help="carry the run's small results in bench/state/ (restored, then saved per stage)")
+                    help="carry the run's small results in $RAMP_BENCH_STATE (default: the user cache's "
+                         "bench-state/), restored, then saved per stage")
     ap.add_argument("--save-state", action="store_true", help="save them now (after a run was stopped)")
     ap.add_argument("--tail", action="store_true",
                     help="the stages after the measurement again (fold decision, allocate, evaluate) in a "

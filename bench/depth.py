@@ -1,7 +1,7 @@
 """Where the bits go along depth (the paper's Fig. 9 and Table 16's depth rows), across models: each
 allocation of the transfer table re-derived from what the benchmark already holds, never evaluated again.
 
-    .venv/bin/python bench/depth.py [smollm2,qwen0.5b,gemma270m]
+    .venv/bin/python -m bench.depth [smollm2,qwen0.5b,gemma270m]
 
 Allocations per model (at `SETTINGS`' size and folding, the cells of the transfer table):
 - greedy on the proxy and greedy on the measured sensitivity: recomputed from the cached measurement and
@@ -20,19 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from compare import HERE, Fold, calibrated, prepare  # noqa: E402
-from table import spearman  # noqa: E402
-
-from ramp_cpp.model.arch import classify  # noqa: E402
-from ramp_cpp.store.atomic import atomic_path  # noqa: E402
+from bench.compare import HERE, Fold, calibrated, prepare
+from bench.table import spearman
+from ramp_cpp.model.arch import classify
+from ramp_cpp.store.atomic import atomic_path
 
 #: model -> (folding, size, SAC method): the transfer table's settings. Gemma at Q2_K's size because at
 #: Q4_K_M's every searched tensor already sits at Q8_0 (the budget does not bind, nothing to compare).

@@ -1,7 +1,8 @@
 """Write one of a model's benchmark allocations (as `bench/depth.py` rebuilds them from the caches, no
-evaluation) as a GGUF assembled by ramp-cpp's tensor cache, for llama.cpp's own tools (`bench/referee.py`).
+evaluation) as a GGUF assembled by ramp-cpp's tensor cache, for llama.cpp's own tools
+(`bench/studies/referee.py`).
 
-    .venv/bin/python bench/export.py qwen0.5b "sac-e40 best" [--out PATH]
+    .venv/bin/python -m bench.export qwen0.5b "sac-e40 best" [--out PATH]
 
 The file is the one the benchmark cell evaluated (the cache's bytes are llama.cpp's quantizer's for the
 same source, type map and imatrix); default path `bench/out/<model>/offgrid-s0/export/<model>.<label>.gguf`.
@@ -11,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from compare import HERE, Fold, prepare, tensor_cache  # noqa: E402
-from depth import SETTINGS, allocations  # noqa: E402
+from bench.compare import HERE, Fold, prepare, tensor_cache
+from bench.depth import SETTINGS, allocations
 
 
 def main() -> None:

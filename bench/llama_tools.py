@@ -1,8 +1,8 @@
 """llama.cpp's own command-line tools, built from the very source llama-cpp-python 0.3.36 compiles.
 
-.venv/bin/python bench/llama_tools.py [--jobs 1] [--nice 19]     # prints the bin/ folder
+.venv/bin/python -m bench.llama_tools [--jobs 1] [--nice 19]     # prints the bin/ folder
 
-The referee (bench/referee.py) must run the same llama.cpp as ramp-cpp, or a disagreement could be a
+The referee (bench/studies/referee.py) must run the same llama.cpp as ramp-cpp, or a disagreement could be a
 version difference rather than a protocol one; so the tools come from `vendor/llama.cpp` of the
 llama-cpp-python sdist, not from a llama.cpp checkout. Built once into
 `~/.cache/ramp-cpp/llama.cpp-tools-0.3.36/bin/` (under $RAMP_CACHE_DIR when set); later calls only check
@@ -67,7 +67,7 @@ def tool(name: str, version: str = VERSION) -> Path:
     """Path of a built tool; an error naming the build command when it is not there."""
     p = bin_dir(version) / name
     if not os.access(p, os.X_OK):
-        raise SystemExit(f"error: {p} not built; run: .venv/bin/python bench/llama_tools.py")
+        raise SystemExit(f"error: {p} not built; run: .venv/bin/python -m bench.llama_tools")
     return p
 
 

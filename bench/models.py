@@ -5,8 +5,8 @@ base is the same network after a seeded function-preserving channel rescale (`ra
 is what every comparison uses (a user's bf16 checkpoint is on no grid). token_embd / output cannot be
 rescaled and keep the source's grid: `--check` prints their source types.
 
-    .venv/bin/python bench/models.py qwen0.5b                  # path of the off-grid base (seed 0)
-    .venv/bin/python bench/models.py all --check --chunks 4    # + equivalence KLD vs the dequantized base
+    .venv/bin/python -m bench.models qwen0.5b                  # path of the off-grid base (seed 0)
+    .venv/bin/python -m bench.models all --check --chunks 4    # + equivalence KLD vs the dequantized base
 """
 
 from __future__ import annotations

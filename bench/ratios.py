@@ -5,8 +5,8 @@ Each model's measured groups are those of its cell `offgrid-s0|fold|greedy-measu
 size). `leave_out(key)` is the table of every other model (the leave-one-out baseline `greedy-transferred` of
 `bench/compare.py`); `--write` writes the table of all of them to the file the package ships.
 
-    .venv/bin/python bench/ratios.py                 # print the table of all three
-    .venv/bin/python bench/ratios.py --write         # ramp_cpp/data/group-ratios.json
+    .venv/bin/python -m bench.ratios                 # print the table of all three
+    .venv/bin/python -m bench.ratios --write         # ramp_cpp/data/group-ratios.json
 """
 
 from __future__ import annotations

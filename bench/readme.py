@@ -6,7 +6,7 @@
   whole-file size and one line of SAC against greedy;
 - every model's `bench/results/<model>.md` / `.png` (unless `--no-reports`).
 
-    .venv/bin/python bench/readme.py [--no-reports]
+    .venv/bin/python -m bench.readme [--no-reports]
 """
 
 from __future__ import annotations
@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import Fold  # noqa: E402
-from depth import SETTINGS as TRANSFER  # noqa: E402
-from run import _longest_sac, report  # noqa: E402
-from table import HERE, calibration_table, fold_choice, sac_table  # noqa: E402
+from bench.compare import Fold
+from bench.depth import SETTINGS as TRANSFER
+from bench.run import _longest_sac, report
+from bench.table import HERE, calibration_table, fold_choice, sac_table
 
 README = HERE.parent / "README.md"
 RESULTS = HERE.parent / "docs" / "results.md"
@@ -43,7 +41,8 @@ INTRO = (
     "held-out `wikitext2-test` chunks 0–15 of 512, mean KLD against the F16 base ± its standard error. "
     "`greedy` is the knapsack on the measured sensitivity (the default of `--method greedy`), "
     "`greedy (proxy)` on the proxy alone, `SAC` the search warm-started from greedy (150 evaluations where "
-    "not stated), `transfer` SmolLM2's SAC policy applied zero-shot (no evaluation)."
+    "not stated), `transfer` SmolLM2's SAC policy applied zero-shot (no search; rolled out on the model's "
+    "measured sensitivity, for which its group probes ran first)."
 )
 ROWS = (
     ("Q4_K_M", "nofold", "preset"),
@@ -231,9 +230,10 @@ def block() -> str:
         calibration_table([k for k, _ in MODELS]), "",
         "**Every SAC run in detail** (same calibration, folding, imatrix and tensor cache as its greedy):",
         "", *sac_tables(),
-        "**Transfer**: SmolLM2's SAC policy (Q4_K_M) applied zero-shot, no evaluation, against the direct "
-        "search on each model (Gemma at Q2_K's size: at Q4_K_M's every searched tensor already fits at "
-        "Q8_0). Where the bits go along depth in each: [bench/results/depth.md](bench/results/depth.md).", "",
+        "**Transfer**: SmolLM2's SAC policy (Q4_K_M) applied zero-shot (no search; rolled out on each "
+        "model's measured sensitivity, for which its group probes ran first), against the direct search on "
+        "each model (Gemma at Q2_K's size: at Q4_K_M's every searched tensor already fits at Q8_0). Where "
+        "the bits go along depth in each: [bench/results/depth.md](bench/results/depth.md).", "",
         transfer_table(), "",
         f"Per model, every cell, plot and command: {links}. Downstream accuracy: "
         "[bench/results/downstream.md](bench/results/downstream.md); llama.cpp's own tools as referee: "

@@ -1,7 +1,7 @@
 """One command per model: every cell of the benchmark (resumable), then `bench/results/<model>.md` and
 `bench/results/<model>.png`, written from the cells alone.
 
-    .venv/bin/python bench/run.py smollm2 [--stages presets,alloc,sac,report] [--fold on]
+    .venv/bin/python -m bench.run smollm2 [--stages presets,alloc,sac,report] [--fold on]
         [--sac-evaluations 150] [--workers N | --ray ADDRESS]
     make bench MODEL=smollm2
 
@@ -31,9 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from compare import (  # noqa: E402
+from bench.compare import (
     HERE,
     Cell,
     Fold,
@@ -45,10 +43,9 @@ from compare import (  # noqa: E402
     prepare,
     warm,
 )
-from table import groups_table, sac_table, strength_table, table  # noqa: E402
-
-from ramp_cpp.executor import Executor  # noqa: E402
-from ramp_cpp.store.atomic import atomic_path  # noqa: E402
+from bench.table import groups_table, sac_table, strength_table, table
+from ramp_cpp.executor import Executor
+from ramp_cpp.store.atomic import atomic_path
 
 PRESETS = ("Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
 SIZES = ("Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M")
@@ -72,7 +69,7 @@ def run_cells(
     """The cells of `stages` on `ex`: the presets (which set each size's target) as one batch, then the
     allocators' and SAC's cells as another."""
     res = Results(model)
-    res.command(sys.argv[1:], "bench/run.py")
+    res.command(sys.argv[1:], "-m bench.run")
     b = prepare(model, "offgrid", 0, recipe)
     methods = [*(ALLOCATORS if "alloc" in stages else ())]
     methods += [sac_method(evaluations)] if "sac" in stages else []

@@ -8,8 +8,8 @@ Weights are N(0, 1/n_in) per row, with 1/64 of the input channels scaled 4x (the
 Scale Folding moves); norms are 1 + N(0, 0.1). The file is streamed tensor by tensor (peak memory: one
 tensor) and written under a temporary name, then renamed.
 
-    .venv/bin/python bench/shapes.py 7b                  # ~/.cache/ramp-cpp/models/shape-7b.f16.gguf
-    .venv/bin/python bench/shapes.py 1b -o /tmp/x.gguf
+    .venv/bin/python -m bench.shapes 7b                  # ~/.cache/ramp-cpp/models/shape-7b.f16.gguf
+    .venv/bin/python -m bench.shapes 1b -o /tmp/x.gguf
 """
 
 from __future__ import annotations

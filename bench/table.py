@@ -1,6 +1,6 @@
 """Markdown tables from bench/results/<model>.json (written by bench/compare.py): no figure typed by hand.
 
-    .venv/bin/python bench/table.py smollm2 [--base offgrid] [--chunks 16]
+    .venv/bin/python -m bench.table smollm2 [--base offgrid] [--chunks 16]
 
 One table per target size: each row a method (preset + imatrix, uniform, greedy), unfolded and folded, with
 file MiB, bpw over the file and over the searched linears, PPL, mean KLD ± stderr, same-top %, and KLD as a
@@ -134,7 +134,7 @@ def groups_table(model: str, cell: str) -> str:
 
 def fold_choice(model: str, size: str, cells: dict[str, Any]) -> tuple[bool | None, str]:
     """`--fold auto`'s choice for the measured greedy at `size`: from the paired 16-chunk evidence of
-    bench/fold_decision.py when it ran, else (marked) from the two cells' 4-chunk reward KLDs."""
+    bench/studies/fold_decision.py when it ran, else (marked) from the two cells' 4-chunk reward KLDs."""
     from ramp_cpp.pipeline.folddecision import FoldEvidence, choose_fold
 
     f = HERE / "results" / f"{model}.fold.json"

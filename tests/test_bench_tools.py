@@ -4,34 +4,16 @@ whose answer is known."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import multiprocessing as mp
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 from gguf import GGMLQuantizationType as T
 
+from bench import compare, costs, depth
 from ramp_cpp.measure.sensitivity import Option, Sensitivity, TensorOptions
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, mod)
-    spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-compare = _load("compare")
-depth = _load("depth")
 
 
 @pytest.fixture
@@ -190,9 +172,9 @@ def test_fan_out_gives_each_cells_row_in_order_and_its_threads(results_home, mon
 
 def test_a_long_runs_small_results_are_carried_to_a_fresh_machine(tmp_path, monkeypatch):
     """bench/costs.py --state: the run folder's small results, the proxy's and probes' saved states and the
-    base log-probs go to bench/state/ and come back into an empty run folder and user cache; the large files
-    (GGUFs, the tensor cache's bytes and per-tensor indexes, which would point at missing bytes) do not."""
-    costs = _load("costs")
+    base log-probs go to the state folder (STATE) and come back into an empty run folder and user cache; the
+    large files (GGUFs, the tensor cache's bytes and per-tensor indexes, which would point at missing bytes)
+    do not."""
     monkeypatch.setattr(costs, "HERE", tmp_path)
     monkeypatch.setattr(costs, "STATE", tmp_path / "state")
     rd = tmp_path / "out" / "costs" / "m" / "new-Q4_K_M"
@@ -228,7 +210,6 @@ def test_a_long_runs_small_results_are_carried_to_a_fresh_machine(tmp_path, monk
 def test_a_paused_runs_stages_are_counted_without_the_pauses(pauses, want):
     """bench/costs.py's table takes each stage's overlap with pauses.jsonl off its wall time (a stage line
     ends at `time` and began `wall_s` before it)."""
-    costs = _load("costs")
     attempts = [[{"stage": "a", "time": 100.0, "wall_s": 50.0},
                  {"stage": "b", "time": 120.0, "wall_s": 20.0}]]
     got = costs._unpaused(attempts, [{"stop": a, "cont": b, "why": "t"} for a, b in pauses])
@@ -239,7 +220,6 @@ def test_a_paused_runs_stages_are_counted_without_the_pauses(pauses, want):
 def test_a_tail_cell_starts_from_the_finished_runs_state_less_its_plan_and_fold_check(tmp_path, monkeypatch):
     """bench/costs.py --tail: the cell's own state is the finished run's without the files that would make its
     plan, stage lines or fold decision the old run's; the finished run's state is left as it was."""
-    costs = _load("costs")
     monkeypatch.setattr(costs, "HERE", tmp_path)
     monkeypatch.setattr(costs, "STATE", tmp_path / "state")
     monkeypatch.setitem(costs._BASE_FILES, ("m", "new", "Q4_K_M"), [])
@@ -275,7 +255,6 @@ def test_the_probe_stages_are_recounted_by_their_evaluations_clocks(
     """A probe stage's line lost with its machine: the table counts the seconds of its evaluations that ended
     after the cell began, less their overlap with the pauses; the unfolded model's cache is the one whose
     proxy was measured on the base."""
-    costs = _load("costs")
     monkeypatch.setattr(costs, "HERE", tmp_path)
     monkeypatch.setattr(costs, "STATE", tmp_path / "state")
     root = tmp_path / "state" / "m" / "new-Q4_K_M"

@@ -182,8 +182,8 @@ def hf_relative(path: Path, ws: list[np.ndarray]) -> dict[str, np.ndarray]:
 
 def test_relative_stats_agree_with_transformers(tiny_model: Path, tiny_text: str) -> None:
     """The collector's residual-relative sums (rel_sq: each token's input row over its residual row's mean
-    square, bench/relproxy.py's weighting) against PyTorch hooks on the same tokens; without the residual
-    nodes named, the weights' own statistics are the same as ever and nothing is divided."""
+    square, bench/studies/relproxy.py's weighting) against PyTorch hooks on the same tokens; without the
+    residual nodes named, the weights' own statistics are the same as ever and nothing is divided."""
     ws = _windows_of(tiny_model, tiny_text, TINY)
     ref = hf_relative(tiny_model, ws)
     got, plain = {}, {}

@@ -31,7 +31,8 @@ def test_ppl_agrees_with_transformers(demo_model: Path, wikitext: Callable[[str]
     import json
 
     r = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "check_ppl_transformers.py"), str(demo_model), "--chunks", "2"],
+        [sys.executable, "-m", "bench.studies.check_ppl_transformers", str(demo_model), "--chunks", "2"],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,

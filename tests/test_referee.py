@@ -1,6 +1,6 @@
-"""The parsers of bench/referee.py on llama-perplexity output captured from a real run (the demo's SAC GGUF vs
-its off-grid F16 base, 16 chunks of 512; tests/data/referee/). Building llama.cpp's tools takes ~10 minutes on
-2 cores, so the tools themselves are not run here.
+"""The parsers of bench/studies/referee.py on llama-perplexity output captured from a real run (the demo's
+SAC GGUF vs its off-grid F16 base, 16 chunks of 512; tests/data/referee/). Building llama.cpp's tools takes
+~10 minutes on 2 cores, so the tools themselves are not run here.
 
 Each captured file is what the referee logs: a `$ command` and `# exit` header, then the tool's stdout, then
 its stderr; the parsers are given that same concatenation by the referee.
@@ -8,26 +8,13 @@ its stderr; the parsers are given that same concatenation by the referee.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from bench.studies import referee as ref
+
 DATA = Path(__file__).parent / "data" / "referee"
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load_referee():
-    spec = importlib.util.spec_from_file_location("referee", BENCH / "referee.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("referee", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ref = _load_referee()
 
 
 @pytest.fixture(scope="module")

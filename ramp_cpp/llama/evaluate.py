@@ -14,7 +14,7 @@ distribution by stratified inverse-CDF sampling of p restricted to the tail (p_r
 
 The first term is exact; the second is an unbiased estimate of the tail's share, so the mean KLD is
 unbiased (a single top-k + "rest bucket" would be a lower bound, 20% low at k=64 on SmolLM2-135M, whose
-distributions are flat). bench/kld_topk_error.py measures the error against the exact value.
+distributions are flat). bench/studies/kld_topk_error.py measures the error against the exact value.
 """
 
 from __future__ import annotations

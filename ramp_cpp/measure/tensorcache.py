@@ -27,7 +27,7 @@ In memory (`build_cache(..., in_memory=True)`, issue 21's disk bound at 7B): onl
 kept on disk; the bytes of any other (tensor, written type) are made when an assembly or the proxy asks, by
 ggml's row quantizer (`native.quantize_rows`: ggml_quantize_chunk, the call llama.cpp's quantizer makes per
 tensor) on the source's rows with the tensor's imatrix columns. They are the same bytes
-(`bench/lazy_cache.py`: 1,266 of 1,266 blobs of SmolLM2's cache; tests/test_tensorcache.py checks every type
+(`bench/studies/lazy_cache.py`: 1,266 of 1,266 blobs of SmolLM2's cache; tests/test_tensorcache.py checks every type
 against llama.cpp's file). The disk then holds ≈ 8.5 bits per searched weight instead of ≈ 61 with twelve
 types; the price is the quantization time per assembly (a group probe changes about 1/30 of the model), which
 `_MEMO` saves on repeated asks. Types already on disk from a full build are read from there.
