@@ -100,6 +100,25 @@ def test_every_expert_used_sees_every_token(moe: dict[str, Path]) -> None:
             np.testing.assert_allclose(gate.sum_sq[e], router.sum_sq, rtol=1e-12)
 
 
+def test_residual_relative_sums_per_expert(moe: dict[str, Path]) -> None:
+    """The residual-relative sums (each row over its token's residual mean square) per expert: pooled over the
+    experts they are top-k times the router's, which reads the same rows once each."""
+    from ramp_cpp.llama.backend import RuntimeOptions
+    from ramp_cpp.llama.native import stats_model
+
+    with stats_model(moe["top2"], RuntimeOptions(n_ctx=CTX), residual=("embd", "ffn_inp-", "l_out-")) as m:
+        toks = m.tokenize(moe["text"].read_text())
+        for i in range(2):
+            m.run(toks[i * CTX : (i + 1) * CTX])
+        rel = m.collector.relative()  # type: ignore[union-attr]
+    for b in range(2):
+        router, n_router = rel[f"blk.{b}.ffn_gate_inp.weight"]
+        gate, n_gate = rel[f"blk.{b}.ffn_gate_exps.weight"]
+        assert n_router == n_gate == 2 * CTX and gate.shape == (4, 256)
+        np.testing.assert_allclose(gate.sum(axis=0), 2 * router, rtol=1e-12)
+        assert not np.allclose(gate[0], gate[1])
+
+
 @pytest.mark.parametrize(
     ("sum_sq", "counts", "want"),
     [
@@ -224,6 +243,6 @@ def test_imatrix_matches_llama_imatrix(moe: dict[str, Path], tmp_path: Path) -> 
     assert len(experts) == 6 and all(want[k][1].shape == (4,) for k in experts)
     for k, (sums, counts) in want.items():
         np.testing.assert_array_equal(got[k][1], counts, err_msg=k)
-        np.testing.assert_allclose(got[k][0], sums, rtol=2e-5, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(got[k][0], sums, rtol=5e-5, atol=1e-6, err_msg=k)  # measured: 1.2e-5
     # the router makes the experts' shares uneven, and llama-imatrix counted them so too
     assert len(set(want["blk.0.ffn_up_exps.weight"][1].tolist())) > 1
