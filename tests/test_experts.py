@@ -26,6 +26,7 @@ from ramp_cpp.calibration.collect import calibrate
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.backend import InputStats
 from ramp_cpp.llama.ggufio import open_reader
+from ramp_cpp.llama.ggufio import read_imatrix as read_imatrix_gguf
 from ramp_cpp.llama.native import quantize_model
 from ramp_cpp.llama.quantize import _ftypes
 
@@ -156,6 +157,9 @@ def test_expert_statistics_round_trip(moe: dict[str, Path], tmp_path: Path) -> N
     np.testing.assert_array_equal(np.asarray(counts.data).ravel(), st.counts.astype(np.float32))
     np.testing.assert_array_equal(np.asarray(sums.data).reshape(4, 256), st.sum_sq.astype(np.float32))
     assert [int(x) for x in t["blk.1.attn_q.weight.counts"].shape] == [1, 1]
+    # and read back as llama-quantize normalizes it, each expert's sums over its own count
+    back_im = read_imatrix_gguf(tmp_path / "im.gguf")["blk.1.ffn_down_exps.weight"]
+    np.testing.assert_allclose(back_im, cal.imatrix()["blk.1.ffn_down_exps.weight"].ravel(), rtol=1e-6)
 
 
 def test_quantize_takes_the_per_expert_imatrix(moe: dict[str, Path], tmp_path: Path) -> None:
