@@ -84,17 +84,29 @@ class FoldGroup:
     """The linears of one block that read one RMSNorm's output, and only they: the norm's weight can then
     absorb 1/s while their input columns absorb s. `stats_from` is the tensor whose input statistics give s
     (they all read the same input, so any would do; Alg. 2 names q_proj and gate_proj). A block holding a
-    tensor named in `also_read_by` feeds the norm's output to it too (a MoE router): folding is refused."""
+    tensor named in `also_read_by` feeds the norm's output to it too (a MoE router): folding is refused.
+    `optional`: linears that read the norm's output too where a block has them (shared experts and their
+    gate), folded with the others."""
 
     norm: str
     linears: tuple[str, ...]
     stats_from: str
     also_read_by: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
 
 
 ATTN_GROUP = FoldGroup("attn_norm", ("attn_q", "attn_k", "attn_v"), "attn_q")
 ATTN_FUSED_GROUP = FoldGroup("attn_norm", ("attn_qkv",), "attn_qkv")  # create_tensor_qkv's fused variant
 FFN_GROUP = FoldGroup("ffn_norm", ("ffn_gate", "ffn_up"), "ffn_gate", also_read_by=("ffn_gate_inp",))
+# llm_graph_context::build_moe_ffn: the router and every expert's gate and up read the normalized input, and
+# so do the shared experts and their gate (qwen2moe's ffn_gate_inp_shexp, a vector); s comes from the expert
+# tensor's statistics pooled over its experts (folding.py says why)
+MOE_GROUP = FoldGroup(
+    "ffn_norm",
+    ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps"),
+    "ffn_gate_exps",
+    optional=("ffn_gate_shexp", "ffn_up_shexp", "ffn_gate_inp_shexp"),
+)
 
 
 @dataclass(frozen=True)
@@ -115,9 +127,14 @@ class FoldArch:
 FOLD_ARCHS: dict[str, FoldArch] = {
     a.arch: a
     for a in (
-        FoldArch("llama", (ATTN_GROUP, ATTN_FUSED_GROUP, FFN_GROUP), source="src/models/llama.cpp"),
+        FoldArch(
+            "llama", (ATTN_GROUP, ATTN_FUSED_GROUP, FFN_GROUP, MOE_GROUP), source="src/models/llama.cpp"
+        ),
         # q/k/v biases are added after the matmul: W·diag(s)·(x/s) + b = W·x + b, nothing to change
         FoldArch("qwen2", (ATTN_GROUP, ATTN_FUSED_GROUP, FFN_GROUP), source="src/models/qwen2.cpp"),
+        FoldArch("qwen2moe", (ATTN_GROUP, ATTN_FUSED_GROUP, MOE_GROUP), source="src/models/qwen2moe.cpp"),
+        # attn_q_norm/attn_k_norm act on q and k after the projection: unchanged by folding
+        FoldArch("qwen3moe", (ATTN_GROUP, ATTN_FUSED_GROUP, MOE_GROUP), source="src/models/qwen3moe.cpp"),
         # Gemma3RMSNorm computes x·(1+w); conversion/gemma.py (norm_shift) stores 1+w, so llama.cpp's
         # build_norm multiplies by the stored value (offset 0). attn_q_norm/attn_k_norm act on q, k and
         # post_attention_norm/post_ffw_norm on the sub-block outputs: all unchanged by folding.
