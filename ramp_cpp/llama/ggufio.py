@@ -379,7 +379,7 @@ def _rewritten(t: Any, rw: TensorRewrite) -> np.ndarray:
 # -- assembly ---------------------------------------------------------------------------------------------
 # Two GGUFs that llama.cpp's quantizer writes from one source differ only in general.file_type, in each
 # tensor's type and in each tensor's data offset: fixed-width fields of the metadata. So the metadata of one
-# such file is a template that any other type assignment patches in place (tensorcache.assemble).
+# such file is a template that any other type assignment patches in place (write/assemble.py).
 
 
 @dataclass(frozen=True)
