@@ -23,16 +23,39 @@ from ramp_cpp.errors import RampError
 
 @dataclass
 class InputStats:
-    """Statistics of the input x of one weight tensor, per input column (ggml ne[0])."""
+    """Statistics of the input x of one weight tensor, per input column (ggml ne[0]).
 
-    max_abs: np.ndarray  # float32 (n_in,)
-    sum_sq: np.ndarray  # float64 (n_in,)
+    An expert tensor (a 3-D weight of n_expert slices, met in MUL_MAT_ID) has them per expert: `max_abs` and
+    `sum_sq` are (n_expert, n_in), row e over the rows routed to expert e, and `counts[e]` is how many rows
+    that is (llama-imatrix's per-expert counts); `count` stays the tokens seen, each routed to top-k experts,
+    so counts.sum() = k * count."""
+
+    max_abs: np.ndarray  # float32 (n_in,), or (n_expert, n_in) for an expert tensor
+    sum_sq: np.ndarray  # float64, max_abs's shape
     count: int  # rows (tokens) accumulated
+    counts: np.ndarray | None = None  # int64 (n_expert,): rows routed to each expert; None for a 2-D weight
+
+    @property
+    def n_expert(self) -> int:
+        """Experts of an expert tensor's statistics, 0 for a 2-D weight's."""
+        return 0 if self.counts is None else int(self.counts.shape[0])
 
     @property
     def mean_sq(self) -> np.ndarray:
-        """E[x^2] per column: what llama.cpp's quantizer takes as the importance matrix."""
-        return (self.sum_sq / max(self.count, 1)).astype(np.float32)
+        """E[x^2] per column: what llama.cpp's quantizer takes as the importance matrix. Per expert for an
+        expert tensor, over the rows routed to it; an expert no row reached gets ones, as llama-quantize
+        reads a llama-imatrix file (tools/quantize/quantize.cpp, load_imatrix)."""
+        if self.counts is None:
+            return (self.sum_sq / max(self.count, 1)).astype(np.float32)
+        c = self.counts.astype(np.float64)[:, None]
+        return np.where(c > 0, self.sum_sq / np.maximum(c, 1.0), 1.0).astype(np.float32)
+
+    def pooled(self) -> InputStats:
+        """An expert tensor's statistics over all the rows routed to any expert (max over experts, sums
+        added, rows = counts.sum()); a 2-D weight's unchanged."""
+        if self.counts is None:
+            return self
+        return InputStats(self.max_abs.max(axis=0), self.sum_sq.sum(axis=0), int(self.counts.sum()))
 
 
 class Collector(Protocol):

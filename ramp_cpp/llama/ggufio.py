@@ -552,7 +552,8 @@ def write_imatrix_gguf(
 ) -> Path:
     """Write `stats` as a llama.cpp importance matrix in llama-imatrix's GGUF format (save_imatrix in
     tools/imatrix/imatrix.cpp): per tensor `<name>.in_sum2` (F32, ne = [n_in, 1]: sum of x^2 per input
-    column) and `<name>.counts` (F32, ne = [1, 1]: rows accumulated), tensors sorted by name, and the KVs
+    column; [n_in, n_expert] for an expert tensor) and `<name>.counts` (F32, ne = [1, 1]: rows accumulated;
+    [1, n_expert], the rows routed to each expert), tensors sorted by name, and the KVs
     general.type = "imatrix", imatrix.datasets, imatrix.chunk_count, imatrix.chunk_size.
 
     Like llama-imatrix, only blk.* weights and output.weight (its --process-output) are written; a tied head
@@ -573,8 +574,11 @@ def write_imatrix_gguf(
         w.add_uint32(Keys.IMatrix.CHUNK_SIZE, chunk_size)
         for n in names:
             s = stats[n]
-            w.add_tensor(f"{n}.in_sum2", s.sum_sq.astype(np.float32).reshape(1, -1))
-            w.add_tensor(f"{n}.counts", np.array([[s.count]], dtype=np.float32))
+            # an expert tensor's entry is per expert, as llama-imatrix writes it: in_sum2 ne = [n_in, n_expert],
+            # counts ne = [1, n_expert] (rows routed to each expert)
+            counts = np.array([s.count]) if s.counts is None else s.counts
+            w.add_tensor(f"{n}.in_sum2", s.sum_sq.astype(np.float32).reshape(len(counts), -1))
+            w.add_tensor(f"{n}.counts", counts.astype(np.float32).reshape(-1, 1))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
