@@ -17,9 +17,9 @@ from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
 from ramp_cpp.measure import tensorcache
 from ramp_cpp.measure.candidates import searchable
 from ramp_cpp.measure.tensorcache import build_cache
+from ramp_cpp.model.ladder import bits_per_weight, written_type
 from ramp_cpp.write.assemble import assemble
 from ramp_cpp.write.cachefiles import TensorCache, imatrix_digest
-from ramp_cpp.model.ladder import bits_per_weight, written_type
 
 LADDER = ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q2_K", "IQ4_NL", "IQ4_XS")
 

@@ -29,8 +29,8 @@ from ramp_cpp.errors import RampError
 from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.llama.evaluate import KLDResult
 from ramp_cpp.llama.ggufio import ModelInfo
-from ramp_cpp.write.cachefiles import TensorCache
 from ramp_cpp.store.cache import scratch_dir
+from ramp_cpp.write.cachefiles import TensorCache
 
 
 @dataclass(frozen=True)

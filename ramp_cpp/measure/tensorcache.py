@@ -8,8 +8,10 @@ unchanged; an assembled file (`write/assemble.py`, the write stage's) is byte fo
 `quantize_map` writes for the same map (header included), which `build_cache` checks on the model at hand for
 every type it adds. Reading the files back is `write/cachefiles.py`'s; this module builds them.
 
-Searchable are the blk.N linears and the embeddings (`candidates.searchable`: token_embd, and output when
-the head is not tied); the caller names the ones it searches (default: the linears). A type that needs an
+Searchable are the blk.N linears, 3-D expert tensors included (llama.cpp writes one type for all of an
+expert tensor's slices, each slice quantized with its own imatrix slice), and the embeddings
+(`candidates.searchable`: token_embd, and output when the head is not tied); the caller names the ones it
+searches (default: the linears). A type that needs an
 importance matrix (`ladder.needs_imatrix`) is cached only for the tensors the imatrix covers.
 
 On disk, one directory per key (model sha256, imatrix digest, base type) under the cache root:
@@ -26,8 +28,9 @@ the next `build_cache` quantizes only the types still missing.
 
 In memory (`build_cache(..., in_memory=True)`, issue 21's disk bound at 7B): only the base type's pass is
 kept on disk; the bytes of any other (tensor, written type) are made when an assembly or the proxy asks, by
-ggml's row quantizer (`write/cachefiles.py`). They are the same bytes (`bench/results/lazy_cache.json`;
-tests/test_tensorcache.py checks every type against llama.cpp's file). The disk then holds ≈ 8.5 bits per searched weight instead of ≈ 61 with twelve
+ggml's row quantizer (`write/cachefiles.py`; an expert tensor expert by expert). They are the same bytes
+(`bench/results/lazy_cache.json`; tests/test_tensorcache.py and, for experts, tests/test_moe.py check every
+type against llama.cpp's file). The disk then holds ≈ 8.5 bits per searched weight instead of ≈ 61 with twelve
 types; the price is the quantization time per assembly (a group probe changes about 1/30 of the model), which
 `_MEMO` saves on repeated asks. Types already on disk from a full build are read from there.
 """
@@ -283,7 +286,7 @@ def dequantized_spans(
             raise RampError(f"{name}: no cached bytes for {written.name}")
         if source is None:
             source = np.concatenate([source_rows(cache.src, name, a, b) for a, b in spans])
-        raw = np.frombuffer(quantize_in_memory(cache, name, written, source), dtype=np.uint8)
+        raw = np.frombuffer(quantize_in_memory(cache, name, written, source, spans), dtype=np.uint8)
         return np.asarray(dequantize(raw.reshape(n, -1), written), dtype=np.float32)
     row_bytes = blob.nbytes // n_rows
     raw = np.empty((n, row_bytes), dtype=np.uint8)

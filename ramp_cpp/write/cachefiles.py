@@ -16,7 +16,7 @@ import hashlib
 import json
 import mmap
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,13 +208,21 @@ _MEMO: dict[tuple[str, str, GGMLQuantizationType], bytes] = {}
 MEMO_BYTES = 1 << 30
 
 
+def source_matrix(t: Any) -> np.ndarray:
+    """gguf-py's data of a source tensor with one row per output row: an expert tensor's (n_expert,
+    rows, n_per_row) stacked into n_expert · rows rows, expert after expert, as llama.cpp's quantizer walks
+    them (the last axis is bytes for BF16, which gguf-py keeps raw)."""
+    data = np.asarray(t.data)
+    return data.reshape(-1, data.shape[-1]) if data.ndim > 2 else data
+
+
 def source_rows(src: str, name: str, start: int, stop: int) -> np.ndarray:
     """Rows start..stop-1 of `name` in the (F16/BF16/F32) source, as float32: what llama.cpp's quantizer
     converts a tensor to before quantizing it."""
     from gguf.quants import dequantize
 
     t = source_tensors(src)[name]
-    return np.asarray(dequantize(np.asarray(t.data)[start:stop], t.tensor_type), dtype=np.float32)
+    return np.asarray(dequantize(source_matrix(t)[start:stop], t.tensor_type), dtype=np.float32)
 
 
 #: The source's tensors by name, its header parsed once per file version (a 7B's vocabulary takes seconds).
@@ -232,16 +240,46 @@ def source_tensors(src: str | os.PathLike[str]) -> dict[str, Any]:
     return _READERS[key]
 
 
-def quantize_in_memory(cache: TensorCache, name: str, wt: GGMLQuantizationType, rows: np.ndarray) -> bytes:
-    """`rows` of `name` (the source's, as float32: `source_rows`) as llama.cpp writes them in type `wt`, made
-    in memory."""
+def expert_runs(tensor: TensorInfo, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(expert, first, last + 1) of the runs of `spans`' rows, counted one after another, that belong to one
+    expert of `tensor` (spans in ascending order): one run of expert 0 for a 2-D tensor."""
+    if tensor.n_expert == 1:
+        return [(0, 0, sum(b - a for a, b in spans))]
+    per = tensor.rows_per_expert
+    ids = np.concatenate([np.arange(a, b) // per for a, b in spans]) if spans else np.zeros(0, dtype=int)
+    cuts = [0, *(np.flatnonzero(np.diff(ids)) + 1).tolist(), len(ids)]
+    return [(int(ids[a]), a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+
+
+def quantize_in_memory(
+    cache: TensorCache,
+    name: str,
+    wt: GGMLQuantizationType,
+    rows: np.ndarray,
+    spans: Sequence[tuple[int, int]] | None = None,
+) -> bytes:
+    """`rows` of `name` (the source's, as float32: `source_rows`), which are the rows of `spans` one after
+    another (default: all of them), as llama.cpp writes them in type `wt`, made in memory. An expert
+    tensor's rows are quantized expert by expert, each with its slice of the importance matrix, as
+    llama.cpp's quantizer does (llama_tensor_quantize_impl: a chunk never crosses an expert)."""
     from ramp_cpp.llama.native import quantize_rows
 
     if needs_imatrix(wt) and name not in (cache.imatrix or {}):
         raise RampError(f"{name}: {wt.name} needs an importance matrix entry for it")
+    t = cache.info.tensor(name)
     im = (cache.imatrix or {}).get(name)
+    if im is not None:
+        if np.size(im) != t.n_expert * t.n_per_row:
+            raise RampError(
+                f"{name}: its importance matrix entry has {np.size(im)} values, the tensor needs "
+                f"{t.n_expert} × {t.n_per_row}"
+            )
+        im = np.asarray(im, dtype=np.float32).reshape(t.n_expert, t.n_per_row)
     COUNTERS.quant_weights += rows.size
-    return quantize_rows(int(wt), rows, im, cache.n_threads)
+    runs = expert_runs(t, spans if spans is not None else [(0, rows.shape[0])])
+    return b"".join(
+        quantize_rows(int(wt), rows[a:b], None if im is None else im[e], cache.n_threads) for e, a, b in runs
+    )
 
 
 def blob_bytes(cache: TensorCache, name: str, wt: GGMLQuantizationType) -> bytes:
