@@ -82,10 +82,26 @@ def test_inventory_holds_the_experts(moe: Path) -> None:
     assert [t.role for t in searched_tensors(info)][0] == "token_embd"
 
 
-@pytest.mark.parametrize("t", sorted(TYPES, key=lambda x: x.name), ids=lambda x: x.name)
-def test_bytes_predicted_are_bytes_written_for_every_type(moe: Path, tmp_path: Path, t: T) -> None:
+@pytest.fixture(scope="module")
+def moe1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("moe1")
+    spec = synthetic.MoESpec(arch="granitemoe", n_layer=1, n_expert=2, n_expert_used=1, n_ff_shexp=256)
+    return synthetic.write_moe(d / "moe1.gguf", spec)
+
+
+#: ggml's 1- and 2-bit IQ quantizers search a grid per block: 10-50 s each here, left to the full suite
+SLOW_TYPES = {T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S}
+
+
+@pytest.mark.parametrize(
+    "t",
+    [pytest.param(t, marks=[pytest.mark.slow] if t in SLOW_TYPES else []) for t in sorted(TYPES, key=str)],
+    ids=lambda x: x.name,
+)
+def test_bytes_predicted_are_bytes_written_for_every_type(moe1: Path, tmp_path: Path, t: T) -> None:
     """Every 3-D expert tensor (and the shared experts beside them) at type `t` through llama.cpp's
     quantizer (the native helper): the file's bytes of each are the ladder's prediction."""
+    moe = moe1
     info = read_inventory(moe)
     names = [x.name for x in info.searched if x.role in EXPS + SHEXP]
     full = complete_map(info, {n: t for n in names}, T.Q8_0)
