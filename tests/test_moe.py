@@ -73,7 +73,7 @@ def test_inventory_holds_the_experts(moe: Path) -> None:
         assert all(t.searched and t.n_expert == 1 for t in by_role[role])
     # the router is a 2-D weight llama.cpp never quantizes: listed, not searched, not in a type map
     router = info.tensor("blk.0.ffn_gate_inp.weight")
-    assert router.role == "other" and not router.searched
+    assert router.role == "ffn_gate_inp" and not router.searched
     with pytest.raises(RampError, match="never quantizes"):
         complete_map(info, {router.name: T.Q4_K}, T.Q8_0)
     # visiting order within a block: attention, experts gate/up/down, shared expert

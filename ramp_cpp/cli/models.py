@@ -33,7 +33,7 @@ def inspect(
         f"{'tied to token_embd' if info.tied_output else 'separate'}"
         + (f", {info.n_expert} experts, {info.n_expert_used} per token" if info.n_expert else "")
     )
-    t = Table("tensor", "role", "block", "shape (out x in)", "params", "type", "MiB", "searched")
+    t = Table("tensor", "role", "block", "shape ([experts x] out x in)", "params", "type", "MiB", "searched")
     for x in info.tensors:
         t.add_row(
             x.name,
@@ -46,6 +46,11 @@ def inspect(
             "yes" if x.searched else "",
         )
     out.print(t)
+    from ramp_cpp.model.arch import ROLE_BY_NAME
+
+    for role in dict.fromkeys(x.role for x in info.tensors if x.role in ROLE_BY_NAME):
+        if ROLE_BY_NAME[role].why_not:
+            out.print(f"{role} not searched: {ROLE_BY_NAME[role].why_not}")
     s = info.searched
     n_exp = sum(x.n_params for x in s if x.n_expert > 1)
     out.print(

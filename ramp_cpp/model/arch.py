@@ -73,6 +73,8 @@ ROLES: tuple[Role, ...] = (
     Role("ffn_gate_shexp", 80, 0.5, True),
     Role("ffn_up_shexp", 81, 0.6, True),
     Role("ffn_down_shexp", 82, 0.75, True),
+    # the router: a 2-D weight llama.cpp keeps in its source type (tensor_allows_quantization)
+    Role("ffn_gate_inp", 45, 0.5, False, why_not="the MoE router, which llama.cpp never quantizes"),
     # the MTP head some checkpoints ship in extra blocks (glm4moe, qwen3next): quantized, never evaluated
     Role("nextn.eh_proj", 90, 1.0, False, why_not=_MTP),
     Role("nextn.embed_tokens", 91, 1.0, False, why_not=_MTP),
