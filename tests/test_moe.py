@@ -282,3 +282,48 @@ def test_dry_run_plans_the_experts(moe: Path, tmp_path: Path) -> None:
     # the size range spans the experts' bytes: every searched tensor from its smallest to its largest type
     exps = sum(t.n_params for t in info.searched if t.n_expert > 1)
     assert hi - lo >= exps * (8.5 - 4.5) / 8
+
+
+# (name, arch, llama.cpp quantizes it, role, searched when in a block that runs): llama-quant.cpp's
+# tensor_allows_quantization and llama-arch.cpp's names, for the roles of the MoE and hybrid architectures
+ROLE_CASES = [
+    ("blk.0.ffn_gate_exps.weight", "qwen3moe", True, "ffn_gate_exps", True),
+    ("blk.0.ffn_gate_up_exps.weight", "gpt-oss", True, "ffn_gate_up_exps", True),
+    ("blk.0.ffn_down_shexp.weight", "deepseek2", True, "ffn_down_shexp", True),
+    ("blk.0.ffn_gate_inp.weight", "qwen3moe", False, "ffn_gate_inp", False),
+    ("blk.0.attn_kv_a_mqa.weight", "deepseek2", True, "attn_kv_a_mqa", True),
+    ("blk.0.attn_kv_a_mqa.weight", "glm5-next", False, "attn_kv_a_mqa", True),  # glm5-next keeps it
+    ("blk.0.attn_gate.weight", "qwen3next", True, "attn_gate", True),
+    ("blk.0.ssm_in.weight", "qwen3next", True, "ssm_in", True),
+    ("blk.0.ssm_ba.weight", "qwen3next", True, "ssm_ba", True),
+    ("blk.0.ssm_out.weight", "qwen35moe", True, "ssm_out", True),
+    ("blk.0.ssm_conv1d.weight", "qwen3next", False, "other", False),
+    ("blk.0.ssm_a", "qwen3next", False, "other", False),  # no .weight suffix: never quantized
+    ("blk.0.shortconv.in_proj.weight", "lfm2", True, "shortconv.in_proj", True),
+    ("blk.0.shortconv.conv.weight", "lfm2", False, "other", False),
+    ("blk.46.nextn.eh_proj.weight", "glm4moe", True, "nextn.eh_proj", False),
+    ("blk.0.attn_sinks.weight", "gpt-oss", True, "other", False),  # 1-D in llama.cpp: n_dims rules it out
+    ("blk.0.time_mix_w1.weight", "rwkv7", False, "other", False),
+    ("token_types.weight", "bert", False, "other", False),
+]
+
+
+@pytest.mark.parametrize("name, arch, quantized, role, searched", ROLE_CASES)
+def test_roles_follow_llama_cpps_rules(
+    name: str, arch: str, quantized: bool, role: str, searched: bool
+) -> None:
+    from ramp_cpp.model.arch import check_known, classify, quantizable
+
+    r, _ = classify(name)
+    assert (quantizable(name, 2, arch), r.name, r.searched) == (quantized, role, searched)
+    if not r.searched and r.name != "other":
+        assert r.why_not  # a known role no search moves says why
+    check_known(name, 1, arch)  # a 1-D tensor is never quantized, whatever its name
+
+
+def test_a_quantizable_tensor_of_unknown_role_is_refused() -> None:
+    from ramp_cpp.model.arch import check_known
+
+    check_known("blk.0.altup_proj.weight", 2, "gemma3n")  # never quantized: nothing to search
+    with pytest.raises(RampError, match="per_layer_token_embd.weight: llama.cpp quantizes this tensor"):
+        check_known("per_layer_token_embd.weight", 2, "gemma3n")
