@@ -183,6 +183,7 @@ class MoESpec:
     seed: int = 0
     expert_count_meta: int | None = None  # the `llama.expert_count` written (default n_expert): bad input
     extra_tensor: str = ""  # a 2-D blk.N.<this>.weight of a role no table knows: bad input
+    nextn_layers: int = 0  # `nextn_predict_layers`: the last blocks are an MTP head llama.cpp does not run
 
 
 #: Metadata an MoE architecture's llama.cpp loader requires beyond llama's (src/models/granite-moe.cpp).
@@ -209,6 +210,8 @@ def write_moe(path: Path, spec: MoESpec = MoESpec()) -> Path:
     w.add_expert_used_count(spec.n_expert_used)
     if spec.n_ff_shexp:
         w.add_expert_shared_feed_forward_length(spec.n_ff_shexp)
+    if spec.nextn_layers:
+        w.add_uint32(f"{spec.arch}.nextn_predict_layers", spec.nextn_layers)
     for k, v in MOE_ARCH_KV.get(spec.arch, {}).items():
         w.add_float32(f"{spec.arch}.{k}", v)
     w.add_file_type(1)

@@ -219,6 +219,15 @@ def test_proxy_weighs_each_expert_by_its_usage(moe: Path, tmp_path: Path, per_ex
         assert got == pytest.approx(want, rel=1e-6), n
 
 
+def test_multi_token_prediction_blocks_are_not_searched(tmp_path: Path) -> None:
+    """glm4moe-style checkpoints carry an MTP block last (`nextn_predict_layers`): llama.cpp never
+    evaluates it, so nothing there can be measured; its tensors keep the base type."""
+    m = synthetic.write_moe(tmp_path / "n.gguf", synthetic.MoESpec(n_layer=3, nextn_layers=1))
+    info = read_inventory(m)
+    assert {t.block for t in info.searched} == {0, 1}
+    assert all(not t.searched for t in info.tensors if t.block == 2)
+
+
 def test_groups_gain_expert_roles(moe: Path) -> None:
     info = read_inventory(moe)
     names = [t.name for t in info.searched]
