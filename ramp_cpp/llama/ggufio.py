@@ -605,8 +605,8 @@ def write_imatrix_gguf(
         w.add_uint32(Keys.IMatrix.CHUNK_SIZE, chunk_size)
         for n in names:
             s = stats[n]
-            # an expert tensor's entry is per expert, as llama-imatrix writes it: in_sum2 ne = [n_in, n_expert],
-            # counts ne = [1, n_expert] (rows routed to each expert)
+            # an expert tensor's entry is per expert, as llama-imatrix writes it: in_sum2 ne = [n_in,
+            # n_expert], counts ne = [1, n_expert] (rows routed to each expert)
             counts = np.array([s.count]) if s.counts is None else s.counts
             w.add_tensor(f"{n}.in_sum2", s.sum_sq.astype(np.float32).reshape(len(counts), -1))
             w.add_tensor(f"{n}.counts", counts.astype(np.float32).reshape(-1, 1))
