@@ -25,7 +25,8 @@ from ramp_cpp.measure import sensitivity, tensorcache
 from ramp_cpp.measure.candidates import DEFAULT_TYPES, CandidateConfig, searched_tensors
 from ramp_cpp.measure.proxy import MeasureConfig, measure
 from ramp_cpp.measure.sensitivity import Option, Sensitivity, undominated
-from ramp_cpp.measure.tensorcache import assemble, build_cache
+from ramp_cpp.measure.tensorcache import build_cache
+from ramp_cpp.write.assemble import assemble
 
 #: (model, imatrix): an untied head quantized with the calibration's imatrix, a tied one without
 CASES = {"untied": (synthetic.Spec(), True), "tied": (synthetic.Spec(tied=True, seed=1), False)}

@@ -18,7 +18,8 @@ def inspect(
     model: Annotated[Path, typer.Argument(help="A GGUF model file.")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Inventory of a GGUF: architecture, blocks, context, and every 2-D weight with its role and type."""
+    """Inventory of a GGUF: architecture, blocks, context, experts, and every weight (2-D, and the 3-D expert
+    tensors) with its role and type."""
     from ramp_cpp.llama.ggufio import read_inventory
 
     info = read_inventory(model)
@@ -30,22 +31,32 @@ def inspect(
         f"context {info.context_length}, "
         f"{info.n_params_total / 1e6:.1f}M params, output head "
         f"{'tied to token_embd' if info.tied_output else 'separate'}"
+        + (f", {info.n_expert} experts, {info.n_expert_used} per token" if info.n_expert else "")
     )
-    t = Table("tensor", "role", "block", "shape (out x in)", "params", "type", "MiB", "searched")
+    t = Table("tensor", "role", "block", "shape ([experts x] out x in)", "params", "type", "MiB", "searched")
     for x in info.tensors:
         t.add_row(
             x.name,
             x.role,
             "" if x.block is None else str(x.block),
-            f"{x.n_rows} x {x.n_per_row}",
+            (f"{x.n_expert} x " if x.n_expert > 1 else "") + f"{x.rows_per_expert} x {x.n_per_row}",
             f"{x.n_params:,}",
             x.ggml_type,
             f"{x.nbytes / 2**20:.2f}",
             "yes" if x.searched else "",
         )
     out.print(t)
+    from ramp_cpp.model.arch import ROLE_BY_NAME
+
+    for role in dict.fromkeys(x.role for x in info.tensors if x.role in ROLE_BY_NAME):
+        if ROLE_BY_NAME[role].why_not:
+            out.print(f"{role} not searched: {ROLE_BY_NAME[role].why_not}")
     s = info.searched
-    out.print(f"{len(s)} searched tensors, {sum(x.n_params for x in s) / 1e6:.1f}M params")
+    n_exp = sum(x.n_params for x in s if x.n_expert > 1)
+    out.print(
+        f"{len(s)} searched tensors, {sum(x.n_params for x in s) / 1e6:.1f}M params"
+        + (f" ({n_exp / 1e6:.1f}M in {sum(x.n_expert > 1 for x in s)} expert tensors)" if n_exp else "")
+    )
 
 
 def offgrid_(

@@ -16,13 +16,16 @@ from gguf import GGMLQuantizationType, GGUFEndian, GGUFReader, GGUFValueType, GG
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.backend import InputStats
 from ramp_cpp.model.arch import classify
+from ramp_cpp.model.archnames import LLAMA_ARCHS
 from ramp_cpp.model.ladder import tensor_nbytes
 from ramp_cpp.store.atomic import atomic_path
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One weight tensor. `n_per_row` is ggml's ne[0] (input features of a linear), `n_rows` its ne[1]."""
+    """One weight tensor. `n_per_row` is ggml's ne[0] (input features of a linear), `n_rows` its ne[1], times
+    ne[2] for an expert tensor (3-D, `n_expert` slices of n_rows / n_expert rows each, one after another:
+    the rows llama.cpp's quantizer walks, expert e's with its own imatrix slice)."""
 
     name: str
     role: str
@@ -34,6 +37,18 @@ class TensorInfo:
     nbytes: int
     searched: bool
     order: int  # visiting order within the block (arch.Role.order)
+    n_expert: int = 1  # ne[2] of an expert tensor; 1 for a 2-D weight
+
+    @property
+    def rows_per_expert(self) -> int:
+        return self.n_rows // self.n_expert
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """ggml's ne: (n_per_row, rows) or, for an expert tensor, (n_per_row, rows per expert, n_expert)."""
+        if self.n_expert > 1:
+            return (self.n_per_row, self.rows_per_expert, self.n_expert)
+        return (self.n_per_row, self.n_rows)
 
 
 @dataclass(frozen=True)
@@ -46,11 +61,13 @@ class ModelInfo:
     data_offset: int
     alignment: int
     tied_output: bool
-    tensors: tuple[TensorInfo, ...]  # 2-D weights only, in file order
+    tensors: tuple[TensorInfo, ...]  # 2-D weights and 3-D expert weights, in file order
     n_params_total: int  # every tensor, norms included
-    other_bytes: int  # bytes of the tensors that are not 2-D weights (norms, biases), copied as they are
+    other_bytes: int  # bytes of the tensors that are not in `tensors` (norms, biases), copied as they are
     file_type: int | None
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+    n_expert: int = 0  # `{arch}.expert_count`: experts per MoE block (0 for a dense model)
+    n_expert_used: int = 0  # `{arch}.expert_used_count`: experts each token is routed to
 
     @property
     def searched(self) -> tuple[TensorInfo, ...]:
@@ -120,34 +137,21 @@ def _read_inventory(path: str | os.PathLike[str]) -> ModelInfo:
     arch = field_value(reader, "general.architecture")
     if not arch:
         raise RampError(f"{path}: no general.architecture in the GGUF metadata: not a model file")
+    if arch not in LLAMA_ARCHS:
+        raise RampError(
+            f"{path}: architecture {arch!r} is not one the llama.cpp of llama-cpp-python 0.3.36 can load"
+        )
     n_blocks = field_value(reader, f"{arch}.block_count")
     if n_blocks is None:
         raise RampError(
             f"{path}: architecture {arch!r} has no {arch}.block_count: not a transformer llama.cpp runs"
         )
     ctx = int(field_value(reader, f"{arch}.context_length", 0) or 0)
+    n_expert = int(field_value(reader, f"{arch}.expert_count", 0) or 0)
+    # the multi-token-prediction blocks some checkpoints carry last: llama.cpp's evaluation never runs them
+    n_run = int(n_blocks) - int(field_value(reader, f"{arch}.nextn_predict_layers", 0) or 0)
     names = {t.name for t in reader.tensors}
-    tensors = []
-    for t in reader.tensors:
-        shape = [int(x) for x in t.shape]
-        if len(shape) != 2:
-            continue
-        role, block = classify(t.name)
-        qtype = GGMLQuantizationType(int(t.tensor_type))
-        tensors.append(
-            TensorInfo(
-                name=t.name,
-                role=role.name,
-                block=block,
-                n_per_row=shape[0],
-                n_rows=shape[1],
-                n_params=int(t.n_elements),
-                ggml_type=qtype.name,
-                nbytes=tensor_nbytes(qtype, int(t.n_elements)),
-                searched=role.searched and block is not None,
-                order=role.order,
-            )
-        )
+    tensors = [_weight(path, arch, t, n_expert, n_run) for t in reader.tensors if len(t.shape) in (2, 3)]
     if not any(t.searched for t in tensors):
         raise RampError(
             f"{path}: no blk.N.* linear weights found (architecture {arch!r}): nothing ramp-cpp can search"
@@ -169,9 +173,36 @@ def _read_inventory(path: str | os.PathLike[str]) -> ModelInfo:
         tied_output="output.weight" not in names,
         tensors=tuple(tensors),
         n_params_total=sum(int(t.n_elements) for t in reader.tensors),
-        other_bytes=sum(int(t.n_bytes) for t in reader.tensors if len(t.shape) != 2),
+        other_bytes=sum(int(t.n_bytes) for t in reader.tensors if len(t.shape) not in (2, 3)),
         file_type=field_value(reader, "general.file_type"),
         metadata=meta,
+        n_expert=n_expert,
+        n_expert_used=int(field_value(reader, f"{arch}.expert_used_count", 0) or 0),
+    )
+
+
+def _weight(path: str | os.PathLike[str], arch: str, t: Any, n_expert: int, n_run: int) -> TensorInfo:
+    """The inventory record of one 2-D or 3-D tensor; one line for a 3-D tensor that is not the experts of
+    `n_expert` the metadata declares (llama.cpp would refuse to load it)."""
+    shape = [int(x) for x in t.shape]
+    role, block = classify(t.name)
+    if len(shape) == 3 and not (role.experts and shape[2] == n_expert):
+        have = f"{arch}.expert_count = {n_expert}" if n_expert else f"no {arch}.expert_count"
+        what = f"{shape[2]} experts" if role.experts else f"a 3-D tensor of role {role.name!r}"
+        raise RampError(f"{path}: {t.name} holds {what}, the metadata has {have}")
+    qtype = GGMLQuantizationType(int(t.tensor_type))
+    return TensorInfo(
+        name=t.name,
+        role=role.name,
+        block=block,
+        n_per_row=shape[0],
+        n_rows=shape[1] * (shape[2] if len(shape) == 3 else 1),
+        n_params=int(t.n_elements),
+        ggml_type=qtype.name,
+        nbytes=tensor_nbytes(qtype, int(t.n_elements)),
+        searched=role.searched and block is not None and block < n_run,
+        order=role.order,
+        n_expert=shape[2] if len(shape) == 3 else 1,
     )
 
 
@@ -379,7 +410,7 @@ def _rewritten(t: Any, rw: TensorRewrite) -> np.ndarray:
 # -- assembly ---------------------------------------------------------------------------------------------
 # Two GGUFs that llama.cpp's quantizer writes from one source differ only in general.file_type, in each
 # tensor's type and in each tensor's data offset: fixed-width fields of the metadata. So the metadata of one
-# such file is a template that any other type assignment patches in place (tensorcache.assemble).
+# such file is a template that any other type assignment patches in place (write/assemble.py).
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,7 @@ class Prepared:
     features: Features
     z: np.ndarray  # standardized static features (L, 11)
     costs: Costs
-    cache: Any  # tensorcache.TensorCache
+    cache: Any  # write.cachefiles.TensorCache
     chunks: list[np.ndarray]
     base: BaseLogprobs
     base_ppl: float
@@ -191,7 +191,7 @@ class Environment:
         self, rungs: list[int], memo: dict[str, tuple[float, float]]
     ) -> tuple[float, float, dict[str, float], bool]:
         """(ppl, mean kld, seconds per phase, memo hit) of an allocation."""
-        from ramp_cpp.measure.tensorcache import assemble
+        from ramp_cpp.write.assemble import assemble
 
         types = self.prep.costs.types_of(rungs)
         key = ",".join(types[n] for n in self.prep.costs.names)
