@@ -16,13 +16,18 @@ ARCHS = {
 }
 
 
-def tokenizer_model(vocab_size: int = 96) -> bytes:
+#: 3 specials, 256 byte pieces (llama.cpp's SentencePiece tokenizer maps characters the vocabulary lacks, a
+#: newline among them, to byte pieces, and aborts when there are none), the rest merges.
+VOCAB = 320
+
+
+def tokenizer_model(vocab_size: int = VOCAB) -> bytes:
     import sentencepiece as spm
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(text(3000).splitlines()), model_writer=buf, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=False, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
         minloglevel=2,
     )  # fmt: skip
     return buf.getvalue()
@@ -38,7 +43,7 @@ def write(folder: Path, arch: str = "llama", dtype: str = "bfloat16", seed: int 
     (folder / "tokenizer_config.json").write_text('{"add_bos_token": true, "add_eos_token": false}')
     cfg_cls, model_cls = (getattr(transformers, n) for n in ARCHS[arch])
     cfg = cfg_cls(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
         eos_token_id=2,
     )  # fmt: skip

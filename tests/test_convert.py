@@ -160,3 +160,26 @@ def test_commands_take_the_folder(tmp_path: Path, pip_cache: None) -> None:
     first = resolve_model(d)
     hfcheckpoint.write(d, "llama", "bfloat16", seed=1)
     assert resolve_model(d) != first
+
+
+@pytest.mark.slow
+def test_greedy_search_from_the_folder(tmp_path: Path, pip_cache: None, text_file: Path) -> None:
+    from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
+    from ramp_cpp.llama.ggufio import read_inventory
+    from ramp_cpp.measure.candidates import CandidateConfig, parse_types
+    from ramp_cpp.pipeline.plan import size_range
+
+    d = hfcheckpoint.write(tmp_path / "tiny-llama", "llama", "bfloat16")
+    types = "Q4_0,Q5_0,Q8_0"  # rows of 64: K-quants would all fall back
+    lo, hi = size_range(read_inventory(resolve_model(d)), CandidateConfig(types=parse_types(types)))
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'text = "{text_file}"\nsamples = 2\nctx = 64\nseed = 0\n')
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["search", "--model", str(d), "--out", str(out), "--method", "greedy", "--size",
+                            str((lo + hi) // 2), "--types", types, "--text", str(text_file), "--chunks", "2",
+                            "--ctx", "64", "--recipe", str(recipe), "--threads", "1"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    (gguf,) = out.glob("tiny-llama.ramp-*.gguf")
+    assert gguf.stat().st_size <= (lo + hi) // 2
+    assert {t for t, _, _ in tensor_types(gguf).values()} & {"Q4_0", "Q5_0", "Q8_0"}
+    LlamaModel(gguf, RuntimeOptions(n_ctx=64, n_threads=1)).close()
