@@ -33,6 +33,7 @@ from ramp_cpp.cli.common import (
     resolve_budget,
     stage_progress,
 )
+from ramp_cpp.cli.modelarg import resolved_model
 from ramp_cpp.errors import RampError
 
 
@@ -78,6 +79,7 @@ def apply(
     from ramp_cpp.pipeline.apply import ApplyConfig, apply_policy
 
     meta = load_policy(policy).meta
+    home, model = model.parent, resolved_model(model)  # outputs beside the file or checkpoint folder given
     if is_sized(meta):
         # the rollout's state reads the sensitivity: apply with the one the policy learned on
         sensitivity = sensitivity or str(meta.get("sensitivity", "measured"))
@@ -86,6 +88,7 @@ def apply(
         from ramp_cpp.pipeline.plan import default_fold
 
         fold_mode = fold_setting(fold, no_fold, default_fold(sensitivity, "auto"))
+        output = output or home / ramp_output_name(model, "".join(size.split()))
         with executor_for(workers, ray_address, threads, gpu_layers) as ex:
             _apply_sized(policy, model, output, size, sensitivity, fold_mode, no_imatrix, calib, recipe,
                          force, threads, gpu_layers, text, ex)
@@ -97,7 +100,7 @@ def apply(
     no_fold = fold_setting(fold, no_fold) == "off"
     b, mode = resolve_budget(model, budget, budget_mode, size)
     if output is None:
-        output = model.parent / ramp_output_name(model, "".join(size.split()) if size else f"{b:g}")
+        output = home / ramp_output_name(model, "".join(size.split()) if size else f"{b:g}")
     cfg = ApplyConfig(
         budget=b, budget_mode=mode, fold=not no_fold, imatrix=not no_imatrix,
         calib=load_recipe(recipe or "paper"),

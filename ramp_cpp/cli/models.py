@@ -12,17 +12,20 @@ import typer
 from rich.table import Table
 
 from ramp_cpp.cli.common import ForceOpt, JsonOpt, bar, chunk_progress, emit, out
+from ramp_cpp.cli.modelarg import resolved_model
 
 
 def inspect(
-    model: Annotated[Path, typer.Argument(help="A GGUF model file.")],
+    model: Annotated[
+        Path, typer.Argument(help="A GGUF, a split GGUF's first shard or a Hugging Face checkpoint folder.")
+    ],
     as_json: JsonOpt = False,
 ) -> None:
     """Inventory of a GGUF: architecture, blocks, context, experts, and every weight (2-D, and the 3-D expert
     tensors) with its role and type."""
     from ramp_cpp.llama.ggufio import read_inventory
 
-    info = read_inventory(model)
+    info = read_inventory(resolved_model(model))
     if as_json:
         emit(info.to_json())
         return

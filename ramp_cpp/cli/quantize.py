@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from ramp_cpp.cli.common import ForceOpt, GpuOpt, JsonOpt, ThreadsOpt, bar, chunk_progress, emit, err, out
+from ramp_cpp.cli.modelarg import resolved_model
 from ramp_cpp.errors import RampError
 
 
@@ -33,7 +34,10 @@ def _load_map(path: Path) -> dict[str, str]:
 
 
 def quantize(
-    model: Annotated[Path, typer.Argument(help="F16/F32 GGUF to quantize.")],
+    model: Annotated[
+        Path,
+        typer.Argument(help="F16/BF16/F32 GGUF, a split GGUF's first shard or a HF checkpoint folder."),
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output GGUF.")],
     types: Annotated[Path | None, typer.Option("--types", help="JSON map: tensor name -> ggml type.")] = None,
     preset: Annotated[str | None, typer.Option("--preset", help="llama.cpp file type, e.g. Q4_K_M.")] = None,
@@ -55,6 +59,7 @@ def quantize(
 
     if (types is None) == (preset is None):
         raise RampError("give exactly one of --types MAP.json or --preset NAME")
+    model = resolved_model(model)
     im = read_imatrix(imatrix) if imatrix else None
     opts = QuantizeOptions(im, threads, force, allow_requantize)
     with err.status("quantizing"):

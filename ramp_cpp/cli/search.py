@@ -46,6 +46,7 @@ from ramp_cpp.cli.common import (
     resolve_budget,
     stage_progress,
 )
+from ramp_cpp.cli.modelarg import resolved_model
 from ramp_cpp.costs import total
 from ramp_cpp.errors import RampError
 
@@ -116,7 +117,8 @@ def _interrupts() -> Iterator[Callable[[], None]]:
 
 
 def search(
-    model: Annotated[Path | None, typer.Option("--model", "-m", help="F16 GGUF to search.")] = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="F16/BF16 GGUF to search (or a split "
+                     "GGUF's first shard, or a Hugging Face checkpoint folder).")] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("ramp-run"),
     size: SizeOpt = None,
     method: Annotated[
@@ -262,6 +264,7 @@ def search(
         )
         fold_mode = fold_setting(fold, no_fold, default_fold(sensitivity, SEARCH_FOLD, method))
         rows = SEARCH_ROW_SAMPLE if row_sample is None else row_sample
+        model = resolved_model(model)  # a checkpoint folder is converted now, after the cheap checks
         if dry_run:
             _plan_sized(model, out_dir, method, size, dcfg, cc, scfg, ropts, calib, presets, sensitivity,
                         fold_mode, SEARCH_GROUPS, tensor_cache, rows)
@@ -289,6 +292,7 @@ def search(
         if not resume or not (out_dir / SETTINGS).is_file():
             raise RampError("--model is required (or --resume with --out naming an existing run)")
         model = Path(json.loads((out_dir / SETTINGS).read_text())["model_path"])
+    model = resolved_model(model)
     b, mode = resolve_budget(model, budget, budget_mode, size)
     cfg = SearchConfig(
         budget=b, budget_mode=mode, metric=metric, bits=parse_bits(bits),

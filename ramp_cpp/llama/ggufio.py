@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType, GGUFEndian, GGUFReader, GGUFValueType, GG
 
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.backend import InputStats
+from ramp_cpp.llama.shards import SplitReader, iter_shard_stats, join_shards, merged_header_bytes, split_count
 from ramp_cpp.model.arch import classify
 from ramp_cpp.model.archnames import LLAMA_ARCHS
 from ramp_cpp.model.ladder import tensor_nbytes
@@ -87,8 +88,17 @@ class ModelInfo:
         return d
 
 
-def open_reader(path: str | os.PathLike[str]) -> GGUFReader:
-    """A GGUFReader, or one RampError line for a missing, foreign or truncated file."""
+def open_reader(path: str | os.PathLike[str]) -> GGUFReader | SplitReader:
+    """The model's reader: a GGUFReader, or for the first shard of a split set (shards.py) the shards joined
+    as one; one RampError line for a missing, foreign or truncated file, a missing or foreign shard."""
+    reader = open_file_reader(path)
+    if split_count(reader) > 1:
+        return join_shards(Path(path), reader, open_file_reader)
+    return reader
+
+
+def open_file_reader(path: str | os.PathLike[str]) -> GGUFReader:
+    """A GGUFReader of this one file, or one RampError line for a missing, foreign or truncated file."""
     p = Path(path)
     if not p.is_file():
         raise RampError(f"{p}: no such file")
@@ -107,7 +117,7 @@ def open_reader(path: str | os.PathLike[str]) -> GGUFReader:
     return reader
 
 
-def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
+def field_value(reader: GGUFReader | SplitReader, key: str, default: Any = None) -> Any:
     f = reader.get_field(key)
     if f is None:
         return default
@@ -120,15 +130,16 @@ def read_inventory(path: str | os.PathLike[str]) -> ModelInfo:
     asks for it from every stage."""
     p = Path(path)
     try:
-        st = p.stat()
+        p.stat()
     except OSError:
         return _read_inventory(path)  # open_reader's one-line error for a missing file
-    info = _inventory_of(str(p.resolve()), st.st_size, st.st_mtime_ns)
+    # keyed by every shard's (path, size, mtime) for a split set
+    info = _inventory_of(str(p.resolve()), tuple(iter_shard_stats(p)))
     return info if info.path == str(path) else replace(info, path=str(path))
 
 
 @functools.lru_cache(maxsize=32)
-def _inventory_of(path: str, size: int, mtime_ns: int) -> ModelInfo:
+def _inventory_of(path: str, versions: tuple[tuple[str, int, int], ...]) -> ModelInfo:
     return _read_inventory(path)
 
 
@@ -156,7 +167,13 @@ def _read_inventory(path: str | os.PathLike[str]) -> ModelInfo:
         raise RampError(
             f"{path}: no blk.N.* linear weights found (architecture {arch!r}): nothing ramp-cpp can search"
         )
-    data_offset = min((int(t.data_offset) for t in reader.tensors), default=0)
+    alignment = int(field_value(reader, "general.alignment", 32))
+    if isinstance(reader, SplitReader):  # sizes as the one-file model has them: what a budget counts
+        data_offset = merged_header_bytes(reader, alignment)
+        file_size = data_offset + sum(int(t.n_bytes) + (-int(t.n_bytes) % alignment) for t in reader.tensors)
+    else:
+        data_offset = min((int(t.data_offset) for t in reader.tensors), default=0)
+        file_size = Path(path).stat().st_size
     meta = {
         k: _plain(f.contents())
         for k, f in reader.fields.items()
@@ -167,9 +184,9 @@ def _read_inventory(path: str | os.PathLike[str]) -> ModelInfo:
         arch=str(arch),
         n_blocks=int(n_blocks),
         context_length=ctx,
-        file_size=Path(path).stat().st_size,
+        file_size=file_size,
         data_offset=data_offset,
-        alignment=int(field_value(reader, "general.alignment", 32)),
+        alignment=alignment,
         tied_output="output.weight" not in names,
         tensors=tuple(tensors),
         n_params_total=sum(int(t.n_elements) for t in reader.tensors),
@@ -435,7 +452,7 @@ class HeaderTemplate:
 
 def read_header_template(path: str | os.PathLike[str]) -> HeaderTemplate:
     """The metadata of a GGUF written by llama.cpp's quantizer, with the positions of its patchable fields."""
-    reader = open_reader(path)
+    reader = _one_file(path)
     if reader.endianess != GGUFEndian.LITTLE:
         raise RampError(f"{path}: a big-endian GGUF cannot serve as a header template")
     ft = reader.get_field("general.file_type")
@@ -454,12 +471,20 @@ def read_header_template(path: str | os.PathLike[str]) -> HeaderTemplate:
     )
 
 
+def _one_file(path: str | os.PathLike[str]) -> GGUFReader:
+    """A reader of an unsplit GGUF (byte offsets are read from it), or one RampError line."""
+    reader = open_file_reader(path)
+    if split_count(reader) > 1:
+        raise RampError(f"{path}: a split GGUF, where one file is needed here")
+    return reader
+
+
 def extract_tensors(
     src: str | os.PathLike[str], names: list[str], dst: str | os.PathLike[str], force: bool = False
 ) -> dict[str, tuple[int, int, int]]:
     """Copy the data of the named tensors of GGUF `src` back to back into the flat file `dst`;
     return name -> (ggml type, offset in `dst`, bytes)."""
-    reader = open_reader(src)
+    reader = _one_file(src)
     by_name = {t.name: t for t in reader.tensors}
     out = {}
     offset = 0
