@@ -304,6 +304,11 @@ def test_upcycle_refusals(models: dict[str, Path], tmp_path: Path) -> None:
     q = quantize_preset(models["llama-gqa"], tmp_path / "q8.gguf", "Q8_0").path
     with pytest.raises(RampError, match="dequantize first"):
         upcycle(q, tmp_path / "o.gguf")
+    spec = synthetic.Spec(arch="qwen2", arch_tensors=True, fused_qkv=True)
+    fused = synthetic.write(tmp_path / "f.gguf", spec)
+    with pytest.raises(RampError, match="fused attn_qkv"):
+        upcycle(fused, tmp_path / "o.gguf")
+    assert not (tmp_path / "o.gguf").exists()
 
 
 def test_cli_upcycle(models: dict[str, Path], tmp_path: Path) -> None:

@@ -121,6 +121,8 @@ def _check(src: str | os.PathLike[str], cfg: UpcycleConfig) -> UpcycleArch:
     if info.metadata.get(f"{info.arch}.{MOE.expert_count}"):
         raise RampError(f"{name}: already a mixture of experts ({info.arch}.{MOE.expert_count} is set)")
     types = {t.name: t for t in open_reader(src).tensors}
+    if rec.neox_to_norm and any(n.endswith(".attn_qkv.weight") for n in types):
+        raise RampError(f"{name}: a fused attn_qkv cannot change its rope order here; split q/k/v first")
     for b in range(info.n_blocks):
         for dense, _ in MOE.experts:
             if f"blk.{b}.{dense}.bias" in types:
