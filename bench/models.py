@@ -72,7 +72,7 @@ class Derived:
 
 
 # 8 experts, top-2 (Mixtral's shape): uneven usage has 8 slices per tensor to spread over, and the F16 stays
-# within this machine's disk (SmolLM2 ~1.1 GB; Qwen2.5-0.5B ~6 GB, its FFN 24 blocks x 1024 x 4864)
+# within this machine's disk (SmolLM2 1.87 GB; Qwen2.5-0.5B 6.48 GB, its FFN 24 blocks x 1024 x 4864)
 DERIVED: dict[str, Derived] = {
     d.key: d
     for d in (
