@@ -41,6 +41,8 @@ COMMANDS: tuple[tuple[str, Callable[..., None]], ...] = (
     ("imatrix", calibrate.imatrix_),
     ("fold", calibrate.fold),
     ("offgrid", models.offgrid_),
+    ("pad", models.pad_),
+    ("upcycle", models.upcycle_),
     ("features", calibrate.features),
     ("search", search.search),
     ("apply", apply.apply),

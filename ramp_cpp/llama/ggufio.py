@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -396,6 +396,101 @@ def rewrite_gguf(
                 w.write_tensor_data(t.data, tensor_endianess=reader.endianess)
             else:
                 w.write_tensor_data(_rewritten(t, rw))
+            if progress:
+                progress(i + 1, len(tensors))
+        w.close()
+    return Path(dst)
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor of a derived GGUF (`derive_gguf`). `make(get)` returns its values in numpy order `shape`
+    (float32), written as `ggml_type` (F32, F16 or BF16); `get(name)` reads a tensor of the source as float32
+    in numpy order. Without `make`, the source's tensor `name` is copied as it is (type and bytes)."""
+
+    name: str
+    make: Callable[[Callable[[str], np.ndarray]], np.ndarray] | None = None
+    ggml_type: GGMLQuantizationType = GGMLQuantizationType.F32
+    shape: tuple[int, ...] = ()
+
+
+def derive_gguf(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    tensors: Sequence[OutTensor],
+    set_kv: Mapping[str, Any] | None = None,
+    arch: str | None = None,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write `dst` (temp file, then rename): the metadata of `src` with `set_kv` added or replaced, and the
+    tensors `tensors` in that order, each made or copied. Unlike `rewrite_gguf` a tensor may be new, change
+    shape or go away (one not named is left out), which is what padding a model or turning its FFN into
+    experts needs. `arch`: the copy's general.architecture; every `<old arch>.*` key is renamed with it. Each
+    tensor is made only when it is written, so memory stays at about one tensor."""
+    reader = open_reader(src)
+    if reader.endianess != GGUFEndian.LITTLE:
+        raise RampError(f"{src}: a big-endian GGUF cannot be rewritten")
+    by_name = {t.name: t for t in reader.tensors}
+    for o in tensors:
+        if o.make is None and o.name not in by_name:
+            raise RampError(f"{src}: no tensor named {o.name!r} to copy")
+        if o.make is not None and o.ggml_type not in REWRITABLE:
+            raise RampError(f"{o.name}: a made tensor is written as F32, F16 or BF16, not {o.ggml_type.name}")
+    old_arch = str(field_value(reader, "general.architecture", ""))
+    new_arch = arch or old_arch
+
+    def renamed(key: str) -> str:
+        return new_arch + key[len(old_arch):] if key.startswith(old_arch + ".") else key
+
+    def get(name: str) -> np.ndarray:
+        t = by_name.get(name)
+        if t is None:
+            raise RampError(f"{src}: no tensor named {name!r}")
+        from gguf.quants import dequantize
+
+        shape = tuple(int(x) for x in reversed(t.shape))
+        return dequantize(np.asarray(t.data), GGMLQuantizationType(int(t.tensor_type))).reshape(shape)
+
+    new_kv = dict(set_kv or {})
+    with atomic_path(dst, force) as tmp:
+        w = GGUFWriter(tmp, new_arch)
+        w.data_alignment = int(field_value(reader, "general.alignment", w.data_alignment))
+        for f in reader.fields.values():
+            if f.name.startswith("GGUF.") or f.name == "general.architecture":
+                continue
+            key = renamed(f.name)
+            if key in new_kv:
+                w.add_key_value(key, *_kv_item(key, new_kv.pop(key)))
+                continue
+            vtype = f.types[0]
+            if vtype == GGUFValueType.ARRAY and len(f.types) > 2:
+                raise RampError(f"{src}: metadata {f.name} is a nested array, which this copy cannot keep")
+            sub = f.types[-1] if vtype == GGUFValueType.ARRAY else None
+            w.add_key_value(key, f.contents(), vtype, sub_type=sub)
+        for k, v in new_kv.items():
+            w.add_key_value(k, *_kv_item(k, v))
+        for o in tensors:
+            if o.make is None:
+                t = by_name[o.name]
+                w.add_tensor_info(o.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+            else:
+                n = int(np.prod(o.shape))
+                nbytes = tensor_nbytes(o.ggml_type, n)
+                w.add_tensor_info(o.name, o.shape, np.dtype(np.float32), nbytes, o.ggml_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        from gguf.quants import quantize
+
+        for i, o in enumerate(tensors):
+            if o.make is None:
+                w.write_tensor_data(by_name[o.name].data, tensor_endianess=reader.endianess)
+            else:
+                y = np.asarray(o.make(get), dtype=np.float32)
+                if y.shape != o.shape:
+                    raise RampError(f"{o.name}: made with shape {y.shape}, declared {o.shape}")
+                w.write_tensor_data(quantize(y, o.ggml_type))
             if progress:
                 progress(i + 1, len(tensors))
         w.close()
