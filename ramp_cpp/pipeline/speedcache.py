@@ -243,6 +243,9 @@ def known_speeds(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] =
         new["io"] = sp.measure_io(plan, src.any_rows())
     io = e["io"] or new["io"]
 
+    if any(new.values()):  # kept now: a plan stopped during the copy's decodes (minutes) keeps the rest
+        _save(path, key, new)
+
     # decode ratios: measured, borrowed from a near mix, or the copy decoded for the unknown ones
     decode: dict[str, float] = {}
     unknown: dict[str, dict[str, T]] = {}
@@ -267,9 +270,7 @@ def known_speeds(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] =
         for label in unknown:  # one llama.cpp refused is kept as None: the DECODE table, not a probe again
             mix_id, shares = ids[label]
             new["mixes"][mix_id] = {"shape": sid, "shares": shares, "ratio": got.get(label)}
-
-    if any(new.values()):
-        _save(path, key, new)
+        _save(path, key, {"mixes": new["mixes"]})
     return sp.SpeedProbe(
         n_threads, text.n_avail, dec.load_s, text.tokenize_s, dec.token_s, dec.score_s, dec.base_s, header_s,
         quant_s, {k: float(v) for k, v in dequant.items()}, io["error_s"], io["fold_s"], io["copy_bps"],
@@ -281,4 +282,4 @@ def _save(path: Path, key: Mapping[str, Any], new: Mapping[str, Mapping[str, Any
     """Add `new` to the file as it is now (another plan may have added to it meanwhile), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     now = read_keyed(path, key)
-    write_keyed(path, key, {s: {**(now.get(s) or {}), **new[s]} for s in SECTIONS})
+    write_keyed(path, key, {s: {**(now.get(s) or {}), **new.get(s, {})} for s in SECTIONS})
