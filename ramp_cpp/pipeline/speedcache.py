@@ -37,7 +37,7 @@ them different is another file, measured afresh. The times assume the machine as
   (speedprobe.decode_ratios).
 
 Cost on this project's 2-core machine (bench/results/dryrun.json, a 1.5B-class shape): the first plan on a
-machine probes everything, minutes (the copy's decodes most; 6 min on a quiet machine, 42 min at a load of 6
+machine probes everything, minutes (the copy's decodes most; 6 min beside a test suite, 42 min at a load of 6
 per core); a plan after it reads its speeds in 0.2 s, and its wall is then plan_run's reading of the model's
 inventory (gguf-py parses a 152k-token vocabulary in ~20 s of CPU).
 """
