@@ -351,12 +351,12 @@ def _plan_sized(
 
     from ramp_cpp.pipeline.estimate import estimate, total
     from ramp_cpp.pipeline.plan import plan_run
-    from ramp_cpp.pipeline.speedprobe import speed_probe
+    from ramp_cpp.pipeline.speedcache import known_speeds
 
     plan = plan_run(model, out_dir, method, size, dcfg, cc, calib, sensitivity, gcfg, scfg, None, None, fold,
                     tensor_cache=tensor_cache, row_sample=row_sample)
-    with err.status("speed probe: one reward chunk decoded, a few rows quantized per type"):
-        probe = speed_probe(plan, ropts, presets)
+    with err.status("speeds: this machine's measured ones, a probe of what it has not measured yet"):
+        probe = known_speeds(plan, ropts, presets)
     stages = estimate(plan, presets, ropts, probe)
     t = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0),
               title=f"{method} at --size {size} on {model.name}: expected costs")

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -72,7 +73,30 @@ class Collector(Protocol):
     def close(self) -> None: ...
 
 _BACKEND_READY = False
+_LOG_CALLBACK: Any = None  # the ctypes callback llama.cpp holds a pointer to: kept alive here
 _M = TypeVar("_M", bound="LlamaModel")
+
+
+def verbose() -> bool:
+    return os.environ.get("RAMP_VERBOSE", "") not in ("", "0")
+
+
+def _route_log(llama_cpp: Any) -> None:
+    """llama.cpp's log (ggml's too: llama_log_set sets both) reaches stderr only with RAMP_VERBOSE=1.
+    llama-cpp-python's own callback filters by a table of levels older than ggml's DEBUG level (its ERROR is
+    ggml's WARN), so at any verbosity it printed llama.cpp's warnings: the vocabulary loader's `load:` lines
+    on every model loaded. The native helper swaps in its own callback around a quantization and restores
+    this one."""
+    global _LOG_CALLBACK
+    loud = verbose()
+
+    def emit(level: int, text: bytes, user_data: Any) -> None:
+        if loud:
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+            sys.stderr.flush()
+
+    _LOG_CALLBACK = llama_cpp.llama_log_callback(emit)
+    llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
 def _llama() -> Any:
@@ -80,11 +104,10 @@ def _llama() -> Any:
     global _BACKEND_READY
     try:
         import llama_cpp
-        from llama_cpp import _logger
     except Exception as e:  # ImportError, or OSError from a broken libllama.so
         raise RampError(f"llama-cpp-python is not usable: {e}") from None
     if not _BACKEND_READY:
-        _logger.set_verbose(os.environ.get("RAMP_VERBOSE", "") not in ("", "0"))
+        _route_log(llama_cpp)
         llama_cpp.llama_backend_init()
         _BACKEND_READY = True
     return llama_cpp

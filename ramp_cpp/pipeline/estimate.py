@@ -1,7 +1,8 @@
 """A sized run's cost, stage by stage, before any of it runs (`search --size ... --dry-run`).
 
-`speedprobe.speed_probe` measures this machine on this model (`SpeedProbe`); `estimate` turns the plan's
-counts into costs, with N = n_ctx:
+`speedprobe.speed_probe` measures this machine on this model (`SpeedProbe`; `speedcache.known_speeds` reads
+what this machine measured before and probes the rest); `estimate` turns the plan's counts into costs, with
+N = n_ctx:
 
     eval(n, f)      load_s + tokenize_s + n·(N·token_s·rel(f) + score_s)      E = n / chunks
     rel(f)          file f's decode time relative to F16's: measured on the copy (`decode`; greedy's file the
