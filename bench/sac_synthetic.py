@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_sized_search import budget_at, ctx_of, sens_of, small_cfg  # noqa: E402
+from test_sized_sac import budget_at, ctx_of, sens_of, small_cfg  # noqa: E402
 
 from ramp_cpp.allocate.allocators import greedy  # noqa: E402
 from ramp_cpp.allocate.sac.search import search  # noqa: E402

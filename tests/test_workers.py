@@ -247,7 +247,7 @@ def test_an_error_in_a_job_reaches_the_caller_without_retries(cluster: RayExecut
 
 
 def test_cli_workers_only_for_a_sized_search(tiny_model: Path, tmp_path: Path) -> None:
-    from test_cli_search import one_error_line
+    from test_cli_errors import one_error_line
     from typer.testing import CliRunner
 
     from ramp_cpp.cli.app import app

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
-from test_search import small
+from test_paper_search import small
 from typer.testing import CliRunner
 
 from ramp_cpp.allocate.sac.agent import SACConfig
