@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
-from test_cli_search import one_error_line
+from test_cli_errors import one_error_line
 from typer.testing import CliRunner
 
 from ramp_cpp.calibration.artifact import CalibConfig, save_calibration

@@ -13,7 +13,7 @@ import pytest
 import synthetic
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
-from test_cli_search import one_error_line
+from test_cli_errors import one_error_line
 from typer.testing import CliRunner
 
 from ramp_cpp.calibration.artifact import CalibConfig, save_calibration

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
-from test_cli_search import one_error_line
-from test_direct import cfg
+from test_cli_errors import one_error_line
+from test_sized_run import cfg
 from typer.testing import CliRunner
 
 from ramp_cpp.cli.app import app

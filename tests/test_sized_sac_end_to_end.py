@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from gguf import GGUFReader
-from test_cli_search import one_error_line
+from test_cli_errors import one_error_line
 from typer.testing import CliRunner
 
 from ramp_cpp.allocate.sac.policyfile import is_sized, load_policy
