@@ -21,7 +21,7 @@ from ramp_cpp.llama import native, quantize
 from ramp_cpp.llama.ggufio import read_inventory, tensor_types
 from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
 from ramp_cpp.model.ladder import TYPES, needs_imatrix, tensor_nbytes, type_from_name, written_type
-from ramp_cpp.pipeline.paper import search
+from ramp_cpp.pipeline.paper.run import search
 
 runner = CliRunner()
 
@@ -338,7 +338,7 @@ def test_apply_budget_policy_refuses_workers(
 
 
 def test_apply_checks_the_budget_first(tiny_model: Path, policy: Path, tmp_path: Path, no_work: None) -> None:
-    from ramp_cpp.pipeline.apply import ApplyConfig, apply_policy
+    from ramp_cpp.pipeline.paper.apply import ApplyConfig, apply_policy
 
     with pytest.raises(RampError, match="feasible range"):
         apply_policy(policy, tiny_model, tmp_path / "o.gguf", ApplyConfig(budget=2.5, budget_mode="nominal"))
