@@ -32,7 +32,7 @@ WorkersOpt = Annotated[
     typer.Option(
         "--workers", min=1,
         help="Run the tensor cache's quantizer passes, the group probes and the fold decision as N "
-        "parallel jobs on a local Ray cluster (pip install 'ramp-cpp[ray]'); each gets --threads CPUs, "
+        "parallel jobs on a local Ray cluster (pip install 'ramp-cpp\\[ray]'); each gets --threads CPUs, "
         "default cores / N.",
     ),
 ]
