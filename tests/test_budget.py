@@ -160,7 +160,7 @@ def test_apply_budget_policy_refuses_workers(
 
 
 def test_apply_checks_the_budget_first(tiny_model: Path, policy: Path, tmp_path: Path, no_work: None) -> None:
-    from ramp_cpp.pipeline.apply import ApplyConfig, apply_policy
+    from ramp_cpp.pipeline.paper.apply import ApplyConfig, apply_policy
 
     with pytest.raises(RampError, match="feasible range"):
         apply_policy(policy, tiny_model, tmp_path / "o.gguf", ApplyConfig(budget=2.5, budget_mode="nominal"))

@@ -20,7 +20,7 @@ from ramp_cpp.cli.app import app
 from ramp_cpp.llama import quantize
 from ramp_cpp.llama.ggufio import read_inventory
 from ramp_cpp.llama.quantize import QuantizeOptions
-from ramp_cpp.pipeline.paper import search
+from ramp_cpp.pipeline.paper.run import search
 
 runner = CliRunner()
 

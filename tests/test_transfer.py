@@ -30,7 +30,8 @@ from ramp_cpp.measure.candidates import CandidateConfig, searched_tensors
 from ramp_cpp.measure.groups import groups_of
 from ramp_cpp.measure.transfer import SourceGroup, build_table
 from ramp_cpp.model.arch import ROLES
-from ramp_cpp.pipeline.plan import default_fold, size_range
+from ramp_cpp.pipeline.plan import size_range
+from ramp_cpp.pipeline.request import SizedRequest, default_fold
 from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
@@ -148,8 +149,8 @@ def test_search_with_transferred_sensitivity(setup: dict[str, Any], tiny_model: 
     cfg = SizedConfig(text=str(tf), n_ctx=128, chunks=2, calib=CalibConfig(text=str(tf), samples=2, ctx=64))
     lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
     size = f"{(lo + hi) / 2 / 1024:.1f}KiB"
-    r = run_direct(tiny_model, tmp_path / "run", "greedy", size, cfg, presets=(), sensitivity="transferred",
-                   fold="on")
+    r = run_direct(SizedRequest(tiny_model, tmp_path / "run", "greedy", size, cfg, presets=(),
+        sensitivity="transferred", fold="on"))
     assert r.file_bytes <= r.target_bytes
     report = json.loads(r.report.read_text())
     assert report["summary"]["sensitivity"] == "transferred"

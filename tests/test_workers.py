@@ -43,6 +43,7 @@ from ramp_cpp.measure.candidates import CandidateConfig
 from ramp_cpp.measure.groups import GroupConfig, calibrate_sensitivity
 from ramp_cpp.measure.tensorcache import build_cache
 from ramp_cpp.pipeline.plan import size_range
+from ramp_cpp.pipeline.request import SizedRequest
 from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
@@ -286,10 +287,8 @@ def test_fold_auto_run_on_the_cluster_writes_the_serial_file(
     size = f"{(lo + hi) / 2 / 1024:.1f}KiB"
     runs = {}
     for name, ex in (("serial", Serial()), ("ray", cluster)):
-        runs[name] = run_direct(
-            tiny_model, tmp_path / name, "greedy", size, cfg, opts=OPTS, presets=(), sensitivity="measured",
-            fold="auto", gcfg=GroupConfig(pairs=1), executor=ex,
-        )
+        runs[name] = run_direct(SizedRequest(tiny_model, tmp_path / name, "greedy", size, cfg, presets=(),
+            sensitivity="measured", gcfg=GroupConfig(pairs=1), fold="auto"), OPTS, executor=ex)
     s, r = runs["serial"], runs["ray"]
     assert _sha(s.gguf) == _sha(r.gguf)
     a_s, a_r = (json.loads(x.allocation.read_text()) for x in (s, r))
@@ -364,15 +363,16 @@ def test_an_error_in_a_job_reaches_the_caller_without_retries(cluster: RayExecut
 
 
 def test_cli_workers_only_for_a_sized_search(tiny_model: Path, tmp_path: Path) -> None:
-    from test_cli_errors import one_error_line
     from typer.testing import CliRunner
 
     from ramp_cpp.cli.app import app
 
     runner = CliRunner()
-    paper = ["search", "--model", str(tiny_model), "--out", str(tmp_path / "r"), "--budget", "4.5"]
-    one_error_line(runner.invoke(app, [*paper, "--workers", "2"]), "--workers/--ray")
-    r = runner.invoke(app, [*paper, "--workers", "0"])
+    paper = ["paper-search", "--model", str(tiny_model), "--out", str(tmp_path / "r"), "--budget", "4.5"]
+    r = runner.invoke(app, [*paper, "--workers", "2"])
+    assert r.exit_code == 2 and "No such option" in r.output  # the paper's search runs serially
+    sized = ["search", "--model", str(tiny_model), "--out", str(tmp_path / "r"), "--size", "1MiB"]
+    r = runner.invoke(app, [*sized, "--workers", "0"])
     assert r.exit_code == 2 and "--workers" in r.output
     assert not (tmp_path / "r").exists()
 
@@ -472,7 +472,7 @@ def test_cli_measure_kld_groups_with_workers(
     got = {}
     for name, extra in (("serial", []), ("ray", ["--workers", "2"])):
         r = CliRunner().invoke(app, [
-            "measure", str(tiny_model), "--calib", str(calib), "-o", str(tmp_path / f"{name}.json"),
+            "measure", str(tiny_model), "--calib", str(calib),
             "--cache-dir", str(tmp_path / f"{name}-cache"), "--kld-groups", "--chunks", "1", "--ctx", "64",
             "--threads", "1", "--json", *extra,
         ])

@@ -123,13 +123,14 @@ def _resumed(plan: RunPlan, folded: bool) -> tuple[bool, int]:
     from ramp_cpp.fold.source import CALIB, calibrated_source
     from ramp_cpp.measure.groups import probe_key, saved_probes
     from ramp_cpp.measure.proxy import MeasureConfig, saved_sensitivity
+    from ramp_cpp.pipeline.sizedconfig import SourceChoice
 
     if plan.calib is None and not (plan.run_dir / CALIB).is_file():
         return False, 0
     if folded and not (plan.run_dir / "folded.f16.gguf").is_file():
         return False, 0
     try:  # both files are there: calibrated_source only reads them
-        src = calibrated_source(plan.model_path, plan.run_dir, replace(plan.cfg, fold=folded),
+        src = calibrated_source(plan.model_path, plan.run_dir, SourceChoice(plan.cfg.calib, folded),
                                 RuntimeOptions(), plan.calib, original=plan.info)
     except (RampError, OSError, ValueError):
         return False, 0

@@ -19,7 +19,7 @@ Episodes cost about one forward pass: every searched tensor is quantized once pe
 quantizer (tensorcache), an episode's GGUF is assembled from those bytes on tmpfs, loaded, and scored on a
 fixed chunk subset of the reward text against cached base log-probs. Allocations already evaluated are
 memoized. The run around this loop (calibrate, fold, build the tensor cache and the base statistics; write
-the policy, allocation, GGUF and report) is `ramp_cpp.pipeline.paper`.
+the policy, allocation, GGUF and report) is `ramp_cpp.pipeline.paper.run`.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ class SearchConfig:
 
 @dataclass
 class Prepared:
-    """Everything an episode needs, built once per run by `ramp_cpp.pipeline.paper.prepare` (each piece also
+    """Everything an episode needs, built once per run by `ramp_cpp.pipeline.paper.run.prepare` (each piece
+    also
     saved in the run directory)."""
 
     model_path: str  # the original model
