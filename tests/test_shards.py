@@ -12,7 +12,7 @@ import pytest
 import splitgguf
 import synthetic
 from gguf import GGUFReader
-from test_direct import cfg
+from test_sized_run import cfg
 
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
