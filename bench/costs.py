@@ -44,6 +44,7 @@ from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.llama.evaluate import EvalConfig, kld
 from ramp_cpp.measure.candidates import CandidateConfig
 from ramp_cpp.measure.groups import GroupConfig
+from ramp_cpp.pipeline.request import Hooks, SizedRequest
 from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.pipeline.sizedconfig import (
     SEARCH_FOLD,
@@ -137,8 +138,9 @@ def predict(
     c = CONFIGS[config]
     with tempfile.TemporaryDirectory() as d:
         cfg = SizedConfig(calib=load_recipe(c.recipe))
-        plan = plan_run(model_path(key), rd or Path(d) / "run", "greedy", size, cfg, c.cc, None, "measured",
-                        c.gcfg, None, None, None, c.fold, 1, c.tensor_cache, c.row_sample)
+        plan = plan_run(SizedRequest(model_path(key), rd or Path(d) / "run", "greedy", size, cfg, c.cc, None,
+            sensitivity="measured", gcfg=c.gcfg, fold=c.fold, tensor_cache=c.tensor_cache,
+            row_sample=c.row_sample), 1)
         opts = RuntimeOptions(n_threads=threads)
         stages = estimate(plan, c.presets, opts, speed_probe(plan, opts, c.presets))
     return [{"stage": s.stage, "wall_s": s.wall_s, "E": s.E, "passes": s.quant_passes, "held": s.held,
@@ -150,8 +152,9 @@ def _plan(key: str, config: str, size: str, rd: Path) -> Any:
 
     c = CONFIGS[config]
     cfg = SizedConfig(calib=load_recipe(c.recipe))
-    return plan_run(model_path(key), rd, "greedy", size, cfg, c.cc, None, "measured", c.gcfg, None, None,
-                    rd / "cache", c.fold, 1, c.tensor_cache, c.row_sample)
+    return plan_run(SizedRequest(model_path(key), rd, "greedy", size, cfg, c.cc, None,
+        sensitivity="measured", gcfg=c.gcfg, cache_root=rd / "cache", fold=c.fold,
+        tensor_cache=c.tensor_cache, row_sample=c.row_sample), 1)
 
 
 #: a cell's variants beside the plain run: "tail" (the stages after the measurement again, from the finished
@@ -260,11 +263,10 @@ def run(key: str, config: str, size: str, evaluate: bool, threads: int | None,
                 log(f"state not saved: {e}")
 
     t0 = time.perf_counter()
-    r = run_direct(
-        model, rd, "greedy", size, cfg, c.cc, RuntimeOptions(n_threads=threads), presets=c.presets,
-        sensitivity="measured", gcfg=c.gcfg, fold=c.fold, cache_root=rd / "cache",
-        tensor_cache=c.tensor_cache, row_sample=c.row_sample, on_cost=on_cost,
-    )
+    r = run_direct(SizedRequest(model, rd, "greedy", size, cfg, c.cc, presets=c.presets,
+        sensitivity="measured", gcfg=c.gcfg, cache_root=rd / "cache", fold=c.fold,
+        tensor_cache=c.tensor_cache, row_sample=c.row_sample), RuntimeOptions(n_threads=threads),
+        hooks=Hooks(on_cost=on_cost))
     from ramp_cpp.llama.ggufio import read_inventory
     from ramp_cpp.measure.candidates import searched_tensors
 

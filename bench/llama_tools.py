@@ -24,11 +24,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
+from ramp_cpp.llama.sdist import download_sdist, extract_vendor
 from ramp_cpp.store.cache import cache_dir
 
 VERSION = "0.3.36"
@@ -87,29 +87,12 @@ def _run(cmd: list[str], log: Path, cwd: Path | None = None) -> None:
 
 def sdist(work: Path, version: str = VERSION) -> Path:
     """The llama-cpp-python sdist, through pip (its cache makes a second download free)."""
-    d = work / "sdist"
-    d.mkdir()
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}",
-         "--no-deps", "--no-binary", ":all:", "-d", str(d), "--quiet"],
-        check=True,
-    )  # fmt: skip
-    (p,) = d.glob("llama_cpp_python-*.tar.gz")
-    return p
+    return download_sdist(work / "sdist", version)
 
 
 def extract_llama_cpp(archive: Path, dst: Path) -> Path:
     """Only vendor/llama.cpp of the sdist (the rest is the Python package)."""
-    with tarfile.open(archive) as tf:
-        top = tf.getmembers()[0].name.split("/")[0]
-        prefix = f"{top}/vendor/llama.cpp/"
-        members = [m for m in tf.getmembers() if m.name.startswith(prefix)]
-        if not members:
-            raise SystemExit(f"error: {archive} has no {prefix}")
-        # the "tar" filter where this Python has it: it refuses links out of dst and absolute paths
-        kw = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
-        tf.extractall(dst, members=members, **kw)
-    return dst / prefix
+    return extract_vendor(archive, dst)
 
 
 def _sha256(p: Path) -> str:

@@ -149,18 +149,25 @@ RAMP_API size_t ramp_row_size(int32_t type, int64_t n_per_row) {
 //     max_abs[j] = max over rows |x[j]|,   sum_sq[j] += x[j]^2 (in double),   rows += number of rows.
 // Weights are recognised by name as llama-imatrix does (blk.N.*.weight), plus output.weight and
 // token_embd.weight, which only meet MUL_MAT as the output head (the embedding lookup is GET_ROWS).
-// MUL_MAT_ID (MoE experts, 3-D tensors) is not collected: ramp-cpp searches 2-D linear weights only.
+// A GGML_OP_MUL_MAT_ID on an expert tensor (3-D, n_expert slices; src[2] the ids of the experts each token
+// was routed to) accumulates the same sums per expert, each over the rows routed to that expert, and counts
+// those rows, as imatrix.cpp does for its per-expert entries; `rows` stays the tokens seen. A collector
+// handles MUL_MAT_ID only once ramp_stats_experts turned it on, so code that predates it (and sizes every
+// entry as one row of `width`) never meets an expert entry.
 
 namespace {
 
 struct stats_entry {
-    std::string         name;
-    int64_t             width = 0;  // input columns, src1->ne[0]
-    int64_t             rows  = 0;  // rows of x seen (tokens)
-    std::vector<float>  max_abs;
-    std::vector<double> sum_sq;
-    std::vector<double> rel_sq;    // sum over rows of x[j]^2 / ms(h), h the residual row of the same token
-    int64_t             rel_rows = 0;
+    std::string          name;
+    int64_t              width    = 0;  // input columns, src1->ne[0]
+    int64_t              n_expert = 0;  // an expert tensor's experts (src0->ne[2]); 0 for a MUL_MAT weight
+    int64_t              rows     = 0;  // rows of x seen (tokens)
+    // width values, or n_expert x width (expert-major) for an expert tensor
+    std::vector<float>   max_abs;
+    std::vector<double>  sum_sq;
+    std::vector<double>  rel_sq;  // sum over rows of x[j]^2 / ms(h), h the residual row of the same token
+    int64_t              rel_rows = 0;
+    std::vector<int64_t> counts;  // rows routed to each expert (expert tensors)
 };
 
 struct stats_collector {
@@ -172,6 +179,8 @@ struct stats_collector {
     std::vector<std::string>                watch;      // graph-node name prefixes recorded besides weights
     std::vector<std::string>                residual;   // watched prefixes that are the residual stream
     std::vector<double>                     ms;         // mean square of each row of the last residual node
+    std::vector<char>                       ids_copy;   // a MUL_MAT_ID's expert ids, copied to the host
+    bool                                    experts = false;  // handle MUL_MAT_ID (ramp_stats_experts)
 };
 
 // "CUDA0#blk.0.attn_k.weight#0" (a scheduler copy) -> "blk.0.attn_k.weight", as imatrix.cpp's
@@ -216,6 +225,44 @@ RAMP_API void ramp_stats_reset(void * c) {
 // graph after that node); with ask=false the node has been computed and its inputs are readable.
 namespace {
 
+// The host address of `x`'s data: the tensor itself, or a copy into `buf` when it sits in device memory.
+const char * host_data(const ggml_tensor * x, std::vector<char> & buf) {
+    if (ggml_backend_buffer_is_host(x->buffer)) {
+        return static_cast<const char *>(x->data);
+    }
+    buf.resize(ggml_nbytes(x));
+    ggml_backend_tensor_get(x, buf.data(), 0, buf.size());
+    return buf.data();
+}
+
+// The entry `name` of `width` columns and `n_expert` experts (0: a 2-D weight), created when first met; null
+// (and the collector's error set) when an earlier batch met it with another shape.
+stats_entry * entry(stats_collector * s, const std::string & name, int64_t width, int64_t n_expert) {
+    auto it = s->index.find(name);
+    if (it == s->index.end()) {
+        it = s->index.emplace(name, s->entries.size()).first;
+        stats_entry   e;
+        const int64_t n = width * std::max<int64_t>(1, n_expert);
+        e.name          = name;
+        e.width         = width;
+        e.n_expert      = n_expert;
+        e.max_abs.assign(n, 0.0f);
+        e.sum_sq.assign(n, 0.0);
+        e.rel_sq.assign(n, 0.0);
+        e.counts.assign(n_expert, 0);
+        s->entries.push_back(std::move(e));
+    }
+    stats_entry & e = s->entries[it->second];
+    if (e.width != width || e.n_expert != n_expert) {
+        if (s->error.empty()) {
+            s->error = name + " seen as " + std::to_string(e.n_expert) + " experts x " + std::to_string(e.width) +
+                       " columns and as " + std::to_string(n_expert) + " x " + std::to_string(width);
+        }
+        return nullptr;
+    }
+    return &e;
+}
+
 // Accumulate x = the rows of `x` (F32, one row per token) into the entry `name`. With `residual`, x is the
 // residual stream: each row's mean square is kept, and the rows of the weights' inputs that follow (the same
 // tokens, until the next residual node) are also summed divided by it (rel_sq).
@@ -226,31 +273,13 @@ void accumulate(stats_collector * s, const std::string & name, const ggml_tensor
         }
         return;
     }
-    const char * data = static_cast<const char *>(x->data);
-    if (!ggml_backend_buffer_is_host(x->buffer)) {
-        s->host_copy.resize(ggml_nbytes(x));
-        ggml_backend_tensor_get(x, s->host_copy.data(), 0, s->host_copy.size());
-        data = s->host_copy.data();
-    }
+    const char *  data = host_data(x, s->host_copy);
     const int64_t ne0 = x->ne[0];
-    auto          it  = s->index.find(name);
-    if (it == s->index.end()) {
-        it = s->index.emplace(name, s->entries.size()).first;
-        stats_entry e;
-        e.name  = name;
-        e.width = ne0;
-        e.max_abs.assign(ne0, 0.0f);
-        e.sum_sq.assign(ne0, 0.0);
-        e.rel_sq.assign(ne0, 0.0);
-        s->entries.push_back(std::move(e));
-    }
-    stats_entry & e = s->entries[it->second];
-    if (e.width != ne0) {
-        if (s->error.empty()) {
-            s->error = name + " seen with " + std::to_string(e.width) + " and " + std::to_string(ne0) + " columns";
-        }
+    stats_entry * ep  = entry(s, name, ne0, 0);
+    if (!ep) {
         return;
     }
+    stats_entry & e = *ep;
     const int64_t n_rows = x->ne[1] * x->ne[2] * x->ne[3];
     // the residual rows of the same tokens (a row count that differs, e.g. the last block's output rows only,
     // leaves rel_sq out for this batch)
@@ -290,6 +319,65 @@ void accumulate(stats_collector * s, const std::string & name, const ggml_tensor
     }
 }
 
+// Accumulate a MUL_MAT_ID's input into the expert tensor `name` of `n_expert` experts: x is
+// [width, n_x, n_tokens] (n_x = 1 when every selected expert reads the token's one row, as gate and up do;
+// n_used when each reads its own, as down does), ids is [n_used, n_tokens], the experts each token was
+// routed to. Slot k of token t adds x[:, k % n_x, t] to expert ids[k, t]'s sums and one to its count.
+void accumulate_experts(stats_collector * s, const std::string & name, const ggml_tensor * x,
+                        const ggml_tensor * ids, int64_t n_expert) {
+    if (x->type != GGML_TYPE_F32 || x->nb[0] != sizeof(float) || ids->type != GGML_TYPE_I32) {
+        if (s->error.empty()) {
+            s->error = "input of " + name + " is " + ggml_type_name(x->type) + " with " +
+                       ggml_type_name(ids->type) + " expert ids, not contiguous F32 with I32 ids";
+        }
+        return;
+    }
+    const int64_t n_tokens = x->ne[2];
+    if (x->ne[3] != 1 || ids->ne[1] != n_tokens) {
+        if (s->error.empty()) {
+            s->error = name + ": a MUL_MAT_ID input of 4 dimensions or with ids for another token count";
+        }
+        return;
+    }
+    const int64_t ne0 = x->ne[0];
+    stats_entry * ep  = entry(s, name, ne0, n_expert);
+    if (!ep) {
+        return;
+    }
+    stats_entry & e    = *ep;
+    const char *  data = host_data(x, s->host_copy);
+    s->ids_copy.resize(ggml_nbytes(ids));  // the ids are small and may be a strided view: copy them whole
+    ggml_backend_tensor_get(ids, s->ids_copy.data(), 0, s->ids_copy.size());
+    const bool rel = (int64_t) s->ms.size() == n_tokens;
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        const double inv = rel && s->ms[t] > 0.0 ? 1.0 / s->ms[t] : 0.0;
+        for (int64_t k = 0; k < ids->ne[0]; ++k) {
+            const int32_t ex = *reinterpret_cast<const int32_t *>(s->ids_copy.data() + t * ids->nb[1] + k * ids->nb[0]);
+            if (ex < 0 || ex >= n_expert) {
+                if (s->error.empty()) {
+                    s->error = name + ": expert id " + std::to_string(ex) + " of " + std::to_string(n_expert);
+                }
+                return;
+            }
+            const auto * r   = reinterpret_cast<const float *>(data + (k % x->ne[1]) * x->nb[1] + t * x->nb[2]);
+            float *      mx  = e.max_abs.data() + ex * ne0;
+            double *     sq  = e.sum_sq.data() + ex * ne0;
+            double *     rsq = e.rel_sq.data() + ex * ne0;
+            for (int64_t j = 0; j < ne0; ++j) {
+                const double v2 = (double) r[j] * (double) r[j];
+                mx[j]           = std::max(mx[j], std::fabs(r[j]));
+                sq[j] += v2;
+                rsq[j] += v2 * inv;
+            }
+            e.counts[ex] += 1;
+        }
+    }
+    e.rows += n_tokens;
+    if (rel) {
+        e.rel_rows += n_tokens;
+    }
+}
+
 bool starts(const std::vector<std::string> & prefixes, const std::string & name) {
     return std::any_of(prefixes.begin(), prefixes.end(), [&](const std::string & p) { return name.rfind(p, 0) == 0; });
 }
@@ -304,6 +392,17 @@ bool starts(const std::vector<std::string> & prefixes, const std::string & name)
 // own result under that name.
 RAMP_API bool ramp_stats_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
     auto * s = static_cast<stats_collector *>(user_data);
+    if (t->op == GGML_OP_MUL_MAT_ID && s->experts && t->src[0] && t->src[1] && t->src[2]) {
+        const std::string name = weight_name(t->src[0]->name);
+        if (!is_weight(name)) {
+            return false;
+        }
+        if (!ask) {
+            std::lock_guard<std::mutex> lock(s->mutex);
+            accumulate_experts(s, name, t->src[1], t->src[2], t->src[0]->ne[2]);
+        }
+        return true;
+    }
     if (t->op != GGML_OP_MUL_MAT || !t->src[0] || !t->src[1]) {
         if (s->watch.empty() || t->op == GGML_OP_NONE) {
             return false;
@@ -364,7 +463,31 @@ RAMP_API const char * ramp_stats_entry(void * c, int32_t i, int64_t * width, int
     return e.name.c_str();
 }
 
-// Copy entry i's max_abs (float[width]) and sum_sq (double[width]); returns 0, or 1 for a bad index.
+// Handle MUL_MAT_ID too (expert tensors; kept across resets): code that sizes every entry as one row of
+// `width` never calls it, so it never meets an entry of n_expert rows.
+RAMP_API void ramp_stats_experts(void * c, int32_t on) {
+    auto * s = static_cast<stats_collector *>(c);
+    std::lock_guard<std::mutex> lock(s->mutex);
+    s->experts = on != 0;
+}
+
+// Entry i's experts (0 for a 2-D weight); with counts non-null, copy the rows routed to each expert
+// (int64[n_expert]) there. Returns -1 for a bad index.
+RAMP_API int64_t ramp_stats_expert_counts(void * c, int32_t i, int64_t * counts) {
+    auto * s = static_cast<stats_collector *>(c);
+    std::lock_guard<std::mutex> lock(s->mutex);
+    if (i < 0 || (size_t) i >= s->entries.size()) {
+        return -1;
+    }
+    const stats_entry & e = s->entries[i];
+    if (counts) {
+        std::copy(e.counts.begin(), e.counts.end(), counts);
+    }
+    return e.n_expert;
+}
+
+// Copy entry i's max_abs (float[width]) and sum_sq (double[width]); an expert tensor's are n_expert x width,
+// expert-major. Returns 0, or 1 for a bad index.
 RAMP_API int32_t ramp_stats_copy(void * c, int32_t i, float * max_abs, double * sum_sq) {
     auto * s = static_cast<stats_collector *>(c);
     std::lock_guard<std::mutex> lock(s->mutex);
@@ -377,7 +500,8 @@ RAMP_API int32_t ramp_stats_copy(void * c, int32_t i, float * max_abs, double * 
     return 0;
 }
 
-// Copy entry i's rel_sq (double[width]) and the rows it holds; returns 0, or 1 for a bad index.
+// Copy entry i's rel_sq (double[width], n_expert x width for an expert tensor) and the rows it holds; returns
+// 0, or 1 for a bad index.
 RAMP_API int32_t ramp_stats_copy_rel(void * c, int32_t i, double * rel_sq, int64_t * rel_rows) {
     auto * s = static_cast<stats_collector *>(c);
     std::lock_guard<std::mutex> lock(s->mutex);
@@ -402,6 +526,7 @@ RAMP_API int32_t ramp_abi_version(void) {
 }
 
 // 1: graph-node watching and the residual-relative sums (ramp_stats_watch, ramp_stats_copy_rel).
+// 2: expert tensors through MUL_MAT_ID (ramp_stats_experts, ramp_stats_expert_counts).
 RAMP_API int32_t ramp_abi_minor(void) {
-    return 1;
+    return 2;
 }

@@ -23,13 +23,19 @@ Ray (`RayExecutor`):
 `fn` must be a module-level function the workers can import by name: of an installed package, or of a
 folder named in `pythonpath` (the benchmark scripts': each job's PYTHONPATH gets it, through Ray's runtime
 environment, so it must be the same path on every node).
+
+Joining a cluster first opens a TCP connection to its address (`CONNECT_TIMEOUT_S`): with nothing listening
+there, Ray itself retries for minutes without a word; this says so in one line at once. A local cluster
+started here listens on 127.0.0.1 only, with no dashboard: nothing outside this machine can submit to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+import socket
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -39,6 +45,10 @@ from ramp_cpp.errors import RampError
 J = TypeVar("J")
 R = TypeVar("R")
 OnResult = Callable[[int, Any], None]
+
+CONNECT_TIMEOUT_S = 5.0  # to open a TCP connection to a cluster's address before Ray is asked to join it
+RAY_PORT, RAY_CLIENT_PORT = 6379, 10001  # Ray's defaults: the head's GCS, the Ray Client server (ray://)
+LOOPBACK = "127.0.0.1"
 
 
 class Executor(Protocol):
@@ -120,9 +130,13 @@ class RayExecutor:
                 "configure_logging": True,
             }
             if self.address is None:
-                kw.update(num_cpus=self.workers * self.cpus, num_gpus=int(self.gpus * self.workers) or None)
+                kw.update(num_cpus=self.workers * self.cpus, num_gpus=int(self.gpus * self.workers) or None,
+                          _node_ip_address=LOOPBACK)
+            else:
+                check_reachable(self.address)
             try:
-                ray.init(address=self.address, **kw)
+                with loopback_only() if self.address is None else contextlib.nullcontext():
+                    ray.init(address=self.address, **kw)
             except (ConnectionError, ValueError, RuntimeError) as e:
                 raise RampError(f"cannot join the Ray cluster at {self.address}: {e}") from None
             self._started = True
@@ -191,6 +205,62 @@ class RayExecutor:
 
             ray.shutdown()
             self._started = False
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """While a local cluster starts: Ray's own switch for machines that must not open a port to the network
+    (what it does on macOS and Windows). Ray turns a node address of 127.0.0.1 into this machine's network
+    address unless it is off; with the node on 127.0.0.1 its servers listen on 127.0.0.1 only. The processes
+    Ray starts read the switch from the environment; this process's is put back once the cluster is up
+    (joining another cluster later needs the network address)."""
+    from ray._private import ray_constants
+
+    env, flag = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = flag
+        if env is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = env
+
+
+def cluster_endpoint(address: str) -> tuple[str, int] | None:
+    """The host and port a Ray address connects to: "host[:port]" (the head's GCS, 6379 by default),
+    "ray://host[:port]" (the Ray Client server, 10001); for "auto", $RAY_ADDRESS's; None for "auto" without
+    it and "local", which Ray resolves on this machine."""
+    if address == "auto" and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+    if address in ("auto", "local"):
+        return None
+    client = address.startswith("ray://")
+    rest, default = (address.removeprefix("ray://"), RAY_CLIENT_PORT) if client else (address, RAY_PORT)
+    host, sep, port = rest.rpartition(":")
+    if not sep or "]" in port:  # no port ("host", "[::1]")
+        host, port = rest, ""
+    host = host.strip("[]")
+    if not host or (port and not port.isdigit()):
+        raise RampError(f"--ray {address}: not a Ray address (host:port, ray://host:port or auto)")
+    return host, int(port) if port else default
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise RampError in at most about `timeout` seconds if nothing accepts a TCP connection at the cluster's
+    address."""
+    end = cluster_endpoint(address)
+    if end is None:
+        return
+    try:
+        socket.create_connection(end, timeout=timeout).close()
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else e.strerror or str(e)
+        raise RampError(
+            f"cannot reach the Ray cluster at {address}: {why} (is `ray start --head` running there?)"
+        ) from None
 
 
 def make_executor(

@@ -80,6 +80,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synthetic.write(tmp_path_factory.mktemp("models") / "tiny.f16.gguf")
 
 
+@pytest.fixture()
+def policy(tmp_path: Path) -> Path:
+    """An untrained budget policy (SAC actor, seed 1, the paper's 11 features, bits 3-6)."""
+    import numpy as np
+
+    from ramp_cpp.allocate.sac.agent import SAC, SACConfig
+    from ramp_cpp.allocate.sac.policyfile import actor_tensors, save_policy
+
+    agent = SAC(11, SACConfig(hidden=(32, 32, 16), seed=1))
+    t = actor_tensors(agent.actor, np.zeros(11, np.float32), np.ones(11, np.float32))
+    return save_policy(t, {"features": "ramp", "bits": [3, 4, 5, 6]}, tmp_path / "policy.safetensors")
+
+
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic text file long enough for tiny calibrations, rewards and evaluations."""

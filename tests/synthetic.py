@@ -162,6 +162,107 @@ def write(path: Path, spec: Spec = Spec()) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class MoESpec:
+    """A tiny Mixtral-style MoE in llama.cpp's `llama` architecture (src/models/llama.cpp: n_expert > 0 gives
+    each block a router ffn_gate_inp and 3-D experts ffn_{gate,up,down}_exps, ne = [in, out, n_expert]), or
+    `granitemoe` (the same tensors), whose loader also reads a shared expert (`n_ff_shexp`:
+    `expert_shared_feed_forward_length`, ffn_{gate,up,down}_shexp). Random weights: for tests of the
+    machinery, never of quality."""
+
+    arch: str = "llama"
+    n_layer: int = 2
+    n_embd: int = 256  # K-quants fit every expert's gate/up rows
+    n_ff: int = 256  # and down's: the 3-D tensors take every candidate type
+    n_head: int = 4
+    n_head_kv: int = 2
+    n_expert: int = 4
+    n_expert_used: int = 2
+    n_ff_shexp: int = 0  # > 0: a shared expert of that width
+    n_ctx: int = 256
+    seed: int = 0
+    expert_count_meta: int | None = None  # the `llama.expert_count` written (default n_expert): bad input
+    extra_tensor: str = ""  # a 2-D blk.N.<this>.weight of a role no table knows: bad input
+    nextn_layers: int = 0  # `nextn_predict_layers`: the last blocks are an MTP head llama.cpp does not run
+
+
+#: Metadata an MoE architecture's llama.cpp loader requires beyond llama's (src/models/granite-moe.cpp).
+MOE_ARCH_KV: dict[str, dict[str, float]] = {"granitemoe": {"logit_scale": 1.0}}
+
+
+def write_moe(path: Path, spec: MoESpec = MoESpec()) -> Path:
+    """`spec` as a GGUF llama.cpp loads and runs (tests/test_moe.py checks that it does)."""
+    rng = np.random.default_rng(spec.seed)
+    toks, scores, types = vocab()
+    hd = spec.n_embd // spec.n_head
+    w = GGUFWriter(str(path), spec.arch)
+    w.add_name(f"synthetic-moe-{spec.n_layer}x{spec.n_embd}-{spec.n_expert}e")
+    w.add_block_count(spec.n_layer)
+    w.add_context_length(spec.n_ctx)
+    w.add_embedding_length(spec.n_embd)
+    w.add_feed_forward_length(spec.n_ff)
+    w.add_head_count(spec.n_head)
+    w.add_head_count_kv(spec.n_head_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(hd)
+    w.add_rope_freq_base(10000.0)
+    w.add_expert_count(spec.n_expert if spec.expert_count_meta is None else spec.expert_count_meta)
+    w.add_expert_used_count(spec.n_expert_used)
+    if spec.n_ff_shexp:
+        w.add_expert_shared_feed_forward_length(spec.n_ff_shexp)
+    if spec.nextn_layers:
+        w.add_uint32(f"{spec.arch}.nextn_predict_layers", spec.nextn_layers)
+    for k, v in MOE_ARCH_KV.get(spec.arch, {}).items():
+        w.add_float32(f"{spec.arch}.{k}", v)
+    w.add_file_type(1)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(toks)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+    def mat(*shape: int, scale: float = 1.0) -> np.ndarray:
+        """numpy order: (..., n_out, n_in); a few outlier input channels per matrix."""
+        m = rng.standard_normal(shape).astype(np.float32) * (scale / np.sqrt(shape[-1]))
+        m[..., rng.choice(shape[-1], size=max(1, shape[-1] // 64), replace=False)] *= 4.0
+        return m.astype(np.float16)
+
+    def norm(n: int) -> np.ndarray:
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    e, d, f = spec.n_expert, spec.n_embd, spec.n_ff
+    w.add_tensor("token_embd.weight", (rng.standard_normal((len(toks), d)) * 0.5).astype(np.float16))
+    for i in range(spec.n_layer):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", norm(d))
+        w.add_tensor(p + "attn_q.weight", mat(d, d))
+        w.add_tensor(p + "attn_k.weight", mat(spec.n_head_kv * hd, d))
+        w.add_tensor(p + "attn_v.weight", mat(spec.n_head_kv * hd, d))
+        w.add_tensor(p + "attn_output.weight", mat(d, d, scale=0.5))
+        w.add_tensor(p + "ffn_norm.weight", norm(d))
+        w.add_tensor(p + "ffn_gate_inp.weight", (rng.standard_normal((e, d)) / np.sqrt(d)).astype(np.float32))
+        w.add_tensor(p + "ffn_gate_exps.weight", mat(e, f, d))
+        w.add_tensor(p + "ffn_up_exps.weight", mat(e, f, d))
+        w.add_tensor(p + "ffn_down_exps.weight", mat(e, d, f, scale=0.5))
+        if spec.n_ff_shexp:
+            w.add_tensor(p + "ffn_gate_shexp.weight", mat(spec.n_ff_shexp, d))
+            w.add_tensor(p + "ffn_up_shexp.weight", mat(spec.n_ff_shexp, d))
+            w.add_tensor(p + "ffn_down_shexp.weight", mat(d, spec.n_ff_shexp, scale=0.5))
+        if spec.extra_tensor:
+            w.add_tensor(p + spec.extra_tensor + ".weight", mat(d, d))
+    w.add_tensor("output_norm.weight", norm(d))
+    w.add_tensor("output.weight", mat(len(toks), d))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def measured(model: Path, d: Path) -> dict[str, Any]:
     """A text file of synthetic words in `d`, a tiny calibration on it, the proxy sensitivity and the tensor
     cache of `model` under `d/cache`: what the tests of the measured sensitivity start from."""

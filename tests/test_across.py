@@ -1,7 +1,8 @@
 """Training one sized policy across models (allocate/sac/across.py) without llama.cpp: synthetic "models"
 whose proxy sees every tensor alike while their judge finds the tensors with a positive first layer-embedding
-dim 8x more sensitive. A policy trained on two such models has to read that from the state, and beat uniform
-on a third it never saw."""
+dim 8x more sensitive. A policy trained on two such models has to read that from the state, and beat the
+zero action (a = 0: every tensor at its candidate nearest the target's bits, projected onto the budget; the
+reference of the episode return) on a third it never saw."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def task(seed: int, bpw: float = 4.5) -> Task:
 CFG = AcrossConfig(episodes=240, updates_per_episode=8, hidden=(64, 64), bc_steps=100, select_every=40)
 
 
-def test_a_policy_trained_on_two_models_beats_uniform_on_a_third() -> None:
+def test_a_policy_trained_on_two_models_beats_the_zero_action_on_a_third() -> None:
     train = [task(1), task(2)]
     out = train_across(train, CFG)
     held = task(3)
@@ -62,7 +63,7 @@ def test_a_policy_trained_on_two_models_beats_uniform_on_a_third() -> None:
     got = mean_action(out.agent, held.ctx)
     assert held.ctx.sens.file_bytes(got.choice) <= held.ctx.budget_bytes
     r = episode_return(held.judge, held.judge(ref.choice), got.choice)
-    assert r > 0.05, r  # uniform wastes bits on the 1x tensors: the judge's optimum is ~0.3 better
+    assert r > 0.05, r  # a = 0 wastes bits on the 1x tensors: the judge's optimum is ~0.3 better
     # the bits went where the judge (not the proxy, which is flat) wants them
     bpw = {t.name: 8 * t.option(got.choice[t.name]).nbytes / t.n_params for t in held.ctx.sens.tensors}
     hot = held.ctx.z[:, 0] > 0
@@ -77,7 +78,7 @@ def test_a_policy_trained_on_two_models_beats_uniform_on_a_third() -> None:
     assert np.mean(list(out.final.values())) == pytest.approx(logged)
 
 
-def test_the_warm_start_is_uniform() -> None:
+def test_the_warm_start_is_the_zero_action() -> None:
     cfg = AcrossConfig(episodes=1, updates_per_episode=0, hidden=(64, 64), bc_steps=200)
     t = task(1)
     out = train_across([t], cfg)

@@ -14,6 +14,7 @@ from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
 from ramp_cpp.llama.evaluate import EvalConfig, perplexity
 from ramp_cpp.llama.ggufio import read_inventory
 from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
+from ramp_cpp.pipeline.request import Hooks, SizedRequest
 
 
 def test_a_stage_counts_the_tokens_it_decodes(tiny_model: Path, tiny_text: str) -> None:
@@ -77,10 +78,9 @@ def test_a_sized_run_reports_what_each_stage_cost(
     lo, hi = size_range(read_inventory(tiny_model), cc)
     size = f"{(lo + hi) // 2}"
     shown = []
-    r = run_direct(
-        tiny_model, tmp_path / "run", "greedy", size, cfg, cc, presets=("Q4_K_M",), on_cost=shown.append,
-        fold="on", cache_root=tmp_path / "cache", tensor_cache=tensor_cache,
-    )
+    r = run_direct(SizedRequest(tiny_model, tmp_path / "run", "greedy", size, cfg, cc, presets=("Q4_K_M",),
+        cache_root=tmp_path / "cache", fold="on", tensor_cache=tensor_cache),
+        hooks=Hooks(on_cost=shown.append))
     by = {c.stage: c for c in r.costs}
     assert shown == list(r.costs)
     assert list(by) == [
@@ -99,10 +99,8 @@ def test_a_sized_run_reports_what_each_stage_cost(
     assert by["fold"].held >= (tmp_path / "run" / "folded.f16.gguf").stat().st_size
     report = json.loads(r.report.read_text())
     assert report["costs"]["total"]["quant_passes"] == sum(c.quant_passes for c in r.costs)
-    again = run_direct(
-        tiny_model, tmp_path / "run", "greedy", size, cfg, cc, presets=(), fold="on",
-        cache_root=tmp_path / "cache", tensor_cache=tensor_cache,
-    )
+    again = run_direct(SizedRequest(tiny_model, tmp_path / "run", "greedy", size, cfg, cc, presets=(),
+        cache_root=tmp_path / "cache", fold="on", tensor_cache=tensor_cache))
     assert sum(c.quant_passes for c in again.costs) == 0
     assert [c.stage for c in again.costs if c.tokens] == ["evaluate"]  # base log-probs: from the cache
 
@@ -123,8 +121,8 @@ def test_a_resumed_run_quantizes_and_scores_its_presets_and_fold_check_once(
     cfg = SizedConfig(text=str(text_file), n_ctx=64, chunks=2, calib=CalibConfig(str(text_file), 2, 64))
 
     def go() -> tuple[dict[str, object], dict[str, object]]:
-        r = run_direct(tiny_model, tmp_path / "run", "greedy", "Q4_K_M", cfg, presets=("Q4_K_M", "Q5_K_M"),
-                       fold="check", cache_root=tmp_path / "cache")
+        r = run_direct(SizedRequest(tiny_model, tmp_path / "run", "greedy", "Q4_K_M", cfg, presets=("Q4_K_M",
+            "Q5_K_M"), cache_root=tmp_path / "cache", fold="check"))
         report = json.loads(r.report.read_text())
         points = [p for p in report["points"] if p["kind"] == "preset"]
         return {c.stage: c for c in r.costs}, {"target": r.target_bytes, "fold": report["summary"]["fold"],

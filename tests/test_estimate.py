@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
-from test_cli_search import one_error_line
 from typer.testing import CliRunner
 
 from ramp_cpp.calibration.artifact import CalibConfig, save_calibration
@@ -25,6 +24,7 @@ from ramp_cpp.measure.groups import GroupConfig
 from ramp_cpp.pipeline.estimate import StagePlan, estimate, total
 from ramp_cpp.pipeline.mixes import decode_mixes
 from ramp_cpp.pipeline.plan import plan_run, size_range
+from ramp_cpp.pipeline.request import SizedRequest
 from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
 from ramp_cpp.pipeline.speedprobe import DECODE_BLOCKS_OVER_REST, decode_ratios, speed_probe
@@ -72,12 +72,13 @@ def test_the_plan_counts_what_the_run_meters(
     size, calib = str((lo + hi) // 2), None if c.own_calib else calib_file
     args: dict[str, Any] = dict(calib=calib, sensitivity=c.sensitivity, gcfg=c.gcfg, fold=c.fold,
                                 cache_root=tmp_path / "cache")
-    plan = plan_run(tiny_model, tmp_path / "run", c.method, size, cfg, cc, calib, c.sensitivity, c.gcfg,
-                    None, None, tmp_path / "cache", c.fold)
+    plan = plan_run(SizedRequest(tiny_model, tmp_path / "run", c.method, size, cfg, cc, calib,
+        sensitivity=c.sensitivity, gcfg=c.gcfg, cache_root=tmp_path / "cache", fold=c.fold))
     opts = RuntimeOptions(n_threads=1)
     stages = estimate(plan, c.presets, opts, speed_probe(plan, opts, c.presets))
     assert not (tmp_path / "run").exists()  # planning and probing write nothing
-    r = run_direct(tiny_model, tmp_path / "run", c.method, size, cfg, cc, opts, presets=c.presets, **args)
+    r = run_direct(SizedRequest(tiny_model, tmp_path / "run", c.method, size, cfg, cc, presets=c.presets,
+        **args), opts)
     # the unfolded model's measurement is planned either way and made only when the fold check keeps it
     unfolded = any(m.stage.endswith("(unfolded)") for m in r.costs) and c.fold == "check"
     assert all(s.stage.endswith("(unfolded)") for s in stages if s.if_unfolded)
@@ -92,7 +93,9 @@ def test_the_plan_counts_what_the_run_meters(
 
 
 def _snapshot(*roots: Path) -> dict[str, int]:
-    return {str(p): p.stat().st_mtime_ns for r in roots if r.exists() for p in r.rglob("*")}
+    """Every file's mtime under `roots` but the kept speeds (speedcache.py): a dry run adds them."""
+    return {str(p): p.stat().st_mtime_ns for r in roots if r.exists() for p in r.rglob("*")
+            if "speeds" not in p.relative_to(r).parts}
 
 
 def test_dry_run_prints_every_stage_and_writes_nothing(
@@ -110,14 +113,15 @@ def test_dry_run_prints_every_stage_and_writes_nothing(
     r = runner.invoke(app, [*args, "--dry-run"], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     assert not out.exists() and _snapshot(tmp_path, cache, scratch) == before
+    assert list((cache / "speeds").glob("*.json"))  # but what it measured of this machine, kept
     for stage in ("calibrate", "fold", "base log-probs", "presets", "tensor cache + proxy (folded)",
                   "group probes (folded)", "fold decision", "allocate", "evaluate", "total"):
         assert stage in r.output, stage
     assert "if the check keeps the unfolded model" in r.output  # --fold check: the second measurement
     for stage in ("tensor cache + proxy (unfolded)†", "group probes (unfolded)†", "total†"):
         assert stage in r.output, stage
-    one_error_line(runner.invoke(app, ["search", "--model", str(tiny_model), "--budget", "4.5",
-                                       "--dry-run"]), "--dry-run")
+    r = runner.invoke(app, ["paper-search", "--model", str(tiny_model), "--budget", "4.5", "--dry-run"])
+    assert r.exit_code == 2 and "No such option" in r.output  # the paper's search has no plan
 
 
 def test_the_second_total_keeps_the_unfolded_cache_to_the_end() -> None:
@@ -138,8 +142,8 @@ def _greedy_plan(tiny_model: Path, text_file: Path, tmp_path: Path) -> Any:
     cfg = SizedConfig(text=str(text_file), n_ctx=64, chunks=2, calib=CalibConfig(str(text_file), 2, 64))
     cc = CandidateConfig(types=TYPES)
     lo, hi = size_range(read_inventory(tiny_model), cc)
-    return plan_run(tiny_model, tmp_path / "run", "greedy", str((lo + hi) // 2), cfg, cc, None, "proxy",
-                    GroupConfig(), None, None, tmp_path / "cache", "off")
+    return plan_run(SizedRequest(tiny_model, tmp_path / "run", "greedy", str((lo + hi) // 2), cfg, cc, None,
+        sensitivity="proxy", gcfg=GroupConfig(), cache_root=tmp_path / "cache", fold="off"))
 
 
 def test_decode_ratios_come_from_a_copy_of_the_first_blocks(
@@ -214,8 +218,9 @@ def test_a_run_resumed_after_the_check_freed_the_folded_files_is_planned_without
     cc = CandidateConfig(types=TYPES)
     lo, hi = size_range(read_inventory(tiny_model), cc)
     rd = tmp_path / "run"
-    plan = plan_run(tiny_model, rd, "greedy", str((lo + hi) // 2), cfg, cc, None, "measured",
-                    GroupConfig(n_buckets=2, pairs=0, chunks=1), None, None, tmp_path / "cache", "check")
+    plan = plan_run(SizedRequest(tiny_model, rd, "greedy", str((lo + hi) // 2), cfg, cc, None,
+        sensitivity="measured", gcfg=GroupConfig(n_buckets=2, pairs=0, chunks=1),
+        cache_root=tmp_path / "cache", fold="check"))
     opts = RuntimeOptions(n_threads=1)
     probe = speed_probe(plan, opts)
     before = [s.stage for s in estimate(plan, (), opts, probe)]
@@ -246,8 +251,8 @@ def test_a_resumed_run_is_planned_for_what_is_left(tiny_model: Path, text_file: 
     opts = RuntimeOptions(n_threads=1)
 
     def plan(fold: str) -> Any:
-        return plan_run(tiny_model, tmp_path / fold, "greedy", size, cfg, cc, None, "measured", gcfg, None,
-                        None, tmp_path / f"cache-{fold}", fold)
+        return plan_run(SizedRequest(tiny_model, tmp_path / fold, "greedy", size, cfg, cc, None,
+            sensitivity="measured", gcfg=gcfg, cache_root=tmp_path / f"cache-{fold}", fold=fold))
 
     probe = speed_probe(plan("on"), opts)
 
@@ -255,8 +260,8 @@ def test_a_resumed_run_is_planned_for_what_is_left(tiny_model: Path, text_file: 
         return {s.stage + "†" * s.if_unfolded: s for s in estimate(plan(fold), (), opts, probe)}
 
     def run(fold: str) -> None:
-        run_direct(tiny_model, tmp_path / fold, "greedy", size, cfg, cc, opts, presets=(),
-                   sensitivity="measured", gcfg=gcfg, fold=fold, cache_root=tmp_path / f"cache-{fold}")
+        run_direct(SizedRequest(tiny_model, tmp_path / fold, "greedy", size, cfg, cc, presets=(),
+            sensitivity="measured", gcfg=gcfg, cache_root=tmp_path / f"cache-{fold}", fold=fold), opts)
 
     cold = planned("on")
     run("on")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import synthetic
 from gguf import GGMLQuantizationType
+from synthetic_moe import MoeSpec, write_moe
 from typer.testing import CliRunner
 
 from ramp_cpp.calibration.artifact import CalibConfig, Calibration, save_calibration
@@ -39,6 +40,7 @@ from ramp_cpp.model.arch import (
     ATTN_GROUP,
     FFN_GROUP,
     FOLD_ARCHS,
+    MOE_GROUP,
     FoldArch,
     FoldGroup,
     fold_arch,
@@ -135,6 +137,35 @@ def test_fold_arrays_shape_mismatch() -> None:
         fold_arrays(np.ones(4), [np.ones((3, 5))], np.ones(4))
 
 
+def test_fold_arrays_experts_and_gate_vectors() -> None:
+    """Every expert's slice of a 3-D weight and a gate vector (qwen2moe's ffn_gate_inp_shexp) take the same
+    column scales: each expert's output, the router's logits and the shared gate are unchanged."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 8))
+    gamma = rng.uniform(0.5, 1.5, 8)
+    experts, router, vec = rng.standard_normal((3, 6, 8)), rng.standard_normal((3, 8)), rng.standard_normal(8)
+    s = fold_scales(np.abs(x).max(axis=0))
+    g2, (e2, r2, v2) = fold_arrays(gamma, [experts, router, vec], s)
+    y, y2 = x * gamma, x * g2
+    np.testing.assert_allclose(np.einsum("eoi,ti->eto", e2, y2), np.einsum("eoi,ti->eto", experts, y),
+                               rtol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(y2 @ r2.T, y @ router.T, rtol=1e-5)
+    np.testing.assert_allclose(y2 @ v2, y @ vec, rtol=1e-5)
+    with pytest.raises(RampError, match="cannot take 8 input scales"):
+        fold_arrays(gamma, [np.ones((2, 3, 4, 8))], s)
+
+
+def test_folded_calibration_of_an_expert_tensor() -> None:
+    s = np.array([1.0, 2.0, 4.0])
+    st = InputStats(np.array([[1.0, 2.0, 4.0], [2.0, 2.0, 2.0]], np.float32), np.full((2, 3), 16.0), 10,
+                    np.array([7, 13]))  # fmt: skip
+    cal = Calibration("m.gguf", "0" * 64, "llama", CalibConfig(), 10, {"e.weight": st})
+    f = folded_calibration(cal, {"e.weight": s}).stats["e.weight"]
+    np.testing.assert_allclose(f.max_abs, [[1.0, 1.0, 1.0], [2.0, 1.0, 0.5]])
+    np.testing.assert_allclose(f.sum_sq, [[16.0, 4.0, 1.0]] * 2)
+    assert f.count == 10 and f.counts is not None and f.counts.tolist() == [7, 13]
+
+
 def test_folded_calibration_is_the_statistics_of_x_over_s() -> None:
     """Reference: statistics recomputed from activations divided by s."""
     rng = np.random.default_rng(2)
@@ -176,10 +207,35 @@ def test_plan_groups(roles: list[str], want: list[FoldGroup]) -> None:
     assert plan[1].stats_from == "blk.0.ffn_gate.weight"
 
 
+MOE = ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
+SHEXP = ["ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"]
+
+
+@pytest.mark.parametrize(
+    ("arch", "roles", "want"),
+    [
+        ("llama", MOE, ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps"]),
+        ("qwen3moe", MOE, ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps"]),
+        # shared experts and their gate read the same normalized input: one s for all of them
+        ("qwen2moe", MOE + SHEXP + ["ffn_gate_inp_shexp"],
+         ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_gate_shexp", "ffn_up_shexp",
+          "ffn_gate_inp_shexp"]),
+        ("llama", MOE + SHEXP,
+         ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_gate_shexp", "ffn_up_shexp"]),
+    ],
+)  # fmt: skip
+def test_plan_groups_with_a_router(arch: str, roles: list[str], want: list[str]) -> None:
+    plan = plan_groups(FOLD_ARCHS[arch], 1, names(1, NORMS + ["attn_q", "attn_k", "attn_v", *roles]))
+    ffn = plan[1]
+    assert ffn.norm == "blk.0.ffn_norm.weight" and ffn.linears == tuple(f"blk.0.{r}.weight" for r in want)
+    assert ffn.stats_from == f"blk.0.{MOE_GROUP.stats_from}.weight" == "blk.0.ffn_gate_exps.weight"
+
+
 @pytest.mark.parametrize(
     ("roles", "match"),
     [
         (NORMS + ["attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up", "ffn_gate_inp"], "also feeds"),
+        # a router and gate experts without up experts: neither the dense nor the MoE group
         (NORMS + ["attn_q", "attn_k", "attn_v", "ffn_gate_inp", "ffn_gate_exps"], "feeds none of"),
         (["attn_norm", "attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"], "no blk.0.ffn_norm"),
     ],
@@ -191,7 +247,10 @@ def test_plan_groups_refuses(roles: list[str], match: str) -> None:
 
 @pytest.mark.parametrize(
     ("arch", "match"),
-    [("mamba", "supports llama, qwen2, gemma3; this model is 'mamba'"), ("command-r", "in parallel")],
+    [
+        ("mamba", "supports llama, qwen2, qwen2moe, qwen3moe, gemma3; this model is 'mamba'"),
+        ("command-r", "in parallel"),
+    ],
 )
 def test_fold_arch_refuses(arch: str, match: str) -> None:
     with pytest.raises(RampError, match=match):
@@ -379,6 +438,84 @@ def test_folded_calibration_matches_a_new_measurement(models: dict[str, Path], t
         folded_calibration_from_file(random_cal(src), r.path)
     with pytest.raises(RampError, match="not scale-folded"):
         folded_calibration_from_file(cal, src)
+
+
+# -- folding a mixture of experts through llama.cpp -------------------------------------------------------
+
+MOE_SPECS = {"llama": MoeSpec(), "qwen2moe": MoeSpec(arch="qwen2moe", n_ff_shexp=512)}
+
+
+@pytest.fixture(scope="module")
+def moe_models(
+    tmp_path_factory: pytest.TempPathFactory, tiny_text: str
+) -> dict[str, tuple[Path, Calibration]]:
+    """Each tiny MoE with a real calibration (per-expert statistics from the native collector)."""
+    from ramp_cpp.calibration.collect import calibrate
+
+    d = tmp_path_factory.mktemp("moefold")
+    out = {}
+    for k, spec in MOE_SPECS.items():
+        p = write_moe(d / f"{k}.f16.gguf", spec)
+        out[k] = (p, calibrate(p, tiny_text, CalibConfig(text="synthetic", samples=2, ctx=128)))
+    return out
+
+
+@pytest.mark.parametrize("kind", list(MOE_SPECS))
+def test_folded_moe_computes_the_same_function(
+    kind: str, moe_models: dict[str, tuple[Path, Calibration]], tiny_text: str, tmp_path: Path
+) -> None:
+    """The router, every expert's gate and up slices and (qwen2moe) the shared expert and its gate take one s
+    from the pooled per-expert statistics; γ/s compensates them all: KLD to the unfolded model <= 1e-5
+    through llama.cpp (the routing is unchanged too, or the KLD would show it)."""
+    src, cal = moe_models[kind]
+    r = fold(src, cal, tmp_path / "f.gguf")
+    g = r.groups[1]
+    assert g.norm == "blk.0.ffn_norm.weight" and "blk.0.ffn_gate_inp.weight" in g.linears
+    assert len(g.linears) == (6 if kind == "qwen2moe" else 3)
+    pooled = cal.stats["blk.0.ffn_gate_exps.weight"].max_abs.max(axis=0)  # over the experts
+    np.testing.assert_array_equal(g.s, fold_scales(pooled))
+    assert g.s.max() / g.s.min() > 3.0  # the outlier channels: far from an identity fold
+    exps = "blk.0.ffn_up_exps.weight"
+    want = (fvals(src, exps) * g.s.astype(np.float32)).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(fvals(r.path, exps), want)  # every expert's slice, the same s
+    a, b = logits(src, tiny_text, n_chunks=3), logits(r.path, tiny_text, n_chunks=3)
+    k = exact_kld(a, b)
+    assert k <= 1e-5 and (a.argmax(axis=1) == b.argmax(axis=1)).mean() >= 0.99, k
+    # the folded calibration is each expert's statistics over x / s, counts kept
+    st, fst = cal.stats[exps], r.calibration.stats[exps]
+    np.testing.assert_allclose(fst.sum_sq, st.sum_sq / g.s**2)
+    assert fst.counts is not None and st.counts is not None and (fst.counts == st.counts).all()
+
+
+def test_moe_fold_without_the_router_changes_the_function(
+    moe_models: dict[str, tuple[Path, Calibration]], tiny_text: str, tmp_path: Path
+) -> None:
+    """Control for the test above: the same fold with the routers left as they were routes the tokens on
+    logits of x / s, and the KLD shows it."""
+    src, cal = moe_models["llama"]
+    r = fold(src, cal, tmp_path / "f.gguf")
+    routers = [n for g in r.groups for n in g.linears if n.endswith("ffn_gate_inp.weight")]
+    keep = {n: TensorRewrite(GGMLQuantizationType.F32, _original(src, n)) for n in routers}
+    rewrite_gguf(r.path, tmp_path / "bad.gguf", keep)
+    bad = logits(tmp_path / "bad.gguf", tiny_text, n_chunks=3)
+    assert exact_kld(logits(src, tiny_text, n_chunks=3), bad) > 1e-3
+
+
+def exact_kld(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(a) || softmax(b)) over the whole vocabulary (kld()'s top-k estimate
+    wanders by ~1e-4 around 0 on these models, too coarse for the 1e-5 bound)."""
+
+    def logp(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        m = x.max(axis=1, keepdims=True)
+        return x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+
+    la, lb = logp(a), logp(b)
+    return float((np.exp(la) * (la - lb)).sum(axis=1).mean())
+
+
+def _original(src: Path, name: str) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda w: fvals(src, name)
 
 
 def test_fold_config_is_table_11() -> None:

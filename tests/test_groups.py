@@ -13,7 +13,7 @@ import pytest
 import synthetic
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
-from test_cli_search import one_error_line
+from test_cli_errors import one_error_line
 from typer.testing import CliRunner
 
 from ramp_cpp.calibration.artifact import CalibConfig, save_calibration
@@ -26,6 +26,7 @@ from ramp_cpp.measure.candidates import CandidateConfig, searched_tensors
 from ramp_cpp.measure.groups import GroupConfig, GroupReport, calibrate_sensitivity, groups_of
 from ramp_cpp.measure.sensitivity import Sensitivity
 from ramp_cpp.pipeline.plan import size_range
+from ramp_cpp.pipeline.request import SizedRequest
 from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
@@ -204,7 +205,8 @@ def test_greedy_on_measured_sensitivity_through_run_direct(
     )
     lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
     size = f"{(lo + hi) / 2 / 1024:.1f}KiB"
-    r = run_direct(tiny_model, tmp_path / "run", "greedy", size, cfg, presets=(), sensitivity="measured")
+    r = run_direct(SizedRequest(tiny_model, tmp_path / "run", "greedy", size, cfg, presets=(),
+        sensitivity="measured"))
     assert r.file_bytes <= r.target_bytes
     report = json.loads(r.report.read_text())["summary"]
     alloc = json.loads(r.allocation.read_text())
@@ -223,8 +225,9 @@ def test_greedy_on_measured_sensitivity_through_run_direct(
 def test_cli_sensitivity_and_kld_groups(setup: dict[str, Any], tiny_model: Path, tmp_path: Path) -> None:
     base = ["search", "--model", str(tiny_model), "--out", str(tmp_path / "r"), "--size", "1MiB"]
     one_error_line(runner.invoke(app, [*base, "--method", "greedy", "--sensitivity", "kld"]), "sensitivity")
-    paper = ["search", "--model", str(tiny_model), "--out", str(tmp_path / "r"), "--budget", "4.5"]
-    one_error_line(runner.invoke(app, [*paper, "--sensitivity", "proxy"]), "--method greedy")
+    paper = ["paper-search", "--model", str(tiny_model), "--out", str(tmp_path / "r"), "--budget", "4.5"]
+    r = runner.invoke(app, [*paper, "--sensitivity", "proxy"])
+    assert r.exit_code == 2 and "No such option" in r.output  # SAC on bits measures its own reward
     assert not (tmp_path / "r").exists()
     from ramp_cpp.errors import RampError
     from ramp_cpp.store.texts import load_text
@@ -234,7 +237,7 @@ def test_cli_sensitivity_and_kld_groups(setup: dict[str, Any], tiny_model: Path,
     except RampError:
         pytest.skip("wikitext2-valid is not available offline")
     calib = save_calibration(setup["cal"], tmp_path / "c.safetensors")
-    args = ["measure", str(tiny_model), "--calib", str(calib), "-o", str(tmp_path / "s.json")]
+    args = ["measure", str(tiny_model), "--calib", str(calib)]
     cache = ["--cache-dir", str(setup["dir"] / "cache")]
     r = runner.invoke(app, [*args, *cache, "--kld-groups", "--chunks", "1", "--ctx", "64", "--json"])
     assert r.exit_code == 0, r.output

@@ -17,7 +17,7 @@ FLOORS: list[set[str]] = [
     {"errors", "costs", "executor"},
     {"store", "model"},
     {"llama"},
-    {"calibration"},
+    {"calibration", "write"},
     {"fold", "measure"},
     {"allocate"},
     {"pipeline"},
@@ -75,6 +75,20 @@ def test_no_import_runs_up_a_floor(module):
         if imp in MODULES and _folder(imp) and FLOOR[_folder(imp)] > here
     ]
     assert not up, f"{module} imports from a higher floor: {up}"
+
+
+def test_folders_sharing_a_floor_do_not_import_each_other():
+    """store/model, calibration/write, fold/measure: side by side, so neither may lean on the other (the
+    ground floor's single modules, errors/costs/executor, may)."""
+    across = [
+        f"{m} -> {imp}"
+        for m, p in MODULES.items()
+        if _folder(m)
+        for imp, _ in _imports(p)
+        if imp in MODULES and _folder(imp) and _folder(imp) != _folder(m)
+        and FLOOR[_folder(imp)] == FLOOR[_folder(m)] > 0
+    ]
+    assert not across, f"imports between folders of one floor: {across}"
 
 
 def test_no_import_cycle():

@@ -25,7 +25,8 @@ from ramp_cpp.measure import sensitivity, tensorcache
 from ramp_cpp.measure.candidates import DEFAULT_TYPES, CandidateConfig, searched_tensors
 from ramp_cpp.measure.proxy import MeasureConfig, measure
 from ramp_cpp.measure.sensitivity import Option, Sensitivity, undominated
-from ramp_cpp.measure.tensorcache import assemble, build_cache
+from ramp_cpp.measure.tensorcache import build_cache
+from ramp_cpp.write.assemble import assemble
 
 #: (model, imatrix): an untied head quantized with the calibration's imatrix, a tied one without
 CASES = {"untied": (synthetic.Spec(), True), "tied": (synthetic.Spec(tied=True, seed=1), False)}
@@ -265,13 +266,13 @@ def test_cli_measure(setup: dict[str, Any], tmp_path: Path) -> None:
     u, t = setup["untied"], setup["tied"]
     calib = save_calibration(u["cal"], tmp_path / "u.safetensors")
     other = save_calibration(t["cal"], tmp_path / "t.safetensors")
-    out = tmp_path / "sens.json"
     base = ["measure", str(u["model"]), "--cache-dir", str(setup["root"])]
-    r = runner.invoke(app, [*base, "--calib", str(calib), "-o", str(out), "--json"])
+    r = runner.invoke(app, [*base, "--calib", str(calib), "--json"])
     assert r.exit_code == 0, r.output + r.stderr
     d = json.loads(r.stdout)
-    assert d["tensors"] == len(u["sens"].tensors) and d["output"] == str(out)
-    assert sensitivity.load(out) == u["sens"]  # the module's measurement, reused
+    s = u["sens"]  # the module's measurement, reused from the cache
+    assert (d["tensors"], d["min_bytes"], d["max_bytes"]) == (len(s.tensors), s.min_bytes(), s.max_bytes())
+    assert d["options"] == sum(len(t.options) for t in s.tensors) and d["model"] == str(u["model"])
     bad = [
         (["--calib", str(tmp_path / "nope.safetensors")], "no such file"),
         (["--calib", str(other)], "measured on tied.f16.gguf"),
@@ -280,11 +281,7 @@ def test_cli_measure(setup: dict[str, Any], tmp_path: Path) -> None:
         (["--calib", str(u["model"])], "not a ramp-cpp calibration"),
     ]
     for args, match in bad:
-        dst = tmp_path / "bad.json"
-        r = runner.invoke(app, [*base, *args, "-o", str(dst)])
+        r = runner.invoke(app, [*base, *args])
         assert r.exit_code == 2, (args, r.output)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], (args, r.stderr)
-        assert not dst.exists()
-    r = runner.invoke(app, [*base, "--calib", str(calib), "-o", str(out)])
-    assert r.exit_code == 2 and "exists" in r.stderr

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
-from test_cli_search import one_error_line
-from test_direct import cfg
+from test_cli_errors import one_error_line
+from test_sized_run import cfg
 from typer.testing import CliRunner
 
 from ramp_cpp.cli.app import app
@@ -20,6 +20,7 @@ from ramp_cpp.llama.ggufio import TensorInfo, read_inventory
 from ramp_cpp.measure.candidates import CandidateConfig
 from ramp_cpp.measure.proxy import SAMPLE_SPAN, Weighting, row_spans, span_batches, tensor_errors
 from ramp_cpp.pipeline.plan import plan_run, size_range
+from ramp_cpp.pipeline.request import SizedRequest
 from ramp_cpp.pipeline.resources import disk_needs
 from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.store.cache import disk_bytes
@@ -92,8 +93,8 @@ def test_memory_cache_writes_the_disk_cache_file_in_less_space(
     lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
     size = str((lo + hi) // 2)
     runs = {
-        mode: run_direct(tiny_model, tmp_path / mode, "greedy", size, cfg(text_file), sensitivity="measured",
-                         fold="on", tensor_cache=mode)
+        mode: run_direct(SizedRequest(tiny_model, tmp_path / mode, "greedy", size, cfg(text_file),
+            sensitivity="measured", fold="on", tensor_cache=mode))
         for mode in ("disk", "memory")
     }
     assert runs["memory"].gguf.read_bytes() == runs["disk"].gguf.read_bytes()
@@ -114,17 +115,18 @@ def test_plan_sizes_the_memory_cache_and_sac_keeps_its_own_on_disk(
     assert in_mem.cache_per_folding * 4 < on_disk.cache_per_folding
     size = str((lo + hi) // 2)
     plans: dict[str, Any] = {
-        m: plan_run(tiny_model, tmp_path / m, m, size, cfg(text_file), cc, fold="on")
+        m: plan_run(SizedRequest(tiny_model, tmp_path / m, m, size, cfg(text_file), cc, fold="on"))
         for m in ("greedy", "sac")
     }
     assert plans["greedy"].in_memory and not plans["sac"].in_memory  # auto; the disk here has room
-    forced = plan_run(tiny_model, tmp_path / "f", "sac", size, cfg(text_file), cc, fold="on",
-                      tensor_cache="memory")
+    forced = plan_run(SizedRequest(tiny_model, tmp_path / "f", "sac", size, cfg(text_file), cc, fold="on",
+        tensor_cache="memory"))
     assert forced.in_memory
     with pytest.raises(RampError, match="--tensor-cache"):
-        plan_run(tiny_model, tmp_path / "x", "greedy", size, cfg(text_file), cc, tensor_cache="ram")
+        plan_run(SizedRequest(tiny_model, tmp_path / "x", "greedy", size, cfg(text_file), cc,
+            tensor_cache="ram"))
     with pytest.raises(RampError, match="--row-sample"):
-        plan_run(tiny_model, tmp_path / "y", "greedy", size, cfg(text_file), cc, row_sample=0)
+        plan_run(SizedRequest(tiny_model, tmp_path / "y", "greedy", size, cfg(text_file), cc, row_sample=0))
     assert not any((tmp_path / d).exists() for d in ("x", "y"))
 
 

@@ -12,15 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from ramp_cpp.allocate.sac.agent import SAC, SACConfig
-from ramp_cpp.allocate.sac.policyfile import actor_tensors, load_policy, save_policy
+from ramp_cpp.allocate.sac.policyfile import load_policy
 from ramp_cpp.errors import RampError
-
-
-@pytest.fixture()
-def policy(tmp_path: Path) -> Path:
-    agent = SAC(11, SACConfig(hidden=(32, 32, 16), seed=1))
-    t = actor_tensors(agent.actor, np.zeros(11, np.float32), np.ones(11, np.float32))
-    return save_policy(t, {"features": "ramp", "bits": [3, 4, 5, 6]}, tmp_path / "policy.safetensors")
 
 
 def test_round_trip_acts_like_the_agent(policy: Path) -> None:

@@ -26,6 +26,7 @@ from ramp_cpp.llama.backend import repack_weights
 from ramp_cpp.llama.ggufio import read_inventory
 from ramp_cpp.measure.candidates import CandidateConfig
 from ramp_cpp.pipeline.plan import size_range
+from ramp_cpp.pipeline.request import Hooks, SizedRequest
 from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
 from ramp_cpp.pipeline.stages import SCORES
@@ -122,10 +123,8 @@ def test_a_run_directory_of_the_previous_code_resumes(
     stages: set[str] = set()
     calib = CalibConfig(text=str(text_file), samples=2, ctx=64)
     cfg = SizedConfig(text=str(text_file), n_ctx=128, chunks=2, calib=calib)
-    res = run_direct(
-        tiny_model, rd, "greedy", size, cfg, presets=(), sensitivity="measured", fold="auto",
-        progress=lambda stage, done, total: stages.add(stage),
-    )
+    res = run_direct(SizedRequest(tiny_model, rd, "greedy", size, cfg, presets=(), sensitivity="measured",
+        fold="auto"), hooks=Hooks(progress=lambda stage, done, total: stages.add(stage)))
 
     assert stages.isdisjoint(COMPUTING), stages
     after = files(rd)
@@ -149,8 +148,8 @@ def test_a_run_directory_of_the_previous_code_resumes(
     # the file is the one today's code writes from the same settings in a fresh folder: since 2026-12-02 the
     # allocation is made under a bound on the ramp.* metadata (stages.fit_and_write), so it may differ from
     # the previous code's by the few tensors that bound moves; every measured artifact above was reused
-    fresh = run_direct(tiny_model, tmp_path / "fresh", "greedy", size, cfg, presets=(),
-                       sensitivity="measured", fold="auto")
+    fresh = run_direct(SizedRequest(tiny_model, tmp_path / "fresh", "greedy", size, cfg, presets=(),
+        sensitivity="measured", fold="auto"))
     assert res.gguf == gguf and after[gguf.name][1] == files(tmp_path / "fresh")[fresh.gguf.name][1]
     new_alloc = json.loads(res.allocation.read_text())
     assert new_alloc["fold"] == old_alloc["fold"]

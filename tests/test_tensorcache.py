@@ -16,8 +16,10 @@ from ramp_cpp.llama.ggufio import ModelInfo, read_inventory, tensor_types
 from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
 from ramp_cpp.measure import tensorcache
 from ramp_cpp.measure.candidates import searchable
-from ramp_cpp.measure.tensorcache import TensorCache, assemble, build_cache, imatrix_digest
+from ramp_cpp.measure.tensorcache import build_cache
 from ramp_cpp.model.ladder import bits_per_weight, written_type
+from ramp_cpp.write.assemble import assemble
+from ramp_cpp.write.cachefiles import TensorCache, imatrix_digest
 
 LADDER = ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q2_K", "IQ4_NL", "IQ4_XS")
 
@@ -236,7 +238,7 @@ def test_reuse_resume_and_key(tiny_model: Path, tmp_path: Path, monkeypatch: pyt
 def test_refusals(caches: Any, models: dict[str, Path], tmp_path: Path) -> None:
     cache, _ = caches[("default", False)]
     out = tmp_path / "x.gguf"
-    with pytest.raises(RampError, match="not a 2-D tensor"):
+    with pytest.raises(RampError, match="not a weight tensor"):
         assemble(cache, {"blk.9.attn_q.weight": "Q4_K"}, out)
     with pytest.raises(RampError, match="unknown ggml type"):
         assemble(cache, {"blk.0.attn_q.weight": "Q4_X"}, out)
@@ -330,7 +332,9 @@ def test_build_refuses_a_cache_that_does_not_reproduce_llama_cpp(
 ) -> None:
     """build_cache compares its own assembly with llama.cpp's file for every type it adds: a wrong header
     field (here general.file_type) is an error, and the type is not left behind as cached."""
-    monkeypatch.setattr(tensorcache, "file_type_for", lambda full: 0)
+    import ramp_cpp.write.assemble
+
+    monkeypatch.setattr(ramp_cpp.write.assemble, "file_type_for", lambda full: 0)
     with pytest.raises(RampError, match="differs from llama.cpp"):
         build_cache(tiny_model, ["Q4_K"], tmp_path)
     (d,) = tmp_path.iterdir()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import synthetic
 from gguf import GGUFReader
-from test_cli_search import one_error_line
+from test_cli_errors import one_error_line
 from test_groups import setup  # noqa: F401  (the measured tiny model, shared with test_groups)
 from typer.testing import CliRunner
 
@@ -30,7 +30,8 @@ from ramp_cpp.measure.candidates import CandidateConfig, searched_tensors
 from ramp_cpp.measure.groups import groups_of
 from ramp_cpp.measure.transfer import SourceGroup, build_table
 from ramp_cpp.model.arch import ROLES
-from ramp_cpp.pipeline.plan import default_fold, size_range
+from ramp_cpp.pipeline.plan import size_range
+from ramp_cpp.pipeline.request import SizedRequest, default_fold
 from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
@@ -130,11 +131,14 @@ def test_table_file_round_trip_and_damage(tmp_path: Path) -> None:
         transfer.source_groups({"config": {"n_buckets": 4}, "groups": [{"role": "attn_k"}]})
 
 
-def test_the_shipped_table_loads_and_knows_the_linear_roles() -> None:
+def test_the_shipped_table_loads_and_knows_the_linear_roles(tiny_model: Path) -> None:
+    """The table's sources are dense llama-style models: it knows every linear role such a model has (the
+    MoE, MLA and hybrid roles of ROLES fall back to the mean, transfer.py's docstring)."""
     t = transfer.load()
     assert len(t.sources) >= 2
     roles = {r.role for r in t.records}
-    linear = {r.name for r in ROLES if r.name.startswith(("attn_", "ffn_")) and r.name != "attn_qkv"}
+    linear = {x.role for x in read_inventory(tiny_model).searched}
+    assert len(linear) == 7 and linear <= {r.name for r in ROLES}  # q k v o gate up down
     assert linear <= roles, linear - roles
     for role in linear:  # every depth bucket of every linear role, from every source
         assert {r.bucket for r in t.records if r.role == role} == set(range(t.n_buckets))
@@ -145,8 +149,8 @@ def test_search_with_transferred_sensitivity(setup: dict[str, Any], tiny_model: 
     cfg = SizedConfig(text=str(tf), n_ctx=128, chunks=2, calib=CalibConfig(text=str(tf), samples=2, ctx=64))
     lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
     size = f"{(lo + hi) / 2 / 1024:.1f}KiB"
-    r = run_direct(tiny_model, tmp_path / "run", "greedy", size, cfg, presets=(), sensitivity="transferred",
-                   fold="on")
+    r = run_direct(SizedRequest(tiny_model, tmp_path / "run", "greedy", size, cfg, presets=(),
+        sensitivity="transferred", fold="on"))
     assert r.file_bytes <= r.target_bytes
     report = json.loads(r.report.read_text())
     assert report["summary"]["sensitivity"] == "transferred"

@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -26,7 +28,14 @@ from ramp_cpp.calibration.artifact import CalibConfig, save_calibration
 from ramp_cpp.calibration.collect import calibrate
 from ramp_cpp.costs import COUNTERS
 from ramp_cpp.errors import RampError
-from ramp_cpp.executor import RayExecutor, Serial, make_executor
+from ramp_cpp.executor import (
+    RayExecutor,
+    Serial,
+    check_reachable,
+    cluster_endpoint,
+    loopback_only,
+    make_executor,
+)
 from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.llama.evaluate import EvalConfig, base_logprobs
 from ramp_cpp.llama.ggufio import read_inventory
@@ -34,6 +43,7 @@ from ramp_cpp.measure.candidates import CandidateConfig
 from ramp_cpp.measure.groups import GroupConfig, calibrate_sensitivity
 from ramp_cpp.measure.tensorcache import build_cache
 from ramp_cpp.pipeline.plan import size_range
+from ramp_cpp.pipeline.request import SizedRequest
 from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
@@ -58,6 +68,118 @@ def test_no_workers_means_serial_and_missing_ray_is_one_error(monkeypatch: pytes
         make_executor(2, None, None, 0)
 
 
+# -- a cluster's address --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address, endpoint",
+    [
+        ("10.0.0.5:6380", ("10.0.0.5", 6380)),
+        ("head", ("head", 6379)),  # Ray's default GCS port
+        ("ray://head", ("head", 10001)),  # Ray Client's default port
+        ("ray://10.0.0.5:20001", ("10.0.0.5", 20001)),
+        ("[::1]:6380", ("::1", 6380)),
+        ("[::1]", ("::1", 6379)),
+        ("local", None),
+        ("auto", None),  # Ray finds this machine's cluster itself
+    ],
+)
+def test_where_an_address_connects(
+    address: str, endpoint: tuple[str, int] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster_endpoint(address) == endpoint
+
+
+def test_auto_checks_ray_address_and_bad_addresses_are_one_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6390")
+    assert cluster_endpoint("auto") == ("10.0.0.5", 6390)
+    for bad in ("head:port", ":6379", "ray://"):
+        with pytest.raises(RampError, match="not a Ray address"):
+            cluster_endpoint(bad)
+
+
+def test_reachable_only_with_something_listening() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        check_reachable(f"127.0.0.1:{port}")
+    with pytest.raises(RampError, match=rf"cannot reach the Ray cluster at 127.0.0.1:{port}: Connection ref"):
+        check_reachable(f"127.0.0.1:{port}")
+
+
+def test_an_address_with_nothing_behind_it_fails_at_once_in_one_line(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """`--ray 127.0.0.1:1`: Ray alone retries for minutes without a word (36 s per attempt, 20 attempts)."""
+    pytest.importorskip("ray")
+    lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
+    args = ["search", "--model", str(tiny_model), "--size", f"{(lo + hi) / 2 / 1024:.1f}KiB",
+            "--out", str(tmp_path / "r"), "--ray", "127.0.0.1:1"]
+    # the command's own imports (torch, Ray) take most of its time, up to ~45 s on a loaded 2-core machine:
+    # the bound here only tells seconds from Ray's minutes; the executor's own time is checked below
+    r = subprocess.run([sys.executable, "-c", "from ramp_cpp.cli.app import main; main()", *args],
+                       capture_output=True, text=True, timeout=150)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("error: cannot reach the Ray cluster at 127.0.0.1:1"), lines[0]
+    assert not (tmp_path / "r").exists()
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("Ray is initialised in this process: an executor joins it whatever its address")
+    t0 = time.monotonic()
+    with pytest.raises(RampError, match="cannot reach the Ray cluster at 127.0.0.1:1"):
+        RayExecutor(workers=1, address="127.0.0.1:1")
+    assert time.monotonic() - t0 <= 30
+    assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_a_local_cluster_listens_on_loopback_only(tmp_path: Path) -> None:
+    """The cluster `--workers N` starts: its node is 127.0.0.1 and every port its processes open is bound to
+    127.0.0.1 (without `loopback_only` Ray binds its GCS and raylet to every interface)."""
+    pytest.importorskip("ray")
+    tmp = tempfile.mkdtemp(prefix="rayl-", dir="/tmp")  # unix socket paths must stay under 108 bytes
+    script = tmp_path / "local.py"
+    script.write_text(LOCAL_CLUSTER)
+    try:
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0"})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["nodes"] == ["127.0.0.1"] and got["values"] == [3, 4]
+    assert got["listening"], "no listening socket found: the check saw nothing"
+    assert all(a.rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]") for a in got["listening"]), got
+    assert got["restored"]  # this process's Ray switch and environment are as they were
+
+
+LOCAL_CLUSTER = """
+import json, os, subprocess
+import ray._private.ray_constants as rc
+from ramp_cpp.executor import RayExecutor
+
+before = (rc.ENABLE_RAY_CLUSTER, os.environ.get(rc.ENABLE_RAY_CLUSTERS_ENV_VAR))
+ex = RayExecutor(workers=1, cpus=1)
+try:
+    # Ray's processes: those naming this run's RAY_TMPDIR, their children, and this driver
+    pids = set(subprocess.run(["pgrep", "-f", os.environ["RAY_TMPDIR"]], capture_output=True, text=True)
+               .stdout.split()) | {str(os.getpid())}
+    for p in list(pids):
+        pids |= set(subprocess.run(["pgrep", "-P", p], capture_output=True, text=True).stdout.split())
+    values = ex.map(abs, [-3, 4])
+    ss = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
+    listening = [ln.split()[3] for ln in ss if any(f"pid={p}," in ln for p in pids)]
+    nodes = [n["NodeManagerAddress"] for n in ex.nodes()]
+finally:
+    ex.close()
+restored = (rc.ENABLE_RAY_CLUSTER, os.environ.get(rc.ENABLE_RAY_CLUSTERS_ENV_VAR)) == before
+print(json.dumps({"nodes": nodes, "values": values, "listening": listening, "restored": restored}))
+"""
+
+
 # -- a local cluster --------------------------------------------------------------------------------------
 
 _CLUSTER: dict[str, Any] = {}  # the fixture's ray.cluster_utils.Cluster, for the test that removes a node
@@ -71,14 +193,10 @@ def cluster() -> Iterator[RayExecutor]:
     # Ray's files (sessions, sockets, its address file) under a short temp dir of the test's own: unix
     # socket paths must stay under 108 bytes
     tmp = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")
-    with pytest.MonkeyPatch.context() as mp:
+    # every node and this driver on 127.0.0.1, not on the host's own IP: what a local cluster gets
+    with pytest.MonkeyPatch.context() as mp, loopback_only():
         mp.setenv("RAY_TMPDIR", tmp)
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        # every node and this driver on 127.0.0.1, not on the host's own IP
-        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        import ray._private.ray_constants as rc
-
-        mp.setattr(rc, "ENABLE_RAY_CLUSTER", False)
         c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1"})
         for _ in range(2):
             c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
@@ -169,10 +287,8 @@ def test_fold_auto_run_on_the_cluster_writes_the_serial_file(
     size = f"{(lo + hi) / 2 / 1024:.1f}KiB"
     runs = {}
     for name, ex in (("serial", Serial()), ("ray", cluster)):
-        runs[name] = run_direct(
-            tiny_model, tmp_path / name, "greedy", size, cfg, opts=OPTS, presets=(), sensitivity="measured",
-            fold="auto", gcfg=GroupConfig(pairs=1), executor=ex,
-        )
+        runs[name] = run_direct(SizedRequest(tiny_model, tmp_path / name, "greedy", size, cfg, presets=(),
+            sensitivity="measured", gcfg=GroupConfig(pairs=1), fold="auto"), OPTS, executor=ex)
     s, r = runs["serial"], runs["ray"]
     assert _sha(s.gguf) == _sha(r.gguf)
     a_s, a_r = (json.loads(x.allocation.read_text()) for x in (s, r))
@@ -247,15 +363,16 @@ def test_an_error_in_a_job_reaches_the_caller_without_retries(cluster: RayExecut
 
 
 def test_cli_workers_only_for_a_sized_search(tiny_model: Path, tmp_path: Path) -> None:
-    from test_cli_search import one_error_line
     from typer.testing import CliRunner
 
     from ramp_cpp.cli.app import app
 
     runner = CliRunner()
-    paper = ["search", "--model", str(tiny_model), "--out", str(tmp_path / "r"), "--budget", "4.5"]
-    one_error_line(runner.invoke(app, [*paper, "--workers", "2"]), "--workers/--ray")
-    r = runner.invoke(app, [*paper, "--workers", "0"])
+    paper = ["paper-search", "--model", str(tiny_model), "--out", str(tmp_path / "r"), "--budget", "4.5"]
+    r = runner.invoke(app, [*paper, "--workers", "2"])
+    assert r.exit_code == 2 and "No such option" in r.output  # the paper's search runs serially
+    sized = ["search", "--model", str(tiny_model), "--out", str(tmp_path / "r"), "--size", "1MiB"]
+    r = runner.invoke(app, [*sized, "--workers", "0"])
     assert r.exit_code == 2 and "--workers" in r.output
     assert not (tmp_path / "r").exists()
 
@@ -355,7 +472,7 @@ def test_cli_measure_kld_groups_with_workers(
     got = {}
     for name, extra in (("serial", []), ("ray", ["--workers", "2"])):
         r = CliRunner().invoke(app, [
-            "measure", str(tiny_model), "--calib", str(calib), "-o", str(tmp_path / f"{name}.json"),
+            "measure", str(tiny_model), "--calib", str(calib),
             "--cache-dir", str(tmp_path / f"{name}-cache"), "--kld-groups", "--chunks", "1", "--ctx", "64",
             "--threads", "1", "--json", *extra,
         ])

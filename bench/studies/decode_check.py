@@ -24,6 +24,7 @@ from ramp_cpp.llama.evaluate import EvalConfig, chunks
 from ramp_cpp.llama.ggufio import open_reader
 from ramp_cpp.pipeline import mixes, speedprobe
 from ramp_cpp.pipeline.plan import plan_run
+from ramp_cpp.pipeline.request import SizedRequest
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
 
@@ -35,9 +36,9 @@ def main() -> None:
     a = ap.parse_args()
     c, opts = CONFIGS["new"], RuntimeOptions(n_ctx=512)
     with tempfile.TemporaryDirectory() as d:
-        plan = plan_run(model_path(a.model), Path(d) / "run", "greedy", a.size,
-                        SizedConfig(calib=load_recipe(c.recipe)), c.cc, None, "measured", c.gcfg, None, None,
-                        None, c.fold, 1, c.tensor_cache, c.row_sample)
+        plan = plan_run(SizedRequest(model_path(a.model), Path(d) / "run", "greedy", a.size,
+            SizedConfig(calib=load_recipe(c.recipe)), c.cc, None, sensitivity="measured", gcfg=c.gcfg,
+            fold=c.fold, tensor_cache=c.tensor_cache, row_sample=c.row_sample), 1)
         with LlamaModel(str(plan.model_path), opts) as m:
             (ch,) = chunks(m.tokenize(plan.text), EvalConfig(512, 0, 1), m.bos if m.add_bos else None)
         chunk = np.asarray(ch)

@@ -24,15 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from bench.paths import BENCH
+from ramp_cpp.allocate.paper.search import SearchConfig, load_checkpoint
 from ramp_cpp.allocate.sac.agent import SACConfig
-from ramp_cpp.allocate.sac.paper import SearchConfig, load_checkpoint
 from ramp_cpp.calibration.artifact import load_calibration
 from ramp_cpp.calibration.collect import load_recipe
 from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
 from ramp_cpp.llama.evaluate import EvalConfig, eval_chunks, forward_seconds, kld
 from ramp_cpp.llama.quantize import QuantizeOptions, quantize_preset
 from ramp_cpp.pipeline.demo import demo_model_path
-from ramp_cpp.pipeline.paper import search
+from ramp_cpp.pipeline.paper.run import search
 from ramp_cpp.store.texts import load_text
 
 OUT = BENCH / "out"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ramp_cpp.allocate.sac.paper import SearchConfig, load_checkpoint
+from ramp_cpp.allocate.paper.search import SearchConfig, load_checkpoint
 from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
 from ramp_cpp.llama.evaluate import base_logprobs, eval_chunks, forward_seconds, kld_loaded
 from ramp_cpp.store.texts import load_text

@@ -22,7 +22,7 @@ import numpy as np
 
 from ramp_cpp.allocate.allocators import greedy
 from ramp_cpp.allocate.sac.search import search
-from tests.test_sized_search import budget_at, ctx_of, sens_of, small_cfg
+from tests.test_sized_sac import budget_at, ctx_of, sens_of, small_cfg
 
 
 def run(seed: int, evaluations: int, hidden: float, noise: float, updates: int) -> tuple[float, float]:

@@ -38,6 +38,7 @@ from bench.paths import BENCH
 from ramp_cpp.calibration.collect import load_recipe
 from ramp_cpp.executor import Executor, RayExecutor, Serial
 from ramp_cpp.llama.backend import RuntimeOptions
+from ramp_cpp.pipeline.request import Hooks, SizedRequest
 from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.pipeline.sizedconfig import SEARCH_GROUPS, SEARCH_RECIPE, SizedConfig
 
@@ -113,13 +114,11 @@ def run(key: str, size: str, mode: str, out: Path, gpu_layers: int = 0) -> dict[
     cfg = SizedConfig(calib=load_recipe(SEARCH_RECIPE))
     t0 = time.perf_counter()
     try:
-        r = run_direct(
-            model, rd, "greedy", size, cfg, opts=RuntimeOptions(n_gpu_layers=gpu_layers), presets=(),
-            sensitivity="measured",
-            gcfg=SEARCH_GROUPS, fold="auto", cache_root=cache, executor=ex,
-            calib=seed if seed.is_file() else None,
-            on_cost=lambda s: log(f"{key} {mode}: {s.stage} {s.wall_s:.0f} s, {s.E:.2f} E"),
-        )
+        r = run_direct(SizedRequest(model, rd, "greedy", size, cfg, calib=seed if seed.is_file() else None,
+            presets=(), sensitivity="measured", gcfg=SEARCH_GROUPS, cache_root=cache, fold="auto"),
+            RuntimeOptions(n_gpu_layers=gpu_layers),
+            hooks=Hooks(on_cost=lambda s: log(f"{key} {mode}: {s.stage} {s.wall_s:.0f} s, {s.E:.2f} E")),
+            executor=ex)
     finally:
         stop.set()
         ex.close()

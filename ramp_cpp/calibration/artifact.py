@@ -2,7 +2,10 @@
 
 One file, `CALIB.safetensors`: for each weight tensor `W` (named as in the GGUF, `blk.0.attn_q.weight`),
 tensors `W.max_abs` (float32, max |x| per input column), `W.sum_sq` (float64, sum of x^2 per input column)
-and `W.count` (int64, one element: rows of x seen). The safetensors header's `__metadata__` holds
+and `W.count` (int64, one element: rows of x seen). An expert tensor (3-D, n_expert slices, e.g.
+`blk.0.ffn_up_exps.weight`) has `W.max_abs` and `W.sum_sq` of shape (n_expert, n_in), row e over the rows
+routed to expert e, and `W.counts` (int64, (n_expert,): rows routed to each expert; `W.count` stays the tokens
+seen, and counts sum to top-k times it). The safetensors header's `__metadata__` holds
 `ramp.calibration`, a JSON object naming the model (file name, sha256, architecture), the text, samples,
 ctx, seed and token count. Tensors that read the same input (q, k, v) carry identical statistics, as in
 llama.cpp's imatrix.
@@ -25,6 +28,8 @@ from ramp_cpp.llama.ggufio import write_imatrix_gguf
 from ramp_cpp.store import stfile
 
 FORMAT_VERSION = 1
+#: suffix of an expert tensor's per-expert row counts (`W.counts`); a 2-D weight has none
+EXPERT_COUNTS = "counts"
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,8 @@ class Calibration:
         return f"{c.text}, {c.samples}x{c.ctx} tokens, seed {c.seed}, on {self.model_name}"
 
     def imatrix(self) -> dict[str, np.ndarray]:
-        """name -> E[x^2] per input column, the form `native.quantize_model` takes."""
+        """name -> E[x^2] per input column, the form `native.quantize_model` takes ((n_expert, n_in) for an
+        expert tensor: llama.cpp's quantizer reads expert e's row e)."""
         return {name: s.mean_sq for name, s in self.stats.items()}
 
 
@@ -75,6 +81,8 @@ def save_calibration(cal: Calibration, dst: str | os.PathLike[str], force: bool 
         tensors[f"{name}.max_abs"] = np.ascontiguousarray(s.max_abs, dtype=np.float32)
         tensors[f"{name}.sum_sq"] = np.ascontiguousarray(s.sum_sq, dtype=np.float64)
         tensors[f"{name}.count"] = np.array([s.count], dtype=np.int64)
+        if s.counts is not None:
+            tensors[f"{name}.{EXPERT_COUNTS}"] = np.ascontiguousarray(s.counts, dtype=np.int64)
     return stfile.write(dst, tensors, "ramp.calibration", cal.header(), force)
 
 
@@ -88,11 +96,16 @@ def load_calibration(path: str | os.PathLike[str]) -> Calibration:
     for key in raw:
         if key.endswith(".max_abs"):
             name = key[: -len(".max_abs")]
+            counts = raw.get(f"{name}.{EXPERT_COUNTS}")
             stats[name] = InputStats(
                 max_abs=raw[key].astype(np.float32),
                 sum_sq=raw[f"{name}.sum_sq"].astype(np.float64),
                 count=int(raw[f"{name}.count"][0]),
+                counts=None if counts is None else counts.astype(np.int64),
             )
+            if stats[name].max_abs.ndim != (1 if counts is None else 2):
+                raise RampError(f"{p}: {name} has statistics of shape {stats[name].max_abs.shape} "
+                                f"{'without' if counts is None else 'with'} per-expert counts")
     return Calibration(
         model_name=h["model_name"],
         model_sha256=h["model_sha256"],
@@ -123,9 +136,9 @@ def check_matches(cal: Calibration, model: Any, need: list[str] | None = None) -
         )
     for n in names:
         t = by_name.get(n)
-        if t is not None and cal.stats[n].max_abs.shape[0] != t.n_per_row:
+        if t is not None and cal.stats[n].max_abs.shape[-1] != t.n_per_row:
             raise RampError(
-                f"calibration from {cal.model_name} has {cal.stats[n].max_abs.shape[0]} input columns for "
+                f"calibration from {cal.model_name} has {cal.stats[n].max_abs.shape[-1]} input columns for "
                 f"{n}, {Path(model.path).name} has {t.n_per_row}: measured on another model"
             )
 

@@ -9,6 +9,9 @@ weight W (rows = tokens, columns = W's input features):
 
     max_abs[j] = max_t |x[t, j]|        sum_sq[j] = sum_t x[t, j]^2        count = samples * ctx
 
+and for an expert tensor (3-D, met in MUL_MAT_ID) the same per expert e over the tokens routed to e, with
+counts[e] those tokens (top-k of them per token, so counts add up to k * count), as llama-imatrix keeps them.
+
 Windows never overlap, so no token is counted twice; a text too short for samples x ctx tokens is an
 error that says how many tokens were needed and found, never silently a smaller or overlapping sample.
 

@@ -192,11 +192,12 @@ def compute_features(
 
 
 def _act_scale(cal: Calibration, name: str) -> np.ndarray:
-    """Per-input-channel max |x| of `name`. token_embd is a lookup, not a product: it has no input, so it
-    takes the statistics of the output head that shares it (tied) or else of output.weight."""
+    """Per-input-channel max |x| of `name` (an expert tensor's over all its experts: one tensor, one state).
+    token_embd is a lookup, not a product: it has no input, so it takes the statistics of the output head that
+    shares it (tied) or else of output.weight."""
     for n in (name, "token_embd.weight", "output.weight") if name == "token_embd.weight" else (name,):
         if n in cal.stats:
-            return cal.stats[n].max_abs
+            return cal.stats[n].pooled().max_abs
     raise RampError(f"calibration from {cal.model_name} has no statistics for {name}")
 
 

@@ -1,7 +1,8 @@
-"""`ramp-cpp`: the Typer app and its entry point. The commands live one group to a module beside this one
-(models, quantize, demo, calibrate, measure, search, apply; what they share in common.py); this module alone
-registers them, in the order `ramp-cpp --help` lists them, each behind the one error handling every command
-has: a RampError is one red `error:` line on stderr and exit code 2, never a traceback; Ctrl-C exits 130.
+"""`ramp-cpp`: the Typer app and its entry point. Each command lives in the module named after it beside this
+one (`demo-model` in demo_model.py, `paper-search` in paper_search.py; `inspect` and `offgrid` in models.py;
+what they share in common.py, what a sized run shows in sized.py); this module alone registers them, in the
+order `ramp-cpp --help` lists them, each behind the one error handling every command has: a RampError is one
+red `error:` line on stderr and exit code 2, never a traceback; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -12,9 +13,23 @@ from typing import Any
 
 import typer
 
-from ramp_cpp import __version__
-from ramp_cpp.cli import apply, calibrate, demo, measure, models, quantize, search
-from ramp_cpp.cli.common import err, out
+from ramp_cpp.cli import (
+    apply,
+    calibrate,
+    demo,
+    demo_model,
+    eval,
+    features,
+    fold,
+    imatrix,
+    measure,
+    models,
+    paper_search,
+    quantize,
+    search,
+    version,
+)
+from ramp_cpp.cli.common import err
 from ramp_cpp.errors import RampError, from_os_error
 
 app = typer.Typer(
@@ -22,27 +37,22 @@ app = typer.Typer(
 )
 
 
-def version() -> None:
-    """Print ramp-cpp's version and the llama.cpp it runs on."""
-    from ramp_cpp.llama.backend import _llama
-
-    lc = _llama()
-    out.print(f"ramp-cpp {__version__}, llama-cpp-python {lc.__version__}")
-
-
 COMMANDS: tuple[tuple[str, Callable[..., None]], ...] = (
-    ("version", version),
-    ("demo-model", demo.demo_model),
+    ("version", version.version),
+    ("demo-model", demo_model.demo_model),
     ("inspect", models.inspect),
     ("quantize", quantize.quantize),
-    ("eval", quantize.eval_),
+    ("eval", eval.eval_),
     ("demo", demo.demo),
     ("calibrate", calibrate.calibrate),
-    ("imatrix", calibrate.imatrix_),
-    ("fold", calibrate.fold),
+    ("imatrix", imatrix.imatrix_),
+    ("fold", fold.fold),
     ("offgrid", models.offgrid_),
-    ("features", calibrate.features),
+    ("pad", models.pad_),
+    ("upcycle", models.upcycle_),
+    ("features", features.features),
     ("search", search.search),
+    ("paper-search", paper_search.paper_search),
     ("apply", apply.apply),
     ("measure", measure.measure),
 )

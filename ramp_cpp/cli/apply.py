@@ -1,7 +1,7 @@
-"""`apply`: a trained policy rolled out zero-shot on another model (paper §5.6) at a budget or, for a policy
-trained at a whole-file size, at a --size. Its own module beside search.py because it only reads a policy and
-writes one GGUF: no run directory, episodes or resume; the budget, folding and calibration options it shares
-with `search` live in common.py.
+"""`apply`: a trained policy rolled out zero-shot on another model (paper §5.6). The pipeline opens the policy
+and dispatches on its kind (pipeline/apply.py): a sized policy runs like `search --size` (the same defaults,
+fold rule, cost lines, `--dry-run` and never-worse rule, in a run folder the same command resumes), a policy
+of the paper's search at a `--budget`.
 """
 
 from __future__ import annotations
@@ -16,139 +16,135 @@ from ramp_cpp.cli.common import (
     BudgetOpt,
     CalibOpt,
     FoldOpt,
+    ForceAllocationOpt,
     ForceOpt,
     GpuOpt,
-    NoFoldOpt,
     NoImatrixOpt,
     RayOpt,
-    RecipeOpt,
     SizeOpt,
     ThreadsOpt,
     WorkersOpt,
     bar,
-    cost_printer,
-    executor_for,
-    fold_setting,
     out,
-    resolve_budget,
+    recipe_opt,
     stage_progress,
 )
-from ramp_cpp.errors import RampError
+from ramp_cpp.cli.modelarg import resolved_model
 
 
 def apply(
-    policy: Path,
-    model: Path,
+    policy: Annotated[Path, typer.Argument(help="Policy file (.policy.safetensors).")],
+    model: Annotated[Path, typer.Argument(help="F16 GGUF to apply it to.")],
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Output GGUF (default: MODEL.ramp-BUDGET.gguf beside MODEL)."),
+        typer.Option(
+            "--output",
+            "-o",
+            help="Output GGUF (default: MODEL.ramp-SIZE.gguf beside MODEL).",
+            show_default=False,
+        ),
     ] = None,
+    size: SizeOpt = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Sized policies: the run folder, resumed by the same command (default: "
+            "OUTPUT.run beside the output).",
+            show_default=False,
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Sized policies: print each stage's expected cost; run nothing.")
+    ] = False,
     budget: BudgetOpt = None,
     budget_mode: BudgetModeOpt = "weighted",
-    size: SizeOpt = None,
-    no_fold: NoFoldOpt = False,
     fold: FoldOpt = None,
-    no_imatrix: NoImatrixOpt = False,
-    calib: CalibOpt = None,
-    recipe: RecipeOpt = "paper",
-    force: ForceOpt = False,
+    force_allocation: ForceAllocationOpt = False,
     sensitivity: Annotated[
         str | None,
         typer.Option(
             "--sensitivity",
-            help="Sized policies: the sensitivity, measured, proxy or transferred (no evaluation); default: "
-            "the one the policy was trained with (measured; proxy for one trained across models).",
+            show_default=False,
+            help="Sized policies: measured, proxy or transferred "
+            "(no evaluation); default: the one the policy was trained with.",
         ),
     ] = None,
     text: Annotated[
         str,
-        typer.Option("--text", help="Sized policies: the text of the measured sensitivity and of --fold auto "
-                     "(a corpus name or file, never wikitext2-test)."),
+        typer.Option(
+            "--text",
+            help="Sized policies: the reward text of the measured sensitivity, the fold "
+            "check and the never-worse rule (never wikitext2-test).",
+        ),
     ] = "wikitext2-valid",
+    no_imatrix: NoImatrixOpt = False,
+    calib: CalibOpt = None,
+    recipe: Annotated[
+        str | None, recipe_opt("bench for a sized policy (as search), paper for a --budget one")
+    ] = None,
+    force: ForceOpt = False,
     threads: ThreadsOpt = None,
     gpu_layers: GpuOpt = 0,
     workers: WorkersOpt = None,
     ray_address: RayOpt = None,
 ) -> None:
-    """Apply a trained policy zero-shot to another model (paper §5.6) and write its GGUF."""
-    from ramp_cpp.allocate.sac.policyfile import is_sized, load_policy
-    from ramp_cpp.calibration.collect import load_recipe
-    from ramp_cpp.fold.source import ramp_output_name
+    """Apply a trained policy zero-shot to another model (paper §5.6) and write its GGUF: a sized policy at
+    --size, like search (a run folder the same command resumes); a --budget policy at its bit budget."""
+    from ramp_cpp.cli.sized import plan_sized
     from ramp_cpp.llama.backend import RuntimeOptions
-    from ramp_cpp.pipeline.apply import ApplyConfig, apply_policy
+    from ramp_cpp.pipeline.apply import ApplyRequest, open_apply
 
-    meta = load_policy(policy).meta
-    if is_sized(meta):
-        # the rollout's state reads the sensitivity: apply with the one the policy learned on
-        sensitivity = sensitivity or str(meta.get("sensitivity", "measured"))
-        if size is None or budget is not None:
-            raise RampError(f"{policy} was trained at a whole-file size: give --size (e.g. Q4_K_M or 95MiB)")
-        from ramp_cpp.pipeline.plan import default_fold
-
-        fold_mode = fold_setting(fold, no_fold, default_fold(sensitivity, "auto"))
-        with executor_for(workers, ray_address, threads, gpu_layers) as ex:
-            _apply_sized(policy, model, output, size, sensitivity, fold_mode, no_imatrix, calib, recipe,
-                         force, threads, gpu_layers, text, ex)
-        return
-    if workers or ray_address:
-        raise RampError("--workers/--ray spread a sized policy's evaluations; --budget runs serially")
-    if fold_setting(fold, no_fold) == "auto":
-        raise RampError("--fold auto applies to a sized policy; a --budget policy takes on or off")
-    no_fold = fold_setting(fold, no_fold) == "off"
-    b, mode = resolve_budget(model, budget, budget_mode, size)
-    if output is None:
-        output = model.parent / ramp_output_name(model, "".join(size.split()) if size else f"{b:g}")
-    cfg = ApplyConfig(
-        budget=b, budget_mode=mode, fold=not no_fold, imatrix=not no_imatrix,
-        calib=load_recipe(recipe or "paper"),
+    opened = open_apply(
+        ApplyRequest(
+            policy,
+            resolved_model(model),  # a checkpoint folder converted, once
+            size=size,
+            budget=budget,
+            budget_mode=budget_mode,
+            output=output,
+            run_dir=run_dir,
+            text=text,
+            recipe=recipe,
+            calib=calib,
+            imatrix=not no_imatrix,
+            fold=fold,
+            sensitivity=sensitivity,
+            force=force,
+            force_allocation=force_allocation,
+        )
     )
-    opts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)
+    ropts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)
+    if opened.sized is None:
+        _apply_budget(opened, ropts, dry_run, workers, ray_address)
+    elif dry_run:
+        plan_sized(opened.sized, ropts, "policy")
+    else:
+        _apply_sized(opened, ropts, workers, ray_address)
+
+
+def _apply_sized(opened: Any, ropts: Any, workers: int | None, ray: str | None) -> None:
+    from ramp_cpp.cli.sized import report_sized, run_sized
+    from ramp_cpp.pipeline.apply import run_apply
+
+    r = run_sized(opened.sized, ropts, workers, ray, lambda hooks, ex: run_apply(opened, ropts, hooks, ex))
+    report_sized(r.sized, r.output)
+
+
+def _apply_budget(opened: Any, ropts: Any, dry_run: bool, workers: int | None, ray: str | None) -> None:
+    """A --budget policy: the paper's apply, serial, with a bar."""
+    from ramp_cpp.errors import RampError
+    from ramp_cpp.pipeline.apply import run_apply
+    from ramp_cpp.pipeline.request import Hooks
+
+    if dry_run or workers or ray:
+        raise RampError(
+            "--workers/--ray and --dry-run apply to a sized policy; a --budget policy runs serially"
+        )
     with bar("apply") as p:
-        prog = stage_progress(p)
-        r = apply_policy(policy, model, output, cfg, opts, calib=calib, force=force, progress=prog)
+        r = run_apply(opened, ropts, Hooks(progress=stage_progress(p))).paper
     m, m0 = r.measures, r.policy_measures
     out.print(
         f"{r.path}: {r.file_size / 2**20:.1f} MiB, bpw {m.bpw:.3f} (nominal {m.bpw_nominal:.2f}); "
-        f"policy gave {m0.bpw:.3f}, {r.n_repaired} tensors repaired to fit {mode} budget {b:g}"
+        f"policy gave {m0.bpw:.3f}, {r.n_repaired} tensors repaired to fit the budget"
     )
-
-
-def _apply_sized(
-    policy: Path, model: Path, output: Path | None, size: str, sensitivity: str, fold: str,
-    no_imatrix: bool,
-    calib: Path | None, recipe: str | None, force: bool, threads: int | None, gpu_layers: int, text: str,
-    executor: Any = None,
-) -> None:
-    """A sized policy's mean-action rollout on MODEL at --size, through the same stages as search (a run
-    directory beside the output, removed afterwards; only the GGUF is kept)."""
-    import shutil
-    import tempfile
-
-    from ramp_cpp.calibration.collect import load_recipe
-    from ramp_cpp.fold.source import ramp_output_name
-    from ramp_cpp.llama.backend import RuntimeOptions
-    from ramp_cpp.pipeline.plan import resolve_sensitivity
-    from ramp_cpp.pipeline.run import describe, run_direct
-    from ramp_cpp.pipeline.sizedconfig import SizedConfig
-    from ramp_cpp.store.atomic import check_output
-
-    if output is None:
-        output = model.parent / ramp_output_name(model, "".join(size.split()))
-    dst = check_output(output, force)
-    sens = resolve_sensitivity("policy", sensitivity)
-    dcfg = SizedConfig(
-        fold=fold != "off", imatrix=not no_imatrix, calib=load_recipe(recipe or "paper"), text=text
-    )
-    rd = Path(tempfile.mkdtemp(prefix=".ramp-apply-", dir=dst.parent))
-    try:
-        with bar("apply") as p:
-            ropts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)
-            r = run_direct(
-                model, rd, "policy", size, dcfg, opts=ropts, calib=calib, presets=(),
-                progress=stage_progress(p), sensitivity=sens, policy=policy, fold=fold,
-                on_cost=cost_printer(p), executor=executor,
-            )
-        r.gguf.replace(dst)
-    finally:
-        shutil.rmtree(rd, ignore_errors=True)
-    out.print(f"{dst}: " + describe(r).split(": ", 1)[1], soft_wrap=True)

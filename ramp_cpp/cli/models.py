@@ -1,6 +1,8 @@
 """Commands on one model file, before any calibration: `inspect` (what a GGUF holds, and which of its tensors
-the search would type) and `offgrid` (the same model off any quantization grid, for benchmarks on models that
-were dequantized from a quantized file). Both read or write a GGUF and nothing else.
+the search would type), and the function-preserving copies made for benchmarks: `offgrid` (the same model off
+any quantization grid, for models that were dequantized from a quantized file), `pad` (every row length a
+multiple of 256, so llama.cpp's presets pick K-quants) and `upcycle` (a dense model as a mixture of experts
+computing the same function). Each reads or writes a GGUF and nothing else.
 """
 
 from __future__ import annotations
@@ -12,16 +14,20 @@ import typer
 from rich.table import Table
 
 from ramp_cpp.cli.common import ForceOpt, JsonOpt, bar, chunk_progress, emit, out
+from ramp_cpp.cli.modelarg import resolved_model
 
 
 def inspect(
-    model: Annotated[Path, typer.Argument(help="A GGUF model file.")],
+    model: Annotated[
+        Path, typer.Argument(help="A GGUF, a split GGUF's first shard or a Hugging Face checkpoint folder.")
+    ],
     as_json: JsonOpt = False,
 ) -> None:
-    """Inventory of a GGUF: architecture, blocks, context, and every 2-D weight with its role and type."""
+    """Inventory of a GGUF: architecture, blocks, context, experts, and every weight (2-D, and the 3-D expert
+    tensors) with its role and type."""
     from ramp_cpp.llama.ggufio import read_inventory
 
-    info = read_inventory(model)
+    info = read_inventory(resolved_model(model))
     if as_json:
         emit(info.to_json())
         return
@@ -30,22 +36,32 @@ def inspect(
         f"context {info.context_length}, "
         f"{info.n_params_total / 1e6:.1f}M params, output head "
         f"{'tied to token_embd' if info.tied_output else 'separate'}"
+        + (f", {info.n_expert} experts, {info.n_expert_used} per token" if info.n_expert else "")
     )
-    t = Table("tensor", "role", "block", "shape (out x in)", "params", "type", "MiB", "searched")
+    t = Table("tensor", "role", "block", "shape ([experts x] out x in)", "params", "type", "MiB", "searched")
     for x in info.tensors:
         t.add_row(
             x.name,
             x.role,
             "" if x.block is None else str(x.block),
-            f"{x.n_rows} x {x.n_per_row}",
+            (f"{x.n_expert} x " if x.n_expert > 1 else "") + f"{x.rows_per_expert} x {x.n_per_row}",
             f"{x.n_params:,}",
             x.ggml_type,
             f"{x.nbytes / 2**20:.2f}",
             "yes" if x.searched else "",
         )
     out.print(t)
+    from ramp_cpp.model.arch import ROLE_BY_NAME
+
+    for role in dict.fromkeys(x.role for x in info.tensors if x.role in ROLE_BY_NAME):
+        if ROLE_BY_NAME[role].why_not:
+            out.print(f"{role} not searched: {ROLE_BY_NAME[role].why_not}")
     s = info.searched
-    out.print(f"{len(s)} searched tensors, {sum(x.n_params for x in s) / 1e6:.1f}M params")
+    n_exp = sum(x.n_params for x in s if x.n_expert > 1)
+    out.print(
+        f"{len(s)} searched tensors, {sum(x.n_params for x in s) / 1e6:.1f}M params"
+        + (f" ({n_exp / 1e6:.1f}M in {sum(x.n_expert > 1 for x in s)} expert tensors)" if n_exp else "")
+    )
 
 
 def offgrid_(
@@ -70,4 +86,50 @@ def offgrid_(
         cfg = OffgridConfig(seed, spread, permute)
         offgrid(model, output, cfg, force=force, progress=chunk_progress(p, "tensors"))
     how = f"seed {seed}, spread {spread:g}{', permuted' if permute else ''}"
+    out.print(f"wrote {output} ({how})", soft_wrap=True)
+
+
+def pad_(
+    model: Annotated[Path, typer.Argument(help="F16/BF16/F32 GGUF (llama or qwen2).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Padded GGUF.")],
+    multiple: Annotated[int, typer.Option("--multiple", help="Row lengths become multiples of this.")] = 256,
+    force: ForceOpt = False,
+) -> None:
+    """The same model with zero channels added so that every row length is a multiple of 256 (hidden size,
+    query heads, FFN width): llama.cpp's presets then pick K-quants. Function-preserving."""
+    from ramp_cpp.fold.pad import PadConfig, pad, plan_pad
+    from ramp_cpp.store.atomic import check_output
+
+    check_output(output, force)
+    plan = plan_pad(model, PadConfig(multiple))
+    with bar("pad") as p:
+        pad(model, output, PadConfig(multiple), force=force, progress=chunk_progress(p, "tensors"))
+    how = ", ".join(
+        f"{what} {len(d.pos)} -> {d.size}"
+        for what, d in (("hidden", plan.residual), ("query channels", plan.query), ("FFN", plan.ffn))
+    )
+    out.print(f"wrote {output} ({how})", soft_wrap=True)
+
+
+def upcycle_(
+    model: Annotated[Path, typer.Argument(help="Dense F16/BF16/F32 GGUF (llama or qwen2).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Mixture-of-experts GGUF (llama arch).")],
+    experts: Annotated[int, typer.Option("--experts", help="Experts per block.")] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", help="Experts used per token.")] = 2,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the router and the experts' factors.")] = 0,
+    spread: Annotated[
+        float, typer.Option("--spread", help="Each expert's up/down channel factors exp(U(-spread, spread)).")
+    ] = 0.3,
+    force: ForceOpt = False,
+) -> None:
+    """A mixture of experts computing the same function as a dense model: every expert a copy of the FFN
+    moved off the grid by its own channel rescale, a random router, normalized top-k gating."""
+    from ramp_cpp.fold.upcycle import UpcycleConfig, upcycle
+    from ramp_cpp.store.atomic import check_output
+
+    check_output(output, force)
+    cfg = UpcycleConfig(experts, top_k, seed, spread)
+    with bar("upcycle") as p:
+        upcycle(model, output, cfg, force=force, progress=chunk_progress(p, "tensors"))
+    how = f"{experts} experts, top-{top_k}, seed {seed}, spread {spread:g}"
     out.print(f"wrote {output} ({how})", soft_wrap=True)

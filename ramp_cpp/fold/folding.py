@@ -16,6 +16,17 @@ activations reaching the matmul are flattened by 1/s.
 
 The folded model's inputs to the scaled linears are x / s, so its calibration is the original's with
 max_abs / s and sum_sq / s^2 (`folded_calibration`): one measurement serves both models.
+
+Mixture of experts (arch.MOE_GROUP): ffn_norm's output feeds the router ffn_gate_inp, every expert's slice of
+ffn_gate_exps and ffn_up_exps, and (where a block has them) the shared experts ffn_gate_shexp, ffn_up_shexp
+and their gate ffn_gate_inp_shexp. The norm is one, so one s serves them all: the router's columns, each
+expert's slice (W_e · diag(s) for every e) and the shared experts take the same s, and γ/s compensates all of
+them at once; the router's logits, hence the routing, are unchanged. s is computed from the expert tensor's
+statistics pooled over its experts, max_abs = max over experts e of max_abs[e] (`InputStats.pooled`): the
+largest input any expert meets per column, the one a per-group quantizer of any expert slice must hold. Every
+token is routed to top-k experts, so this pooled max is the max over all tokens, the same max_abs the router
+and the shared experts read; a per-expert s cannot be folded into a norm the experts share. The folded
+calibration divides each expert's statistics by the same s.
 """
 
 from __future__ import annotations
@@ -84,15 +95,17 @@ def fold_arrays(
     gamma: np.ndarray, weights: Sequence[np.ndarray], s: np.ndarray, norm_offset: float = 0.0
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """The fold on arrays: gamma' = (gamma + norm_offset) / s - norm_offset and W' = W · diag(s) for each W
-    in `weights` (numpy shape (n_out, n_in), so column j is scaled by s[j]). Computed in float32."""
+    in `weights` (numpy shape (n_out, n_in), so column j is scaled by s[j]; (n_expert, n_out, n_in) for an
+    expert tensor, every expert's slice alike; (n_in,) for a gate vector such as ffn_gate_inp_shexp).
+    Computed in float32."""
     s32 = np.asarray(s, dtype=np.float32)
     g = (np.asarray(gamma, dtype=np.float32) + np.float32(norm_offset)) / s32 - np.float32(norm_offset)
     out = []
     for w in weights:
         w = np.asarray(w, dtype=np.float32)
-        if w.ndim != 2 or w.shape[1] != s32.shape[0]:
+        if w.ndim not in (1, 2, 3) or w.shape[-1] != s32.shape[0]:
             raise RampError(f"a weight of shape {w.shape} cannot take {s32.shape[0]} input scales")
-        out.append(w * s32[None, :])
+        out.append(w * s32)
     return g, out
 
 
@@ -111,8 +124,9 @@ class PlannedGroup:
 
 def plan_groups(rec: FoldArch, n_blocks: int, names: Collection[str]) -> list[PlannedGroup]:
     """The groups to fold in a model with tensors `names`: per block and norm, the first alternative of
-    `rec.groups` whose linears the block has. A block lacking a norm's linears, or feeding the norm's output
-    to another tensor (`also_read_by`), is refused: folding would change what the model computes."""
+    `rec.groups` whose linears the block has, with those of its `optional` linears the block has. A block
+    lacking a norm's linears, or feeding the norm's output to another tensor (`also_read_by`), is refused:
+    folding would change what the model computes."""
 
     def w(b: int, role: str) -> str:
         return f"blk.{b}.{role}.weight"
@@ -127,11 +141,12 @@ def plan_groups(rec: FoldArch, n_blocks: int, names: Collection[str]) -> list[Pl
             g = next((g for g in alts if all(w(b, x) in names for x in g.linears)), None)
             if g is None:
                 want = " or ".join("/".join(a.linears) for a in alts)
-                raise RampError(f"{rec.arch} block {b}: {norm} feeds none of {want}; cannot fold (MoE?)")
+                raise RampError(f"{rec.arch} block {b}: {norm} feeds none of {want}; cannot fold into it")
             other = [w(b, x) for x in g.also_read_by if w(b, x) in names]
             if other:
                 raise RampError(f"block {b}: {norm} also feeds {other[0]}: folding would change its input")
-            out.append(PlannedGroup(b, w(b, norm), tuple(w(b, x) for x in g.linears), w(b, g.stats_from)))
+            linears = [w(b, x) for x in g.linears] + [w(b, x) for x in g.optional if w(b, x) in names]
+            out.append(PlannedGroup(b, w(b, norm), tuple(linears), w(b, g.stats_from)))
     return out
 
 
@@ -140,8 +155,9 @@ def plan_groups(rec: FoldArch, n_blocks: int, names: Collection[str]) -> list[Pl
 
 def folded_calibration(cal: Calibration, scales: Mapping[str, np.ndarray]) -> Calibration:
     """The calibration the folded model would measure: a linear whose weights took W · diag(s) reads x / s,
-    so its max_abs becomes max_abs / s and its sum_sq becomes sum_sq / s^2; other tensors are unchanged.
-    `scales` maps weight names to their s. The model identity stays the caller's to set."""
+    so its max_abs becomes max_abs / s and its sum_sq becomes sum_sq / s^2 (every expert's of an expert
+    tensor, its counts unchanged); other tensors are unchanged. `scales` maps weight names to their s. The
+    model identity stays the caller's to set."""
     stats: dict[str, InputStats] = {}
     for name, st in cal.stats.items():
         s = scales.get(name)
@@ -149,11 +165,9 @@ def folded_calibration(cal: Calibration, scales: Mapping[str, np.ndarray]) -> Ca
             stats[name] = st
             continue
         s64 = np.asarray(s, dtype=np.float64)
-        if s64.shape != st.max_abs.shape:
-            raise RampError(f"{name}: {s64.shape[0]} scales for {st.max_abs.shape[0]} input columns")
-        stats[name] = InputStats(
-            max_abs=(st.max_abs / s64).astype(np.float32), sum_sq=st.sum_sq / s64**2, count=st.count
-        )
+        if s64.shape != st.max_abs.shape[-1:]:
+            raise RampError(f"{name}: {s64.shape[0]} scales for {st.max_abs.shape[-1]} input columns")
+        stats[name] = replace(st, max_abs=(st.max_abs / s64).astype(np.float32), sum_sq=st.sum_sq / s64**2)
     extra = {**cal.extra, "folded_by": f"ramp-cpp scale folding v{FOLD_VERSION}"}
     return replace(cal, stats=stats, extra=extra)
 
@@ -277,7 +291,7 @@ def _scaled(plan: Sequence[PlannedGroup], cal: Calibration, cfg: FoldConfig) -> 
     out = []
     for g in plan:
         try:
-            s = fold_scales(cal.stats[g.stats_from].max_abs, cfg)
+            s = fold_scales(cal.stats[g.stats_from].pooled().max_abs, cfg)
         except RampError as e:
             raise RampError(f"{g.stats_from}: {e}") from None
         out.append(FoldedGroup(g.block, g.norm, g.linears, g.stats_from, s))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ramp_cpp.calibration.artifact import CalibConfig, Calibration
 from ramp_cpp.costs import Meter, stage
 from ramp_cpp.llama.backend import RuntimeOptions
-from ramp_cpp.store.cache import scratch_dir
+from ramp_cpp.store.cache import SHARD_NAME, scratch_dir
 
 if TYPE_CHECKING:
     from ramp_cpp.llama.ggufio import ModelInfo
@@ -59,8 +59,12 @@ PRECISION_TAGS = ("f16", "bf16", "f32")
 def model_stem(path: str | os.PathLike[str]) -> str:
     """The model's name for output files: its file name less a trailing `.gguf` and then a trailing
     precision tag (`PRECISION_TAGS`, any case); every other dot stays (`Qwen2.5-0.5B-Instruct.f16.gguf`
-    -> `Qwen2.5-0.5B-Instruct`)."""
+    -> `Qwen2.5-0.5B-Instruct`). A split set's first shard is named by its set (`M.f16-00001-of-00004.gguf`
+    -> `M`): an output named like a shard would read as one."""
     name = Path(path).name
+    shard = SHARD_NAME.match(name)
+    if shard is not None:
+        name = shard["prefix"] + ".gguf"
     if name.lower().endswith(".gguf"):
         name = name[: -len(".gguf")]
     stem, dot, tag = name.rpartition(".")

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -23,16 +24,39 @@ from ramp_cpp.errors import RampError
 
 @dataclass
 class InputStats:
-    """Statistics of the input x of one weight tensor, per input column (ggml ne[0])."""
+    """Statistics of the input x of one weight tensor, per input column (ggml ne[0]).
 
-    max_abs: np.ndarray  # float32 (n_in,)
-    sum_sq: np.ndarray  # float64 (n_in,)
+    An expert tensor (a 3-D weight of n_expert slices, met in MUL_MAT_ID) has them per expert: `max_abs` and
+    `sum_sq` are (n_expert, n_in), row e over the rows routed to expert e, and `counts[e]` is how many rows
+    that is (llama-imatrix's per-expert counts); `count` stays the tokens seen, each routed to top-k experts,
+    so counts.sum() = k * count."""
+
+    max_abs: np.ndarray  # float32 (n_in,), or (n_expert, n_in) for an expert tensor
+    sum_sq: np.ndarray  # float64, max_abs's shape
     count: int  # rows (tokens) accumulated
+    counts: np.ndarray | None = None  # int64 (n_expert,): rows routed to each expert; None for a 2-D weight
+
+    @property
+    def n_expert(self) -> int:
+        """Experts of an expert tensor's statistics, 0 for a 2-D weight's."""
+        return 0 if self.counts is None else int(self.counts.shape[0])
 
     @property
     def mean_sq(self) -> np.ndarray:
-        """E[x^2] per column: what llama.cpp's quantizer takes as the importance matrix."""
-        return (self.sum_sq / max(self.count, 1)).astype(np.float32)
+        """E[x^2] per column: what llama.cpp's quantizer takes as the importance matrix. Per expert for an
+        expert tensor, over the rows routed to it; an expert no row reached gets ones, as llama-quantize
+        reads a llama-imatrix file (tools/quantize/quantize.cpp, load_imatrix)."""
+        if self.counts is None:
+            return (self.sum_sq / max(self.count, 1)).astype(np.float32)
+        c = self.counts.astype(np.float64)[:, None]
+        return np.where(c > 0, self.sum_sq / np.maximum(c, 1.0), 1.0).astype(np.float32)
+
+    def pooled(self) -> InputStats:
+        """An expert tensor's statistics over all the rows routed to any expert (max over experts, sums
+        added, rows = counts.sum()); a 2-D weight's unchanged."""
+        if self.counts is None:
+            return self
+        return InputStats(self.max_abs.max(axis=0), self.sum_sq.sum(axis=0), int(self.counts.sum()))
 
 
 class Collector(Protocol):
@@ -49,7 +73,30 @@ class Collector(Protocol):
     def close(self) -> None: ...
 
 _BACKEND_READY = False
+_LOG_CALLBACK: Any = None  # the ctypes callback llama.cpp holds a pointer to: kept alive here
 _M = TypeVar("_M", bound="LlamaModel")
+
+
+def verbose() -> bool:
+    return os.environ.get("RAMP_VERBOSE", "") not in ("", "0")
+
+
+def _route_log(llama_cpp: Any) -> None:
+    """llama.cpp's log (ggml's too: llama_log_set sets both) reaches stderr only with RAMP_VERBOSE=1.
+    llama-cpp-python's own callback filters by a table of levels older than ggml's DEBUG level (its ERROR is
+    ggml's WARN), so at any verbosity it printed llama.cpp's warnings: the vocabulary loader's `load:` lines
+    on every model loaded. The native helper swaps in its own callback around a quantization and restores
+    this one."""
+    global _LOG_CALLBACK
+    loud = verbose()
+
+    def emit(level: int, text: bytes, user_data: Any) -> None:
+        if loud:
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+            sys.stderr.flush()
+
+    _LOG_CALLBACK = llama_cpp.llama_log_callback(emit)
+    llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
 def _llama() -> Any:
@@ -57,11 +104,10 @@ def _llama() -> Any:
     global _BACKEND_READY
     try:
         import llama_cpp
-        from llama_cpp import _logger
     except Exception as e:  # ImportError, or OSError from a broken libllama.so
         raise RampError(f"llama-cpp-python is not usable: {e}") from None
     if not _BACKEND_READY:
-        _logger.set_verbose(os.environ.get("RAMP_VERBOSE", "") not in ("", "0"))
+        _route_log(llama_cpp)
         llama_cpp.llama_backend_init()
         _BACKEND_READY = True
     return llama_cpp

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -15,14 +15,18 @@ from gguf import GGMLQuantizationType, GGUFEndian, GGUFReader, GGUFValueType, GG
 
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.backend import InputStats
+from ramp_cpp.llama.shards import SplitReader, iter_shard_stats, join_shards, merged_header_bytes, split_count
 from ramp_cpp.model.arch import classify
+from ramp_cpp.model.archnames import LLAMA_ARCHS
 from ramp_cpp.model.ladder import tensor_nbytes
 from ramp_cpp.store.atomic import atomic_path
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One weight tensor. `n_per_row` is ggml's ne[0] (input features of a linear), `n_rows` its ne[1]."""
+    """One weight tensor. `n_per_row` is ggml's ne[0] (input features of a linear), `n_rows` its ne[1], times
+    ne[2] for an expert tensor (3-D, `n_expert` slices of n_rows / n_expert rows each, one after another:
+    the rows llama.cpp's quantizer walks, expert e's with its own imatrix slice)."""
 
     name: str
     role: str
@@ -34,6 +38,18 @@ class TensorInfo:
     nbytes: int
     searched: bool
     order: int  # visiting order within the block (arch.Role.order)
+    n_expert: int = 1  # ne[2] of an expert tensor; 1 for a 2-D weight
+
+    @property
+    def rows_per_expert(self) -> int:
+        return self.n_rows // self.n_expert
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """ggml's ne: (n_per_row, rows) or, for an expert tensor, (n_per_row, rows per expert, n_expert)."""
+        if self.n_expert > 1:
+            return (self.n_per_row, self.rows_per_expert, self.n_expert)
+        return (self.n_per_row, self.n_rows)
 
 
 @dataclass(frozen=True)
@@ -46,11 +62,13 @@ class ModelInfo:
     data_offset: int
     alignment: int
     tied_output: bool
-    tensors: tuple[TensorInfo, ...]  # 2-D weights only, in file order
+    tensors: tuple[TensorInfo, ...]  # 2-D weights and 3-D expert weights, in file order
     n_params_total: int  # every tensor, norms included
-    other_bytes: int  # bytes of the tensors that are not 2-D weights (norms, biases), copied as they are
+    other_bytes: int  # bytes of the tensors that are not in `tensors` (norms, biases), copied as they are
     file_type: int | None
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+    n_expert: int = 0  # `{arch}.expert_count`: experts per MoE block (0 for a dense model)
+    n_expert_used: int = 0  # `{arch}.expert_used_count`: experts each token is routed to
 
     @property
     def searched(self) -> tuple[TensorInfo, ...]:
@@ -70,8 +88,17 @@ class ModelInfo:
         return d
 
 
-def open_reader(path: str | os.PathLike[str]) -> GGUFReader:
-    """A GGUFReader, or one RampError line for a missing, foreign or truncated file."""
+def open_reader(path: str | os.PathLike[str]) -> GGUFReader | SplitReader:
+    """The model's reader: a GGUFReader, or for the first shard of a split set (shards.py) the shards joined
+    as one; one RampError line for a missing, foreign or truncated file, a missing or foreign shard."""
+    reader = open_file_reader(path)
+    if split_count(reader) > 1:
+        return join_shards(Path(path), reader, open_file_reader)
+    return reader
+
+
+def open_file_reader(path: str | os.PathLike[str]) -> GGUFReader:
+    """A GGUFReader of this one file, or one RampError line for a missing, foreign or truncated file."""
     p = Path(path)
     if not p.is_file():
         raise RampError(f"{p}: no such file")
@@ -90,7 +117,7 @@ def open_reader(path: str | os.PathLike[str]) -> GGUFReader:
     return reader
 
 
-def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
+def field_value(reader: GGUFReader | SplitReader, key: str, default: Any = None) -> Any:
     f = reader.get_field(key)
     if f is None:
         return default
@@ -103,15 +130,16 @@ def read_inventory(path: str | os.PathLike[str]) -> ModelInfo:
     asks for it from every stage."""
     p = Path(path)
     try:
-        st = p.stat()
+        p.stat()
     except OSError:
         return _read_inventory(path)  # open_reader's one-line error for a missing file
-    info = _inventory_of(str(p.resolve()), st.st_size, st.st_mtime_ns)
+    # keyed by every shard's (path, size, mtime) for a split set
+    info = _inventory_of(str(p.resolve()), tuple(iter_shard_stats(p)))
     return info if info.path == str(path) else replace(info, path=str(path))
 
 
 @functools.lru_cache(maxsize=32)
-def _inventory_of(path: str, size: int, mtime_ns: int) -> ModelInfo:
+def _inventory_of(path: str, versions: tuple[tuple[str, int, int], ...]) -> ModelInfo:
     return _read_inventory(path)
 
 
@@ -120,39 +148,32 @@ def _read_inventory(path: str | os.PathLike[str]) -> ModelInfo:
     arch = field_value(reader, "general.architecture")
     if not arch:
         raise RampError(f"{path}: no general.architecture in the GGUF metadata: not a model file")
+    if arch not in LLAMA_ARCHS:
+        raise RampError(
+            f"{path}: architecture {arch!r} is not one the llama.cpp of llama-cpp-python 0.3.36 can load"
+        )
     n_blocks = field_value(reader, f"{arch}.block_count")
     if n_blocks is None:
         raise RampError(
             f"{path}: architecture {arch!r} has no {arch}.block_count: not a transformer llama.cpp runs"
         )
     ctx = int(field_value(reader, f"{arch}.context_length", 0) or 0)
+    n_expert = int(field_value(reader, f"{arch}.expert_count", 0) or 0)
+    # the multi-token-prediction blocks some checkpoints carry last: llama.cpp's evaluation never runs them
+    n_run = int(n_blocks) - int(field_value(reader, f"{arch}.nextn_predict_layers", 0) or 0)
     names = {t.name for t in reader.tensors}
-    tensors = []
-    for t in reader.tensors:
-        shape = [int(x) for x in t.shape]
-        if len(shape) != 2:
-            continue
-        role, block = classify(t.name)
-        qtype = GGMLQuantizationType(int(t.tensor_type))
-        tensors.append(
-            TensorInfo(
-                name=t.name,
-                role=role.name,
-                block=block,
-                n_per_row=shape[0],
-                n_rows=shape[1],
-                n_params=int(t.n_elements),
-                ggml_type=qtype.name,
-                nbytes=tensor_nbytes(qtype, int(t.n_elements)),
-                searched=role.searched and block is not None,
-                order=role.order,
-            )
-        )
+    tensors = [_weight(path, arch, t, n_expert, n_run) for t in reader.tensors if len(t.shape) in (2, 3)]
     if not any(t.searched for t in tensors):
         raise RampError(
             f"{path}: no blk.N.* linear weights found (architecture {arch!r}): nothing ramp-cpp can search"
         )
-    data_offset = min((int(t.data_offset) for t in reader.tensors), default=0)
+    alignment = int(field_value(reader, "general.alignment", 32))
+    if isinstance(reader, SplitReader):  # sizes as the one-file model has them: what a budget counts
+        data_offset = merged_header_bytes(reader, alignment)
+        file_size = data_offset + sum(int(t.n_bytes) + (-int(t.n_bytes) % alignment) for t in reader.tensors)
+    else:
+        data_offset = min((int(t.data_offset) for t in reader.tensors), default=0)
+        file_size = Path(path).stat().st_size
     meta = {
         k: _plain(f.contents())
         for k, f in reader.fields.items()
@@ -163,15 +184,42 @@ def _read_inventory(path: str | os.PathLike[str]) -> ModelInfo:
         arch=str(arch),
         n_blocks=int(n_blocks),
         context_length=ctx,
-        file_size=Path(path).stat().st_size,
+        file_size=file_size,
         data_offset=data_offset,
-        alignment=int(field_value(reader, "general.alignment", 32)),
+        alignment=alignment,
         tied_output="output.weight" not in names,
         tensors=tuple(tensors),
         n_params_total=sum(int(t.n_elements) for t in reader.tensors),
-        other_bytes=sum(int(t.n_bytes) for t in reader.tensors if len(t.shape) != 2),
+        other_bytes=sum(int(t.n_bytes) for t in reader.tensors if len(t.shape) not in (2, 3)),
         file_type=field_value(reader, "general.file_type"),
         metadata=meta,
+        n_expert=n_expert,
+        n_expert_used=int(field_value(reader, f"{arch}.expert_used_count", 0) or 0),
+    )
+
+
+def _weight(path: str | os.PathLike[str], arch: str, t: Any, n_expert: int, n_run: int) -> TensorInfo:
+    """The inventory record of one 2-D or 3-D tensor; one line for a 3-D tensor that is not the experts of
+    `n_expert` the metadata declares (llama.cpp would refuse to load it)."""
+    shape = [int(x) for x in t.shape]
+    role, block = classify(t.name)
+    if len(shape) == 3 and not (role.experts and shape[2] == n_expert):
+        have = f"{arch}.expert_count = {n_expert}" if n_expert else f"no {arch}.expert_count"
+        what = f"{shape[2]} experts" if role.experts else f"a 3-D tensor of role {role.name!r}"
+        raise RampError(f"{path}: {t.name} holds {what}, the metadata has {have}")
+    qtype = GGMLQuantizationType(int(t.tensor_type))
+    return TensorInfo(
+        name=t.name,
+        role=role.name,
+        block=block,
+        n_per_row=shape[0],
+        n_rows=shape[1] * (shape[2] if len(shape) == 3 else 1),
+        n_params=int(t.n_elements),
+        ggml_type=qtype.name,
+        nbytes=tensor_nbytes(qtype, int(t.n_elements)),
+        searched=role.searched and block is not None and block < n_run,
+        order=role.order,
+        n_expert=shape[2] if len(shape) == 3 else 1,
     )
 
 
@@ -354,6 +402,101 @@ def rewrite_gguf(
     return Path(dst)
 
 
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor of a derived GGUF (`derive_gguf`). `make(get)` returns its values in numpy order `shape`
+    (float32), written as `ggml_type` (F32, F16 or BF16); `get(name)` reads a tensor of the source as float32
+    in numpy order. Without `make`, the source's tensor `name` is copied as it is (type and bytes)."""
+
+    name: str
+    make: Callable[[Callable[[str], np.ndarray]], np.ndarray] | None = None
+    ggml_type: GGMLQuantizationType = GGMLQuantizationType.F32
+    shape: tuple[int, ...] = ()
+
+
+def derive_gguf(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    tensors: Sequence[OutTensor],
+    set_kv: Mapping[str, Any] | None = None,
+    arch: str | None = None,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write `dst` (temp file, then rename): the metadata of `src` with `set_kv` added or replaced, and the
+    tensors `tensors` in that order, each made or copied. Unlike `rewrite_gguf` a tensor may be new, change
+    shape or go away (one not named is left out), which is what padding a model or turning its FFN into
+    experts needs. `arch`: the copy's general.architecture; every `<old arch>.*` key is renamed with it. Each
+    tensor is made only when it is written, so memory stays at about one tensor."""
+    reader = open_reader(src)
+    if reader.endianess != GGUFEndian.LITTLE:
+        raise RampError(f"{src}: a big-endian GGUF cannot be rewritten")
+    by_name = {t.name: t for t in reader.tensors}
+    for o in tensors:
+        if o.make is None and o.name not in by_name:
+            raise RampError(f"{src}: no tensor named {o.name!r} to copy")
+        if o.make is not None and o.ggml_type not in REWRITABLE:
+            raise RampError(f"{o.name}: a made tensor is written as F32, F16 or BF16, not {o.ggml_type.name}")
+    old_arch = str(field_value(reader, "general.architecture", ""))
+    new_arch = arch or old_arch
+
+    def renamed(key: str) -> str:
+        return new_arch + key[len(old_arch):] if key.startswith(old_arch + ".") else key
+
+    def get(name: str) -> np.ndarray:
+        t = by_name.get(name)
+        if t is None:
+            raise RampError(f"{src}: no tensor named {name!r}")
+        from gguf.quants import dequantize
+
+        shape = tuple(int(x) for x in reversed(t.shape))
+        return dequantize(np.asarray(t.data), GGMLQuantizationType(int(t.tensor_type))).reshape(shape)
+
+    new_kv = dict(set_kv or {})
+    with atomic_path(dst, force) as tmp:
+        w = GGUFWriter(tmp, new_arch)
+        w.data_alignment = int(field_value(reader, "general.alignment", w.data_alignment))
+        for f in reader.fields.values():
+            if f.name.startswith("GGUF.") or f.name == "general.architecture":
+                continue
+            key = renamed(f.name)
+            if key in new_kv:
+                w.add_key_value(key, *_kv_item(key, new_kv.pop(key)))
+                continue
+            vtype = f.types[0]
+            if vtype == GGUFValueType.ARRAY and len(f.types) > 2:
+                raise RampError(f"{src}: metadata {f.name} is a nested array, which this copy cannot keep")
+            sub = f.types[-1] if vtype == GGUFValueType.ARRAY else None
+            w.add_key_value(key, f.contents(), vtype, sub_type=sub)
+        for k, v in new_kv.items():
+            w.add_key_value(k, *_kv_item(k, v))
+        for o in tensors:
+            if o.make is None:
+                t = by_name[o.name]
+                w.add_tensor_info(o.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+            else:
+                n = int(np.prod(o.shape))
+                nbytes = tensor_nbytes(o.ggml_type, n)
+                w.add_tensor_info(o.name, o.shape, np.dtype(np.float32), nbytes, o.ggml_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        from gguf.quants import quantize
+
+        for i, o in enumerate(tensors):
+            if o.make is None:
+                w.write_tensor_data(by_name[o.name].data, tensor_endianess=reader.endianess)
+            else:
+                y = np.asarray(o.make(get), dtype=np.float32)
+                if y.shape != o.shape:
+                    raise RampError(f"{o.name}: made with shape {y.shape}, declared {o.shape}")
+                w.write_tensor_data(quantize(y, o.ggml_type))
+            if progress:
+                progress(i + 1, len(tensors))
+        w.close()
+    return Path(dst)
+
+
 def add_metadata(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -379,7 +522,7 @@ def _rewritten(t: Any, rw: TensorRewrite) -> np.ndarray:
 # -- assembly ---------------------------------------------------------------------------------------------
 # Two GGUFs that llama.cpp's quantizer writes from one source differ only in general.file_type, in each
 # tensor's type and in each tensor's data offset: fixed-width fields of the metadata. So the metadata of one
-# such file is a template that any other type assignment patches in place (tensorcache.assemble).
+# such file is a template that any other type assignment patches in place (write/assemble.py).
 
 
 @dataclass(frozen=True)
@@ -404,7 +547,7 @@ class HeaderTemplate:
 
 def read_header_template(path: str | os.PathLike[str]) -> HeaderTemplate:
     """The metadata of a GGUF written by llama.cpp's quantizer, with the positions of its patchable fields."""
-    reader = open_reader(path)
+    reader = _one_file(path)
     if reader.endianess != GGUFEndian.LITTLE:
         raise RampError(f"{path}: a big-endian GGUF cannot serve as a header template")
     ft = reader.get_field("general.file_type")
@@ -423,12 +566,20 @@ def read_header_template(path: str | os.PathLike[str]) -> HeaderTemplate:
     )
 
 
+def _one_file(path: str | os.PathLike[str]) -> GGUFReader:
+    """A reader of an unsplit GGUF (byte offsets are read from it), or one RampError line."""
+    reader = open_file_reader(path)
+    if split_count(reader) > 1:
+        raise RampError(f"{path}: a split GGUF, where one file is needed here")
+    return reader
+
+
 def extract_tensors(
     src: str | os.PathLike[str], names: list[str], dst: str | os.PathLike[str], force: bool = False
 ) -> dict[str, tuple[int, int, int]]:
     """Copy the data of the named tensors of GGUF `src` back to back into the flat file `dst`;
     return name -> (ggml type, offset in `dst`, bytes)."""
-    reader = open_reader(src)
+    reader = _one_file(src)
     by_name = {t.name: t for t in reader.tensors}
     out = {}
     offset = 0
@@ -552,7 +703,8 @@ def write_imatrix_gguf(
 ) -> Path:
     """Write `stats` as a llama.cpp importance matrix in llama-imatrix's GGUF format (save_imatrix in
     tools/imatrix/imatrix.cpp): per tensor `<name>.in_sum2` (F32, ne = [n_in, 1]: sum of x^2 per input
-    column) and `<name>.counts` (F32, ne = [1, 1]: rows accumulated), tensors sorted by name, and the KVs
+    column; [n_in, n_expert] for an expert tensor) and `<name>.counts` (F32, ne = [1, 1]: rows accumulated;
+    [1, n_expert], the rows routed to each expert), tensors sorted by name, and the KVs
     general.type = "imatrix", imatrix.datasets, imatrix.chunk_count, imatrix.chunk_size.
 
     Like llama-imatrix, only blk.* weights and output.weight (its --process-output) are written; a tied head
@@ -573,8 +725,11 @@ def write_imatrix_gguf(
         w.add_uint32(Keys.IMatrix.CHUNK_SIZE, chunk_size)
         for n in names:
             s = stats[n]
-            w.add_tensor(f"{n}.in_sum2", s.sum_sq.astype(np.float32).reshape(1, -1))
-            w.add_tensor(f"{n}.counts", np.array([[s.count]], dtype=np.float32))
+            # an expert tensor's entry is per expert, as llama-imatrix writes it: in_sum2 ne = [n_in,
+            # n_expert], counts ne = [1, n_expert] (rows routed to each expert)
+            counts = np.array([s.count]) if s.counts is None else s.counts
+            w.add_tensor(f"{n}.in_sum2", s.sum_sq.astype(np.float32).reshape(len(counts), -1))
+            w.add_tensor(f"{n}.counts", counts.astype(np.float32).reshape(-1, 1))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

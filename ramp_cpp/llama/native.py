@@ -18,7 +18,7 @@ from ramp_cpp.llama.backend import InputStats, RuntimeOptions, StatsModel, _llam
 
 ABI_VERSION = 2
 #: exports added since (ramp_native.cpp's ramp_abi_minor): a library older than this lacks them
-ABI_MINOR = 1
+ABI_MINOR = 2
 _LIB: ctypes.CDLL | None = None
 
 
@@ -114,6 +114,10 @@ def lib() -> ctypes.CDLL:
     h.ramp_stats_copy_rel.restype = ctypes.c_int32
     h.ramp_stats_copy_rel.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
                                       ctypes.POINTER(ctypes.c_int64)]
+    h.ramp_stats_experts.restype = None
+    h.ramp_stats_experts.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    h.ramp_stats_expert_counts.restype = ctypes.c_int64
+    h.ramp_stats_expert_counts.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p]
     _LIB = h
     return h
 
@@ -201,7 +205,9 @@ def quantize_rows(
 
 class ActivationCollector:
     """The native activation-statistics collector: llama.cpp's eval callback accumulates, per weight tensor
-    met in a MUL_MAT, max |x| and sum x^2 per input column and the rows seen (ramp_native.cpp). `watch`:
+    met in a MUL_MAT, max |x| and sum x^2 per input column and the rows seen (ramp_native.cpp); per expert
+    for an expert tensor met in a MUL_MAT_ID, with the rows routed to each expert (InputStats.counts).
+    `watch`:
     graph-node name prefixes whose own results are accumulated the same way, under the node's name (e.g.
     "l_out-": the residual stream after each block); `residual`: those of them that are the residual stream,
     whose tokens' mean squares ms(h) weight the inputs that follow (`relative`)."""
@@ -211,6 +217,7 @@ class ActivationCollector:
         self.handle: int | None = self._h.ramp_stats_new()
         if not self.handle:
             raise RampError("native helper could not allocate an activation collector")
+        self._h.ramp_stats_experts(self.handle, 1)
         for prefix in dict.fromkeys([*watch, *residual]):
             self._h.ramp_stats_watch(self.handle, prefix.encode(), int(prefix in residual))
 
@@ -234,22 +241,35 @@ class ActivationCollector:
         width, rows = ctypes.c_int64(), ctypes.c_int64()
         for i in range(h.ramp_stats_count(self.handle)):
             name = h.ramp_stats_entry(self.handle, i, ctypes.byref(width), ctypes.byref(rows))
-            mx = np.empty(width.value, dtype=np.float32)
-            sq = np.empty(width.value, dtype=np.float64)
+            shape, counts = self._shape(i, width.value)
+            mx = np.empty(shape, dtype=np.float32)
+            sq = np.empty(shape, dtype=np.float64)
             if name is None or h.ramp_stats_copy(self.handle, i, mx.ctypes.data, sq.ctypes.data) != 0:
                 raise RampError(f"native activation collector lost entry {i}")
-            out[name.decode()] = InputStats(max_abs=mx, sum_sq=sq, count=int(rows.value))
+            out[name.decode()] = InputStats(max_abs=mx, sum_sq=sq, count=int(rows.value), counts=counts)
         return out
+
+    def _shape(self, i: int, width: int) -> tuple[tuple[int, ...], np.ndarray | None]:
+        """Entry i's array shape, (width,) or (n_expert, width), and its per-expert counts (None: 2-D)."""
+        n = int(self._h.ramp_stats_expert_counts(self.handle, i, None))
+        if n < 0:
+            raise RampError(f"native activation collector lost entry {i}")
+        if n == 0:
+            return (width,), None
+        counts = np.empty(n, dtype=np.int64)
+        self._h.ramp_stats_expert_counts(self.handle, i, counts.ctypes.data)
+        return (n, width), counts
 
     def relative(self) -> dict[str, tuple[np.ndarray, int]]:
         """Per entry, Σ_t x_tj² / ms(h_t) over the rows met after a residual node of the same tokens (h_t that
-        token's row of the residual stream, ms its mean square), and how many rows that is."""
+        token's row of the residual stream, ms its mean square), and how many rows that is ((n_expert,
+        width) for an expert tensor, each expert's row over the rows routed to it; the count is tokens)."""
         h = self._h
         out: dict[str, tuple[np.ndarray, int]] = {}
         width, rows = ctypes.c_int64(), ctypes.c_int64()
         for i in range(h.ramp_stats_count(self.handle)):
             name = h.ramp_stats_entry(self.handle, i, ctypes.byref(width), ctypes.byref(rows))
-            rel = np.empty(width.value, dtype=np.float64)
+            rel = np.empty(self._shape(i, width.value)[0], dtype=np.float64)
             n = ctypes.c_int64()
             if name is None or h.ramp_stats_copy_rel(self.handle, i, rel.ctypes.data, ctypes.byref(n)) != 0:
                 raise RampError(f"native activation collector lost entry {i}")

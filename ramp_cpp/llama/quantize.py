@@ -95,18 +95,19 @@ def complete_map(
     out: dict[str, GGMLQuantizationType] = {}
     for name, t in requested.items():
         if name not in names:
-            raise RampError(f"type map names {name!r}, which is not a 2-D tensor of {info.path}")
-        if not quantizable(name, 2):
+            raise RampError(f"type map names {name!r}, which is not a weight tensor of {info.path}")
+        if not quantizable(name, 2, info.arch):
             raise RampError(f"type map names {name!r}, which llama.cpp never quantizes")
         out[name] = t if isinstance(t, GGMLQuantizationType) else type_from_name(t)
     for ti in info.tensors:
-        if quantizable(ti.name, 2) and ti.name not in out:
+        if quantizable(ti.name, 2, info.arch) and ti.name not in out:
             out[ti.name] = base
     return out
 
 
 def predict(info: ModelInfo, full_map: Mapping[str, GGMLQuantizationType]) -> dict[str, tuple[str, int]]:
-    """name -> (type llama.cpp will write, bytes) for every 2-D tensor, with row-length fallbacks."""
+    """name -> (type llama.cpp will write, bytes) for every weight tensor (2-D, and 3-D experts: one type for
+    all their slices), with row-length fallbacks."""
     out = {}
     for t in info.tensors:
         wt = written_type(full_map[t.name], t.n_per_row) if t.name in full_map else _qtype(t.ggml_type)

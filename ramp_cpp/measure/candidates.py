@@ -28,6 +28,7 @@ from gguf import GGMLQuantizationType
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.ggufio import ModelInfo, TensorInfo
 from ramp_cpp.measure.sensitivity import Option
+from ramp_cpp.model.arch import check_known
 from ramp_cpp.model.ladder import (
     NOMINAL_TYPES,
     TYPES,
@@ -112,8 +113,12 @@ def parse_types(spec: str) -> tuple[GGMLQuantizationType, ...]:
 
 
 def searched_tensors(info: ModelInfo, embeddings: bool = True) -> tuple[TensorInfo, ...]:
-    """The searched tensors in visiting order: token_embd, the blk.N linears block by block, output (the
-    last two only with `embeddings`; output only when the head is not tied)."""
+    """The searched tensors in visiting order: token_embd, the blk.N linears (3-D expert tensors included)
+    block by block, output (the first and last only with `embeddings`; output only when the head is not
+    tied). One line for a tensor llama.cpp quantizes whose role the tables do not know (`arch.check_known`),
+    before any work."""
+    for t in info.tensors:
+        check_known(t.name, len(t.shape), info.arch)
     linears = info.searched
     if not embeddings:
         return linears

@@ -29,8 +29,8 @@ from ramp_cpp.errors import RampError
 from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.llama.evaluate import KLDResult
 from ramp_cpp.llama.ggufio import ModelInfo
-from ramp_cpp.measure.tensorcache import TensorCache
 from ramp_cpp.store.cache import scratch_dir
+from ramp_cpp.write.cachefiles import TensorCache
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def run_eval_job(job: EvalJob) -> EvalOutcome:
     from ramp_cpp.llama.backend import LlamaModel
     from ramp_cpp.llama.evaluate import kld_loaded, load_base_logprobs, tokens_sha_of
     from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
-    from ramp_cpp.measure.tensorcache import assemble
+    from ramp_cpp.write.assemble import assemble
 
     t0 = time.perf_counter()
     base = load_base_logprobs(job.base_logprobs)

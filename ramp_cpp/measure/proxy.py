@@ -6,6 +6,12 @@ dequantized by gguf-py, and with D_t = (W − Ŵ_t)² elementwise:
 
     linear (blk.N.*, untied output.weight):  error_t = Σ_j m_j · Σ_i D_t,ij
         m_j = sum_sq_j / count: the calibration's E[x_j²] of input column j (the importance matrix)
+    experts (3-D, n_expert slices W_e):      error_t = Σ_e u_e · Σ_j m_ej · Σ_i D_t,eij
+        u_e = counts_e / count: the share of tokens routed to expert e (its usage), m_ej = sum_sq_ej /
+        counts_e the E[x_j²] of the rows it was given, so u_e · m_ej = sum_sq_ej / count. Where the
+        calibration has no per-expert statistics for the tensor (no `counts`), every expert is weighed
+        alike, u_e = k / n_expert (k = expert_used_count) with the pooled m_j, and the measurement lists the
+        tensor under "experts_weighed_equally"
     token_embd (a lookup table):             error_t = Σ_i f_i · Σ_j D_t,ij   (+ Σ_j h_j · Σ_i D_t,ij if tied)
         f_i = how often token i occurs in the calibration windows / their token count
         h_j = E[x_j²] of the output head's input, recorded as token_embd.weight when the head is tied
@@ -128,10 +134,12 @@ def token_frequencies(
 
 @dataclass(frozen=True)
 class Weighting:
-    """error_t = columns · Σ_i D_t,ij + rows · Σ_j D_t,ij (either may be absent)."""
+    """error_t = columns · Σ_i D_t,ij + rows · Σ_j D_t,ij (either may be absent); for an expert tensor
+    `columns` holds one row per expert, applied to that expert's rows."""
 
-    columns: np.ndarray | None  # float64 (n_per_row,)
+    columns: np.ndarray | None  # float64 (n_per_row,), or (n_expert, n_per_row)
     rows: np.ndarray | None  # float64 (n_rows,)
+    equal_experts: bool = False  # an expert tensor weighed without usage counts (module docstring)
 
 
 def weighting(
@@ -145,7 +153,15 @@ def weighting(
         assert freqs is not None
         head = mean_sq(head_stats_name(info)) if info.tied_output else None
         return Weighting(head, freqs)
-    return Weighting(mean_sq(tensor.name), None)
+    if tensor.n_expert == 1:
+        return Weighting(mean_sq(tensor.name), None)
+    s = cal.stats[tensor.name]
+    sum_sq = np.asarray(s.sum_sq, dtype=np.float64)
+    if s.counts is not None and sum_sq.shape == (tensor.n_expert, tensor.n_per_row):
+        return Weighting(sum_sq / max(s.count, 1), None)  # u_e · m_ej = sum_sq_ej / tokens seen
+    pooled = sum_sq.reshape(-1, tensor.n_per_row).sum(axis=0) / max(s.count, 1)
+    k = info.n_expert_used or 1
+    return Weighting(np.tile(pooled * k / tensor.n_expert, (tensor.n_expert, 1)), None, equal_experts=True)
 
 
 SAMPLE_SPAN = 16  # rows per sampled span: whole spans keep the row quantizer's calls few
@@ -193,8 +209,10 @@ def tensor_errors(
     n_rows / rows measured, an unbiased estimate of the whole tensor's error."""
     from gguf.quants import dequantize
 
+    from ramp_cpp.write.cachefiles import expert_runs, source_matrix
+
     src_type = T(int(source.tensor_type))
-    data = np.asarray(source.data)
+    data = source_matrix(source)
     n_rows, n_in = tensor.n_rows, tensor.n_per_row
     step = max(1, chunk_elements // n_in)
     spans, scale = row_spans(n_rows, row_sample if weights.rows is None else 1, step)
@@ -208,8 +226,11 @@ def tensor_errors(
             d = rows_of(t, batch, w)
             d -= w
             np.square(d, out=d)
-            if weights.columns is not None:
+            if weights.columns is not None and weights.columns.ndim == 1:
                 acc[k] += float(d.sum(axis=0, dtype=np.float64) @ weights.columns)
+            elif weights.columns is not None:  # an expert tensor: each expert's rows by its own weights
+                for e, a, b in expert_runs(tensor, batch):
+                    acc[k] += float(d[a:b].sum(axis=0, dtype=np.float64) @ weights.columns[e])
             if row_w is not None:
                 acc[k] += float(d.sum(axis=1, dtype=np.float64) @ row_w)
     return [float(x) * scale for x in acc]
@@ -393,9 +414,11 @@ def measure(
         ) -> np.ndarray:
             return dequantized_spans(cache, name, wt, spans, w)
 
+        weights = weighting(t, info, calibration, freqs)
+        if weights.equal_experts:
+            state.setdefault("experts_weighed_equally", []).append(t.name)
         errs = tensor_errors(
-            source[t.name], t, written, weighting(t, info, calibration, freqs), rows_of, cfg.chunk_elements,
-            cfg.row_sample,
+            source[t.name], t, written, weights, rows_of, cfg.chunk_elements, cfg.row_sample,
         )
         nbytes = [padded(blob_nbytes(cache, t.name, w)) for w in written]
         state["rows"][t.name] = [

@@ -17,32 +17,77 @@ from ramp_cpp.errors import RampError
 class Role:
     """What a weight tensor does in the network.
 
-    `order` is its place in the visiting order within a block (paper Alg. 1: q, k, v, o, gate, up, down);
-    `type_scalar` is dim 6 of the layer embedding (paper Table 24).
+    `order` is its place in the visiting order within a block (paper Alg. 1: q, k, v, o, gate, up, down; the
+    other roles where llama.cpp's graph computes them); `type_scalar` is dim 6 of the layer embedding (paper
+    Table 24). `experts`: a 3-D tensor of n_expert slices (ggml ne[2], `{arch}.expert_count`), which llama.cpp
+    reads through MUL_MAT_ID and writes in one type for all its experts. `why_not`: for a tensor llama.cpp
+    quantizes that no search moves, the reason (it then keeps the run's base type).
     """
 
     name: str
     order: int
     type_scalar: float
     searched: bool  # visited by the RAMP policy (the paper's "quantizable linear layers")
+    experts: bool = False
+    why_not: str = ""
 
 
+_MTP = "the multi-token-prediction layer, which llama.cpp does not run when it evaluates the model"
+
+#: Every role whose tensors llama.cpp quantizes (src/llama-quant.cpp, tensor_allows_quantization) in the
+#: architectures ramp-cpp knows, by llama.cpp's tensor name (src/llama-arch.cpp); checked against the models
+#: of src/models/ (llama, qwen2, gemma3, qwen3moe, olmoe, granitemoe, llama4, deepseek2, glm4moe, gpt-oss,
+#: qwen3next, qwen35moe, lfm2).
 ROLES: tuple[Role, ...] = (
-    Role("attn_q", 0, 0.0, True),
-    Role("attn_k", 1, 0.0, True),
-    Role("attn_v", 2, 0.0, True),
-    Role("attn_qkv", 2, 0.0, True),  # fused QKV (phi3, ...): one tensor in place of q, k, v
-    Role("attn_output", 3, 0.25, True),
-    Role("ffn_gate", 4, 0.5, True),
-    Role("ffn_up", 5, 0.6, True),
-    Role("ffn_down", 6, 0.75, True),
+    # attention
+    Role("attn_q_a", 5, 0.0, True),  # MLA (deepseek2): q's low-rank down projection
+    Role("attn_q_b", 8, 0.0, True),
+    Role("attn_q", 10, 0.0, True),
+    Role("attn_kv_a_mqa", 12, 0.0, True),  # MLA: the compressed kv and the rope key
+    Role("attn_kv_b", 14, 0.0, True),
+    Role("attn_k_b", 16, 0.0, True),  # MLA's kv_b split into k and v (absorbed attention)
+    Role("attn_v_b", 18, 0.0, True),
+    Role("attn_k", 20, 0.0, True),
+    Role("attn_v", 30, 0.0, True),
+    Role("attn_qkv", 30, 0.0, True),  # fused QKV (phi3, qwen3next, ...): one tensor in place of q, k, v
+    Role("attn_gate", 32, 0.0, True),  # qwen3next/qwen35: the gate on attention's output
+    # state-space and convolution mixers of the hybrids
+    Role("ssm_in", 34, 0.0, True),  # mamba's in_proj, qwen3next's in_proj_qkvz
+    Role("shortconv.in_proj", 34, 0.0, True),  # lfm2
+    Role("ssm_x", 35, 0.0, True),  # mamba's x_proj
+    Role("ssm_dt", 36, 0.0, True),  # mamba's dt_proj (qwen3next has only its bias)
+    Role("ssm_ba", 37, 0.0, True),  # qwen3next's in_proj_ba
+    Role("ssm_alpha", 37, 0.0, True),  # qwen35: in_proj_a
+    Role("ssm_beta", 38, 0.0, True),  # qwen35: in_proj_b
+    Role("ssm_out", 39, 0.25, True),
+    Role("shortconv.out_proj", 39, 0.25, True),
+    Role("attn_output", 40, 0.25, True),
+    # feed-forward: dense, routed experts (3-D), shared experts
+    Role("ffn_gate", 50, 0.5, True),
+    Role("ffn_gate_exps", 51, 0.5, True, experts=True),
+    Role("ffn_gate_up_exps", 55, 0.55, True, experts=True),  # gate and up fused along the rows
+    Role("ffn_up", 60, 0.6, True),
+    Role("ffn_up_exps", 61, 0.6, True, experts=True),
+    Role("ffn_down", 70, 0.75, True),
+    Role("ffn_down_exps", 71, 0.75, True, experts=True),
+    Role("ffn_gate_shexp", 80, 0.5, True),
+    Role("ffn_up_shexp", 81, 0.6, True),
+    Role("ffn_down_shexp", 82, 0.75, True),
+    # the router: a 2-D weight llama.cpp keeps in its source type (tensor_allows_quantization)
+    Role("ffn_gate_inp", 45, 0.5, False, why_not="the MoE router, which llama.cpp never quantizes"),
+    # the MTP head some checkpoints ship in extra blocks (glm4moe, qwen3next): quantized, never evaluated
+    Role("nextn.eh_proj", 90, 1.0, False, why_not=_MTP),
+    Role("nextn.embed_tokens", 91, 1.0, False, why_not=_MTP),
+    Role("nextn.shared_head_head", 92, 1.0, False, why_not=_MTP),
+    # searched as embeddings (measure/candidates.py), outside the blocks
     Role("token_embd", -1, 1.0, False),
-    Role("output", 99, 1.0, False),
+    Role("output", 999, 1.0, False),
 )
 ROLE_BY_NAME: dict[str, Role] = {r.name: r for r in ROLES}
-OTHER = Role("other", 50, 1.0, False)
+OTHER = Role("other", 500, 1.0, False)
 
-_BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.([A-Za-z0-9_]+)\.weight$")
+# role names hold dots where llama.cpp nests them (shortconv.in_proj, nextn.eh_proj)
+_BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.([A-Za-z0-9_.]+)\.weight$")
 _GLOBAL_TENSOR = re.compile(r"^([A-Za-z0-9_]+)\.weight$")
 
 
@@ -57,23 +102,54 @@ def classify(name: str) -> tuple[Role, int | None]:
     return OTHER, None
 
 
-#: Substrings of tensor names llama.cpp never quantizes (`tensor_allows_quantization` in llama-quant.cpp):
-#: a type map naming one of these is refused instead of silently ignored.
-NEVER_QUANTIZED: tuple[str, ...] = (
-    "_norm.weight",
-    "ffn_gate_inp.weight",
-    "altup",
-    "laurel",
-    "per_layer_model_proj",
-    "ssm_conv1d",
-    "shortconv.conv.weight",
-    "position_embd.weight",
-    "token_types.weight",
+@dataclass(frozen=True)
+class NeverQuantized:
+    """A substring of tensor names llama.cpp never quantizes (`tensor_allows_quantization` in
+    src/llama-quant.cpp); `archs`, when set, the only architectures the rule applies to."""
+
+    part: str
+    archs: tuple[str, ...] = ()
+
+
+#: A type map naming one of these is refused instead of silently ignored; the router (ffn_gate_inp), norms,
+#: conv1d and the tiny per-arch projections stay at their source type.
+NEVER_QUANTIZED: tuple[NeverQuantized, ...] = (
+    *(NeverQuantized(p) for p in (
+        "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
+        "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight",
+        "indexer.q_proj.weight", "time_mix_first.weight", "time_mix_w0.weight", "time_mix_w1.weight",
+        "time_mix_w2.weight", "time_mix_v0.weight", "time_mix_v1.weight", "time_mix_v2.weight",
+        "time_mix_a0.weight", "time_mix_a1.weight", "time_mix_a2.weight", "time_mix_g1.weight",
+        "time_mix_g2.weight", "time_mix_decay_w1.weight", "time_mix_decay_w2.weight",
+        "time_mix_lerp_fused.weight", "attn_rel_b.weight", ".position_embd", "sam.pos_embd", "sam.neck.",
+        "sam.net_", ".rel_pos", ".patch_embd", ".patch_merger", "a.rvq.codebook", "mm.a.code_embd",
+    )),
+    *(NeverQuantized(p, ("glm5-next",)) for p in (
+        "hc_", "indexer.attn_q_b", "indexer.attn_k", "indexer.proj", "indexer_compressor_gate",
+        "indexer_compressor_ape", "ssm_f_a.weight", "ssm_f_b.weight", "ssm_g_a.weight", "ssm_g_b.weight",
+        "ssm_beta.weight", "attn_kv_a_mqa.weight", "attn_k_b.weight", "attn_v_b.weight",
+    )),
 )
+#: Whole names llama.cpp never quantizes (BERT's position embeddings and token types).
+NEVER_QUANTIZED_NAMES = ("position_embd.weight", "token_types.weight")
 
 
-def quantizable(name: str, n_dims: int) -> bool:
-    return n_dims >= 2 and name.endswith("weight") and not any(s in name for s in NEVER_QUANTIZED)
+def quantizable(name: str, n_dims: int, arch: str = "") -> bool:
+    """Whether llama.cpp's quantizer converts this tensor (2-D and 3-D weights not excluded by name)."""
+    if n_dims < 2 or not name.endswith("weight") or name in NEVER_QUANTIZED_NAMES:
+        return False
+    return not any(r.part in name and (not r.archs or arch in r.archs) for r in NEVER_QUANTIZED)
+
+
+def check_known(name: str, n_dims: int, arch: str) -> None:
+    """One line for a tensor llama.cpp quantizes whose role the tables do not know: the search could neither
+    price nor move it, and leaving it silently at the base type would misstate what the search covered."""
+    role, _ = classify(name)
+    if role is OTHER and quantizable(name, n_dims, arch):
+        raise RampError(
+            f"{name}: llama.cpp quantizes this tensor, but its role is not in ramp-cpp's tables "
+            f"(model/arch.py ROLES), so it cannot be searched; this {arch} model is not supported yet"
+        )
 
 
 # -- scale folding (paper §4.3, Algorithm 2) -------------------------------------------------------------
@@ -84,17 +160,29 @@ class FoldGroup:
     """The linears of one block that read one RMSNorm's output, and only they: the norm's weight can then
     absorb 1/s while their input columns absorb s. `stats_from` is the tensor whose input statistics give s
     (they all read the same input, so any would do; Alg. 2 names q_proj and gate_proj). A block holding a
-    tensor named in `also_read_by` feeds the norm's output to it too (a MoE router): folding is refused."""
+    tensor named in `also_read_by` feeds the norm's output to it too (a MoE router): folding is refused.
+    `optional`: linears that read the norm's output too where a block has them (shared experts and their
+    gate), folded with the others."""
 
     norm: str
     linears: tuple[str, ...]
     stats_from: str
     also_read_by: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
 
 
 ATTN_GROUP = FoldGroup("attn_norm", ("attn_q", "attn_k", "attn_v"), "attn_q")
 ATTN_FUSED_GROUP = FoldGroup("attn_norm", ("attn_qkv",), "attn_qkv")  # create_tensor_qkv's fused variant
 FFN_GROUP = FoldGroup("ffn_norm", ("ffn_gate", "ffn_up"), "ffn_gate", also_read_by=("ffn_gate_inp",))
+# llm_graph_context::build_moe_ffn: the router and every expert's gate and up read the normalized input, and
+# so do the shared experts and their gate (qwen2moe's ffn_gate_inp_shexp, a vector); s comes from the expert
+# tensor's statistics pooled over its experts (folding.py says why)
+MOE_GROUP = FoldGroup(
+    "ffn_norm",
+    ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps"),
+    "ffn_gate_exps",
+    optional=("ffn_gate_shexp", "ffn_up_shexp", "ffn_gate_inp_shexp"),
+)
 
 
 @dataclass(frozen=True)
@@ -115,9 +203,14 @@ class FoldArch:
 FOLD_ARCHS: dict[str, FoldArch] = {
     a.arch: a
     for a in (
-        FoldArch("llama", (ATTN_GROUP, ATTN_FUSED_GROUP, FFN_GROUP), source="src/models/llama.cpp"),
+        FoldArch(
+            "llama", (ATTN_GROUP, ATTN_FUSED_GROUP, FFN_GROUP, MOE_GROUP), source="src/models/llama.cpp"
+        ),
         # q/k/v biases are added after the matmul: W·diag(s)·(x/s) + b = W·x + b, nothing to change
         FoldArch("qwen2", (ATTN_GROUP, ATTN_FUSED_GROUP, FFN_GROUP), source="src/models/qwen2.cpp"),
+        FoldArch("qwen2moe", (ATTN_GROUP, ATTN_FUSED_GROUP, MOE_GROUP), source="src/models/qwen2moe.cpp"),
+        # attn_q_norm/attn_k_norm act on q and k after the projection: unchanged by folding
+        FoldArch("qwen3moe", (ATTN_GROUP, ATTN_FUSED_GROUP, MOE_GROUP), source="src/models/qwen3moe.cpp"),
         # Gemma3RMSNorm computes x·(1+w); conversion/gemma.py (norm_shift) stores 1+w, so llama.cpp's
         # build_norm multiplies by the stored value (offset 0). attn_q_norm/attn_k_norm act on q, k and
         # post_attention_norm/post_ffw_norm on the sub-block outputs: all unchanged by folding.

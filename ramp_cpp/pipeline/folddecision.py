@@ -1,11 +1,13 @@
-"""`--fold auto`'s rule: the evidence (`FoldEvidence`, per-chunk KLDs of one allocator's file with and without
-Scale Folding), the decision (`choose_fold`) and what a run reports of it (`FoldDecision`). Pure: the files
-are assembled and scored by the run's fold stage (`stages.decide_fold`)."""
+"""The fold setting (`Fold`, its legal values named here only) and `--fold auto`'s rule: the evidence
+(`FoldEvidence`, per-chunk KLDs of one allocator's file with and without Scale Folding), the decision
+(`choose_fold`) and what a run reports of it (`FoldDecision`). Pure: the files are assembled and scored by
+the run's fold stage (`stages.decide_fold`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,37 @@ import numpy as np
 from ramp_cpp.errors import RampError
 from ramp_cpp.store.jsonfile import read_keyed, write_keyed
 
-FOLDS = ("on", "off", "auto", "check")
+
+class Fold(StrEnum):
+    """Scale Folding in a sized run: `on` / `off` as asked; `auto`: both models measured, the one whose
+    allocation scores the lower reward KLD kept; `check`: the folded model measured, its allocation also
+    quantized from the unfolded model, folded unless that is clearly better (folddecision.choose_fold).
+    The paper's `--budget` search takes `on` or `off` only."""
+
+    CHECK = "check"
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+    @property
+    def decided_by_run(self) -> bool:
+        """auto and check: the run measures and decides."""
+        return self in (Fold.AUTO, Fold.CHECK)
+
+    @property
+    def foldings(self) -> tuple[bool, ...]:
+        """The folding choices a run prepares: both for auto and check (unfolded first), else the one
+        asked for."""
+        return (False, True) if self.decided_by_run else (self is Fold.ON,)
+
+
+def parse_fold(value: str | Fold) -> Fold:
+    """A fold setting from its name; one line naming the legal values otherwise."""
+    try:
+        return Fold(str(value).strip().lower())
+    except ValueError:
+        raise RampError(f"unknown --fold {value!r} (choose from {', '.join(Fold)})") from None
+
 
 #: `--fold auto` scores both settings' allocations on this many chunks of the reward text (from chunk 0, so
 #: the reward chunks are among them): on the demo model 4 chunks chose wrong at 2 of 3 sizes, held-out text

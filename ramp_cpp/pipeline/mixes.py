@@ -101,6 +101,14 @@ def error_key(w: T, n_per_row: int) -> str:
     return f"{w.name}@{n_per_row}"
 
 
+def error_keys(plan: RunPlan) -> list[str]:
+    """The `type_error` keys the plan reads: each searched row length's candidates but those that need an
+    importance matrix (speedprobe._type_errors measures them)."""
+    return list(dict.fromkeys(
+        error_key(w, t.n_per_row) for t in searched_tensors(plan.info, plan.cc.embeddings)
+        for _, w in tensor_candidates(plan.cc, t, has_imatrix(plan, t)) if not needs_imatrix(w)))
+
+
 def frontier_types(plan: RunPlan, t: TensorInfo, cands: list[T], type_error: Mapping[str, float]) -> list[T]:
     """`t`'s candidates greedy steps between (allocators.frontier) by the probe's errors; all of them when one
     has no error measured."""

@@ -22,12 +22,12 @@ from ramp_cpp.llama.ggufio import ModelInfo
 from ramp_cpp.measure import transfer
 from ramp_cpp.measure.candidates import CandidateConfig
 from ramp_cpp.measure.groups import GroupConfig
-from ramp_cpp.pipeline.folddecision import FOLDS
+from ramp_cpp.pipeline.folddecision import Fold
+from ramp_cpp.pipeline.request import SizedRequest, resolve_sensitivity
 from ramp_cpp.pipeline.sizedconfig import SizedConfig, check_run
 
 #: The methods whose allocation is learned (the SAC search, a trained policy's rollout), not computed.
 LEARNED = ("sac", "policy")
-SENSITIVITIES = ("proxy", "measured", "transferred")
 #: Where the tensor cache's candidate types live (tensorcache module doc): on disk, made in memory when
 #: asked, or auto: in memory, but on disk for the SAC search when the disk has room (its episodes change
 #: every tensor, so each would quantize most of the model again; greedy's probes change one group).
@@ -40,7 +40,8 @@ class RunPlan:
     """A checked request: what to allocate (`method`) at which whole-file `size` (`preset`: the llama.cpp
     preset it names, whose size `target` becomes once quantized; else `target` in bytes), on which model
     (`info`: its inventory, read once), with the reward `text` already loaded and the run.json `settings` the
-    run directory will hold. `lo`/`hi`: the smallest and largest file the candidate types allow."""
+    run directory will hold. `lo`/`hi`: the smallest and largest file the candidate types allow. `presets`:
+    the presets the run scores, the one `size` names among them (the never-worse rule's reference)."""
 
     model_path: str | os.PathLike[str]
     run_dir: Path
@@ -51,7 +52,7 @@ class RunPlan:
     target: int
     lo: int
     hi: int
-    fold: str  # folddecision.FOLDS
+    fold: Fold
     sensitivity: str | None  # proxy, measured, transferred, or None for uniform
     cfg: SizedConfig
     cc: CandidateConfig
@@ -65,38 +66,32 @@ class RunPlan:
     ratios: Any = None  # transfer.RatioTable of the transferred sensitivity, else None
     in_memory: bool = False  # the tensor cache keeps only the base type on disk (TENSOR_CACHES)
     row_sample: int = 1  # the proxy measures every k-th span of rows of a linear (proxy.MeasureConfig)
+    presets: tuple[str, ...] = ()
+    force_allocation: bool = False
 
     @property
     def foldings(self) -> tuple[bool, ...]:
         """The folding choices the run prepares: both for auto and check (unfolded first), else the one asked
         for."""
-        return (False, True) if self.fold in ("auto", "check") else (self.fold == "on",)
+        return self.fold.foldings
 
     @property
     def measured_first(self) -> tuple[bool, ...]:
         """The folding choices measured before the fold is decided: both for auto, the folded model for check
         (the unfolded one only if the check keeps it), else the one asked for."""
-        return (True,) if self.fold == "check" else self.foldings
+        return (True,) if self.fold is Fold.CHECK else self.foldings
 
 
-def plan_run(
-    model_path: str | os.PathLike[str],
-    run_dir: str | os.PathLike[str],
-    method: str,
-    size: str,
-    cfg: SizedConfig,
-    cc: CandidateConfig,
-    calib: str | os.PathLike[str] | None = None,
-    sensitivity: str | None = "proxy",
-    gcfg: GroupConfig | None = None,
-    sac: SizedSearchConfig | None = None,
-    policy: str | os.PathLike[str] | None = None,
-    cache_root: str | os.PathLike[str] | None = None,
-    fold: str | None = None,
-    jobs: int = 1,
-    tensor_cache: str = "auto",
-    row_sample: int = 1,
-) -> RunPlan:
+def _policy(req: SizedRequest) -> Any:
+    """The sized policy of a `policy` request, opened here unless the caller already did."""
+    from ramp_cpp.allocate.sac.policyfile import Policy, load_sized_policy
+
+    if req.policy is None:
+        raise RampError("method 'policy' needs a policy file")
+    return req.policy if isinstance(req.policy, Policy) else load_sized_policy(req.policy)
+
+
+def plan_run(req: SizedRequest, jobs: int = 1) -> RunPlan:
     """Check the request (module docstring) and return it as a plan; reads, never writes. `jobs`: how many
     of the run's jobs may run at once on this machine (resources.disk_needs)."""
     from ramp_cpp.allocate.allocators import ALLOCATORS
@@ -107,80 +102,69 @@ def plan_run(
     from ramp_cpp.pipeline.resources import check_plan_resources, disk_needs, fits
     from ramp_cpp.store.texts import load_text
 
+    method, cfg, cc, sac = req.method, req.cfg, req.cc, req.sac
     if method not in (*ALLOCATORS, *LEARNED):
         raise RampError(f"unknown method {method!r} (choose from {', '.join([*ALLOCATORS, 'sac'])})")
-    if row_sample < 1:
-        raise RampError(f"--row-sample must be at least 1 (every row), got {row_sample}")
-    if tensor_cache not in TENSOR_CACHES:
-        raise RampError(f"unknown --tensor-cache {tensor_cache!r} (choose from {', '.join(TENSOR_CACHES)})")
-    sac = sac or SizedSearchConfig()
-    pol = None
-    if method == "policy":
-        from ramp_cpp.allocate.sac.policyfile import load_sized_policy
-
-        if policy is None:
-            raise RampError("method 'policy' needs a policy file")
-        pol = load_sized_policy(policy)  # a bad file fails before any work
-    sensitivity = resolve_sensitivity(method, sensitivity)
-    ratios = None
-    if sensitivity == "transferred":
-        ratios = transfer.load()  # a damaged table fails before any work
-    fold = fold or ("on" if cfg.fold else "off")
-    if fold not in FOLDS:
-        raise RampError(f"unknown --fold {fold!r} (choose from {', '.join(FOLDS)})")
-    gcfg = gcfg or GroupConfig()
-    preset = preset_name(size)
-    target = 0 if preset else parse_size(size)
-    info = read_inventory(model_path)  # the one read of the model's inventory: the stages get it from here
+    if req.row_sample < 1:
+        raise RampError(f"--row-sample must be at least 1 (every row), got {req.row_sample}")
+    if req.tensor_cache not in TENSOR_CACHES:
+        raise RampError(
+            f"unknown --tensor-cache {req.tensor_cache!r} (choose from {', '.join(TENSOR_CACHES)})"
+        )
+    pol = _policy(req) if method == "policy" else None  # a bad file fails before any work
+    sensitivity = resolve_sensitivity(method, req.sensitivity)
+    ratios = transfer.load() if sensitivity == "transferred" else None  # a damaged table fails here
+    fold = req.fold_setting
+    preset = preset_name(req.size)
+    target = 0 if preset else parse_size(req.size)
+    info = read_inventory(req.model_path)  # the one read of the model's inventory: the stages get it here
     check_source(info, hint=" (search has no --allow-requantize: it measures against this file)")
     lo, hi = size_range(info, cc)
     if not preset:
-        check_target(target, lo, hi, f"--size {size}")
-    if calib is None:
+        check_target(target, lo, hi, f"--size {req.size}")
+    if req.calib is None:
         check_config(cfg.calib, info.context_length or None)
     text, _ = load_text(cfg.text)
-    rd = Path(run_dir)
-    # the number of evaluations may grow between runs (a resumed search goes on); everything else must match
-    grow = {k: v for k, v in sac.to_json().items() if k not in MAY_CHANGE_ON_RESUME}
-    if grow["rollouts"] == 1:  # what every run was before rounds existed: their run directories still resume
-        del grow["rollouts"]
-    extra: dict[str, Any] = {"sac": grow} if method == "sac" else {"policy_sha256": pol.sha256} if pol else {}
-    if fold in ("auto", "check"):
-        extra["fold"] = fold
-    if ratios is not None:
-        extra["ratios"] = transfer.to_json(ratios)["records"]
-    if row_sample > 1:  # only when sampling: run directories made before the option stay reusable
-        extra["row_sample"] = row_sample
-    settings = run_settings(str(Path(model_path).resolve()), method, size, cfg, cc, sensitivity, gcfg, extra)
+    rd = Path(req.run_dir)
+    settings = run_settings(req, sensitivity, fold, pol, ratios)
     check_run(rd, settings)
-    croot = Path(cache_root) if cache_root is not None else rd / "cache"
-    in_memory = tensor_cache == "memory" or (
-        tensor_cache == "auto"
+    croot = Path(req.cache_root) if req.cache_root is not None else rd / "cache"
+    in_memory = req.tensor_cache == "memory" or (
+        req.tensor_cache == "auto"
         and (method != "sac" or not fits(disk_needs(info, cc, fold, hi, rd, croot, jobs), rd))
     )
     check_plan_resources(info, cc, fold, hi, rd, croot, jobs, in_memory)
+    presets = tuple(dict.fromkeys([*req.presets, *([preset] if preset else [])]))
     return RunPlan(
-        model_path, rd, croot, method, size, preset, target, lo, hi, fold, sensitivity, cfg, cc, gcfg, sac,
-        pol, calib, info, text, settings, ratios, in_memory, row_sample,
+        req.model_path, rd, croot, method, req.size, preset, target, lo, hi, fold, sensitivity, cfg, cc,
+        req.gcfg, sac, pol, req.calib, info, text, settings, ratios, in_memory, req.row_sample, presets,
+        req.force_allocation,
     )
 
 
 def run_settings(
-    model: str, method: str, size: str, cfg: SizedConfig, cc: CandidateConfig, sensitivity: str | None,
-    gcfg: GroupConfig, extra: dict[str, Any] | None = None,
+    req: SizedRequest, sensitivity: str | None, fold: Fold, pol: Any = None, ratios: Any = None
 ) -> dict[str, Any]:
-    """The run.json of a request (sizedconfig.check_run compares two)."""
+    """The run.json of a request (sizedconfig.check_run compares two). Keys that a run directory made
+    before an option existed lacks are written only when the option is not at its old value, so that such
+    a directory keeps matching."""
+    # the number of evaluations may grow between runs (a resumed search goes on); everything else must match
+    grow = {k: v for k, v in req.sac.to_json().items() if k not in MAY_CHANGE_ON_RESUME}
+    if grow["rollouts"] == 1:  # what every run was before rounds existed
+        del grow["rollouts"]
     return {
         "ramp_version": __version__,
-        "model_path": model,
-        "method": method,
-        "size": size,
-        "search": cfg.to_json(),
-        "candidates": cc.key(),
-        # only when not proxy: run directories made before the option (proxy) stay reusable
-        **({"sensitivity": sensitivity, "kld_groups": _groups_key(gcfg)} if sensitivity == "measured"
+        "model_path": str(Path(req.model_path).resolve()),
+        "method": req.method,
+        "size": req.size,
+        "fold": str(fold),
+        "search": req.cfg.to_json(),
+        "candidates": req.cc.key(),
+        **({"sensitivity": sensitivity, "kld_groups": _groups_key(req.gcfg)} if sensitivity == "measured"
            else {"sensitivity": sensitivity} if sensitivity == "transferred" else {}),
-        **(extra or {}),
+        **({"sac": grow} if req.method == "sac" else {"policy_sha256": pol.sha256} if pol else {}),
+        **({"ratios": transfer.to_json(ratios)["records"]} if ratios is not None else {}),
+        **({"row_sample": req.row_sample} if req.row_sample > 1 else {}),
     }
 
 
@@ -198,28 +182,6 @@ def preset_name(spec: str) -> str | None:
 
     key = spec.strip().upper()
     return key if key in presets() else None
-
-
-#: the sensitivities that cost no evaluation (uniform's None reads no error at all)
-ZERO_EVAL = (None, "proxy", "transferred")
-
-
-def default_fold(sensitivity: str | None, otherwise: str, method: str = "policy") -> str:
-    """The --fold a request gets when it names none: `on` when nothing else in the run evaluates (a
-    sensitivity in ZERO_EVAL and an allocator that makes no evaluation of its own: any but the SAC search), so
-    that a fold decision is not its only evaluations (folding won every measured decision on the benchmark
-    models: docs/search.md); else `otherwise` (the command's own default)."""
-    return "on" if sensitivity in ZERO_EVAL and method != "sac" else otherwise
-
-
-def resolve_sensitivity(method: str, sensitivity: str | None) -> str | None:
-    """The sensitivity `method` allocates on: None for uniform (it reads no error), else `sensitivity`
-    (default: measured)."""
-    if sensitivity is not None and sensitivity not in SENSITIVITIES:
-        raise RampError(f"unknown sensitivity {sensitivity!r} (choose from {', '.join(SENSITIVITIES)})")
-    if method == "uniform":
-        return None
-    return sensitivity or "measured"
 
 
 def size_range(info: Any, cc: CandidateConfig) -> tuple[int, int]:

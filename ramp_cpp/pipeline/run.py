@@ -1,10 +1,12 @@
-"""Search at a whole-file size: `ramp-cpp search --method uniform|greedy|sac --size ...`, and `apply` of a
-sized policy (`method="policy"`). `run_direct` is the whole run, a pipeline of stages over frozen artifacts:
+"""Search at a whole-file size: `ramp-cpp search --size ...` (uniform, greedy or the SAC search) and `apply`
+of a sized policy (`method="policy"`). `run_direct` is the whole run, a pipeline of stages over frozen
+artifacts, configured by one `request.SizedRequest`:
 
     plan_run          plan.py          every cheap check, before any work → RunPlan (inventory read once)
     write_settings    sizedconfig.py   run.json: the run directory is this request's
     prepare_sources   stages.py        calibrate → fold (fold/source.py) → Source per folding choice
-    measure_presets   stages.py        llama.cpp's presets with the unfolded model's imatrix → Presets
+    measure_presets   stages.py        llama.cpp's presets with the unfolded model's imatrix → Presets (the
+                                       preset a --size names is always scored: the never-worse rule's mark)
     measure_source    stages.py        the sensitivity and tensor cache of each folding choice → Measured
     decide_fold       stages.py        --fold auto's choice (folddecision.py) → FoldDecision; when --fold
                                        check keeps the unfolded model, release_folded deletes the folded copy
@@ -12,10 +14,11 @@ sized policy (`method="policy"`). `run_direct` is the whole run, a pipeline of s
     allocate          stages.py        SAC or a policy's rollout (learned.py) → Allocation
     fit_and_write     stages.py        the GGUF from the tensor cache with ramp.* metadata → Written
     evaluate          stages.py        its KLD and PPL on the reward chunks
+    never_worse       neverworse.py    worse than the preset of the same size: the preset's file instead
     write_reports     runreport.py     allocation.json, report.json, pareto.png → DirectResult
 
-The configuration is `SizedConfig` (sizedconfig.py). The budget is a whole-file size: `--size 95MiB`, or
-`--size Q4_K_M` for the size of that llama.cpp preset (with the same imatrix) on this model.
+The budget is a whole-file size: `--size 95MiB`, or `--size Q4_K_M` for the size of that llama.cpp preset
+(with the same imatrix) on this model.
 
 Greedy's sensitivity is the measured one by default (`--sensitivity measured`, measure/groups.py): the proxy
 errors rescaled per role × depth group by the KLD llama.cpp measures on the reward chunks when that group
@@ -28,23 +31,19 @@ trained SAC policy's mean-action rollout on this model, zero-shot. Both are proj
 
 from __future__ import annotations
 
-import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
-from ramp_cpp.allocate.sac.search import SizedSearchConfig
 from ramp_cpp.costs import Meter, StageCost
 from ramp_cpp.executor import Executor, Serial
-from ramp_cpp.fold.source import Progress, workdir
+from ramp_cpp.fold.source import workdir
 from ramp_cpp.llama.backend import RuntimeOptions
-from ramp_cpp.measure.candidates import CandidateConfig
-from ramp_cpp.measure.groups import GroupConfig
+from ramp_cpp.pipeline.neverworse import Verdict, never_worse
 from ramp_cpp.pipeline.plan import MIB, plan_run
+from ramp_cpp.pipeline.request import Hooks, SizedRequest
 from ramp_cpp.pipeline.runreport import write_reports
-from ramp_cpp.pipeline.sizedconfig import DEFAULTS, SizedConfig, write_settings
+from ramp_cpp.pipeline.sizedconfig import write_settings
 from ramp_cpp.pipeline.stages import (
     Runtime,
     allocate,
@@ -73,49 +72,20 @@ class DirectResult:
     ppl: float
     kld: float
     costs: tuple[StageCost, ...] = ()
+    verdict: Verdict | None = None  # which file was written: the allocation's or the preset's
 
 
 def run_direct(
-    model_path: str | os.PathLike[str],
-    run_dir: str | os.PathLike[str],
-    method: str,
-    size: str,
-    cfg: SizedConfig = DEFAULTS,
-    cc: CandidateConfig = CandidateConfig(),
-    opts: RuntimeOptions = RuntimeOptions(),
-    calib: str | os.PathLike[str] | None = None,
-    presets: tuple[str, ...] = ("Q4_K_M", "Q3_K_M"),
-    progress: Progress | None = None,
-    sensitivity: str | None = "proxy",
-    gcfg: GroupConfig | None = None,
-    sac: SizedSearchConfig | None = None,
-    policy: str | os.PathLike[str] | None = None,
-    on_episode: Callable[[dict[str, Any]], None] | None = None,
-    cache_root: str | os.PathLike[str] | None = None,
-    fold: str | None = None,
-    on_cost: Callable[[StageCost], None] | None = None,
+    req: SizedRequest, opts: RuntimeOptions = RuntimeOptions(), hooks: Hooks = Hooks(),
     executor: Executor | None = None,
-    tensor_cache: str = "auto",
-    row_sample: int = 1,
 ) -> DirectResult:
-    """Measure, allocate with `method` to the whole-file `size`; write GGUF and report to `run_dir`.
-    `cfg`: the SizedConfig. `sensitivity`: what greedy
-    allocates on, `proxy` or `measured` (groups.py, configured by `gcfg`, None: GroupConfig's defaults); None
-    means measured. `proxy` is this function's default so that library callers (bench/, tests) keep the
-    allocation they had; the command line's default is `measured`. `sac`: the SAC search's settings (method
-    "sac"); `policy`: the policy file method "policy" rolls out. `cache_root`: where the tensor cache and the
-    measurements live (default: the run directory's `cache/`); runs of one model may share one. `fold`:
-    "on", "off" or "auto" (None: `cfg.fold`); auto prepares both and keeps the one whose allocation
-    (greedy's, for SAC) has the lower reward KLD (`choose_fold`). `on_cost`: called with each stage's costs
-    (costs.StageCost) as it ends; all of them go to report.json's "costs" and `DirectResult.costs`.
-    `executor`: where the tensor cache's passes, the group probes and the fold decision run (executor.py;
-    default: one after another in this process); the answers do not depend on it. `tensor_cache`: where the
-    candidate types' bytes live (plan.TENSOR_CACHES); the files do not depend on it either. `row_sample`: the
-    proxy measures every k-th span of a linear's rows (proxy.MeasureConfig; 1: all rows)."""
-    plan = plan_run(
-        model_path, run_dir, method, size, cfg, cc, calib, sensitivity, gcfg, sac, policy, cache_root, fold,
-        executor.workers if executor else 1, tensor_cache, row_sample,
-    )
+    """Measure, allocate with `req.method` to the whole-file `req.size`; write GGUF and report to
+    `req.run_dir` (request.SizedRequest says what each setting means). `opts`: llama.cpp's options;
+    `hooks`: progress, SAC's episodes and each stage's costs as it ends (all of them also go to report.json's
+    "costs" and `DirectResult.costs`); `executor`: where the tensor cache's passes, the group probes and the
+    fold decision run (executor.py; default: one after another in this process): the answers do not depend on
+    it, nor on where the tensor cache keeps its bytes."""
+    plan = plan_run(req, executor.workers if executor else 1)
     write_settings(plan.run_dir, plan.settings)
     # what a run killed here before left half-written (a cache inside the run folder is swept with it)
     sweep_temps(plan.run_dir)
@@ -123,16 +93,17 @@ def run_direct(
         sweep_temps(plan.cache_root)
     # E: one forward pass over the reward chunks; disk held: the run folder and its caches
     held = lambda: disk_bytes(plan.run_dir, plan.cache_root)  # noqa: E731
-    meter = Meter(plan.cfg.chunks * plan.cfg.n_ctx, on_cost, held)
+    meter = Meter(plan.cfg.chunks * plan.cfg.n_ctx, hooks.on_cost, held)
     decided = kept_unfolded(plan)  # resumed after the fold check kept the unfolded model: no folded copy
-    sources = prepare_sources(plan, opts, progress, meter, (False,) if decided else None)
+    sources = prepare_sources(plan, opts, hooks.progress, meter, (False,) if decided else None)
     eopts = replace(opts, n_ctx=plan.cfg.n_ctx)
-    rt = Runtime(opts, eopts, workdir(), progress, on_episode, meter, executor or Serial())
+    rt = Runtime(opts, eopts, workdir(), hooks.progress, hooks.on_episode, meter, executor or Serial())
+    base_cal = next(iter(sources.values())).base_cal
     try:
         with meter.stage("base log-probs"):
             warm_base(plan, rt)
         with meter.stage("presets"):
-            base = measure_presets(plan, presets, next(iter(sources.values())).base_cal, rt)
+            base = measure_presets(plan, plan.presets, base_cal, rt)
         first = () if decided else plan.measured_first
         measured = {f: measure_source(plan, f, sources[f], rt) for f in first}
         with meter.stage("fold decision"):
@@ -147,15 +118,19 @@ def run_direct(
             out = fit_and_write(plan, m, alloc, base.target, decision, rt)
         with meter.stage("evaluate"):
             k = evaluate(plan, out.gguf, rt)
+            verdict = never_worse(plan, out, k, base, base_cal, rt)
     finally:
         shutil.rmtree(rt.scratch, ignore_errors=True)
-    rep = write_reports(plan, m, decision, alloc, out, k, base, meter.to_json())
+    rep = write_reports(plan, m, decision, alloc, out, k, base, meter.to_json(), verdict)
     return DirectResult(plan.run_dir, out.gguf, rep.allocation, rep.report, rep.file_bytes, base.target,
-                        k.ppl, k.kld_mean, tuple(meter.stages))
+                        verdict.ppl, verdict.kld, tuple(meter.stages), verdict)
 
 
 def describe(r: DirectResult) -> str:
-    return (
+    """One line on the written file, and which file it is when the never-worse rule chose the preset's."""
+    line = (
         f"{r.gguf.name}: {r.file_bytes / MIB:.2f} MiB (target {r.target_bytes / MIB:.2f}), "
         f"reward-text KLD {r.kld:.4f}, PPL {r.ppl:.3f}"
     )
+    v = r.verdict
+    return line if v is None or v.note is None else f"{line}; {v.note}"

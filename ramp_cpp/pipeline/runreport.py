@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ramp_cpp.llama.evaluate import KLDResult
 from ramp_cpp.pipeline.folddecision import FoldDecision
+from ramp_cpp.pipeline.neverworse import Verdict
 from ramp_cpp.pipeline.plan import RunPlan
 from ramp_cpp.pipeline.stages import Allocation, Measured, Presets, Written
 from ramp_cpp.store.atomic import atomic_path
@@ -26,17 +27,19 @@ class Reports:
 
 def write_reports(
     plan: RunPlan, m: Measured, decision: FoldDecision, alloc: Allocation, out: Written, k: KLDResult,
-    presets: Presets, costs: dict[str, Any] | None = None,
+    presets: Presets, costs: dict[str, Any] | None = None, verdict: Verdict | None = None,
 ) -> Reports:
-    """allocation.json, report.json and pareto.png in the run directory."""
+    """allocation.json, report.json and pareto.png in the run directory. The "ramp" point and summary's
+    quality are the allocation's; `summary.written` says which file the run wrote (neverworse.py)."""
     from ramp_cpp.pipeline.report import BASE_QUALITY, write_pareto
 
-    cfg = replace(plan.cfg, fold=m.folded)
+    cfg = plan.cfg
     file_bytes = out.gguf.stat().st_size
-    label = f"{plan.method}{' (folded)' if cfg.fold else ''}"
+    alloc_bytes = out.file_bytes or file_bytes
+    label = f"{plan.method}{' (folded)' if m.folded else ''}"
     points = [
         *presets.points,
-        {"label": label, "file_bytes": file_bytes, "quality": k.kld_mean, "ppl": k.ppl, "kind": "ramp"},
+        {"label": label, "file_bytes": alloc_bytes, "quality": k.kld_mean, "ppl": k.ppl, "kind": "ramp"},
     ]
     rows = tensor_rows(m, out.choice)
     summary = {
@@ -61,6 +64,7 @@ def write_reports(
         "t_measure": m.seconds,
         "fold": decision.to_json(),
         **alloc.summary,
+        **({"written": verdict.to_json()} if verdict is not None else {}),
     }
     if m.groups is not None:
         # the calibrated sum is linear around the reference: KLD ≈ KLD_ref + Σ ratio · (error − error_highest)
@@ -79,6 +83,7 @@ def write_reports(
         "model": Path(plan.model_path).name,
         BASE_QUALITY: 0.0,
         "search": cfg.to_json(),
+        "fold": str(plan.fold),
         "candidates": asdict(cc) | {"types": [t.name for t in cc.requested()], "base": cc.base.name},
     }
     with atomic_path(report, force=True) as tmp:

@@ -1,10 +1,10 @@
 """The sized run's configuration (`SizedConfig`) and its run directory's settings file (`SETTINGS`, run.json).
 
-A sized run (`run.run_direct`) reads seven settings: the reward text and its chunks, the context, Scale
-Folding, the imatrix and the calibration recipe. Until the stage layout it borrowed the paper's `SearchConfig`
-(pipeline/paper.py), whose `to_json()` is what run.json's "search" entry and report.json's meta hold. Those
-files keep their layout byte for byte (`SizedConfig.to_json`), and a run directory made before resumes
-(`settings_differ`: the paper's fields, never read by a sized run, are left out of the comparison).
+A sized run (`run.run_direct`) reads six settings here: the reward text and its chunks, the context, the
+imatrix and the calibration recipe; Scale Folding is the request's `fold` (request.Fold), kept at run.json's
+top level. Until issue 38 the sized run borrowed the paper's `SearchConfig`, so run directories made before
+hold the paper's fields in run.json's "search" entry and a boolean "fold" there; they still resume
+(`settings_differ` reads both layouts) and keep their run.json as written.
 """
 
 from __future__ import annotations
@@ -18,44 +18,23 @@ from ramp_cpp.calibration.artifact import CalibConfig
 from ramp_cpp.errors import OtherSettings, RampError
 from ramp_cpp.llama.evaluate import EvalConfig
 from ramp_cpp.measure.groups import GroupConfig
+from ramp_cpp.pipeline.folddecision import Fold
 from ramp_cpp.store.atomic import atomic_path
 
 #: The run directory's settings, a JSON object (the paper's --budget search names its own the same).
 SETTINGS = "run.json"
 
-#: The paper's --budget fields that run.json's "search" entry (and report.json's "meta.search") held when a
-#: sized run was configured by the paper's SearchConfig, with the values every sized caller gave them (the
-#: command line's search and apply, the demo). Written so that both files keep their layout; never read back,
-#: and left out when two runs' settings are compared (`settings_differ`).
-PAPER_FIELDS: dict[str, Any] = {
-    "budget": 4.25,
-    "margin": 0.25,
-    "budget_mode": "size",
-    "metric": "kld",
-    "bits": [3, 4, 5, 6],
-    "include_embeddings": False,
-    "base_type": "Q8_0",
-    "features": "ramp",
-    "eval_every": 10,
-}
-#: The order of SearchConfig's fields, which is the order of the "search" entry's keys.
-_LAYOUT = (
-    "budget", "margin", "budget_mode", "metric", "bits", "include_embeddings", "base_type", "text", "n_ctx",
-    "first_chunk", "chunks", "features", "eval_every", "fold", "imatrix", "calib",
-)
-
 
 @dataclass(frozen=True)
 class SizedConfig:
-    """How a sized run calibrates, folds and scores: the reward `text` (never a held-out one) and its
-    `chunks` of `n_ctx` tokens from `first_chunk`; Scale Folding (`fold`, unless run_direct's `fold` says
-    otherwise), the calibration's imatrix for quantizing (`imatrix`) and the calibration recipe (`calib`)."""
+    """How a sized run calibrates and scores: the reward `text` (never a held-out one) and its `chunks` of
+    `n_ctx` tokens from `first_chunk`; the calibration's imatrix for quantizing (`imatrix`) and the
+    calibration recipe (`calib`)."""
 
     text: str = "wikitext2-valid"
     n_ctx: int = 512
     first_chunk: int = 0
     chunks: int = 4
-    fold: bool = True
     imatrix: bool = True
     calib: CalibConfig = CalibConfig()
 
@@ -68,15 +47,21 @@ class SizedConfig:
         if c is not None and c.held_out:  # the reward decides the allocation: it may not see the test text
             raise RampError(f"{self.text} is held out for evaluation; the search rewards on another text")
 
-
     @property
     def eval_config(self) -> EvalConfig:
         return EvalConfig(n_ctx=self.n_ctx, first_chunk=self.first_chunk, n_chunks=self.chunks)
 
     def to_json(self) -> dict[str, Any]:
-        """The settings in run.json's layout: these fields among `PAPER_FIELDS`, in SearchConfig's order."""
-        own = asdict(self)
-        return {k: own[k] if k in own else PAPER_FIELDS[k] for k in _LAYOUT}
+        """run.json's and report.json's "search" entry."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SourceChoice:
+    """What fold/source.calibrated_source reads of a run (its SourceSettings): the recipe and one folding."""
+
+    calib: CalibConfig
+    fold: bool
 
 
 #: `ramp-cpp search --size`'s defaults (issue 21; run_direct's own stay those of the library and the
@@ -91,7 +76,7 @@ class SizedConfig:
 #: 10% of held-out KLD on the demo model (0.0268 against 0.0243).
 SEARCH_RECIPE = "bench"
 SEARCH_GROUPS = GroupConfig(n_buckets=4, pairs=0, chunks=2)
-SEARCH_FOLD = "check"
+SEARCH_FOLD = Fold.CHECK
 SEARCH_ROW_SAMPLE = 4
 
 #: run_direct's default configuration
@@ -100,11 +85,21 @@ DEFAULTS = SizedConfig()
 SIZED_FIELDS = tuple(f.name for f in fields(SizedConfig))
 
 
+def _folds(d: dict[str, Any]) -> set[str]:
+    """The fold settings a run.json stands for. Today's names one at its top level; one written before issue
+    38 names auto or check there and otherwise only "search.fold", a boolean that `--fold off` left true
+    (only --no-fold made it false): so a true one stands for on or off, as the code that wrote it read it."""
+    if "fold" in d:
+        return {str(d["fold"])}
+    legacy = (d.get("search") or {}).get("fold")
+    return {"on", "off"} if legacy is True else {"off"} if legacy is False else {"on"}
+
+
 def settings_differ(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
     """The top-level keys of two run.json objects that differ, ramp_version aside. "search" is compared on
-    `SIZED_FIELDS` alone: a run directory written while the sized run borrowed the paper's SearchConfig may
-    hold other values of the paper's fields (a library caller's SearchConfig() has budget_mode "weighted"),
-    which never changed what the run computed, so it resumes; every cache key comes from the sized fields."""
+    `SIZED_FIELDS` alone: a run directory written while the sized run borrowed the paper's SearchConfig holds
+    the paper's fields too (any values: they never changed what the run computed), so it resumes; "fold" is
+    compared by `_folds`, which reads both layouts."""
     have, want = json.loads(json.dumps(have)), json.loads(json.dumps(want))
 
     def norm(k: str, v: Any) -> Any:
@@ -112,24 +107,33 @@ def settings_differ(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
             return {f: v.get(f) for f in SIZED_FIELDS}
         return v
 
-    keys = sorted(set(have) | set(want))
-    return [k for k in keys if k != "ramp_version" and norm(k, have.get(k)) != norm(k, want.get(k))]
+    keys = sorted((set(have) | set(want)) - {"ramp_version", "fold"})
+    diffs = [k for k in keys if norm(k, have.get(k)) != norm(k, want.get(k))]
+    if not _folds(have) & _folds(want) or len(_folds(want)) > 1:
+        diffs.append("fold")
+    return sorted(diffs)
 
 
-def check_run(run_dir: Path, want: dict[str, Any]) -> None:
-    """A run directory is reused (its calibration, fold, cache and measurement) only for the same request."""
+def check_run(run_dir: Path, want: dict[str, Any]) -> bool:
+    """A run directory is reused (its calibration, fold, cache and measurement) only for the same request:
+    False when it holds none yet, True when it holds this one, OtherSettings otherwise."""
     p = run_dir / SETTINGS
     if not p.is_file():
-        return
+        return False
     diffs = settings_differ(json.loads(p.read_text()), want)
     if diffs:
         raise OtherSettings(
             f"{run_dir} holds a run made with other settings ({', '.join(diffs)}); choose another --out"
         )
+    return True
 
 
 def write_settings(run_dir: Path, want: dict[str, Any]) -> None:
-    """Claim `run_dir` for this request: run.json, written atomically (the directory made if need be)."""
+    """Claim `run_dir` for this request: run.json, written atomically (the directory made if need be). A
+    run.json already there for the same request stays as it is (check_run), in the layout it was written
+    in."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    if check_run(run_dir, want):
+        return
     with atomic_path(run_dir / SETTINGS, force=True) as tmp:
         tmp.write_text(json.dumps(want, indent=2))

@@ -12,6 +12,10 @@ searched linear of its row length (`type_error`: which types greedy can take); a
 blocks decodes as it is and with the types of each file the plan decodes (`decode`, `decode_ratios`): what a
 type's decode costs against F16 differs between CPUs 2-4x (AMX, VNNI), so a fixed table mispredicted every
 evaluating stage. `estimate` (estimate.py) turns what it measured into each stage's costs.
+
+Each part is its own function (`measure_decode`, `measure_text`, `measure_header`, `measure_rates`,
+`measure_io`, `_type_errors`, `decode_ratios`) so that `speedcache.known_speeds` runs only those whose
+results this machine has not kept; `speed_probe` runs them all and keeps nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -186,11 +190,14 @@ def _rows(tensor: Any, t: TensorInfo) -> np.ndarray:
     return np.asarray(dequantize(raw, T(int(tensor.tensor_type))), dtype=np.float32).reshape(len(raw), -1)
 
 
-def _type_errors(plan: RunPlan, data: Mapping[str, Any], rows: dict[str, np.ndarray]) -> dict[str, float]:
+def _type_errors(
+    plan: RunPlan, data: Mapping[str, Any], rows: dict[str, np.ndarray], known: Collection[str] = ()
+) -> dict[str, float]:
     """‖Ŵ − W‖² / ‖W‖² of every candidate of each row length, all on the rows of its first searched linear
     (`SpeedProbe.type_error`): the same rows for every type, so that their order is the types' own. Not the
     embeddings' rows while a linear has that length: a base dequantized from a GGUF can keep them on its
-    source's grid (Qwen2.5-Coder-0.5B's off-grid base: Q5_0 at 1e-8 there, 0.2x Q5_1's elsewhere)."""
+    source's grid (Qwen2.5-Coder-0.5B's off-grid base: Q5_0 at 1e-8 there, 0.2x Q5_1's elsewhere). The keys
+    in `known` are not measured again."""
     from gguf.quants import dequantize
 
     from ramp_cpp.llama import native
@@ -205,7 +212,7 @@ def _type_errors(plan: RunPlan, data: Mapping[str, Any], rows: dict[str, np.ndar
     for t in searched:
         for _, w in tensor_candidates(plan.cc, t, has_imatrix(plan, t)):
             key = error_key(w, t.n_per_row)
-            if key in out or needs_imatrix(w):
+            if key in out or key in known or needs_imatrix(w):
                 continue
             f = first[t.n_per_row]
             if f.name not in rows:
@@ -218,26 +225,62 @@ def _type_errors(plan: RunPlan, data: Mapping[str, Any], rows: dict[str, np.ndar
     return out
 
 
-def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = ()) -> SpeedProbe:
-    """Measure what `estimate` needs (module docstring); nothing is kept (64 MiB and the copy of the first
-    blocks, 1.3 GB for a 7B model, are written in the system temp dir and removed)."""
-    from gguf.quants import dequantize
+@dataclass(frozen=True)
+class DecodeSpeeds:
+    """What one load and decode of the model measure (`measure_decode`): `SpeedProbe`'s fields so named."""
 
-    from ramp_cpp.llama import native
+    load_s: float
+    token_s: float
+    score_s: float
+    base_s: float
+    ctx_bytes: int
+    load: float  # the 1-minute load average per core as they were measured
+
+
+@dataclass(frozen=True)
+class TextSpeeds:
+    """The reward text on this model: whole chunks of N tokens in it, and the seconds to tokenize it."""
+
+    n_avail: int
+    tokenize_s: float
+
+
+def load_per_core() -> float:
+    return os.getloadavg()[0] / (os.cpu_count() or 1) if hasattr(os, "getloadavg") else 0.0
+
+
+def _first_chunk(plan: RunPlan, m: Any, tokens: np.ndarray) -> np.ndarray:
+    from ramp_cpp.llama.evaluate import chunks
+
+    cfg = plan.cfg
+    (c,) = chunks(tokens, EvalConfig(cfg.n_ctx, cfg.first_chunk, 1), m.bos if m.add_bos else None)
+    return c
+
+
+def measure_text(plan: RunPlan, opts: RuntimeOptions) -> tuple[TextSpeeds, np.ndarray]:
+    """The reward text tokenized by the model (its weights are mapped, not read); its first chunk."""
     from ramp_cpp.llama.backend import LlamaModel
-    from ramp_cpp.llama.evaluate import _tail_samples, _top_k, chunks, logsumexp_rows
-    from ramp_cpp.llama.ggufio import open_reader
 
-    t_start, cfg, info = time.perf_counter(), plan.cfg, plan.info
-    n_threads = opts.n_threads or os.cpu_count() or 1
-    load = os.getloadavg()[0] / (os.cpu_count() or 1) if hasattr(os, "getloadavg") else 0.0
-    rss_base = _rss()
+    with LlamaModel(plan.model_path, replace(opts, n_ctx=plan.cfg.n_ctx)) as m:
+        t0 = time.perf_counter()
+        tokens = m.tokenize(plan.text)
+        t = TextSpeeds(len(tokens) // plan.cfg.n_ctx, time.perf_counter() - t0)
+        return t, _first_chunk(plan, m, tokens)
+
+
+def measure_decode(plan: RunPlan, opts: RuntimeOptions) -> tuple[DecodeSpeeds, TextSpeeds, np.ndarray]:
+    """llama.cpp loads the model and first touches its weights, tokenizes the reward text and decodes its
+    first chunk (the median of up to 5 decodes while they take under DECODE_PROBE_S); numpy scores it."""
+    from ramp_cpp.llama.backend import LlamaModel
+    from ramp_cpp.llama.evaluate import _tail_samples, _top_k, logsumexp_rows
+
+    cfg, load, rss_base = plan.cfg, load_per_core(), _rss()
     t0 = time.perf_counter()
     with LlamaModel(plan.model_path, replace(opts, n_ctx=cfg.n_ctx)) as m:
         t1 = time.perf_counter()
         tokens = m.tokenize(plan.text)
         t2 = time.perf_counter()
-        (c,) = chunks(tokens, EvalConfig(cfg.n_ctx, cfg.first_chunk, 1), m.bos if m.add_bos else None)
+        c = _first_chunk(plan, m, tokens)
         warm = _timed(m.logits, c[:8], 0, 8)  # the weights' first touch: part of every load
         decodes: list[float] = []
         # a small model's one chunk is a second or two, and the first decode after a load runs ~1.5x slow
@@ -246,53 +289,97 @@ def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = 
             t3 = time.perf_counter()
             x = np.array(m.logits(c, len(c) // 2, len(c) - 1))
             decodes.append(time.perf_counter() - t3)
-        load_s, tokenize_s, token_s = t1 - t0 + warm, t2 - t1, float(np.median(decodes)) / len(c)
-        ctx_bytes = max(0, _rss() - rss_base - info.file_size)
+        load_s, token_s = t1 - t0 + warm, float(np.median(decodes)) / len(c)
+        ctx_bytes = max(0, _rss() - rss_base - plan.info.file_size)
     score_s = _timed(logsumexp_rows, x, np.empty_like(x))
     top = _top_k(x, min(64, x.shape[1] - 1))[0]
     base_s = _timed(_tail_samples, x, logsumexp_rows(x, np.empty_like(x)), top, 64, np.random.default_rng(0))
     base_s += _timed(_top_k, x, top.shape[1])
+    text = TextSpeeds(len(tokens) // cfg.n_ctx, t2 - t1)
+    return DecodeSpeeds(load_s, token_s, score_s, base_s, ctx_bytes, load), text, c
+
+
+def measure_header(plan: RunPlan) -> tuple[float, dict[str, Any]]:
+    """Seconds gguf-py takes to parse the model's header; its tensors by name."""
+    from ramp_cpp.llama.ggufio import open_reader
+
     t0 = time.perf_counter()
     data = {t.name: t for t in open_reader(plan.model_path).tensors}
-    header_s = time.perf_counter() - t0
+    return time.perf_counter() - t0, data
+
+
+def quant_todo(plan: RunPlan, presets: tuple[str, ...]) -> dict[str, tuple[T, bool, TensorInfo]]:
+    """quant_key -> (written type, imatrix, the first tensor written at it) of every quantizer pass the run
+    makes: the tensor whose rows measure that key's rate."""
     todo: dict[str, tuple[T, bool, TensorInfo]] = {}
     for types in [p for ps in quantizer_passes(plan, presets).values() for p in ps]:
-        for t in (t for t in info.tensors if quantizable(t.name, 2)):
+        for t in (t for t in plan.info.tensors if quantizable(t.name, 2)):
             w = written_type(types.get(t.name, plan.cc.base), t.n_per_row)
             todo.setdefault(quant_key(w, has_imatrix(plan, t)), (w, has_imatrix(plan, t), t))
+    return todo
+
+
+def measure_rates(
+    plan: RunPlan, opts: RuntimeOptions, todo: Mapping[str, tuple[T, bool, TensorInfo]],
+    data: Mapping[str, Any], rows: dict[str, np.ndarray], dequant_s: dict[str, float],
+) -> dict[str, float]:
+    """quant_s of each key of `todo` (ggml's quantizer on its tensor's first rows, `n_threads` at once); the
+    dequantizers' rates gguf-py shows on the way go into `dequant_s` (those not there yet)."""
+    from gguf.quants import dequantize
+
+    from ramp_cpp.llama import native
+
+    n_threads = opts.n_threads or os.cpu_count() or 1
     quant_s: dict[str, float] = {}
-    dequant_s: dict[str, float] = {}
-    rows: dict[str, np.ndarray] = {}
     with ThreadPoolExecutor(n_threads) as pool:
         for key, (w, im, t) in todo.items():
             if t.name not in rows:
                 src, raw = T(int(data[t.name].tensor_type)), _raw(data[t.name], t)
                 rows[t.name] = _rows(data[t.name], t)
-                dequant_s.setdefault(src.name, _timed(dequantize, raw, src) / rows[t.name].size)
+                if src.name not in dequant_s:
+                    dequant_s[src.name] = _timed(dequantize, raw, src) / rows[t.name].size
             r = rows[t.name]
             imx = np.ones(r.shape[1], dtype=np.float32) if im else None
             quant_s[key] = _quant_rate(pool, n_threads, w, r, imx)
-            q = np.frombuffer(native.quantize_rows(int(w), r, imx), dtype=np.uint8).reshape(len(r), -1)
-            dequant_s.setdefault(w.name, _timed(dequantize, q, w) / r.size)
-    type_error = _type_errors(plan, data, rows)
-    r = next(iter(rows.values()))
+            if w.name not in dequant_s:
+                q = np.frombuffer(native.quantize_rows(int(w), r, imx), dtype=np.uint8).reshape(len(r), -1)
+                dequant_s[w.name] = _timed(dequantize, q, w) / r.size
+    return quant_s
+
+
+def measure_io(plan: RunPlan, r: np.ndarray) -> dict[str, float]:
+    """numpy's proxy and folding arithmetic on rows `r` (seconds per weight); sha256 and a file copy of up to
+    64 MiB of the model (bytes per second, in the system temp dir, removed)."""
     big, col = np.tile(r, (max(1, (1 << 20) // r.size), 1)), np.ones(r.shape[1])
     error_s = _timed(lambda: np.square(big - big[::-1]).sum(axis=0, dtype=np.float64) @ col) / big.size
     fold_s = _timed(lambda: (big.astype(np.float16).astype(np.float32) * col).astype(np.float16)) / big.size
-    n = min(64 << 20, info.file_size)
+    n = min(64 << 20, plan.info.file_size)
     with open(plan.model_path, "rb") as f:
         blob = f.read(n)
     hash_bps = n / _timed(lambda: hashlib.sha256(blob).digest())
     with tempfile.TemporaryDirectory(prefix="ramp-probe-") as d:
         (Path(d) / "a").write_bytes(blob)
         copy_bps = n / _timed(shutil.copyfile, Path(d) / "a", Path(d) / "b")
-        for copied in Path(d).iterdir():
-            copied.unlink()
-        mixes = decode_mixes(plan, presets, type_error)
-        decode = decode_ratios(plan, replace(opts, n_ctx=cfg.n_ctx), c, mixes, Path(d))
-    return SpeedProbe(
-        n_threads, len(tokens) // cfg.n_ctx, load_s, tokenize_s, token_s, score_s, base_s, header_s, quant_s,
-        dequant_s, error_s, fold_s, copy_bps, hash_bps, rss_base, ctx_bytes, time.perf_counter() - t_start,
-        load, decode, type_error,
-    )
+    return {"error_s": error_s, "fold_s": fold_s, "hash_bps": hash_bps, "copy_bps": copy_bps}
 
+
+def speed_probe(plan: RunPlan, opts: RuntimeOptions, presets: tuple[str, ...] = ()) -> SpeedProbe:
+    """Measure everything `estimate` needs (module docstring), keeping nothing: 64 MiB and the copy of the
+    first blocks (1.3 GB for a 7B model) are written in the system temp dir and removed. `speedcache.
+    known_speeds` measures only what this machine has not measured before."""
+    t_start, n_threads, rss_base = time.perf_counter(), opts.n_threads or os.cpu_count() or 1, _rss()
+    dec, text, c = measure_decode(plan, opts)
+    header_s, data = measure_header(plan)
+    rows: dict[str, np.ndarray] = {}
+    dequant_s: dict[str, float] = {}
+    quant_s = measure_rates(plan, opts, quant_todo(plan, presets), data, rows, dequant_s)
+    type_error = _type_errors(plan, data, rows)
+    io = measure_io(plan, next(iter(rows.values())))
+    with tempfile.TemporaryDirectory(prefix="ramp-probe-") as d:
+        mixes = decode_mixes(plan, presets, type_error)
+        decode = decode_ratios(plan, replace(opts, n_ctx=plan.cfg.n_ctx), c, mixes, Path(d))
+    return SpeedProbe(
+        n_threads, text.n_avail, dec.load_s, text.tokenize_s, dec.token_s, dec.score_s, dec.base_s, header_s,
+        quant_s, dequant_s, io["error_s"], io["fold_s"], io["copy_bps"], io["hash_bps"], rss_base,
+        dec.ctx_bytes, time.perf_counter() - t_start, dec.load, decode, type_error,
+    )

@@ -39,6 +39,7 @@ from ramp_cpp.pipeline.folddecision import (
     FOLD_CHECK_CHUNKS,
     FOLD_CHUNKS,
     KEPT_UNFOLDED,
+    Fold,
     FoldDecision,
     FoldEvidence,
     load_kept,
@@ -46,7 +47,7 @@ from ramp_cpp.pipeline.folddecision import (
 )
 from ramp_cpp.pipeline.learned import learned_allocation
 from ramp_cpp.pipeline.plan import LEARNED, RunPlan, check_target
-from ramp_cpp.pipeline.sizedconfig import SizedConfig
+from ramp_cpp.pipeline.sizedconfig import SourceChoice
 from ramp_cpp.store.jsonfile import read_keyed, write_keyed
 
 Choice = dict[str, GGMLQuantizationType]
@@ -77,8 +78,8 @@ def prepare_sources(
     calibration: the run's own, `plan.calib`'s, or a new one; the folded model is written once and reused."""
     return {
         f: calibrated_source(
-            plan.model_path, plan.run_dir, replace(plan.cfg, fold=f), opts, plan.calib, progress, plan.info,
-            meter,
+            plan.model_path, plan.run_dir, SourceChoice(plan.cfg.calib, f), opts, plan.calib, progress,
+            plan.info, meter,
         )
         for f in (plan.foldings if foldings is None else foldings)
     }
@@ -86,10 +87,12 @@ def prepare_sources(
 
 @dataclass(frozen=True)
 class Presets:
-    """The run's whole-file `target` in bytes, and the presets' rows of report.json (`points`)."""
+    """The run's whole-file `target` in bytes, and the presets' rows of report.json (`points`), by preset
+    name too (`scored`)."""
 
     target: int
     points: tuple[dict[str, Any], ...]
+    scored: Mapping[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def warm_base(plan: RunPlan, rt: Runtime) -> None:
@@ -104,7 +107,7 @@ def warm_base(plan: RunPlan, rt: Runtime) -> None:
 def scored_chunk_sets(plan: RunPlan) -> list[Any]:
     """The evaluate.EvalConfig of every chunk set the run scores files on (warm_base's)."""
     ecfg = plan.cfg.eval_config
-    cfgs = [ecfg, *([fold_eval_config(plan)] if plan.fold in ("auto", "check") else [])]
+    cfgs = [ecfg, *([fold_eval_config(plan)] if plan.fold.decided_by_run else [])]
     if plan.sensitivity == "measured" and plan.gcfg.chunks is not None:
         cfgs.append(replace(ecfg, n_chunks=min(plan.gcfg.chunks, plan.cfg.chunks)))
     return cfgs
@@ -114,15 +117,16 @@ def fold_eval_config(plan: RunPlan) -> Any:
     """The chunks --fold auto (check) scores both foldings on: the first FOLD_CHUNKS (FOLD_CHECK_CHUNKS) of
     the reward text, and at least the reward chunks."""
     ecfg = plan.cfg.eval_config
-    n = FOLD_CHECK_CHUNKS if plan.fold == "check" else FOLD_CHUNKS
+    n = FOLD_CHECK_CHUNKS if plan.fold is Fold.CHECK else FOLD_CHUNKS
     return replace(ecfg, first_chunk=0, n_chunks=max(n, ecfg.n_chunks or 0), up_to=True)
 
 
 def measure_presets(plan: RunPlan, presets: tuple[str, ...], base_cal: Any, rt: Runtime) -> Presets:
     """Quantize and score each of `presets` with the unfolded model's imatrix (`base_cal`'s), as a llama.cpp
     user would; the preset a --size names is quantized too, for its file size (the target), and scored only
-    when it is among `presets`. Each preset's size and score are saved in the run directory (PRESETS) as it
-    ends: a 7B preset is a quantizer pass and a decode of the reward chunks, not paid again on resume."""
+    when it is among `presets` (the plan's presets hold it: the never-worse rule reads its score). Each
+    preset's size and score are saved in the run directory (PRESETS) as it ends: a 7B preset is a quantizer
+    pass and a decode of the reward chunks, not paid again on resume."""
     from ramp_cpp.llama.evaluate import kld
     from ramp_cpp.llama.quantize import QuantizeOptions, quantize_preset
     from ramp_cpp.measure.tensorcache import imatrix_digest
@@ -132,7 +136,7 @@ def measure_presets(plan: RunPlan, presets: tuple[str, ...], base_cal: Any, rt: 
     key = {"model_sha256": file_sha256_cached(plan.model_path), "imatrix_digest": imatrix_digest(base_im),
            "eval": plan.cfg.eval_config.key()}
     saved = read_keyed(plan.run_dir / PRESETS, key)
-    target, points = plan.target, []
+    target, points, scored_by = plan.target, [], {}
     for name in dict.fromkeys([*presets, *([plan.preset] if plan.preset else [])]):
         scored = name in presets  # else quantized for its size only: no reference point was asked for
         have = saved.get(name)
@@ -154,7 +158,8 @@ def measure_presets(plan: RunPlan, presets: tuple[str, ...], base_cal: Any, rt: 
             check_target(target, plan.lo, plan.hi, f"{name}'s size")
         if scored:
             points.append(have["point"])
-    return Presets(target, tuple(points))
+            scored_by[name] = have["point"]
+    return Presets(target, tuple(points), scored_by)
 
 
 @dataclass(frozen=True)
@@ -218,9 +223,9 @@ def decide_fold(
     methods) scores the lower KLD on the first FOLD_CHUNKS chunks of the reward text; with --fold check,
     folding unless the folded model's allocation, quantized by llama.cpp from the unfolded model with its own
     imatrix, scores clearly lower on FOLD_CHECK_CHUNKS chunks (folddecision.choose_fold)."""
-    if plan.fold == "check":
+    if plan.fold is Fold.CHECK:
         return _check_fold(plan, measured[True], sources[False], target, rt)
-    if plan.fold != "auto":
+    if plan.fold is not Fold.AUTO:
         (folded,) = measured
         return FoldDecision(folded)
     from ramp_cpp.allocate.allocators import ALLOCATORS
@@ -235,7 +240,7 @@ def decide_fold(
 
 def kept_unfolded(plan: RunPlan) -> FoldDecision | None:
     """A resumed run's --fold check that already kept the unfolded model (`release_folded`), else None."""
-    return load_kept(plan.run_dir / KEPT_UNFOLDED) if plan.fold == "check" else None
+    return load_kept(plan.run_dir / KEPT_UNFOLDED) if plan.fold is Fold.CHECK else None
 
 
 def release_folded(plan: RunPlan, folded: Measured, decision: FoldDecision) -> None:
@@ -338,6 +343,7 @@ class Written:
     gguf: Path
     choice: Choice
     meta: dict[str, Any]
+    file_bytes: int = 0  # the allocation's file, as written (the never-worse rule may replace it)
 
 
 def fit_and_write(
@@ -352,7 +358,6 @@ def fit_and_write(
     from ramp_cpp.llama.ggufio import add_metadata
     from ramp_cpp.measure.tensorcache import assemble
 
-    cfg = replace(plan.cfg, fold=m.folded)
     gguf = plan.run_dir / ramp_output_name(plan.model_path, plan.preset or plan.size.strip())
     out = rt.scratch / "out.gguf"
 
@@ -362,8 +367,8 @@ def fit_and_write(
         else:
             choice = ALLOCATORS[plan.method](m.alloc_sens, budget)
         meta = metadata(
-            m.sens, choice, plan.method, plan.size, target, cfg, m.source.base_cal.describe(),
-            plan.sensitivity or "none",
+            m.sens, choice, plan.method, plan.size, target, m.folded, plan.cfg.imatrix,
+            m.source.base_cal.describe(), plan.sensitivity or "none",
         )
         meta.update(decision.metadata())
         return choice, meta
@@ -379,7 +384,7 @@ def fit_and_write(
         add_metadata(out, gguf, meta, force=True)
         over = gguf.stat().st_size - target
         if over <= 0:
-            return Written(gguf, choice, meta)
+            return Written(gguf, choice, meta, gguf.stat().st_size)
         # below this allocation's own bytes: a greedy that left slack under `budget` would otherwise
         # return the same allocation for `budget - over`
         budget = min(budget, m.alloc_sens.file_bytes(choice)) - over
@@ -407,7 +412,8 @@ def metadata(
     method: str,
     size: str,
     target: int,
-    cfg: SizedConfig,
+    folded: bool,
+    imatrix: bool,
     calibration: str,
     sensitivity: str = "proxy",
 ) -> dict[str, Any]:
@@ -426,9 +432,9 @@ def metadata(
         "ramp.tensor_names": names,
         "ramp.tensor_types": [choice[n].name for n in names],
         "ramp.predicted_error": float(sens.error(choice)),
-        "ramp.scale_folding": bool(cfg.fold),
+        "ramp.scale_folding": bool(folded),
         "ramp.calibration": calibration,
-        "ramp.imatrix": bool(cfg.imatrix),
+        "ramp.imatrix": bool(imatrix),
         "ramp.sensitivity": sensitivity,
     }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -90,14 +91,48 @@ def _sha_table(path: str | os.PathLike[str]) -> tuple[Path, str, dict[str, str]]
     return idx, f"{p}|{st.st_size}|{st.st_mtime_ns}", table
 
 
+#: llama.cpp's split GGUF names (llama_split_path: "%s-%05d-of-%05d.gguf", shards counted from 1).
+SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def _split_set(path: str | os.PathLike[str]) -> list[Path]:
+    """Every shard's path when `path` names the first of a split GGUF set of several, else []."""
+    p = Path(path)
+    m = SHARD_NAME.match(p.name)
+    if m is None or int(m["no"]) != 1 or int(m["count"]) < 2:
+        return []
+    return [p.with_name(f"{m['prefix']}-{i:05d}-of-{m['count']}.gguf") for i in range(1, int(m["count"]) + 1)]
+
+
+def _combined(shas: list[str]) -> str:
+    return hashlib.sha256("split:".join(shas).encode()).hexdigest()
+
+
 def known_sha256(path: str | os.PathLike[str]) -> str | None:
-    """The file's sha256 if it was hashed before (read only: hashes nothing)."""
+    """The file's sha256 if it was hashed before (read only: hashes nothing); for the first shard of a
+    split GGUF, the set's key as `file_sha256_cached` makes it."""
+    shards = _split_set(path)
+    if shards:
+        known = [_known_one(p) for p in shards]
+        return _combined([k for k in known if k]) if all(known) else None
+    return _known_one(path)
+
+
+def _known_one(path: str | os.PathLike[str]) -> str | None:
     _, key, table = _sha_table(path)
     return table.get(key)
 
 
 def file_sha256_cached(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) so a 13 GB base is hashed once."""
+    """sha256 of a file, remembered per (path, size, mtime) so a 13 GB base is hashed once. The first shard
+    of a split GGUF stands for the whole model, so its key covers every shard: a hash of their hashes."""
+    shards = _split_set(path)
+    if shards:
+        return _combined([_one_sha256_cached(p) for p in shards])
+    return _one_sha256_cached(path)
+
+
+def _one_sha256_cached(path: str | os.PathLike[str]) -> str:
     idx, key, table = _sha_table(path)
     if key not in table:
         table[key] = file_sha256(path)

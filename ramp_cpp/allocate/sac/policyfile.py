@@ -122,9 +122,14 @@ def load_sized_policy(path: str | os.PathLike[str]) -> Policy:
     """A policy from `search --method sac --size` (rollout.py's budget-relative action); one RampError line
     for anything else, including a policy of the paper's `--budget` search."""
     pol = load_policy(path)
+    check_sized(pol, path)
+    return pol
+
+
+def check_sized(pol: Policy, path: str | os.PathLike[str]) -> None:
+    """A policy read from `path` is a sized one with what its rollout needs; one RampError line otherwise."""
     if not is_sized(pol.meta):
         raise RampError(f"{path}: a policy of the --budget search; apply it with --budget, not --size")
     for key in ("variant", "span", "obs_dim"):
         if key not in pol.meta:
             raise RampError(f"{path}: policy metadata lacks {key!r}")
-    return pol

@@ -71,7 +71,7 @@ class RewardScorer:
         self.seconds = 0.0
 
     def __call__(self, choice: Choice) -> float:
-        from ramp_cpp.measure.tensorcache import assemble
+        from ramp_cpp.write.assemble import assemble
 
         t0 = time.perf_counter()
         assemble(self.cache, choice, self.dst, force=True)  # type: ignore[arg-type]

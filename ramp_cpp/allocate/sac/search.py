@@ -107,8 +107,8 @@ class SizedSearchConfig:
     init_alpha: float = 0.01  # α·H must stay below the O(0.01-0.1) reward differences (Table 9's 0.2 is not)
     # The second look (`rescore`): greedy and the `rescore_top` best allocations scored again on the next
     # `rescore_chunks` chunks of the reward text; the best there is the result (0: no second look). Off by
-    # default because measured no help on the demo model (bench/studies/sac_rescore.py: at Q4_K_M's size it kept
-    # the same allocation, at Q3_K_M's it picked one 6% worse on held-out text than greedy).
+    # default because measured no help on the demo model (bench/studies/sac_rescore.py: at Q4_K_M's size it
+    # kept the same allocation, at Q3_K_M's it picked one 6% worse on held-out text than greedy).
     rescore_top: int = 0
     rescore_chunks: int = 8
     # Ours: episodes per round, scored as one batch (module docstring); 1 is the sequential search.

@@ -17,12 +17,12 @@ import pytest
 import synthetic
 from gguf import GGUFReader
 
+from ramp_cpp.allocate.paper.search import SearchConfig
 from ramp_cpp.allocate.sac.agent import SACConfig
-from ramp_cpp.allocate.sac.paper import SearchConfig
 from ramp_cpp.calibration.artifact import CalibConfig
 from ramp_cpp.errors import RampError
-from ramp_cpp.pipeline.apply import ApplyConfig, apply_policy
-from ramp_cpp.pipeline.paper import search
+from ramp_cpp.pipeline.paper.apply import ApplyConfig, apply_policy
+from ramp_cpp.pipeline.paper.run import search
 
 
 def small(text_file: Path, **kw: object) -> SearchConfig:
@@ -42,7 +42,7 @@ SAC_SMALL = SACConfig(episodes=5, warmup_episodes=2, updates_per_episode=2, batc
 
 
 def log_key(run: Path) -> list[tuple[float, list[int]]]:
-    from ramp_cpp.allocate.sac.paper import load_checkpoint
+    from ramp_cpp.allocate.paper.search import load_checkpoint
 
     _, st = load_checkpoint(run)
     return [(round(r["reward"], 9), r["bits"]) for r in st.log]
@@ -173,7 +173,7 @@ def _cli(*args: str) -> list[str]:
 
 def _search_args(model: Path, text_file: Path, run: Path, episodes: int) -> list[str]:
     return _cli(
-        "search",
+        "paper-search",
         "--model",
         str(model),
         "--out",
@@ -212,7 +212,7 @@ def recipe(text_file: Path) -> Path:
 def _wait_for_episodes(run: Path, proc: subprocess.Popen[bytes], n: int, timeout: float = 120) -> None:
     """Returns with the search stopped (SIGSTOP) at episode >= n: it is frozen while its checkpoint is read,
     so a fast machine cannot run past the last episode between a look and the signal."""
-    from ramp_cpp.allocate.sac.paper import load_checkpoint
+    from ramp_cpp.allocate.paper.search import load_checkpoint
 
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -269,7 +269,7 @@ def test_kill_and_resume(
     assert rc == want, why
     if sig == signal.SIGINT:
         assert b"--resume" in (proc.stderr.read() if proc.stderr else b"")
-    from ramp_cpp.allocate.sac.paper import load_checkpoint
+    from ramp_cpp.allocate.paper.search import load_checkpoint
 
     done = load_checkpoint(run)[1].episode
     assert 3 <= done < n
@@ -283,7 +283,7 @@ def test_kill_and_resume(
 
 
 def test_damaged_checkpoint_is_one_error(tmp_path: Path) -> None:
-    from ramp_cpp.allocate.sac.paper import load_checkpoint
+    from ramp_cpp.allocate.paper.search import load_checkpoint
 
     (tmp_path / "checkpoint.safetensors").write_bytes(b"\x10" + b"\x00" * 50)
     with pytest.raises(RampError, match="not a ramp-cpp checkpoint"):

@@ -1,165 +1,30 @@
-"""Issue 8: the demo table and six bugs, each checked where it showed (a regression test per bug)."""
+"""The demo's pipeline on the synthetic model and the names of what it writes: a search under a real-world
+file name (presets quantized with the unfolded calibration's imatrix, the report's unquantized line, output
+names that keep the model's dots), `demo --evaluations N` then `demo` resuming its own run, the demo table,
+the presets with and without the run's imatrix, and `apply`'s default output name."""
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as T
-from test_search import small
+from test_paper_search import small
 from typer.testing import CliRunner
 
 from ramp_cpp.allocate.sac.agent import SACConfig
 from ramp_cpp.cli.app import app
-from ramp_cpp.errors import RampError
-from ramp_cpp.llama import native, quantize
-from ramp_cpp.llama.ggufio import read_inventory, tensor_types
-from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map
-from ramp_cpp.model.ladder import TYPES, needs_imatrix, tensor_nbytes, type_from_name, written_type
-from ramp_cpp.pipeline.paper import search
+from ramp_cpp.llama import quantize
+from ramp_cpp.llama.ggufio import read_inventory
+from ramp_cpp.llama.quantize import QuantizeOptions
+from ramp_cpp.pipeline.paper.run import search
 
 runner = CliRunner()
 
-# -- 3.6: every type llama.cpp writes, its fallback and its imatrix requirement ----------------------
-
-#: (asked, n_per_row, written): llama.cpp's tensor_type_fallback (src/llama-quant.cpp, as vendored by
-#: llama-cpp-python 0.3.36), read off the source: 256-block IQ types -> IQ4_NL, 32-block types -> F16.
-FALLBACK_CASES = [
-    (T.IQ4_NL, 384, T.IQ4_NL),
-    (T.IQ4_NL, 100, T.F16),
-    (T.IQ4_XS, 256, T.IQ4_XS),
-    (T.IQ4_XS, 384, T.IQ4_NL),
-    (T.IQ4_XS, 100, T.F16),
-    (T.IQ3_S, 576, T.IQ4_NL),
-    (T.IQ3_XXS, 896, T.IQ4_NL),
-    (T.IQ2_XXS, 256, T.IQ2_XXS),
-    (T.IQ2_XXS, 384, T.IQ4_NL),
-    (T.IQ2_XS, 640, T.IQ4_NL),
-    (T.IQ2_S, 640, T.IQ4_NL),
-    (T.IQ1_S, 576, T.IQ4_NL),
-    (T.IQ1_M, 576, T.IQ4_NL),
-    (T.TQ1_0, 384, T.Q4_0),
-    (T.TQ2_0, 384, T.Q4_0),
-    (T.MXFP4, 100, T.F16),
-    (T.Q4_K, 384, T.Q5_0),
-    (T.Q8_0, 100, T.F16),
-]
-
-
-@pytest.mark.parametrize("asked, n_per_row, written", FALLBACK_CASES)
-def test_written_type_follows_llama_cpp_fallback(asked: T, n_per_row: int, written: T) -> None:
-    assert written_type(asked, n_per_row) == written
-
-
-def test_no_fallback_for_large_blocks_is_an_error() -> None:
-    """tensor_type_fallback throws for a type with a block > 32 and no fallback (NVFP4: 64)."""
-    with pytest.raises(RampError, match="no fallback for NVFP4"):
-        written_type(T.NVFP4, 96)
-    assert written_type(T.NVFP4, 128) == T.NVFP4
-
-
-#: ggml_quantize_requires_imatrix (ggml.c) plus tensor_requires_imatrix (llama-quant.cpp).
-NEEDS_IMATRIX = {T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS}
-
-
-@pytest.mark.parametrize("t", list(TYPES), ids=lambda t: t.name)
-def test_imatrix_requirement_and_bytes(t: T) -> None:
-    assert needs_imatrix(t) == (t in NEEDS_IMATRIX)
-    assert type_from_name(t.name.lower()) == t
-    n = 1024  # a multiple of every block: gguf-py's bytes equal ggml_row_size's
-    assert tensor_nbytes(t, 3 * n) == 3 * native.lib().ramp_row_size(int(t), n)
-
-
-def test_writable_types_are_all_of_llama_cpp_quantizer() -> None:
-    """ggml_quantize_chunk's cases; Q8_K and the integer types are not among them."""
-    names = {t.name for t in TYPES}
-    assert {"IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ1_M", "IQ3_S", "TQ1_0", "Q6_K", "BF16"} <= names
-    for bad in ("Q8_K", "I8", "F64"):
-        with pytest.raises(RampError, match="cannot be written"):
-            type_from_name(bad)
-
-
-def _imatrix(model: Path) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(4)
-    return {
-        t.name: rng.uniform(0.1, 3.0, t.n_per_row).astype(np.float32) for t in read_inventory(model).searched
-    }
-
-
-#: (asked for every searched tensor, with an imatrix, written on rows of 256 and of 384 (ffn_down)).
-IQ_MAPS = [
-    ("IQ4_NL", False, "IQ4_NL", "IQ4_NL"),
-    ("IQ4_XS", False, "IQ4_XS", "IQ4_NL"),
-    ("IQ2_XXS", True, "IQ2_XXS", "IQ4_NL"),
-    ("IQ3_XXS", True, "IQ3_XXS", "IQ4_NL"),
-]
-
-
-@pytest.mark.parametrize("asked, with_im, on_256, on_384", IQ_MAPS)
-def test_iq_maps_written_as_predicted(
-    tiny_model: Path, tmp_path: Path, asked: str, with_im: bool, on_256: str, on_384: str
-) -> None:
-    info = read_inventory(tiny_model)
-    assert {t.n_per_row for t in info.searched} == {256, 384}  # synthetic.Spec: n_embd 256, n_ff 384
-    types = {t.name: asked for t in info.searched}
-    opts = QuantizeOptions(imatrix=_imatrix(tiny_model) if with_im else None)
-    r = quantize_map(tiny_model, tmp_path / "q.gguf", types, opts=opts)
-    written = tensor_types(tmp_path / "q.gguf")
-    n_fallback = 0
-    for t in info.searched:
-        want = on_384 if t.n_per_row == 384 else on_256
-        got, nbytes, _ = written[t.name]
-        assert (t.name, got, nbytes) == (t.name, want, tensor_nbytes(T[want], t.n_params))
-        n_fallback += want != asked
-    assert r.n_fallback == n_fallback
-
-
-def test_missing_imatrix_is_refused_before_llama_cpp(
-    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def boom(*a: object, **k: object) -> None:
-        raise AssertionError("llama.cpp was called")
-
-    monkeypatch.setattr(native, "quantize_model", boom)
-    with pytest.raises(
-        RampError, match=r"blk\.0\.attn_q\.weight would be written as IQ2_XXS.*none was given"
-    ):
-        quantize_map(tiny_model, tmp_path / "q.gguf", {"blk.0.attn_q.weight": "IQ2_XXS"})
-    im = {"blk.0.attn_k.weight": np.ones(256, np.float32)}
-    with pytest.raises(RampError, match="has no entry"):
-        quantize_map(
-            tiny_model, tmp_path / "q.gguf", {"blk.0.attn_q.weight": "IQ1_S"}, opts=QuantizeOptions(im)
-        )
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_imatrix_type_that_falls_back_needs_none(tiny_model: Path, tmp_path: Path) -> None:
-    """IQ2_XXS on rows of 384 is written as IQ4_NL, which llama.cpp writes without an imatrix."""
-    quantize_map(tiny_model, tmp_path / "q.gguf", {"blk.0.ffn_down.weight": "IQ2_XXS"})
-    assert tensor_types(tmp_path / "q.gguf")["blk.0.ffn_down.weight"][0] == "IQ4_NL"
-
-
-def test_cli_quantize_accepts_iq_types(tiny_model: Path, tmp_path: Path) -> None:
-    m = tmp_path / "map.json"
-    m.write_text(json.dumps({"blk.0.attn_q.weight": "IQ4_XS", "blk.1.ffn_down.weight": "iq4_nl"}))
-    r = runner.invoke(
-        app, ["quantize", str(tiny_model), "-o", str(tmp_path / "q.gguf"), "--types", str(m), "--json"]
-    )
-    assert r.exit_code == 0, r.output
-    got = {t["name"]: t["ggml_type"] for t in json.loads(r.stdout)["tensors"]}
-    assert (got["blk.0.attn_q.weight"], got["blk.1.ffn_down.weight"]) == ("IQ4_XS", "IQ4_NL")
-    m.write_text(json.dumps({"blk.0.attn_q.weight": "IQ2_XS"}))
-    r = runner.invoke(app, ["quantize", str(tiny_model), "-o", str(tmp_path / "x.gguf"), "--types", str(m)])
-    lines = [x for x in r.stderr.splitlines() if x.strip()]
-    assert r.exit_code == 2 and len(lines) == 1 and "importance matrix" in lines[0], r.output
-
-
-# -- a search on the synthetic model under a real-world file name (3.1, 3.2, 3.3) --------------------
+# -- a search on the synthetic model under a real-world file name --------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +48,7 @@ def named_run(tiny_model: Path, text_file: Path, tmp_path_factory: pytest.TempPa
 
 
 def test_presets_get_the_unfolded_calibrations_imatrix(named_run: Any) -> None:
-    """3.1: llama.cpp's presets quantize the unfolded model, so their imatrix is E[x^2] of x, not x/s."""
+    """llama.cpp's presets quantize the unfolded model, so their imatrix is E[x^2] of x, not x/s."""
     from ramp_cpp.calibration.artifact import load_calibration
     from ramp_cpp.fold.folding import folded_calibration_from_file
 
@@ -202,7 +67,7 @@ def test_presets_get_the_unfolded_calibrations_imatrix(named_run: Any) -> None:
 
 
 def test_report_draws_the_unquantized_line(named_run: Any) -> None:
-    """3.2: the meta the search writes makes every quality plot draw the base model's line."""
+    """The meta the search writes makes every quality plot draw the base model's line."""
     from ramp_cpp.pipeline.report import plot_best_so_far, plot_pareto, plot_training
 
     res = named_run[0]
@@ -233,7 +98,7 @@ def test_report_draws_the_unquantized_line(named_run: Any) -> None:
     ],
 )
 def test_model_stem(name: str, stem: str) -> None:
-    """3.3: strip a trailing .gguf and one trailing precision tag, nothing else."""
+    """Strip a trailing .gguf and one trailing precision tag, nothing else."""
     from ramp_cpp.fold.source import model_stem, ramp_output_name
 
     assert model_stem(name) == stem
@@ -244,7 +109,7 @@ def test_search_output_keeps_the_dots(named_run: Any) -> None:
     assert named_run[0].gguf.name == "Syn2.5-0.1B-Instruct.ramp-4.5.gguf"
 
 
-# -- 3.4: `demo --evaluations N` then `demo` resumes its own run -------------------------------------
+# -- `demo --evaluations N` then `demo` resumes its own run -------------------------------------
 
 
 def _synthetic_eval_text(monkeypatch: pytest.MonkeyPatch, text_file: Path) -> None:
@@ -298,67 +163,7 @@ def test_demo_end_to_end_and_resume(
     assert json.loads(settings.read_text())["sac"]["span"] != 99.0
 
 
-# -- 3.5: a budget out of range is refused before any work ------------------------------------------
-
-
-@pytest.fixture()
-def policy(tmp_path: Path) -> Path:
-    from ramp_cpp.allocate.sac.agent import SAC
-    from ramp_cpp.allocate.sac.policyfile import actor_tensors, save_policy
-
-    agent = SAC(11, SACConfig(hidden=(32, 32, 16), seed=1))
-    t = actor_tensors(agent.actor, np.zeros(11, np.float32), np.ones(11, np.float32))
-    return save_policy(t, {"features": "ramp", "bits": [3, 4, 5, 6]}, tmp_path / "policy.safetensors")
-
-
-@pytest.fixture()
-def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ramp_cpp.calibration.collect
-    import ramp_cpp.fold.folding
-    import ramp_cpp.measure.tensorcache
-
-    def boom(*a: object, **k: object) -> None:
-        raise AssertionError("expensive work started before the budget check")
-
-    monkeypatch.setattr(ramp_cpp.calibration.collect, "calibrate", boom)
-    monkeypatch.setattr(ramp_cpp.fold.folding, "fold", boom)
-    monkeypatch.setattr(ramp_cpp.measure.tensorcache, "build_cache", boom)
-
-
-def test_apply_budget_policy_refuses_workers(
-    tiny_model: Path, policy: Path, tmp_path: Path, no_work: None
-) -> None:
-    r = runner.invoke(
-        app, ["apply", str(policy), str(tiny_model), "-o", str(tmp_path / "o.gguf"), "--budget", "4.5",
-              "--workers", "2"],
-    )
-    lines = [x for x in r.stderr.splitlines() if x.strip()]
-    assert r.exit_code == 2 and len(lines) == 1 and "--workers/--ray" in lines[0], r.output
-    assert not (tmp_path / "o.gguf").exists()
-
-
-def test_apply_checks_the_budget_first(tiny_model: Path, policy: Path, tmp_path: Path, no_work: None) -> None:
-    from ramp_cpp.pipeline.apply import ApplyConfig, apply_policy
-
-    with pytest.raises(RampError, match="feasible range"):
-        apply_policy(policy, tiny_model, tmp_path / "o.gguf", ApplyConfig(budget=2.5, budget_mode="nominal"))
-    r = runner.invoke(
-        app, ["apply", str(policy), str(tiny_model), "-o", str(tmp_path / "o.gguf"), "--size", "100KiB"]
-    )
-    lines = [x for x in r.stderr.splitlines() if x.strip()]
-    assert r.exit_code == 2 and len(lines) == 1 and "feasible range" in lines[0], r.output
-    assert not (tmp_path / "o.gguf").exists()
-
-
-def test_search_checks_the_budget_first(
-    tiny_model: Path, text_file: Path, tmp_path: Path, no_work: None
-) -> None:
-    with pytest.raises(RampError, match="feasible range"):
-        search(tiny_model, tmp_path / "r", replace(small(text_file), budget=7.0), SACConfig(episodes=1))
-    assert not (tmp_path / "r").exists()
-
-
-# -- 2: the demo table ------------------------------------------------------------------------------
+# -- the demo table ---------------------------------------------------------------------------------
 
 
 def test_demo_table_fits_80_columns() -> None:
@@ -429,7 +234,7 @@ def test_demo_presets_with_and_without_the_runs_imatrix(
 
 
 def test_apply_default_output_name(tiny_model: Path, policy: Path, text_file: Path, tmp_path: Path) -> None:
-    """3.3 in apply: without -o the output is MODEL.ramp-BUDGET.gguf beside the model, dots kept."""
+    """Without -o the output is MODEL.ramp-BUDGET.gguf beside the model, dots kept."""
     model = tmp_path / "Syn2.5-0.1B.f16.gguf"
     shutil.copy(tiny_model, model)
     recipe = tmp_path / "r.toml"

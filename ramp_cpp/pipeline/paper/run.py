@@ -1,5 +1,5 @@
-"""The paper's `--budget` run (`ramp-cpp search --budget`) around its allocator, the SAC search of
-`ramp_cpp.allocate.sac.paper` (paper §3, Algorithm 1):
+"""The paper's `--budget` run (`ramp-cpp paper-search`) around its allocator, the SAC search of
+`ramp_cpp.allocate.paper.search` (paper §3, Algorithm 1):
 
 - `prepare`: calibrate (or reuse), fold (§4.3), compute the layer embeddings (Table 24), quantize every
   searched tensor once per rung (the tensor cache) and score the base model on the reward chunks; each
@@ -23,8 +23,7 @@ import numpy as np
 
 from ramp_cpp import __version__
 from ramp_cpp.allocate.budget import costs
-from ramp_cpp.allocate.sac.agent import SAC, SACConfig
-from ramp_cpp.allocate.sac.paper import (
+from ramp_cpp.allocate.paper.search import (
     CHECKPOINT,
     Environment,
     OnEpisode,
@@ -36,6 +35,7 @@ from ramp_cpp.allocate.sac.paper import (
     save_checkpoint,
     train,
 )
+from ramp_cpp.allocate.sac.agent import SAC, SACConfig
 from ramp_cpp.calibration.features import Features
 from ramp_cpp.errors import RampError
 from ramp_cpp.fold.source import (
@@ -53,6 +53,22 @@ from ramp_cpp.llama.evaluate import base_logprobs, eval_chunks, kld_loaded
 from ramp_cpp.store.atomic import atomic_path
 
 SETTINGS = "run.json"
+#: the paper's bit ceiling when neither --budget nor --size is given (Table 10: target 4.0, ceiling 4.25)
+DEFAULT_BUDGET = 4.25
+
+
+def resolve_budget(
+    model: str | os.PathLike[str], budget: float | None, mode: str, size: str | None
+) -> tuple[float, str]:
+    """--budget / --budget-mode / --size: the bit budget and its mode (a --size becomes MODEL's bits)."""
+    from ramp_cpp.allocate.budget import size_budget
+    from ramp_cpp.llama.ggufio import read_inventory
+
+    if size is not None:
+        if budget is not None:
+            raise RampError("give either --budget or --size, not both")
+        return size_budget(read_inventory(model), size), "size"
+    return (DEFAULT_BUDGET if budget is None else budget), mode
 
 
 # -- preparing a run --------------------------------------------------------------------------------

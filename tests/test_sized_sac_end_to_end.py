@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from gguf import GGUFReader
-from test_cli_search import one_error_line
+from test_cli_errors import one_error_line
 from typer.testing import CliRunner
 
 from ramp_cpp.allocate.sac.policyfile import is_sized, load_policy
@@ -74,7 +74,7 @@ def test_apply_sized_policy_zero_shot(run: dict[str, Any], tiny_model: Path) -> 
     assert r.exit_code == 0, r.output
     report = json.loads((run["dir"] / "run" / "report.json").read_text())["summary"]
     assert out.stat().st_size <= report["target_bytes"]
-    assert not list(run["dir"].glob(".ramp-apply-*"))  # the run directory is gone
+    assert (run["dir"] / "applied.run" / "run.json").is_file()  # its run folder, beside the output, stays
     meta = {f.name: f.contents() for f in GGUFReader(out).fields.values() if f.name.startswith("ramp.")}
     assert meta["ramp.method"] == "policy"
     # a zero-evaluation apply folds by the rule (default_fold): no fold decision was evaluated

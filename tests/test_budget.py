@@ -1,13 +1,19 @@
-"""Action -> rung mapping, budget measures against written bytes, feasibility, repair."""
+"""Budgets (allocate/budget.py): action -> rung mapping, budget measures against written bytes, feasibility,
+repair; and a budget out of range refused by `search` and `apply` before any expensive work."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_paper_search import small
+from typer.testing import CliRunner
 
 from ramp_cpp.allocate.budget import Budget, costs, parse_size, repair, rung_of, size_budget
+from ramp_cpp.allocate.sac.agent import SACConfig
+from ramp_cpp.cli.app import app
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.ggufio import read_inventory
 from ramp_cpp.llama.quantize import quantize_map
@@ -119,3 +125,58 @@ def test_repair_demotes_least_certain_first(tiny_model: Path) -> None:
     actions = [0.01] + [0.9] * (n - 1)
     out = repair([1] * n, actions, c, Budget(4.0 - 1.0 / n + 1e-9, margin=0.0, mode="nominal"))
     assert out[0] == 0 and sum(out) == n - 1
+
+
+# -- a budget out of range is refused before any work ------------------------------------------------
+
+
+@pytest.fixture()
+def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ramp_cpp.calibration.collect
+    import ramp_cpp.fold.folding
+    import ramp_cpp.measure.tensorcache
+
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("expensive work started before the budget check")
+
+    monkeypatch.setattr(ramp_cpp.calibration.collect, "calibrate", boom)
+    monkeypatch.setattr(ramp_cpp.fold.folding, "fold", boom)
+    monkeypatch.setattr(ramp_cpp.measure.tensorcache, "build_cache", boom)
+
+
+runner = CliRunner()
+
+
+def test_apply_budget_policy_refuses_workers(
+    tiny_model: Path, policy: Path, tmp_path: Path, no_work: None
+) -> None:
+    r = runner.invoke(
+        app, ["apply", str(policy), str(tiny_model), "-o", str(tmp_path / "o.gguf"), "--budget", "4.5",
+              "--workers", "2"],
+    )
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "--workers/--ray" in lines[0], r.output
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_apply_checks_the_budget_first(tiny_model: Path, policy: Path, tmp_path: Path, no_work: None) -> None:
+    from ramp_cpp.pipeline.paper.apply import ApplyConfig, apply_policy
+
+    with pytest.raises(RampError, match="feasible range"):
+        apply_policy(policy, tiny_model, tmp_path / "o.gguf", ApplyConfig(budget=2.5, budget_mode="nominal"))
+    r = runner.invoke(
+        app, ["apply", str(policy), str(tiny_model), "-o", str(tmp_path / "o.gguf"), "--size", "100KiB"]
+    )
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "feasible range" in lines[0], r.output
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_search_checks_the_budget_first(
+    tiny_model: Path, text_file: Path, tmp_path: Path, no_work: None
+) -> None:
+    from ramp_cpp.pipeline.paper import search
+
+    with pytest.raises(RampError, match="feasible range"):
+        search(tiny_model, tmp_path / "r", replace(small(text_file), budget=7.0), SACConfig(episodes=1))
+    assert not (tmp_path / "r").exists()

@@ -99,7 +99,7 @@ def test_projection_refuses_an_infeasible_budget() -> None:
 # --- rollout ----------------------------------------------------------------------------------------------
 
 
-def test_zero_action_is_uniform_at_the_budget() -> None:
+def test_zero_action_gives_every_tensor_the_type_at_the_budget() -> None:
     sens = sens_of([1.0] * 6)
     ctx = ctx_of(sens, budget_at(sens, 4.5), projection=False)
     ep = rollout(ctx, lambda s: 0.0)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from gguf import GGUFReader
-from test_cli_search import one_error_line
+from test_cli_errors import one_error_line
 from typer.testing import CliRunner
 
 from ramp_cpp.calibration.artifact import CalibConfig
@@ -19,6 +19,7 @@ from ramp_cpp.errors import RampError
 from ramp_cpp.llama.ggufio import read_inventory
 from ramp_cpp.measure.candidates import CandidateConfig
 from ramp_cpp.pipeline.plan import size_range
+from ramp_cpp.pipeline.request import SizedRequest
 from ramp_cpp.pipeline.run import DirectResult, run_direct
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
@@ -42,7 +43,8 @@ def runs(
     d = tmp_path_factory.mktemp("direct")
     lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
     size = f"{(lo + hi) / 2 / 1024:.1f}KiB"
-    return {m: run_direct(tiny_model, d / m, m, size, cfg(text_file), presets=("Q4_K_M",)) for m in METHODS}
+    return {m: run_direct(SizedRequest(tiny_model, d / m, m, size, cfg(text_file),
+        presets=("Q4_K_M",))) for m in METHODS}
 
 
 @pytest.mark.parametrize("method", ["uniform", "greedy"])
@@ -72,15 +74,16 @@ def test_rerun_reuses_the_run_and_refuses_other_settings(
 ) -> None:
     r = runs["greedy"]
     size = json.loads((r.run_dir / "run.json").read_text())["size"]
-    again = run_direct(tiny_model, r.run_dir, "greedy", size, cfg(text_file), presets=())
+    again = run_direct(SizedRequest(tiny_model, r.run_dir, "greedy", size, cfg(text_file), presets=()))
     assert again.file_bytes == r.file_bytes
     with pytest.raises(RampError, match="other settings"):
-        run_direct(tiny_model, r.run_dir, "uniform", "1MiB", cfg(text_file), presets=())
+        run_direct(SizedRequest(tiny_model, r.run_dir, "uniform", "1MiB", cfg(text_file), presets=()))
 
 
 def test_bad_requests_fail_before_work(tiny_model: Path, tmp_path: Path) -> None:
     base = ["search", "--model", str(tiny_model), "--out", str(tmp_path / "r")]
-    one_error_line(runner.invoke(app, [*base, "--method", "greedy"]), "--size")
+    r = runner.invoke(app, [*base, "--method", "greedy"])
+    assert r.exit_code == 2 and "--size" in r.output
     one_error_line(runner.invoke(app, [*base, "--method", "greedy", "--size", "1KiB"]), "feasible range")
     one_error_line(runner.invoke(app, [*base, "--method", "best", "--size", "1MiB"]), "unknown method")
     one_error_line(
@@ -114,7 +117,8 @@ def test_fold_auto_measures_both_and_keeps_the_better(
 ) -> None:
     lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
     size = f"{(lo + hi) / 2 / 1024:.1f}KiB"
-    r = run_direct(tiny_model, tmp_path / "auto", "greedy", size, cfg(text_file), presets=(), fold="auto")
+    r = run_direct(SizedRequest(tiny_model, tmp_path / "auto", "greedy", size, cfg(text_file), presets=(),
+        fold="auto"))
     fold = json.loads(r.report.read_text())["summary"]["fold"]
     klds, ev = fold["reward_kld"], fold["evidence"]
     assert set(klds) == {"on", "off"} and fold["allocator"] == "greedy"
@@ -128,9 +132,10 @@ def test_fold_auto_measures_both_and_keeps_the_better(
 
 def test_fold_options_fail_before_work(tiny_model: Path, tmp_path: Path) -> None:
     base = ["search", "--model", str(tiny_model), "--out", str(tmp_path / "r")]
-    one_error_line(runner.invoke(app, [*base, "--size", "1MiB", "--fold", "maybe"]), "unknown --fold")
-    one_error_line(runner.invoke(app, [*base, "--size", "1MiB", "--fold", "on", "--no-fold"]), "contradicts")
-    one_error_line(runner.invoke(app, [*base, "--budget", "4.5", "--fold", "auto"]), "--size search")
+    r = runner.invoke(app, [*base, "--size", "1MiB", "--fold", "maybe"])
+    assert r.exit_code == 2 and "--fold" in r.output and "check" in r.output  # click names the legal values
+    paper = ["paper-search", "--model", str(tiny_model), "--out", str(tmp_path / "r"), "--budget", "4.5"]
+    one_error_line(runner.invoke(app, [*paper, "--fold", "auto"]), "paper-search takes on or off")
     assert not (tmp_path / "r").exists()
 
 
@@ -155,13 +160,13 @@ def test_plan_refuses_bad_requests_before_any_work(tiny_model: Path, text_file: 
     ]:
         args: dict[str, Any] = {"method": "greedy", "size": size, **kw}
         with pytest.raises(RampError, match=msg):
-            plan_run(tiny_model, rd, args.pop("method"), args.pop("size"), c, cc, **args)
+            plan_run(SizedRequest(tiny_model, rd, args.pop("method"), args.pop("size"), c, cc, **args))
     for bad, msg in [({"chunks": 0}, "at least 1"), ({"text": "wikitext2-test"}, "held out")]:
         with pytest.raises(RampError, match=msg):
             SizedConfig(**bad)  # type: ignore[arg-type]
     assert not rd.exists()  # nothing written
 
-    plan = plan_run(tiny_model, rd, "greedy", size, c, cc, fold="auto")
+    plan = plan_run(SizedRequest(tiny_model, rd, "greedy", size, c, cc, fold="auto"))
     assert plan.foldings == (False, True) and plan.target > 0 and plan.info.path == str(tiny_model)
     assert plan.settings["search"] == c.to_json() and plan.settings["fold"] == "auto"
     assert plan.cache_root == rd / "cache" and not rd.exists()
@@ -169,27 +174,39 @@ def test_plan_refuses_bad_requests_before_any_work(tiny_model: Path, text_file: 
     other = {**plan.settings, "method": "uniform"}
     (rd / "run.json").write_text(json.dumps(other))
     with pytest.raises(OtherSettings, match="method"):
-        plan_run(tiny_model, rd, "greedy", size, c, cc, fold="auto")
+        plan_run(SizedRequest(tiny_model, rd, "greedy", size, c, cc, fold="auto"))
 
 
-def test_sized_config_keeps_the_run_json_layout() -> None:
-    """run.json's "search" as the paper's SearchConfig(budget_mode="size", metric="kld") wrote it, key order
-    included; a run directory holding other values of the paper's fields (never read) is the same request."""
+#: run.json's "search" entry as the sized run wrote it while it borrowed the paper's SearchConfig (before
+#: issue 38): the paper's fields, and Scale Folding as a boolean that --fold off left true (--no-fold: false)
+LEGACY = {
+    "budget": 4.25, "margin": 0.25, "budget_mode": "size", "metric": "kld", "bits": [3, 4, 5, 6],
+    "include_embeddings": False, "base_type": "Q8_0", "text": "t.txt", "n_ctx": 512, "first_chunk": 0,
+    "chunks": 2, "features": "ramp", "eval_every": 10, "fold": True, "imatrix": True,
+    "calib": {"text": "t.txt", "samples": 2, "ctx": 64, "seed": 0},
+}
+
+
+@pytest.mark.parametrize(("legacy", "fold", "same"), [
+    ({"search": LEGACY}, "on", True),
+    ({"search": LEGACY}, "off", True),  # --fold off wrote search.fold true
+    ({"search": {**LEGACY, "fold": False}}, "off", True),  # --no-fold
+    ({"search": {**LEGACY, "fold": False}}, "on", False),
+    ({"search": LEGACY, "fold": "auto"}, "auto", True),
+    ({"search": LEGACY, "fold": "check"}, "auto", False),
+    ({"search": {**LEGACY, "budget_mode": "weighted", "metric": "ppl"}}, "on", True),  # a SearchConfig()
+])
+def test_a_run_json_of_before_is_the_same_request(legacy: dict[str, Any], fold: str, same: bool) -> None:
+    """Today's run.json holds the sized fields alone and the fold at its top level; one written before the
+    paper's fields left the sized run is the same request when its sized fields and folding agree."""
     from ramp_cpp.pipeline.sizedconfig import settings_differ
 
-    c = SizedConfig(text="t.txt", chunks=2, fold=False, calib=CalibConfig(text="t.txt", samples=2, ctx=64))
-    want = {
-        "budget": 4.25, "margin": 0.25, "budget_mode": "size", "metric": "kld", "bits": [3, 4, 5, 6],
-        "include_embeddings": False, "base_type": "Q8_0", "text": "t.txt", "n_ctx": 512, "first_chunk": 0,
-        "chunks": 2, "features": "ramp", "eval_every": 10, "fold": False, "imatrix": True,
-        "calib": {"text": "t.txt", "samples": 2, "ctx": 64, "seed": 0},
-    }
-    assert json.dumps(c.to_json()) == json.dumps(want)
-    paper = {**want, "budget_mode": "weighted", "metric": "ppl"}  # as a library caller's SearchConfig() had
-    old = {"ramp_version": "0.0.9", "method": "greedy", "search": paper}
-    new = {"ramp_version": "0.1.0", "method": "greedy", "search": c.to_json()}
-    assert settings_differ(old, new) == []
-    assert settings_differ(old, {**new, "search": {**c.to_json(), "chunks": 3}}) == ["search"]
+    c = SizedConfig(text="t.txt", chunks=2, calib=CalibConfig(text="t.txt", samples=2, ctx=64))
+    assert list(c.to_json()) == ["text", "n_ctx", "first_chunk", "chunks", "imatrix", "calib"]
+    old = {"ramp_version": "0.0.9", "method": "greedy", **legacy}
+    new = {"ramp_version": "0.1.0", "method": "greedy", "fold": fold, "search": c.to_json()}
+    assert settings_differ(old, new) == ([] if same else ["fold"])
+    assert "search" in settings_differ(old, {**new, "search": {**c.to_json(), "chunks": 3}})
 
 
 def test_fold_stage_scores_nothing_unless_auto(tiny_model: Path, text_file: Path, tmp_path: Path) -> None:
@@ -202,7 +219,8 @@ def test_fold_stage_scores_nothing_unless_auto(tiny_model: Path, text_file: Path
 
     _, hi = size_range(read_inventory(tiny_model), CandidateConfig())
     size = f"{hi / 1024:.1f}KiB"
-    plan = plan_run(tiny_model, tmp_path / "r", "sac", size, cfg(text_file), CandidateConfig(), fold="off")
+    plan = plan_run(SizedRequest(tiny_model, tmp_path / "r", "sac", size, cfg(text_file), CandidateConfig(),
+        fold="off"))
     rt = Runtime(RuntimeOptions(), RuntimeOptions(), tmp_path / "no-scratch")
     d = decide_fold(plan, {False: object()}, {}, hi, rt)  # type: ignore[dict-item]
     assert d == FoldDecision(False) and d.to_json() == {"choice": "off"} and d.metadata() == {}
@@ -250,10 +268,11 @@ def test_plan_refuses_a_run_the_disk_cannot_hold(
     lo, hi = size_range(read_inventory(tiny_model), cc)
     rd = tmp_path / "run"
     if refused is None:
-        plan_run(tiny_model, rd, "greedy", str((lo + hi) // 2), cfg(text_file), cc, fold=fold)
+        plan_run(SizedRequest(tiny_model, rd, "greedy", str((lo + hi) // 2), cfg(text_file), cc, fold=fold))
     else:
         with pytest.raises(RampError, match=refused):
-            plan_run(tiny_model, rd, "greedy", str((lo + hi) // 2), cfg(text_file), cc, fold=fold)
+            plan_run(SizedRequest(tiny_model, rd, "greedy", str((lo + hi) // 2), cfg(text_file), cc,
+                fold=fold))
     assert not rd.exists()
 
 
@@ -291,9 +310,10 @@ def test_plan_refuses_quantized_input_and_a_size_above_the_largest_file(
     q = tmp_path / "q.gguf"
     quantize_preset(tiny_model, q, "Q8_0", QuantizeOptions())
     with pytest.raises(RampError, match="already quantized"):
-        plan_run(q, tmp_path / "a", "greedy", "Q4_K_M", cfg(text_file), CandidateConfig())
+        plan_run(SizedRequest(q, tmp_path / "a", "greedy", "Q4_K_M", cfg(text_file), CandidateConfig()))
     with pytest.raises(RampError, match="above the largest file"):
-        plan_run(tiny_model, tmp_path / "b", "greedy", "50GiB", cfg(text_file), CandidateConfig())
+        plan_run(SizedRequest(tiny_model, tmp_path / "b", "greedy", "50GiB", cfg(text_file),
+            CandidateConfig()))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -318,7 +338,7 @@ def test_a_fold_check_that_keeps_the_unfolded_model_frees_the_folded_files_and_r
 
     monkeypatch.setattr(run, "measure_source", killed_before_the_unfolded_model)
     with pytest.raises(KeyboardInterrupt):
-        run_direct(tiny_model, rd, "greedy", size, cfg(text_file), presets=(), fold="check")
+        run_direct(SizedRequest(tiny_model, rd, "greedy", size, cfg(text_file), presets=(), fold="check"))
     assert (rd / folddecision.KEPT_UNFOLDED).is_file()
     assert not (rd / "folded.f16.gguf").exists() and folded_cache and not folded_cache[0].exists()
 
@@ -327,7 +347,7 @@ def test_a_fold_check_that_keeps_the_unfolded_model_frees_the_folded_files_and_r
 
     monkeypatch.setattr(folddecision, "choose_fold", no_second_decision)
     monkeypatch.setattr(run, "measure_source", real)
-    r = run_direct(tiny_model, rd, "greedy", size, cfg(text_file), presets=(), fold="check")
+    r = run_direct(SizedRequest(tiny_model, rd, "greedy", size, cfg(text_file), presets=(), fold="check"))
     stages = [c.stage for c in r.costs]
     assert "fold" not in stages and not any("(folded)" in s for s in stages)
     assert "tensor cache + proxy (unfolded)" in stages and not (rd / "folded.f16.gguf").exists()

@@ -1,4 +1,5 @@
-"""CLI of features / search / apply: output on good input, one `error:` line and exit 2 on bad input."""
+"""CLI of features / search / paper-search / apply: output on good input, one `error:` line and exit 2 on bad
+input; an option of the other search is no option of this one."""
 
 from __future__ import annotations
 
@@ -37,23 +38,36 @@ def test_features_bad_calibration(tiny_model: Path, tmp_path: Path) -> None:
     one_error_line(runner.invoke(app, ["features", str(tiny_model), "--calib", str(bad)]), "calibration")
 
 
-def test_search_budget_out_of_range(tiny_model: Path, tmp_path: Path) -> None:
+def test_paper_search_budget_out_of_range(tiny_model: Path, tmp_path: Path) -> None:
     r = runner.invoke(
-        app, ["search", "--model", str(tiny_model), "--out", str(tmp_path / "r"), "--budget", "2"]
+        app, ["paper-search", "--model", str(tiny_model), "--out", str(tmp_path / "r"), "--budget", "2"]
     )
     one_error_line(r, "feasible range")
 
 
+def no_such_option(r: object, option: str) -> None:
+    """click's refusal of an option the command does not have: exit 2, naming it."""
+    assert r.exit_code == 2 and "No such option" in r.output and option in r.output, r.output  # type: ignore[attr-defined]
+
+
 def test_search_bad_options(tiny_model: Path, tmp_path: Path) -> None:
+    paper = ["paper-search", "--model", str(tiny_model), "--out", str(tmp_path / "r")]
+    one_error_line(runner.invoke(app, [*paper, "--metric", "bleu"]), "unknown metric")
+    one_error_line(runner.invoke(app, [*paper, "--bits", "3,x"]), "--bits")
+    one_error_line(runner.invoke(app, [*paper, "--bits", "3,7"]), "bit-widths")
+    none = ["paper-search", "--out", str(tmp_path / "none")]
+    one_error_line(runner.invoke(app, none), "--model is required")
+    one_error_line(runner.invoke(app, [*paper, "--resume"]), "no run to resume")
+    one_error_line(runner.invoke(app, [*paper, "--text", "wikitext2-test"]), "held out")
+    one_error_line(runner.invoke(app, [*paper, "--fold", "check"]), "paper-search takes on or off")
+    no_such_option(runner.invoke(app, [*paper, "--size", "1MiB"]), "--size")
     base = ["search", "--model", str(tiny_model), "--out", str(tmp_path / "r")]
-    one_error_line(runner.invoke(app, [*base, "--metric", "bleu"]), "unknown metric")
-    one_error_line(runner.invoke(app, [*base, "--bits", "3,x"]), "--bits")
-    one_error_line(runner.invoke(app, [*base, "--bits", "3,7"]), "bit-widths")
     one_error_line(runner.invoke(app, [*base, "--size", "huge"]), "--size")
-    one_error_line(runner.invoke(app, [*base, "--size", "1MiB", "--budget", "5"]), "not both")
-    one_error_line(runner.invoke(app, ["search", "--out", str(tmp_path / "none")]), "--model is required")
-    one_error_line(runner.invoke(app, [*base, "--resume"]), "no run to resume")
-    one_error_line(runner.invoke(app, [*base, "--text", "wikitext2-test"]), "held out")
+    one_error_line(runner.invoke(app, [*base, "--size", "1MiB", "--text", "wikitext2-test"]), "held out")
+    no_such_option(runner.invoke(app, [*base, "--size", "1MiB", "--budget", "5"]), "--budget")
+    r = runner.invoke(app, base)
+    assert r.exit_code == 2 and "--size" in r.output  # the whole-file search needs its size
+    assert not (tmp_path / "r").exists()
 
 
 def test_apply_bad_policy(tiny_model: Path, tmp_path: Path) -> None:
@@ -71,8 +85,8 @@ def test_rollouts_only_for_the_sized_sac_search(tiny_model: Path, tmp_path: Path
     out = ["--model", str(tiny_model), "--out", str(tmp_path / "r")]
     greedy = ["search", *out, "--method", "greedy", "--size", "1MiB"]
     one_error_line(runner.invoke(app, [*greedy, "--rollouts", "2"]), "--rollouts applies to --method sac")
-    one_error_line(runner.invoke(app, ["search", *out, "--budget", "4.5", "--rollouts", "2"]),
-                   "--rollouts applies to a --size search")
+    paper = ["paper-search", *out, "--budget", "4.5", "--rollouts", "2"]
+    no_such_option(runner.invoke(app, paper), "--rollouts")
     r = runner.invoke(app, ["search", *out, "--size", "1MiB", "--rollouts", "0"])
     assert r.exit_code == 2 and "--rollouts" in r.output
     assert not (tmp_path / "r").exists()

@@ -19,7 +19,7 @@ Episodes cost about one forward pass: every searched tensor is quantized once pe
 quantizer (tensorcache), an episode's GGUF is assembled from those bytes on tmpfs, loaded, and scored on a
 fixed chunk subset of the reward text against cached base log-probs. Allocations already evaluated are
 memoized. The run around this loop (calibrate, fold, build the tensor cache and the base statistics; write
-the policy, allocation, GGUF and report) is `ramp_cpp.pipeline.paper`.
+the policy, allocation, GGUF and report) is `ramp_cpp.pipeline.paper.run`.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ class SearchConfig:
 
 @dataclass
 class Prepared:
-    """Everything an episode needs, built once per run by `ramp_cpp.pipeline.paper.prepare` (each piece also
+    """Everything an episode needs, built once per run by `ramp_cpp.pipeline.paper.run.prepare` (each piece
+    also
     saved in the run directory)."""
 
     model_path: str  # the original model
@@ -116,7 +117,7 @@ class Prepared:
     features: Features
     z: np.ndarray  # standardized static features (L, 11)
     costs: Costs
-    cache: Any  # tensorcache.TensorCache
+    cache: Any  # write.cachefiles.TensorCache
     chunks: list[np.ndarray]
     base: BaseLogprobs
     base_ppl: float
@@ -191,7 +192,7 @@ class Environment:
         self, rungs: list[int], memo: dict[str, tuple[float, float]]
     ) -> tuple[float, float, dict[str, float], bool]:
         """(ppl, mean kld, seconds per phase, memo hit) of an allocation."""
-        from ramp_cpp.measure.tensorcache import assemble
+        from ramp_cpp.write.assemble import assemble
 
         types = self.prep.costs.types_of(rungs)
         key = ",".join(types[n] for n in self.prep.costs.names)

@@ -1,0 +1,52 @@
+"""`fold`: Scale Folding (paper §4.3) of an F16 model with its calibration, the folded model's calibration
+written too when asked (ramp_cpp/fold/folding.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ramp_cpp.cli.common import ForceOpt, JsonOpt, bar, chunk_progress, emit, out
+from ramp_cpp.errors import RampError
+
+
+def fold(
+    model: Annotated[Path, typer.Argument(help="F16/BF16/F32 GGUF to fold.")],
+    calib: Annotated[Path, typer.Option("--calib", help="Calibration of MODEL from `ramp-cpp calibrate`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folded GGUF.")],
+    calib_out: Annotated[
+        Path | None,
+        typer.Option("--calib-out", help="Also write the calibration of the folded model (x/s inputs)."),
+    ] = None,
+    f32: Annotated[bool, typer.Option("--f32", help="Store the folded linears as F32.")] = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Scale folding (paper §4.3): W <- W·diag(s), norm <- norm/s with s = sqrt(max|x|)/mean + 1e-5."""
+    from ramp_cpp.calibration.artifact import load_calibration, save_calibration
+    from ramp_cpp.fold.folding import fold as run_fold
+    from ramp_cpp.store.atomic import check_output
+
+    check_output(output, force)
+    if calib_out is not None:
+        check_output(calib_out, force)
+        if calib_out.resolve() == output.resolve():
+            raise RampError("--calib-out and --output name the same file")
+    cal = load_calibration(calib)
+    with bar("fold") as p:
+        r = run_fold(model, cal, output, force=force, progress=chunk_progress(p, "tensors"), f32=f32)
+    if calib_out is not None:
+        save_calibration(r.calibration, calib_out, force)
+    s = r.summary()
+    if as_json:
+        emit({**s, "calib_out": str(calib_out) if calib_out else None})
+        return
+    out.print(
+        f"wrote {output}: {s['groups']} norm groups, {s['linears']} linears ({s['linear_type']}) folded, "
+        f"s in [{s['s_min']:.3g}, {s['s_max']:.3g}], {s['seconds']:.1f} s"
+        + (f"; folded calibration {calib_out}" if calib_out else ""),
+        soft_wrap=True,
+    )

@@ -1,0 +1,103 @@
+"""The never-worse rule of a sized run: a file that scores worse on the reward text than llama.cpp's preset of
+the same size (the one a `--size` names; the presets stage has already scored it, with the same imatrix) is
+not shipped. The preset's own file, as llama.cpp's quantizer writes it (exactly the target's bytes), takes
+its place in the run directory, unless the request forces its allocation (`--force-allocation`). `Verdict`
+says which was written and by how much, for report.json and the command's last line.
+
+A `--size` in bytes names no preset: there is nothing of the same size to compare with, and the allocation is
+written as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ramp_cpp.llama.evaluate import KLDResult
+from ramp_cpp.pipeline.plan import RunPlan
+from ramp_cpp.pipeline.stages import Presets, Runtime, Written
+from ramp_cpp.store.atomic import atomic_path
+
+ALLOCATION = "allocation"
+PRESET = "preset"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Which file the run wrote (`written`: ALLOCATION or PRESET), its reward-text `kld` and `ppl`, the
+    allocation's KLD, and the preset it was held against (`preset`, `preset_kld`; None without one).
+    `forced`: the allocation was written although it scored worse (`--force-allocation`)."""
+
+    written: str
+    kld: float
+    ppl: float
+    allocation_kld: float
+    preset: str | None = None
+    preset_kld: float | None = None
+    forced: bool = False
+
+    @property
+    def worse(self) -> bool:
+        """The allocation scored worse than the preset of the same size."""
+        return self.preset_kld is not None and self.allocation_kld > self.preset_kld
+
+    @property
+    def note(self) -> str | None:
+        """What a user should read of it: nothing when the allocation won or had nothing to lose to."""
+        if not self.worse:
+            return None
+        by = f"reward-text KLD {self.allocation_kld:.4f} against {self.preset_kld:.4f}"
+        if self.forced:
+            return (
+                f"the allocation scores worse than {self.preset} ({by}); written anyway (--force-allocation)"
+            )
+        return (
+            f"the allocation scored worse than {self.preset} ({by}): wrote {self.preset}'s own file "
+            f"instead (--force-allocation keeps the allocation)"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """report.json's summary.written."""
+        d: dict[str, Any] = {
+            "file": self.written,
+            "reward_kld": self.kld,
+            "allocation_kld": self.allocation_kld,
+        }
+        if self.preset_kld is not None:
+            d |= {
+                "preset": self.preset,
+                "preset_kld": self.preset_kld,
+                "allocation_minus_preset": self.allocation_kld - self.preset_kld,
+                "allocation_over_preset": self.allocation_kld / self.preset_kld if self.preset_kld else None,
+                "forced": self.forced,
+            }
+        return d
+
+
+def never_worse(
+    plan: RunPlan, out: Written, k: KLDResult, presets: Presets, base_cal: Any, rt: Runtime
+) -> Verdict:
+    """Hold the written file (`out`, scored `k`) against the preset of the run's size; when it loses and the
+    request does not force it, quantize the preset again (llama.cpp, the unfolded model, its imatrix: the
+    file the presets stage scored) over `out.gguf`. `base_cal`: the unfolded model's calibration."""
+    from ramp_cpp.llama.quantize import QuantizeOptions, quantize_preset
+
+    name = plan.preset
+    ref = presets.scored.get(name) if name else None
+    if name is None or ref is None:
+        return Verdict(ALLOCATION, k.kld_mean, k.ppl, k.kld_mean)
+    v = Verdict(ALLOCATION, k.kld_mean, k.ppl, k.kld_mean, name, float(ref["quality"]), plan.force_allocation)
+    if not v.worse or plan.force_allocation:
+        return v
+    im = base_cal.imatrix() if plan.cfg.imatrix else None
+    with atomic_path(out.gguf, force=True) as tmp:  # never a half-written file in the allocation's place
+        quantize_preset(
+            plan.model_path,
+            tmp,
+            name,
+            QuantizeOptions(imatrix=im, n_threads=rt.opts.n_threads, force=True),
+            info=plan.info,
+        )
+    return Verdict(
+        PRESET, float(ref["quality"]), float(ref["ppl"]), k.kld_mean, name, float(ref["quality"])
+    )
