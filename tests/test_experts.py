@@ -3,15 +3,13 @@ reference is llama.cpp's own llama-imatrix, built from the very sdist libllama c
 
 from __future__ import annotations
 
-import os
-import pwd
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import synthetic
+import vendored
 from gguf import GGMLQuantizationType
 from synthetic_moe import MoeSpec, write_moe
 
@@ -181,38 +179,6 @@ def test_quantize_takes_the_per_expert_imatrix(moe: dict[str, Path], tmp_path: P
 # -- against llama-imatrix --------------------------------------------------------------------------------
 
 
-def _real_home() -> str:
-    import conftest
-
-    return conftest._saved.get("HOME") or pwd.getpwuid(os.getuid()).pw_dir
-
-
-def _real_cache() -> Path:
-    """The user's ramp-cpp cache as it was before conftest pointed RAMP_CACHE_DIR and HOME at a temp dir."""
-    import conftest
-
-    d = conftest._saved.get("RAMP_CACHE_DIR")
-    return Path(d) if d else Path(_real_home()) / ".cache" / "ramp-cpp"
-
-
-def llama_imatrix() -> Path:
-    """bench/llama_tools.py's build of llama-imatrix alone, in a cache folder of its own (llama_tools replaces
-    a folder built for other targets whole, so sharing the referee's would delete its binaries). Built on
-    first use (nice 10, one job: a long while); the test is skipped, saying why, when it cannot be."""
-    root = _real_cache() / "imatrix-tool"
-    exe = root / "llama.cpp-tools-0.3.36" / "bin" / "llama-imatrix"
-    if os.access(exe, os.X_OK):
-        return exe
-    env = {**os.environ, "RAMP_CACHE_DIR": str(root), "HOME": _real_home()}  # pip's cache holds the sdist
-    cmd = [sys.executable, str(ROOT / "bench" / "llama_tools.py"), "--targets", "llama-imatrix",
-           "--jobs", "1", "--nice", "10"]  # fmt: skip
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if r.returncode != 0 or not os.access(exe, os.X_OK):
-        why = (r.stderr or r.stdout)[-300:]
-        pytest.skip(f"llama-imatrix could not be built ({' '.join(cmd[1:])}): {why}")
-    return exe
-
-
 def read_imatrix(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """name -> (in_sum2 as (n_mat, n_in), counts as (n_mat,)) of an imatrix GGUF."""
     t = {x.name: np.asarray(x.data, dtype=np.float32) for x in open_reader(path).tensors}
@@ -230,7 +196,7 @@ def test_imatrix_matches_llama_imatrix(moe: dict[str, Path], tmp_path: Path) -> 
     """The same text through llama-imatrix (consecutive CTX-token chunks from the start, BOS first, every
     chunk) and through `calibrate` with every window of the text (then in text order, BOS first): every
     entry, dense and per expert, has the same counts and the same sums (llama-imatrix adds in float)."""
-    exe = llama_imatrix()
+    exe = vendored.tool("llama-imatrix")
     model, text = moe["top2"], moe["text"]
     n = windows(model, text.read_text())
     ref = tmp_path / "ref.gguf"

@@ -71,3 +71,43 @@ def test_stock_llama_quantize_writes_the_same_tensor_bytes(
     for n in a:
         assert a[n].tensor_type == b[n].tensor_type, n
         assert np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8)), n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fold", ["on", "off"])
+def test_a_runs_recipe_remakes_its_file_with_stock_llama_quantize(
+    tiny_model: Path, text_file: Path, tmp_path: Path, fold: str
+) -> None:
+    """A sized greedy run writes imatrix.gguf, tensor-types.txt and README.md beside its GGUF; its recipe's
+    command, run by the vendored llama-quantize, writes the same bytes for every tensor (folded: from the
+    run's folded copy, with the folded imatrix)."""
+    from test_sized_run import cfg
+    from vendored import tool
+
+    from ramp_cpp.measure.candidates import CandidateConfig
+    from ramp_cpp.pipeline.card import CARD, TYPES_FILE
+    from ramp_cpp.pipeline.plan import size_range
+    from ramp_cpp.pipeline.request import SizedRequest
+    from ramp_cpp.pipeline.run import run_direct
+
+    exe = tool("llama-quantize")
+    lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
+    size = f"{(lo + hi) / 2 / 1024:.1f}KiB"
+    r = run_direct(SizedRequest(tiny_model, tmp_path / "run", "greedy", size, cfg(text_file), presets=(),
+                                fold=fold))  # fmt: skip
+    lines = (r.run_dir / TYPES_FILE).read_text().split()
+    assert len(lines) == len(read_inventory(tiny_model).tensors)
+    card = (r.run_dir / CARD).read_text()
+    assert card.startswith("---\nbase_model: ") and "- gguf\n- llama.cpp\n" in card and TYPES_FILE in card
+    cmd = card.split("```bash\n")[-1].split("\n```")[0].split()
+    assert cmd[0] == "llama-quantize" and ("folded" in " ".join(cmd)) == (fold == "on")
+    stock = tmp_path / "stock"
+    stock.mkdir()
+    done = subprocess.run([str(exe), *cmd[1:], "2"], cwd=stock, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
+    a = {t.name: t for t in open_reader(r.gguf).tensors}
+    b = {t.name: t for t in open_reader(stock / r.gguf.name).tensors}
+    assert a.keys() == b.keys()
+    for n in a:
+        assert a[n].tensor_type == b[n].tensor_type, n
+        assert np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8)), n

@@ -42,7 +42,8 @@ def tool(name: str) -> Path:
     if os.access(exe, os.X_OK):
         return exe
     env = {**os.environ, "RAMP_CACHE_DIR": str(root), "HOME": _real_home()}  # pip's cache holds the sdist
-    cmd = [sys.executable, "-m", "bench.llama_tools", "--targets", ",".join(TARGETS), "--jobs", "2", "--nice", "10"]
+    targets = ",".join(TARGETS)
+    cmd = [sys.executable, "-m", "bench.llama_tools", "--targets", targets, "--jobs", "2", "--nice", "10"]
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0 or not os.access(exe, os.X_OK):
         why = (r.stderr or r.stdout)[-300:]

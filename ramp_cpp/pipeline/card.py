@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ramp_cpp.llama.recipe import Recipe
+from ramp_cpp.calibration.artifact import Calibration, write_imatrix
+from ramp_cpp.llama.recipe import Recipe, write_recipe, written_types
 from ramp_cpp.model.arch import classify
 from ramp_cpp.store.atomic import atomic_path
 
@@ -102,6 +103,8 @@ def card_text(
     how = ["", "## How it was made", ""]
     if command:
         how += ["```bash", command, "```", ""]
+    else:
+        how += ["Every setting of the run is in its `run.json`; `report.json` has each stage's costs.", ""]
     if recipe is not None:
         how += [
             f"The same tensors with stock `llama-quantize` (the type map: `{recipe.types_file.name}`):",
@@ -117,3 +120,22 @@ def write_card(dst: str | os.PathLike[str], text: str) -> Path:
     with atomic_path(dst, force=True) as tmp:
         tmp.write_text(text)
     return Path(dst)
+
+
+IMATRIX = "imatrix.gguf"
+TYPES_FILE = "tensor-types.txt"
+CARD = "README.md"
+
+
+def publish(
+    run_dir: Path, gguf: Path, source: Path, cal: Calibration, report: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+) -> Recipe:
+    """The run folder's recipe and card: `imatrix.gguf` (the imatrix the file was quantized with, as
+    llama-imatrix writes it), `tensor-types.txt` (the written file's types, llama/recipe.py) and `README.md`.
+    `source`/`cal`: the F16 the file's tensors were quantized from and its calibration — the folded copy and
+    its statistics when the run folded, the model and its own when the preset's file was written."""
+    imatrix = write_imatrix(cal, run_dir / IMATRIX, force=True)
+    recipe = write_recipe(run_dir / TYPES_FILE, written_types(gguf, source), source, imatrix, gguf.name)
+    write_card(run_dir / CARD, card_text(report, rows, gguf.name, recipe))
+    return recipe

@@ -1,6 +1,7 @@
 """The sized run's last stage: what it writes beside its GGUF. allocation.json (the summary and one row per
-searched tensor), report.json (meta, summary, and the points: the presets and this run) and pareto.png
-(report.py's figure of the points)."""
+searched tensor), report.json (meta, summary, and the points: the presets and this run), pareto.png
+(report.py's figure of the points), and what publishing the file needs (card.py): the recipe stock
+llama-quantize remakes it with (tensor-types.txt, imatrix.gguf) and the model card (README.md)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ramp_cpp.llama.evaluate import KLDResult
+from ramp_cpp.pipeline.card import publish
 from ramp_cpp.pipeline.folddecision import FoldDecision
-from ramp_cpp.pipeline.neverworse import Verdict
+from ramp_cpp.pipeline.neverworse import PRESET, Verdict
 from ramp_cpp.pipeline.plan import RunPlan
 from ramp_cpp.pipeline.stages import Allocation, Measured, Presets, Written
 from ramp_cpp.store.atomic import atomic_path
@@ -94,6 +96,13 @@ def write_reports(
             )
         )
     write_pareto(plan.run_dir, points, "kld", rmeta)
+    preset_written = verdict is not None and verdict.written == PRESET
+    # the preset's file is llama.cpp's own from the model as given, with the unfolded model's imatrix
+    if preset_written:
+        source, cal = Path(plan.model_path), m.source.base_cal
+    else:
+        source, cal = m.source.path, m.source.cal
+    publish(plan.run_dir, out.gguf, source, cal, json.loads(report.read_text()), rows)
     return Reports(allocation, report, file_bytes)
 
 
