@@ -175,7 +175,7 @@ def test_apply_checks_the_budget_first(tiny_model: Path, policy: Path, tmp_path:
 def test_search_checks_the_budget_first(
     tiny_model: Path, text_file: Path, tmp_path: Path, no_work: None
 ) -> None:
-    from ramp_cpp.pipeline.paper import search
+    from ramp_cpp.pipeline.paper.run import search
 
     with pytest.raises(RampError, match="feasible range"):
         search(tiny_model, tmp_path / "r", replace(small(text_file), budget=7.0), SACConfig(episodes=1))

@@ -269,6 +269,7 @@ def test_dry_run_plans_the_experts(moe: Path, tmp_path: Path) -> None:
     from ramp_cpp.measure.groups import GroupConfig
     from ramp_cpp.pipeline.estimate import estimate
     from ramp_cpp.pipeline.plan import plan_run, size_range
+    from ramp_cpp.pipeline.request import SizedRequest
     from ramp_cpp.pipeline.sizedconfig import SizedConfig
     from ramp_cpp.pipeline.speedprobe import speed_probe
 
@@ -279,8 +280,9 @@ def test_dry_run_plans_the_experts(moe: Path, tmp_path: Path) -> None:
     gcfg = GroupConfig(n_buckets=2, pairs=0, chunks=1)
     info = read_inventory(moe)
     lo, hi = size_range(info, cc)
-    plan = plan_run(moe, tmp_path / "run", "greedy", str((lo + hi) // 2), cfg, cc, None, "measured", gcfg,
-                    None, None, tmp_path / "cache", "off")
+    req = SizedRequest(moe, tmp_path / "run", "greedy", str((lo + hi) // 2), cfg, cc, None,
+                       sensitivity="measured", gcfg=gcfg, cache_root=tmp_path / "cache", fold="off")
+    plan = plan_run(req)
     assert {t.role for t in searched_tensors(plan.info)} >= set(EXPS + SHEXP)
     opts = RuntimeOptions(n_threads=2)
     stages = {s.stage: s for s in estimate(plan, (), opts, speed_probe(plan, opts, ()))}

@@ -26,6 +26,7 @@ from ramp_cpp.measure.groups import GroupConfig
 from ramp_cpp.pipeline import speedcache, speedprobe
 from ramp_cpp.pipeline.estimate import estimate
 from ramp_cpp.pipeline.plan import RunPlan, plan_run, size_range
+from ramp_cpp.pipeline.request import SizedRequest
 from ramp_cpp.pipeline.sizedconfig import SizedConfig
 
 TYPES = tuple(GGMLQuantizationType[t] for t in ("Q4_0", "Q5_0", "Q8_0"))
@@ -39,8 +40,9 @@ def _plan(model: Path, text: Path, run: Path) -> RunPlan:
     cfg = SizedConfig(text=str(text), n_ctx=N_CTX, chunks=2, calib=CalibConfig(str(text), 2, N_CTX))
     cc = CandidateConfig(types=TYPES)
     lo, hi = size_range(read_inventory(model), cc)
-    return plan_run(model, run, "greedy", str((lo + hi) // 2), cfg, cc, None, "measured",
-                    GroupConfig(n_buckets=2, pairs=0, chunks=1), None, None, run / "cache", "check")
+    gcfg = GroupConfig(n_buckets=2, pairs=0, chunks=1)
+    return plan_run(SizedRequest(model, run, "greedy", str((lo + hi) // 2), cfg, cc, None,
+                                 sensitivity="measured", gcfg=gcfg, cache_root=run / "cache", fold="check"))
 
 
 def _forbid(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:

@@ -24,9 +24,11 @@ from ramp_cpp.cli import (
     imatrix,
     measure,
     models,
+    pad,
     paper_search,
     quantize,
     search,
+    upcycle,
     version,
 )
 from ramp_cpp.cli.common import err
@@ -48,8 +50,8 @@ COMMANDS: tuple[tuple[str, Callable[..., None]], ...] = (
     ("imatrix", imatrix.imatrix_),
     ("fold", fold.fold),
     ("offgrid", models.offgrid_),
-    ("pad", models.pad_),
-    ("upcycle", models.upcycle_),
+    ("pad", pad.pad_),
+    ("upcycle", upcycle.upcycle_),
     ("features", features.features),
     ("search", search.search),
     ("paper-search", paper_search.paper_search),

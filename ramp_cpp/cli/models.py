@@ -1,8 +1,7 @@
 """Commands on one model file, before any calibration: `inspect` (what a GGUF holds, and which of its tensors
 the search would type), and the function-preserving copies made for benchmarks: `offgrid` (the same model off
-any quantization grid, for models that were dequantized from a quantized file), `pad` (every row length a
-multiple of 256, so llama.cpp's presets pick K-quants) and `upcycle` (a dense model as a mixture of experts
-computing the same function). Each reads or writes a GGUF and nothing else.
+any quantization grid, for models that were dequantized from a quantized file); `pad` and `upcycle`, the other
+two such copies, have modules of their own. Each reads or writes a GGUF and nothing else.
 """
 
 from __future__ import annotations
@@ -88,48 +87,3 @@ def offgrid_(
     how = f"seed {seed}, spread {spread:g}{', permuted' if permute else ''}"
     out.print(f"wrote {output} ({how})", soft_wrap=True)
 
-
-def pad_(
-    model: Annotated[Path, typer.Argument(help="F16/BF16/F32 GGUF (llama or qwen2).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Padded GGUF.")],
-    multiple: Annotated[int, typer.Option("--multiple", help="Row lengths become multiples of this.")] = 256,
-    force: ForceOpt = False,
-) -> None:
-    """The same model with zero channels added so that every row length is a multiple of 256 (hidden size,
-    query heads, FFN width): llama.cpp's presets then pick K-quants. Function-preserving."""
-    from ramp_cpp.fold.pad import PadConfig, pad, plan_pad
-    from ramp_cpp.store.atomic import check_output
-
-    check_output(output, force)
-    plan = plan_pad(model, PadConfig(multiple))
-    with bar("pad") as p:
-        pad(model, output, PadConfig(multiple), force=force, progress=chunk_progress(p, "tensors"))
-    how = ", ".join(
-        f"{what} {len(d.pos)} -> {d.size}"
-        for what, d in (("hidden", plan.residual), ("query channels", plan.query), ("FFN", plan.ffn))
-    )
-    out.print(f"wrote {output} ({how})", soft_wrap=True)
-
-
-def upcycle_(
-    model: Annotated[Path, typer.Argument(help="Dense F16/BF16/F32 GGUF (llama or qwen2).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Mixture-of-experts GGUF (llama arch).")],
-    experts: Annotated[int, typer.Option("--experts", help="Experts per block.")] = 8,
-    top_k: Annotated[int, typer.Option("--top-k", help="Experts used per token.")] = 2,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the router and the experts' factors.")] = 0,
-    spread: Annotated[
-        float, typer.Option("--spread", help="Each expert's up/down channel factors exp(U(-spread, spread)).")
-    ] = 0.3,
-    force: ForceOpt = False,
-) -> None:
-    """A mixture of experts computing the same function as a dense model: every expert a copy of the FFN
-    moved off the grid by its own channel rescale, a random router, normalized top-k gating."""
-    from ramp_cpp.fold.upcycle import UpcycleConfig, upcycle
-    from ramp_cpp.store.atomic import check_output
-
-    check_output(output, force)
-    cfg = UpcycleConfig(experts, top_k, seed, spread)
-    with bar("upcycle") as p:
-        upcycle(model, output, cfg, force=force, progress=chunk_progress(p, "tensors"))
-    how = f"{experts} experts, top-{top_k}, seed {seed}, spread {spread:g}"
-    out.print(f"wrote {output} ({how})", soft_wrap=True)
