@@ -28,7 +28,6 @@ from ramp_cpp.llama.ggufio import read_imatrix as read_imatrix_gguf
 from ramp_cpp.llama.native import quantize_model
 from ramp_cpp.llama.quantize import _ftypes
 
-ROOT = Path(__file__).resolve().parents[1]
 EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 CTX = 64
 
