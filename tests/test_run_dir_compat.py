@@ -25,6 +25,7 @@ from ramp_cpp.calibration.artifact import CalibConfig
 from ramp_cpp.llama.backend import repack_weights
 from ramp_cpp.llama.ggufio import read_inventory
 from ramp_cpp.measure.candidates import CandidateConfig
+from ramp_cpp.pipeline.card import CARD, IMATRIX, TYPES_FILE
 from ramp_cpp.pipeline.plan import size_range
 from ramp_cpp.pipeline.request import Hooks, SizedRequest
 from ramp_cpp.pipeline.run import run_direct
@@ -130,8 +131,9 @@ def test_a_run_directory_of_the_previous_code_resumes(
     after = files(rd)
     kept = {k: v for k, v in before.items() if k not in REWRITTEN and k != gguf.name}
     assert {k: after.get(k) for k in kept} == kept  # calibration, folded model, caches: not touched
-    # and nothing new but the fold decision's scores, which today's code keeps with the run (stages.SCORES)
-    assert set(after) - set(before) == {SCORES}
+    # and nothing new but the fold decision's scores, which today's code keeps with the run (stages.SCORES),
+    # and what publishing the file needs (pipeline/card.py: the card, the recipe and its imatrix)
+    assert set(after) - set(before) == {SCORES, CARD, TYPES_FILE, IMATRIX}
     # base log-probs and file hashes reused; the hash index may gain the folded copy's, which the previous
     # code hashed again whenever asked and today's remembers (folding.fold)
     hashes = json.loads((cache / HASHES).read_text())

@@ -21,6 +21,7 @@ from ramp_cpp.llama.inputs import resolve_model
 from ramp_cpp.llama.quantize import quantize_preset
 from ramp_cpp.measure.candidates import CandidateConfig
 from ramp_cpp.pipeline.plan import size_range
+from ramp_cpp.pipeline.request import SizedRequest
 from ramp_cpp.pipeline.run import run_direct
 from ramp_cpp.store.cache import file_sha256_cached
 
@@ -89,8 +90,8 @@ def test_greedy_search_gives_the_same_allocation_and_tensors(
     whole, shards = pair
     lo, hi = size_range(read_inventory(whole), CandidateConfig())
     size = f"{(lo + hi) / 2 / 1024:.1f}KiB"
-    a = run_direct(whole, tmp_path / "whole", "greedy", size, cfg(text_file), presets=())
-    b = run_direct(shards[0], tmp_path / "split", "greedy", size, cfg(text_file), presets=())
+    a = run_direct(SizedRequest(whole, tmp_path / "whole", "greedy", size, cfg(text_file), presets=()))
+    b = run_direct(SizedRequest(shards[0], tmp_path / "split", "greedy", size, cfg(text_file), presets=()))
     assert a.allocation is not None and b.allocation is not None
     assert Path(b.gguf).name == Path(a.gguf).name  # named by the set, not like a shard
     ra, rb = GGUFReader(a.gguf), GGUFReader(b.gguf)
