@@ -64,7 +64,8 @@ def sac_method(evaluations: int) -> str:
 
 
 def run_cells(
-    model: str, stages: set[str], fold: Fold, evaluations: int, chunks: int, recipe: str, ex: Executor
+    model: str, stages: set[str], fold: Fold, evaluations: int, chunks: int, recipe: str, ex: Executor,
+    sizes: tuple[str, ...] = SIZES, presets: tuple[str, ...] = PRESETS,
 ) -> None:
     """The cells of `stages` on `ex`: the presets (which set each size's target) as one batch, then the
     allocators' and SAC's cells as another."""
@@ -79,14 +80,14 @@ def run_cells(
     def cell(method: str, preset: str, folded: Fold, target: int = 0) -> Cell:
         return Cell.of(b, recipe, method, preset, target, folded, chunks)
 
-    presets = [cell(k, p, Fold(None)) for p in PRESETS for k in ("preset-noimatrix", "preset")
-               if "presets" in stages]
-    presets += [cell("preset", s, f) for s in SIZES for f in folds]
-    presets = list(dict.fromkeys(presets))  # a size's own preset is one of the sweep's: one job
-    rows = fan_out(ex, presets)
-    target = {c.preset: r["file_bytes"] for c, r in zip(presets, rows, strict=True)
+    jobs = [cell(k, p, Fold(None)) for p in presets for k in ("preset-noimatrix", "preset")
+            if "presets" in stages]
+    jobs += [cell("preset", s, f) for s in sizes for f in folds]
+    jobs = list(dict.fromkeys(jobs))  # a size's own preset is one of the sweep's: one job
+    rows = fan_out(ex, jobs)
+    target = {c.preset: r["file_bytes"] for c, r in zip(jobs, rows, strict=True)
               if c.fold is None and c.kind == "preset"}
-    fan_out(ex, [cell(m, s, fold, target[s]) for s in SIZES for m in methods])
+    fan_out(ex, [cell(m, s, fold, target[s]) for s in sizes for m in methods])
 
 
 # -- report -------------------------------------------------------------------------------------------
@@ -269,7 +270,7 @@ def report(model: str, fold: Fold, evaluations: int, chunks: int) -> Path:
         f"![size vs KLD]({png.name})",
         "",
     ]
-    for size in SIZES:
+    for size in [s for s in SIZES if any(f"|{s}|" in c for c in cells)]:
         parts += [f"## At {size}'s whole-file size", "", size_table(cells, size, fold, sac, chunks), ""]
     parts += ["## llama.cpp presets (unfolded base)", "", preset_table(cells, chunks), ""]
     parts += ["## Every cell", "", "Each method unfolded and folded (`bench/table.py`; KLD / preset relative "
@@ -325,6 +326,8 @@ def main() -> None:
     ap.add_argument("--sac-evaluations", type=int, default=150)
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--recipe", default=str(HERE.parent / "calib" / "bench.toml"))
+    ap.add_argument("--sizes", default=",".join(SIZES), help="the whole-file sizes (presets' names)")
+    ap.add_argument("--presets", default=",".join(PRESETS), help="the preset sweep (empty: only --sizes)")
     add_executor_args(ap)
     a = ap.parse_args()
     stages = set(a.stages.split(","))
@@ -335,7 +338,8 @@ def main() -> None:
     if stages - {"report"}:
         ex = executor_of(a)
         try:
-            run_cells(a.model, stages, fold, a.sac_evaluations, a.chunks, a.recipe, ex)
+            run_cells(a.model, stages, fold, a.sac_evaluations, a.chunks, a.recipe, ex,
+                      tuple(x for x in a.sizes.split(",") if x), tuple(x for x in a.presets.split(",") if x))
         finally:
             ex.close()
     if "report" in stages:
