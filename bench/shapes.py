@@ -1,6 +1,10 @@
 """Model-shaped F16 GGUFs with random weights, for measuring what a run costs at scale where no real 7B can be
 downloaded: `7b` is llama-2-7b's shape (32 blocks, 4096 / 11008, 32 heads, 32k vocabulary, 13.5 GB), `1b`
-TinyLlama-1.1B's (22 blocks, 2048 / 5632, 32 heads / 4 KV heads, 2.2 GB) for quick checks. The files load and
+TinyLlama-1.1B's (22 blocks, 2048 / 5632, 32 heads / 4 KV heads, 2.2 GB) for quick checks, `olmoe7b`
+OLMoE-1B-7B's mixture of experts (16 blocks, 2048 wide, 64 experts of 1024, top-8, 50k vocabulary, 6.9B
+parameters, 13.8 GB) written as llama.cpp's `llama` architecture with Mixtral-style expert tensors
+(`ffn_{gate,up,down}_exps`, router `ffn_gate_inp`): OLMoE's own q/k norms are tiny tensors that change no
+cost, and the `llama` loader is the one every other shape uses. The files load and
 run in llama.cpp (a SentencePiece-style vocabulary padded to the shape's size), so every stage's time, peak
 memory and disk are real; their quality figures mean nothing and are never reported.
 
@@ -39,6 +43,8 @@ class Shape:
     n_head_kv: int
     n_vocab: int = 32000
     n_ctx: int = 4096
+    n_expert: int = 0  # 0: a dense FFN of n_ff; else n_expert experts of n_ff each, n_expert_used per token
+    n_expert_used: int = 0
 
 
 SHAPES = {
@@ -46,6 +52,8 @@ SHAPES = {
     for s in (
         Shape("7b", n_layer=32, n_embd=4096, n_ff=11008, n_head=32, n_head_kv=32),  # llama-2-7b config.json
         Shape("1b", n_layer=22, n_embd=2048, n_ff=5632, n_head=32, n_head_kv=4, n_ctx=2048),  # TinyLlama-1.1B
+        Shape("olmoe7b", n_layer=16, n_embd=2048, n_ff=1024, n_head=16, n_head_kv=16, n_vocab=50304,
+              n_expert=64, n_expert_used=8),  # allenai/OLMoE-1B-7B-0924 config.json
     )
 }
 
@@ -65,7 +73,8 @@ def vocabulary(n: int) -> tuple[list[str], list[float], list[int]]:
 
 
 def tensors(s: Shape) -> Iterator[tuple[str, tuple[int, ...], str]]:
-    """(name, numpy shape (rows, cols), kind) in llama.cpp's order; kind: `norm` or `linear`."""
+    """(name, numpy shape ([experts,] rows, cols), kind) in llama.cpp's order; kind: `norm`, `router` (F32,
+    as llama.cpp keeps it) or `linear`."""
     hd = s.n_embd // s.n_head
     kv = s.n_head_kv * hd
     yield "token_embd.weight", (s.n_vocab, s.n_embd), "linear"
@@ -77,6 +86,12 @@ def tensors(s: Shape) -> Iterator[tuple[str, tuple[int, ...], str]]:
         yield p + "attn_v.weight", (kv, s.n_embd), "linear"
         yield p + "attn_output.weight", (s.n_embd, s.n_embd), "linear"
         yield p + "ffn_norm.weight", (s.n_embd,), "norm"
+        if s.n_expert:
+            yield p + "ffn_gate_inp.weight", (s.n_expert, s.n_embd), "router"
+            yield p + "ffn_gate_exps.weight", (s.n_expert, s.n_ff, s.n_embd), "linear"
+            yield p + "ffn_up_exps.weight", (s.n_expert, s.n_ff, s.n_embd), "linear"
+            yield p + "ffn_down_exps.weight", (s.n_expert, s.n_embd, s.n_ff), "linear"
+            continue
         yield p + "ffn_gate.weight", (s.n_ff, s.n_embd), "linear"
         yield p + "ffn_up.weight", (s.n_ff, s.n_embd), "linear"
         yield p + "ffn_down.weight", (s.n_embd, s.n_ff), "linear"
@@ -87,11 +102,11 @@ def tensors(s: Shape) -> Iterator[tuple[str, tuple[int, ...], str]]:
 def weights(shape: tuple[int, ...], kind: str, rng: np.random.Generator) -> np.ndarray:
     if kind == "norm":
         return (1.0 + 0.1 * rng.standard_normal(shape[0], dtype=np.float32)).astype(np.float32)
-    rows, cols = shape
-    m = rng.standard_normal((rows, cols), dtype=np.float32)
+    cols = shape[-1]
+    m = rng.standard_normal(shape, dtype=np.float32)
     m *= np.float32(1.0 / np.sqrt(cols))
-    m[:, rng.choice(cols, size=max(1, cols // 64), replace=False)] *= np.float32(4.0)
-    return m.astype(np.float16)
+    m[..., rng.choice(cols, size=max(1, cols // 64), replace=False)] *= np.float32(4.0)
+    return m if kind == "router" else m.astype(np.float16)
 
 
 def header(s: Shape) -> dict[str, object]:
@@ -108,6 +123,8 @@ def header(s: Shape) -> dict[str, object]:
         Keys.Attention.LAYERNORM_RMS_EPS.format(arch=a): 1e-5,
         Keys.Rope.DIMENSION_COUNT.format(arch=a): s.n_embd // s.n_head,
         Keys.Rope.FREQ_BASE.format(arch=a): 10000.0,
+        **({Keys.LLM.EXPERT_COUNT.format(arch=a): s.n_expert,
+            Keys.LLM.EXPERT_USED_COUNT.format(arch=a): s.n_expert_used} if s.n_expert else {}),
         Keys.General.FILE_TYPE: 1,  # MOSTLY_F16
         Keys.Tokenizer.MODEL: "llama",
         Keys.Tokenizer.BOS_ID: 1,
@@ -140,7 +157,7 @@ def write(s: Shape, out: Path, seed: int = 0, force: bool = False) -> Path:
         w.add_token_types(types)
         plan = list(tensors(s))
         for name, shape, kind in plan:
-            dtype = np.float32 if kind == "norm" else np.float16
+            dtype = np.float16 if kind == "linear" else np.float32
             nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
             w.add_tensor_info(name, shape, np.dtype(dtype), nbytes)
         w.write_header_to_file()
