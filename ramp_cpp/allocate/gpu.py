@@ -103,30 +103,47 @@ class GpuCap:
         }
 
 
-def gpu_cap(info: Any, cc: Any, cap_bytes: int, kv_bytes: int, kv_from: str) -> GpuCap:
-    """The cap for the model of inventory `info` (llama.ggufio.ModelInfo) and candidates `cc`; one RampError
-    when the GPU-resident tensors at their smallest candidate types plus the KV cache exceed it (checked on
-    the inventory alone, before any work)."""
+def _unsearched(info: Any, cc: Any) -> tuple[tuple[str, int], ...]:
+    """Each GPU-resident tensor's padded bytes when it is not searched: the base type where llama.cpp
+    quantizes it (the tensor cache's rule), else its own."""
     from ramp_cpp.llama.ggufio import tensor_types
-    from ramp_cpp.measure.candidates import searched_tensors, tensor_candidates
     from ramp_cpp.model.arch import quantizable
     from ramp_cpp.model.ladder import tensor_nbytes, written_type
 
-    align = info.alignment
     weights = {t.name: t for t in info.tensors}
-    unsearched = []
+    out = []
     for name, (_, nbytes, _) in tensor_types(info.path).items():
         if offloaded(name):
             continue
         t = weights.get(name)
         if t is not None and quantizable(name, 2):
             nbytes = tensor_nbytes(written_type(cc.base, t.n_per_row), t.n_params)
-        unsearched.append((name, _padded(nbytes, align)))
-    cap = GpuCap(cap_bytes, kv_bytes, kv_from, tuple(unsearched))
+        out.append((name, _padded(nbytes, info.alignment)))
+    return tuple(out)
+
+
+def smallest_resident(info: Any, cc: Any, have_imatrix: bool = True) -> int:
+    """The fewest GPU-resident bytes any allocation of the model of inventory `info` (llama.ggufio.ModelInfo)
+    over candidates `cc` can have: every searched resident tensor at its smallest candidate (`have_imatrix`:
+    the types that need one count), from the inventory alone."""
+    from ramp_cpp.measure.candidates import searched_tensors, tensor_candidates
+    from ramp_cpp.model.ladder import tensor_nbytes
+
     searched = {t.name: t for t in searched_tensors(info, cc.embeddings) if not offloaded(t.name)}
-    lo = kv_bytes + sum(b for n, b in unsearched if n not in searched)
+    lo = sum(b for n, b in _unsearched(info, cc) if n not in searched)
     for t in searched.values():
-        lo += min(_padded(tensor_nbytes(w, t.n_params), align) for _, w in tensor_candidates(cc, t, True))
+        sizes = [tensor_nbytes(w, t.n_params) for _, w in tensor_candidates(cc, t, have_imatrix)]
+        lo += _padded(min(sizes), info.alignment)
+    return lo
+
+
+def gpu_cap(
+    info: Any, cc: Any, cap_bytes: int, kv_bytes: int, kv_from: str, have_imatrix: bool = True
+) -> GpuCap:
+    """The cap for the model of inventory `info` and candidates `cc`; one RampError when the GPU-resident
+    tensors at their smallest candidate types plus the KV cache exceed it (before any work)."""
+    cap = GpuCap(cap_bytes, kv_bytes, kv_from, _unsearched(info, cc))
+    lo = kv_bytes + smallest_resident(info, cc, have_imatrix)
     if lo > cap_bytes:
         raise RampError(
             f"--gpu-size {cap_bytes / _MIB:.2f} MiB cannot hold this model's GPU-resident tensors (all but "

@@ -172,7 +172,7 @@ def _gpu_cap(req: SizedRequest, info: ModelInfo, cc: CandidateConfig) -> Any:
         kv, kv_from = req.kv_bytes, "--kv-size"
     else:
         kv, kv_from = 0, "no KV cache named"
-    return gpu_cap(info, cc, req.gpu_bytes, kv, kv_from)
+    return gpu_cap(info, cc, req.gpu_bytes, kv, kv_from, req.cfg.imatrix)
 
 
 def run_settings(
