@@ -82,6 +82,7 @@ class GpuCap:
     kv_bytes: int
     kv_from: str
     unsearched: tuple[tuple[str, int], ...]
+    least: int = 0  # the fewest GPU-resident bytes of any allocation (`smallest_resident`)
 
     def budget(self, sens: Sensitivity) -> GpuBudget:
         names = {t.name for t in sens.tensors}
@@ -142,8 +143,9 @@ def gpu_cap(
 ) -> GpuCap:
     """The cap for the model of inventory `info` and candidates `cc`; one RampError when the GPU-resident
     tensors at their smallest candidate types plus the KV cache exceed it (before any work)."""
-    cap = GpuCap(cap_bytes, kv_bytes, kv_from, _unsearched(info, cc))
-    lo = kv_bytes + smallest_resident(info, cc, have_imatrix)
+    least = smallest_resident(info, cc, have_imatrix)
+    cap = GpuCap(cap_bytes, kv_bytes, kv_from, _unsearched(info, cc), least)
+    lo = kv_bytes + least
     if lo > cap_bytes:
         raise RampError(
             f"--gpu-size {cap_bytes / _MIB:.2f} MiB cannot hold this model's GPU-resident tensors (all but "
