@@ -9,23 +9,33 @@ option.
 - `greedy`: the multiple-choice knapsack on the measured errors (Lagrangian relaxation, fill, exchanges).
 - `exact`: dynamic programming over bytes; the reference for tests and small models.
 
-`ALLOCATORS` names the ones the CLI offers (`--method uniform|greedy`; "sac" lives in `search`).
+`ALLOCATORS` names the ones the CLI offers (`--method uniform|greedy`; "sac" lives in `search`). Both take a
+second cap, `gpu` (allocate/gpu.py: the bytes of the GPU-resident tensors when experts are offloaded), and
+honour both; `exact` and `project` know only the whole-file budget.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from ramp_cpp.allocate.gpu import GpuBudget
 from ramp_cpp.errors import RampError
-from ramp_cpp.measure.sensitivity import Option, Sensitivity
+from ramp_cpp.measure.sensitivity import Option, Sensitivity, TensorOptions, undominated
 
 Choice = dict[str, GGMLQuantizationType]
-Allocator = Callable[[Sensitivity, int], Choice]
+
+
+class Allocator(Protocol):
+    def __call__(
+        self, sens: Sensitivity, budget_bytes: int, /, *, gpu: GpuBudget | None = None
+    ) -> Choice: ...
+
 
 _MIB = 2**20
 # exact's backtracking table is n_tensors x (capacity / quantum) bytes; past this it is not a "small model"
@@ -50,7 +60,7 @@ def _largest(sens: Sensitivity) -> Choice:
 # --- uniform ------------------------------------------------------------------------------------------------
 
 
-def uniform(sens: Sensitivity, budget_bytes: int) -> Choice:
+def uniform(sens: Sensitivity, budget_bytes: int, *, gpu: GpuBudget | None = None) -> Choice:
     """The sensitivity-free baseline: the one type nearest the budget, then filled to it.
 
     Every tensor takes the candidate whose bpw = 8 · nbytes / n_params is nearest a common level L (ties to
@@ -61,10 +71,18 @@ def uniform(sens: Sensitivity, budget_bytes: int) -> Choice:
 
     Nothing here uses `Option.error`, so the result is "uniform at the same file size" as a sensitivity-driven
     allocation, the baseline to compare it with. The file size is nondecreasing in `budget_bytes`.
+
+    With `gpu`, a level and a promotion must also keep the GPU-resident tensors' bytes within
+    `gpu.weights_bytes` (those bytes grow with L too, so the bisection still holds).
     """
-    if _check_budget(sens, budget_bytes):
-        return _largest(sens)
+    if gpu is not None:
+        gpu.check(sens)
+    top = _largest(sens)
+    if _check_budget(sens, budget_bytes) and (gpu is None or gpu.used(sens, top) <= gpu.weights_bytes):
+        return top
     tensors = sens.tensors
+    on_gpu = [gpu is not None and t.name in gpu.resident for t in tensors]
+    gpu_cap = gpu.weights_bytes if gpu is not None else 0
     bpw = [[8 * o.nbytes / t.n_params for o in t.options] for t in tensors]
     levels = sorted({b for row in bpw for b in row})
 
@@ -81,16 +99,22 @@ def uniform(sens: Sensitivity, budget_bytes: int) -> Choice:
     def nbytes(picks: Sequence[int]) -> int:
         return sens.fixed_bytes + sum(t.options[k].nbytes for t, k in zip(tensors, picks, strict=True))
 
+    def gbytes(picks: Sequence[int]) -> int:
+        return sum(t.options[k].nbytes for t, k, g in zip(tensors, picks, on_gpu, strict=True) if g)
+
+    def fits(picks: Sequence[int]) -> bool:
+        return nbytes(picks) <= budget_bytes and (gpu is None or gbytes(picks) <= gpu_cap)
+
     # each tensor's nearest candidate only moves up as L grows, so the bytes are monotone in L: bisect
     lo, hi = 0, len(levels) - 1  # the lowest level is every tensor's first option, which fits (checked)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if nbytes(nearest(levels[mid])) <= budget_bytes:
+        if fits(nearest(levels[mid])):
             lo = mid
         else:
             hi = mid - 1
     cur = nearest(levels[lo])
-    used = nbytes(cur)
+    used, gused = nbytes(cur), gbytes(cur)
     promoted = True
     while promoted:
         promoted = False
@@ -98,8 +122,9 @@ def uniform(sens: Sensitivity, budget_bytes: int) -> Choice:
             k = cur[i]
             if k + 1 < len(t.options):
                 step = t.options[k + 1].nbytes - t.options[k].nbytes
-                if used + step <= budget_bytes:
-                    cur[i], used, promoted = k + 1, used + step, True
+                gstep = step if on_gpu[i] else 0
+                if used + step <= budget_bytes and (gpu is None or gused + gstep <= gpu_cap):
+                    cur[i], used, gused, promoted = k + 1, used + step, gused + gstep, True
     return {t.name: t.options[k].ggml_type for t, k in zip(tensors, cur, strict=True)}
 
 
@@ -285,7 +310,13 @@ def _exchange(fronts: Sequence[Sequence[Option]], cur: list[int], slack: int) ->
     return slack
 
 
-def greedy(sens: Sensitivity, budget_bytes: int, settings: GreedySettings | None = None) -> Choice:
+def greedy(
+    sens: Sensitivity,
+    budget_bytes: int,
+    settings: GreedySettings | None = None,
+    *,
+    gpu: GpuBudget | None = None,
+) -> Choice:
     """The multiple-choice knapsack over the measured errors,
 
         minimise Σ_i error_i(t_i)  subject to  fixed_bytes + Σ_i nbytes_i(t_i) ≤ budget_bytes,
@@ -302,8 +333,19 @@ def greedy(sens: Sensitivity, budget_bytes: int, settings: GreedySettings | None
     not fit, E_LP ≤ optimum ≤ result ≤ E_LP + Δ. Cost: O(S log S) for S hull segments, O(n_tensors ·
     n_options) per fill step and O(M²) per exchange for M = n_tensors · n_options single moves (a few
     milliseconds on 210 tensors x 6 options).
+
+    With `gpu` (a second cap, allocate/gpu.py) the objective is the same Σ error under both constraints,
+    file bytes ≤ budget_bytes and GPU-resident bytes ≤ gpu.weights_bytes; `_two_caps` says how.
     """
     settings = settings or GreedySettings()
+    if gpu is not None:
+        gpu.check(sens)
+        _check_budget(sens, budget_bytes)
+        return _two_caps(sens, budget_bytes, settings, gpu)
+    return _greedy(sens, budget_bytes, settings)
+
+
+def _greedy(sens: Sensitivity, budget_bytes: int, settings: GreedySettings) -> Choice:
     if _check_budget(sens, budget_bytes):
         return _largest(sens)
     r = _relax(sens, budget_bytes)
@@ -316,6 +358,87 @@ def greedy(sens: Sensitivity, budget_bytes: int, settings: GreedySettings | None
                 break
             slack = _fill(fronts, cur, left)
     return {t.name: f[k].ggml_type for t, f, k in zip(sens.tensors, fronts, cur, strict=True)}
+
+
+def _penalised(sens: Sensitivity, resident: frozenset[str], mu: float) -> Sensitivity:
+    """`sens` with every GPU-resident option's error raised by mu · its bytes (options that become dominated
+    dropped): the Lagrangian of the GPU constraint."""
+    out = [
+        TensorOptions(t.name, t.n_params, undominated(Option(o.ggml_type, o.nbytes, o.error + mu * o.nbytes)
+                                                      for o in t.options))
+        if t.name in resident else t
+        for t in sens.tensors
+    ]
+    return replace(sens, tensors=tuple(out))
+
+
+def _two_caps(sens: Sensitivity, budget_bytes: int, settings: GreedySettings, gpu: GpuBudget) -> Choice:
+    """Greedy under two knapsack constraints: minimise Σ_i error_i(t_i) subject to file bytes ≤ budget_bytes
+    and Σ_{i GPU-resident} nbytes_i(t_i) ≤ gpu.weights_bytes.
+
+    The GPU constraint is relaxed with a multiplier mu ≥ 0: the one-constraint greedy runs on errors
+    error_i(t) + mu · nbytes_i(t) for the GPU-resident tensors (`_penalised`). At mu = 0 that is plain greedy
+    (returned when it meets the cap: the cap does not bind); at `mu_hi`, above every resident tensor's
+    steepest error drop per byte, every resident tensor takes its smallest option, which the caller has
+    checked fits. Between them mu is bisected geometrically (48 steps) and the feasible allocation with the
+    least true Σ error is kept (greedy's GPU bytes need not fall monotonically in mu, so the best one seen is
+    kept, not the last). A last fill then spends what is left of both caps: while some single-tensor upgrade
+    fits both, apply the one with the best −Δerror/Δfile-bytes. Every step keeps both caps; the result is
+    feasible, never worse than the all-smallest GPU-resident allocation greedy finds at mu_hi, and carries
+    no optimality bound (the relaxation's gap is not tracked).
+    """
+    def bytes_gpu(c: Choice) -> int:
+        return gpu.used(sens, c)
+
+    best = _greedy(sens, budget_bytes, settings)
+    if bytes_gpu(best) <= gpu.weights_bytes:
+        return best
+    steep = [
+        (a.error - b.error) / (b.nbytes - a.nbytes)
+        for t in sens.tensors if t.name in gpu.resident
+        for a, b in zip(t.options, t.options[1:], strict=False)
+    ]
+    # a drop between any two options is a byte-weighted mean of the neighbour drops between them, so above
+    # the steepest neighbour drop every resident option costs more than the one below it
+    mu_hi = 2.0 * max(steep, default=0.5) or 1.0
+    best = _greedy(_penalised(sens, gpu.resident, mu_hi), budget_bytes, settings)
+    assert bytes_gpu(best) <= gpu.weights_bytes  # every resident tensor at its smallest option (checked)
+    lo, hi = math.log(mu_hi) - 40.0, math.log(mu_hi)
+    for _ in range(48):
+        mid = (lo + hi) / 2
+        c = _greedy(_penalised(sens, gpu.resident, math.exp(mid)), budget_bytes, settings)
+        if bytes_gpu(c) <= gpu.weights_bytes:
+            hi = mid
+            if sens.error(c) < sens.error(best):
+                best = c
+        else:
+            lo = mid
+    return _fill_two(sens, best, budget_bytes, gpu)
+
+
+def _fill_two(sens: Sensitivity, choice: Choice, budget_bytes: int, gpu: GpuBudget) -> Choice:
+    """`_fill` under both caps: single-tensor upgrades by best −Δerror/Δfile-bytes while one fits both."""
+    fronts = [t.options for t in sens.tensors]
+    cur = [f.index(t.option(choice[t.name])) for t, f in zip(sens.tensors, fronts, strict=True)]
+    on_gpu = [t.name in gpu.resident for t in sens.tensors]
+    slack, gslack = budget_bytes - sens.file_bytes(choice), gpu.weights_bytes - gpu.used(sens, choice)
+    while True:
+        pick: tuple[float, int, int] | None = None
+        for i, f in enumerate(fronts):
+            j = cur[i]
+            for k in range(j + 1, len(f)):
+                step = f[k].nbytes - f[j].nbytes
+                if step > slack or (on_gpu[i] and step > gslack):
+                    break
+                gain = (f[j].error - f[k].error) / step
+                if pick is None or gain > pick[0]:
+                    pick = (gain, i, k)
+        if pick is None:
+            return {t.name: f[k].ggml_type for t, f, k in zip(sens.tensors, fronts, cur, strict=True)}
+        _, i, k = pick
+        step = fronts[i][k].nbytes - fronts[i][cur[i]].nbytes
+        slack, gslack = slack - step, gslack - (step if on_gpu[i] else 0)
+        cur[i] = k
 
 
 # --- exact --------------------------------------------------------------------------------------------------

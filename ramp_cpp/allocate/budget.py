@@ -190,13 +190,14 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 10**6, "mb": 1
 _UNITS |= {"g": 10**9, "gb": 10**9, "gib": 2**30}
 
 
-def parse_size(spec: str) -> int:
-    """'95MiB', '3.6GB', '120M' -> bytes (k/M/G are powers of 1000, KiB/MiB/GiB of 1024)."""
+def parse_size(spec: str, option: str = "--size") -> int:
+    """'95MiB', '3.6GB', '120M' -> bytes (k/M/G are powers of 1000, KiB/MiB/GiB of 1024); `option` names the
+    option in the error."""
     import re
 
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", spec)
     if not m or m.group(2).lower() not in _UNITS:
-        raise RampError(f"--size takes a number with an optional unit (MiB, MB, GiB, GB), not {spec!r}")
+        raise RampError(f"{option} takes a number with an optional unit (MiB, MB, GiB, GB), not {spec!r}")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 

@@ -60,6 +60,25 @@ SIZE_HELP = (
     "with the same imatrix."
 )
 SizeOpt = Annotated[str | None, typer.Option("--size", help=SIZE_HELP)]
+GpuSizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--gpu-size", show_default=False,
+        help="A second cap, for experts offloaded with llama.cpp's -ot exps=CPU: the bytes of every tensor "
+        "left on the GPU (all but the *_exps experts) plus the KV cache (--kv-size / --kv-ctx), e.g. 6GiB.",
+    ),
+]
+KvSizeOpt = Annotated[
+    str | None, typer.Option("--kv-size", show_default=False, help="KV cache bytes counted in --gpu-size.")
+]
+KvCtxOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--kv-ctx", show_default=False,
+        help="Tokens of context whose F16 KV cache (from the model's layers and KV heads) counts in "
+        "--gpu-size.",
+    ),
+]
 FoldOpt = Annotated[
     Fold | None,
     typer.Option(
@@ -191,3 +210,14 @@ def parse_presets(spec: str | None, no_presets: bool, default: tuple[str, ...] =
         what = bad[0] if bad else spec
         raise RampError(f"unknown preset {what!r} in --presets (known: {', '.join(presets())})")
     return names
+
+
+def gpu_fields(gpu_size: str | None, kv_size: str | None, kv_ctx: int | None) -> dict[str, Any]:
+    """The request's --gpu-size fields (pipeline/request.SizedRequest), the byte sizes parsed here."""
+    from ramp_cpp.allocate.budget import parse_size
+
+    return {
+        "gpu_bytes": None if gpu_size is None else parse_size(gpu_size, "--gpu-size"),
+        "kv_bytes": None if kv_size is None else parse_size(kv_size, "--kv-size"),
+        "kv_ctx": kv_ctx,
+    }

@@ -19,10 +19,14 @@ from ramp_cpp.cli.common import (
     FoldOpt,
     ForceAllocationOpt,
     GpuOpt,
+    GpuSizeOpt,
+    KvCtxOpt,
+    KvSizeOpt,
     NoImatrixOpt,
     RayOpt,
     ThreadsOpt,
     WorkersOpt,
+    gpu_fields,
     in_panel,
     parse_presets,
     recipe_opt,
@@ -75,6 +79,9 @@ def search(
     ] = None,
     no_presets: Annotated[bool, _alloc("--no-presets", help="Score no presets but the --size one.")] = False,
     force_allocation: Annotated[bool, in_panel(ForceAllocationOpt, ALLOC)] = False,
+    gpu_size: Annotated[str | None, in_panel(GpuSizeOpt, ALLOC)] = None,
+    kv_size: Annotated[str | None, in_panel(KvSizeOpt, ALLOC)] = None,
+    kv_ctx: Annotated[int | None, in_panel(KvCtxOpt, ALLOC)] = None,
     sensitivity: Annotated[
         str | None,
         _alloc(
@@ -189,6 +196,7 @@ def search(
         calib=calib,
         tensor_cache=tensor_cache,
         force_allocation=force_allocation,
+        **gpu_fields(gpu_size, kv_size, kv_ctx),
         **({} if row_sample is None else {"row_sample": row_sample}),
     )
     ropts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)

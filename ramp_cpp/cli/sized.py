@@ -152,6 +152,14 @@ def _plan_notes(stages: list[Any], unfolded: bool, probe: Any, plan: Any) -> Non
             soft_wrap=True,
             highlight=False,
         )
+    if plan.gpu is not None:
+        g, mib = plan.gpu, 1 << 20
+        out.print(
+            f"--gpu-size {g.cap_bytes / mib:.2f} MiB: the tensors -ot exps=CPU leaves on the GPU take at "
+            f"least {g.least / mib:.2f} MiB, the KV cache {g.kv_bytes / mib:.2f} MiB ({g.kv_from})",
+            soft_wrap=True,
+            highlight=False,
+        )
     if probe.load > 0.5:
         err.print(
             f"the CPUs were busy during the speed probe (load {probe.load:.1f} per core): other work "

@@ -61,6 +61,7 @@ def card_text(
         f"at the whole-file size of `{s['size']}`: {s['file_bytes'] / MIB:.2f} MiB "
         f"(target {s['target_bytes'] / MIB:.2f} MiB), {s['bpw_file']:.3f} bits per weight. "
         "It runs in stock llama.cpp and ollama.",
+        *_gpu_lines(s.get("gpu")),
         "",
         "## Types per role",
         "",
@@ -139,3 +140,16 @@ def publish(
     recipe = write_recipe(run_dir / TYPES_FILE, written_types(gguf, source), source, imatrix, gguf.name)
     write_card(run_dir / CARD, card_text(report, rows, gguf.name, recipe))
     return recipe
+
+
+def _gpu_lines(g: Mapping[str, Any] | None) -> list[str]:
+    """The card's words on a --gpu-size run: what stays on the GPU when the experts are offloaded."""
+    if not g:
+        return []
+    return [
+        "",
+        f"Made for `llama-server -ngl 99 {g['offload']}` (experts in CPU memory): the tensors left on the "
+        f"GPU take {g['resident_bytes'] / MIB:.2f} MiB, plus {g['kv_bytes'] / MIB:.2f} MiB of KV cache "
+        f"({g['kv_from']}): {g['resident_plus_kv'] / MIB:.2f} MiB within the cap of "
+        f"{g['cap_bytes'] / MIB:.2f} MiB.",
+    ]

@@ -5,12 +5,14 @@ its place in the run directory, unless the request forces its allocation (`--for
 says which was written and by how much, for report.json and the command's last line.
 
 A `--size` in bytes names no preset: there is nothing of the same size to compare with, and the allocation is
-written as it is.
+written as it is. With `--gpu-size` the preset's file takes the allocation's place only when it meets that cap
+too (allocate/gpu.py); else the allocation stays, and the verdict says why.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from ramp_cpp.llama.evaluate import KLDResult
@@ -35,6 +37,7 @@ class Verdict:
     preset: str | None = None
     preset_kld: float | None = None
     forced: bool = False
+    over_gpu: bool = False  # the preset's file would break --gpu-size: the allocation was kept
 
     @property
     def worse(self) -> bool:
@@ -47,6 +50,11 @@ class Verdict:
         if not self.worse:
             return None
         by = f"reward-text KLD {self.allocation_kld:.4f} against {self.preset_kld:.4f}"
+        if self.over_gpu:
+            return (
+                f"the allocation scored worse than {self.preset} ({by}), but {self.preset}'s file holds more "
+                "than --gpu-size on the GPU: the allocation is kept"
+            )
         if self.forced:
             return (
                 f"the allocation scores worse than {self.preset} ({by}); written anyway (--force-allocation)"
@@ -70,6 +78,7 @@ class Verdict:
                 "allocation_minus_preset": self.allocation_kld - self.preset_kld,
                 "allocation_over_preset": self.allocation_kld / self.preset_kld if self.preset_kld else None,
                 "forced": self.forced,
+                **({"over_gpu": True} if self.over_gpu else {}),
             }
         return d
 
@@ -90,14 +99,31 @@ def never_worse(
     if not v.worse or plan.force_allocation:
         return v
     im = base_cal.imatrix() if plan.cfg.imatrix else None
-    with atomic_path(out.gguf, force=True) as tmp:  # never a half-written file in the allocation's place
-        quantize_preset(
-            plan.model_path,
-            tmp,
-            name,
-            QuantizeOptions(imatrix=im, n_threads=rt.opts.n_threads, force=True),
-            info=plan.info,
-        )
+    try:
+        with atomic_path(out.gguf, force=True) as tmp:  # never a half-written file in the allocation's place
+            quantize_preset(
+                plan.model_path,
+                tmp,
+                name,
+                QuantizeOptions(imatrix=im, n_threads=rt.opts.n_threads, force=True),
+                info=plan.info,
+            )
+            _gpu_fits(plan, tmp)
+    except _OverGpu:
+        return replace(v, over_gpu=True)
     return Verdict(
         PRESET, float(ref["quality"]), float(ref["ppl"]), k.kld_mean, name, float(ref["quality"])
     )
+
+
+class _OverGpu(Exception):
+    """The preset's file breaks --gpu-size: the allocation's file stays (atomic_path drops the preset's)."""
+
+
+def _gpu_fits(plan: RunPlan, path: Path) -> None:
+    if plan.gpu is None:
+        return
+    from ramp_cpp.allocate.gpu import resident_bytes
+
+    if resident_bytes(path) + plan.gpu.kv_bytes > plan.gpu.cap_bytes:
+        raise _OverGpu

@@ -1,7 +1,8 @@
 """A sized run's first stage: every cheap check of the request, before any work (`plan_run` → `RunPlan`).
 
 A bad method, policy file, sensitivity, --fold or --size, an already-quantized model, a size this model's
-candidate types cannot reach (below the smallest file or above the largest), a calibration recipe the
+candidate types cannot reach (below the smallest file or above the largest), a --gpu-size the GPU-resident
+tensors at their smallest types and the KV cache exceed (allocate/gpu.py), a calibration recipe the
 model's context cannot hold, an unreadable reward text, a run directory holding another request, or a disk or
 scratch space too small for what the run will write (resources.py): each fails here, in this order, before
 anything is written. The plan carries what the checks
@@ -68,6 +69,11 @@ class RunPlan:
     row_sample: int = 1  # the proxy measures every k-th span of rows of a linear (proxy.MeasureConfig)
     presets: tuple[str, ...] = ()
     force_allocation: bool = False
+    gpu: Any = None  # allocate.gpu.GpuCap of a --gpu-size request, else None
+
+    def gpu_budget(self, sens: Any) -> Any:
+        """The allocators' GPU cap (allocate.gpu.GpuBudget) for the searched tensors of `sens`, or None."""
+        return None if self.gpu is None else self.gpu.budget(sens)
 
     @property
     def foldings(self) -> tuple[bool, ...]:
@@ -122,11 +128,12 @@ def plan_run(req: SizedRequest, jobs: int = 1) -> RunPlan:
     lo, hi = size_range(info, cc)
     if not preset:
         check_target(target, lo, hi, f"--size {req.size}")
+    gpu = _gpu_cap(req, info, cc)
     if req.calib is None:
         check_config(cfg.calib, info.context_length or None)
     text, _ = load_text(cfg.text)
     rd = Path(req.run_dir)
-    settings = run_settings(req, sensitivity, fold, pol, ratios)
+    settings = run_settings(req, sensitivity, fold, pol, ratios) | ({"gpu": gpu.settings()} if gpu else {})
     check_run(rd, settings)
     croot = Path(req.cache_root) if req.cache_root is not None else rd / "cache"
     in_memory = req.tensor_cache == "memory" or (
@@ -138,8 +145,34 @@ def plan_run(req: SizedRequest, jobs: int = 1) -> RunPlan:
     return RunPlan(
         req.model_path, rd, croot, method, req.size, preset, target, lo, hi, fold, sensitivity, cfg, cc,
         req.gcfg, sac, pol, req.calib, info, text, settings, ratios, in_memory, req.row_sample, presets,
-        req.force_allocation,
+        req.force_allocation, gpu,
     )
+
+
+def _gpu_cap(req: SizedRequest, info: ModelInfo, cc: CandidateConfig) -> Any:
+    """The request's --gpu-size resolved against the model (allocate/gpu.py), refused when the GPU-resident
+    tensors at their smallest types plus the KV cache exceed it; None without one."""
+    from ramp_cpp.allocate.gpu import gpu_cap, kv_cache_bytes
+
+    kv_named = req.kv_bytes is not None or req.kv_ctx is not None
+    if req.gpu_bytes is None:
+        if kv_named:
+            raise RampError("--kv-size and --kv-ctx count a KV cache against --gpu-size: name --gpu-size too")
+        return None
+    if req.method in LEARNED:
+        raise RampError(
+            f"--gpu-size applies to --method greedy or uniform; the {req.method} method's projection knows "
+            "only the whole-file --size"
+        )
+    if req.kv_bytes is not None and req.kv_ctx is not None:
+        raise RampError("name the KV cache once: --kv-size (bytes) or --kv-ctx (tokens), not both")
+    if req.kv_ctx is not None:
+        kv, kv_from = kv_cache_bytes(req.model_path, req.kv_ctx), f"--kv-ctx {req.kv_ctx} at F16"
+    elif req.kv_bytes is not None:
+        kv, kv_from = req.kv_bytes, "--kv-size"
+    else:
+        kv, kv_from = 0, "no KV cache named"
+    return gpu_cap(info, cc, req.gpu_bytes, kv, kv_from, req.cfg.imatrix)
 
 
 def run_settings(

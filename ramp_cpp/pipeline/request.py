@@ -62,7 +62,9 @@ class SizedRequest:
     policy a `policy` run rolls out (a file, or one already loaded); `cache_root`: where the tensor cache and
     measurements live (default RUN/cache); `fold`: None for `default_fold`; `tensor_cache` and `row_sample`
     (plan.TENSOR_CACHES, proxy.MeasureConfig); `force_allocation`: write the allocation even when it scores
-    worse than the preset of the same size."""
+    worse than the preset of the same size. `gpu_bytes`: a second cap, in bytes, on what sits in GPU memory
+    when the experts are offloaded (`-ot exps=CPU`, allocate/gpu.py): the GPU-resident tensors plus a KV
+    cache of `kv_bytes`, or of `kv_ctx` tokens at F16 (at most one of the two; neither: no KV counted)."""
 
     model_path: str | os.PathLike[str]
     run_dir: str | os.PathLike[str]
@@ -81,6 +83,9 @@ class SizedRequest:
     tensor_cache: str = "auto"
     row_sample: int = 1
     force_allocation: bool = False
+    gpu_bytes: int | None = None
+    kv_bytes: int | None = None
+    kv_ctx: int | None = None
 
     @property
     def fold_setting(self) -> Fold:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ramp_cpp.costs import Meter, StageCost
 from ramp_cpp.executor import Executor, Serial
@@ -73,6 +74,7 @@ class DirectResult:
     kld: float
     costs: tuple[StageCost, ...] = ()
     verdict: Verdict | None = None  # which file was written: the allocation's or the preset's
+    gpu: dict[str, Any] | None = None  # report.json's summary "gpu" of a --gpu-size run
 
 
 def run_direct(
@@ -123,7 +125,7 @@ def run_direct(
         shutil.rmtree(rt.scratch, ignore_errors=True)
     rep = write_reports(plan, m, decision, alloc, out, k, base, meter.to_json(), verdict)
     return DirectResult(plan.run_dir, out.gguf, rep.allocation, rep.report, rep.file_bytes, base.target,
-                        verdict.ppl, verdict.kld, tuple(meter.stages), verdict)
+                        verdict.ppl, verdict.kld, tuple(meter.stages), verdict, rep.gpu)
 
 
 def describe(r: DirectResult) -> str:
@@ -132,5 +134,12 @@ def describe(r: DirectResult) -> str:
         f"{r.gguf.name}: {r.file_bytes / MIB:.2f} MiB (target {r.target_bytes / MIB:.2f}), "
         f"reward-text KLD {r.kld:.4f}, PPL {r.ppl:.3f}"
     )
+    if r.gpu is not None:
+        g = r.gpu
+        line += (
+            f"; on the GPU with {g['offload']}: {g['resident_bytes'] / MIB:.2f} MiB of tensors + "
+            f"{g['kv_bytes'] / MIB:.2f} MiB KV = {g['resident_plus_kv'] / MIB:.2f} MiB "
+            f"(--gpu-size {g['cap_bytes'] / MIB:.2f})"
+        )
     v = r.verdict
     return line if v is None or v.note is None else f"{line}; {v.note}"

@@ -1,6 +1,7 @@
 """The sized run's last stage: what it writes beside its GGUF. allocation.json (the summary and one row per
 searched tensor), report.json (meta, summary, and the points: the presets and this run), pareto.png
-(report.py's figure of the points), and what publishing the file needs (card.py): the recipe stock
+(report.py's figure of the points; with --gpu-size the summary's "gpu": the written file's GPU-resident bytes
+and the KV cache beside the cap), and what publishing the file needs (card.py): the recipe stock
 llama-quantize remakes it with (tensor-types.txt, imatrix.gguf) and the model card (README.md)."""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Reports:
     allocation: Path
     report: Path
     file_bytes: int
+    gpu: dict[str, Any] | None = None  # summary "gpu" of a --gpu-size run (allocate/gpu.py)
 
 
 def write_reports(
@@ -68,6 +70,10 @@ def write_reports(
         **alloc.summary,
         **({"written": verdict.to_json()} if verdict is not None else {}),
     }
+    if plan.gpu is not None:  # read back from the file written: the allocation's or the preset's
+        from ramp_cpp.allocate.gpu import resident_bytes
+
+        summary["gpu"] = plan.gpu.summary(resident_bytes(out.gguf))
     if m.groups is not None:
         # the calibrated sum is linear around the reference: KLD ≈ KLD_ref + Σ ratio · (error − error_highest)
         top = {t.name: t.options[-1].ggml_type for t in m.alloc_sens.tensors}
@@ -103,7 +109,7 @@ def write_reports(
     else:
         source, cal = m.source.path, m.source.cal
     publish(plan.run_dir, out.gguf, source, cal, json.loads(report.read_text()), rows)
-    return Reports(allocation, report, file_bytes)
+    return Reports(allocation, report, file_bytes, summary.get("gpu"))
 
 
 def tensor_rows(m: Measured, choice: dict[str, Any]) -> list[dict[str, Any]]:

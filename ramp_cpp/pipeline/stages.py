@@ -232,7 +232,8 @@ def decide_fold(
 
     probe = "greedy" if plan.method in LEARNED else plan.method
     jobs = {
-        str(f): (m.cache, ALLOCATORS[probe](m.alloc_sens, target)) for f, m in measured.items()
+        str(f): (m.cache, ALLOCATORS[probe](m.alloc_sens, target, gpu=plan.gpu_budget(m.alloc_sens)))
+        for f, m in measured.items()
     }
     per = _score_files(plan, jobs, fold_eval_config(plan), rt)
     return FoldDecision.auto(probe, FoldEvidence.of(per["True"], per["False"]))
@@ -263,7 +264,7 @@ def _check_fold(plan: RunPlan, on: Measured, off: Source, target: int, rt: Runti
     from ramp_cpp.measure.evaljob import Quantized
 
     probe = "greedy" if plan.method in LEARNED else plan.method
-    choice = ALLOCATORS[probe](on.alloc_sens, target)
+    choice = ALLOCATORS[probe](on.alloc_sens, target, gpu=plan.gpu_budget(on.alloc_sens))
     im = off.cal.imatrix() if plan.cfg.imatrix else None
     # the unfolded file is the one llama.cpp writes for the same map from the unfolded model
     jobs = {"on": (on.cache, choice), "off": (Quantized(str(off.path), plan.cc.base, im, off.info), choice)}
@@ -365,13 +366,17 @@ def fit_and_write(
         if alloc.learned is not None:
             choice = project(m.alloc_sens, alloc.learned, budget)
         else:
-            choice = ALLOCATORS[plan.method](m.alloc_sens, budget)
+            choice = ALLOCATORS[plan.method](m.alloc_sens, budget, gpu=gpu)
         meta = metadata(
             m.sens, choice, plan.method, plan.size, target, m.folded, plan.cfg.imatrix,
             m.source.base_cal.describe(), plan.sensitivity or "none",
         )
         meta.update(decision.metadata())
+        if plan.gpu is not None:
+            meta.update(gpu_metadata(plan.gpu, gpu, m.alloc_sens, choice))
         return choice, meta
+
+    gpu = plan.gpu_budget(m.alloc_sens)
 
     choice, meta = fill(target)
     bound = metadata_bound(meta, m.cache.template.alignment)
@@ -384,12 +389,35 @@ def fit_and_write(
         add_metadata(out, gguf, meta, force=True)
         over = gguf.stat().st_size - target
         if over <= 0:
+            _check_gpu(plan, gguf, meta)
             return Written(gguf, choice, meta, gguf.stat().st_size)
         # below this allocation's own bytes: a greedy that left slack under `budget` would otherwise
         # return the same allocation for `budget - over`
         budget = min(budget, m.alloc_sens.file_bytes(choice)) - over
         choice, meta = fill(budget)
     raise RampError(f"could not fit {gguf.name} under {target} bytes")
+
+
+def gpu_metadata(cap: Any, gpu: Any, sens: Sensitivity, choice: Choice) -> dict[str, Any]:
+    """ramp.* keys of a --gpu-size run: the cap, the KV bytes it holds, and the GPU-resident bytes of the
+    allocation (the tensors `-ot exps=CPU` leaves on the GPU, padded as the file holds them)."""
+    resident = cap.cap_bytes - cap.kv_bytes - gpu.weights_bytes + gpu.used(sens, choice)
+    return {"ramp.gpu_cap_bytes": cap.cap_bytes, "ramp.kv_bytes": cap.kv_bytes, "ramp.gpu_bytes": resident}
+
+
+def _check_gpu(plan: RunPlan, gguf: Path, meta: Mapping[str, Any]) -> None:
+    """The written file's GPU-resident bytes are the ones the allocation predicted (a bug otherwise: the
+    plan's bytes of the tensors it does not search disagree with the tensor cache's)."""
+    if plan.gpu is None:
+        return
+    from ramp_cpp.allocate.gpu import resident_bytes
+
+    got = resident_bytes(gguf)
+    if got != meta["ramp.gpu_bytes"]:
+        raise RampError(
+            f"{gguf.name}: holds {got} GPU-resident bytes where the allocation predicted "
+            f"{meta['ramp.gpu_bytes']} (a bug: please report it)"
+        )
 
 
 def metadata_bound(meta: Mapping[str, Any], alignment: int) -> int:
