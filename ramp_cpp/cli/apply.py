@@ -22,10 +22,12 @@ from ramp_cpp.cli.common import (
     NoImatrixOpt,
     RayOpt,
     SizeOpt,
+    SplitOpt,
     ThreadsOpt,
     WorkersOpt,
     bar,
     out,
+    parse_split,
     recipe_opt,
     stage_progress,
 )
@@ -84,6 +86,7 @@ def apply(
         str | None, recipe_opt("bench for a sized policy (as search), paper for a --budget one")
     ] = None,
     force: ForceOpt = False,
+    split: SplitOpt = None,
     threads: ThreadsOpt = None,
     gpu_layers: GpuOpt = 0,
     workers: WorkersOpt = None,
@@ -95,6 +98,7 @@ def apply(
     from ramp_cpp.llama.backend import RuntimeOptions
     from ramp_cpp.pipeline.apply import ApplyRequest, open_apply
 
+    split_max = parse_split(split)  # before a checkpoint folder's conversion
     opened = open_apply(
         ApplyRequest(
             policy,
@@ -112,6 +116,7 @@ def apply(
             sensitivity=sensitivity,
             force=force,
             force_allocation=force_allocation,
+            split_max=split_max,
         )
     )
     ropts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)
@@ -142,9 +147,11 @@ def _apply_budget(opened: Any, ropts: Any, dry_run: bool, workers: int | None, r
             "--workers/--ray and --dry-run apply to a sized policy; a --budget policy runs serially"
         )
     with bar("apply") as p:
-        r = run_apply(opened, ropts, Hooks(progress=stage_progress(p))).paper
+        applied = run_apply(opened, ropts, Hooks(progress=stage_progress(p)))
+    r = applied.paper
     m, m0 = r.measures, r.policy_measures
     out.print(
-        f"{r.path}: {r.file_size / 2**20:.1f} MiB, bpw {m.bpw:.3f} (nominal {m.bpw_nominal:.2f}); "
+        f"{applied.output}: {r.file_size / 2**20:.1f} MiB, bpw {m.bpw:.3f} (nominal {m.bpw_nominal:.2f}); "
         f"policy gave {m0.bpw:.3f}, {r.n_repaired} tensors repaired to fit the budget"
+        + (f"; {applied.split.describe()}" if applied.split else "")
     )

@@ -97,6 +97,15 @@ ForceAllocationOpt = Annotated[
         "reward text (default: write the preset's file then, and say so).",
     ),
 ]
+SplitOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--split-max-size", show_default=False,
+        help="Write the GGUF as a split set (llama.cpp's gguf-split convention: NAME-00001-of-0000N.gguf, "
+        "load the first) with each shard's file at most this size (50GB, 4GiB); a tensor larger than it "
+        "gets a shard of its own.",
+    ),
+]
 NoImatrixOpt = Annotated[bool, typer.Option("--no-imatrix", help="Quantize without the importance matrix.")]
 CalibOpt = Annotated[
     Path | None, typer.Option("--calib", help="Reuse a calibration artifact instead of calibrating.")
@@ -194,6 +203,18 @@ def parse_bits(spec: str) -> tuple[int, ...]:
         return tuple(sorted({int(x) for x in spec.split(",") if x.strip()}))
     except ValueError:
         raise RampError(f"--bits takes comma-separated integers such as 3,4,5,6, not {spec!r}") from None
+
+
+def parse_split(spec: str | None) -> int | None:
+    """--split-max-size as bytes (None: one file), refused before any work when it is not a positive size."""
+    from ramp_cpp.allocate.budget import parse_size
+
+    if spec is None:
+        return None
+    n = parse_size(spec, "--split-max-size")
+    if n < 1:
+        raise RampError(f"--split-max-size must be a positive size, not {spec!r}")
+    return n
 
 
 def parse_presets(spec: str | None, no_presets: bool, default: tuple[str, ...] = ()) -> tuple[str, ...]:

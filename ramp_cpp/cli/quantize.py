@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from ramp_cpp.cli.common import ForceOpt, JsonOpt, ThreadsOpt, emit, err, out
+from ramp_cpp.cli.common import ForceOpt, JsonOpt, SplitOpt, ThreadsOpt, emit, err, out, parse_split
 from ramp_cpp.cli.modelarg import resolved_model
 from ramp_cpp.errors import RampError
 
@@ -46,34 +46,47 @@ def quantize(
         bool, typer.Option("--allow-requantize", help="Accept a quantized input.")
     ] = False,
     force: ForceOpt = False,
+    split: SplitOpt = None,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize through llama.cpp with an exact per-tensor type map or one of its presets."""
     from ramp_cpp.llama.ggufio import read_imatrix
     from ramp_cpp.llama.quantize import QuantizeOptions, quantize_map, quantize_preset
+    from ramp_cpp.llama.splitout import check_split_output, write_split
     from ramp_cpp.model.ladder import type_from_name
 
     if (types is None) == (preset is None):
         raise RampError("give exactly one of --types MAP.json or --preset NAME")
+    split_max = parse_split(split)
+    if split_max is not None:
+        check_split_output(output, force)
     model = resolved_model(model)
     im = read_imatrix(imatrix) if imatrix else None
-    opts = QuantizeOptions(im, threads, force, allow_requantize)
-    with err.status("quantizing"):
+    opts = QuantizeOptions(im, threads, force or split_max is not None, allow_requantize)
+
+    def write(dst: Path) -> Any:
         if types is not None:
-            r = quantize_map(model, output, _load_map(types), type_from_name(base), opts)
+            return quantize_map(model, dst, _load_map(types), type_from_name(base), opts)
+        assert preset is not None
+        return quantize_preset(model, dst, preset, opts)
+
+    with err.status("quantizing"):
+        if split_max is None:
+            r, shards = write(output), None
         else:
-            assert preset is not None
-            r = quantize_preset(model, output, preset, opts)
+            r, shards = write_split(write, output, split_max, force)
+    path = str(output) if shards is None else str(shards.first)
     if as_json:
-        emit(asdict(r))
+        emit(asdict(r) | {"path": path, **({"split": shards.to_json()} if shards else {})})
         return
     counts: dict[str, int] = {}
     for x in r.tensors:
         counts[x.ggml_type] = counts.get(x.ggml_type, 0) + 1
     out.print(
-        f"wrote {r.path}: {r.file_size / 2**20:.2f} MiB, {r.bpw_searched:.3f} bpw over searched tensors, "
+        f"wrote {path}: {r.file_size / 2**20:.2f} MiB, {r.bpw_searched:.3f} bpw over searched tensors, "
         f"{r.bpw_file:.3f} bpw over the file; types "
         + ", ".join(f"{k}x{v}" for k, v in sorted(counts.items()))
         + (f"; {r.n_fallback} row-length fallbacks" if r.n_fallback else "")
+        + (f"; {shards.describe()}" if shards else "")
     )

@@ -24,11 +24,13 @@ from ramp_cpp.cli.common import (
     KvSizeOpt,
     NoImatrixOpt,
     RayOpt,
+    SplitOpt,
     ThreadsOpt,
     WorkersOpt,
     gpu_fields,
     in_panel,
     parse_presets,
+    parse_split,
     recipe_opt,
 )
 from ramp_cpp.cli.modelarg import resolved_model
@@ -93,6 +95,7 @@ def search(
         ),
     ] = None,
     types: Annotated[str | None, _alloc("--types", help="Candidate types, e.g. Q4_K,IQ4_NL,Q8_0.")] = None,
+    split: Annotated[str | None, in_panel(SplitOpt, ALLOC)] = None,
     no_embeddings: Annotated[
         bool, _alloc("--no-embeddings", help="Keep token_embd / output at Q8_0.")
     ] = False,
@@ -165,6 +168,7 @@ def search(
 
     if rollouts != 1 and method != "sac":
         raise RampError(f"--rollouts applies to --method sac (the search's rounds), not {method}")
+    split_max = parse_split(split)  # before a checkpoint folder's conversion
     req = search_request(
         resolved_model(model),  # a checkpoint folder is converted once (cached), a split set read as one
         out_dir,
@@ -197,6 +201,7 @@ def search(
         tensor_cache=tensor_cache,
         force_allocation=force_allocation,
         **gpu_fields(gpu_size, kv_size, kv_ctx),
+        split_max=split_max,
         **({} if row_sample is None else {"row_sample": row_sample}),
     )
     ropts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)

@@ -19,6 +19,7 @@ from typing import Any
 from ramp_cpp.errors import RampError
 from ramp_cpp.executor import Executor
 from ramp_cpp.llama.backend import RuntimeOptions
+from ramp_cpp.llama.splitout import SplitOutput, check_split_output, move_set, write_split
 from ramp_cpp.pipeline.folddecision import Fold
 from ramp_cpp.pipeline.request import Hooks, SizedRequest, search_request
 from ramp_cpp.pipeline.sizedconfig import SEARCH_RECIPE, SizedConfig
@@ -34,7 +35,9 @@ class ApplyRequest:
     (default: OUTPUT's name with .run for .gguf, beside it). `text`, `recipe` (None: bench for a sized policy,
     paper for a --budget one), `calib`, `imatrix` and `fold` (None: the search's rule) as for `search`;
     `sensitivity` (None: the one the policy was trained with); `force`: overwrite the output;
-    `force_allocation`: keep the policy's file even where the preset of the same size scores better."""
+    `force_allocation`: keep the policy's file even where the preset of the same size scores better;
+    `split_max`: write the output as a split set of shards of at most that many bytes (OUTPUT less .gguf,
+    then -00001-of-0000N.gguf)."""
 
     policy: str | os.PathLike[str]
     model: str | os.PathLike[str]
@@ -51,6 +54,7 @@ class ApplyRequest:
     sensitivity: str | None = None
     force: bool = False
     force_allocation: bool = False
+    split_max: int | None = None
 
 
 @dataclass(frozen=True)
@@ -101,18 +105,20 @@ def open_apply(req: ApplyRequest) -> Opened:
         policy=pol,
         calib=req.calib,
         force_allocation=req.force_allocation,
+        split_max=req.split_max,
     )
     return Opened(req, pol, output, sized)
 
 
 @dataclass(frozen=True)
 class Applied:
-    """What `apply` wrote: the output and, for a sized policy, the run (run.DirectResult) or, for a --budget
-    policy, paper/apply.py's ApplyResult."""
+    """What `apply` wrote: the output (a split set's first shard) and, for a sized policy, the run
+    (run.DirectResult) or, for a --budget policy, paper/apply.py's ApplyResult and the split set, if any."""
 
     output: Path
     sized: Any = None
     paper: Any = None
+    split: SplitOutput | None = None
 
 
 def run_apply(
@@ -126,12 +132,21 @@ def run_apply(
     from ramp_cpp.store.atomic import atomic_path, check_output
 
     req = opened.req
-    dst = check_output(opened.output, req.force)
+    split = req.split_max
+    check = check_output if split is None else check_split_output
+    dst = check(opened.output, req.force)
     if opened.sized is None:
-        return Applied(dst, paper=_paper_apply(opened, dst, opts, hooks))
+        if split is None:
+            return Applied(dst, paper=_paper_apply(opened, dst, opts, hooks))
+        paper, shards = write_split(lambda p: _paper_apply(opened, p, opts, hooks), dst, split, req.force)
+        return Applied(shards.first, paper=paper, split=shards)
     from ramp_cpp.pipeline.run import run_direct
 
     r = run_direct(opened.sized, opts, hooks, executor)
+    if r.split is not None:
+        paths = tuple(move_set(r.split.paths, dst, req.force))
+        moved = replace(r.split, paths=paths)
+        return Applied(paths[0], sized=replace(r, gguf=paths[0], split=moved), split=moved)
     with atomic_path(dst, force=req.force) as tmp:
         shutil.move(r.gguf, tmp)
     return Applied(dst, sized=replace(r, gguf=dst))

@@ -18,6 +18,7 @@ from typing import Any
 
 from ramp_cpp.calibration.artifact import Calibration, write_imatrix
 from ramp_cpp.llama.recipe import Recipe, write_recipe, written_types
+from ramp_cpp.llama.splitout import SplitOutput
 from ramp_cpp.model.arch import classify
 from ramp_cpp.store.atomic import atomic_path
 
@@ -62,6 +63,7 @@ def card_text(
         f"(target {s['target_bytes'] / MIB:.2f} MiB), {s['bpw_file']:.3f} bits per weight. "
         "It runs in stock llama.cpp and ollama.",
         *_gpu_lines(s.get("gpu")),
+        *_split_lines(s.get("split")),
         "",
         "## Types per role",
         "",
@@ -112,9 +114,32 @@ def card_text(
             "",
             "```bash",
             recipe.shell(),
+            *_gguf_split_command(s.get("split"), recipe),
             "```",
         ]
     return "\n".join(head + body + how) + "\n"
+
+
+def _split_lines(split: Mapping[str, Any] | None) -> list[str]:
+    if not split:
+        return []
+    names = split["shards"]
+    return [
+        "",
+        f"The file is split in {len(names)} shards of at most {split['max_bytes']} bytes each "
+        f"(llama.cpp's gguf-split convention, `{names[0]}` to `{names[-1]}`): give llama.cpp the first, "
+        "it finds the others beside it.",
+    ]
+
+
+def _gguf_split_command(split: Mapping[str, Any] | None, recipe: Recipe) -> list[str]:
+    """llama.cpp's own tool splitting the recipe's output: its --split-max-size takes whole MB (10^6) and
+    counts tensor data only, so its shard boundaries may differ from this set's; the tensors are the same."""
+    if not split or split["max_bytes"] < 10**6:
+        return []
+    one = recipe.command[-2]  # llama-quantize ... SOURCE OUTPUT FTYPE
+    prefix = one.removesuffix(".gguf")
+    return [f"llama-gguf-split --split --split-max-size {split['max_bytes'] // 10**6}M {one} {prefix}"]
 
 
 def write_card(dst: str | os.PathLike[str], text: str) -> Path:
@@ -130,14 +155,17 @@ CARD = "README.md"
 
 def publish(
     run_dir: Path, gguf: Path, source: Path, cal: Calibration, report: Mapping[str, Any],
-    rows: Sequence[Mapping[str, Any]],
+    rows: Sequence[Mapping[str, Any]], split: SplitOutput | None = None,
 ) -> Recipe:
     """The run folder's recipe and card: `imatrix.gguf` (the imatrix the file was quantized with, as
     llama-imatrix writes it), `tensor-types.txt` (the written file's types, llama/recipe.py) and `README.md`.
     `source`/`cal`: the F16 the file's tensors were quantized from and its calibration — the folded copy and
-    its statistics when the run folded, the model and its own when the preset's file was written."""
+    its statistics when the run folded, the model and its own when the preset's file was written. With
+    `split`, `gguf` is the first shard; the recipe's llama-quantize writes the one file the set was split
+    from."""
     imatrix = write_imatrix(cal, run_dir / IMATRIX, force=True)
-    recipe = write_recipe(run_dir / TYPES_FILE, written_types(gguf, source), source, imatrix, gguf.name)
+    output = gguf.name if split is None else split.one_file_name
+    recipe = write_recipe(run_dir / TYPES_FILE, written_types(gguf, source), source, imatrix, output)
     write_card(run_dir / CARD, card_text(report, rows, gguf.name, recipe))
     return recipe
 

@@ -113,6 +113,8 @@ def plan_run(req: SizedRequest, jobs: int = 1) -> RunPlan:
         raise RampError(f"unknown method {method!r} (choose from {', '.join([*ALLOCATORS, 'sac'])})")
     if req.row_sample < 1:
         raise RampError(f"--row-sample must be at least 1 (every row), got {req.row_sample}")
+    if req.split_max is not None and req.split_max < 1:
+        raise RampError(f"--split-max-size must be a positive size, got {req.split_max} bytes")
     if req.tensor_cache not in TENSOR_CACHES:
         raise RampError(
             f"unknown --tensor-cache {req.tensor_cache!r} (choose from {', '.join(TENSOR_CACHES)})"
@@ -140,7 +142,7 @@ def plan_run(req: SizedRequest, jobs: int = 1) -> RunPlan:
         req.tensor_cache == "auto"
         and (method != "sac" or not fits(disk_needs(info, cc, fold, hi, rd, croot, jobs), rd))
     )
-    check_plan_resources(info, cc, fold, hi, rd, croot, jobs, in_memory)
+    check_plan_resources(info, cc, fold, hi, rd, croot, jobs, in_memory, req.split_max is not None)
     presets = tuple(dict.fromkeys([*req.presets, *([preset] if preset else [])]))
     return RunPlan(
         req.model_path, rd, croot, method, req.size, preset, target, lo, hi, fold, sensitivity, cfg, cc,

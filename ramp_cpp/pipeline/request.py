@@ -64,7 +64,9 @@ class SizedRequest:
     (plan.TENSOR_CACHES, proxy.MeasureConfig); `force_allocation`: write the allocation even when it scores
     worse than the preset of the same size. `gpu_bytes`: a second cap, in bytes, on what sits in GPU memory
     when the experts are offloaded (`-ot exps=CPU`, allocate/gpu.py): the GPU-resident tensors plus a KV
-    cache of `kv_bytes`, or of `kv_ctx` tokens at F16 (at most one of the two; neither: no KV counted)."""
+    cache of `kv_bytes`, or of `kv_ctx` tokens at F16 (at most one of the two; neither: no KV counted).
+    `split_max`: write the GGUF as a split set of shards of at most that many bytes each (llama/splitout.py;
+    None: one file); the size budget still counts the one file."""
 
     model_path: str | os.PathLike[str]
     run_dir: str | os.PathLike[str]
@@ -86,6 +88,7 @@ class SizedRequest:
     gpu_bytes: int | None = None
     kv_bytes: int | None = None
     kv_ctx: int | None = None
+    split_max: int | None = None
 
     @property
     def fold_setting(self) -> Fold:

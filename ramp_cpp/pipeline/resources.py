@@ -8,7 +8,8 @@ when it is not there (issue 21: a run that cannot finish must not start).
                   the folded cache are deleted); in memory (--tensor-cache memory) the base type only
     quantizer     llama.cpp's output of one pass, cut into the cache, then removed: at most a Q8_0 model
     output        the GGUF, at most the largest file; written after the last quantizer output is removed, so
-                  the peak counts the larger of the two
+                  the peak counts the larger of the two; twice that with --split-max-size (the one file
+                  and its shards are on disk together until the shards are renamed into place)
     scratch       probe and fold-check files, two at a time (tmpfs when there is one, else the temp dir)
 
 Bytes come from `gguf.GGML_QUANT_SIZES` through `ladder.tensor_nbytes`, padded to the file's alignment. What
@@ -58,7 +59,7 @@ class DiskNeeds:
 
 def disk_needs(
     info: ModelInfo, cc: CandidateConfig, fold: str, hi: int, run_dir: Path, cache_root: Path, jobs: int = 1,
-    in_memory: bool = False,
+    in_memory: bool = False, split: bool = False,
 ) -> DiskNeeds:
     """What the run will write. `jobs`: tensor-cache passes and probes at once on this machine (--workers):
     each pass holds its own quantizer output in the cache folder, each probe its own file in scratch.
@@ -84,7 +85,7 @@ def disk_needs(
         # folded copy and (in the run folder) the folded cache are deleted
         foldings_measured=2 if fold == "auto" or (fold == "check" and not kept) else 1,
         quantizer=q8 * jobs,
-        output=hi,
+        output=hi * (2 if split else 1),
         scratch=(1 + jobs) * hi,
         held=disk_bytes(run_dir, cache_root),
         released=info.file_size + cache * in_run if fold == "check" and not kept else 0,
@@ -136,12 +137,12 @@ def fits(n: DiskNeeds, run_dir: Path) -> bool:
 
 def check_plan_resources(
     info: ModelInfo, cc: CandidateConfig, fold: str, hi: int, run_dir: Path, cache_root: Path, jobs: int = 1,
-    in_memory: bool = False,
+    in_memory: bool = False, split: bool = False,
 ) -> DiskNeeds:
-    n = disk_needs(info, cc, fold, hi, run_dir, cache_root, jobs, in_memory)
+    n = disk_needs(info, cc, fold, hi, run_dir, cache_root, jobs, in_memory, split)
     saves = 0
     if not in_memory:
-        m = disk_needs(info, cc, fold, hi, run_dir, cache_root, jobs, True)
+        m = disk_needs(info, cc, fold, hi, run_dir, cache_root, jobs, True, split)
         saves = n.disk - m.disk
     check_resources(n, run_dir, fold, len(cc.requested()), saves)
     return n

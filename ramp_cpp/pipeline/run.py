@@ -15,7 +15,8 @@ artifacts, configured by one `request.SizedRequest`:
     fit_and_write     stages.py        the GGUF from the tensor cache with ramp.* metadata → Written
     evaluate          stages.py        its KLD and PPL on the reward chunks
     never_worse       neverworse.py    worse than the preset of the same size: the preset's file instead
-    write_reports     runreport.py     allocation.json, report.json, pareto.png → DirectResult
+    split_output      llama/splitout   with --split-max-size, the file written as a split set of shards
+    write_reports     runreport.py     allocation.json, report.json, pareto.png, card → DirectResult
 
 The budget is a whole-file size: `--size 95MiB`, or `--size Q4_K_M` for the size of that llama.cpp preset
 (with the same imatrix) on this model.
@@ -40,6 +41,7 @@ from ramp_cpp.costs import Meter, StageCost
 from ramp_cpp.executor import Executor, Serial
 from ramp_cpp.fold.source import workdir
 from ramp_cpp.llama.backend import RuntimeOptions
+from ramp_cpp.llama.splitout import SplitOutput, existing_shards, split_gguf
 from ramp_cpp.pipeline.neverworse import Verdict, never_worse
 from ramp_cpp.pipeline.plan import MIB, plan_run
 from ramp_cpp.pipeline.request import Hooks, SizedRequest
@@ -75,6 +77,7 @@ class DirectResult:
     costs: tuple[StageCost, ...] = ()
     verdict: Verdict | None = None  # which file was written: the allocation's or the preset's
     gpu: dict[str, Any] | None = None  # report.json's summary "gpu" of a --gpu-size run
+    split: SplitOutput | None = None  # the shards, with --split-max-size (`gguf` is the first)
 
 
 def run_direct(
@@ -123,9 +126,22 @@ def run_direct(
             verdict = never_worse(plan, out, k, base, base_cal, rt)
     finally:
         shutil.rmtree(rt.scratch, ignore_errors=True)
-    rep = write_reports(plan, m, decision, alloc, out, k, base, meter.to_json(), verdict)
+    split = split_output(out.gguf, req.split_max)
+    if split is not None:
+        out = replace(out, gguf=split.first)
+    rep = write_reports(plan, m, decision, alloc, out, k, base, meter.to_json(), verdict, split)
     return DirectResult(plan.run_dir, out.gguf, rep.allocation, rep.report, rep.file_bytes, base.target,
-                        verdict.ppl, verdict.kld, tuple(meter.stages), verdict, rep.gpu)
+                        verdict.ppl, verdict.kld, tuple(meter.stages), verdict, rep.gpu, split)
+
+
+def split_output(gguf: Path, split_max: int | None) -> SplitOutput | None:
+    """The run's GGUF as a split set when asked (the one file removed), else None; either way no set of an
+    earlier run of this folder is left beside it under its name."""
+    if split_max is None:
+        for q in existing_shards(gguf):
+            q.unlink()
+        return None
+    return split_gguf(gguf, gguf, split_max, force=True)
 
 
 def describe(r: DirectResult) -> str:
@@ -142,4 +158,5 @@ def describe(r: DirectResult) -> str:
             f"(--gpu-size {g['cap_bytes'] / MIB:.2f})"
         )
     v = r.verdict
-    return line if v is None or v.note is None else f"{line}; {v.note}"
+    line = line if v is None or v.note is None else f"{line}; {v.note}"
+    return line if r.split is None else f"{line}; {r.split.describe()}"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ramp_cpp.llama.evaluate import KLDResult
+from ramp_cpp.llama.splitout import SplitOutput
 from ramp_cpp.pipeline.card import publish
 from ramp_cpp.pipeline.folddecision import FoldDecision
 from ramp_cpp.pipeline.neverworse import PRESET, Verdict
@@ -32,13 +33,16 @@ class Reports:
 def write_reports(
     plan: RunPlan, m: Measured, decision: FoldDecision, alloc: Allocation, out: Written, k: KLDResult,
     presets: Presets, costs: dict[str, Any] | None = None, verdict: Verdict | None = None,
+    split: SplitOutput | None = None,
 ) -> Reports:
     """allocation.json, report.json and pareto.png in the run directory. The "ramp" point and summary's
-    quality are the allocation's; `summary.written` says which file the run wrote (neverworse.py)."""
+    quality are the allocation's; `summary.written` says which file the run wrote (neverworse.py);
+    `summary.split` its shards, when `split` (then `out.gguf` is the first and `file_bytes` the one file's,
+    what the size budget counts)."""
     from ramp_cpp.pipeline.report import BASE_QUALITY, write_pareto
 
     cfg = plan.cfg
-    file_bytes = out.gguf.stat().st_size
+    file_bytes = out.gguf.stat().st_size if split is None else split.whole_bytes
     alloc_bytes = out.file_bytes or file_bytes
     label = f"{plan.method}{' (folded)' if m.folded else ''}"
     points = [
@@ -69,6 +73,7 @@ def write_reports(
         "fold": decision.to_json(),
         **alloc.summary,
         **({"written": verdict.to_json()} if verdict is not None else {}),
+        **({"split": split.to_json()} if split is not None else {}),
     }
     if plan.gpu is not None:  # read back from the file written: the allocation's or the preset's
         from ramp_cpp.allocate.gpu import resident_bytes
@@ -108,7 +113,7 @@ def write_reports(
         source, cal = Path(plan.model_path), m.source.base_cal
     else:
         source, cal = m.source.path, m.source.cal
-    publish(plan.run_dir, out.gguf, source, cal, json.loads(report.read_text()), rows)
+    publish(plan.run_dir, out.gguf, source, cal, json.loads(report.read_text()), rows, split)
     return Reports(allocation, report, file_bytes, summary.get("gpu"))
 
 
