@@ -1,6 +1,8 @@
 """Tiny random Hugging Face checkpoints written by `transformers` itself, for the conversion tests: a
 SentencePiece tokenizer trained on a few sentences (the converter reads tokenizer.model without any
-pre-tokenizer fingerprint), a config of hidden size 64 and 2 layers, weights saved in the asked dtype."""
+pre-tokenizer fingerprint), a config of hidden size 64 and 2 layers, weights saved in the asked dtype. The
+MoE ones (qwen2moe: routed experts and a gated shared expert; mixtral: routed experts) have 4 experts, 2
+used per token."""
 
 from __future__ import annotations
 
@@ -13,7 +15,16 @@ from tests.synthetic import text
 ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen2moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
 }
+
+#: Config keys of the MoE architectures beside the dense ones.
+MOE = {
+    "qwen2moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                 "shared_expert_intermediate_size": 128, "decoder_sparse_step": 1},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+}  # fmt: skip
 
 
 #: 3 specials, 256 byte pieces (llama.cpp's SentencePiece tokenizer maps characters the vocabulary lacks, a
@@ -45,13 +56,13 @@ def write(folder: Path, arch: str = "llama", dtype: str = "bfloat16", seed: int 
     cfg = cfg_cls(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
-        eos_token_id=2,
+        eos_token_id=2, **MOE.get(arch, {}),
     )  # fmt: skip
     torch.manual_seed(seed)
     model = model_cls(cfg).to(getattr(torch, dtype))
     with torch.no_grad():  # random init is tiny (std 0.02): wider weights make the logits differ per token
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # 3-D: transformers' fused experts
                 p.normal_(0.0, 0.2)
     model.save_pretrained(folder)
     return folder

@@ -183,3 +183,46 @@ def test_greedy_search_from_the_folder(tmp_path: Path, pip_cache: None, text_fil
     assert gguf.stat().st_size <= (lo + hi) // 2
     assert {t for t, _, _ in tensor_types(gguf).values()} & {"Q4_0", "Q5_0", "Q8_0"}
     LlamaModel(gguf, RuntimeOptions(n_ctx=64, n_threads=1)).close()
+
+
+#: An MoE checkpoint (transformers' Mixtral: 4 routed experts, 2 per token), converted to llama.cpp's llama
+#: architecture with 3-D expert tensors, the kind the MoE support searches (one type per expert tensor).
+#: Qwen2MoeForCausalLM would need a Hugging Face BPE tokenizer the converter recognises by its hash (its
+#: set_vocab reads no tokenizer.model); Mixtral's is the llama converter's, which takes the SentencePiece one.
+MOE_CASES = [("bfloat16", "BF16", 0.03), ("float32", "F32", 0.005)]
+
+
+@pytest.mark.slow  # a conversion (~30 s on 2 cores) per dtype
+@pytest.mark.parametrize(("dtype", "gguf_type", "tol"), MOE_CASES)
+def test_an_moe_checkpoint_converts_with_searched_experts(
+    tmp_path: Path, pip_cache: None, dtype: str, gguf_type: str, tol: float
+) -> None:
+    import torch
+    import transformers
+
+    from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
+
+    d = hfcheckpoint.write(tmp_path / "tiny-mixtral", "mixtral", dtype)
+    gguf = convert_checkpoint(d)
+    types = tensor_types(gguf)
+    for b in (0, 1):
+        for role in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+            t, _, n = types[f"blk.{b}.{role}.weight"]
+            assert t == gguf_type and n == 4 * 64 * 128  # 4 experts of 128 x 64 in one tensor
+    toks = np.array([1, 5, 17, 33, 60, 7, 90, 42, 11, 3], dtype=np.int32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(torch.tensor(toks[None].astype(np.int64))).logits[0].numpy()
+    with LlamaModel(gguf, RuntimeOptions(n_ctx=64, n_threads=1)) as m:
+        got = np.array(m.logits(toks, 0, len(toks)))
+    assert got.shape == ref.shape and np.isfinite(got).all()
+    assert np.abs(got - ref).max() <= tol * np.abs(ref).max()
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
+    r = runner.invoke(app, ["inspect", str(d), "--json"])
+    assert r.exit_code == 0, r.output
+    inv = json.loads(r.stdout)
+    assert (inv["arch"], inv["n_expert"], inv["n_expert_used"]) == ("llama", 4, 2)
+    rows = {t["name"]: t for t in inv["tensors"]}
+    experts = {n for n, t in rows.items() if t["role"].endswith("_exps")}
+    assert len(experts) == 6 and all(rows[n]["searched"] and rows[n]["n_expert"] == 4 for n in experts)
+    assert not rows["blk.0.ffn_gate_inp.weight"]["searched"]  # the router: llama.cpp never quantizes it
