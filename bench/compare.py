@@ -177,6 +177,7 @@ def evaluate(path: Path, b: Base, chunks: int) -> dict[str, Any]:
         "kld_mean": k.kld_mean,
         "kld_stderr": k.kld_stderr,
         "kld_p99": k.kld_p99,
+        "kld_p999": k.kld_p999,
         "same_top_pct": k.same_top_pct,
         "chunks": chunks,
     }

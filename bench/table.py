@@ -3,8 +3,9 @@
     .venv/bin/python -m bench.table smollm2 [--base offgrid] [--chunks 16]
 
 One table per target size: each row a method (preset + imatrix, uniform, greedy), unfolded and folded, with
-file MiB, bpw over the file and over the searched linears, PPL, mean KLD ± stderr, same-top %, and KLD as a
-ratio of the preset + imatrix on the unfolded model.
+file MiB, bpw over the file and over the searched linears, PPL, mean KLD ± stderr, its tail (p99, p99.9; "-"
+in a cell stored before it was recorded), same-top %, and KLD as a ratio of the preset + imatrix on the
+unfolded model.
 """
 
 from __future__ import annotations
@@ -44,17 +45,18 @@ def table(model: str, base: str, chunks: int) -> str:
         where = f"{size}'s whole-file size ({chunks} chunks of wikitext2-test)"
         lines.append(f"\n{model}, {base} base, at {where}\n")
         lines.append(
-            "| method | folded | MiB | bpw file | bpw linears | PPL | mean KLD | same top % | KLD / preset |"
+            "| method | folded | MiB | bpw file | bpw linears | PPL | mean KLD | p99 KLD | p99.9 KLD | "
+            "same top % | KLD / preset |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for m, f, r in rs:
             label = f"{size} + imatrix" if m == "preset+imatrix" else m
             ratio = f"{r['kld_mean'] / ref['kld_mean']:.2f}×" if ref else "-"
             lines.append(
                 f"| {label} | {'yes' if f else 'no'} | {r['mib']:.2f} | {r['bpw_file']:.3f} | "
                 f"{_f(r.get('bpw_searched'), '.3f')} | {r['ppl']:.3f} | "
-                f"{r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | "
-                f"{r['same_top_pct']:.1f} | {ratio} |"
+                f"{r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | {_f(r.get('kld_p99'), '.3f')} | "
+                f"{_f(r.get('kld_p999'), '.3f')} | {r['same_top_pct']:.1f} | {ratio} |"
             )
     base_ppl = next(iter(data["cells"].values()))["base_ppl"]
     lines.append(f"\nBase PPL {base_ppl:.3f}. Commands: " + "; ".join(f"`{c}`" for c in data["commands"]))

@@ -267,3 +267,27 @@ def test_the_probe_stages_are_recounted_by_their_evaluations_clocks(
                                                                       "evals": evals}))
     lines = [{"stop": a, "cont": b, "why": "t"} for a, b in pauses]
     assert costs.probe_clocks("m|new|Q4_K_M", lines, since) == want
+
+
+def _row(**more) -> dict:
+    return {"mib": 100.0, "bpw_file": 6.0, "ppl": 29.0, "kld_mean": 0.05, "kld_stderr": 0.001,
+            "kld_p99": 0.25, "same_top_pct": 85.0, "file_bytes": 100 << 20, "base_ppl": 28.0, **more}
+
+
+@pytest.mark.parametrize(
+    ("more", "shown"), [({}, "| 0.250 | - | 85.0 |"), ({"kld_p999": 0.8}, "| 0.250 | 0.800 | 85.0 |")]
+)
+def test_the_tables_show_the_tail_kld_beside_the_mean_and_a_cell_without_it_as_a_dash(
+    more, shown, tmp_path, monkeypatch
+):
+    """A cell stored before p99.9 was recorded shows "-" in its column; one with it shows it, after p99."""
+    from bench import run, table
+
+    cells = {"offgrid-s0|fold|greedy-measured|Q4_K_M|16": _row(**more),
+             "offgrid-s0|nofold|preset+imatrix|Q4_K_M|16": _row(**more)}
+    assert shown in run.size_table(cells, "Q4_K_M", compare.Fold(0.5), "sac", 16).splitlines()[7]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "m.json").write_text(json.dumps({"cells": cells, "commands": []}))
+    monkeypatch.setattr(table, "HERE", tmp_path)
+    lines = [x for x in table.table("m", "offgrid-s0", 16).splitlines() if x.startswith("| greedy-measured")]
+    assert len(lines) == 1 and shown in lines[0]

@@ -7,7 +7,7 @@ import pytest
 
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
-from ramp_cpp.llama.evaluate import EvalConfig, base_logprobs, kld, perplexity
+from ramp_cpp.llama.evaluate import EvalConfig, KLDResult, base_logprobs, kld, perplexity, summarize
 from ramp_cpp.llama.quantize import quantize_map
 from ramp_cpp.store.cache import cache_dir
 
@@ -148,3 +148,39 @@ def test_weight_repacking_is_off_on_amx_cpus_unless_asked(
         monkeypatch.setenv("RAMP_REPACK", env)
     monkeypatch.setattr(backend, "_cpu_has_amx", lambda: amx)
     assert backend.repack_weights() is repack
+
+
+def _llama_percentile(values: np.ndarray, fraction: float) -> float:
+    """llama-perplexity's own percentile of the KLD values (`percentile` lambda in tools/perplexity): sorted,
+    linear interpolation between the two ranks around fraction * (n - 1)."""
+    v = np.sort(values)
+    p = fraction * (len(v) - 1)
+    i = int(p)
+    return float((1 - (p - i)) * v[i] + (p - i) * v[min(i + 1, len(v) - 1)])
+
+
+def _summary(kl: np.ndarray) -> KLDResult:
+    z = np.zeros_like(kl)
+    return summarize({"kld": kl, "nll_q": z, "nll_b": z, "same_top": z, "dp": z, "rest": z}, 8, 1, 1.0)
+
+
+# (values, p99, p99.9, tolerance): an exact grid, and an exponential sample whose quantiles are -ln(1 - q)
+_RNG = np.random.default_rng(0)
+_EXP = _RNG.exponential(size=2_000_000)
+
+
+@pytest.mark.parametrize(
+    ("kl", "p99", "p999", "tol"),
+    [
+        (np.arange(1001) / 1000, 0.99, 0.999, 1e-12),
+        (_RNG.permutation(np.arange(1001)) / 1000, 0.99, 0.999, 1e-12),
+        (_EXP, -np.log(0.01), -np.log(0.001), 0.02),
+    ],
+)
+def test_kld_tail_percentiles(kl: np.ndarray, p99: float, p999: float, tol: float) -> None:
+    r = _summary(kl)
+    assert r.kld_p99 == pytest.approx(p99, rel=tol)
+    assert r.kld_p999 == pytest.approx(p999, rel=tol)
+    # and exactly what llama-perplexity prints as "99.0%" and "99.9%   KLD" for the same values
+    assert r.kld_p99 == pytest.approx(_llama_percentile(kl, 0.99), rel=1e-9)
+    assert r.kld_p999 == pytest.approx(_llama_percentile(kl, 0.999), rel=1e-9)

@@ -58,6 +58,7 @@ def test_kld_summary(kld_out: str) -> None:
     assert (k["same_top_pct"], k["same_top_pct_err"]) == (89.559, 0.479)
     assert (k["rms_dp_pct"], k["rms_dp_pct_err"]) == (3.644, 0.210)
     assert (k["kld_max"], k["kld_p99"], k["kld_median"]) == (1.192683, 0.178999, 0.016871)
+    assert k["kld_p999"] == 0.419466
 
 
 def test_kld_per_chunk_rows_do_not_shadow_the_summary(kld_out: str) -> None:

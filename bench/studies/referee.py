@@ -70,6 +70,7 @@ _KLD_LINES = {
 _KLD_SINGLE = {
     "kld_max": r"Maximum KLD:",
     "kld_p99": r"99\.0%\s+KLD:",
+    "kld_p999": r"99\.9%\s+KLD:",
     "kld_median": r"Median\s+KLD:",
 }
 
@@ -241,7 +242,8 @@ class Referee:
             "base_logits": self.base_rec,
             "llama_perplexity": lk,
             "ramp_cpp": {"cmd": cmd, "kld_mean": k["kld_mean"], "kld_err": k["kld_stderr"],
-                         "same_top_pct": k["same_top_pct"], "ppl": k["ppl"], "base_ppl": k["base_ppl"],
+                         "same_top_pct": k["same_top_pct"], "kld_p99": k["kld_p99"],
+                         "kld_p999": k["kld_p999"], "ppl": k["ppl"], "base_ppl": k["base_ppl"],
                          "top_k": k["top_k"], "n_tokens": k["n_tokens"], "seconds": round(dt, 1)},
             "diff": diff,
             "rel_diff": diff / lk["kld_mean"],

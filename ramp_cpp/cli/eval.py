@@ -153,6 +153,7 @@ def _print_ppl_kld(result: dict[str, Any], model: Path, base: Path | None) -> No
             ("mean KLD", f"{k['kld_mean']:.5f} ± {k['kld_stderr']:.5f}"),
             ("median KLD", f"{k['kld_median']:.5f}"),
             ("99th pct KLD", f"{k['kld_p99']:.5f}"),
+            ("99.9th pct KLD", f"{k['kld_p999']:.5f}"),
             ("max KLD", f"{k['kld_max']:.5f}"),
             ("same top token", f"{k['same_top_pct']:.2f} %"),
             ("mean Δp", f"{k['delta_p_mean']:.3f} %"),

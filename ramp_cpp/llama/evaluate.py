@@ -73,6 +73,7 @@ class KLDResult:
     kld_stderr: float
     kld_median: float
     kld_p99: float
+    kld_p999: float  # the 99.9th percentile: the tail llama-perplexity prints as "99.9%   KLD"
     kld_max: float
     same_top_pct: float
     delta_p_mean: float  # mean of p_q(token) - p_base(token), in percentage points
@@ -445,6 +446,7 @@ def summarize(t: dict[str, np.ndarray], top_k: int, n_chunks: int, seconds: floa
         kld_stderr=float(kl.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
         kld_median=float(np.median(kl)),
         kld_p99=float(np.percentile(kl, 99)),
+        kld_p999=float(np.percentile(kl, 99.9)),
         kld_max=float(kl.max()),
         same_top_pct=float(100.0 * t["same_top"].mean()),
         delta_p_mean=float(100.0 * t["dp"].mean()),
