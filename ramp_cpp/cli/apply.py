@@ -80,6 +80,15 @@ def apply(
             "check and the never-worse rule (never wikitext2-test).",
         ),
     ] = "wikitext2-valid",
+    types: Annotated[
+        str | None,
+        typer.Option(
+            "--types",
+            show_default=False,
+            help="Sized policies: the candidate types, as for search: full (default), portable (no IQ "
+            "types) or a list.",
+        ),
+    ] = None,
     no_imatrix: NoImatrixOpt = False,
     calib: CalibOpt = None,
     recipe: Annotated[
@@ -117,6 +126,7 @@ def apply(
             force=force,
             force_allocation=force_allocation,
             split_max=split_max,
+            types=types,
         )
     )
     ropts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)

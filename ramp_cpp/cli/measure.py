@@ -36,7 +36,8 @@ def measure(
         str | None,
         typer.Option(
             "--types",
-            help="Candidate types, e.g. Q4_K,IQ4_XS,Q8_0 (default: Q2_K-Q6_K, IQ4_XS/NL, Q4_0-Q5_1, Q8_0).",
+            help="Candidate types: full (default: Q2_K-Q6_K, IQ4_XS/NL, Q4_0-Q5_1, Q8_0), portable (the "
+            "same without IQ types), or a list such as Q4_K,IQ4_XS,Q8_0.",
         ),
     ] = None,
     ladder: Annotated[

@@ -94,7 +94,14 @@ def search(
             "evaluation).",
         ),
     ] = None,
-    types: Annotated[str | None, _alloc("--types", help="Candidate types, e.g. Q4_K,IQ4_NL,Q8_0.")] = None,
+    types: Annotated[
+        str | None,
+        _alloc(
+            "--types",
+            help="Candidate types: full (default), portable (K-quants and legacy types, no IQ: for engines "
+            "without IQ kernels), or a list such as Q4_K,IQ4_NL,Q8_0.",
+        ),
+    ] = None,
     split: Annotated[str | None, in_panel(SplitOpt, ALLOC)] = None,
     no_embeddings: Annotated[
         bool, _alloc("--no-embeddings", help="Keep token_embd / output at Q8_0.")

@@ -34,6 +34,7 @@ from ramp_cpp.model.ladder import (
     TYPES,
     bits_per_weight,
     block_size,
+    is_portable,
     needs_imatrix,
     tensor_nbytes,
     type_for_bits,
@@ -57,6 +58,32 @@ DEFAULT_TYPES: tuple[GGMLQuantizationType, ...] = (
     T.Q5_1,
     T.Q8_0,
 )
+
+
+
+@dataclass(frozen=True)
+class TypeSet:
+    """A candidate set `--types NAME` names: its types, in DEFAULT_TYPES' order, and what it is for."""
+
+    name: str
+    types: tuple[GGMLQuantizationType, ...]
+    what: str
+
+
+#: The named candidate sets. `portable`: the K-quants and the legacy types (ladder.PORTABLE_FAMILIES), for a
+#: file that must run on engines without IQ kernels (mistral.rs issue 2100): Q2_K ... Q6_K, Q4_0, Q4_1, Q5_0,
+#: Q5_1, Q8_0. A search on it writes no IQ type anywhere in the file: the base type (Q8_0) is portable too.
+TYPE_SETS: dict[str, TypeSet] = {
+    s.name: s
+    for s in (
+        TypeSet("full", DEFAULT_TYPES, "K-quants, IQ4_XS/IQ4_NL and the legacy types (the default)"),
+        TypeSet(
+            "portable",
+            tuple(t for t in DEFAULT_TYPES if is_portable(t)),
+            "K-quants and legacy types only, no IQ type: for engines without IQ kernels",
+        ),
+    )
+}
 
 LADDERS = ("types", "paper")
 
@@ -94,6 +121,12 @@ class CandidateConfig:
             return tuple(NOMINAL_TYPES[b] for b in sorted(set(self.bits)))
         return tuple(dict.fromkeys(self.types))
 
+    @property
+    def portable(self) -> bool:
+        """Every type the set asks for, and the base, runs on engines without IQ kernels: the run's file must
+        then hold no other type (the never-worse rule keeps the allocation rather than ship an IQ preset)."""
+        return is_portable(self.base) and all(is_portable(t) for t in self.requested())
+
     def key(self) -> dict[str, object]:
         """What identifies the candidate set in a saved measurement."""
         return {
@@ -105,11 +138,23 @@ class CandidateConfig:
 
 
 def parse_types(spec: str) -> tuple[GGMLQuantizationType, ...]:
-    """'Q4_K,IQ4_XS, q8_0' -> the types, in the order given, duplicates dropped; one error for a bad name."""
+    """A named set ('portable', 'full': TYPE_SETS) -> its types; 'Q4_K,IQ4_XS, q8_0' -> the types, in the
+    order given, duplicates dropped; one error for a bad name."""
+    named = TYPE_SETS.get(spec.strip().lower())
+    if named is not None:
+        return named.types
     names = [s for s in (x.strip() for x in spec.split(",")) if s]
     if not names:
-        raise RampError(f"--types takes comma-separated ggml type names such as Q4_K,IQ4_XS, not {spec!r}")
-    return tuple(dict.fromkeys(type_from_name(n) for n in names))
+        raise RampError(
+            f"--types takes a set ({', '.join(TYPE_SETS)}) or comma-separated ggml type names such as "
+            f"Q4_K,IQ4_XS, not {spec!r}"
+        )
+    try:
+        return tuple(dict.fromkeys(type_from_name(n) for n in names))
+    except RampError as e:
+        if len(names) > 1:
+            raise
+        raise RampError(f"{e}; or a named set: {', '.join(TYPE_SETS)}") from None
 
 
 def searched_tensors(info: ModelInfo, embeddings: bool = True) -> tuple[TensorInfo, ...]:

@@ -37,43 +37,51 @@ class TypeInfo:
     block (F16 when that does not fit either); None where llama.cpp defines none: then a block of at most
     32 becomes F16 and a larger block is an error. `needs_imatrix`: llama.cpp refuses to write it without
     an importance matrix (`tensor_requires_imatrix`; it exempts token_embd/output, but ggml itself asserts
-    on IQ2_XXS, IQ2_XS and IQ1_S there, so ramp-cpp asks for one on every tensor)."""
+    on IQ2_XXS, IQ2_XS and IQ1_S there, so ramp-cpp asks for one on every tensor). `family`: float,
+    legacy (the 32-block Q4_0 ... Q8_0), k (the K-quants), iq, ternary, fp4 or lowbit (Q1_0, Q2_0): the
+    kernels an engine needs to run it (`PORTABLE_FAMILIES`)."""
 
     name: str
     fallback: str | None = None
     needs_imatrix: bool = False
+    family: str = "other"  # a record that names none is not portable
 
 
 _RECORDS: tuple[TypeInfo, ...] = (
-    TypeInfo("F32"),
-    TypeInfo("F16"),
-    TypeInfo("BF16"),
-    TypeInfo("Q4_0"),
-    TypeInfo("Q4_1"),
-    TypeInfo("Q5_0"),
-    TypeInfo("Q5_1"),
-    TypeInfo("Q8_0"),
-    TypeInfo("MXFP4"),
-    TypeInfo("NVFP4"),
-    TypeInfo("Q1_0"),
-    TypeInfo("Q2_0", "Q4_0"),
-    TypeInfo("Q2_K", "Q4_0"),
-    TypeInfo("Q3_K", "Q4_0"),
-    TypeInfo("Q4_K", "Q5_0"),
-    TypeInfo("Q5_K", "Q5_1"),
-    TypeInfo("Q6_K", "Q8_0"),
-    TypeInfo("TQ1_0", "Q4_0"),
-    TypeInfo("TQ2_0", "Q4_0"),
-    TypeInfo("IQ4_NL"),
-    TypeInfo("IQ4_XS", "IQ4_NL"),
-    TypeInfo("IQ3_S", "IQ4_NL"),
-    TypeInfo("IQ3_XXS", "IQ4_NL", needs_imatrix=True),
-    TypeInfo("IQ2_S", "IQ4_NL", needs_imatrix=True),
-    TypeInfo("IQ2_XS", "IQ4_NL", needs_imatrix=True),
-    TypeInfo("IQ2_XXS", "IQ4_NL", needs_imatrix=True),
-    TypeInfo("IQ1_M", "IQ4_NL", needs_imatrix=True),
-    TypeInfo("IQ1_S", "IQ4_NL", needs_imatrix=True),
+    TypeInfo("F32", family="float"),
+    TypeInfo("F16", family="float"),
+    TypeInfo("BF16", family="float"),
+    TypeInfo("Q4_0", family="legacy"),
+    TypeInfo("Q4_1", family="legacy"),
+    TypeInfo("Q5_0", family="legacy"),
+    TypeInfo("Q5_1", family="legacy"),
+    TypeInfo("Q8_0", family="legacy"),
+    TypeInfo("MXFP4", family="fp4"),
+    TypeInfo("NVFP4", family="fp4"),
+    TypeInfo("Q1_0", family="lowbit"),
+    TypeInfo("Q2_0", "Q4_0", family="lowbit"),
+    TypeInfo("Q2_K", "Q4_0", family="k"),
+    TypeInfo("Q3_K", "Q4_0", family="k"),
+    TypeInfo("Q4_K", "Q5_0", family="k"),
+    TypeInfo("Q5_K", "Q5_1", family="k"),
+    TypeInfo("Q6_K", "Q8_0", family="k"),
+    TypeInfo("TQ1_0", "Q4_0", family="ternary"),
+    TypeInfo("TQ2_0", "Q4_0", family="ternary"),
+    TypeInfo("IQ4_NL", family="iq"),
+    TypeInfo("IQ4_XS", "IQ4_NL", family="iq"),
+    TypeInfo("IQ3_S", "IQ4_NL", family="iq"),
+    TypeInfo("IQ3_XXS", "IQ4_NL", needs_imatrix=True, family="iq"),
+    TypeInfo("IQ2_S", "IQ4_NL", needs_imatrix=True, family="iq"),
+    TypeInfo("IQ2_XS", "IQ4_NL", needs_imatrix=True, family="iq"),
+    TypeInfo("IQ2_XXS", "IQ4_NL", needs_imatrix=True, family="iq"),
+    TypeInfo("IQ1_M", "IQ4_NL", needs_imatrix=True, family="iq"),
+    TypeInfo("IQ1_S", "IQ4_NL", needs_imatrix=True, family="iq"),
 )
+
+#: The families every GGUF engine with ggml's older kernels runs: unquantized, the legacy 32-block types and
+#: the K-quants. IQ types need their own kernels (and codebooks), which engines other than llama.cpp lack
+#: (mistral.rs issue 2100); the ternary, FP4 and 1-bit types are newer still.
+PORTABLE_FAMILIES = frozenset({"float", "legacy", "k"})
 
 #: Every type llama.cpp's quantizer can write and this gguf-py knows, -> its record.
 TYPES: dict[GGMLQuantizationType, TypeInfo] = {
@@ -86,6 +94,13 @@ TYPES: dict[GGMLQuantizationType, TypeInfo] = {
 def needs_imatrix(t: GGMLQuantizationType) -> bool:
     """True when llama.cpp writes `t` only with an importance matrix (IQ1_S, IQ1_M, IQ2_*, IQ3_XXS)."""
     return TYPES[t].needs_imatrix
+
+
+def is_portable(t: GGMLQuantizationType) -> bool:
+    """True when `t` is of a family every GGUF engine runs (`PORTABLE_FAMILIES`: no IQ type); a type
+    llama.cpp's quantizer does not write is not."""
+    info = TYPES.get(t)
+    return info is not None and info.family in PORTABLE_FAMILIES
 
 
 @functools.lru_cache(maxsize=128)  # an episode looks up every searched tensor's type

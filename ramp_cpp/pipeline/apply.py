@@ -37,7 +37,8 @@ class ApplyRequest:
     `sensitivity` (None: the one the policy was trained with); `force`: overwrite the output;
     `force_allocation`: keep the policy's file even where the preset of the same size scores better;
     `split_max`: write the output as a split set of shards of at most that many bytes (OUTPUT less .gguf,
-    then -00001-of-0000N.gguf)."""
+    then -00001-of-0000N.gguf); `types`: a sized policy's candidate types, as `search --types` takes them
+    (the policy acts in bits per weight, so it rolls out on any set)."""
 
     policy: str | os.PathLike[str]
     model: str | os.PathLike[str]
@@ -55,6 +56,7 @@ class ApplyRequest:
     force: bool = False
     force_allocation: bool = False
     split_max: int | None = None
+    types: str | None = None  # a sized policy's candidate types (candidates.parse_types; None: the full set)
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,11 @@ def open_apply(req: ApplyRequest) -> Opened:
     label = "".join(req.size.split()) if req.size else f"{4.25 if req.budget is None else req.budget:g}"
     output = req.output or Path(req.model).parent / ramp_output_name(req.model, label)
     if not is_sized(pol.meta):
-        if req.run_dir is not None or req.force_allocation:
+        if req.run_dir is not None or req.force_allocation or req.types is not None:
             raise RampError(
-                f"{req.policy}: a policy of the --budget search writes no run folder and has no "
-                "preset of its size to lose to; --out and --force-allocation apply to a sized one"
+                f"{req.policy}: a policy of the --budget search writes no run folder, has no preset of "
+                "its size to lose to and takes the paper's ladder (K-quants, Q8_0: no IQ type); --out, "
+                "--force-allocation and --types apply to a sized one"
             )
         if req.fold is not None and req.fold.decided_by_run:
             raise RampError(f"--fold {req.fold} applies to a sized policy; a --budget policy takes on or off")
@@ -89,7 +92,9 @@ def open_apply(req: ApplyRequest) -> Opened:
         raise RampError(f"{req.policy} was trained at a whole-file size: give --size (e.g. Q4_K_M or 95MiB)")
     check_sized(pol, req.policy)
     from ramp_cpp.calibration.collect import load_recipe
+    from ramp_cpp.measure.candidates import CandidateConfig, parse_types
 
+    cc = CandidateConfig(types=parse_types(req.types)) if req.types is not None else CandidateConfig()
     # the rollout's state reads the sensitivity: apply with the one the policy learned on
     sens = req.sensitivity or str(pol.meta.get("sensitivity", "measured"))
     cfg = SizedConfig(text=req.text, imatrix=req.imatrix, calib=load_recipe(req.recipe or SEARCH_RECIPE))
@@ -106,6 +111,7 @@ def open_apply(req: ApplyRequest) -> Opened:
         calib=req.calib,
         force_allocation=req.force_allocation,
         split_max=req.split_max,
+        cc=cc,
     )
     return Opened(req, pol, output, sized)
 

@@ -7,6 +7,9 @@ says which was written and by how much, for report.json and the command's last l
 A `--size` in bytes names no preset: there is nothing of the same size to compare with, and the allocation is
 written as it is. With `--gpu-size` the preset's file takes the allocation's place only when it meets that cap
 too (allocate/gpu.py); else the allocation stays, and the verdict says why.
+
+A run on a portable candidate set (`--types portable`: no IQ type) ships no IQ type whichever file wins: a
+preset whose file holds one (`--size IQ4_XS`) does not replace the allocation, and the verdict says so.
 """
 
 from __future__ import annotations
@@ -15,7 +18,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from gguf import GGMLQuantizationType
+
+from ramp_cpp.errors import RampError
 from ramp_cpp.llama.evaluate import KLDResult
+from ramp_cpp.model.ladder import is_portable
 from ramp_cpp.pipeline.plan import RunPlan
 from ramp_cpp.pipeline.stages import Presets, Runtime, Written
 from ramp_cpp.store.atomic import atomic_path
@@ -28,7 +35,9 @@ PRESET = "preset"
 class Verdict:
     """Which file the run wrote (`written`: ALLOCATION or PRESET), its reward-text `kld` and `ppl`, the
     allocation's KLD, and the preset it was held against (`preset`, `preset_kld`; None without one).
-    `forced`: the allocation was written although it scored worse (`--force-allocation`)."""
+    `forced`: the allocation was written although it scored worse (`--force-allocation`); `barred`: the
+    types of the preset's file that the run's portable candidate set rules out, for which the allocation
+    was kept although it scored worse."""
 
     written: str
     kld: float
@@ -38,6 +47,7 @@ class Verdict:
     preset_kld: float | None = None
     forced: bool = False
     over_gpu: bool = False  # the preset's file would break --gpu-size: the allocation was kept
+    barred: tuple[str, ...] = ()
 
     @property
     def worse(self) -> bool:
@@ -59,6 +69,11 @@ class Verdict:
             return (
                 f"the allocation scores worse than {self.preset} ({by}); written anyway (--force-allocation)"
             )
+        if self.barred:
+            return (
+                f"the allocation scores worse than {self.preset} ({by}); written all the same: "
+                f"{self.preset}'s file holds {', '.join(self.barred)}, which --types portable rules out"
+            )
         return (
             f"the allocation scored worse than {self.preset} ({by}): wrote {self.preset}'s own file "
             f"instead (--force-allocation keeps the allocation)"
@@ -79,6 +94,7 @@ class Verdict:
                 "allocation_over_preset": self.allocation_kld / self.preset_kld if self.preset_kld else None,
                 "forced": self.forced,
                 **({"over_gpu": True} if self.over_gpu else {}),
+                **({"preset_types_barred": list(self.barred)} if self.barred else {}),
             }
         return d
 
@@ -91,6 +107,8 @@ def never_worse(
     file the presets stage scored) over `out.gguf`. `base_cal`: the unfolded model's calibration."""
     from ramp_cpp.llama.quantize import QuantizeOptions, quantize_preset
 
+    if plan.cc.portable and (bad := barred_types(out.gguf)):  # the candidates cannot give one: a bug
+        raise RampError(f"{out.gguf.name} holds {', '.join(bad)} although the candidate set is portable")
     name = plan.preset
     ref = presets.scored.get(name) if name else None
     if name is None or ref is None:
@@ -109,8 +127,12 @@ def never_worse(
                 info=plan.info,
             )
             _gpu_fits(plan, tmp)
+            if plan.cc.portable and (bad := barred_types(tmp)):
+                raise _Barred(bad)  # the temp file goes, the allocation's file stays
     except _OverGpu:
         return replace(v, over_gpu=True)
+    except _Barred as e:
+        return replace(v, barred=e.types)
     return Verdict(
         PRESET, float(ref["quality"]), float(ref["ppl"]), k.kld_mean, name, float(ref["quality"])
     )
@@ -127,3 +149,19 @@ def _gpu_fits(plan: RunPlan, path: Path) -> None:
 
     if resident_bytes(path) + plan.gpu.kv_bytes > plan.gpu.cap_bytes:
         raise _OverGpu
+
+
+class _Barred(Exception):
+    """The preset's file holds a type the portable candidate set rules out: the allocation's file stays."""
+
+    def __init__(self, types: tuple[str, ...]) -> None:
+        super().__init__(", ".join(types))
+        self.types = types
+
+
+def barred_types(gguf: str | Path) -> tuple[str, ...]:
+    """The types of `gguf`'s tensors that a portable run must not write (ladder.is_portable), sorted."""
+    from ramp_cpp.llama.ggufio import tensor_types
+
+    names = {t for t, _, _ in tensor_types(gguf).values()}
+    return tuple(sorted(n for n in names if not is_portable(GGMLQuantizationType[n])))
