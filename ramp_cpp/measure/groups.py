@@ -22,7 +22,10 @@ unfolded base model's cached log-probs (`evaluate.base_logprobs`). Probe files a
 cache (the bytes llama.cpp's quantizer writes) into a temporary folder (tmpfs when there is one) that is
 removed however the call ends. The evaluations are kept in `groups-<key>.json` in the cache's key
 directory, beside the measurement, written after each one: a killed calibration loses at most the
-evaluation in flight, a rerun continues, a finished one is reused without evaluating anything.
+evaluation in flight, a rerun continues, a finished one is reused without evaluating anything. Another
+candidate set's probes of the same cache (`donors`: the full set's, for a `--types portable` run) lend
+every evaluation whose file is the same: the same type for every tensor, hence the same bytes and KLD (the
+reference, at each tensor's Q8_0, and each group whose cheapest candidate both sets share).
 """
 
 from __future__ import annotations
@@ -186,6 +189,7 @@ class GroupReport:
     seconds: float  # their summed wall time (assemble, load, score): the cost of the calibration
     evaluated_now: int  # evaluations this call ran (0 when the saved calibration was complete)
     seconds_now: float  # this call's wall time
+    lent: int = 0  # evaluations taken from a donor's probes of the same file (its seconds are in `seconds`)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -244,6 +248,47 @@ def _write_state(path: Path, state: Mapping[str, Any]) -> None:
 # -- the stage -----------------------------------------------------------------------------------------
 
 
+def _label_map(
+    label: str, sens: Sensitivity, cfg: GroupConfig, members: Mapping[str, Sequence[str]]
+) -> dict[str, str] | None:
+    """The type map a probe `label` (REFERENCE, a group, or "a+b") evaluates under `sens`: every tensor at
+    its highest option, the label's groups' tensors at their probe type; None for a label of no group."""
+    at = {t.name: t.options[-1].ggml_type.name for t in sens.tensors}
+    parts = [] if label == REFERENCE else label.split("+")
+    if any(g not in members for g in parts):
+        return None
+    tensors = {t.name: t for t in sens.tensors}
+    for n in (n for g in parts for n in members[g]):
+        at[n] = probe_type(tensors[n], cfg).name
+    return at
+
+
+def _map_digest(types: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(sorted(types.items())).encode()).hexdigest()
+
+
+def lent_evaluations(
+    donors: Sequence[Sensitivity], sens: Sensitivity, directory: Path, key: Mapping[str, Any],
+    cfg: GroupConfig, members: Mapping[str, Sequence[str]],
+) -> dict[str, dict[str, float]]:
+    """The donors' saved probe evaluations by the digest of the type map each scored: those of a donor with
+    `sens`' model, imatrix, base and searched tensors, keyed as `key` but for its own sensitivity."""
+    names = [t.name for t in sens.tensors]
+    out: dict[str, dict[str, float]] = {}
+    for d in donors:
+        origin = (d.model_sha256, d.imatrix_digest, d.base)
+        if origin != (sens.model_sha256, sens.imatrix_digest, sens.base) or d == sens:
+            continue
+        if [t.name for t in d.tensors] != names:
+            continue
+        dkey = {**key, "sensitivity": _sensitivity_digest(d)}
+        for label, ev in _read_state(state_path(directory, dkey), dkey)["evals"].items():
+            m = _label_map(label, d, cfg, members)
+            if m is not None:
+                out.setdefault(_map_digest(m), ev)
+    return out
+
+
 def _pairs(groups: Sequence[Group], measured: Mapping[str, float], n: int) -> list[tuple[str, str]]:
     """Up to n disjoint pairs of groups of different roles, the largest measured singles first: walking the
     groups by decreasing ΔKLD, each one not yet paired is paired with the next unpaired one of another
@@ -275,6 +320,7 @@ def calibrate_sensitivity(
     progress: Progress | None = None,
     scratch: str | os.PathLike[str] | None = None,
     executor: Executor | None = None,
+    donors: Sequence[Sensitivity] | None = None,
 ) -> tuple[Sensitivity, GroupReport]:
     """`sens` with each group's errors scaled by its measured ratio (module docstring), and the report.
 
@@ -282,9 +328,13 @@ def calibrate_sensitivity(
     `base_path`: the unquantized, unfolded model whose log-probs are the KLD's reference; `text`, `ecfg`:
     the reward text and chunks (validation text: the calibration is part of the search); `scratch`: the
     parent of the temporary probe folder (default: tmpfs). `progress(done, total)` after every evaluation.
+    `donors`: other sensitivities measured on the same cache whose saved probes lend the evaluation of any
+    probe file that is the same as one of these (None: every finished measurement beside the cache,
+    proxy.saved_measurements).
     """
     from ramp_cpp.llama.evaluate import ensure_base_logprobs, reward_chunks
     from ramp_cpp.measure.evaljob import EvalJob, EvalOutcome, run_eval_job
+    from ramp_cpp.measure.proxy import saved_measurements
     from ramp_cpp.store.cache import file_sha256_cached
 
     t_start = time.perf_counter()
@@ -314,12 +364,22 @@ def calibrate_sensitivity(
     state = _read_state(path, key)
     evals: dict[str, dict[str, float]] = state["evals"]
     ran = 0
+    members = {g.name: g.tensors for g in groups}
+    directory = Path(cache.directory)
+    donors = saved_measurements(directory) if donors is None else donors
+    lendable = lent_evaluations(donors, sens, directory, key, cfg, members)
     executor = executor or Serial()
     ropts = replace(opts, n_ctx=ecfg.n_ctx, n_threads=executor.threads or opts.n_threads)
 
     def run(batch: Sequence[tuple[str, Sequence[str]]], total: int) -> None:
         """Evaluate the (label, tensors at their probe type) not yet saved, through the executor."""
         nonlocal ran
+        for label, _ in batch:
+            m = _label_map(label, sens, cfg, members) if label not in evals and lendable else None
+            lent = lendable.get(_map_digest(m)) if m is not None else None
+            if lent is not None:  # the same file was scored for another candidate set
+                evals[label] = {**lent, "lent": True}
+                _write_state(path, state)
         todo = [(label, at) for label, at in batch if label not in evals]
         if not todo:
             return
@@ -355,7 +415,6 @@ def calibrate_sensitivity(
     measured = {g.name: evals[g.name]["kld"] - ref for g in probed}
     pairs = _pairs(groups, measured, cfg.pairs)
     planned = 1 + len(probed) + len(pairs)
-    members = {g.name: g.tensors for g in groups}
     run([(f"{a}+{b}", (*members[a], *members[b])) for a, b in pairs], planned)
 
     raw = {g: measured[g] / predicted[g] for g in measured}
@@ -397,5 +456,6 @@ def calibrate_sensitivity(
         seconds=float(sum(evals[u]["seconds"] for u in used)),
         evaluated_now=ran,
         seconds_now=time.perf_counter() - t_start,
+        lent=sum(1 for u in used if evals[u].get("lent")),
     )
     return sens.scaled(factors), report

@@ -31,7 +31,9 @@ a written file afterwards (ramp.* keys) grows the header and is not in fixed_byt
 
 Measurements are kept beside the tensor cache (`measure-<key>.json` in the cache's key directory, keyed by
 model sha256, calibration digest, imatrix digest and candidate set), written every `save_every` tensors: a
-rerun continues where a killed one stopped, and a finished one is reused for every budget.
+rerun continues where a killed one stopped, and a finished one is reused for every budget. A finished
+measurement of a larger candidate set (the full set, for `--types portable`) holds every error a subset
+needs, each computed from the same bytes: the subset's is cut from it (`_from_superset`), nothing measured.
 """
 
 from __future__ import annotations
@@ -270,7 +272,53 @@ def saved_sensitivity(
     key = measure_key(model_sha256, calibration, imatrix, cfg)
     directory = directory_for(cache_root, model_sha256, imatrix_digest(imatrix), cfg.candidates.base)
     state = _read_state(_state_path(directory, key), key)
-    return (_sensitivity(state, key), directory) if state is not None and state.get("complete") else None
+    if state is None or not state.get("complete"):
+        state = _from_superset(directory, key)
+    return (_sensitivity(state, key), directory) if state is not None else None
+
+
+def _finished(directory: Path) -> list[dict[str, Any]]:
+    """Every finished measurement saved in a cache's key directory, in name order."""
+    out = []
+    for p in sorted(directory.glob("measure-*.json")):
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and isinstance(d.get("key"), dict) and d.get("complete"):
+            out.append(d)
+    return out
+
+
+def _from_superset(directory: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
+    """`key`'s finished measurement cut from one saved for a larger candidate set of the `types` ladder with
+    everything else equal, or None. A tensor's candidates are the types of the set its rows fit
+    (candidates.candidates filters type by type), so the larger set's rows for this set's types are exactly
+    the rows this set would measure, from the same cached bytes with the same weighting."""
+    if key.get("ladder") != "types":
+        return None
+    rest, mine = {k: v for k, v in key.items() if k != "types"}, set(key["types"])
+    for d in _finished(directory):
+        k = d["key"]
+        if {x: y for x, y in k.items() if x != "types"} != rest or not mine < set(k.get("types", ())):
+            continue
+        rows = {n: [n_params, [r for r in opts if r[0] in mine]] for n, (n_params, opts) in d["rows"].items()}
+        if any(not opts for _, opts in rows.values()):
+            return None  # a tensor no type of this set fits: `measure` says so, with its own message
+        return {**d, "key": dict(key), "rows": rows, "cut_from": list(k["types"])}
+    return None
+
+
+def saved_measurements(directory: Path) -> list[Sensitivity]:
+    """The sensitivity of every finished measurement in a cache's key directory: the group probes of one
+    reuse the evaluations of another's whose files are the same (groups.calibrate_sensitivity's donors)."""
+    out = []
+    for d in _finished(directory):
+        try:
+            out.append(_sensitivity(d, d["key"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
 
 
 def _state_path(directory: Path, key: Mapping[str, Any]) -> Path:
@@ -375,6 +423,9 @@ def measure(
         src, cc.requested(), root, imatrix=imatrix, base=cc.base, n_threads=cfg.n_threads,
         progress=cache_progress, searched=names, info=info, executor=executor, in_memory=cfg.in_memory,
     )
+    if state is None and (cut := _from_superset(directory, key)) is not None:
+        _write_state(path, cut)
+        return _sensitivity(cut, key)
     align = cache.template.alignment
 
     def padded(n: int) -> int:

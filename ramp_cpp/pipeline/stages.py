@@ -4,7 +4,8 @@
     measure_presets  llama.cpp's presets with the unfolded model's imatrix: the reference points, and the
                      target of a --size that names a preset
     measure_source   the proxy sensitivity and tensor cache of one folding choice (rescaled by measured
-                     KLDs when the sensitivity is `measured`)
+                     KLDs when the sensitivity is `measured`); a measurement of a larger candidate set
+                     (the full one, for --types portable) gives its rows and its probes' files, unmeasured
     decide_fold      --fold auto: the folding whose allocation scores the lower reward KLD
     allocate         a learned method's allocation (the SAC search, or a policy's rollout)
     fit_and_write    the allocation at the target, assembled with ramp.* metadata, allocated again below the
