@@ -231,13 +231,35 @@ def reward_kld(path: Path, b: Base) -> float:
     return kld(path, b.path, load_text("wikitext2-valid")[0], REWARD, RUN).kld_mean
 
 
+def candidate_config(method: str) -> Any:
+    """The candidate set a method allocates over: a named set (`candidates.TYPE_SETS`) among its `-` fields
+    (`greedy-measured-portable`: the K-quants and legacy types, no IQ), else the full set."""
+    from ramp_cpp.measure.candidates import TYPE_SETS, CandidateConfig
+
+    named = [tok for tok in method.split("-")[1:] if tok in TYPE_SETS]
+    return CandidateConfig(types=TYPE_SETS[named[-1]].types) if named else CandidateConfig()
+
+
+def measured(src: Path, cal: Calibration, b: Base, method: str = "") -> Any:
+    """The proxy sensitivity of `src` over `method`'s candidate set, in the base's cache: a subset of the full
+    set is cut from the full set's measurement (proxy._from_superset), not measured again."""
+    from ramp_cpp.measure.proxy import MeasureConfig, measure
+
+    mcfg = MeasureConfig(candidates=candidate_config(method))
+    return measure(src, cal, cal.imatrix(), mcfg, cache_root=b.out / "cache")
+
+
 def group_config(method: str) -> Any:
-    """`greedy-measured[-bN][-probeX]`: N depth buckets per role, probes at the candidate nearest X bpw
-    (default: GroupConfig's, 4 buckets and each tensor's cheapest candidate)."""
+    """`greedy-measured[-bN][-probeX][-SET]`: N depth buckets per role, probes at the candidate nearest X bpw
+    (default: GroupConfig's, 4 buckets and each tensor's cheapest candidate); SET a named candidate set
+    (`candidate_config`)."""
+    from ramp_cpp.measure.candidates import TYPE_SETS
     from ramp_cpp.measure.groups import GroupConfig
 
     kw: dict[str, Any] = {}
     for tok in method.split(MEASURED, 1)[1].split("-")[1:] if MEASURED in method else []:
+        if tok in TYPE_SETS:
+            continue
         if tok.startswith("b") and tok[1:].isdigit():
             kw["n_buckets"] = int(tok[1:])
         elif tok.startswith("probe"):
@@ -259,7 +281,8 @@ def tensor_cache(b: Base, src: Path, cal: Calibration, sens: Any) -> Any:
 
 
 def calibrated(b: Base, src: Path, cal: Calibration, sens: Any, gcfg: Any = None) -> tuple[Any, Any]:
-    """The measured sensitivity: group ratios from KLD on 4 chunks of wikitext2-valid vs the unfolded base."""
+    """The measured sensitivity: group ratios from KLD on 4 chunks of wikitext2-valid vs the unfolded base.
+    Another candidate set's probes of the same cache lend every probe file the two share (groups.py)."""
     from ramp_cpp.measure.groups import GroupConfig, calibrate_sensitivity
 
     cache = tensor_cache(b, src, cal, sens)
@@ -450,22 +473,23 @@ def alloc_cell(
         return row
     from ramp_cpp.allocate.allocators import ALLOCATORS
     from ramp_cpp.llama.quantize import quantize_map
-    from ramp_cpp.measure.proxy import measure
+    from ramp_cpp.measure.candidates import CandidateConfig
 
     src, cal = b.model(folded)
     t0 = time.perf_counter()
-    sens = measure(src, cal, cal.imatrix(), cache_root=b.out / "cache")
-    extra: dict[str, Any] = {}
+    sens = measured(src, cal, b, method)
+    cc = candidate_config(method)
+    extra: dict[str, Any] = {"candidate_types": [t.name for t in cc.types]} if cc != CandidateConfig() else {}
     if MEASURED in method:  # the proxy calibrated per group by KLD on the reward chunks (groups.py)
         sens, report = calibrated(b, src, cal, sens, group_config(method))
-        extra = {"kld_groups": report.to_json()}
+        extra |= {"kld_groups": report.to_json()}
     elif method == TRANSFERRED:  # the other models' measured groups (bench/ratios.py): no evaluation here
         from bench.ratios import leave_out
         from ramp_cpp.llama.ggufio import read_inventory
 
         table = leave_out(b.key)
         sens = sens.scaled(table.factors(read_inventory(src), [t.name for t in sens.tensors]))
-        extra = {"ratio_sources": list(table.sources), "evaluations": 0}
+        extra |= {"ratio_sources": list(table.sources), "evaluations": 0}
     t1 = time.perf_counter()
     choice = ALLOCATORS[method.split("-")[0]](sens, target)
     t2 = time.perf_counter()
@@ -565,6 +589,9 @@ def warm(b: Base, folds: list[Fold], methods: list[str], chunks: int) -> None:
             sens = measure(src, cal, cal.imatrix(), cache_root=b.out / "cache")
             if cached:
                 tensor_cache(b, src, cal, sens)
+            # each named subset's measurement, cut from the full one once, here
+            for m in {candidate_config(m): m for m in methods}.values():
+                measured(src, cal, b, m)
 
 
 def fan_out(ex: Executor, cells: list[Cell]) -> list[dict[str, Any]]:

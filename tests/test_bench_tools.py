@@ -137,7 +137,8 @@ def _base(home: Path) -> object:
 @pytest.mark.parametrize(
     "method,kind",
     [("preset", "preset"), ("preset-noimatrix", "preset-noimatrix"), ("uniform", "alloc"),
-     ("greedy-measured-b3", "alloc"), ("sac-e20-s1", "sac"), ("transfer-qwen0.5b", "transfer")],
+     ("greedy-measured-b3", "alloc"), ("sac-e20-s1", "sac"), ("transfer-qwen0.5b", "transfer"),
+     ("greedy-measured-portable", "alloc")],
 )
 def test_a_cell_job_knows_which_cell_it_runs(method, kind, tmp_path):
     c = compare.Cell.of(_base(tmp_path), "r.toml", method, "Q4_K_M", 123, compare.Fold(0.5), 4)
@@ -291,3 +292,36 @@ def test_the_tables_show_the_tail_kld_beside_the_mean_and_a_cell_without_it_as_a
     monkeypatch.setattr(table, "HERE", tmp_path)
     lines = [x for x in table.table("m", "offgrid-s0", 16).splitlines() if x.startswith("| greedy-measured")]
     assert len(lines) == 1 and shown in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("method", "types", "buckets"),
+    [("greedy-measured", "full", 4), ("greedy-measured-portable", "portable", 4),
+     ("greedy-measured-b3-portable", "portable", 3), ("greedy-portable", "portable", 4),
+     ("uniform", "full", 4)],
+)
+def test_a_cells_method_names_its_candidate_set(method, types, buckets):
+    from ramp_cpp.measure.candidates import TYPE_SETS
+
+    assert compare.candidate_config(method).types == TYPE_SETS[types].types
+    assert compare.group_config(method).n_buckets == buckets
+
+
+def test_the_portable_study_summarises_both_cells_and_dashes_what_has_not_run():
+    from bench.studies import portable
+
+    fold = compare.Fold(0.5)
+    full = _row(kld_mean=0.04, kld_p999=0.9, types={"IQ4_XS": 3, "Q4_K": 5})
+    port = _row(kld_mean=0.05, kld_p999=1.1, types={"Q4_K": 8}, kld_groups={"evaluations": 30, "lent": 9})
+    cells = {"offgrid-s0|nofold|preset+imatrix|Q4_K_M|16": _row(kld_mean=0.1),
+             "offgrid-s0|fold|greedy-measured|Q4_K_M|16": full,
+             "offgrid-s0|fold|greedy-measured-portable|Q4_K_M|16": port,
+             "offgrid-s0|fold|greedy-measured|Q3_K_M|16": full}
+    s = portable.summary(cells, ["Q4_K_M", "Q3_K_M"], fold, 16)
+    assert s["Q4_K_M"]["portable_over_full"] == pytest.approx(1.25)
+    assert s["Q4_K_M"]["portable_probes"] == {"evaluations": 30, "lent": 9}
+    assert s["Q3_K_M"]["greedy-measured-portable"] is None and s["Q3_K_M"]["portable_over_full"] is None
+    rows = [x for x in portable.markdown({"m": s}, fold, 16).splitlines() if x.startswith("| m |")]
+    assert rows[0].endswith("| 1.250 | 0.500 | 30 (9) |")
+    assert "| 0.900 |" in rows[0] and "| 1.100 |" in rows[0]
+    assert rows[1].endswith("| - | - | - | - | - | - |")
