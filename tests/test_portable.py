@@ -113,6 +113,9 @@ def test_the_portable_run_cuts_the_full_measurement_and_borrows_its_shared_probe
     assert port.gguf.read_bytes() == alone.gguf.read_bytes()
     cut = [json.loads(p.read_text()) for p in root.glob("shared/**/measure-*.json")]
     assert sorted(bool(d.get("cut_from")) for d in cut) == [False, True]
+    (own,) = [json.loads(p.read_text()) for p in root.glob("own/**/measure-*.json")]
+    (sub,) = [d for d in cut if d.get("cut_from")]
+    assert sub["rows"] == own["rows"] and sub["key"] == own["key"]  # the rows a fresh measurement makes
     g_port = json.loads(port.report.read_text())["summary"]["kld_groups"]
     g_alone = json.loads(alone.report.read_text())["summary"]["kld_groups"]
     assert g_alone["lent"] == 0 and g_port["lent"] >= 2  # the reference and ffn_down (Q2_K in both sets)
