@@ -141,7 +141,7 @@ def test_never_worse_ships_no_iq_preset_for_a_portable_run(
     out = tmp_path / "out.gguf"
     quantize_map(tiny_model, out, {}, base="Q8_0")
     before = out.read_bytes()
-    plan = SimpleNamespace(cc=CandidateConfig(types=types), preset="IQ4_XS", force_allocation=False,
+    plan = SimpleNamespace(cc=CandidateConfig(types=types), preset="IQ4_XS", force_allocation=False, gpu=None,
                            cfg=SimpleNamespace(imatrix=False), model_path=tiny_model, info=None)
     presets = SimpleNamespace(scored={"IQ4_XS": {"quality": 0.01, "ppl": 10.0}})
     rt = SimpleNamespace(opts=SimpleNamespace(n_threads=1))
