@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import synthetic
 from gguf import GGMLQuantizationType
-from synthetic_moe import MoeSpec, write_moe
+from synthetic import ROUTED, MoESpec, write_moe
 from typer.testing import CliRunner
 
 from ramp_cpp.calibration.artifact import CalibConfig, Calibration, save_calibration
@@ -442,7 +442,7 @@ def test_folded_calibration_matches_a_new_measurement(models: dict[str, Path], t
 
 # -- folding a mixture of experts through llama.cpp -------------------------------------------------------
 
-MOE_SPECS = {"llama": MoeSpec(), "qwen2moe": MoeSpec(arch="qwen2moe", n_ff_shexp=512)}
+MOE_SPECS = {"llama": MoESpec(**ROUTED), "qwen2moe": MoESpec(arch="qwen2moe", n_ff_shexp=512, **ROUTED)}
 
 
 @pytest.fixture(scope="module")

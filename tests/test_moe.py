@@ -48,31 +48,28 @@ def imatrix_of(path: Path, seed: int = 1) -> dict[str, np.ndarray]:
     return {n: rng.uniform(0.05, 20.0, s).astype(np.float32) for n, s in shape.items() if "blk." in n}
 
 
-def _moe_logits(moe: Path, tmp_path: Path, arch: str) -> np.ndarray:
+def _moe_logits(moe: Path, tmp_path: Path, arch: str) -> tuple[np.ndarray, np.ndarray]:
+    """The logits of a 32-token sequence and those of its first token decoded alone, copied while the model
+    lives: `LlamaModel.logits` is a view of llama.cpp's output buffer, which `close` frees (read after the
+    `with`, row 0 held the allocator's free-list pointers: denormals, at times NaN)."""
     spec = synthetic.MoESpec(n_layer=1) if arch == "llama" else None
     path = synthetic.write_moe(tmp_path / "m.gguf", spec) if spec else moe
     with LlamaModel(path, RuntimeOptions(n_ctx=64, n_threads=2)) as m:
         toks = m.tokenize("the city of the world was first known as the school of the state")[:32]
-        logits = m.logits(toks, 0, len(toks))
+        logits = m.logits(toks, 0, len(toks)).copy()
+        first = m.logits(toks[:1], 0, 1).copy()
     assert logits.shape[0] == len(toks)
-    return logits
+    return logits, first[0]
 
 
 @pytest.mark.parametrize("arch", ["llama", "granitemoe"])
 def test_llama_cpp_loads_and_runs_the_moe(moe: Path, tmp_path: Path, arch: str) -> None:
-    logits = _moe_logits(moe, tmp_path, arch)
-    assert np.isfinite(logits[1:]).all()
-    assert float(np.abs(logits[1:]).max()) > 0
-
-
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, issue 35: in 1 of 4 full-suite runs (2026-12-07) the first position's logits of the "
-    "1-layer llama MoE held NaN and denormals (uninitialised memory?)",
-)
-@pytest.mark.parametrize("arch", ["llama", "granitemoe"])
-def test_the_first_positions_logits_are_finite(moe: Path, tmp_path: Path, arch: str) -> None:
-    assert np.isfinite(_moe_logits(moe, tmp_path, arch)[0]).all()
+    logits, first = _moe_logits(moe, tmp_path, arch)
+    assert np.isfinite(logits).all()
+    assert float(np.abs(logits).max()) > 0
+    # position 0 sees token 0 only: the batch's row 0 is that token decoded alone (up to the matmul's
+    # summation order); freed or uninitialised memory there differs by orders of magnitude
+    np.testing.assert_allclose(logits[0], first, rtol=1e-3, atol=1e-4)
 
 
 def test_inventory_holds_the_experts(moe: Path) -> None:
