@@ -6,6 +6,7 @@ weighted by each expert's usage, the groups, and the one-line refusals of bad in
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import synthetic
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
-from ramp_cpp.calibration.artifact import CalibConfig, Calibration
+from ramp_cpp.calibration.artifact import CalibConfig, Calibration, check_matches
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.backend import InputStats, LlamaModel, RuntimeOptions
 from ramp_cpp.llama.ggufio import read_inventory, tensor_types
@@ -258,6 +259,39 @@ def test_expert_count_disagreeing_with_the_metadata(tmp_path: Path) -> None:
     with pytest.raises(RampError, match=r"ffn_gate_exps.weight holds 4 experts, the metadata has "
                                         r"llama.expert_count = 8") as e:
         read_inventory(bad)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "n_expert, per_expert, edit, refused",
+    [
+        (4, True, "", None),
+        (8, True, "", "statistics of 4 experts for blk.0.ffn_gate_exps.weight, m.gguf has 8 experts"),
+        (2, True, "", "statistics of 4 experts for blk.0.ffn_gate_exps.weight, m.gguf has 2 experts"),
+        (8, False, "", None),  # pooled statistics: every expert gets the same row, whatever their number
+        (4, True, "blk.1.attn_q.weight", "for blk.1.attn_q.weight, m.gguf has no experts (a 2-D weight)"),
+    ],
+    ids=["same", "more", "fewer", "pooled", "2-D"],
+)
+def test_calibration_of_another_expert_count_is_refused(
+    moe: Path, tmp_path: Path, n_expert: int, per_expert: bool, edit: str, refused: str | None
+) -> None:
+    """A calibration's per-expert rows are handed out by expert index: measured on a model with another
+    expert count (same names, same widths), it is refused in one line where a calibration is matched to a
+    model (the fold and the paper's pipeline take one measured on the unfolded original, not the file's
+    own hash)."""
+    cal = calibration(moe, per_expert)
+    if edit:  # per-expert statistics of a 2-D weight
+        s = cal.stats[edit]
+        cal.stats[edit] = InputStats(np.tile(s.max_abs, (4, 1)), np.tile(s.sum_sq, (4, 1)), s.count,
+                                     np.full(4, s.count // 2, dtype=np.int64))
+    spec = synthetic.MoESpec(arch="granitemoe", n_ff_shexp=256, n_expert=n_expert)
+    info = read_inventory(synthetic.write_moe(tmp_path / "m.gguf", spec))
+    if refused is None:
+        check_matches(cal, info)
+        return
+    with pytest.raises(RampError, match=re.escape(refused) + ": measured on another model$") as e:
+        check_matches(cal, info)
     assert "\n" not in str(e.value)
 
 
