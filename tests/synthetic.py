@@ -167,8 +167,8 @@ class MoESpec:
     """A tiny Mixtral-style MoE in llama.cpp's `llama` architecture (src/models/llama.cpp: n_expert > 0 gives
     each block a router ffn_gate_inp and 3-D experts ffn_{gate,up,down}_exps, ne = [in, out, n_expert]),
     `granitemoe` (the same tensors), whose loader also reads a shared expert (`n_ff_shexp`:
-    `expert_shared_feed_forward_length`, ffn_{gate,up,down}_shexp), or `qwen2moe` (MOE_ARCH: q/k/v biases, a
-    shared expert with its gate vector ffn_gate_inp_shexp). Random weights: for tests of the machinery, never
+    `expert_shared_feed_forward_length`, ffn_{gate,up,down}_shexp), `qwen2moe` (MOE_ARCH: q/k/v biases, a
+    shared expert with its gate vector ffn_gate_inp_shexp) or `hy_v3` (q/k norms; `fused_gate_up`). Random weights: for tests of the machinery, never
     of quality (the upcycled benchmark models are fold/offgrid.py's)."""
 
     arch: str = "llama"
@@ -187,6 +187,7 @@ class MoESpec:
     nextn_layers: int = 0  # `nextn_predict_layers`: the last blocks are an MTP head llama.cpp does not run
     norm_outliers: int = 0  # channels of ffn_norm's scale x 6: outliers in the experts' input (folding's work)
     router_scale: float = 1.0  # larger router logits: top-k routing differs clearly from token to token
+    fused_gate_up: bool = False  # one ffn_gate_up_exps (rows: each expert's gate, then its up) in place of two
 
 
 #: the MoE of the tests of folding and of the expert statistics: outliers in the experts' input for a fold to
@@ -202,11 +203,14 @@ class MoEArch:
     qkv_bias: bool = False  # attn_q.bias, attn_k.bias, attn_v.bias
     shexp_gate: bool = False  # ffn_gate_inp_shexp: the shared expert's sigmoid gate vector
     expert_ff_length: bool = False  # `expert_feed_forward_length` (each expert's width)
+    head_norms: bool = False  # attn_q_norm, attn_k_norm: (n_embd_head,) RMSNorms of q and k
 
 
 MOE_ARCH: dict[str, MoEArch] = {
     "granitemoe": MoEArch(kv=(("logit_scale", 1.0),)),
     "qwen2moe": MoEArch(qkv_bias=True, shexp_gate=True, expert_ff_length=True),
+    # src/models/hy-v3.cpp: a sigmoid router, an ungated shared expert, create_tensor_gate_up_exps (fused or not)
+    "hy_v3": MoEArch(expert_ff_length=True, head_norms=True),
 }
 
 
@@ -267,14 +271,20 @@ def write_moe(path: Path, spec: MoESpec = MoESpec()) -> Path:
             if x.qkv_bias:
                 w.add_tensor(p + role + ".bias", (0.1 * rng.standard_normal(n_out)).astype(np.float32))
         w.add_tensor(p + "attn_output.weight", mat(d, d, scale=0.5))
+        if x.head_norms:
+            w.add_tensor(p + "attn_q_norm.weight", norm(hd))
+            w.add_tensor(p + "attn_k_norm.weight", norm(hd))
         g = norm(d)
         if spec.norm_outliers:
             g[rng.choice(d, size=spec.norm_outliers, replace=False)] *= 6.0
         w.add_tensor(p + "ffn_norm.weight", g)
         router = rng.standard_normal((e, d)) * spec.router_scale / np.sqrt(d)
         w.add_tensor(p + "ffn_gate_inp.weight", router.astype(np.float32))
-        w.add_tensor(p + "ffn_gate_exps.weight", mat(e, f, d))
-        w.add_tensor(p + "ffn_up_exps.weight", mat(e, f, d))
+        if spec.fused_gate_up:
+            w.add_tensor(p + "ffn_gate_up_exps.weight", mat(e, 2 * f, d))
+        else:
+            w.add_tensor(p + "ffn_gate_exps.weight", mat(e, f, d))
+            w.add_tensor(p + "ffn_up_exps.weight", mat(e, f, d))
         w.add_tensor(p + "ffn_down_exps.weight", mat(e, d, f, scale=0.5))
         if x.shexp_gate:
             w.add_tensor(p + "ffn_gate_inp_shexp.weight", (rng.standard_normal(d) / np.sqrt(d)).astype(np.float32))
