@@ -165,10 +165,11 @@ def write(path: Path, spec: Spec = Spec()) -> Path:
 @dataclass(frozen=True)
 class MoESpec:
     """A tiny Mixtral-style MoE in llama.cpp's `llama` architecture (src/models/llama.cpp: n_expert > 0 gives
-    each block a router ffn_gate_inp and 3-D experts ffn_{gate,up,down}_exps, ne = [in, out, n_expert]), or
+    each block a router ffn_gate_inp and 3-D experts ffn_{gate,up,down}_exps, ne = [in, out, n_expert]),
     `granitemoe` (the same tensors), whose loader also reads a shared expert (`n_ff_shexp`:
-    `expert_shared_feed_forward_length`, ffn_{gate,up,down}_shexp). Random weights: for tests of the
-    machinery, never of quality."""
+    `expert_shared_feed_forward_length`, ffn_{gate,up,down}_shexp), `qwen2moe` (MOE_ARCH: q/k/v biases, a
+    shared expert with its gate vector ffn_gate_inp_shexp) or `hy_v3` (q/k norms; `fused_gate_up`). Random weights: for tests of the machinery, never
+    of quality (the upcycled benchmark models are fold/offgrid.py's)."""
 
     arch: str = "llama"
     n_layer: int = 2
@@ -178,16 +179,39 @@ class MoESpec:
     n_head_kv: int = 2
     n_expert: int = 4
     n_expert_used: int = 2
-    n_ff_shexp: int = 0  # > 0: a shared expert of that width
+    n_ff_shexp: int = 0  # > 0: a shared expert of that width (qwen2moe requires one)
     n_ctx: int = 256
     seed: int = 0
     expert_count_meta: int | None = None  # the `llama.expert_count` written (default n_expert): bad input
     extra_tensor: str = ""  # a 2-D blk.N.<this>.weight of a role no table knows: bad input
     nextn_layers: int = 0  # `nextn_predict_layers`: the last blocks are an MTP head llama.cpp does not run
+    norm_outliers: int = 0  # channels of ffn_norm's scale x 6: outliers in the experts' input (folding's work)
+    router_scale: float = 1.0  # larger router logits: top-k routing differs clearly from token to token
+    fused_gate_up: bool = False  # one ffn_gate_up_exps (rows: each expert's gate, then its up) in place of two
 
 
-#: Metadata an MoE architecture's llama.cpp loader requires beyond llama's (src/models/granite-moe.cpp).
-MOE_ARCH_KV: dict[str, dict[str, float]] = {"granitemoe": {"logit_scale": 1.0}}
+#: the MoE of the tests of folding and of the expert statistics: outliers in the experts' input for a fold to
+#: move, a router whose top-k varies clearly from token to token
+ROUTED: dict[str, Any] = {"norm_outliers": 4, "router_scale": 2.0}
+
+
+@dataclass(frozen=True)
+class MoEArch:
+    """What an MoE architecture's llama.cpp loader requires beyond llama's (src/models/<arch>.cpp)."""
+
+    kv: tuple[tuple[str, float], ...] = ()  # float32 `<arch>.<key>` metadata
+    qkv_bias: bool = False  # attn_q.bias, attn_k.bias, attn_v.bias
+    shexp_gate: bool = False  # ffn_gate_inp_shexp: the shared expert's sigmoid gate vector
+    expert_ff_length: bool = False  # `expert_feed_forward_length` (each expert's width)
+    head_norms: bool = False  # attn_q_norm, attn_k_norm: (n_embd_head,) RMSNorms of q and k
+
+
+MOE_ARCH: dict[str, MoEArch] = {
+    "granitemoe": MoEArch(kv=(("logit_scale", 1.0),)),
+    "qwen2moe": MoEArch(qkv_bias=True, shexp_gate=True, expert_ff_length=True),
+    # src/models/hy-v3.cpp: a sigmoid router, an ungated shared expert, create_tensor_gate_up_exps (fused or not)
+    "hy_v3": MoEArch(expert_ff_length=True, head_norms=True),
+}
 
 
 def write_moe(path: Path, spec: MoESpec = MoESpec()) -> Path:
@@ -195,6 +219,7 @@ def write_moe(path: Path, spec: MoESpec = MoESpec()) -> Path:
     rng = np.random.default_rng(spec.seed)
     toks, scores, types = vocab()
     hd = spec.n_embd // spec.n_head
+    x = MOE_ARCH.get(spec.arch, MoEArch())
     w = GGUFWriter(str(path), spec.arch)
     w.add_name(f"synthetic-moe-{spec.n_layer}x{spec.n_embd}-{spec.n_expert}e")
     w.add_block_count(spec.n_layer)
@@ -208,11 +233,13 @@ def write_moe(path: Path, spec: MoESpec = MoESpec()) -> Path:
     w.add_rope_freq_base(10000.0)
     w.add_expert_count(spec.n_expert if spec.expert_count_meta is None else spec.expert_count_meta)
     w.add_expert_used_count(spec.n_expert_used)
+    if x.expert_ff_length:
+        w.add_expert_feed_forward_length(spec.n_ff)
     if spec.n_ff_shexp:
         w.add_expert_shared_feed_forward_length(spec.n_ff_shexp)
     if spec.nextn_layers:
         w.add_uint32(f"{spec.arch}.nextn_predict_layers", spec.nextn_layers)
-    for k, v in MOE_ARCH_KV.get(spec.arch, {}).items():
+    for k, v in x.kv:
         w.add_float32(f"{spec.arch}.{k}", v)
     w.add_file_type(1)
     w.add_tokenizer_model("llama")
@@ -239,15 +266,28 @@ def write_moe(path: Path, spec: MoESpec = MoESpec()) -> Path:
     for i in range(spec.n_layer):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", norm(d))
-        w.add_tensor(p + "attn_q.weight", mat(d, d))
-        w.add_tensor(p + "attn_k.weight", mat(spec.n_head_kv * hd, d))
-        w.add_tensor(p + "attn_v.weight", mat(spec.n_head_kv * hd, d))
+        for role, n_out in (("attn_q", d), ("attn_k", spec.n_head_kv * hd), ("attn_v", spec.n_head_kv * hd)):
+            w.add_tensor(p + role + ".weight", mat(n_out, d))
+            if x.qkv_bias:
+                w.add_tensor(p + role + ".bias", (0.1 * rng.standard_normal(n_out)).astype(np.float32))
         w.add_tensor(p + "attn_output.weight", mat(d, d, scale=0.5))
-        w.add_tensor(p + "ffn_norm.weight", norm(d))
-        w.add_tensor(p + "ffn_gate_inp.weight", (rng.standard_normal((e, d)) / np.sqrt(d)).astype(np.float32))
-        w.add_tensor(p + "ffn_gate_exps.weight", mat(e, f, d))
-        w.add_tensor(p + "ffn_up_exps.weight", mat(e, f, d))
+        if x.head_norms:
+            w.add_tensor(p + "attn_q_norm.weight", norm(hd))
+            w.add_tensor(p + "attn_k_norm.weight", norm(hd))
+        g = norm(d)
+        if spec.norm_outliers:
+            g[rng.choice(d, size=spec.norm_outliers, replace=False)] *= 6.0
+        w.add_tensor(p + "ffn_norm.weight", g)
+        router = rng.standard_normal((e, d)) * spec.router_scale / np.sqrt(d)
+        w.add_tensor(p + "ffn_gate_inp.weight", router.astype(np.float32))
+        if spec.fused_gate_up:
+            w.add_tensor(p + "ffn_gate_up_exps.weight", mat(e, 2 * f, d))
+        else:
+            w.add_tensor(p + "ffn_gate_exps.weight", mat(e, f, d))
+            w.add_tensor(p + "ffn_up_exps.weight", mat(e, f, d))
         w.add_tensor(p + "ffn_down_exps.weight", mat(e, d, f, scale=0.5))
+        if x.shexp_gate:
+            w.add_tensor(p + "ffn_gate_inp_shexp.weight", (rng.standard_normal(d) / np.sqrt(d)).astype(np.float32))
         if spec.n_ff_shexp:
             w.add_tensor(p + "ffn_gate_shexp.weight", mat(spec.n_ff_shexp, d))
             w.add_tensor(p + "ffn_up_shexp.weight", mat(spec.n_ff_shexp, d))

@@ -11,7 +11,7 @@ import pytest
 import synthetic
 import vendored
 from gguf import GGMLQuantizationType
-from synthetic_moe import MoeSpec, write_moe
+from synthetic import ROUTED, MoESpec, write_moe
 
 from ramp_cpp.calibration.artifact import (
     CalibConfig,
@@ -39,8 +39,8 @@ def moe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     text.write_text(synthetic.text(3000, seed=1))
     return {
         "text": text,
-        "top2": write_moe(d / "moe.f16.gguf"),
-        "all": write_moe(d / "moe-all.f16.gguf", MoeSpec(n_expert_used=4, seed=1)),
+        "top2": write_moe(d / "moe.f16.gguf", MoESpec(**ROUTED)),
+        "all": write_moe(d / "moe-all.f16.gguf", MoESpec(n_expert_used=4, seed=1, **ROUTED)),
     }
 
 

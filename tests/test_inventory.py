@@ -2,11 +2,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import splitgguf
 import synthetic
 
 from ramp_cpp.errors import RampError
-from ramp_cpp.llama.ggufio import read_inventory
+from ramp_cpp.llama.ggufio import _read_inventory, add_metadata, open_reader, read_inventory
+from ramp_cpp.llama.shards import merged_header_bytes
 
 
 def test_tiny_llama_inventory(tiny_model: Path) -> None:
@@ -66,3 +69,39 @@ def test_truncated(tiny_model: Path, tmp_path: Path, keep: float) -> None:
     p.write_bytes(data[: max(8, int(len(data) * keep))])
     with pytest.raises(RampError, match="truncated|damaged"):
         read_inventory(p)
+
+
+def _big_tokenizer(src: Path, dst: Path) -> Path:
+    """`src` with a tokenizer array of a large model's length (60,000 merges of uneven byte lengths, some
+    multi-byte and one empty) and a 40-int array outside the tokenizer, which both readers parse."""
+    rng = np.random.default_rng(0)
+    pieces = ["Ġ", "é", "ab", "the", "\u2581w", "x" * 70, ""]
+    merges = ["".join(rng.choice(pieces, size=int(k))) for k in rng.integers(0, 4, 60_000)]
+    return add_metadata(src, dst, {"tokenizer.ggml.merges": merges, "ramp.test.ints": list(range(40))})
+
+
+@pytest.mark.parametrize("n_shards", [1, 3])
+def test_inventory_reader_steps_over_the_tokenizer_arrays(
+    tiny_model: Path, tmp_path: Path, n_shards: int
+) -> None:
+    """The inventory's reader (HeaderReader) steps over tokenizer.ggml.* arrays, unparsed: the inventory,
+    its metadata, every other key's value, every field's bytes (a split set's one-file header size) and every
+    tensor's place are gguf-py's full parse's."""
+    big = _big_tokenizer(tiny_model, tmp_path / "big.gguf")
+    path = big if n_shards == 1 else splitgguf.split(big, tmp_path / "s.gguf", n_shards)[0]
+    fast, slow = _read_inventory(path), _read_inventory(path, tokenizer=True)
+    assert fast == slow and fast.metadata == slow.metadata
+    assert fast.metadata["ramp.test.ints"] == "[40 items]"
+    a, b = open_reader(path, tokenizer=False), open_reader(path)
+    assert list(a.fields) == list(b.fields)
+    skipped = [k for k, f in a.fields.items() if f.contents() is None]
+    assert skipped == ["tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                       "tokenizer.ggml.merges"]
+    assert len(b.fields["tokenizer.ggml.merges"].contents()) == 60_000
+    for k, f in a.fields.items():
+        assert sum(p.nbytes for p in f.parts) == sum(p.nbytes for p in b.fields[k].parts), k
+        if k not in skipped:
+            assert f.contents() == b.fields[k].contents(), k
+    where = [(t.name, int(t.tensor_type), t.shape.tolist(), t.data_offset) for t in a.tensors]
+    assert where == [(t.name, int(t.tensor_type), t.shape.tolist(), t.data_offset) for t in b.tensors]
+    assert merged_header_bytes(a, fast.alignment) == merged_header_bytes(b, fast.alignment)

@@ -136,10 +136,22 @@ def check_matches(cal: Calibration, model: Any, need: list[str] | None = None) -
         )
     for n in names:
         t = by_name.get(n)
-        if t is not None and cal.stats[n].max_abs.shape[-1] != t.n_per_row:
+        if t is None:
+            continue
+        s = cal.stats[n]
+        if s.max_abs.shape[-1] != t.n_per_row:
             raise RampError(
-                f"calibration from {cal.model_name} has {cal.stats[n].max_abs.shape[-1]} input columns for "
+                f"calibration from {cal.model_name} has {s.max_abs.shape[-1]} input columns for "
                 f"{n}, {Path(model.path).name} has {t.n_per_row}: measured on another model"
+            )
+        # per-expert rows are read by expert index (imatrix slice e quantizes expert e): another expert
+        # count would pair slices with the wrong experts, or run past them. Pooled (1-D) statistics of an
+        # expert tensor stay usable: every expert gets the same row.
+        if s.max_abs.ndim == 2 and s.max_abs.shape[0] != t.n_expert:
+            have = f"{t.n_expert} experts" if t.n_expert > 1 else "no experts (a 2-D weight)"
+            raise RampError(
+                f"calibration from {cal.model_name} has per-expert statistics of {s.max_abs.shape[0]} "
+                f"experts for {n}, {Path(model.path).name} has {have}: measured on another model"
             )
 
 

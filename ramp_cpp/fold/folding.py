@@ -26,7 +26,8 @@ statistics pooled over its experts, max_abs = max over experts e of max_abs[e] (
 largest input any expert meets per column, the one a per-group quantizer of any expert slice must hold. Every
 token is routed to top-k experts, so this pooled max is the max over all tokens, the same max_abs the router
 and the shared experts read; a per-expert s cannot be folded into a norm the experts share. The folded
-calibration divides each expert's statistics by the same s.
+calibration divides each expert's statistics by the same s. A fused ffn_gate_up_exps (arch.MOE_FUSED_GROUP)
+is one tensor of the group: its gate rows and its up rows alike take s on their input columns.
 """
 
 from __future__ import annotations

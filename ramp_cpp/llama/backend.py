@@ -230,8 +230,9 @@ class LlamaModel:
 
     # -- forward ------------------------------------------------------------------------------------
     def logits(self, tokens: np.ndarray, start: int, stop: int) -> np.ndarray:
-        """Run `tokens` as a fresh sequence; return the logits of positions start..stop-1 (a view that the
-        next call overwrites), shape (stop - start, n_vocab), float32."""
+        """Run `tokens` as a fresh sequence; return the logits of positions start..stop-1, shape
+        (stop - start, n_vocab), float32: a view of llama.cpp's output buffer, which the next call overwrites
+        and `close` frees (copy what must outlive either)."""
         n = len(tokens)
         if n > self.opts.n_ctx:
             raise RampError(f"chunk of {n} tokens exceeds the context of {self.opts.n_ctx}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFEndian, GGUFReader, GGUFValueType, GGUFWriter
+from gguf.gguf_reader import ReaderField
 
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.backend import InputStats
@@ -88,17 +91,72 @@ class ModelInfo:
         return d
 
 
-def open_reader(path: str | os.PathLike[str]) -> GGUFReader | SplitReader:
+#: metadata arrays that only the tokenizer reads (ModelInfo.metadata leaves them out). gguf-py parses an array
+#: element by element into numpy views: a 151,936-token vocabulary with its types and merges is ~450k
+#: elements, 40 s of a loaded machine's time for every reader of a Qwen model's header.
+TOKENIZER_ARRAYS = "tokenizer.ggml."
+
+
+class HeaderReader(GGUFReader):
+    """gguf-py's reader with the tokenizer's arrays (keys under TOKENIZER_ARRAYS) stepped over, not parsed:
+    each such field keeps its key and the bytes of its value (one uint8 view, so that header sizes still add
+    up: shards.merged_header_bytes) but no types, so its `contents()` is None. Everything else is gguf-py's
+    own parse."""
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        for _ in range(count):
+            klen, kdata = self._get_str(offs)
+            key = str(bytes(kdata), encoding="utf-8")
+            at = offs + int(klen.nbytes + kdata.nbytes)
+            ktype = self._get(at, np.uint32)
+            end = None
+            if key.startswith(TOKENIZER_ARRAYS) and int(ktype[0]) == GGUFValueType.ARRAY:
+                end = self._array_end(at + 4)
+            if end is None:
+                offs = super()._build_fields(offs, 1)
+                continue
+            itype, alen = self._get(at + 4, np.uint32), self._get(at + 8, np.uint64)
+            body = self._get(at + 16, np.uint8, end - at - 16)
+            self._push_field(ReaderField(offs, key, [klen, kdata, ktype, itype, alen, body], [], []), True)
+            offs = end
+        return offs
+
+    def _array_end(self, offs: int) -> int | None:
+        """Where the array value at `offs` (u32 element type, u64 count, elements) ends; None for an array of
+        arrays, left to gguf-py."""
+        itype = GGUFValueType(int(self._get(offs, np.uint32)[0]))
+        n = int(self._get(offs + 4, np.uint64)[0])
+        start = offs = offs + 12
+        scalar = self.gguf_scalar_to_np.get(itype)
+        if scalar is not None:
+            end = offs + n * np.dtype(scalar).itemsize
+        elif itype == GGUFValueType.STRING:  # u64 length, bytes: only the lengths are read
+            little = (sys.byteorder == "little") == (self.byte_order == "I")
+            length = struct.Struct("<Q" if little else ">Q").unpack_from
+            buf = self.data.data  # the memmap's buffer: struct reads it without a numpy view per string
+            for _ in range(n):
+                offs += 8 + length(buf, offs)[0]
+            end = offs
+        else:
+            return None
+        if end > len(self.data):
+            raise ValueError(f"the array at offset {start} runs past the end of the file")
+        return end
+
+
+def open_reader(path: str | os.PathLike[str], tokenizer: bool = True) -> GGUFReader | SplitReader:
     """The model's reader: a GGUFReader, or for the first shard of a split set (shards.py) the shards joined
-    as one; one RampError line for a missing, foreign or truncated file, a missing or foreign shard."""
-    reader = open_file_reader(path)
+    as one; one RampError line for a missing, foreign or truncated file, a missing or foreign shard.
+    `tokenizer=False`: a HeaderReader, for what needs no tokenizer array (seconds less on a big vocab)."""
+    reader = open_file_reader(path, tokenizer)
     if split_count(reader) > 1:
-        return join_shards(Path(path), reader, open_file_reader)
+        return join_shards(Path(path), reader, functools.partial(open_file_reader, tokenizer=tokenizer))
     return reader
 
 
-def open_file_reader(path: str | os.PathLike[str]) -> GGUFReader:
-    """A GGUFReader of this one file, or one RampError line for a missing, foreign or truncated file."""
+def open_file_reader(path: str | os.PathLike[str], tokenizer: bool = True) -> GGUFReader:
+    """A GGUFReader of this one file (a HeaderReader without `tokenizer`), or one RampError line for a
+    missing, foreign or truncated file."""
     p = Path(path)
     if not p.is_file():
         raise RampError(f"{p}: no such file")
@@ -107,7 +165,7 @@ def open_file_reader(path: str | os.PathLike[str]) -> GGUFReader:
     if magic != b"GGUF":
         raise RampError(f"{p}: not a GGUF file (magic {magic!r})")
     try:
-        reader = GGUFReader(p)
+        reader = GGUFReader(p) if tokenizer else HeaderReader(p)
     except Exception as e:  # gguf-py raises ValueError/IndexError/... on damaged headers
         raise RampError(f"{p}: damaged or truncated GGUF header ({type(e).__name__}: {e})") from None
     size = p.stat().st_size
@@ -143,8 +201,9 @@ def _inventory_of(path: str, versions: tuple[tuple[str, int, int], ...]) -> Mode
     return _read_inventory(path)
 
 
-def _read_inventory(path: str | os.PathLike[str]) -> ModelInfo:
-    reader = open_reader(path)
+def _read_inventory(path: str | os.PathLike[str], tokenizer: bool = False) -> ModelInfo:
+    """`tokenizer`: parse the tokenizer's arrays too (gguf-py's reader); the inventory never reads them."""
+    reader = open_reader(path, tokenizer)
     arch = field_value(reader, "general.architecture")
     if not arch:
         raise RampError(f"{path}: no general.architecture in the GGUF metadata: not a model file")
@@ -234,7 +293,7 @@ def _plain(v: Any) -> Any:
 
 def tensor_types(path: str | os.PathLike[str]) -> dict[str, tuple[str, int, int]]:
     """name -> (ggml type name, bytes in file, elements) for every tensor of a GGUF, in file order."""
-    reader = open_reader(path)
+    reader = open_reader(path, tokenizer=False)
     return {
         t.name: (GGMLQuantizationType(int(t.tensor_type)).name, int(t.n_bytes), int(t.n_elements))
         for t in reader.tensors

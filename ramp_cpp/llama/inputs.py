@@ -25,5 +25,5 @@ def resolve_model(
         return convert_checkpoint(p, progress)
     if not p.exists():
         raise RampError(f"{p}: no such file or folder")
-    open_reader(p)  # a split set is joined here: a missing or foreign shard is one line now
+    open_reader(p, tokenizer=False)  # a split set is joined here: a missing or foreign shard is one line now
     return p

@@ -183,6 +183,19 @@ MOE_GROUP = FoldGroup(
     "ffn_gate_exps",
     optional=("ffn_gate_shexp", "ffn_up_shexp", "ffn_gate_inp_shexp"),
 )
+# create_tensor_gate_up_exps' fused variant: one ffn_gate_up_exps (each expert's gate rows, then its up rows,
+# all reading the normalized input) in place of ffn_gate_exps and ffn_up_exps. llama-arch.cpp names no dense
+# fused gate_up, so there is no dense counterpart to FFN_GROUP.
+MOE_FUSED_GROUP = replace(
+    MOE_GROUP, linears=("ffn_gate_inp", "ffn_gate_up_exps"), stats_from="ffn_gate_up_exps"
+)
+# hy_v3 runs its shared expert through build_ffn whether the block has one or not, and build_ffn with no
+# weights returns silu(y) of the normalized input y itself, which no fold preserves: its shared expert is
+# required (a block without one is refused as feeding none of the groups)
+_HY_SHEXP = ("ffn_gate_shexp", "ffn_up_shexp")
+HY_MOE_GROUPS = tuple(
+    replace(g, linears=g.linears + _HY_SHEXP, optional=()) for g in (MOE_GROUP, MOE_FUSED_GROUP)
+)
 
 
 @dataclass(frozen=True)
@@ -215,6 +228,12 @@ FOLD_ARCHS: dict[str, FoldArch] = {
         # build_norm multiplies by the stored value (offset 0). attn_q_norm/attn_k_norm act on q, k and
         # post_attention_norm/post_ffw_norm on the sub-block outputs: all unchanged by folding.
         FoldArch("gemma3", (ATTN_GROUP, ATTN_FUSED_GROUP, FFN_GROUP), source="src/models/gemma3.cpp"),
+        # q/k norms as qwen3moe's; the sigmoid router's selection bias ffn_exp_probs_b is added to its
+        # output, not its input; leading dense blocks have ffn_gate/ffn_up; the MoE blocks' experts are
+        # separate or fused (create_tensor_gate_up_exps)
+        FoldArch(
+            "hy_v3", (ATTN_GROUP, ATTN_FUSED_GROUP, FFN_GROUP, *HY_MOE_GROUPS), source="src/models/hy-v3.cpp"
+        ),
         FoldArch(
             "command-r",
             (),
