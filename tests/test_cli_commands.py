@@ -33,6 +33,7 @@ SIZED_ONLY = {
     "--sensitivity",
     "--tensor-cache",
     "--row-sample",
+    "--refine-probes",
     "--evaluations",
     "--rollouts",
     "--force-allocation",

@@ -52,6 +52,9 @@ CASES = {
     "greedy-proxy-off": Case("greedy", "proxy", "off", own_calib=False),
     # probes on every reward chunk (no chunk set of their own), folded
     "greedy-measured-on": Case("greedy", "measured", "on", gcfg=GroupConfig(n_buckets=1, pairs=0)),
+    # three refined probes after the groups (refine.py): the budget counted in the probes' E
+    "greedy-measured-refine": Case("greedy", "measured", "on",
+                                   gcfg=GroupConfig(n_buckets=1, pairs=0, refine_evaluations=3)),
 }
 
 

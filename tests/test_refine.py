@@ -328,3 +328,67 @@ def test_refined_probes_score_real_files(m: dict[str, Any]) -> None:
     assert {r.parent for r in rep.refined} == set(rep.splits)
     for r in rep.refined:
         assert r.kld == pytest.approx(rep.reference_kld + r.measured) and r.kld > 0
+
+
+# -- the request --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--refine-probes", "-1"], "--refine-probes must be at least 0"),
+    (["--refine-probes", "4", "--sensitivity", "proxy"], "this run's sensitivity is proxy"),
+    (["--refine-probes", "4", "--method", "uniform"], "this run's sensitivity is none"),
+])
+def test_cli_refuses_refinement_it_cannot_make(
+    extra: list[str], match: str, tiny_model: Path, text_file: Path, tmp_path: Path
+) -> None:
+    from test_cli_errors import one_error_line
+    from typer.testing import CliRunner
+
+    from ramp_cpp.cli.app import app
+
+    out = tmp_path / "run"
+    args = ["search", "--model", str(tiny_model), "--out", str(out), "--method", "greedy", "--size", "1MiB",
+            "--text", str(text_file), *extra]
+    one_error_line(CliRunner().invoke(app, args), match)
+    assert not out.exists()
+
+
+def test_run_settings_name_the_budget_only_when_set(tiny_model: Path, tmp_path: Path) -> None:
+    from ramp_cpp.pipeline.folddecision import Fold
+    from ramp_cpp.pipeline.plan import run_settings
+    from ramp_cpp.pipeline.request import SizedRequest
+
+    def groups(gcfg: GroupConfig) -> dict[str, Any]:
+        req = SizedRequest(tiny_model, tmp_path, "greedy", "1MiB", gcfg=gcfg)
+        return dict(run_settings(req, "measured", Fold.ON)["kld_groups"])
+
+    before = {"n_buckets": 4, "probe_bpw": None, "pairs": 3, "floor": 0.01}  # a run.json made before it
+    assert groups(GroupConfig()) == before
+    assert groups(GroupConfig(refine_evaluations=16)) == {**before, "refine_evaluations": 16}
+
+
+def test_search_refine_probes_end_to_end(text_file: Path, tmp_path: Path) -> None:
+    """`search --refine-probes 2` on a model of 5 blocks (search's 4 depth buckets: one group of two blocks
+    per role): two refined probes in the report and in run.json."""
+    from typer.testing import CliRunner
+
+    from ramp_cpp.cli.app import app
+    from ramp_cpp.llama.ggufio import read_inventory
+    from ramp_cpp.measure.candidates import CandidateConfig, parse_types
+    from ramp_cpp.pipeline.plan import size_range
+
+    types, tiny_model = "Q4_0,Q5_0,Q8_0", synthetic.write(tmp_path / "m.gguf", synthetic.Spec(n_layer=5))
+    lo, hi = size_range(read_inventory(tiny_model), CandidateConfig(types=parse_types(types)))
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'text = "{text_file}"\nsamples = 2\nctx = 64\nseed = 0\n')
+    out = tmp_path / "run"
+    args = ["search", "--model", str(tiny_model), "--out", str(out), "--method", "greedy", "--size",
+            str((lo + hi) // 2), "--types", types, "--text", str(text_file), "--chunks", "2", "--ctx", "64",
+            "--recipe", str(recipe), "--fold", "off", "--threads", "1", "--refine-probes", "2"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    groups = json.loads((out / "report.json").read_text())["summary"]["kld_groups"]
+    assert groups["config"]["refine_evaluations"] == 2 and len(groups["refined"]) == 2
+    assert groups["evaluations"] == 1 + sum(g["measured"] is not None for g in groups["groups"]) + 2
+    assert {x["parent"] for x in groups["refined"]} <= set(groups["splits"])
+    assert json.loads((out / "run.json").read_text())["kld_groups"]["refine_evaluations"] == 2

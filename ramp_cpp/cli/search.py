@@ -8,6 +8,7 @@ bit-budget search is its own command (paper_search.py); what a sized run shows i
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -94,6 +95,15 @@ def search(
             "evaluation).",
         ),
     ] = None,
+    refine_probes: Annotated[
+        int,
+        _alloc(
+            "--refine-probes",
+            help="With the measured sensitivity: up to N more evaluations after the group probes, on the "
+            "layers, then the tensors, of the groups whose measured damage per byte is largest "
+            "(docs/search.md).",
+        ),
+    ] = 0,
     types: Annotated[
         str | None,
         _alloc(
@@ -171,10 +181,12 @@ def search(
     from ramp_cpp.measure.candidates import DEFAULT_TYPES, CandidateConfig, parse_types
     from ramp_cpp.pipeline.request import search_request
     from ramp_cpp.pipeline.run import run_direct
-    from ramp_cpp.pipeline.sizedconfig import SEARCH_RECIPE, SizedConfig
+    from ramp_cpp.pipeline.sizedconfig import SEARCH_GROUPS, SEARCH_RECIPE, SizedConfig
 
     if rollouts != 1 and method != "sac":
         raise RampError(f"--rollouts applies to --method sac (the search's rounds), not {method}")
+    if refine_probes < 0:
+        raise RampError(f"--refine-probes must be at least 0 (no refinement), got {refine_probes}")
     split_max = parse_split(split)  # before a checkpoint folder's conversion
     req = search_request(
         resolved_model(model),  # a checkpoint folder is converted once (cached), a split set read as one
@@ -210,6 +222,7 @@ def search(
         **gpu_fields(gpu_size, kv_size, kv_ctx),
         split_max=split_max,
         **({} if row_sample is None else {"row_sample": row_sample}),
+        **({"gcfg": replace(SEARCH_GROUPS, refine_evaluations=refine_probes)} if refine_probes else {}),
     )
     ropts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)
     if dry_run:

@@ -19,8 +19,10 @@ N = n_ctx:
     tensor cache    per type of cc.requested() ∪ {base}: pass(searched at it) + header_s + (3·file + bin)
                     /copy_bps (cut, assemble, compare) + 2·header_s; proxy: header_s + Σ_searched n_params·
                     (dequant_s[src] + Σ_candidates (dequant_s[written] + error_s))
-    group probes    (1 + len(groups_of) + pairs)·(hi/copy_bps + load_s + n_g·(N·token_s·rel(hi) + score_s))
-                    + tokenize_s, n_g = min(GroupConfig.chunks, chunks); pairs counted in full (upper bound)
+    group probes    (1 + len(groups_of) + pairs + refine)·(hi/copy_bps + load_s + n_g·(N·token_s·rel(hi)
+                    + score_s)) + tokenize_s, n_g = min(GroupConfig.chunks, chunks); pairs counted in full
+                    and refine = min(GroupConfig.refine_evaluations, the parts the groups split into:
+                    refine.Tree.capacity with every searched tensor probed) (upper bounds)
     fold decision   check: pass(choice) + 2·eval(n_f, choice), then (if_unfolded: only when the check keeps
                     the unfolded model; `total(stages, unfolded=True)`) tensor cache and group probes again,
                     the folded copy and (in the run folder) the folded cache deleted first;
@@ -156,6 +158,7 @@ def estimate(
     docstring); E and quantizer passes are the counts the run makes."""
     from ramp_cpp.fold.source import CALIB
     from ramp_cpp.measure.groups import groups_of
+    from ramp_cpp.measure.refine import Tree
     from ramp_cpp.pipeline.folddecision import KEPT_UNFOLDED
     from ramp_cpp.pipeline.resources import disk_needs
     from ramp_cpp.pipeline.stages import fold_eval_config
@@ -268,8 +271,13 @@ def estimate(
         for t in searched)
     if any(t.role == "token_embd" for t in searched):
         cache_s += p.load_s + p.tokenize_s  # the proxy's token frequencies: the calibration text tokenized
-    n_probes = 1 + len(groups_of(info, [t.name for t in searched], plan.gcfg.n_buckets)) + plan.gcfg.pairs
+    names = [t.name for t in searched]
+    groups = groups_of(info, names, plan.gcfg.n_buckets)
+    tree = Tree(groups, {t.name: t.block for t in searched}, names)
+    n_refine = min(plan.gcfg.refine_evaluations, tree.capacity([g.name for g in groups]))
+    n_probes = 1 + len(groups) + plan.gcfg.pairs + n_refine
     pairs = f"{n_probes} evaluations" + (f" ({plan.gcfg.pairs} pairs at most)" if plan.gcfg.pairs else "")
+    pairs += f" ({n_refine} refined at most)" if n_refine else ""
     probe_s = p.tokenize_s + n_probes * (plan.hi / p.copy_bps + p.load_s + n_g * (N * p.token_s * r_hi
                                                                                   + p.score_s))
     probe_s += memq(choice)  # in memory: each group's tensors quantized once for its probe

@@ -1,11 +1,11 @@
 """A sized run's first stage: every cheap check of the request, before any work (`plan_run` → `RunPlan`).
 
-A bad method, policy file, sensitivity, --fold or --size, an already-quantized model, a size this model's
-candidate types cannot reach (below the smallest file or above the largest), a --gpu-size the GPU-resident
-tensors at their smallest types and the KV cache exceed (allocate/gpu.py), a calibration recipe the
-model's context cannot hold, an unreadable reward text, a run directory holding another request, or a disk or
-scratch space too small for what the run will write (resources.py): each fails here, in this order, before
-anything is written. The plan carries what the checks
+A bad method, policy file, sensitivity (or --refine-probes with another than measured), --fold or --size, an
+already-quantized model, a size this model's candidate types cannot reach (below the smallest file or above
+the largest), a --gpu-size the GPU-resident tensors at their smallest types and the KV cache exceed
+(allocate/gpu.py), a calibration recipe the model's context cannot hold, an unreadable reward text, a run
+directory holding another request, or a disk or scratch space too small for what the run will write
+(resources.py): each fails here, in this order, before anything is written. The plan carries what the checks
 read (the model's inventory, the reward text, the run's settings) to the stages after it.
 """
 
@@ -121,6 +121,11 @@ def plan_run(req: SizedRequest, jobs: int = 1) -> RunPlan:
         )
     pol = _policy(req) if method == "policy" else None  # a bad file fails before any work
     sensitivity = resolve_sensitivity(method, req.sensitivity)
+    if req.gcfg.refine_evaluations and sensitivity != "measured":
+        raise RampError(
+            "--refine-probes refines the measured sensitivity's group probes; this run's sensitivity is "
+            f"{sensitivity or 'none (uniform)'}"
+        )
     ratios = transfer.load() if sensitivity == "transferred" else None  # a damaged table fails here
     fold = req.fold_setting
     preset = preset_name(req.size)
@@ -204,10 +209,13 @@ def run_settings(
 
 
 def _groups_key(gcfg: GroupConfig) -> dict[str, Any]:
-    """run.json's kld_groups: `chunks` only when set, so run directories made before it keep matching."""
+    """run.json's kld_groups: `chunks` and `refine_evaluations` only when set, so run directories made before
+    them keep matching."""
     d = asdict(gcfg)
     if d["chunks"] is None:
         del d["chunks"]
+    if not d["refine_evaluations"]:
+        del d["refine_evaluations"]
     return d
 
 
