@@ -250,9 +250,10 @@ def measured(src: Path, cal: Calibration, b: Base, method: str = "") -> Any:
 
 
 def group_config(method: str) -> Any:
-    """`greedy-measured[-bN][-probeX][-SET]`: N depth buckets per role, probes at the candidate nearest X bpw
-    (default: GroupConfig's, 4 buckets and each tensor's cheapest candidate); SET a named candidate set
-    (`candidate_config`)."""
+    """`greedy-measured[-bN][-probeX][-refineN][-SET]`: N depth buckets per role, probes at the candidate
+    nearest X bpw (default: GroupConfig's, 4 buckets and each tensor's cheapest candidate), N refined probes
+    after the groups (GroupConfig.refine_evaluations; the row's kld_groups.evaluations: the probes spent); SET
+    a named candidate set (`candidate_config`)."""
     from ramp_cpp.measure.candidates import TYPE_SETS
     from ramp_cpp.measure.groups import GroupConfig
 
@@ -264,6 +265,8 @@ def group_config(method: str) -> Any:
             kw["n_buckets"] = int(tok[1:])
         elif tok.startswith("probe"):
             kw["probe_bpw"] = float(tok.removeprefix("probe"))
+        elif tok.startswith("refine") and tok[6:].isdigit():
+            kw["refine_evaluations"] = int(tok[6:])
         else:
             raise SystemExit(f"{method}: unknown option {tok!r}")
     return GroupConfig(**kw)

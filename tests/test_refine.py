@@ -392,3 +392,16 @@ def test_search_refine_probes_end_to_end(text_file: Path, tmp_path: Path) -> Non
     assert groups["evaluations"] == 1 + sum(g["measured"] is not None for g in groups["groups"]) + 2
     assert {x["parent"] for x in groups["refined"]} <= set(groups["splits"])
     assert json.loads((out / "run.json").read_text())["kld_groups"]["refine_evaluations"] == 2
+
+
+@pytest.mark.parametrize(("method", "budget", "buckets"), [
+    ("greedy-measured", 0, 4), ("greedy-measured-refine16", 16, 4), ("greedy-measured-refine32", 32, 4),
+    ("greedy-measured-b3-refine8-portable", 8, 3),
+])
+def test_bench_variant_names_the_refine_budget(method: str, budget: int, buckets: int) -> None:
+    from bench import compare
+
+    g = compare.group_config(method)
+    assert (g.refine_evaluations, g.n_buckets) == (budget, buckets)
+    with pytest.raises(SystemExit, match="unknown option 'refinex'"):
+        compare.group_config("greedy-measured-refinex")
