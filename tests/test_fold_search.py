@@ -234,3 +234,55 @@ def test_cli_fold_power(model: Path, tmp_path: Path) -> None:
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.exit_code == 2 and len(lines) == 1 and "--fold-power" in lines[0], r.stderr
     assert not (tmp_path / "g.gguf").exists()
+
+
+# -- the sized run ---------------------------------------------------------------------------------------
+
+
+def test_sized_run_source_folds_with_the_searched_exponent(model: Path, tmp_path: Path) -> None:
+    """calibrated_source (what a sized run's stages call) folds with the run's SizedConfig.fold_config, reads
+    the choices back when it resumes, refuses the folded copy under another exponent; the report's fold entry
+    lists them."""
+    from ramp_cpp.fold.source import calibrated_source
+    from ramp_cpp.llama.backend import RuntimeOptions
+    from ramp_cpp.pipeline.runreport import fold_exponents
+    from ramp_cpp.pipeline.sizedconfig import SizedConfig, SourceChoice
+
+    cfg = SizedConfig(fold_power=None)
+    calib = save_calibration(planted_cal(model, PLANTED), tmp_path / "c.safetensors")
+    run = tmp_path / "run"
+    run.mkdir()
+    choice = SourceChoice(cfg.calib, True)
+    src = calibrated_source(model, run, choice, RuntimeOptions(), calib, fold_cfg=cfg.fold_config)
+    rep = fold_exponents(src.info.metadata)
+    assert rep["power"] == SEARCH.describe() and len(set(rep["powers"])) >= 3
+    assert sum(rep["power_counts"].values()) == 4
+    again = calibrated_source(model, run, choice, RuntimeOptions(), calib, fold_cfg=cfg.fold_config)
+    for name, st in src.cal.stats.items():
+        np.testing.assert_array_equal(again.cal.stats[name].sum_sq, st.sum_sq)
+    with pytest.raises(RampError, match="another calibration or settings"):
+        calibrated_source(model, run, choice, RuntimeOptions(), calib, fold_cfg=SizedConfig().fold_config)
+    assert fold_exponents({}) == {}
+
+
+@pytest.mark.parametrize(
+    ("have", "want", "differ"),
+    [
+        ({}, {"fold_power": 0.5}, False),  # a run.json from before the key: every run folded with 0.5
+        ({}, {"fold_power": None}, True),
+        ({"fold_power": None}, {"fold_power": None}, False),
+        ({"fold_power": 0.25}, {"fold_power": 0.5}, True),
+    ],
+)
+def test_run_dir_settings_compare_the_fold_power(
+    have: dict[str, object], want: dict[str, object], differ: bool
+) -> None:
+    from dataclasses import asdict
+
+    from ramp_cpp.pipeline.sizedconfig import SizedConfig, settings_differ
+
+    base = {k: v for k, v in asdict(SizedConfig()).items() if k != "fold_power"}
+    diffs = settings_differ({"search": base | have, "fold": "on"}, {"search": base | want, "fold": "on"})
+    assert diffs == (["search"] if differ else [])
+    with pytest.raises(RampError, match="finite and >= 0"):
+        SizedConfig(fold_power=float("nan"))
