@@ -286,3 +286,30 @@ def test_run_dir_settings_compare_the_fold_power(
     assert diffs == (["search"] if differ else [])
     with pytest.raises(RampError, match="finite and >= 0"):
         SizedConfig(fold_power=float("nan"))
+
+
+# -- the bench's fold-search cells --------------------------------------------------------------------------
+
+
+def test_bench_fold_search_variant(model: Path, tmp_path: Path) -> None:
+    """bench/compare.py's `--fold search`: its own tag and row, a folded copy made with the searched exponent
+    and read back (not re-searched) by a second process's Base."""
+    from bench import compare
+
+    f = compare.Fold.parse("search")
+    assert f and f.tag == "fold-search" and f.row == {"fold": True, "fold_power": "search"}
+    assert compare.Fold.parse("on").tag == "fold" and compare.Fold.parse("p0.25").tag == "fold-p0.25"
+    with pytest.raises(SystemExit, match="search"):
+        compare.Fold.parse("searched")
+    cal = planted_cal(model, PLANTED)
+    path, fcal = compare.Base("m", "offgrid", 0, model, cal, tmp_path).model(f)
+    assert path.name == "folded-search.f16.gguf"
+    assert field_value(open_reader(path), "ramp.fold.power") == SEARCH.describe()
+    mtime = path.stat().st_mtime_ns
+    path2, fcal2 = compare.Base("m", "offgrid", 0, model, cal, tmp_path).model(f)
+    assert path2 == path and path.stat().st_mtime_ns == mtime
+    for name, st in fcal.stats.items():
+        np.testing.assert_array_equal(fcal2.stats[name].sum_sq, st.sum_sq)
+    b = compare.Base("m", "offgrid", 0, model, cal, tmp_path)
+    cell = compare.Cell.of(b, "r", "greedy", "Q4_K_M", 1, f, 4)
+    assert compare.Fold(cell.fold).tag == "fold-search"
