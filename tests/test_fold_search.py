@@ -313,3 +313,35 @@ def test_bench_fold_search_variant(model: Path, tmp_path: Path) -> None:
     b = compare.Base("m", "offgrid", 0, model, cal, tmp_path)
     cell = compare.Cell.of(b, "r", "greedy", "Q4_K_M", 1, f, 4)
     assert compare.Fold(cell.fold).tag == "fold-search"
+
+
+def test_sized_run_reports_the_searched_exponents(tiny_model: Path, text_file: Path, tmp_path: Path) -> None:
+    """run_direct with SizedConfig(fold_power=None): the stages fold with the search, report.json's
+    summary.fold lists each group's exponent as the folded file records it, and the run folder refuses the
+    paper's exponent."""
+    from ramp_cpp.errors import OtherSettings
+    from ramp_cpp.measure.candidates import CandidateConfig
+    from ramp_cpp.pipeline.folddecision import Fold
+    from ramp_cpp.pipeline.plan import size_range
+    from ramp_cpp.pipeline.request import SizedRequest
+    from ramp_cpp.pipeline.run import run_direct
+    from ramp_cpp.pipeline.sizedconfig import SizedConfig
+
+    lo, hi = size_range(read_inventory(tiny_model), CandidateConfig())
+
+    def req(power: float | None) -> SizedRequest:
+        c = SizedConfig(text=str(text_file), n_ctx=128, chunks=2, fold_power=power,
+                        calib=CalibConfig(text=str(text_file), samples=2, ctx=64))
+        return SizedRequest(tiny_model, tmp_path / "run", "greedy", f"{(lo + hi) / 2 / 1024:.1f}KiB", c,
+                            presets=(), fold=Fold.ON)
+
+    run_direct(req(None))
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    fold_rep = rep["summary"]["fold"]
+    folded = open_reader(tmp_path / "run" / "folded.f16.gguf")
+    assert fold_rep["power"] == SEARCH.describe() == field_value(folded, "ramp.fold.power")
+    listed = [float(p) for p in field_value(folded, "ramp.fold.powers").split(",")]
+    assert fold_rep["powers"] == listed and len(listed) == 2 * read_inventory(tiny_model).n_blocks
+    assert rep["meta"]["search"]["fold_power"] is None
+    with pytest.raises(OtherSettings, match="search"):
+        run_direct(req(0.5))
