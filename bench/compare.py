@@ -60,12 +60,16 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+SEARCHED = "search"  # Fold.power of the exponent searched per fold group (FoldConfig(power=None))
+
+
 @dataclass(frozen=True)
 class Fold:
     """A folding setting: none, or Scale Folding with s = max|x|^power (the paper's power 1/2 is "fold",
-    issue 14's strengths 0.25 ... are "fold-p0.25"): the cell keys' second field."""
+    issue 14's strengths 0.25 ... are "fold-p0.25", issue 37's power searched per group is "fold-search"):
+    the cell keys' second field."""
 
-    power: float | None
+    power: float | str | None  # str: SEARCHED
 
     @classmethod
     def parse(cls, s: str) -> Fold:
@@ -73,7 +77,9 @@ class Fold:
             return cls(FoldConfig().power if s == "on" else None)
         if s.startswith("p"):
             return cls(float(s[1:]))
-        raise SystemExit(f"--fold: off, on or pX (X the power of max|x|), not {s!r}")
+        if s == SEARCHED:
+            return cls(SEARCHED)
+        raise SystemExit(f"--fold: off, on, pX (X the power of max|x|) or search, not {s!r}")
 
     def __bool__(self) -> bool:
         return self.power is not None
@@ -82,6 +88,8 @@ class Fold:
     def tag(self) -> str:
         if self.power is None:
             return "nofold"
+        if self.power == SEARCHED:
+            return "fold-search"
         return "fold" if self.power == FoldConfig().power else f"fold-p{self.power:g}"
 
     @property
@@ -105,7 +113,7 @@ class Base:
             return self.path, self.cal
         if folded.tag not in self._folded:
             f = self.out / f"{folded.tag.replace('fold', 'folded')}.f16.gguf"
-            cfg = FoldConfig(power=folded.power)
+            cfg = FoldConfig(power=None if folded.power == SEARCHED else float(folded.power))
             if f.is_file():
                 self._folded[folded.tag] = (f, folded_calibration_from_file(self.cal, f, cfg))
             else:
@@ -553,7 +561,7 @@ class Cell:
     method: str
     preset: str
     target: int
-    fold: float | None
+    fold: float | str | None
     chunks: int
     results: str | None = None  # Results' folder (None: bench/results)
     threads: int | None = None  # llama.cpp's threads in the job (None: all cores)
@@ -632,7 +640,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="Q3_K_M,Q4_K_M", help="presets whose whole-file size is each target")
     ap.add_argument("--methods", default="uniform,greedy")
     ap.add_argument("--fold", default="off,on",
-                    help="folding settings to run: off, on (power 0.5), pX (power X), comma-separated")
+                    help="folding settings to run: off, on (power 0.5), pX (power X), search (per group), "
+                    "comma-separated")
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--recipe", default=str(HERE.parent / "calib" / "bench.toml"))
     ap.add_argument("--results", default=None, help="the results folder (default: bench/results)")

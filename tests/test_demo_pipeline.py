@@ -139,7 +139,7 @@ def test_demo_end_to_end_and_resume(
     from ramp_cpp.pipeline.sizedconfig import SIZED_FIELDS, SizedConfig
 
     paper = small(text_file)  # the same reward text, chunks and recipe, as the sized run reads them
-    cfg = SizedConfig(**{f: getattr(paper, f) for f in SIZED_FIELDS})
+    cfg = SizedConfig(**{f: getattr(paper, f) for f in SIZED_FIELDS if hasattr(paper, f)})  # fold_power: 0.5
     monkeypatch.setattr(ramp_cpp.pipeline.demo, "fetch_demo_base", lambda *a, **k: model)
     monkeypatch.setattr(ramp_cpp.pipeline.demo, "demo_config", lambda: cfg)
     _synthetic_eval_text(monkeypatch, text_file)

@@ -202,7 +202,7 @@ def test_a_run_json_of_before_is_the_same_request(legacy: dict[str, Any], fold: 
     from ramp_cpp.pipeline.sizedconfig import settings_differ
 
     c = SizedConfig(text="t.txt", chunks=2, calib=CalibConfig(text="t.txt", samples=2, ctx=64))
-    assert list(c.to_json()) == ["text", "n_ctx", "first_chunk", "chunks", "imatrix", "calib"]
+    assert list(c.to_json()) == ["text", "n_ctx", "first_chunk", "chunks", "imatrix", "calib", "fold_power"]
     old = {"ramp_version": "0.0.9", "method": "greedy", **legacy}
     new = {"ramp_version": "0.1.0", "method": "greedy", "fold": fold, "search": c.to_json()}
     assert settings_differ(old, new) == ([] if same else ["fold"])

@@ -117,6 +117,14 @@ def search(
         bool, _alloc("--no-embeddings", help="Keep token_embd / output at Q8_0.")
     ] = False,
     fold: Annotated[Fold | None, in_panel(FoldOpt, ALLOC)] = None,
+    fold_power: Annotated[
+        str,
+        _alloc(
+            "--fold-power",
+            help="Scale Folding's exponent of max|x|: a number (0.5, the paper's) or search (per norm group, "
+            "the one of 0, 0.25, 0.5, 0.75, 1 whose Q4_K rounding has the least imatrix-weighted error).",
+        ),
+    ] = "0.5",
     tensor_cache: Annotated[
         str,
         _alloc(
@@ -177,6 +185,7 @@ def search(
     from ramp_cpp.allocate.sac.search import SizedSearchConfig
     from ramp_cpp.calibration.collect import load_recipe
     from ramp_cpp.cli.sized import plan_sized, report_sized, run_sized
+    from ramp_cpp.fold.folding import parse_fold_power
     from ramp_cpp.llama.backend import RuntimeOptions
     from ramp_cpp.measure.candidates import DEFAULT_TYPES, CandidateConfig, parse_types
     from ramp_cpp.pipeline.request import search_request
@@ -199,6 +208,7 @@ def search(
             chunks=chunks,
             imatrix=not no_imatrix,
             calib=load_recipe(recipe or SEARCH_RECIPE),
+            fold_power=parse_fold_power(fold_power).power,
         ),
         sensitivity,
         fold,

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -64,22 +65,72 @@ KEY_FOLDED = "ramp.folded"
 KEY_CALIBRATION = "ramp.fold.calibration"
 KEY_VERSION = "ramp.fold.version"
 KEY_SCALES = "ramp.fold.scales_sha256"  # digest of every s, so a calibration can be matched to the file
+KEY_POWER = "ramp.fold.power"  # the exponent asked for: a number, or "search over ... on ..."
+KEY_POWERS = "ramp.fold.powers"  # the exponent each group took, in plan_groups' order, comma-separated
 
 F16_MAX = float(np.finfo(np.float16).max)
 
 Progress = Callable[[int, int], None]
 
 
+#: The searched exponents (issue 37): 0 is the group unfolded, 0.5 the paper's, 1 moves the whole outlier
+#: range into the weights (SmoothQuant's alpha = 1); steps of 1/4 over AWQ's [0, 1] keep it at 5 quantizer
+#: passes per group and type
+SEARCH_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: The type the search rounds with: what Q4_K_M gives most of a fold group's tensors (q, k, gate, up), and
+#: the middle of the range the allocation moves them in at Q4_K_M's and Q3_K_M's sizes
+SEARCH_TYPES = ("Q4_K",)
+
+
 @dataclass(frozen=True)
 class FoldConfig:
-    """Paper Table 11 (scale folding configuration)."""
+    """Paper Table 11 (scale folding configuration); `power` None: searched per group over `grid`, each
+    power judged by the imatrix-weighted error of the group's tensors as llama.cpp writes them in
+    `search_types` (ramp_cpp/fold/exponent.py)."""
 
-    power: float = 0.5  # "Scale": s = sqrt(act_scale)
+    power: float | None = 0.5  # "Scale": s = sqrt(act_scale)
     eps: float = 1e-5  # "Stabilization": added after s / mean(s)
+    grid: tuple[float, ...] = SEARCH_GRID
+    search_types: tuple[str, ...] = SEARCH_TYPES
+
+    def __post_init__(self) -> None:
+        from ramp_cpp.model.ladder import type_from_name
+
+        powers = self.grid if self.power is None else (self.power,)
+        if not powers or not all(np.isfinite(p) and p >= 0 for p in powers):
+            raise RampError(f"fold exponents must be finite and >= 0, got {list(powers)}")
+        if self.power is None:
+            if not self.search_types:
+                raise RampError("a searched fold exponent needs at least one quantization type")
+            for t in self.search_types:
+                type_from_name(t)
+
+    @property
+    def searched(self) -> bool:
+        return self.power is None
+
+    def describe(self) -> str:
+        """The ramp.fold.power value: the fixed exponent, or what the search chose from."""
+        if self.power is not None:
+            return f"{self.power:g}"
+        return f"search over {','.join(f'{p:g}' for p in self.grid)} on {','.join(self.search_types)}"
+
+
+def parse_fold_power(value: str) -> FoldConfig:
+    """`--fold-power`: a number (the exponent of every group) or `search`; one line otherwise."""
+    v = value.strip().lower()
+    if v == "search":
+        return FoldConfig(power=None)
+    try:
+        return FoldConfig(power=float(v))
+    except ValueError:
+        raise RampError(f"--fold-power: a number (0.5 is the paper's) or search, not {value!r}") from None
 
 
 def fold_scales(max_abs: np.ndarray, cfg: FoldConfig = FoldConfig()) -> np.ndarray:
     """s = max_abs ** power; s = s / mean(s); s = s + eps (float64, one entry per input column)."""
+    if cfg.power is None:
+        raise RampError("fold_scales needs a fixed exponent; a searched one is chosen per group by fold()")
     a = np.asarray(max_abs, dtype=np.float64)
     if a.ndim != 1 or a.size == 0:
         raise RampError(f"activation scales must be a non-empty vector, got shape {a.shape}")
@@ -183,6 +234,8 @@ class FoldedGroup:
     linears: tuple[str, ...]
     stats_from: str
     s: np.ndarray = field(compare=False, repr=False)  # float64 (n_in,)
+    power: float = 0.5  # the exponent s was made with
+    errors: tuple[tuple[float, float], ...] = field(default=(), compare=False)  # searched: (power, error)
 
 
 @dataclass(frozen=True)
@@ -195,6 +248,7 @@ class FoldResult:
     description: str  # the ramp.fold.calibration value
     seconds: float
     calibration: Calibration = field(compare=False, repr=False)  # for the folded model
+    power: str = "0.5"  # the ramp.fold.power value: FoldConfig.describe()
 
     def scales(self) -> dict[str, np.ndarray]:
         """Weight name -> its input scale s (q, k and v share one array)."""
@@ -213,6 +267,10 @@ class FoldResult:
             "s_max": float(s.max()),
             "s_max_over_min_median": float(np.median([g.s.max() / g.s.min() for g in self.groups])),
             "calibration": self.description,
+            "power": self.power,
+            "powers": [g.power for g in self.groups],
+            "power_counts": {f"{p:g}": n for p, n in sorted(Counter(g.power for g in self.groups).items())},
+            "search_errors": {g.norm: {f"{p:g}": e for p, e in g.errors} for g in self.groups if g.errors},
             "seconds": self.seconds,
         }
 
@@ -255,7 +313,8 @@ def fold(
         raise RampError(f"calibration from {cal.model_name} was measured on a folded model; {name} is not")
     check_matches(cal, info, need=sorted({p.stats_from for p in plan}))
 
-    groups = _scaled(plan, cal, cfg)
+    groups = _scaled(plan, cal, cfg, _searcher(model_path, types, f32, rec.arch) if cfg.searched else None,
+                     progress)
     rewrites: dict[str, TensorRewrite] = {}
     for g in groups:
         norm_type = GGMLQuantizationType[types[g.norm][0]]
@@ -270,6 +329,8 @@ def fold(
         KEY_CALIBRATION: description,
         KEY_VERSION: FOLD_VERSION,
         KEY_SCALES: scales_digest(groups),
+        KEY_POWER: cfg.describe(),
+        KEY_POWERS: ",".join(repr(float(g.power)) for g in groups),  # a string: inventories cut long arrays
     }
     out = rewrite_gguf(model_path, dst, rewrites, kv, force=force, progress=progress)
     fcal = folded_calibration(cal, {t: g.s for g in groups for t in g.linears})
@@ -285,18 +346,74 @@ def fold(
         description=description,
         seconds=time.perf_counter() - t0,
         calibration=fcal,
+        power=cfg.describe(),
     )
 
 
-def _scaled(plan: Sequence[PlannedGroup], cal: Calibration, cfg: FoldConfig) -> list[FoldedGroup]:
+#: (group, its mean E[x²] per input column, the scales of a power) -> (chosen power, (power, error) per power)
+Searcher = Callable[[PlannedGroup, np.ndarray, Callable[[float], np.ndarray], FoldConfig],
+                    tuple[float, tuple[tuple[float, float], ...]]]
+
+
+def _scaled(
+    plan: Sequence[PlannedGroup],
+    cal: Calibration,
+    cfg: FoldConfig,
+    search: Searcher | None = None,
+    progress: Progress | None = None,
+    powers: Sequence[float] | None = None,
+) -> list[FoldedGroup]:
+    """Each group's s: with cfg.power, that exponent; searched (cfg.power None), the power `search` picks,
+    or the group's entry of `powers` (a file's ramp.fold.powers) when given."""
     out = []
-    for g in plan:
-        try:
-            s = fold_scales(cal.stats[g.stats_from].pooled().max_abs, cfg)
-        except RampError as e:
-            raise RampError(f"{g.stats_from}: {e}") from None
-        out.append(FoldedGroup(g.block, g.norm, g.linears, g.stats_from, s))
+    for i, g in enumerate(plan):
+        st = cal.stats[g.stats_from].pooled()
+
+        def scales(p: float, st: InputStats = st, name: str = g.stats_from) -> np.ndarray:
+            try:
+                return fold_scales(st.max_abs, replace(cfg, power=p))
+            except RampError as e:
+                raise RampError(f"{name}: {e}") from None
+
+        errors: tuple[tuple[float, float], ...] = ()
+        if cfg.power is not None:
+            power = cfg.power
+        elif powers is not None:
+            power = float(powers[i])
+        else:
+            assert search is not None
+            mean_sq = np.asarray(st.sum_sq, dtype=np.float64) / max(st.count, 1)
+            power, errors = search(g, mean_sq, scales, cfg)
+            if progress is not None:
+                progress(i + 1, len(plan))
+        out.append(FoldedGroup(g.block, g.norm, g.linears, g.stats_from, scales(power), power, errors))
     return out
+
+
+def _searcher(model_path: str | os.PathLike[str], types: Mapping[str, tuple[str, int, int]], f32: bool,
+              arch: str) -> Searcher:
+    """choose_power over the group's tensors llama.cpp quantizes, read from `model_path` as float32 rows."""
+    from ramp_cpp.fold.exponent import choose_power
+    from ramp_cpp.model.arch import quantizable
+    from ramp_cpp.model.ladder import type_from_name
+    from ramp_cpp.write.cachefiles import source_rows
+
+    threads = max(1, min(4, os.cpu_count() or 1))
+
+    def search(g: PlannedGroup, mean_sq: np.ndarray, scales: Callable[[float], np.ndarray], cfg: FoldConfig
+               ) -> tuple[float, tuple[tuple[float, float], ...]]:
+        ws = []
+        for t in g.linears:
+            if not quantizable(t, 2, arch):  # the router: never quantized, so its rounding is s's no matter
+                continue
+            rows = source_rows(str(model_path), t, 0, 1 << 62)
+            if rows.ndim == 2:  # a 1-D gate vector is never quantized either
+                ws.append(rows)
+        f16 = not f32 and any(types[t][0] == "F16" for t in g.linears)
+        qtypes = [type_from_name(x) for x in cfg.search_types]
+        return choose_power(ws, mean_sq, scales, cfg.grid, qtypes, f16, threads)
+
+    return search
 
 
 def scales_digest(groups: Sequence[FoldedGroup]) -> str:
@@ -313,8 +430,9 @@ def folded_calibration_from_file(
     info: ModelInfo | None = None,
 ) -> Calibration:
     """The calibration of a model folded earlier with `cal` (measured on the original): the scales are
-    recomputed from `cal` and must reproduce the file's ramp.fold.scales_sha256, which proves the file was
-    folded with this calibration and `cfg`; then `folded_calibration` applies them."""
+    recomputed from `cal` (a searched exponent: with the powers the file's ramp.fold.powers records) and must
+    reproduce the file's ramp.fold.scales_sha256, which proves the file was folded with this calibration and
+    `cfg`; then `folded_calibration` applies them."""
     info = info or read_inventory(folded_path)
     name = Path(folded_path).name
     if not _is_true(info.metadata.get(KEY_FOLDED)):
@@ -324,7 +442,14 @@ def folded_calibration_from_file(
         raise RampError(f"{name} was folded by scale folding v{version}; this is v{FOLD_VERSION}")
     plan = plan_groups(fold_arch(info.arch), info.n_blocks, tensor_types(folded_path))
     check_matches(cal, info, need=sorted({g.stats_from for g in plan}))
-    groups = _scaled(plan, cal, cfg)
+    powers: list[float] | None = None
+    if cfg.searched:  # the search's choices are the file's: re-searching would need the unfolded weights
+        asked, listed = info.metadata.get(KEY_POWER), str(info.metadata.get(KEY_POWERS, ""))
+        powers = [float(p) for p in listed.split(",") if p]
+        if asked != cfg.describe() or len(powers) != len(plan):
+            raise RampError(f"{name} was not folded with a searched exponent ({cfg.describe()}): "
+                            f"{KEY_POWER} is {asked!r}")
+    groups = _scaled(plan, cal, cfg, powers=powers)
     if scales_digest(groups) != info.metadata.get(KEY_SCALES):
         raise RampError(
             f"{name} was folded with another calibration or settings ({info.metadata.get(KEY_CALIBRATION)}), "

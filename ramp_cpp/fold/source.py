@@ -17,6 +17,7 @@ from ramp_cpp.llama.backend import RuntimeOptions
 from ramp_cpp.store.cache import SHARD_NAME, scratch_dir
 
 if TYPE_CHECKING:
+    from ramp_cpp.fold.folding import FoldConfig
     from ramp_cpp.llama.ggufio import ModelInfo
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -105,12 +106,14 @@ def calibrated_source(
     progress: Progress | None = None,
     original: ModelInfo | None = None,
     meter: Meter | None = None,
+    fold_cfg: FoldConfig | None = None,
 ) -> Source:
-    """Calibrate (or reuse `calib` / the run's own), then fold when `cfg.fold`; both kept in `run_dir`.
-    `original`: `model_path`'s inventory when the caller has read it (read here otherwise)."""
+    """Calibrate (or reuse `calib` / the run's own), then fold when `cfg.fold`, with `fold_cfg` (default: the
+    paper's exponent 0.5); both kept in `run_dir`. `original`: `model_path`'s inventory when the caller has
+    read it (read here otherwise)."""
     from ramp_cpp.calibration.artifact import check_matches, load_calibration, save_calibration
     from ramp_cpp.calibration.collect import calibrate
-    from ramp_cpp.fold.folding import fold, folded_calibration_from_file
+    from ramp_cpp.fold.folding import FoldConfig, fold, folded_calibration_from_file
     from ramp_cpp.llama.ggufio import read_inventory
     from ramp_cpp.store.texts import load_text
 
@@ -130,10 +133,12 @@ def calibrated_source(
     check_matches(cal, original)
     if not cfg.fold:
         return Source(Path(model_path), cal, cal, original)
+    fcfg = fold_cfg or FoldConfig()
     folded = run_dir / "folded.f16.gguf"
     if folded.is_file():
         finfo = read_inventory(folded)  # the folded file's own, read once for every stage after
-        return Source(folded, folded_calibration_from_file(cal, folded, info=finfo), cal, finfo)
+        return Source(folded, folded_calibration_from_file(cal, folded, fcfg, info=finfo), cal, finfo)
     with stage(meter, "fold"):
-        fres = fold(model_path, cal, folded, force=True, progress=staged(progress, "fold"), info=original)
+        fres = fold(model_path, cal, folded, force=True, progress=staged(progress, "fold"), info=original,
+                    cfg=fcfg)
     return Source(folded, fres.calibration, cal, read_inventory(folded))

@@ -133,7 +133,8 @@ def _resumed(plan: RunPlan, folded: bool) -> tuple[bool, int]:
         return False, 0
     try:  # both files are there: calibrated_source only reads them
         src = calibrated_source(plan.model_path, plan.run_dir, SourceChoice(plan.cfg.calib, folded),
-                                RuntimeOptions(), plan.calib, original=plan.info)
+                                RuntimeOptions(), plan.calib, original=plan.info,
+                                fold_cfg=plan.cfg.fold_config)
     except (RampError, OSError, ValueError):
         return False, 0
     sha, base_sha = known_sha256(src.path), known_sha256(plan.model_path)

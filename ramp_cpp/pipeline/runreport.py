@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ def write_reports(
             "chunks": cfg.chunks,
         },
         "t_measure": m.seconds,
-        "fold": decision.to_json(),
+        "fold": {**decision.to_json(), **fold_exponents(m.source.info.metadata if decision.folded else {})},
         **alloc.summary,
         **({"written": verdict.to_json()} if verdict is not None else {}),
         **({"split": split.to_json()} if split is not None else {}),
@@ -115,6 +116,19 @@ def write_reports(
         source, cal = m.source.path, m.source.cal
     publish(plan.run_dir, out.gguf, source, cal, json.loads(report.read_text()), rows, split)
     return Reports(allocation, report, file_bytes, summary.get("gpu"))
+
+
+def fold_exponents(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The folded file's exponent (ramp.fold.power) and, per norm group, the one it took (ramp.fold.powers,
+    in fold order) with how many groups took each; {} for a file folded before they were recorded."""
+    from ramp_cpp.fold.folding import KEY_POWER, KEY_POWERS
+
+    if KEY_POWER not in metadata:
+        return {}
+    powers = [float(p) for p in str(metadata.get(KEY_POWERS, "")).split(",") if p]
+    counts = Counter(powers)
+    return {"power": metadata[KEY_POWER], "powers": powers,
+            "power_counts": {f"{p:g}": counts[p] for p in sorted(counts)}}
 
 
 def tensor_rows(m: Measured, choice: dict[str, Any]) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from ramp_cpp.calibration.artifact import CalibConfig
 from ramp_cpp.errors import OtherSettings, RampError
+from ramp_cpp.fold.folding import FoldConfig
 from ramp_cpp.llama.evaluate import EvalConfig
 from ramp_cpp.measure.groups import GroupConfig
 from ramp_cpp.pipeline.folddecision import Fold
@@ -37,15 +38,22 @@ class SizedConfig:
     chunks: int = 4
     imatrix: bool = True
     calib: CalibConfig = CalibConfig()
+    fold_power: float | None = 0.5  # Scale Folding's exponent when the run folds; None: searched per group
 
     def __post_init__(self) -> None:
         if self.chunks < 1:
             raise RampError("--chunks must be at least 1")
+        FoldConfig(power=self.fold_power)  # refuses a negative or infinite exponent before any work
         from ramp_cpp.store.texts import CORPORA
 
         c = CORPORA.get(self.text)
         if c is not None and c.held_out:  # the reward decides the allocation: it may not see the test text
             raise RampError(f"{self.text} is held out for evaluation; the search rewards on another text")
+
+    @property
+    def fold_config(self) -> FoldConfig:
+        """The folding the run's folded model is made with (fold/folding.py)."""
+        return FoldConfig(power=self.fold_power)
 
     @property
     def eval_config(self) -> EvalConfig:
@@ -83,6 +91,8 @@ SEARCH_ROW_SAMPLE = 4
 DEFAULTS = SizedConfig()
 #: The "search" keys a sized run reads: the only ones compared between a run directory and a request.
 SIZED_FIELDS = tuple(f.name for f in fields(SizedConfig))
+#: What a run.json written before a key existed stands for: the value every run had then
+UNWRITTEN: dict[str, Any] = {"fold_power": 0.5}
 
 
 def _folds(d: dict[str, Any]) -> set[str]:
@@ -104,7 +114,7 @@ def settings_differ(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
 
     def norm(k: str, v: Any) -> Any:
         if k == "search" and isinstance(v, dict):
-            return {f: v.get(f) for f in SIZED_FIELDS}
+            return {f: v.get(f, UNWRITTEN.get(f)) for f in SIZED_FIELDS}
         return v
 
     keys = sorted((set(have) | set(want)) - {"ramp_version", "fold"})

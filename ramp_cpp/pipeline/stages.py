@@ -80,7 +80,7 @@ def prepare_sources(
     return {
         f: calibrated_source(
             plan.model_path, plan.run_dir, SourceChoice(plan.cfg.calib, f), opts, plan.calib, progress,
-            plan.info, meter,
+            plan.info, meter, plan.cfg.fold_config,
         )
         for f in (plan.foldings if foldings is None else foldings)
     }
