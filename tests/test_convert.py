@@ -146,7 +146,7 @@ def test_converted_model_gives_transformers_logits(
 
 
 @pytest.mark.slow
-def test_commands_take_the_folder(tmp_path: Path, pip_cache: None) -> None:
+def test_commands_take_the_folder(tmp_path: Path, pip_cache: None, text_file: Path) -> None:
     d = hfcheckpoint.write(tmp_path / "tiny-llama", "llama", "bfloat16")
     r = runner.invoke(app, ["inspect", str(d), "--json"])
     assert r.exit_code == 0, r.output
@@ -156,6 +156,12 @@ def test_commands_take_the_folder(tmp_path: Path, pip_cache: None) -> None:
     r = runner.invoke(app, ["quantize", str(d), "-o", str(out), "--preset", "Q8_0"])
     assert r.exit_code == 0, r.output
     assert tensor_types(out)["blk.0.attn_q.weight"][0] == "Q8_0"
+    # every command resolves the folder the same way (test_model_inputs.py): eval scores its conversion
+    ev = ["--text", str(text_file), "--ctx", "64", "--chunks", "2", "--threads", "1", "--json"]
+    scores = [runner.invoke(app, ["eval", str(m), *ev]) for m in (d, resolve_model(d))]
+    assert all(r.exit_code == 0 for r in scores), scores[0].output
+    ppl = [json.loads(r.stdout)["ppl"] for r in scores]
+    assert ppl[0]["ppl"] == ppl[1]["ppl"] and ppl[0]["n_tokens"] == ppl[1]["n_tokens"] > 0
     # a changed checkpoint is a new key: converted again, not the stale file
     first = resolve_model(d)
     hfcheckpoint.write(d, "llama", "bfloat16", seed=1)

@@ -31,12 +31,12 @@ from ramp_cpp.cli.common import (
     recipe_opt,
     stage_progress,
 )
-from ramp_cpp.cli.modelarg import resolved_model
+from ramp_cpp.cli.modelarg import MODEL_HELP, resolved_model
 
 
 def apply(
     policy: Annotated[Path, typer.Argument(help="Policy file (.policy.safetensors).")],
-    model: Annotated[Path, typer.Argument(help="F16 GGUF to apply it to.")],
+    model: Annotated[Path, typer.Argument(help=f"Model to apply it to: {MODEL_HELP}.")],
     output: Annotated[
         Path | None,
         typer.Option(
