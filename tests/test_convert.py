@@ -18,7 +18,12 @@ from typer.testing import CliRunner
 
 from ramp_cpp.cli.app import app
 from ramp_cpp.errors import RampError
-from ramp_cpp.llama.convert import convert_checkpoint, read_checkpoint, supported_architectures
+from ramp_cpp.llama.convert import (
+    convert_checkpoint,
+    converted_path,
+    read_checkpoint,
+    supported_architectures,
+)
 from ramp_cpp.llama.ggufio import tensor_types
 from ramp_cpp.llama.inputs import resolve_model
 
@@ -75,6 +80,16 @@ def test_a_weight_file_the_index_lists_must_be_there(tmp_path: Path) -> None:
 def test_the_checkpoints_float_type_is_kept(tmp_path: Path, dtype: str, outtype: str) -> None:
     # the 8x4 embedding outweighs the F32 norm of 4: the dtype of most weight elements decides
     assert read_checkpoint(_folder(tmp_path / "ck", dtype=dtype)).outtype == outtype
+
+
+@pytest.mark.parametrize(("given", "cwd"), [("ck", "."), (".", "ck"), ("..", "ck/sub")])
+def test_the_conversion_is_named_after_the_folder_however_it_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str, cwd: str
+) -> None:
+    """`.` was named `model.bf16.gguf` (`apply` then wrote `model.ramp-SIZE.gguf`), `..` `...bf16.gguf`."""
+    (_folder(tmp_path / "ck") / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / cwd)
+    assert converted_path(read_checkpoint(given), "0" * 64).name == "ck.bf16.gguf"
 
 
 def test_a_missing_path_fails_in_one_line(tmp_path: Path) -> None:

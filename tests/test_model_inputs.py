@@ -186,3 +186,27 @@ def test_every_command_that_takes_a_model_is_in_the_tables() -> None:
     assert takes >= {"eval", "calibrate", "measure", "fold", "inspect", "pad", "upcycle", "features",
                      "paper-search", "offgrid", "search", "apply", "quantize"}  # fmt: skip
 
+
+def test_apply_writes_beside_the_checkpoint_folder_not_into_the_cache(
+    x: Inputs, policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`apply POLICY FOLDER` without -o: FOLDER.ramp-BUDGET.gguf beside FOLDER, the name `search` gives it
+    in its run folder; the conversion's cache folder gets nothing. The conversion is stood in for by a copy
+    of the synthetic model where convert.py keeps one (test_convert.py converts a real checkpoint)."""
+    import shutil
+
+    from ramp_cpp.llama import inputs
+
+    folder = tmp_path / "users" / "tiny-ck"
+    folder.mkdir(parents=True)
+    cached = tmp_path / "cache" / "converted" / "0123456789abcdef" / "tiny-ck.f16.gguf"
+    cached.parent.mkdir(parents=True)
+    shutil.copy(x.whole, cached)
+    monkeypatch.setattr(inputs, "convert_checkpoint", lambda d, progress=None: cached)
+    cal = save_calibration(fake_calibration(cached, 3.0), tmp_path / "c.safetensors")
+    r = _run(["apply", str(policy), str(folder), "--calib", str(cal), "--threads", "1"])
+    assert (tmp_path / "users" / "tiny-ck.ramp-4.25.gguf").is_file(), r.output
+    assert sorted(p.name for p in cached.parent.iterdir()) == ["tiny-ck.f16.gguf"]
+    # a GGUF's default stays beside the GGUF
+    r = _run(["apply", str(policy), str(cached), "--calib", str(cal), "--threads", "1"])
+    assert (cached.parent / "tiny-ck.ramp-4.25.gguf").is_file(), r.output
