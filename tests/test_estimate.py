@@ -294,10 +294,10 @@ def test_a_resumed_run_is_planned_for_what_is_left(tiny_model: Path, text_file: 
 def test_header_s_is_charged_once_per_full_header_parse_the_stage_makes(
     tiny_model: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`header_s` (gguf-py's full parse, tokenizer arrays included) is what fold and the tensor cache are
-    charged per parse they make of a header they copy whole; readers of tensors only (inventory, the proxy's
-    source_tensors) step over the tokenizer (ggufio.HeaderReader) and are charged nothing. Each quantizer
-    pass is charged one too (llama.cpp's own parse of the header, at gguf-py's rate)."""
+    """`header_s` (gguf-py's full parse, tokenizer arrays included) is what fold is charged per parse it makes
+    of a header it copies whole; readers of tensors or a header's bytes only (inventory, the proxy's
+    source_tensors, the tensor cache's template and cuts) step over the tokenizer (ggufio.HeaderReader) and
+    are charged nothing. Each quantizer pass is charged one (llama.cpp's own parse, at gguf-py's rate)."""
     import contextlib
     from collections import Counter
 
@@ -338,3 +338,4 @@ def test_header_s_is_charged_once_per_full_header_parse_the_stage_makes(
     for name in ("fold", "tensor cache + proxy (folded)"):
         assert per_header[name] == pytest.approx(full[name] + passes[name]), (name, full, passes)
     assert full["fold"] == 1  # its rewrite, which writes the tokenizer back; its inventory reads none
+    assert full["tensor cache + proxy (folded)"] == 0

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import splitgguf
 import synthetic
+from gguf import GGUFReader
 
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.ggufio import _read_inventory, add_metadata, open_reader, read_inventory
@@ -110,8 +111,9 @@ def test_inventory_reader_steps_over_the_tokenizer_arrays(
 def test_the_tensor_readers_that_step_over_the_tokenizer_give_the_full_parses_results(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """source_tensors (the proxy's and the in-memory cache's rows), pad and upcycle read the source with
-    HeaderReader: the same tensors and bytes, the same files written, as with gguf-py's full parse."""
+    """source_tensors (the proxy's and the in-memory cache's rows), the tensor cache's header template and
+    cuts, pad and upcycle read the source with HeaderReader: the same tensors, bytes and template, the same
+    files written, as with gguf-py's full parse."""
     from ramp_cpp.fold import pad, upcycle
     from ramp_cpp.llama import ggufio
     from ramp_cpp.write.cachefiles import source_tensors
@@ -123,10 +125,11 @@ def test_the_tensor_readers_that_step_over_the_tokenizer_give_the_full_parses_re
         (n, int(t.tensor_type), t.shape.tolist(), bytes(t.data)) for n, t in full.items()]
     written = {}
     for how in ("header", "full"):
-        if how == "full":  # every reader these modules open parses the tokenizer too
-            for mod in (pad, upcycle):
-                monkeypatch.setattr(mod, "open_reader", lambda p, tokenizer=True: ggufio.open_reader(p))
+        if how == "full":  # every reader parses the tokenizer too
+            monkeypatch.setattr(ggufio, "HeaderReader", GGUFReader)
+        idx = ggufio.extract_tensors(big, ["output_norm.weight", "blk.1.ffn_down.weight"], tmp_path / how)
         written[how] = [
+            ggufio.read_header_template(big), idx, (tmp_path / how).read_bytes(),
             pad.pad(big, tmp_path / f"{how}.pad.gguf").read_bytes(),
             upcycle.upcycle(big, tmp_path / f"{how}.moe.gguf", upcycle.UpcycleConfig(experts=2)).read_bytes(),
         ]

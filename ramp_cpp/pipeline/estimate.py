@@ -16,8 +16,8 @@ N = n_ctx:
     base log-probs  per chunk set not cached (reward, fold_eval_config's, GroupConfig.chunks'): eval(n, F16)
                     + n·base_s
     presets         pass(preset) per preset in `presets` and the --size one; eval(chunks, preset) if scored
-    tensor cache    per type of cc.requested() ∪ {base}: pass(searched at it) + header_s + (3·file + bin)
-                    /copy_bps (cut, assemble, compare) + 2·header_s; proxy: Σ_searched n_params·
+    tensor cache    per type of cc.requested() ∪ {base}: pass(searched at it) + (3·file + bin)/copy_bps (cut,
+                    assemble, compare); proxy: Σ_searched n_params·
                     (dequant_s[src] + Σ_candidates (dequant_s[written] + error_s))
     group probes    (1 + len(groups_of) + pairs)·(hi/copy_bps + load_s + n_g·(N·token_s·rel(hi) + score_s))
                     + tokenize_s, n_g = min(GroupConfig.chunks, chunks); pairs counted in full (upper bound)
@@ -49,9 +49,9 @@ resumed run is planned for what is left; a cache built but not yet measured is c
 --size's target is the preset's file as `_preset` approximates llama.cpp's mixture. The times assume the
 machine stays as loaded as during the probe; what the run does after evaluate (reports, pareto.png) is not a
 stage. `header_s` is gguf-py's full parse of the model's header, its tokenizer arrays included: charged for
-each parse of a header a stage copies whole (fold's rewrite, the tensor cache's template and cuts, a fit's
-file) and per quantizer pass; readers of tensors or metadata only (the inventory, the proxy's source rows)
-step over the tokenizer (ggufio.HeaderReader) and are charged nothing.
+each parse of a header a stage copies whole (fold's rewrite, a fit's file) and per quantizer pass; readers
+of tensors, metadata or a header's bytes only (the inventory, the proxy's source rows, the tensor cache's
+template and cuts) step over the tokenizer (ggufio.HeaderReader) and are charged nothing.
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ def estimate(
     scored = len(dict.fromkeys(presets))  # the first of the presets stage's passes; the --size one last
     add("presets", sum(s + (ev(chunks, r) if i < scored else 0) for i, (s, _, r) in enumerate(pre)),
         loaded, on_disk * sum(b for _, b, _ in pre), E=scored, passes=len(pre))
-    cache_s, cache_w, cache_bytes = 2 * p.header_s, 0, 0
+    cache_s, cache_w, cache_bytes = 0.0, 0, 0
 
     def measured_params(t: TensorInfo) -> float:
         """The weights the proxy reads of `t`: a linear's sampled rows (proxy.row_spans); embeddings whole."""
@@ -264,7 +264,7 @@ def estimate(
         sec, size = qpass(types)
         bins = sum(tensor_nbytes(written_type(w, info.tensor(n).n_per_row), info.tensor(n).n_params)
                    for n, w in types.items())
-        cache_s += sec + p.header_s + (3 * size + bins) / p.copy_bps
+        cache_s += sec + (3 * size + bins) / p.copy_bps
         cache_w, cache_bytes = cache_w + 2 * size + bins, cache_bytes + bins
     cache_s += sum(
         measured_params(t) * (src_deq + sum(p.dequant_s.get(w.name, 0.0) + p.error_s for w in cands[t.name]))
