@@ -112,8 +112,10 @@ def test_the_tensor_readers_that_step_over_the_tokenizer_give_the_full_parses_re
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """source_tensors (the proxy's and the in-memory cache's rows), the tensor cache's header template and
-    cuts, pad and upcycle read the source with HeaderReader: the same tensors, bytes and template, the same
-    files written, as with gguf-py's full parse."""
+    cuts, the layer embeddings' weight moments, the GPU cap's KV and resident bytes, pad and upcycle read the
+    source with HeaderReader: the same tensors, bytes, template and values, the same files written, as with
+    gguf-py's full parse."""
+    from ramp_cpp.allocate import gpu
     from ramp_cpp.fold import pad, upcycle
     from ramp_cpp.llama import ggufio
     from ramp_cpp.write.cachefiles import source_tensors
@@ -130,6 +132,8 @@ def test_the_tensor_readers_that_step_over_the_tokenizer_give_the_full_parses_re
         idx = ggufio.extract_tensors(big, ["output_norm.weight", "blk.1.ffn_down.weight"], tmp_path / how)
         written[how] = [
             ggufio.read_header_template(big), idx, (tmp_path / how).read_bytes(),
+            ggufio.weight_moments(big, [t.name for t in read_inventory(big).searched]),
+            gpu.kv_cache_bytes(big, 512), gpu.resident_bytes(big),
             pad.pad(big, tmp_path / f"{how}.pad.gguf").read_bytes(),
             upcycle.upcycle(big, tmp_path / f"{how}.moe.gguf", upcycle.UpcycleConfig(experts=2)).read_bytes(),
         ]

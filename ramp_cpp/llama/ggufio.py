@@ -305,7 +305,7 @@ def weight_moments(path: str | os.PathLike[str], names: list[str]) -> dict[str, 
     Quantized tensors are dequantized through gguf-py first."""
     from gguf.quants import dequantize
 
-    reader = open_reader(path)
+    reader = open_reader(path, tokenizer=False)
     by_name = {t.name: t for t in reader.tensors}
     out = {}
     for n in names:
