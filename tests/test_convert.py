@@ -18,7 +18,12 @@ from typer.testing import CliRunner
 
 from ramp_cpp.cli.app import app
 from ramp_cpp.errors import RampError
-from ramp_cpp.llama.convert import convert_checkpoint, read_checkpoint, supported_architectures
+from ramp_cpp.llama.convert import (
+    convert_checkpoint,
+    converted_path,
+    read_checkpoint,
+    supported_architectures,
+)
 from ramp_cpp.llama.ggufio import tensor_types
 from ramp_cpp.llama.inputs import resolve_model
 
@@ -75,6 +80,16 @@ def test_a_weight_file_the_index_lists_must_be_there(tmp_path: Path) -> None:
 def test_the_checkpoints_float_type_is_kept(tmp_path: Path, dtype: str, outtype: str) -> None:
     # the 8x4 embedding outweighs the F32 norm of 4: the dtype of most weight elements decides
     assert read_checkpoint(_folder(tmp_path / "ck", dtype=dtype)).outtype == outtype
+
+
+@pytest.mark.parametrize(("given", "cwd"), [("ck", "."), (".", "ck"), ("..", "ck/sub")])
+def test_the_conversion_is_named_after_the_folder_however_it_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str, cwd: str
+) -> None:
+    """`.` was named `model.bf16.gguf` (`apply` then wrote `model.ramp-SIZE.gguf`), `..` `...bf16.gguf`."""
+    (_folder(tmp_path / "ck") / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / cwd)
+    assert converted_path(read_checkpoint(given), "0" * 64).name == "ck.bf16.gguf"
 
 
 def test_a_missing_path_fails_in_one_line(tmp_path: Path) -> None:
@@ -146,7 +161,7 @@ def test_converted_model_gives_transformers_logits(
 
 
 @pytest.mark.slow
-def test_commands_take_the_folder(tmp_path: Path, pip_cache: None) -> None:
+def test_commands_take_the_folder(tmp_path: Path, pip_cache: None, text_file: Path) -> None:
     d = hfcheckpoint.write(tmp_path / "tiny-llama", "llama", "bfloat16")
     r = runner.invoke(app, ["inspect", str(d), "--json"])
     assert r.exit_code == 0, r.output
@@ -156,6 +171,12 @@ def test_commands_take_the_folder(tmp_path: Path, pip_cache: None) -> None:
     r = runner.invoke(app, ["quantize", str(d), "-o", str(out), "--preset", "Q8_0"])
     assert r.exit_code == 0, r.output
     assert tensor_types(out)["blk.0.attn_q.weight"][0] == "Q8_0"
+    # every command resolves the folder the same way (test_model_inputs.py): eval scores its conversion
+    ev = ["--text", str(text_file), "--ctx", "64", "--chunks", "2", "--threads", "1", "--json"]
+    scores = [runner.invoke(app, ["eval", str(m), *ev]) for m in (d, resolve_model(d))]
+    assert all(r.exit_code == 0 for r in scores), scores[0].output
+    ppl = [json.loads(r.stdout)["ppl"] for r in scores]
+    assert ppl[0]["ppl"] == ppl[1]["ppl"] and ppl[0]["n_tokens"] == ppl[1]["n_tokens"] > 0
     # a changed checkpoint is a new key: converted again, not the stale file
     first = resolve_model(d)
     hfcheckpoint.write(d, "llama", "bfloat16", seed=1)

@@ -292,3 +292,53 @@ def test_a_resumed_run_is_planned_for_what_is_left(tiny_model: Path, text_file: 
         assert check[measure].wall_s == 0.0 and check[probes].E == 0.0
         assert check["tensor cache + proxy (unfolded)†"].wall_s == pytest.approx(cold[measure].wall_s)
         assert pytest.approx(cold[probes].E) == check["group probes (unfolded)†"].E
+
+
+def test_header_s_is_charged_once_per_full_header_parse_the_stage_makes(
+    tiny_model: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`header_s` (gguf-py's full parse, tokenizer arrays included) is what fold is charged per parse it makes
+    of a header it copies whole; readers of tensors or a header's bytes only (inventory, the proxy's
+    source_tensors, the tensor cache's template and cuts) step over the tokenizer (ggufio.HeaderReader) and
+    are charged nothing. Each quantizer pass is charged one (llama.cpp's own parse, at gguf-py's rate)."""
+    import contextlib
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    from ramp_cpp import costs
+    from ramp_cpp.llama.ggufio import HeaderReader
+
+    c = CASES["greedy-measured-on"]
+    cfg = SizedConfig(text=str(text_file), n_ctx=64, chunks=2, calib=CalibConfig(str(text_file), 2, 64))
+    cc = CandidateConfig(types=TYPES)
+    lo, hi = size_range(read_inventory(tiny_model), cc)
+    req = SizedRequest(tiny_model, tmp_path / "run", c.method, str((lo + hi) // 2), cfg, cc,
+                       sensitivity=c.sensitivity, gcfg=c.gcfg, cache_root=tmp_path / "cache", fold=c.fold)
+    plan, opts = plan_run(req), RuntimeOptions(n_threads=1)
+    probe = speed_probe(plan, opts)
+    per_header = {a.stage: b.wall_s - a.wall_s for a, b in zip(
+        estimate(plan, (), opts, replace(probe, header_s=0.0)),
+        estimate(plan, (), opts, replace(probe, header_s=1.0)), strict=True)}
+    full: Counter[str] = Counter()
+    stage = ["-"]
+    init, inner = GGUFReader.__init__, costs.Meter.stage
+
+    def counting(self: Any, *a: Any, **k: Any) -> None:
+        full[stage[0]] += not isinstance(self, HeaderReader)
+        init(self, *a, **k)
+
+    @contextlib.contextmanager
+    def metered(self: Any, name: str, *a: Any, **k: Any) -> Any:
+        stage[0] = name
+        with inner(self, name, *a, **k):
+            yield
+
+    monkeypatch.setattr(GGUFReader, "__init__", counting)
+    monkeypatch.setattr(costs.Meter, "stage", metered)
+    r = run_direct(req, opts)
+    passes = {m.stage: m.quant_passes for m in r.costs}
+    for name in ("fold", "tensor cache + proxy (folded)"):
+        assert per_header[name] == pytest.approx(full[name] + passes[name]), (name, full, passes)
+    assert full["fold"] == 1  # its rewrite, which writes the tokenizer back; its inventory reads none
+    assert full["tensor cache + proxy (folded)"] == 0

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import splitgguf
 import synthetic
+from gguf import GGUFReader
 
 from ramp_cpp.errors import RampError
 from ramp_cpp.llama.ggufio import _read_inventory, add_metadata, open_reader, read_inventory
@@ -105,3 +106,35 @@ def test_inventory_reader_steps_over_the_tokenizer_arrays(
     where = [(t.name, int(t.tensor_type), t.shape.tolist(), t.data_offset) for t in a.tensors]
     assert where == [(t.name, int(t.tensor_type), t.shape.tolist(), t.data_offset) for t in b.tensors]
     assert merged_header_bytes(a, fast.alignment) == merged_header_bytes(b, fast.alignment)
+
+
+def test_the_tensor_readers_that_step_over_the_tokenizer_give_the_full_parses_results(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """source_tensors (the proxy's and the in-memory cache's rows), the tensor cache's header template and
+    cuts, the layer embeddings' weight moments, the GPU cap's KV and resident bytes, pad and upcycle read the
+    source with HeaderReader: the same tensors, bytes, template and values, the same files written, as with
+    gguf-py's full parse."""
+    from ramp_cpp.allocate import gpu
+    from ramp_cpp.fold import pad, upcycle
+    from ramp_cpp.llama import ggufio
+    from ramp_cpp.write.cachefiles import source_tensors
+
+    big = _big_tokenizer(tiny_model, tmp_path / "big.gguf")
+    full = {t.name: t for t in open_reader(big).tensors}
+    fast = source_tensors(big)
+    assert [(n, int(t.tensor_type), t.shape.tolist(), bytes(t.data)) for n, t in fast.items()] == [
+        (n, int(t.tensor_type), t.shape.tolist(), bytes(t.data)) for n, t in full.items()]
+    written = {}
+    for how in ("header", "full"):
+        if how == "full":  # every reader parses the tokenizer too
+            monkeypatch.setattr(ggufio, "HeaderReader", GGUFReader)
+        idx = ggufio.extract_tensors(big, ["output_norm.weight", "blk.1.ffn_down.weight"], tmp_path / how)
+        written[how] = [
+            ggufio.read_header_template(big), idx, (tmp_path / how).read_bytes(),
+            ggufio.weight_moments(big, [t.name for t in read_inventory(big).searched]),
+            gpu.kv_cache_bytes(big, 512), gpu.resident_bytes(big),
+            pad.pad(big, tmp_path / f"{how}.pad.gguf").read_bytes(),
+            upcycle.upcycle(big, tmp_path / f"{how}.moe.gguf", upcycle.UpcycleConfig(experts=2)).read_bytes(),
+        ]
+    assert written["header"] == written["full"]

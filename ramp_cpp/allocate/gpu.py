@@ -164,7 +164,7 @@ def kv_cache_bytes(path: str | os.PathLike[str], n_ctx: int) -> int:
 
     if n_ctx < 1:
         raise RampError(f"--kv-ctx must be at least 1 token, got {n_ctx}")
-    r = open_reader(path)
+    r = open_reader(path, tokenizer=False)  # the attention keys; no tokenizer array
     arch = field_value(r, "general.architecture")
 
     def get(key: str) -> Any:
@@ -202,5 +202,5 @@ def resident_bytes(path: str | os.PathLike[str]) -> int:
     the file's alignment."""
     from ramp_cpp.llama.ggufio import field_value, open_reader, tensor_types
 
-    align = int(field_value(open_reader(path), "general.alignment", 32))
+    align = int(field_value(open_reader(path, tokenizer=False), "general.alignment", 32))
     return sum(_padded(nb, align) for n, (_, nb, _) in tensor_types(path).items() if not offloaded(n))

@@ -6,6 +6,7 @@ of the paper's search at a `--budget`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,18 +32,18 @@ from ramp_cpp.cli.common import (
     recipe_opt,
     stage_progress,
 )
-from ramp_cpp.cli.modelarg import resolved_model
+from ramp_cpp.cli.modelarg import MODEL_HELP, resolved_model
 
 
 def apply(
     policy: Annotated[Path, typer.Argument(help="Policy file (.policy.safetensors).")],
-    model: Annotated[Path, typer.Argument(help="F16 GGUF to apply it to.")],
+    model: Annotated[Path, typer.Argument(help=f"Model to apply it to: {MODEL_HELP}.")],
     output: Annotated[
         Path | None,
         typer.Option(
             "--output",
             "-o",
-            help="Output GGUF (default: MODEL.ramp-SIZE.gguf beside MODEL).",
+            help="Output GGUF (default: MODEL.ramp-SIZE.gguf beside MODEL, a checkpoint folder too).",
             show_default=False,
         ),
     ] = None,
@@ -127,6 +128,7 @@ def apply(
             force_allocation=force_allocation,
             split_max=split_max,
             types=types,
+            beside=Path(os.path.abspath(model)).parent if model.is_dir() else None,  # not the cache's folder
         )
     )
     ropts = RuntimeOptions(n_threads=threads, n_gpu_layers=gpu_layers)

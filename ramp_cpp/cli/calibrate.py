@@ -11,11 +11,12 @@ from typing import Annotated
 import typer
 
 from ramp_cpp.cli.common import ForceOpt, GpuOpt, JsonOpt, ThreadsOpt, bar, chunk_progress, emit, out
+from ramp_cpp.cli.modelarg import MODEL_HELP, resolved_model
 from ramp_cpp.errors import RampError
 
 
 def calibrate(
-    model: Annotated[Path, typer.Argument(help="F16/F32 GGUF to measure.")],
+    model: Annotated[Path, typer.Argument(help=f"Model to measure: {MODEL_HELP}.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Calibration artifact (.safetensors).")],
     recipe: Annotated[
         str, typer.Option("--recipe", help="Recipe name in calib/ (paper, fast) or a .toml path.")
@@ -47,6 +48,7 @@ def calibrate(
     cfg = config_from_mapping({**asdict(load_recipe(recipe)), **overrides}, "command line")
     from ramp_cpp.llama.ggufio import read_inventory
 
+    model = resolved_model(model)  # a checkpoint folder converted once, a split set checked whole
     check_config(cfg, read_inventory(model).context_length or None)  # before the text: it may take a download
     check_output(output, force)
     if imatrix is not None:

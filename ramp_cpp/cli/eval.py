@@ -12,15 +12,18 @@ import typer
 from rich.table import Table
 
 from ramp_cpp.cli.common import GpuOpt, JsonOpt, ThreadsOpt, bar, chunk_progress, emit, out
+from ramp_cpp.cli.modelarg import MODEL_HELP, resolved_model
 from ramp_cpp.errors import RampError
 
 
 def eval_(
-    model: Annotated[Path, typer.Argument(help="GGUF to evaluate.")],
+    model: Annotated[Path, typer.Argument(help=f"Model to evaluate: {MODEL_HELP}.")],
     text: Annotated[str, typer.Option("--text", help="Text file or corpus name.")] = "wikitext2-test",
     ppl: Annotated[bool, typer.Option("--ppl", help="Perplexity (default when --kld is not given).")] = False,
     kld: Annotated[bool, typer.Option("--kld", help="KL divergence against --base.")] = False,
-    base: Annotated[Path | None, typer.Option("--base", help="Base (F16) GGUF for --kld.")] = None,
+    base: Annotated[
+        Path | None, typer.Option("--base", help=f"Base (F16) model for --kld: {MODEL_HELP}.")
+    ] = None,
     ctx: Annotated[
         int | None,
         typer.Option("--ctx", help="Tokens per chunk (PPL/KLD, default 512); the window for --tasks (2048)."),
@@ -57,8 +60,8 @@ def eval_(
 
         task_names = parse_tasks(tasks)
         check_available(task_names)
-    if not model.is_file():
-        raise RampError(f"{model}: no such file")
+    model = resolved_model(model)  # a checkpoint folder converted once, a split set checked whole
+    base = None if base is None else resolved_model(base)
     want_ppl = ppl or not (kld or task_names)
     result: dict[str, Any] = {"model": str(model)}
     body = ""

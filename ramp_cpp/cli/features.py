@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from ramp_cpp.cli.common import out
+from ramp_cpp.cli.modelarg import MODEL_HELP, resolved_model
 
 FeaturesOpt = Annotated[
     str, typer.Option("--features", help="Layer embeddings: 'ramp' (default, unsaturated) or 'paper'.")
@@ -19,7 +20,7 @@ FeaturesOpt = Annotated[
 
 
 def features(
-    model: Path,
+    model: Annotated[Path, typer.Argument(help=f"Model: {MODEL_HELP}.")],
     calib: Annotated[Path, typer.Option("--calib", help="Calibration artifact from `ramp-cpp calibrate`.")],
     variant: FeaturesOpt = "ramp",
     csv: Annotated[bool, typer.Option("--csv", help="Print CSV (raw dims 1-9) instead of a table.")] = False,
@@ -28,6 +29,7 @@ def features(
     from ramp_cpp.calibration.artifact import load_calibration
     from ramp_cpp.calibration.features import DIM_NAMES, N_STATIC, FeatureConfig, model_features, saturation
 
+    model = resolved_model(model)  # a checkpoint folder converted once, a split set checked whole
     f = model_features(model, load_calibration(calib), FeatureConfig(variant=variant))
     if csv:
         sys.stdout.write(",".join(["tensor", *DIM_NAMES[:N_STATIC]]) + "\n")

@@ -10,11 +10,12 @@ from typing import Annotated
 import typer
 
 from ramp_cpp.cli.common import ForceOpt, JsonOpt, bar, chunk_progress, emit, out
+from ramp_cpp.cli.modelarg import MODEL_HELP, resolved_model
 from ramp_cpp.errors import RampError
 
 
 def fold(
-    model: Annotated[Path, typer.Argument(help="F16/BF16/F32 GGUF to fold.")],
+    model: Annotated[Path, typer.Argument(help=f"Model to fold: {MODEL_HELP}.")],
     calib: Annotated[Path, typer.Option("--calib", help="Calibration of MODEL from `ramp-cpp calibrate`.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folded GGUF.")],
     calib_out: Annotated[
@@ -45,6 +46,7 @@ def fold(
         check_output(calib_out, force)
         if calib_out.resolve() == output.resolve():
             raise RampError("--calib-out and --output name the same file")
+    model = resolved_model(model)  # a checkpoint folder converted once, a split set checked whole
     cal = load_calibration(calib)
     with bar("fold") as p:
         r = run_fold(model, cal, output, force=force, progress=chunk_progress(p, "tensors"), f32=f32, cfg=cfg)

@@ -24,13 +24,14 @@ from ramp_cpp.cli.common import (
     out,
     parse_bits,
 )
+from ramp_cpp.cli.modelarg import MODEL_HELP, resolved_model
 from ramp_cpp.errors import RampError
 
 REWARD_TEXT = "wikitext2-valid"  # the search's reward text; wikitext2-test stays held out
 
 
 def measure(
-    model: Annotated[Path, typer.Argument(help="F16/F32 GGUF whose tensors are measured.")],
+    model: Annotated[Path, typer.Argument(help=f"Model whose tensors are measured: {MODEL_HELP}.")],
     calib: Annotated[Path, typer.Option("--calib", help="Calibration of MODEL from `ramp-cpp calibrate`.")],
     types: Annotated[
         str | None,
@@ -83,8 +84,7 @@ def measure(
         bits=parse_bits(bits),
         embeddings=not no_embeddings,
     )
-    if not model.is_file():
-        raise RampError(f"{model}: no such file")
+    model = resolved_model(model)  # a checkpoint folder converted once, a split set checked whole
     cal = load_calibration(calib)
     reward_text = _reward_text(model, chunks, ctx, threads) if kld_groups else ""
     t0 = time.perf_counter()

@@ -13,13 +13,11 @@ import typer
 from rich.table import Table
 
 from ramp_cpp.cli.common import ForceOpt, JsonOpt, bar, chunk_progress, emit, out
-from ramp_cpp.cli.modelarg import resolved_model
+from ramp_cpp.cli.modelarg import MODEL_HELP, resolved_model
 
 
 def inspect(
-    model: Annotated[
-        Path, typer.Argument(help="A GGUF, a split GGUF's first shard or a Hugging Face checkpoint folder.")
-    ],
+    model: Annotated[Path, typer.Argument(help=f"Model: {MODEL_HELP}.")],
     as_json: JsonOpt = False,
 ) -> None:
     """Inventory of a GGUF: architecture, blocks, context, experts, and every weight (2-D, and the 3-D expert
@@ -64,7 +62,9 @@ def inspect(
 
 
 def offgrid_(
-    model: Annotated[Path, typer.Argument(help="F16/BF16/F32 GGUF, e.g. dequantized from a quantized file.")],
+    model: Annotated[
+        Path, typer.Argument(help=f"Model, e.g. dequantized from a quantized file: {MODEL_HELP}.")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Off-grid GGUF.")],
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random channel factors.")] = 0,
     spread: Annotated[float, typer.Option("--spread", help="Factors exp(U(-spread, spread)).")] = 0.3,
@@ -81,6 +81,7 @@ def offgrid_(
     from ramp_cpp.store.atomic import check_output
 
     check_output(output, force)
+    model = resolved_model(model)  # a checkpoint folder converted once, a split set checked whole
     with bar("off-grid") as p:
         cfg = OffgridConfig(seed, spread, permute)
         offgrid(model, output, cfg, force=force, progress=chunk_progress(p, "tensors"))

@@ -8,10 +8,11 @@ from typing import Annotated
 import typer
 
 from ramp_cpp.cli.common import ForceOpt, bar, chunk_progress, out
+from ramp_cpp.cli.modelarg import MODEL_HELP, resolved_model
 
 
 def pad_(
-    model: Annotated[Path, typer.Argument(help="F16/BF16/F32 GGUF (llama or qwen2).")],
+    model: Annotated[Path, typer.Argument(help=f"Model (llama or qwen2): {MODEL_HELP}.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Padded GGUF.")],
     multiple: Annotated[int, typer.Option("--multiple", help="Row lengths become multiples of this.")] = 256,
     force: ForceOpt = False,
@@ -22,6 +23,7 @@ def pad_(
     from ramp_cpp.store.atomic import check_output
 
     check_output(output, force)
+    model = resolved_model(model)  # a checkpoint folder converted once, a split set checked whole
     plan = plan_pad(model, PadConfig(multiple))
     with bar("pad") as p:
         pad(model, output, PadConfig(multiple), force=force, progress=chunk_progress(p, "tensors"))

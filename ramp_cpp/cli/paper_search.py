@@ -26,7 +26,7 @@ from ramp_cpp.cli.common import (
     recipe_opt,
     stage_progress,
 )
-from ramp_cpp.cli.modelarg import resolved_model
+from ramp_cpp.cli.modelarg import MODEL_HELP, resolved_model
 from ramp_cpp.errors import RampError
 from ramp_cpp.pipeline.folddecision import Fold
 
@@ -34,7 +34,9 @@ PRESETS = ("Q4_K_M", "Q3_K_M")  # the presets its report compares with
 
 
 def paper_search(
-    model: Annotated[Path | None, typer.Option("--model", "-m", help="F16 GGUF to search.")] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", "-m", help=f"Model to search: {MODEL_HELP}.")
+    ] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("ramp-run"),
     budget: BudgetOpt = None,
     budget_mode: BudgetModeOpt = "weighted",

@@ -8,10 +8,11 @@ from typing import Annotated
 import typer
 
 from ramp_cpp.cli.common import ForceOpt, bar, chunk_progress, out
+from ramp_cpp.cli.modelarg import MODEL_HELP, resolved_model
 
 
 def upcycle_(
-    model: Annotated[Path, typer.Argument(help="Dense F16/BF16/F32 GGUF (llama or qwen2).")],
+    model: Annotated[Path, typer.Argument(help=f"Dense model (llama or qwen2): {MODEL_HELP}.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Mixture-of-experts GGUF (llama arch).")],
     experts: Annotated[int, typer.Option("--experts", help="Experts per block.")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", help="Experts used per token.")] = 2,
@@ -28,6 +29,7 @@ def upcycle_(
 
     check_output(output, force)
     cfg = UpcycleConfig(experts, top_k, seed, spread)
+    model = resolved_model(model)  # a checkpoint folder converted once, a split set checked whole
     with bar("upcycle") as p:
         upcycle(model, output, cfg, force=force, progress=chunk_progress(p, "tensors"))
     how = f"{experts} experts, top-{top_k}, seed {seed}, spread {spread:g}"

@@ -246,7 +246,7 @@ def pad(
     plan = plan_pad(src, cfg)
     rec = PAD_ARCHS[read_inventory(src).arch]
     out = []
-    for t in open_reader(src).tensors:
+    for t in open_reader(src, tokenizer=False).tensors:  # shapes and types; derive_gguf copies the rest
         ax = _axes(rec, plan, t.name)
         if ax is None:
             out.append(OutTensor(t.name))

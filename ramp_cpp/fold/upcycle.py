@@ -120,7 +120,7 @@ def _check(src: str | os.PathLike[str], cfg: UpcycleConfig) -> UpcycleArch:
         raise RampError(f"{name}: upcycling supports {', '.join(UPCYCLE_ARCHS)}; this model is {info.arch!r}")
     if info.metadata.get(f"{info.arch}.{MOE.expert_count}"):
         raise RampError(f"{name}: already a mixture of experts ({info.arch}.{MOE.expert_count} is set)")
-    types = {t.name: t for t in open_reader(src).tensors}
+    types = {t.name: t for t in open_reader(src, tokenizer=False).tensors}
     if rec.neox_to_norm and any(n.endswith(".attn_qkv.weight") for n in types):
         raise RampError(f"{name}: a fused attn_qkv cannot change its rope order here; split q/k/v first")
     for b in range(info.n_blocks):
@@ -181,7 +181,7 @@ def upcycle(
     rec = _check(src, cfg)
     info = read_inventory(src)
     a, meta = info.arch, info.metadata
-    tensors = {t.name: t for t in open_reader(src).tensors}
+    tensors = {t.name: t for t in open_reader(src, tokenizer=False).tensors}  # names, shapes, types only
     rng = np.random.default_rng(cfg.seed)
     n_embd = int(meta[f"{a}.{KEYS.n_embd}"])
     n_head = int(meta[f"{a}.{KEYS.n_head}"])
@@ -189,7 +189,7 @@ def upcycle(
     within = neox_to_norm(hd, int(meta.get(f"{a}.{MOE.rope_dims}", hd)))
     exps = dict(MOE.experts)
     out: list[OutTensor] = []
-    for t in open_reader(src).tensors:
+    for t in tensors.values():
         parts = t.name.split(".")
         role = parts[2] if parts[0] == "blk" else ""
         if role in exps:

@@ -146,7 +146,8 @@ def checkpoint_key(ck: Checkpoint, converter: str) -> str:
 
 
 def converted_path(ck: Checkpoint, key: str) -> Path:
-    return cache_dir() / "converted" / key[:16] / f"{ck.folder.name or 'model'}.{ck.outtype}.gguf"
+    name = Path(os.path.abspath(ck.folder)).name  # `.` and `..` named like the folders they are
+    return cache_dir() / "converted" / key[:16] / f"{name or 'model'}.{ck.outtype}.gguf"
 
 
 #: A converter log line naming one tensor it wrote (`blk.0.attn_q.weight, torch.bfloat16 --> BF16, ...`).

@@ -305,7 +305,7 @@ def weight_moments(path: str | os.PathLike[str], names: list[str]) -> dict[str, 
     Quantized tensors are dequantized through gguf-py first."""
     from gguf.quants import dequantize
 
-    reader = open_reader(path)
+    reader = open_reader(path, tokenizer=False)
     by_name = {t.name: t for t in reader.tensors}
     out = {}
     for n in names:
@@ -626,8 +626,10 @@ def read_header_template(path: str | os.PathLike[str]) -> HeaderTemplate:
 
 
 def _one_file(path: str | os.PathLike[str]) -> GGUFReader:
-    """A reader of an unsplit GGUF (byte offsets are read from it), or one RampError line."""
-    reader = open_file_reader(path)
+    """A reader of an unsplit GGUF (byte offsets are read from it), or one RampError line. Its tokenizer
+    arrays are stepped over (HeaderReader): the header template copies the header's bytes as they are, and
+    the tensors' places are the full parse's."""
+    reader = open_file_reader(path, tokenizer=False)
     if split_count(reader) > 1:
         raise RampError(f"{path}: a split GGUF, where one file is needed here")
     return reader

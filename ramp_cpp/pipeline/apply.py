@@ -38,7 +38,10 @@ class ApplyRequest:
     `force_allocation`: keep the policy's file even where the preset of the same size scores better;
     `split_max`: write the output as a split set of shards of at most that many bytes (OUTPUT less .gguf,
     then -00001-of-0000N.gguf); `types`: a sized policy's candidate types, as `search --types` takes them
-    (the policy acts in bits per weight, so it rolls out on any set)."""
+    (the policy acts in bits per weight, so it rolls out on any set); `beside`: the folder the default
+    output goes in when it is not MODEL's own: where MODEL is a checkpoint folder's conversion, the
+    folder's parent, since the conversion lives in the cache (still named after MODEL: FOLDER.ramp-SIZE.gguf,
+    the name `search` gives it in its run folder)."""
 
     policy: str | os.PathLike[str]
     model: str | os.PathLike[str]
@@ -57,6 +60,7 @@ class ApplyRequest:
     force_allocation: bool = False
     split_max: int | None = None
     types: str | None = None  # a sized policy's candidate types (candidates.parse_types; None: the full set)
+    beside: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ def open_apply(req: ApplyRequest) -> Opened:
 
     pol = load_policy(req.policy)
     label = "".join(req.size.split()) if req.size else f"{4.25 if req.budget is None else req.budget:g}"
-    output = req.output or Path(req.model).parent / ramp_output_name(req.model, label)
+    output = req.output or (req.beside or Path(req.model).parent) / ramp_output_name(req.model, label)
     if not is_sized(pol.meta):
         if req.run_dir is not None or req.force_allocation or req.types is not None:
             raise RampError(

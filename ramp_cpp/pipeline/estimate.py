@@ -11,13 +11,13 @@ N = n_ctx:
     pass(types)     header_s + Σ_quantizable n_params·(quant_s[written, imatrix] + dequant_s[src]/n_threads)
                     + file/copy_bps                                         one llama.cpp quantizer pass
     calibrate       load_s + tokenize_s + samples·ctx·token_s·CALIB_DECODE   E = samples·ctx / (chunks·N)
-    fold            2·header_s + file/hash_bps + Σ_linears n_params·fold_s + file/copy_bps (+ the source's
+    fold            header_s + file/hash_bps + Σ_linears n_params·fold_s + file/copy_bps (+ the source's
                     hash when no calibrate stage made it first)
     base log-probs  per chunk set not cached (reward, fold_eval_config's, GroupConfig.chunks'): eval(n, F16)
                     + n·base_s
     presets         pass(preset) per preset in `presets` and the --size one; eval(chunks, preset) if scored
-    tensor cache    per type of cc.requested() ∪ {base}: pass(searched at it) + header_s + (3·file + bin)
-                    /copy_bps (cut, assemble, compare) + 2·header_s; proxy: header_s + Σ_searched n_params·
+    tensor cache    per type of cc.requested() ∪ {base}: pass(searched at it) + (3·file + bin)/copy_bps (cut,
+                    assemble, compare); proxy: Σ_searched n_params·
                     (dequant_s[src] + Σ_candidates (dequant_s[written] + error_s))
     group probes    (1 + len(groups_of) + pairs + refine)·(hi/copy_bps + load_s + n_g·(N·token_s·rel(hi)
                     + score_s)) + tokenize_s, n_g = min(GroupConfig.chunks, chunks); pairs counted in full
@@ -50,7 +50,10 @@ measurement (its tensor cache built with it) or saved group probes already there
 resumed run is planned for what is left; a cache built but not yet measured is counted in full). A preset
 --size's target is the preset's file as `_preset` approximates llama.cpp's mixture. The times assume the
 machine stays as loaded as during the probe; what the run does after evaluate (reports, pareto.png) is not a
-stage.
+stage. `header_s` is gguf-py's full parse of the model's header, its tokenizer arrays included: charged for
+each parse of a header a stage copies whole (fold's rewrite, a fit's file) and per quantizer pass; readers
+of tensors, metadata or a header's bytes only (the inventory, the proxy's source rows, the tensor cache's
+template and cuts) step over the tokenizer (ggufio.HeaderReader) and are charged nothing.
 """
 
 from __future__ import annotations
@@ -232,7 +235,7 @@ def estimate(
     if folds:
         lin = sum(t.n_params for t in info.searched)
         # the folded copy's hash (remembered for the stages after), and the source's if calibrate did not
-        wall = 2 * p.header_s + hash_s + file / p.hash_bps + lin * p.fold_s + file / p.copy_bps
+        wall = p.header_s + hash_s + file / p.hash_bps + lin * p.fold_s + file / p.copy_bps
         add("fold", wall, file, file, needs.folded)
         hash_s = 0.0
     ecfg, fcfg = cfg.eval_config, fold_eval_config(plan)
@@ -251,7 +254,7 @@ def estimate(
     scored = len(dict.fromkeys(presets))  # the first of the presets stage's passes; the --size one last
     add("presets", sum(s + (ev(chunks, r) if i < scored else 0) for i, (s, _, r) in enumerate(pre)),
         loaded, on_disk * sum(b for _, b, _ in pre), E=scored, passes=len(pre))
-    cache_s, cache_w, cache_bytes = 2 * p.header_s, 0, 0
+    cache_s, cache_w, cache_bytes = 0.0, 0, 0
 
     def measured_params(t: TensorInfo) -> float:
         """The weights the proxy reads of `t`: a linear's sampled rows (proxy.row_spans); embeddings whole."""
@@ -265,9 +268,9 @@ def estimate(
         sec, size = qpass(types)
         bins = sum(tensor_nbytes(written_type(w, info.tensor(n).n_per_row), info.tensor(n).n_params)
                    for n, w in types.items())
-        cache_s += sec + p.header_s + (3 * size + bins) / p.copy_bps
+        cache_s += sec + (3 * size + bins) / p.copy_bps
         cache_w, cache_bytes = cache_w + 2 * size + bins, cache_bytes + bins
-    cache_s += p.header_s + sum(
+    cache_s += sum(
         measured_params(t) * (src_deq + sum(p.dequant_s.get(w.name, 0.0) + p.error_s for w in cands[t.name]))
         for t in searched)
     if any(t.role == "token_embd" for t in searched):

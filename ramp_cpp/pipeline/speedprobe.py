@@ -300,7 +300,11 @@ def measure_decode(plan: RunPlan, opts: RuntimeOptions) -> tuple[DecodeSpeeds, T
 
 
 def measure_header(plan: RunPlan) -> tuple[float, dict[str, Any]]:
-    """Seconds gguf-py takes to parse the model's header; its tensors by name."""
+    """Seconds gguf-py takes to parse the model's header; its tensors by name. The full parse, tokenizer
+    arrays included, though only the tensors are used here: its time is estimate.py's `header_s`, the cost of
+    each parse of a header that a stage copies whole (fold's rewrite, a fit's file), which HeaderReader's
+    would understate (0.2 s against ~40 s on a 151,936-token vocabulary).
+    A machine parses it once per model shape (speedcache.py)."""
     from ramp_cpp.llama.ggufio import open_reader
 
     t0 = time.perf_counter()
