@@ -334,7 +334,7 @@ def test_refined_probes_score_real_files(m: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--refine-probes", "-1"], "--refine-probes must be at least 0"),
+    (["--refine-probes", "-1"], "must be at least 0"),
     (["--refine-probes", "4", "--sensitivity", "proxy"], "this run's sensitivity is proxy"),
     (["--refine-probes", "4", "--method", "uniform"], "this run's sensitivity is none"),
 ])

@@ -187,15 +187,13 @@ def search(
     from ramp_cpp.cli.sized import plan_sized, report_sized, run_sized
     from ramp_cpp.fold.folding import parse_fold_power
     from ramp_cpp.llama.backend import RuntimeOptions
-    from ramp_cpp.measure.candidates import DEFAULT_TYPES, CandidateConfig, parse_types
+    from ramp_cpp.measure.candidates import CandidateConfig, parse_types
     from ramp_cpp.pipeline.request import search_request
     from ramp_cpp.pipeline.run import run_direct
     from ramp_cpp.pipeline.sizedconfig import SEARCH_GROUPS, SEARCH_RECIPE, SizedConfig
 
     if rollouts != 1 and method != "sac":
         raise RampError(f"--rollouts applies to --method sac (the search's rounds), not {method}")
-    if refine_probes < 0:
-        raise RampError(f"--refine-probes must be at least 0 (no refinement), got {refine_probes}")
     split_max = parse_split(split)  # before a checkpoint folder's conversion
     req = search_request(
         resolved_model(model),  # a checkpoint folder is converted once (cached), a split set read as one
@@ -212,9 +210,7 @@ def search(
         ),
         sensitivity,
         fold,
-        cc=CandidateConfig(
-            types=parse_types(types) if types else DEFAULT_TYPES, embeddings=not no_embeddings
-        ),
+        cc=CandidateConfig(types=parse_types(types or "full"), embeddings=not no_embeddings),
         sac=SizedSearchConfig(
             evaluations=evaluations,
             reward=reward,

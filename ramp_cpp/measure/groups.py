@@ -95,7 +95,9 @@ class GroupConfig:
         if self.pairs < 0:
             raise RampError(f"pairs must be >= 0, got {self.pairs}")
         if self.refine_evaluations < 0:
-            raise RampError(f"refine_evaluations must be >= 0, got {self.refine_evaluations}")
+            raise RampError(
+                f"--refine-probes (refine_evaluations) must be at least 0, got {self.refine_evaluations}"
+            )
         if self.chunks is not None and self.chunks < 1:
             raise RampError(f"chunks must be >= 1, got {self.chunks}")
         if not 0 < self.floor <= 1:
