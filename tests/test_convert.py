@@ -130,15 +130,29 @@ CASES = [
 ]
 
 
+def both_logits(folder: Path, gguf: Path) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' float32 logits of the checkpoint and llama.cpp's of its conversion, on the same tokens
+    (copied inside the context: its logits view is freed on close)."""
+    import torch
+    import transformers
+
+    from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
+
+    toks = np.array([1, 5, 17, 33, 60, 7, 90, 42, 11, 3], dtype=np.int32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(torch.tensor(toks[None].astype(np.int64))).logits[0].numpy()
+    with LlamaModel(gguf, RuntimeOptions(n_ctx=64, n_threads=1)) as m:
+        got = np.array(m.logits(toks, 0, len(toks)))
+    return ref, got
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("arch", "dtype", "gguf_type", "tol"), CASES)
 def test_converted_model_gives_transformers_logits(
     tmp_path: Path, pip_cache: None, arch: str, dtype: str, gguf_type: str, tol: float
 ) -> None:
-    import torch
-    import transformers
 
-    from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
 
     d = hfcheckpoint.write(tmp_path / f"tiny-{arch}", arch, dtype)
     seen: list[tuple[int, int]] = []
@@ -146,12 +160,7 @@ def test_converted_model_gives_transformers_logits(
     assert seen and seen[-1][0] == seen[-1][1]
     types = tensor_types(gguf)
     assert types["blk.0.attn_q.weight"][0] == gguf_type and types["blk.1.ffn_down.weight"][0] == gguf_type
-    toks = np.array([1, 5, 17, 33, 60, 7, 90, 42, 11, 3], dtype=np.int32)
-    model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-    with torch.no_grad():
-        ref = model(torch.tensor(toks[None].astype(np.int64))).logits[0].numpy()
-    with LlamaModel(gguf, RuntimeOptions(n_ctx=64, n_threads=1)) as m:
-        got = np.array(m.logits(toks, 0, len(toks)))
+    ref, got = both_logits(d, gguf)
     assert got.shape == ref.shape
     assert np.abs(got - ref).max() <= tol * np.abs(ref).max()
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
@@ -218,10 +227,7 @@ MOE_CASES = [("bfloat16", "BF16", 0.03), ("float32", "F32", 0.005)]
 def test_an_moe_checkpoint_converts_with_searched_experts(
     tmp_path: Path, pip_cache: None, dtype: str, gguf_type: str, tol: float
 ) -> None:
-    import torch
-    import transformers
 
-    from ramp_cpp.llama.backend import LlamaModel, RuntimeOptions
 
     d = hfcheckpoint.write(tmp_path / "tiny-mixtral", "mixtral", dtype)
     gguf = convert_checkpoint(d)
@@ -230,12 +236,7 @@ def test_an_moe_checkpoint_converts_with_searched_experts(
         for role in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
             t, _, n = types[f"blk.{b}.{role}.weight"]
             assert t == gguf_type and n == 4 * 64 * 128  # 4 experts of 128 x 64 in one tensor
-    toks = np.array([1, 5, 17, 33, 60, 7, 90, 42, 11, 3], dtype=np.int32)
-    model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-    with torch.no_grad():
-        ref = model(torch.tensor(toks[None].astype(np.int64))).logits[0].numpy()
-    with LlamaModel(gguf, RuntimeOptions(n_ctx=64, n_threads=1)) as m:
-        got = np.array(m.logits(toks, 0, len(toks)))
+    ref, got = both_logits(d, gguf)
     assert got.shape == ref.shape and np.isfinite(got).all()
     assert np.abs(got - ref).max() <= tol * np.abs(ref).max()
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
