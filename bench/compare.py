@@ -475,15 +475,21 @@ def sac_cell(
     return row
 
 
-def alloc_cell(
-    res: Results, b: Base, method: str, preset: str, target: int, folded: Fold, chunks: int
-) -> dict[str, Any]:
-    cell = f"{b.name}-s{b.seed}|{folded.tag}|{method}|{preset}|{chunks}"
-    row = res.get(cell)
-    if row is not None:
-        return row
+def by_role(choice: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Tensor counts per (role, type) of an allocation: what each role (the experts' among them) received."""
+    from ramp_cpp.model.arch import classify
+
+    out: dict[str, Counter[str]] = {}
+    for name, t in choice.items():
+        out.setdefault(classify(name)[0].name, Counter())[t.name] += 1
+    return {r: dict(sorted(c.items())) for r, c in out.items()}
+
+
+def allocation(b: Base, method: str, target: int, folded: Fold) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """(choice, sensitivity, the row's method fields) of an allocator's cell: the proxy sensitivity,
+    calibrated per group by KLD on the reward chunks where the method is measured (probes kept beside the
+    tensor cache, so a second call re-evaluates nothing), then the allocator at `target` whole-file bytes."""
     from ramp_cpp.allocate.allocators import ALLOCATORS
-    from ramp_cpp.llama.quantize import quantize_map
     from ramp_cpp.measure.candidates import CandidateConfig
 
     src, cal = b.model(folded)
@@ -503,7 +509,20 @@ def alloc_cell(
         extra |= {"ratio_sources": list(table.sources), "evaluations": 0}
     t1 = time.perf_counter()
     choice = ALLOCATORS[method.split("-")[0]](sens, target)
-    t2 = time.perf_counter()
+    return choice, sens, {"t_measure": t1 - t0, "t_allocate": time.perf_counter() - t1, **extra}
+
+
+def alloc_cell(
+    res: Results, b: Base, method: str, preset: str, target: int, folded: Fold, chunks: int
+) -> dict[str, Any]:
+    cell = f"{b.name}-s{b.seed}|{folded.tag}|{method}|{preset}|{chunks}"
+    row = res.get(cell)
+    if row is not None:
+        return row
+    from ramp_cpp.llama.quantize import quantize_map
+
+    choice, sens, extra = allocation(b, method, target, folded)
+    src, cal = b.model(folded)
     q = b.out / f"{method}.{preset}.{folded.tag}.gguf"
     log(
         f"{b.key}/{b.name}: {method} at {preset}'s size ({target / MIB:.2f} MiB)({folded.tag})"
@@ -522,21 +541,23 @@ def alloc_cell(
         )
     if r.file_size != sens.file_bytes(choice):
         log(f"warning: predicted {sens.file_bytes(choice)} bytes, wrote {r.file_size}")
+    measured_here = any(k in extra for k in ("kld_groups", "ratio_sources", "candidate_types"))
     row = {
         "method": method,
         "base": b.name,
         "seed": b.seed,
         **folded.row,
         "size_of": preset,
-        "t_measure": t1 - t0,
-        "t_allocate": t2 - t1,
+        "target_bytes": target,
         "under_target": short,
         "max_bytes": sens.max_bytes(),
         **extra,
         **file_row(r),
         **evaluate(q, b, chunks),
-        **({"reward_kld": reward_kld(q, b)} if extra else {}),
+        **({"reward_kld": reward_kld(q, b)} if measured_here else {}),
         "types": dict(sorted(Counter(t.name for t in choice.values()).items())),
+        "types_by_role": by_role(choice),
+        "allocation": {n: t.name for n, t in choice.items()},
     }
     q.unlink(missing_ok=True)
     res.put(cell, row)

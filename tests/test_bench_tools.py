@@ -325,3 +325,15 @@ def test_the_portable_study_summarises_both_cells_and_dashes_what_has_not_run():
     assert rows[0].endswith("| 1.250 | 0.500 | 30 (9) |")
     assert "| 0.900 |" in rows[0] and "| 1.100 |" in rows[0]
     assert rows[1].endswith("| - | - | - | - | - | - |")
+
+
+def test_an_allocations_types_are_counted_per_role_the_experts_apart():
+    choice = {
+        "blk.0.ffn_up_exps.weight": T.Q3_K, "blk.1.ffn_up_exps.weight": T.Q3_K,
+        "blk.0.ffn_down_exps.weight": T.IQ4_XS, "blk.0.attn_v.weight": T.Q6_K,
+        "blk.1.attn_v.weight": T.Q8_0, "token_embd.weight": T.Q5_K,
+    }
+    assert compare.by_role(choice) == {
+        "ffn_up_exps": {"Q3_K": 2}, "ffn_down_exps": {"IQ4_XS": 1},
+        "attn_v": {"Q6_K": 1, "Q8_0": 1}, "token_embd": {"Q5_K": 1},
+    }
