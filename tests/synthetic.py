@@ -88,6 +88,19 @@ ARCH_EXTRAS: dict[str, ArchExtras] = {
 }
 
 
+def _hyperparameters(w: GGUFWriter, spec: Spec | MoESpec) -> None:
+    """The keys a dense and an MoE synthetic model share, in the order both write them."""
+    w.add_block_count(spec.n_layer)
+    w.add_context_length(spec.n_ctx)
+    w.add_embedding_length(spec.n_embd)
+    w.add_feed_forward_length(spec.n_ff)
+    w.add_head_count(spec.n_head)
+    w.add_head_count_kv(spec.n_head_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(spec.n_embd // spec.n_head)
+    w.add_rope_freq_base(10000.0)
+
+
 def write(path: Path, spec: Spec = Spec()) -> Path:
     rng = np.random.default_rng(spec.seed)
     toks, scores, types = vocab()
@@ -96,15 +109,7 @@ def write(path: Path, spec: Spec = Spec()) -> Path:
     a = spec.arch
     w = GGUFWriter(str(path), a)
     w.add_name(f"synthetic-{a}-{spec.n_layer}x{spec.n_embd}")
-    w.add_block_count(spec.n_layer)
-    w.add_context_length(spec.n_ctx)
-    w.add_embedding_length(spec.n_embd)
-    w.add_feed_forward_length(spec.n_ff)
-    w.add_head_count(spec.n_head)
-    w.add_head_count_kv(spec.n_head_kv)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(hd)
-    w.add_rope_freq_base(10000.0)
+    _hyperparameters(w, spec)
     w.add_file_type(1)
     w.add_tokenizer_model("llama")
     w.add_token_list(toks)
@@ -222,15 +227,7 @@ def write_moe(path: Path, spec: MoESpec = MoESpec()) -> Path:
     x = MOE_ARCH.get(spec.arch, MoEArch())
     w = GGUFWriter(str(path), spec.arch)
     w.add_name(f"synthetic-moe-{spec.n_layer}x{spec.n_embd}-{spec.n_expert}e")
-    w.add_block_count(spec.n_layer)
-    w.add_context_length(spec.n_ctx)
-    w.add_embedding_length(spec.n_embd)
-    w.add_feed_forward_length(spec.n_ff)
-    w.add_head_count(spec.n_head)
-    w.add_head_count_kv(spec.n_head_kv)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(hd)
-    w.add_rope_freq_base(10000.0)
+    _hyperparameters(w, spec)
     w.add_expert_count(spec.n_expert if spec.expert_count_meta is None else spec.expert_count_meta)
     w.add_expert_used_count(spec.n_expert_used)
     if x.expert_ff_length:
