@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,7 @@ class Base:
     path: Path
     cal: Calibration
     out: Path
+    recipe: dict[str, Any] = field(default_factory=dict)  # the rows' recipe fields (recipe_row)
     _folded: dict[str, tuple[Path, Calibration]] = field(default_factory=dict)
 
     def model(self, folded: Fold) -> tuple[Path, Calibration]:
@@ -122,19 +124,46 @@ class Base:
         return self._folded[folded.tag]
 
 
+#: the benchmark's calibration (calib/bench.toml); its files sit directly in a base's folder
+BENCH_RECIPE = "bench"
+
+
+def recipe_name(recipe: str) -> str:
+    """A recipe's short name: its file's stem (calib/bench-32.toml: bench-32), or the name as given."""
+    return Path(recipe).stem
+
+
+def recipe_row(recipe: str) -> dict[str, Any]:
+    """The row fields naming a cell's calibration: the recipe's name and keys."""
+    return {"recipe": recipe_name(recipe), "calib": asdict(load_recipe(recipe))}
+
+
 def prepare(key: str, base: str, seed: int, recipe: str) -> Base:
+    """The base, its calibration by `recipe` (made once) and its folder. The benchmark's recipe keeps the
+    folder it always had; any other recipe gets its own `recipe-<name>/` inside it, so the calibration, the
+    folded copies (made from the calibration's scales) and the tensor cache (quantized with its imatrix) of
+    two recipes are never mixed up."""
     path = base_path(key, base, seed)
     out = HERE / "out" / key / (base if base == "dequant" else f"{base}-s{seed}")
-    out.mkdir(parents=True, exist_ok=True)
     cfg = load_recipe(recipe)
+    if cfg != load_recipe(BENCH_RECIPE):
+        out = out / f"recipe-{recipe_name(recipe)}"
+    out.mkdir(parents=True, exist_ok=True)
     cp = out / f"calib-{cfg.samples}x{cfg.ctx}-s{cfg.seed}.safetensors"
     if cp.is_file():
         cal = load_calibration(cp)
+        if cal.config != cfg:
+            raise SystemExit(f"{cp} was made by {asdict(cal.config)}, not by {recipe} ({asdict(cfg)}): "
+                             "two recipes of one name; rename one")
     else:
-        log(f"{key}/{base}: calibrating {cfg.samples}x{cfg.ctx}")
-        cal = calibrate(path, load_text(cfg.text)[0], cfg)
+        log(f"{key}/{base}: calibrating {cfg.samples}x{cfg.ctx} of {cfg.text}")
+        text, _ = load_text(cfg.text)
+        t0 = time.perf_counter()
+        cal = calibrate(path, text, cfg)
+        cal.extra |= {"seconds": time.perf_counter() - t0,
+                      "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
         save_calibration(cal, cp, force=True)
-    return Base(key, base, seed, path, cal, out)
+    return Base(key, base, seed, path, cal, out, recipe_row(recipe))
 
 
 class Results:
@@ -219,6 +248,7 @@ def preset_cell(
         "method": f"{preset}{' + imatrix' if imatrix else ''}",
         "base": b.name,
         "seed": b.seed,
+        **b.recipe,
         **folded.row,
         "size_of": preset,
         **file_row(r),
@@ -330,7 +360,7 @@ def sac_settings(method: str) -> Any:
 
 def head(method: str, b: Base, folded: Fold, preset: str) -> dict[str, Any]:
     """The fields every row starts with."""
-    return {"method": method, "base": b.name, "seed": b.seed, **folded.row, "size_of": preset}
+    return {"method": method, "base": b.name, "seed": b.seed, **b.recipe, **folded.row, "size_of": preset}
 
 
 def transfer_cell(
@@ -494,7 +524,7 @@ def allocation(b: Base, method: str, target: int, folded: Fold) -> tuple[dict[st
 
     src, cal = b.model(folded)
     t0 = time.perf_counter()
-    sens = measured(src, cal, b, method)
+    sens = proxy = measured(src, cal, b, method)
     cc = candidate_config(method)
     extra: dict[str, Any] = {"candidate_types": [t.name for t in cc.types]} if cc != CandidateConfig() else {}
     if MEASURED in method:  # the proxy calibrated per group by KLD on the reward chunks (groups.py)
@@ -509,7 +539,13 @@ def allocation(b: Base, method: str, target: int, folded: Fold) -> tuple[dict[st
         extra |= {"ratio_sources": list(table.sources), "evaluations": 0}
     t1 = time.perf_counter()
     choice = ALLOCATORS[method.split("-")[0]](sens, target)
-    return choice, sens, {"t_measure": t1 - t0, "t_allocate": time.perf_counter() - t1, **extra}
+    t2 = time.perf_counter()
+    # proxy_error: the imatrix-weighted error sum of the allocation under this calibration's own imatrix
+    # (comparable between allocations of one calibration only); predicted_kld: the measured sensitivity's
+    # sum, KLD above the all-Q8_0 reference on the reward chunks as the group probes predict it
+    extra |= {"proxy_error": proxy.error(choice),
+              **({"predicted_kld": sens.error(choice)} if sens is not proxy else {})}
+    return choice, sens, {"t_measure": t1 - t0, "t_allocate": t2 - t1, **extra}
 
 
 def alloc_cell(
@@ -546,6 +582,7 @@ def alloc_cell(
         "method": method,
         "base": b.name,
         "seed": b.seed,
+        **b.recipe,
         **folded.row,
         "size_of": preset,
         "target_bytes": target,

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.compare import (
+    BENCH_RECIPE,
     HERE,
     Cell,
     Fold,
@@ -44,6 +45,7 @@ from bench.compare import (
     warm,
 )
 from bench.table import groups_table, sac_table, strength_table, table
+from ramp_cpp.calibration.collect import load_recipe
 from ramp_cpp.executor import Executor
 from ramp_cpp.store.atomic import atomic_path
 
@@ -336,6 +338,10 @@ def main() -> None:
         bad = ", ".join(sorted(stages - set(STAGES)))
         raise SystemExit(f"unknown stage(s) {bad}; stages: {', '.join(STAGES)}")
     fold = Fold.parse(a.fold)
+    if load_recipe(a.recipe) != load_recipe(BENCH_RECIPE):
+        # its cells would land in bench/results/<model>.json beside the benchmark's
+        raise SystemExit(f"--recipe {a.recipe}: bench.run keeps the benchmark's recipe ({BENCH_RECIPE}); run "
+                         "another through bench.compare --results FOLDER or bench.studies.calibsize")
     if stages - {"report"}:
         ex = executor_of(a)
         try:

@@ -13,6 +13,12 @@ any non-space character is a row ending in "\n", a blank line is the row "". The
     line(r) = r without its trailing "\n" when r != "",  else blank
 
 with `newline` and `blank` (None: the released file has no blank lines) taken from the corpus record.
+
+A built text (`BUILT`) is made here from texts every installation has: `mixed-code-prose` interleaves whole
+`wikitext2-valid` articles with whole Python source files of the running interpreter's standard library
+(`STDLIB_CODE`, a fixed list), for calibrating code models on code as well as prose. Its bytes depend on the
+Python version's sources, so each build is kept as `<cache>/data/built/<name>-<sha256[:12]>.txt` (the
+source `load_text` names) and a calibration on it records the text's sha256.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+import sysconfig
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +144,11 @@ def _fetch(c: Corpus) -> Path:
             f"text {c.name!r}: the hub's {path} {config}/{split} differs from the released {c.relpath} "
             f"(sha256 {got[:12]}..., expected {c.sha256[:12]}...); pass --text with the released file"
         )
-    dst = fetched_dir() / c.relpath
+    return _keep(fetched_dir() / c.relpath, data)
+
+
+def _keep(dst: Path, data: bytes) -> Path:
+    """Write `data` to `dst` in the cache, whole or not at all."""
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(dst, force=True) as tmp:
@@ -152,16 +164,78 @@ def _read(path: Path) -> str:
         return f.read()
 
 
+#: The code half of `mixed-code-prose`: pure-Python standard-library modules present in CPython 3.10 to 3.14
+#: and never frozen (a frozen module's source may be absent), in this order. A fixed list rather than a scan
+#: of the library, so a new module in a later Python does not reshuffle the text.
+STDLIB_CODE = (
+    "argparse", "ast", "base64", "bisect", "calendar", "configparser", "contextlib", "copy", "csv",
+    "dataclasses", "difflib", "enum", "fnmatch", "fractions", "functools", "gettext", "glob", "heapq",
+    "ipaddress", "json.decoder", "json.encoder", "pprint", "queue", "random", "sched", "shlex", "statistics",
+    "string", "tempfile", "textwrap", "tokenize",
+)
+# a top-level wikitext heading " = Title = ": where one article ends and the next begins
+_ARTICLE = re.compile(r"(?m)^(?= = [^=].* = $)")
+
+
+def stdlib_sources(modules: Iterable[str] = STDLIB_CODE) -> list[tuple[str, str]]:
+    """(module, source) of each module, read from the running interpreter's standard library."""
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for m in modules:
+        rel = Path(*m.split("."))
+        f = next((f for f in (lib / rel.with_suffix(".py"), lib / rel / "__init__.py") if f.is_file()), None)
+        if f is None:
+            raise RampError(f"text 'mixed-code-prose': no source of the standard library's {m} in {lib}")
+        out.append((m, _read(f)))
+    return out
+
+
+def mix(prose: str, code: Iterable[str]) -> str:
+    """Whole articles of `prose` and whole `code` files, one at a time from the half that has given fewer
+    characters so far (prose on a tie), until either half runs out: about as much code as prose, and a
+    calibration window mostly of one kind."""
+    halves = [[a for a in _ARTICLE.split(prose) if a.strip()], [c for c in code if c.strip()]]
+    given, out = [0, 0], []
+    while all(halves):
+        i = int(given[1] < given[0])
+        block = halves[i].pop(0)
+        out.append(block if block.endswith("\n") else block + "\n")
+        given[i] += len(block)
+    return "".join(out)
+
+
+def _mixed_code_prose() -> str:
+    prose, _ = load_text("wikitext2-valid")
+    return mix(prose, (src for _, src in stdlib_sources()))
+
+
+#: name -> builder of a text made here from what every installation has (module docstring)
+BUILT = {"mixed-code-prose": _mixed_code_prose}
+
+
+def built_text(name: str) -> tuple[str, str]:
+    """(text, the kept copy's path) of a built text; built afresh each time (milliseconds) and kept under
+    its sha256, so the path says which bytes a run used."""
+    text = BUILT[name]()
+    data = text.encode("utf-8")
+    dst = fetched_dir() / "built" / f"{name}-{hashlib.sha256(data).hexdigest()[:12]}.txt"
+    if not dst.is_file():
+        _keep(dst, data)
+    return text, str(dst)
+
+
 def load_text(spec: str) -> tuple[str, str]:
-    """(text, where it came from) for a file path or a corpus name."""
+    """(text, where it came from) for a file path, a corpus name or a built text's name."""
     p = Path(spec)
     if p.is_file():
         return _read(p), str(p)
+    if spec in BUILT:
+        return built_text(spec)
     c = CORPORA.get(spec)
     if c is None:
         if p.suffix or os.sep in spec:
             raise RampError(f"{spec}: no such file")
-        raise RampError(f"unknown text {spec!r}: give a file path or one of {', '.join(CORPORA)}")
+        raise RampError(f"unknown text {spec!r}: give a file path or one of {', '.join([*CORPORA, *BUILT])}")
     for d in data_dirs():
         f = d / c.relpath
         if f.is_file():
