@@ -133,9 +133,11 @@ def recipe_name(recipe: str) -> str:
     return Path(recipe).stem
 
 
-def recipe_row(recipe: str) -> dict[str, Any]:
-    """The row fields naming a cell's calibration: the recipe's name and keys."""
-    return {"recipe": recipe_name(recipe), "calib": asdict(load_recipe(recipe))}
+def recipe_row(recipe: str, cal: Calibration) -> dict[str, Any]:
+    """The row fields naming a cell's calibration: the recipe's name and keys, and where the calibration
+    recorded them (made by `prepare` since issue 37), its wall time and its text's sha256."""
+    kept = {f"calib_{k}": cal.extra[k] for k in ("seconds", "text_sha256") if k in cal.extra}
+    return {"recipe": recipe_name(recipe), "calib": asdict(cal.config), **kept}
 
 
 def prepare(key: str, base: str, seed: int, recipe: str) -> Base:
@@ -163,7 +165,7 @@ def prepare(key: str, base: str, seed: int, recipe: str) -> Base:
         cal.extra |= {"seconds": time.perf_counter() - t0,
                       "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
         save_calibration(cal, cp, force=True)
-    return Base(key, base, seed, path, cal, out, recipe_row(recipe))
+    return Base(key, base, seed, path, cal, out, recipe_row(recipe, cal))
 
 
 class Results:
