@@ -140,18 +140,25 @@ def recipe_row(recipe: str, cal: Calibration) -> dict[str, Any]:
     return {"recipe": recipe_name(recipe), "calib": asdict(cal.config), **kept}
 
 
+def calib_path(key: str, base: str, seed: int, recipe: str) -> Path:
+    """Where `prepare` keeps the base's calibration by `recipe`; its folder is the base's `out`."""
+    out = HERE / "out" / key / (base if base == "dequant" else f"{base}-s{seed}")
+    cfg = load_recipe(recipe)
+    if cfg != load_recipe(BENCH_RECIPE):
+        out = out / f"recipe-{recipe_name(recipe)}"
+    return out / f"calib-{cfg.samples}x{cfg.ctx}-s{cfg.seed}.safetensors"
+
+
 def prepare(key: str, base: str, seed: int, recipe: str) -> Base:
     """The base, its calibration by `recipe` (made once) and its folder. The benchmark's recipe keeps the
     folder it always had; any other recipe gets its own `recipe-<name>/` inside it, so the calibration, the
     folded copies (made from the calibration's scales) and the tensor cache (quantized with its imatrix) of
     two recipes are never mixed up."""
     path = base_path(key, base, seed)
-    out = HERE / "out" / key / (base if base == "dequant" else f"{base}-s{seed}")
     cfg = load_recipe(recipe)
-    if cfg != load_recipe(BENCH_RECIPE):
-        out = out / f"recipe-{recipe_name(recipe)}"
+    cp = calib_path(key, base, seed, recipe)
+    out = cp.parent
     out.mkdir(parents=True, exist_ok=True)
-    cp = out / f"calib-{cfg.samples}x{cfg.ctx}-s{cfg.seed}.safetensors"
     if cp.is_file():
         cal = load_calibration(cp)
         if cal.config != cfg:

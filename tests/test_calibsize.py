@@ -216,3 +216,32 @@ def test_the_calibsize_summary_compares_each_recipe_with_the_default_and_dashes_
     assert rows[2] == ("| m | bench-64 | 32,768 | Q4_K_M | 80.00 | 0.0900 | 0.900 | 0.0300 ± 0.0010 | "
                        "0.500 | 0.750 | 14 | 0.0250 | 121 |")
     assert rows[5] == "| m | bench-mixed | 8,192 | Q3_K_M | - | - | - | - | - | - | - | - | - |"
+
+
+def test_the_study_runs_each_recipes_missing_cells_at_the_default_recipes_sizes(tmp_path, monkeypatch):
+    """With the default recipe's cells stored, only the other recipe's four cells run, each greedy at the
+    default's preset bytes, into its own results folder; nothing of the default's is run again."""
+    from types import SimpleNamespace
+
+    from bench.studies import calibsize
+
+    monkeypatch.setattr(compare, "HERE", tmp_path)
+    monkeypatch.setattr(calibsize, "BENCH", tmp_path)
+    k, fold = calibsize.key, compare.Fold(0.5)
+    default = compare.Results("m")
+    for s, size in (("Q4_K_M", 1000), ("Q3_K_M", 800)):
+        default.put(k(compare.Fold(None), "preset+imatrix", s, 16), _row(kld_mean=0.1, file_bytes=size))
+        default.put(k(fold, "greedy-measured", s, 16), _row(kld_mean=0.05, proxy_error=1.0))
+    monkeypatch.setattr(calibsize, "prepare",
+                        lambda key, base, seed, r: compare.Base(key, base, seed, tmp_path, None, tmp_path))
+    monkeypatch.setattr(calibsize, "warm", lambda *a: None)
+    monkeypatch.setattr(calibsize, "executor_of", lambda a: SimpleNamespace(close=lambda: None))
+    ran: list[compare.Cell] = []
+    monkeypatch.setattr(calibsize, "fan_out", lambda ex, cells: ran.extend(cells) or [{} for _ in cells])
+    calibsize.run("m", ["bench", "bench-32"], ["Q4_K_M", "Q3_K_M"], fold, 16, SimpleNamespace())
+    where = str(tmp_path / "results" / "calib-bench-32")
+    assert {(c.recipe, c.results) for c in ran} == {("bench-32", where)}
+    assert {(c.kind, c.preset, c.fold, c.target) for c in ran} == {
+        ("preset", "Q4_K_M", None, 0), ("preset", "Q3_K_M", None, 0),
+        ("alloc", "Q4_K_M", 0.5, 1000), ("alloc", "Q3_K_M", 0.5, 800),
+    }
