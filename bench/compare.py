@@ -8,6 +8,8 @@ Protocol (the README's "Benchmark protocol"):
   and `dequant` (the F16 dequantization of the shipped quantized file: on the source's grid);
 - one calibration per base (`calib/bench.toml`: 16 × 512 tokens of wikitext2-valid, seed 0); the unfolded
   model's presets get its imatrix; a folded model gets the folded calibration's imatrix (E[x²]/s²);
+  another `--recipe` keeps its calibration, folded copies and tensor cache in `recipe-<name>/` of the
+  base's folder and its cells in a `--results` folder of their own;
 - the target size of a row is the whole-file size of the named preset + imatrix on the same base; every
   allocated file must land within 0.5% below it;
 - quality: mean KLD (and PPL, same-top %) against the base F16 on `wikitext2-test` chunks 0..N-1 of 512.
@@ -714,6 +716,9 @@ def main() -> None:
     ap.add_argument("--results", default=None, help="the results folder (default: bench/results)")
     add_executor_args(ap)
     a = ap.parse_args()
+    if a.results is None and load_recipe(a.recipe) != load_recipe(BENCH_RECIPE):
+        raise SystemExit(f"--recipe {a.recipe}: give its cells a --results FOLDER of their own "
+                         "(bench/results/<model>.json holds the benchmark recipe's)")
     ex = executor_of(a)
     res = Results(a.model, a.results)
     res.command(sys.argv[1:])

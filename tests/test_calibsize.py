@@ -169,13 +169,18 @@ def test_a_calibration_of_another_recipe_under_the_same_name_is_refused(bench_ho
         compare.prepare("m", "offgrid", 0, str(r))
 
 
-def test_bench_run_refuses_another_recipe_before_any_work(monkeypatch):
-    from bench import run
+@pytest.mark.parametrize("script,argv,why", [
+    ("run", ["m", "--recipe", "bench-64"], "bench.compare --results"),
+    ("compare", ["smollm2", "--recipe", "bench-mixed"], "a --results FOLDER of their own"),
+])
+def test_another_recipe_never_writes_into_the_benchmarks_results_file(monkeypatch, script, argv, why):
+    import importlib
 
-    monkeypatch.setattr(sys, "argv", ["run", "m", "--recipe", "bench-64"])
-    monkeypatch.setattr(run, "executor_of", lambda a: pytest.fail("no executor before the recipe check"))
-    with pytest.raises(SystemExit, match="bench.compare --results"):
-        run.main()
+    mod = importlib.import_module(f"bench.{script}")
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    monkeypatch.setattr(mod, "executor_of", lambda a: pytest.fail("no executor before the recipe check"))
+    with pytest.raises(SystemExit, match=why):
+        mod.main()
 
 
 # -- the study's summary ---------------------------------------------------------------------------------
