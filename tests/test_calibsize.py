@@ -250,3 +250,23 @@ def test_the_study_runs_each_recipes_missing_cells_at_the_default_recipes_sizes(
         ("preset", "Q4_K_M", None, 0), ("preset", "Q3_K_M", None, 0),
         ("alloc", "Q4_K_M", 0.5, 1000), ("alloc", "Q3_K_M", 0.5, 800),
     }
+
+
+@pytest.mark.parametrize("types,filled", [({"Q4_K": 2}, True), ({"Q4_K": 1, "Q5_K": 1}, False)])
+def test_stored_errors_are_filled_in_only_from_the_same_allocation(tmp_path, monkeypatch, types, filled):
+    from gguf import GGMLQuantizationType as T
+
+    from bench.studies import calibsize
+
+    monkeypatch.setattr(compare, "HERE", tmp_path)
+    fold = compare.Fold(0.5)
+    res = compare.Results("m")
+    cell = calibsize.key(fold, "greedy-measured", "Q4_K_M", 16)
+    res.put(cell, _row(kld_mean=0.05, types=types))
+    choice = {"a.weight": T.Q4_K, "b.weight": T.Q4_K}
+    monkeypatch.setattr(calibsize, "allocation",
+                        lambda b, m, target, f: (choice, None, {"proxy_error": 3.0, "predicted_kld": 0.02}))
+    calibsize.fill_errors(res, None, ["Q4_K_M"], {"Q4_K_M": 1000}, fold, 16)
+    row = compare.Results("m").get(cell)
+    assert (row.get("proxy_error"), row.get("predicted_kld")) == ((3.0, 0.02) if filled else (None, None))
+    assert row["kld_mean"] == 0.05
