@@ -553,7 +553,8 @@ def allocation(b: Base, method: str, target: int, folded: Fold) -> tuple[dict[st
     t2 = time.perf_counter()
     # proxy_error: the imatrix-weighted error sum of the allocation under this calibration's own imatrix
     # (comparable between allocations of one calibration only); predicted_kld: the measured sensitivity's
-    # sum, KLD above the all-Q8_0 reference on the reward chunks as the group probes predict it
+    # sum, KLD above the reference (every searched tensor at its highest option) on the
+    # reward chunks as the group probes predict it
     extra |= {"proxy_error": proxy.error(choice),
               **({"predicted_kld": sens.error(choice)} if sens is not proxy else {})}
     return choice, sens, {"t_measure": t1 - t0, "t_allocate": t2 - t1, **extra}

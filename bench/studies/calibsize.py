@@ -19,8 +19,9 @@ copies and tensor cache to `bench/out/<model>/offgrid-s0/recipe-<recipe>/` (`com
 Per greedy cell the row keeps `proxy_error`, the imatrix-weighted error sum Σ E‖(W − Ŵ)x‖² of the chosen
 allocation under the recipe's *own* calibration (on its own folded weights): comparable between sizes of
 one recipe, not between recipes (another imatrix weighs other columns, another folding moves the error
-between tensors); and `predicted_kld`, the group probes' calibrated sum, the KLD above the all-Q8_0 reference
-on the reward chunks the measurement predicts: in KLD units, so comparable across recipes. A default
+between tensors); and `predicted_kld`, the group probes' calibrated sum, the KLD above the reference (every
+searched tensor at its highest option) on the reward chunks that the measurement predicts: in KLD units, so
+comparable across recipes, though each recipe's probes run on its own folded copy. A default
 recipe's cell stored before the harness kept them gets them filled in (the allocation recomputed from the
 kept measurement and probes, no new evaluation, checked against the cell's type counts). The calibration's
 wall time is what `prepare` recorded when it made the calibration ("-" for one made before it did).
