@@ -54,16 +54,17 @@ def table(model: str, base: str, chunks: int) -> str:
             ratio = f"{r['kld_mean'] / ref['kld_mean']:.2f}×" if ref else "-"
             lines.append(
                 f"| {label} | {'yes' if f else 'no'} | {r['mib']:.2f} | {r['bpw_file']:.3f} | "
-                f"{_f(r.get('bpw_searched'), '.3f')} | {r['ppl']:.3f} | "
-                f"{r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | {_f(r.get('kld_p99'), '.3f')} | "
-                f"{_f(r.get('kld_p999'), '.3f')} | {r['same_top_pct']:.1f} | {ratio} |"
+                f"{dash(r.get('bpw_searched'), '.3f')} | {r['ppl']:.3f} | "
+                f"{r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | {dash(r.get('kld_p99'), '.3f')} | "
+                f"{dash(r.get('kld_p999'), '.3f')} | {r['same_top_pct']:.1f} | {ratio} |"
             )
     base_ppl = next(iter(data["cells"].values()))["base_ppl"]
     lines.append(f"\nBase PPL {base_ppl:.3f}. Commands: " + "; ".join(f"`{c}`" for c in data["commands"]))
     return "\n".join(lines)
 
 
-def _f(x: Any, fmt: str) -> str:
+def dash(x: Any, fmt: str) -> str:
+    """`x` formatted, or "-" for a figure a cell does not have."""
     return "-" if x is None else format(x, fmt)
 
 
@@ -86,10 +87,10 @@ def sac_table(model: str, base: str, chunks: int) -> str:
         gk = g["kld_mean"] if g else None
         lines.append(
             f"| {size} | {method}{' (folded)' if fold == 'fold' else ''} | {r['evaluations']} | "
-            f"{r['t_search'] / 60:.1f} | {_f(gk, '.4f')} | {r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | "
-            f"{_f(r['kld_mean'] / gk if gk else None, '.3f')} | {r['policy']['kld_mean']:.4f} | "
+            f"{r['t_search'] / 60:.1f} | {dash(gk, '.4f')} | {r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | "
+            f"{dash(r['kld_mean'] / gk if gk else None, '.3f')} | {r['policy']['kld_mean']:.4f} | "
             f"{r['reward_kld_greedy']:.5f} | {r['reward_kld']:.5f} | {r['reward_kld_policy']:.5f} | "
-            f"{_f(r['evals_to_beat_greedy'], 'd')} | {r['t_eval_mean']:.1f} | {r['t_update_mean']:.2f} |"
+            f"{dash(r['evals_to_beat_greedy'], 'd')} | {r['t_eval_mean']:.1f} | {r['t_update_mean']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -124,7 +125,7 @@ def groups_table(model: str, cell: str) -> str:
     ratios = [r["ratio"] for r in g["groups"]]
     lines.append(
         f"\nRank correlation (Spearman) of predicted Δproxy and measured ΔKLD over {len(pred)} groups: "
-        f"{_f(spearman(pred, meas), '.3f')}; measured/predicted spans {max(ratios) / min(ratios):.0f}×."
+        f"{dash(spearman(pred, meas), '.3f')}; measured/predicted spans {max(ratios) / min(ratios):.0f}×."
     )
     for p in g["pairs"]:
         lines.append(
@@ -228,7 +229,7 @@ def strength_table(model: str, sizes: tuple[str, ...] = ("Q4_K_M", "Q3_K_M")) ->
             lines.append(
                 f"| {size} | {p:g} | "
                 + " | ".join(f"{r['kld_mean']:.4f} ± {r['kld_stderr']:.4f}" if r else "-" for r in (pre, g))
-                + f" | {_f(g.get('reward_kld') if g else None, '.5f')} |"
+                + f" | {dash(g.get('reward_kld') if g else None, '.5f')} |"
             )
     return "\n".join(lines)
 

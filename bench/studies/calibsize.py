@@ -57,6 +57,7 @@ from bench.compare import (
 )
 from bench.models import MODELS
 from bench.paths import BENCH
+from bench.table import dash
 from ramp_cpp.calibration.collect import load_recipe
 from ramp_cpp.errors import RampError
 from ramp_cpp.store.atomic import atomic_path
@@ -165,10 +166,6 @@ def summary(cells: dict[str, dict[str, Any]], sizes: list[str], fold: Fold, chun
     return out
 
 
-def _f(x: Any, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
-
-
 def markdown(data: dict[str, dict[str, Any]], fold: Fold, chunks: int) -> str:
     ref = BENCH_RECIPE
     lines = [
@@ -191,12 +188,12 @@ def markdown(data: dict[str, dict[str, Any]], fold: Fold, chunks: int) -> str:
                 pre, g = row[PRESET], row[METHOD]
                 secs = next((x["calib_seconds"] for x in (pre, g) if x and x.get("calib_seconds")), None)
                 cols = [
-                    model, r, f"{got['tokens']:,}", s, _f((g or pre or {}).get("mib"), ".2f"),
-                    _f(pre and pre["kld_mean"], ".4f"), _f(row[f"{PRESET}_over_{ref}"], ".3f"),
+                    model, r, f"{got['tokens']:,}", s, dash((g or pre or {}).get("mib"), ".2f"),
+                    dash(pre and pre["kld_mean"], ".4f"), dash(row[f"{PRESET}_over_{ref}"], ".3f"),
                     f"{g['kld_mean']:.4f} ± {g['kld_stderr']:.4f}" if g else "-",
-                    _f(g and g.get("kld_p99"), ".3f"), _f(row[f"{METHOD}_over_{ref}"], ".3f"),
-                    _f(g and g.get("proxy_error"), ".4g"), _f(g and g.get("predicted_kld"), ".4f"),
-                    _f(secs, ".0f"),
+                    dash(g and g.get("kld_p99"), ".3f"), dash(row[f"{METHOD}_over_{ref}"], ".3f"),
+                    dash(g and g.get("proxy_error"), ".4g"), dash(g and g.get("predicted_kld"), ".4f"),
+                    dash(secs, ".0f"),
                 ]
                 lines.append("| " + " | ".join(cols) + " |")
     lines += ["", "Calibration s: the wall time of the recipe's calibration where `bench.compare.prepare` "

@@ -36,6 +36,7 @@ from bench.compare import (
 )
 from bench.models import MODELS
 from bench.paths import BENCH, ROOT
+from bench.table import dash
 from ramp_cpp.store.atomic import atomic_path
 
 SIZES = ("Q4_K_M", "Q3_K_M")
@@ -85,10 +86,6 @@ def summary(cells: dict[str, Any], sizes: list[str], fold: Fold, chunks: int) ->
     return out
 
 
-def _f(x: Any, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
-
-
 def markdown(data: dict[str, dict[str, Any]], fold: Fold, chunks: int) -> str:
     lines = [
         "# The portable type set's cost (written by `bench/studies/portable.py`)",
@@ -109,13 +106,13 @@ def markdown(data: dict[str, dict[str, Any]], fold: Fold, chunks: int) -> str:
             def k(r: dict[str, Any] | None) -> list[str]:
                 if r is None:
                     return ["-", "-", "-"]
-                return [f"{r['kld_mean']:.4f} ± {r['kld_stderr']:.4f}", _f(r.get("kld_p99"), ".3f"),
-                        _f(r.get("kld_p999"), ".3f")]
+                return [f"{r['kld_mean']:.4f} ± {r['kld_stderr']:.4f}", dash(r.get("kld_p99"), ".3f"),
+                        dash(r.get("kld_p999"), ".3f")]
 
             probes = row["portable_probes"]
-            cols = [model, size, _f(pre and pre["kld_mean"], ".4f"), *k(full), *k(port),
-                    _f(row["portable_over_full"], ".3f"),
-                    _f(port and pre and port["kld_mean"] / pre["kld_mean"], ".3f"),
+            cols = [model, size, dash(pre and pre["kld_mean"], ".4f"), *k(full), *k(port),
+                    dash(row["portable_over_full"], ".3f"),
+                    dash(port and pre and port["kld_mean"] / pre["kld_mean"], ".3f"),
                     f"{probes['evaluations']} ({probes['lent']})" if probes else "-"]
             lines.append("| " + " | ".join(cols) + " |")
     lines += ["", "Probes: the portable cell's group-probe evaluations, and how many of them the full set's "
